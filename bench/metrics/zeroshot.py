@@ -59,7 +59,7 @@ class ZeroShot:
         self,
         tasks: list[str],
         limit: int | None = None,
-        batch_size: int = 16,
+        batch_size: int = 8,
         bos: bool = False,
         task_source: str = "local",
         response_cache: bool = False,
