@@ -135,9 +135,14 @@ class IntFormat(Format):
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
     def _store_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        """The scale as stored; fp16 rounding goes up so that the grid still covers the group's range."""
+        scale = scale.clamp_min(torch.finfo(torch.float16).tiny)
         if self.scale_bits == 16:
-            scale = scale.to(torch.float16).float()
-        return scale.clamp_min(torch.finfo(torch.float16).tiny)
+            stored = scale.to(torch.float16)
+            too_small = stored.float() < scale
+            stored = torch.where(too_small, torch.nextafter(stored, torch.full_like(stored, torch.inf)), stored)
+            scale = stored.float()
+        return scale
 
     def scales_for(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Min-max scale (and zero point) per group of a ``[rows, n_groups, group]`` float tensor."""
