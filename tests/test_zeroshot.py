@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from bench.errors import AssetError, ConfigError
 from bench.metrics.zeroshot import ZeroShot, build_task_manager
 from bench.pipeline import run_cell
 from bench.tasks import checked_file, load_arrow_split
+from tests.conftest import compose_config
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 LIMIT = 20
 SHIPPED_DOCS = {
     "piqa": 1838,
@@ -29,18 +28,13 @@ SHIPPED_DOCS = {
 }
 
 
-def compose_cell(*overrides: str, model: str = "tiny") -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"model={model}", "eval=[zeroshot]", "tracker=none", *overrides])
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty cache (no response caches from earlier runs) sharing the configured cache's data and models.
 
     Building the tiny model from scratch takes minutes on a small CPU, so its folder is linked, not rebuilt.
     """
-    shared = Path(compose_cell().paths.cache_dir).expanduser()
+    shared = Path(compose_config().paths.cache_dir).expanduser()
     fresh = tmp_path_factory.mktemp("cache")
     for folder in ("data", "models"):
         (shared / folder).mkdir(parents=True, exist_ok=True)
@@ -48,21 +42,19 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return fresh
 
 
-def run_piqa(tmp_path: Path, cache_dir: Path, *overrides: str) -> dict[str, Any]:
-    """One cell on the first LIMIT PIQA questions."""
-    return run_cell(
-        compose_cell(
-            f"store.path={tmp_path / 'results.sqlite'}",
-            f"paths.cache_dir={cache_dir}",
-            "eval.zeroshot.tasks=[piqa]",
-            f"eval.zeroshot.limit={LIMIT}",
-            *overrides,
-        )
-    )
+@pytest.fixture
+def run_piqa(tiny: Callable[..., DictConfig], cache_dir: Path) -> Callable[..., dict[str, Any]]:
+    """One tiny-model cell on the first LIMIT PIQA questions."""
+
+    def run(*overrides: str) -> dict[str, Any]:
+        zeroshot = ("eval=[zeroshot]", "eval.zeroshot.tasks=[piqa]", f"eval.zeroshot.limit={LIMIT}")
+        return run_cell(tiny(f"paths.cache_dir={cache_dir}", *zeroshot, *overrides))
+
+    return run
 
 
-def test_piqa_end_to_end_on_tiny_model(tmp_path: Path, cache_dir: Path) -> None:
-    record = run_piqa(tmp_path, cache_dir, "method=fp")
+def test_piqa_end_to_end_on_tiny_model(run_piqa: Callable[..., dict[str, Any]]) -> None:
+    record = run_piqa("method=fp")
     metrics = record["metrics"]
     assert set(metrics) == {"zeroshot/piqa/acc", "zeroshot/piqa/acc_norm", "zeroshot/avg/acc", "zeroshot/avg/acc_norm"}
     assert all(0.0 <= value <= 1.0 for value in metrics.values())
@@ -80,28 +72,28 @@ def test_piqa_end_to_end_on_tiny_model(tmp_path: Path, cache_dir: Path) -> None:
     assert record["timings"]["eval_forward"] > 0
 
 
-def test_response_cache_is_keyed_by_cell(tmp_path: Path, cache_dir: Path) -> None:
+def test_response_cache_is_keyed_by_cell(run_piqa: Callable[..., dict[str, Any]], cache_dir: Path) -> None:
     cached = "eval.zeroshot.response_cache=true"
-    first = run_piqa(tmp_path, cache_dir, "method=fp", cached)
+    first = run_piqa("method=fp", cached)
     cache_file = cache_dir / "lm_eval_responses" / f"{first['key']}_rank0.db"
     assert cache_file.is_file()
     assert first["protocol"]["zeroshot"]["response_cache"] == str(cache_file)
     assert first["timings"]["eval_forward"] > 0
 
-    again = run_piqa(tmp_path, cache_dir, "method=fp", cached, "force=true")
+    again = run_piqa("method=fp", cached, "force=true")
     assert again["key"] == first["key"]
     assert again["metrics"] == first["metrics"]
     assert again["timings"]["eval_forward"] == 0, "every answer should come from this cell's cache"
 
-    other = run_piqa(tmp_path, cache_dir, "method=rtn", "bits=2", cached)
+    other = run_piqa("method=rtn", "bits=2", cached)
     assert other["key"] != first["key"]
     assert (cache_dir / "lm_eval_responses" / f"{other['key']}_rank0.db").is_file()
     assert other["timings"]["eval_forward"] > 0, "another cell must not reuse the fp cell's answers"
 
 
-def test_fp_baseline_is_evaluated_once(tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    first = run_piqa(tmp_path, cache_dir, "method=fp", "bits=2")
-    second = run_piqa(tmp_path, cache_dir, "method=fp", "bits=4")
+def test_fp_baseline_is_evaluated_once(run_piqa: Callable[..., dict[str, Any]], capsys: pytest.CaptureFixture[str]) -> None:
+    first = run_piqa("method=fp", "bits=2")
+    second = run_piqa("method=fp", "bits=4")
     assert second["key"] == first["key"]
     assert "finished earlier, skipped" in capsys.readouterr().out
 
@@ -148,12 +140,14 @@ def test_bad_config_names_the_value_and_the_choices(overrides: dict[str, Any], m
 def test_smollm2_fp_matches_reference_points(tmp_path: Path) -> None:
     """Reference points measured independently on the first 300 examples of each task."""
     record = run_cell(
-        compose_cell(
+        compose_config(
+            "model=smollm2",
             "method=fp",
+            "tracker=none",
             f"store.path={tmp_path / 'results.sqlite'}",
+            "eval=[zeroshot]",
             "eval.zeroshot.tasks=[piqa,arc_easy,hellaswag]",
             "eval.zeroshot.limit=300",
-            model="smollm2",
         )
     )
     metrics = record["metrics"]
