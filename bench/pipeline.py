@@ -117,7 +117,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         )
         store.put(record)
         print(summary_line(key, label, metrics, report.bits_per_weight, timings["total"]), flush=True)
-        return record
+        return store.get(key)
     except UserError:
         tracker.finish(exit_code=1)
         raise
