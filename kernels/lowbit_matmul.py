@@ -33,6 +33,7 @@ class GemvConfig:
     block_n: int = 32
     num_warps: int = 4
     split_k: int = 1
+    chunks: int = 2  # chunks (cache lines per row) per step
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class GemmConfig:
     block_m: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    block_k: int = 128  # at most: the dot depth is a whole number of slot runs of one chunk
 
 
 GEMV_MAX_M = 8
@@ -89,20 +91,21 @@ def _code(words, high, SLOT: tl.constexpr, LAYOUT: tl.constexpr, BITS: tl.conste
 
 
 @triton.jit
-def _dequant_slot(words, high, scale, zero, SLOT: tl.constexpr, LAYOUT: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr):
-    """``(code - zero) * scale`` of slot ``SLOT`` in DTYPE (fp16/bf16), one rounding like the reference.
+def _dequant(code, scale, zero, DTYPE: tl.constexpr):
+    """``(code - zero) * scale`` in DTYPE (fp16/bf16) with one rounding, like the reference.
 
     ``0x6400 | code`` read as fp16 is ``1024 + code`` exactly (no int->float conversion), and
     ``code - zero`` is exact in fp16 for integer and half-integer zeros. bf16 takes the same trick in
     fp32 (``0x43000000 | code << 16`` is ``128 + code``) and rounds once at the end: the Triton
-    interpreter miscomputes arithmetic on bf16 values made by a bitcast.
+    interpreter miscomputes arithmetic on bf16 values made by a bitcast. ``scale`` and ``zero``
+    come in fp16 for fp16, fp32 for bf16 (``math_dtype``).
     """
-    code = _code(words, high, SLOT, LAYOUT, BITS)
     if DTYPE == tl.float16:
         value = (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
-        return ((value - zero[:, None]) * scale[:, None]).to(DTYPE)
-    value = ((code << 16) | 0x43000000).to(tl.float32, bitcast=True) - 128.0
-    return ((value - zero[:, None]) * scale[:, None]).to(DTYPE)
+        return ((value - zero) * scale).to(DTYPE)
+    else:
+        value = ((code << 16) | 0x43000000).to(tl.float32, bitcast=True) - 128.0
+        return ((value - zero) * scale).to(DTYPE)
 
 
 @triton.jit
@@ -136,44 +139,99 @@ def _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group, n_groups, zero_const
 
 
 @triton.jit
+def _load_step(
+    w_ptr, hi_ptr, scale_ptr, zero_ptr, offs_n, mask_n, step, last, n_chunks, n_groups, group_size, zero_const,
+    stride_wn, stride_hn,
+    LAYOUT: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr, SLOTS_PER_GROUP: tl.constexpr,
+    HAS_ZERO: tl.constexpr, CHUNKS: tl.constexpr, GROUPS: tl.constexpr,
+):
+    """Words ``[BLOCK_N, CHUNKS, RUN]`` of ``CHUNKS`` consecutive chunks and their groups' scales and
+    zeros ``[BLOCK_N, CHUNKS, GROUPS]`` (fp32): everything one GEMV step reads from the weight (nothing
+    past step ``last``). GROUPS is the groups per chunk rounded up to a power of two."""
+    chunk = step * CHUNKS + tl.arange(0, CHUNKS)
+    valid = (mask_n & (offs_n * 0 + step < last))[:, None, None]  # block & scalar trips the interpreter
+    rows = valid & (chunk < n_chunks)[None, :, None]
+    offs = offs_n[:, None, None] * stride_wn + chunk[None, :, None] * RUN + tl.arange(0, RUN)[None, None, :]
+    words = tl.load(w_ptr + offs, mask=rows, other=0).to(tl.int32)
+    high = words
+    if LAYOUT == "uint3":  # one high-plane chunk (32 slots) spans two low-plane chunks (16 slots)
+        offs_h = offs_n[:, None, None] * stride_hn + (chunk // 2)[None, :, None] * RUN + tl.arange(0, RUN)[None, None, :]
+        high = tl.load(hi_ptr + offs_h, mask=rows, other=0) >> ((chunk % 2) * 16)[None, :, None]
+    first_code = chunk[:, None] * (SLOTS * RUN) + tl.arange(0, GROUPS)[None, :] * (SLOTS_PER_GROUP * RUN)
+    group = tl.minimum(first_code // group_size, n_groups - 1)  # row padding takes the last group
+    offs_g = offs_n[:, None, None] * n_groups + group[None, :, :]
+    scale = tl.load(scale_ptr + offs_g, mask=valid, other=0).to(tl.float32)
+    if HAS_ZERO:
+        zero = tl.load(zero_ptr + offs_g, mask=valid, other=0).to(tl.float32)
+    else:
+        zero = tl.zeros_like(scale) + zero_const
+    return words, high, scale, zero
+
+
+@triton.jit
+def _pick(tile, index: tl.constexpr, SIZE: tl.constexpr):
+    """``tile[..., index]`` of a register tile whose last dim has SIZE entries."""
+    if SIZE == 1:
+        return tl.sum(tile, axis=2)
+    else:
+        return tl.sum(tl.where(tl.arange(0, SIZE)[None, None, :] == index, tile, 0.0), axis=2)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr,
     M, N, K, n_chunks, n_groups, group_size, zero_const,
     stride_xm, stride_wn, stride_hn, stride_ym,
     LAYOUT: tl.constexpr, BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr,
     SLOTS_PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUPS: tl.constexpr,
 ):
+    """Each program: BLOCK_N rows, CHUNKS chunks per step, the next step's loads issued before this
+    step's arithmetic (register double buffering keeps two steps of weight bytes in flight)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    CHUNK: tl.constexpr = SLOTS * RUN
+    unit: tl.constexpr = 2.0**BITS
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, CHUNKS)
     offs_r = tl.arange(0, RUN)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    chunks_per_split = tl.cdiv(n_chunks, SPLIT_K)
-    first = pid_k * chunks_per_split
-    last = tl.minimum(first + chunks_per_split, n_chunks)
-    unit: tl.constexpr = 2.0**BITS
+    steps = tl.cdiv(n_chunks, CHUNKS)
+    steps_per_split = tl.cdiv(steps, SPLIT_K)
+    first = pid_k * steps_per_split
+    last = tl.minimum(first + steps_per_split, steps)
+    words, high, scale, zero = _load_step(
+        w_ptr, hi_ptr, scale_ptr, zero_ptr, offs_n, mask_n, first, last, n_chunks, n_groups, group_size,
+        zero_const, stride_wn, stride_hn, LAYOUT, SLOTS, RUN, SLOTS_PER_GROUP, HAS_ZERO, CHUNKS, GROUPS,
+    )
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for chunk in range(first, last):
-        words, high = _load_chunk(w_ptr, hi_ptr, offs_n, offs_r, mask_n, chunk, stride_wn, stride_hn, LAYOUT, RUN)
-        part = tl.zeros((BLOCK_M, BLOCK_N, RUN), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_M, RUN), dtype=tl.float32)
+    for step in range(first, last):
+        cur_words, cur_high, cur_scale, cur_zero = words, high, scale, zero
+        words, high, scale, zero = _load_step(
+            w_ptr, hi_ptr, scale_ptr, zero_ptr, offs_n, mask_n, step + 1, last, n_chunks, n_groups,
+            group_size, zero_const, stride_wn, stride_hn, LAYOUT, SLOTS, RUN, SLOTS_PER_GROUP, HAS_ZERO, CHUNKS, GROUPS,
+        )
+        chunk_start = (step * CHUNKS + offs_c) * CHUNK
+        part = tl.zeros((BLOCK_M, BLOCK_N, CHUNKS, RUN), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_M, CHUNKS, RUN), dtype=tl.float32)
         for slot in tl.static_range(SLOTS):
-            k = chunk * (SLOTS * RUN) + slot * RUN + offs_r
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k[None, :] < K), other=0.0)
-            x = x.to(tl.float32)
-            part += _unit_float(words, high, slot, LAYOUT, BITS)[None, :, :] * x[:, None, :]
+            k = chunk_start[:, None] + slot * RUN + offs_r[None, :]
+            x_mask = mask_m[:, None, None] & (k < K)[None, :, :]
+            x = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + k[None, :, :], mask=x_mask, other=0.0).to(tl.float32)
+            part += _unit_float(cur_words, cur_high, slot, LAYOUT, BITS)[None, :, :, :] * x[:, None, :, :]
             x_sum += x
             if (slot + 1) % SLOTS_PER_GROUP == 0:  # a group ends here: scale its sums
-                group = (chunk * (SLOTS * RUN) + slot * RUN) // group_size
-                scale, zero = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group, n_groups, zero_const, HAS_ZERO)
-                dot_v = tl.sum(part, axis=2)
-                sum_x = tl.sum(x_sum, axis=1)
-                acc += (unit * scale)[None, :] * dot_v - ((unit + zero) * scale)[None, :] * sum_x[:, None]
-                part = tl.zeros((BLOCK_M, BLOCK_N, RUN), dtype=tl.float32)
-                x_sum = tl.zeros((BLOCK_M, RUN), dtype=tl.float32)
+                g: tl.constexpr = slot // SLOTS_PER_GROUP
+                s = _pick(cur_scale, g, GROUPS)
+                z = _pick(cur_zero, g, GROUPS)
+                dot_v = tl.sum(part, axis=3)
+                sum_x = tl.sum(x_sum, axis=2)
+                acc += tl.sum((unit * s)[None, :, :] * dot_v - ((unit + z) * s)[None, :, :] * sum_x[:, None, :], axis=2)
+                part = tl.zeros((BLOCK_M, BLOCK_N, CHUNKS, RUN), dtype=tl.float32)
+                x_sum = tl.zeros((BLOCK_M, CHUNKS, RUN), dtype=tl.float32)
     y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
@@ -186,37 +244,58 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _codes_of_slots(words, high, slots, LAYOUT: tl.constexpr, BITS: tl.constexpr):
+    """Codes ``[BLOCK_N, SUB, RUN]`` of the slots ``slots [SUB]`` (run-time shifts) of ``words [BLOCK_N, RUN]``."""
+    w = words[:, None, :]
+    s = slots[None, :, None]
+    if LAYOUT == "ternary5":
+        power = tl.where(s == 0, 1, tl.where(s == 1, 3, tl.where(s == 2, 9, tl.where(s == 3, 27, 81))))
+        return (((w * power) & 255) * 3) >> 8
+    elif LAYOUT == "uint3":
+        return ((w >> (2 * s)) & 3) | (((high[:, None, :] >> s) & 1) << 2)
+    else:
+        return (w >> (BITS * s)) & ((1 << BITS) - 1)
+
+
+@triton.jit
 def _gemm_kernel(
     x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr,
     M, N, K, n_chunks, n_groups, group_size, zero_const,
     stride_xm, stride_wn, stride_hn, stride_ym,
     LAYOUT: tl.constexpr, BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr,
     SLOTS_PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, MATH_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
 ):
+    """``y^T = W x^T`` tile by tile: each step dequantizes SUB slots of one chunk (a contiguous K range
+    of SUB * RUN codes) to a ``[BLOCK_N, SUB * RUN]`` tile and feeds one tensor-core dot."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    BLOCK_K: tl.constexpr = SUB * RUN
+    STEPS_PER_CHUNK: tl.constexpr = SLOTS // SUB
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, RUN)
+    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile: the weight is the wide operand
-    for chunk in range(0, n_chunks):
+    for step in range(0, n_chunks * STEPS_PER_CHUNK):
+        chunk = step // STEPS_PER_CHUNK
+        slots = (step % STEPS_PER_CHUNK) * SUB + tl.arange(0, SUB)
         words, high = _load_chunk(w_ptr, hi_ptr, offs_n, offs_r, mask_n, chunk, stride_wn, stride_hn, LAYOUT, RUN)
-        scale = tl.zeros((BLOCK_N,), dtype=MATH_DTYPE)
-        zero = tl.zeros((BLOCK_N,), dtype=MATH_DTYPE)
-        for slot in tl.static_range(SLOTS):
-            k = chunk * (SLOTS * RUN) + slot * RUN + offs_r
-            if slot % SLOTS_PER_GROUP == 0:
-                group = (chunk * (SLOTS * RUN) + slot * RUN) // group_size
-                scale32, zero32 = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group, n_groups, zero_const, HAS_ZERO)
-                scale = scale32.to(MATH_DTYPE)
-                zero = zero32.to(MATH_DTYPE)
-            w = _dequant_slot(words, high, scale, zero, slot, LAYOUT, BITS, dtype)
-            x_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None], mask=mask_m[None, :] & (k[:, None] < K), other=0.0)
-            acc = tl.dot(w, x_t, acc)
+        codes = _codes_of_slots(words, high, slots, LAYOUT, BITS)
+        group = tl.minimum((chunk * (SLOTS * RUN) + slots * RUN) // group_size, n_groups - 1)
+        offs_g = offs_n[:, None] * n_groups + group[None, :]
+        scale = tl.load(scale_ptr + offs_g, mask=mask_n[:, None], other=0).to(MATH_DTYPE)
+        if HAS_ZERO:
+            zero = tl.load(zero_ptr + offs_g, mask=mask_n[:, None], other=0).to(MATH_DTYPE)
+        else:
+            zero = (tl.zeros_like(scale) + zero_const).to(MATH_DTYPE)
+        w = tl.reshape(_dequant(codes, scale[:, :, None], zero[:, :, None], dtype), (BLOCK_N, BLOCK_K))
+        k = chunk * (SLOTS * RUN) + (step % STEPS_PER_CHUNK) * BLOCK_K + offs_k
+        x_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None], mask=mask_m[None, :] & (k[:, None] < K), other=0.0)
+        acc = tl.dot(w, x_t, acc)
     y = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
@@ -247,7 +326,7 @@ def _dequant_kernel(
             scale32, zero32 = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group, n_groups, zero_const, HAS_ZERO)
             scale = scale32.to(MATH_DTYPE)
             zero = zero32.to(MATH_DTYPE)
-        w = _dequant_slot(words, high, scale, zero, slot, LAYOUT, BITS, dtype)
+        w = _dequant(_code(words, high, slot, LAYOUT, BITS), scale[:, None], zero[:, None], dtype)
         tl.store(out_ptr + offs_n[:, None] * K + k[None, :], w, mask=mask_n[:, None] & (k[None, :] < K))
 
 
@@ -267,7 +346,7 @@ def _kernel_args(pw: PackedWeight) -> tuple[list, dict]:
 
 
 def math_dtype(dtype: torch.dtype) -> tl.dtype:
-    """Dtype of the in-kernel dequantization arithmetic: fp16 itself, fp32 for bf16 (see ``_dequant_slot``)."""
+    """Dtype of the in-kernel dequantization arithmetic: fp16 itself, fp32 for bf16 (see ``_dequant``)."""
     return tl.float16 if dtype == torch.float16 else tl.float32
 
 
@@ -304,7 +383,8 @@ def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, ou
     _gemv_kernel[grid](
         x, *tensors, y, m, pw.n, pw.k, n_chunks, pw.n_groups, pw.group_size, pw.zero_const,
         x.stride(0), pw.words.stride(0), tensors[1].stride(0), y.stride(0),
-        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=config.block_n, SPLIT_K=config.split_k,
+        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=config.block_n, CHUNKS=config.chunks,
+        SPLIT_K=config.split_k, GROUPS=triton.next_power_of_2(pw.slots // consts["SLOTS_PER_GROUP"]),
         num_warps=config.num_warps, **consts,
     )
     return y
@@ -314,6 +394,14 @@ def gemm_config(m: int) -> GemmConfig:
     """Tile sizes by batch: the batch is the narrow MMA operand (16..128 columns)."""
     block_m = min(128, max(16, triton.next_power_of_2(m)))
     return GemmConfig(block_n=128 if m <= 64 else 64 if m <= 256 else 128, block_m=block_m, num_warps=4 if m <= 128 else 8)
+
+
+def gemm_sub_slots(pw: PackedWeight, block_k: int) -> int:
+    """Slots per GEMM step: the most (a power of two dividing the slot count) within ``block_k`` codes."""
+    sub = 1
+    while pw.slots % (2 * sub) == 0 and 2 * sub * pw.run <= block_k:
+        sub *= 2
+    return sub
 
 
 def gemm(x: torch.Tensor, pw: PackedWeight, config: GemmConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -330,8 +418,8 @@ def gemm(x: torch.Tensor, pw: PackedWeight, config: GemmConfig | None = None, ou
     _gemm_kernel[grid](
         x, *tensors, y, m, pw.n, pw.k, n_chunks, pw.n_groups, pw.group_size, pw.zero_const,
         x.stride(0), pw.words.stride(0), tensors[1].stride(0), y.stride(0),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, MATH_DTYPE=math_dtype(x.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages, **consts,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, SUB=gemm_sub_slots(pw, config.block_k),
+        MATH_DTYPE=math_dtype(x.dtype), num_warps=config.num_warps, num_stages=config.num_stages, **consts,
     )
     return y
 
