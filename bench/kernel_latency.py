@@ -2,7 +2,7 @@
 
     python -m bench.kernel_latency                 # every shape and batch, both modes
     python -m bench.kernel_latency --quick         # 8192^2 and 4096x14336 at batch 1, 16, 64, 1024
-    python -m bench.kernel_latency --tune          # search GEMV/GEMM tile configs, print the best
+    python -m bench.kernel_latency --tune          # search GEMV/GEMM tile configs first, then the table
 
 Shapes are ``in x out`` (``K x N`` of ``y[M, N] = x[M, K] @ W^T``). Each row gives the time in the
 two modes of :mod:`bench.timing`, the speedup over cuBLAS fp16 measured in the same run and mode, and
@@ -18,7 +18,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -26,7 +26,7 @@ from bench.timing import MODES, copies_for, copy_bandwidth_gbs, gpu_name, steady
 from kernels import lowbit_matmul as lm
 from kernels.pack import PackedWeight, pack_weight
 
-SHAPES = [(4096, 4096), (8192, 8192), (16384, 16384), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192)]
+SHAPES = [(8192, 8192), (4096, 4096), (16384, 16384), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192)]
 BATCHES = [1, 4, 16, 64, 256, 1024]
 QUICK_SHAPES = [(8192, 8192), (4096, 14336)]
 QUICK_BATCHES = [1, 16, 64, 1024]
@@ -53,10 +53,12 @@ LOWBIT_KINDS = {
 }
 
 
-def random_packed(kind: LowBitKind, n: int, k: int) -> PackedWeight:
+def random_packed(kind: LowBitKind, n: int, k: int, scale_range: tuple[float, float] = (0.01, 0.03)) -> PackedWeight:
+    """Random codes, fp16 scales uniform in ``scale_range`` and (asymmetric kinds) random zero points."""
     codes = torch.randint(0, kind.top_code + 1, (n, k), device="cuda")
     n_groups = 1 if kind.group is None else k // kind.group
-    scale = (torch.rand(n, n_groups, device="cuda") * 0.02 + 0.01).half()
+    low, high = scale_range
+    scale = (torch.rand(n, n_groups, device="cuda") * (high - low) + low).half()
     zero = torch.randint(0, kind.top_code + 1, (n, n_groups), device="cuda").half() if kind.asym else None
     return pack_weight(codes, scale, zero, kind.layout, kind.group, zero_const=kind.zero_const)
 
@@ -95,13 +97,23 @@ def lowbit_calls(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = Non
     return make
 
 
-def resolve_path(path: str, m: int, pw: PackedWeight) -> str:
-    return lm.pick_path(m, pw, torch.device("cuda")) if path == "auto" else path
+def paths_for(m: int, pw: PackedWeight) -> list[str]:
+    """The path the dispatcher picks, and from batch 256 on the dequant + cuBLAS fallback beside it."""
+    auto = lm.pick_path(m, pw, torch.device("cuda"))
+    return [auto, "dequant"] if m >= 256 and auto != "dequant" else [auto]
 
 
-def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str], paths: list[str], modes: tuple[str, ...]) -> list[dict]:
-    rows = []
+def relative_error(x: torch.Tensor, pw: PackedWeight, path: str) -> float:
+    """Error of ``path`` against the fp32 reference on fresh random activations (kept in the record)."""
+    ref = lm.reference_matmul(x, pw).float()
+    out = lm.lowbit_matmul(x, pw, path).float()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str], modes: tuple[str, ...]) -> Iterator[list[dict]]:
+    """Rows of the table, one list per shape as soon as it is done."""
     for k, n in shapes:
+        rows = []
         packed = {name: random_packed(LOWBIT_KINDS[name], n, k) for name in kinds}
         for m in batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -111,19 +123,18 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
             rows.append(row(k, n, m, "fp16", "cublas", nbytes + io_bytes, base, base))
             for name in kinds:
                 pw = packed[name]
-                for path in dict.fromkeys(resolve_path(p, m, pw) for p in paths):
-                    if path == "gemv" and m > lm.GEMV_MAX_M or path == "gemm" and pw.run < lm.GEMM_MIN_RUN:
-                        continue
+                for path in paths_for(m, pw):
                     times = time_both(lowbit_calls(x, pw, path), modes)
-                    rows.append(row(k, n, m, name, path, pw.nbytes() + io_bytes, times, base))
+                    rows.append(row(k, n, m, name, path, pw.nbytes() + io_bytes, times, base, relative_error(x, pw, path)))
+            print(f"{k}x{n} M={m}: " + " ".join(f"{r['kernel']}/{r['path']} {r.get('steady_us', r.get('cold_us')):.1f}" for r in rows if r["K"] == k and r["N"] == n and r["M"] == m), flush=True)
             torch.cuda.empty_cache()
         del packed
         torch.cuda.empty_cache()
-    return rows
+        yield rows
 
 
-def row(k: int, n: int, m: int, kernel: str, path: str, nbytes: int, times: dict[str, float], base: dict[str, float]) -> dict:
-    out = {"K": k, "N": n, "M": m, "kernel": kernel, "path": path, "bytes": nbytes}
+def row(k: int, n: int, m: int, kernel: str, path: str, nbytes: int, times: dict[str, float], base: dict[str, float], error: float = 0.0) -> dict:
+    out = {"K": k, "N": n, "M": m, "kernel": kernel, "path": path, "bytes": nbytes, "rel_error": error}
     for mode, us in times.items():
         out[f"{mode}_us"] = us
         out[f"{mode}_speedup"] = base[mode] / us
@@ -135,14 +146,14 @@ def markdown(rows: list[dict], modes: tuple[str, ...], copy_gbs: float) -> str:
     head = ["in x out", "M", "kernel", "path"]
     for mode in modes:
         head += [f"{mode} us", f"{mode} x fp16"]
-    head += ["GB/s", "% copy"]
+    head += ["GB/s", "% copy", "rel err"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"{r['K']}x{r['N']}", str(r["M"]), r["kernel"], r["path"]]
         for mode in modes:
             cells += [f"{r[f'{mode}_us']:.1f}", f"{r[f'{mode}_speedup']:.2f}"]
         gbs = r.get("steady_gbs", r.get("cold_gbs"))
-        cells += [f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.0f}"]
+        cells += [f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.0f}", f"{r['rel_error']:.1e}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -150,44 +161,77 @@ def markdown(rows: list[dict], modes: tuple[str, ...], copy_gbs: float) -> str:
 # ----------------------------------------------------------------------------- tuning
 
 
-GEMV_SEARCH = [lm.GemvConfig(bn, w, s) for bn in (8, 16, 32, 64) for w in (2, 4, 8) for s in (1, 2)]
+GEMV_SEARCH = [
+    lm.GemvConfig(bn, w, s, ch)
+    for bn, ch, w, s in [
+        (32, 1, 4, 1), (32, 2, 4, 1), (64, 1, 4, 1), (64, 2, 4, 1), (64, 2, 8, 1), (32, 2, 4, 2),
+    ]
+]
 GEMM_SEARCH = {
-    16: [lm.GemmConfig(bn, 16, w, st) for bn in (64, 128) for w in (4, 8) for st in (3, 4)],
-    64: [lm.GemmConfig(bn, bm, w, st) for bn in (64, 128) for bm in (32, 64) for w in (4, 8) for st in (3, 4)],
-    256: [lm.GemmConfig(bn, bm, w, st) for bn in (64, 128) for bm in (64, 128) for w in (4, 8) for st in (3, 4)],
-    1024: [lm.GemmConfig(bn, bm, w, st) for bn in (128, 256) for bm in (128, 256) for w in (4, 8) for st in (3, 4)],
+    16: [lm.GemmConfig(64, 16, 4, 3, 128), lm.GemmConfig(128, 16, 4, 3, 128), lm.GemmConfig(128, 16, 4, 4, 64), lm.GemmConfig(64, 16, 4, 4, 64)],
+    64: [lm.GemmConfig(64, 64, 4, 3, 128), lm.GemmConfig(128, 64, 4, 3, 128), lm.GemmConfig(128, 64, 8, 3, 128), lm.GemmConfig(64, 32, 4, 3, 128)],
+    256: [lm.GemmConfig(128, 64, 4, 3, 128), lm.GemmConfig(128, 128, 8, 3, 128), lm.GemmConfig(64, 128, 4, 3, 128), lm.GemmConfig(128, 128, 4, 3, 64)],
+    1024: [lm.GemmConfig(128, 128, 8, 3, 128), lm.GemmConfig(128, 256, 8, 3, 64), lm.GemmConfig(256, 128, 8, 3, 64), lm.GemmConfig(128, 128, 4, 4, 64)],
 }
 
 
+def steady_or_none(make: Callable[[], list]) -> float | None:
+    """Steady-state time, or None for a config that does not compile or fit (shared memory, registers)."""
+    try:
+        return steady_us(make())
+    except Exception as err:  # noqa: BLE001 - a failing candidate is skipped, and said so
+        print(f"  skipped: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
+        return None
+
+
+def best_of(candidates: list, time_one: Callable[[Any], float | None]) -> list[tuple[float, Any]]:
+    timed = [(us, c) for c in candidates if (us := time_one(c)) is not None]
+    return sorted(timed, key=lambda t: t[0])
+
+
 def tune(kinds: list[str], shape: tuple[int, int], gemm_kinds: list[str]) -> dict:
-    """Steady-state time of every GEMV config (batch 1) and GEMM config (batches 16..1024)."""
+    """Search GEMV configs (batch 1) per kind and GEMM configs per batch bucket at ``shape``; install the
+    winners in :mod:`kernels.lowbit_matmul` for the rest of the process, and return every timing."""
     k, n = shape
     result: dict[str, Any] = {"shape": shape, "gemv": {}, "gemm": {}}
     x1 = torch.randn(1, k, device="cuda", dtype=torch.float16)
     for name in kinds:
         pw = random_packed(LOWBIT_KINDS[name], n, k)
-        timed = [(steady_us(lowbit_calls(x1, pw, "gemv", c)()), c) for c in GEMV_SEARCH]
-        timed.sort(key=lambda t: t[0])
-        result["gemv"][name] = [(us, asdict(c)) for us, c in timed[:5]]
+        timed = best_of(GEMV_SEARCH, lambda c: steady_or_none(lowbit_calls(x1, pw, "gemv", c)))
+        if not timed:
+            continue
+        lm.GEMV_CONFIGS[lm.gemv_key(pw)] = timed[0][1]
+        result["gemv"][name] = [(us, asdict(c)) for us, c in timed]
         print(f"gemv {name}: best {timed[0][0]:.1f} us {timed[0][1]}, worst {timed[-1][0]:.1f} us", flush=True)
     for name in gemm_kinds:
         pw = random_packed(LOWBIT_KINDS[name], n, k)
         for m, search in GEMM_SEARCH.items():
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            timed = sorted(((steady_us(lowbit_calls(x, pw, "gemm", c)()), c) for c in search), key=lambda t: t[0])
+            timed = best_of(search, lambda c: steady_or_none(lowbit_calls(x, pw, "gemm", c)))
+            if not timed:
+                continue
+            lm.GEMM_CONFIGS[m] = timed[0][1]
             base = steady_us(fp16_calls(x, n)[1]())
             deq = steady_us(lowbit_calls(x, pw, "dequant")())
-            result["gemm"][f"{name}/{m}"] = {"fp16": base, "dequant": deq, "best": [(us, asdict(c)) for us, c in timed[:3]]}
+            if deq < timed[0][0]:  # from this batch on the fallback wins
+                lm.DEQUANT_MIN_M = min(lm.DEQUANT_MIN_M, m)
+            result["gemm"][f"{name}/{m}"] = {"fp16": base, "dequant": deq, "timed": [(us, asdict(c)) for us, c in timed]}
             print(f"gemm {name} M={m}: best {timed[0][0]:.1f} us {timed[0][1]} | dequant {deq:.1f} | fp16 {base:.1f}", flush=True)
     return result
+
+
+def tuned_summary() -> str:
+    gemv = "; ".join(f"{layout}{'/groups' if grouped else ''}: {c}" for (layout, grouped), c in lm.GEMV_CONFIGS.items())
+    gemm = "; ".join(f"M<={m}: {c}" for m, c in sorted(lm.GEMM_CONFIGS.items()))
+    return f"tuned GEMV {gemv} | GEMM {gemm} | dequant + cuBLAS from M={lm.DEQUANT_MIN_M}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two shapes, four batches")
-    parser.add_argument("--tune", action="store_true", help="search tile configs instead of the table")
+    parser.add_argument("--tune", action="store_true", help="search tile configs first and use the winners")
+    parser.add_argument("--tune-only", action="store_true", help="search tile configs, print them, no table")
     parser.add_argument("--kernels", default=",".join(LOWBIT_KINDS), help="comma list of low-bit kinds")
-    parser.add_argument("--paths", default="auto", help="comma list of paths to time: auto, gemv, gemm, dequant")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--shapes", default=None, help="comma list of INxOUT, e.g. 8192x8192")
     parser.add_argument("--batches", default=None, help="comma list of batch sizes")
@@ -208,18 +252,23 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbs = copy_bandwidth_gbs()
     header = f"GPU: {gpu_name()} | torch {torch.__version__} | copy {copy_gbs:.0f} GB/s (read+write)"
     print(header, flush=True)
-    if args.tune:
-        result = {"gpu": gpu_name(), "copy_gbs": copy_gbs, **tune(kinds, shapes[0], ["w4g128"])}
+    tuned = None
+    if args.tune or args.tune_only:
+        tuned = {"gpu": gpu_name(), "copy_gbs": copy_gbs, **tune(kinds, (8192, 8192), ["w4g128"])}
+        if args.tune_only:
+            if args.json:
+                args.json.write_text(json.dumps(tuned, indent=1))
+            return 0
+        header += " | " + tuned_summary()
+    rows: list[dict] = []
+    for shape_rows in measure(shapes, batches, kinds, modes):  # written after each shape: a cut run keeps its rows
+        rows += shape_rows
+        table = header + "\n\n" + markdown(rows, modes, copy_gbs)
+        if args.out:
+            args.out.write_text(table + "\n")
         if args.json:
-            args.json.write_text(json.dumps(result, indent=1))
-        return 0
-    rows = measure(shapes, batches, kinds, args.paths.split(","), modes)
-    table = markdown(rows, modes, copy_gbs)
-    print(header + "\n\n" + table, flush=True)
-    if args.out:
-        args.out.write_text(header + "\n\n" + table + "\n")
-    if args.json:
-        args.json.write_text(json.dumps({"gpu": gpu_name(), "copy_gbs": copy_gbs, "rows": rows}, indent=1))
+            args.json.write_text(json.dumps({"gpu": gpu_name(), "copy_gbs": copy_gbs, "tuning": tuned, "rows": rows}, indent=1))
+    print(table, flush=True)
     return 0
 
 

@@ -47,8 +47,10 @@ class GemmConfig:
 
 GEMV_MAX_M = 8
 DEQUANT_MIN_M = 2048
-GEMV_CONFIGS: dict[str, GemvConfig] = {}
 GEMM_MIN_RUN = 16  # a tensor-core dot needs a depth of at least 16
+# Tuned tile configs: GEMV by (layout, several groups per row), GEMM by batch bucket (a power of two).
+GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {}
+GEMM_CONFIGS: dict[int, GemmConfig] = {}
 
 
 # ----------------------------------------------------------------------------- decoding helpers
@@ -373,26 +375,36 @@ def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, ou
     m = x.shape[0]
     if m > GEMV_MAX_M:
         raise ValueError(f"gemv takes at most {GEMV_MAX_M} rows, got {m}; use gemm")
-    config = config or GEMV_CONFIGS.get(pw.layout, GemvConfig())
+    config = config or GEMV_CONFIGS.get(gemv_key(pw), GemvConfig())
     y = _output(out, (m, pw.n), x)
     if config.split_k > 1:  # the splits add their partial sums into a zeroed output
         y.zero_()
     tensors, consts = _kernel_args(pw)
     n_chunks = pw.words.shape[1] // pw.run
-    grid = (triton.cdiv(pw.n, config.block_n), config.split_k)
+    block_m = triton.next_power_of_2(m)  # the rows of a tile shrink as the batch grows (registers)
+    grid = (triton.cdiv(pw.n, max(8, config.block_n // block_m)), config.split_k)
     _gemv_kernel[grid](
         x, *tensors, y, m, pw.n, pw.k, n_chunks, pw.n_groups, pw.group_size, pw.zero_const,
         x.stride(0), pw.words.stride(0), tensors[1].stride(0), y.stride(0),
-        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=config.block_n, CHUNKS=config.chunks,
+        BLOCK_M=block_m, BLOCK_N=max(8, config.block_n // block_m), CHUNKS=config.chunks,
         SPLIT_K=config.split_k, GROUPS=triton.next_power_of_2(pw.slots // consts["SLOTS_PER_GROUP"]),
         num_warps=config.num_warps, **consts,
     )
     return y
 
 
+def gemv_key(pw: PackedWeight) -> tuple[str, bool]:
+    return pw.layout, pw.n_groups > 1
+
+
 def gemm_config(m: int) -> GemmConfig:
-    """Tile sizes by batch: the batch is the narrow MMA operand (16..128 columns)."""
-    block_m = min(128, max(16, triton.next_power_of_2(m)))
+    """The tuned config of the smallest batch bucket holding ``m``; else tiles sized by the batch
+    (the batch is the narrow MMA operand)."""
+    bucket = min(1024, max(16, triton.next_power_of_2(m)))
+    fitting = [b for b in sorted(GEMM_CONFIGS) if b >= bucket]
+    if fitting:
+        return GEMM_CONFIGS[fitting[0]]
+    block_m = min(128, bucket)
     return GemmConfig(block_n=128 if m <= 64 else 64 if m <= 256 else 128, block_m=block_m, num_warps=4 if m <= 128 else 8)
 
 
