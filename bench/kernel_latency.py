@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="two shapes, four batches")
     parser.add_argument("--tune", action="store_true", help="search tile configs first and use the winners")
     parser.add_argument("--tune-only", action="store_true", help="search tile configs, print them, no table")
+    parser.add_argument("--tune-gemm", action="store_true", help="also search GEMM configs per batch bucket (W4)")
     parser.add_argument("--kernels", default=",".join(LOWBIT_KINDS), help="comma list of low-bit kinds")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--shapes", default=None, help="comma list of INxOUT, e.g. 8192x8192")
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header, flush=True)
     tuned = None
     if args.tune or args.tune_only:
-        tuned = {"gpu": gpu_name(), "copy_gbs": copy_gbs, **tune(kinds, (8192, 8192), ["w4g128"])}
+        tuned = {"gpu": gpu_name(), "copy_gbs": copy_gbs, **tune(kinds, (8192, 8192), ["w4g128"] if args.tune_gemm else [])}
         if args.tune_only:
             if args.json:
                 args.json.write_text(json.dumps(tuned, indent=1))
