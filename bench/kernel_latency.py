@@ -72,17 +72,17 @@ def fp16_calls(x: torch.Tensor, n: int) -> tuple[int, Callable[[], list]]:
     """cuBLAS fp16: ``x @ W^T`` over rotating fp16 weight copies."""
     k = x.shape[1]
     nbytes = n * k * 2
-    out = torch.empty(x.shape[0], n, device="cuda", dtype=x.dtype)
+    out = torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype)
 
     def make() -> list:
-        weights = [torch.randn(n, k, device="cuda", dtype=x.dtype) for _ in range(copies_for(nbytes))]
+        weights = [torch.randn(n, k, device=x.device, dtype=x.dtype) for _ in range(copies_for(nbytes))]
         return [lambda w=w: torch.mm(x, w.t(), out=out) for w in weights]
 
     return nbytes, make
 
 
 def lowbit_calls(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = None) -> Callable[[], list]:
-    out = torch.empty(x.shape[0], pw.n, device="cuda", dtype=x.dtype)
+    out = torch.empty(x.shape[0], pw.n, device=x.device, dtype=x.dtype)
 
     def call(p: PackedWeight) -> Callable[[], Any]:
         if path == "gemv":
