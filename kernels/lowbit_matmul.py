@@ -3,8 +3,8 @@
 Weights come as a :class:`kernels.pack.PackedWeight` (codes packed along K in chunks, fp16 scales and
 optional zero points per group). Three GPU paths, chosen by the number of activation rows ``M``:
 
-* **GEMV** (``M <= 8``): memory bound. Each program streams ``BLOCK_N`` weight rows one chunk (one
-  cache line per row) at a time. Codes are turned into floats without int->float conversions, which
+* **GEMV** (``M <= 8``), meant to be memory bound: each program streams ``BLOCK_N`` weight rows,
+  ``CHUNKS`` chunks (cache lines per row) per step, loading the next step before computing this one. Codes are turned into floats without int->float conversions, which
   run at a quarter of the FMA rate on Hopper: a code placed in the top mantissa bits of 1.0 reads as
   ``1 + code / 2**b``, so per element the decode is one shift and one mask-or, then one FMA. The
   offset and the zero point are removed once per group with the group's activation sum:
@@ -15,6 +15,10 @@ optional zero points per group). Three GPU paths, chosen by the number of activa
 * **dequant + cuBLAS** for large ``M``, where the matmul is compute bound and cuBLAS is hard to beat.
 
 ``reference_matmul`` is the plain-torch definition every kernel is tested against.
+
+Status (H100, bench/results/kernel_latency_h100.md): correct at real sizes, but the GEMV runs at
+0.9x cuBLAS fp16 for W4/W2/W1 at 8192^2 batch 1 (1.5x for per-channel ternary), far from the
+bandwidth bound it was designed for; the per-group work is the main suspect (see the notes there).
 """
 
 from __future__ import annotations
@@ -49,7 +53,14 @@ GEMV_MAX_M = 8
 DEQUANT_MIN_M = 256  # H100, 8192^2 W4: dequant + cuBLAS beat the fused GEMM from batch 256 on
 GEMM_MIN_RUN = 16  # a tensor-core dot needs a depth of at least 16
 # Tuned tile configs: GEMV by (layout, several groups per row), GEMM by batch bucket (a power of two).
-GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {}
+GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # best of a small search on H100 at 8192^2, batch 1
+    ("uint4", True): GemvConfig(block_n=32, num_warps=4, split_k=2, chunks=2),
+    ("uint3", True): GemvConfig(block_n=32, num_warps=4, split_k=1, chunks=2),
+    ("uint2", True): GemvConfig(block_n=32, num_warps=4, split_k=2, chunks=2),
+    ("uint2", False): GemvConfig(block_n=32, num_warps=4, split_k=1, chunks=2),
+    ("ternary5", False): GemvConfig(block_n=32, num_warps=4, split_k=2, chunks=2),
+    ("uint1", True): GemvConfig(block_n=64, num_warps=8, split_k=1, chunks=2),
+}
 GEMM_CONFIGS: dict[int, GemmConfig] = {  # best of a small search on H100 at 8192^2 W4 g128
     16: GemmConfig(block_n=64, block_m=16, num_warps=4, num_stages=3, block_k=128),
     64: GemmConfig(block_n=64, block_m=64, num_warps=4, num_stages=3, block_k=128),
@@ -380,6 +391,8 @@ def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, ou
     if m > GEMV_MAX_M:
         raise ValueError(f"gemv takes at most {GEMV_MAX_M} rows, got {m}; use gemm")
     config = config or GEMV_CONFIGS.get(gemv_key(pw), GemvConfig())
+    if x.dtype != torch.float16:  # split-K adds with fp16 atomics; bf16 ones need sm_90 (and no interpreter)
+        config = GemvConfig(config.block_n, config.num_warps, 1, config.chunks)
     y = _output(out, (m, pw.n), x)
     if config.split_k > 1:  # the splits add their partial sums into a zeroed output
         y.zero_()
