@@ -1,0 +1,175 @@
+"""Block-scaled formats with fixed blocks: OCP microscaling (MX) and NVIDIA's NVFP4 / NVINT4.
+
+**MX** (OCP Microscaling Formats v1.0): blocks of 32 consecutive elements along the last dim share one
+E8M0 scale ``X = 2^(floor(log2 amax) - emax_elem)`` (clamped to the E8M0 range ``2^-127..2^127``); each
+element stores ``V / X`` rounded to nearest-even on its grid, saturating at the element's largest value
+(so a block's largest element may be clipped: amax up to ``2^(emax+1)`` against a max of e.g. 6 for
+E2M1). Elements: ``int8`` (MXINT8, two's complement with implicit scale 2^-6, symmetric +-127),
+``e4m3``/``e5m2`` (MXFP8), ``e2m3``/``e3m2`` (MXFP6), ``e2m1`` (MXFP4). Bits per element: element bits +
+8/32 (MXFP4 = 4.25).
+
+**NV** (NVFP4 as on Blackwell, and NVINT4 of the "INT v.s. FP" study): blocks of 16 with an E4M3 block
+scale and one FP32 tensor scale ``t = amax(x) / (max_elem * 448)``. Block scale ``b = E4M3(amax_b /
+(t * max_elem))``; the element scale is ``s = b * t`` (float32); elements store ``x * (1 / s)`` rounded
+onto E2M1 (max 6) or symmetric INT4 (max 7); dequantization is ``q * s``. Bits per element: 4 + 8/16 +
+32/numel (NVFP4 = 4.5 plus the tensor scale).
+
+Both accept a ragged last block (width not a multiple of the block): it is stored zero-padded, which
+leaves its amax, hence its scale, unchanged; the padded codes are counted in ``bits_per_element``. A block
+holding NaN or inf dequantizes to NaN throughout (E8M0 scale 0xFF, or E4M3 scale 0x7F; codes 0), as
+OCP MX encodes NaN in the shared scale; NV's tensor amax is taken over the finite values.
+
+The top-level ``bits`` and ``group_size`` do not apply: these formats fix both, and the pipeline records
+theirs (``element_bits``, ``granularity``). On CUDA tensors ``fake_quant`` runs the Triton kernel of
+``kernels/quant.py``; this file's torch code is that kernel's reference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from methods.common.elements import ELEMENTS, Element, floor_log2, pow2
+from methods.common.formats import (
+    Format,
+    QTensor,
+    block_view,
+    check_choice,
+    n_blocks,
+    poison,
+    split_nonfinite,
+    triton_kernels_for,
+    unblock,
+)
+
+MX_NAMES = {"int8": "mxint8", "e4m3": "mxfp8_e4m3", "e5m2": "mxfp8_e5m2", "e2m3": "mxfp6_e2m3", "e3m2": "mxfp6_e3m2", "e2m1": "mxfp4"}
+NV_NAMES = {"e2m1": "nvfp4", "int4": "nvint4"}
+MX_ELEMENTS = tuple(MX_NAMES)
+NV_ELEMENTS = tuple(NV_NAMES)
+E4M3 = ELEMENTS["e4m3"]
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
+
+
+def _rows(shape: torch.Size | tuple[int, ...]) -> int:
+    return math.prod(shape) // shape[-1]
+
+
+@dataclass
+class MxFormat(Format):
+    """OCP MX format: ``element`` in ``MX_ELEMENTS``, blocks of 32, E8M0 shared scale (see module doc)."""
+
+    element: str = "e2m1"
+    name: str = ""
+
+    BLOCK = 32
+    SCALE_BITS = 8
+
+    def __post_init__(self) -> None:
+        self.elem: Element = ELEMENTS[check_choice("element", self.element, MX_ELEMENTS)]
+        self.name = self.name or MX_NAMES[self.element]
+
+    @property
+    def element_bits(self) -> int:
+        return self.elem.bits
+
+    @property
+    def granularity(self) -> int:
+        return self.BLOCK
+
+    def shared_exponent(self, blocks: torch.Tensor) -> torch.Tensor:
+        """E8M0 exponent per block of finite ``[rows, n_blocks, 32]`` values (all-zero blocks: -127)."""
+        amax = blocks.abs().amax(dim=-1, keepdim=True)
+        return (floor_log2(amax) - self.elem.emax).clamp(-127, 127)
+
+    def quantize(self, x: torch.Tensor) -> QTensor:
+        blocks, bad = split_nonfinite(block_view(x.float(), self.BLOCK))
+        exponent = self.shared_exponent(blocks)
+        codes = self.elem.encode(self.elem.round(blocks * pow2(-exponent)))
+        return QTensor(torch.where(bad, 0, codes), poison(pow2(exponent), bad), None, x.shape, x.dtype)
+
+    def dequantize(self, q: QTensor) -> torch.Tensor:
+        return unblock(self.elem.decode(q.codes) * q.scale, q.shape).to(q.dtype)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        if triton_kernels_for(x):
+            from kernels.quant import mx_fake_quant
+
+            return mx_fake_quant(x, self)
+        return self.dequantize(self.quantize(x))
+
+    def bits_per_element(self, shape: torch.Size | tuple[int, ...]) -> float:
+        blocks = _rows(shape) * n_blocks(shape[-1], self.BLOCK)
+        return blocks * (self.BLOCK * self.elem.bits + self.SCALE_BITS) / math.prod(shape)
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass
+class NvFormat(Format):
+    """NVFP4 (``element: e2m1``) or NVINT4 (``element: int4``): blocks of 16, E4M3 block scales, FP32
+    tensor scale (see module doc)."""
+
+    element: str = "e2m1"
+    name: str = ""
+
+    BLOCK = 16
+    SCALE_BITS = 8
+    TENSOR_SCALE_BITS = 32
+
+    def __post_init__(self) -> None:
+        self.elem: Element = ELEMENTS[check_choice("element", self.element, NV_ELEMENTS)]
+        self.name = self.name or NV_NAMES[self.element]
+
+    @property
+    def element_bits(self) -> int:
+        return self.elem.bits
+
+    @property
+    def granularity(self) -> int:
+        return self.BLOCK
+
+    def tensor_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """FP32 second-level scale of ``x``, from the absolute maximum of its finite values."""
+        finite_abs = torch.where(torch.isfinite(x), x.float().abs(), 0.0)
+        return self.tensor_scale_for(finite_abs.amax() if finite_abs.numel() else finite_abs.new_zeros(()))
+
+    def tensor_scale_for(self, amax: torch.Tensor) -> torch.Tensor:
+        """``amax / (max_elem * 448)``, at least 2^-126 so that an all-zero tensor divides by no zero."""
+        return (amax.float() / (self.elem.max_value * E4M3.max_value)).clamp_min(FLOAT32_TINY)
+
+    def block_scales(self, blocks: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
+        """E4M3 block scales (their float32 values) of finite ``[rows, n_blocks, 16]`` values."""
+        amax = blocks.abs().amax(dim=-1, keepdim=True)
+        return E4M3.round(amax / (tensor_scale * self.elem.max_value))
+
+    def quantize(self, x: torch.Tensor, tensor_scale: torch.Tensor | None = None) -> QTensor:
+        """Quantize ``x``; pass ``tensor_scale`` to use a calibrated (static) one instead of ``x``'s own."""
+        if tensor_scale is None:
+            tensor_scale = self.tensor_scale(x)
+        blocks, bad = split_nonfinite(block_view(x.float(), self.BLOCK))
+        block_scale = self.block_scales(blocks, tensor_scale)
+        scale = block_scale * tensor_scale
+        inverse = torch.where(scale > 0, 1.0 / scale, 0.0)
+        codes = self.elem.encode(self.elem.round(blocks * inverse))
+        return QTensor(torch.where(bad, 0, codes), poison(block_scale, bad), None, x.shape, x.dtype, tensor_scale)
+
+    def dequantize(self, q: QTensor) -> torch.Tensor:
+        return unblock(self.elem.decode(q.codes) * (q.scale * q.tensor_scale), q.shape).to(q.dtype)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        if triton_kernels_for(x):
+            from kernels.quant import nv_fake_quant
+
+            return nv_fake_quant(x, self)
+        return self.dequantize(self.quantize(x))
+
+    def bits_per_element(self, shape: torch.Size | tuple[int, ...]) -> float:
+        blocks = _rows(shape) * n_blocks(shape[-1], self.BLOCK)
+        stored = blocks * (self.BLOCK * self.elem.bits + self.SCALE_BITS) + self.TENSOR_SCALE_BITS
+        return stored / math.prod(shape)
+
+    def describe(self) -> str:
+        return self.name
