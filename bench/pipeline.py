@@ -34,7 +34,7 @@ from methods.common.method import SHARED_KNOBS, Method, QuantSpec
 log = logging.getLogger(__name__)
 
 # Top-level keys that never change a cell's numbers: they are left out of its key.
-NON_SEMANTIC = ("tracker", "paths", "store", "force", "device", "sweep", "hydra")
+NON_SEMANTIC = ("tracker", "paths", "store", "force", "device", "sweep_name", "hydra")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VERSIONED_PACKAGES = ("torch", "transformers", "triton", "lm_eval", "hydra-core", "wandb", "gguf")
 
@@ -223,8 +223,8 @@ def summary_line(key: str, label: str, metrics: dict[str, float], bpw: float, se
 
 
 def sweep_name(cfg: DictConfig) -> str:
-    if cfg.get("sweep"):
-        return str(cfg.sweep)
+    if cfg.get("sweep_name"):
+        return str(cfg.sweep_name)
     try:
         hydra = HydraConfig.get()
     except ValueError:  # called outside @hydra.main (tests, scripts)
