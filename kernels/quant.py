@@ -17,7 +17,8 @@ lowest pair first); ``padded_width`` rounds the width up to whole blocks. Scales
 [rows, n_groups]`` and zero points ``uint8``; MX ``uint8`` E8M0 (bias 127, 0xFF = NaN); NV ``uint8``
 E4M3 bit patterns (0x7F = NaN) and the FP32 tensor scale.
 
-Exactness on GPU: divisions use ``div_rn`` (Triton's ``/`` is approximate), powers of two are built from
+Exactness on GPU: kernels compile without FMA contraction (``enable_fp_fusion=False``: a fused
+multiply-add rounds once where the reference rounds twice), divisions use ``div_rn`` (Triton's ``/`` is approximate), powers of two are built from
 bits, ``floor(log2)`` is read from the exponent field, and rounding to nearest-even is the float32
 ``(y + 1.5 * 2^23) - 1.5 * 2^23`` identity (the rounding quantum set through the constant's exponent).
 The interpreter rounds float32 -> bfloat16 by truncation, so under the interpreter bf16 outputs are
@@ -91,9 +92,10 @@ def _rne(y):
 def _round_fp(y, MAN: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, MAXVAL: tl.constexpr):
     """Nearest ExMy grid value of y (ties to even, saturating at +-MAXVAL), keeping y's sign."""
     a = tl.abs(y)
-    exponent = tl.minimum(tl.maximum(_floor_log2(a), EMIN), EMAX + 1)
+    # a's exponent field, clamped to the element's binades [EMIN, EMAX + 1] (below EMIN: subnormal spacing).
+    exponent_field = tl.minimum(tl.maximum(a.to(tl.int32, bitcast=True) & 0x7F800000, (EMIN + 127) << 23), (EMAX + 128) << 23)
     # 1.5 * 2^(exponent - MAN + 23): adding and subtracting it rounds a to a multiple of 2^(exponent - MAN).
-    magic = (((exponent + (150 - MAN)) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    magic = (exponent_field + (((23 - MAN) << 23) | 0x400000)).to(tl.float32, bitcast=True)
     q = tl.minimum((a + magic) - magic, MAXVAL)
     sign = y.to(tl.uint32, bitcast=True) & 0x80000000
     return (q.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
@@ -165,7 +167,7 @@ def _pack(codes, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def _block_kernel(
-    x_ptr, out_ptr, codes_ptr, scales_ptr, tensor_scale_ptr, width, blocks_per_row, total_blocks,
+    x_ptr, out_ptr, codes_ptr, scales_ptr, tensor_scales_ptr, width, blocks_per_row, total_blocks,
     BLOCK: tl.constexpr, TILE: tl.constexpr, RAGGED: tl.constexpr, NV: tl.constexpr, FAKE: tl.constexpr,
     SOFT_BF16: tl.constexpr, IS_INT: tl.constexpr, BITS: tl.constexpr, MAN: tl.constexpr,
     EXP_BITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, MAXVAL: tl.constexpr, BIAS: tl.constexpr,
@@ -187,10 +189,10 @@ def _block_kernel(
     bad = amax > _FLOAT32_MAX
     amax = tl.where(bad, 0.0, amax)
     if NV:
-        tensor_scale = tl.load(tensor_scale_ptr)
-        block_scale = _round_fp(tl.math.div_rn(amax, tensor_scale * MAXVAL), _E4M3_MAN, _E4M3_EMIN, _E4M3_EMAX, _E4M3_MAX)
-        scale = block_scale * tensor_scale
-        inverse = tl.where(scale > 0, tl.math.div_rn(tl.full([TILE], 1.0, tl.float32), scale), 0.0)
+        encode = tl.load(tensor_scales_ptr) + tl.zeros([TILE], tl.float32)
+        block_scale = _round_fp(amax * tl.load(tensor_scales_ptr + 2), _E4M3_MAN, _E4M3_EMIN, _E4M3_EMAX, _E4M3_MAX)
+        scale = block_scale * tl.load(tensor_scales_ptr + 1)
+        inverse = tl.where(block_scale > 0, tl.math.div_rn(encode, block_scale), 0.0)
     else:
         shared = tl.minimum(tl.maximum(_floor_log2(amax) - EMAX, -127), 127)
         scale = _pow2(shared)
@@ -237,7 +239,7 @@ def _soft_bf16(x: torch.Tensor) -> bool:
     return x.device.type != "cuda" and x.dtype == torch.bfloat16
 
 
-def _launch_block(x: torch.Tensor, fmt: MxFormat | NvFormat, fake: bool, tensor_scale: torch.Tensor | None,
+def _launch_block(x: torch.Tensor, fmt: MxFormat | NvFormat, fake: bool, tensor_scales: torch.Tensor | None,
                   elems_per_program: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows = _rows2d(x)
     n_rows, width = rows.shape
@@ -253,9 +255,9 @@ def _launch_block(x: torch.Tensor, fmt: MxFormat | NvFormat, fake: bool, tensor_
     nv = isinstance(fmt, NvFormat)
     tile = _tile(elems_per_program, fmt.BLOCK)
     _block_kernel[(triton.cdiv(total, tile),)](
-        rows, out, codes, scales, tensor_scale if nv else rows, width, blocks_per_row, total,
+        rows, out, codes, scales, tensor_scales if nv else rows, width, blocks_per_row, total,
         BLOCK=fmt.BLOCK, TILE=tile, RAGGED=width % fmt.BLOCK != 0, NV=nv, FAKE=fake, SOFT_BF16=_soft_bf16(x),
-        num_warps=num_warps, **constants,
+        num_warps=num_warps, enable_fp_fusion=False, **constants,
     )
     return (out.reshape(x.shape) if fake else out), codes, scales
 
@@ -273,25 +275,24 @@ def mx_quantize(x: torch.Tensor, fmt: MxFormat, elems_per_program: int = DEFAULT
     return PackedTensor(codes, scales)
 
 
-def nv_tensor_scale(x: torch.Tensor, fmt: NvFormat) -> torch.Tensor:
-    """The tensor scale of ``fmt`` for ``x``, its amax taken by :func:`finite_amax`."""
-    return fmt.tensor_scale_for(finite_amax(x))
+def nv_tensor_scales(x: torch.Tensor, fmt: NvFormat, amax: torch.Tensor | None = None) -> torch.Tensor:
+    """``fmt.tensor_scales`` for ``x``, its amax taken by :func:`finite_amax` unless given."""
+    return fmt.tensor_scales(finite_amax(x) if amax is None else amax)
 
 
-def nv_fake_quant(x: torch.Tensor, fmt: NvFormat, tensor_scale: torch.Tensor | None = None,
+def nv_fake_quant(x: torch.Tensor, fmt: NvFormat, amax: torch.Tensor | None = None,
                   elems_per_program: int = DEFAULT_ELEMS_PER_PROGRAM, num_warps: int = DEFAULT_NUM_WARPS) -> torch.Tensor:
-    """NV fake quantization (``tensor_scale`` computed from ``x`` if not given); reference:
-    ``fmt.dequantize(fmt.quantize(x, tensor_scale))``."""
-    scale = nv_tensor_scale(x, fmt) if tensor_scale is None else tensor_scale.float()
-    return _launch_block(x, fmt, True, scale, elems_per_program, num_warps)[0]
+    """NV fake quantization (tensor amax from ``x`` unless given); reference:
+    ``fmt.dequantize(fmt.quantize(x, amax))``."""
+    return _launch_block(x, fmt, True, nv_tensor_scales(x, fmt, amax), elems_per_program, num_warps)[0]
 
 
-def nv_quantize(x: torch.Tensor, fmt: NvFormat, tensor_scale: torch.Tensor | None = None,
+def nv_quantize(x: torch.Tensor, fmt: NvFormat, amax: torch.Tensor | None = None,
                 elems_per_program: int = DEFAULT_ELEMS_PER_PROGRAM, num_warps: int = DEFAULT_NUM_WARPS) -> PackedTensor:
     """Packed NV codes, E4M3 block scales and the FP32 tensor scale; reference: :func:`nv_quantize_reference`."""
-    scale = nv_tensor_scale(x, fmt) if tensor_scale is None else tensor_scale.float()
-    _, codes, scales = _launch_block(x, fmt, False, scale, elems_per_program, num_warps)
-    return PackedTensor(codes, scales, tensor_scale=scale)
+    tensor_scales = nv_tensor_scales(x, fmt, amax)
+    _, codes, scales = _launch_block(x, fmt, False, tensor_scales, elems_per_program, num_warps)
+    return PackedTensor(codes, scales, tensor_scale=tensor_scales[1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -390,7 +391,7 @@ def _launch_int(x: torch.Tensor, fmt: IntFormat, fake: bool, elems_per_program: 
         rows, out, codes, scales, zeros, total,
         GROUP=group, GROUP_P2=group_p2, TILE=tile, SYMMETRIC=fmt.symmetric, QMIN=fmt.qmin, QMAX=fmt.qmax,
         BITS=fmt.bits, FP16_SCALE=fmt.scale_bits == 16, FP16_TINY=FP16_TINY, FAKE=fake, SOFT_BF16=_soft_bf16(x),
-        num_warps=num_warps,
+        num_warps=num_warps, enable_fp_fusion=False,
     )
     if fake:
         return out.reshape(x.shape), codes, scales, zeros
@@ -436,8 +437,8 @@ def mx_quantize_reference(x: torch.Tensor, fmt: MxFormat) -> PackedTensor:
     return PackedTensor(pack_codes(q.codes.reshape(rows, -1), fmt.elem.bits), e8m0_codes(q.scale).reshape(rows, -1))
 
 
-def nv_quantize_reference(x: torch.Tensor, fmt: NvFormat, tensor_scale: torch.Tensor | None = None) -> PackedTensor:
-    q = fmt.quantize(x, tensor_scale)
+def nv_quantize_reference(x: torch.Tensor, fmt: NvFormat, amax: torch.Tensor | None = None) -> PackedTensor:
+    q = fmt.quantize(x, amax)
     rows = q.codes.shape[0]
     scale_codes = _E4M3.encode(q.scale).to(torch.uint8).reshape(rows, -1)
     return PackedTensor(pack_codes(q.codes.reshape(rows, -1), fmt.elem.bits), scale_codes, tensor_scale=q.tensor_scale)

@@ -9,10 +9,11 @@ E2M1). Elements: ``int8`` (MXINT8, two's complement with implicit scale 2^-6, sy
 8/32 (MXFP4 = 4.25).
 
 **NV** (NVFP4 as on Blackwell, and NVINT4 of the "INT v.s. FP" study): blocks of 16 with an E4M3 block
-scale and one FP32 tensor scale ``t = amax(x) / (max_elem * 448)``. Block scale ``b = E4M3(amax_b /
-(t * max_elem))``; the element scale is ``s = b * t`` (float32); elements store ``x * (1 / s)`` rounded
-onto E2M1 (max 6) or symmetric INT4 (max 7); dequantization is ``q * s``. Bits per element: 4 + 8/16 +
-32/numel (NVFP4 = 4.5 plus the tensor scale).
+scale and one FP32 tensor scale, in NVIDIA's two-level recipe. From the tensor's finite absolute maximum,
+the encode scale ``enc = max_elem * 448 / amax`` (capped at 2^126); the stored FP32 tensor scale is its
+inverse ``t = 1 / enc``. Per block: ``b = E4M3(amax_b * (enc / max_elem))`` (saturating at 448), elements
+store ``x * (enc / b)`` rounded onto E2M1 (max 6) or symmetric INT4 (max 7), and dequantize as
+``q * (b * t)``. Bits per element: 4 + 8/16 + 32/numel (NVFP4 = 4.5 plus the tensor scale).
 
 Both accept a ragged last block (width not a multiple of the block): it is stored zero-padded, which
 leaves its amax, hence its scale, unchanged; the padded codes are counted in ``bits_per_element``. A block
@@ -49,7 +50,12 @@ NV_NAMES = {"e2m1": "nvfp4", "int4": "nvint4"}
 MX_ELEMENTS = tuple(MX_NAMES)
 NV_ELEMENTS = tuple(NV_NAMES)
 E4M3 = ELEMENTS["e4m3"]
-FLOAT32_TINY = torch.finfo(torch.float32).tiny
+
+
+def finite_absmax(x: torch.Tensor) -> torch.Tensor:
+    """Largest ``|x|`` over the finite values of ``x`` (0 if none), as a float32 scalar tensor."""
+    finite_abs = torch.where(torch.isfinite(x), x.float().abs(), 0.0)
+    return finite_abs.amax() if finite_abs.numel() else finite_abs.new_zeros(())
 
 
 def _rows(shape: torch.Size | tuple[int, ...]) -> int:
@@ -131,30 +137,23 @@ class NvFormat(Format):
     def granularity(self) -> int:
         return self.BLOCK
 
-    def tensor_scale(self, x: torch.Tensor) -> torch.Tensor:
-        """FP32 second-level scale of ``x``, from the absolute maximum of its finite values."""
-        finite_abs = torch.where(torch.isfinite(x), x.float().abs(), 0.0)
-        return self.tensor_scale_for(finite_abs.amax() if finite_abs.numel() else finite_abs.new_zeros(()))
+    def tensor_scales(self, amax: torch.Tensor) -> torch.Tensor:
+        """float32 ``[enc, t, enc / max_elem]`` for a tensor whose finite ``|x|`` peaks at ``amax``.
 
-    def tensor_scale_for(self, amax: torch.Tensor) -> torch.Tensor:
-        """``amax / (max_elem * 448)``, at least 2^-126 so that an all-zero tensor divides by no zero."""
-        return (amax.float() / (self.elem.max_value * E4M3.max_value)).clamp_min(FLOAT32_TINY)
+        ``enc = max_elem * 448 / amax`` is capped at 2^126 so that the stored ``t = 1 / enc`` is a normal
+        float32 (an all-zero tensor gets the cap).
+        """
+        encode = (self.elem.max_value * E4M3.max_value / amax.float()).clamp(max=2.0**126)
+        return torch.stack([encode, 1.0 / encode, encode / self.elem.max_value])
 
-    def block_scales(self, blocks: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
-        """E4M3 block scales (their float32 values) of finite ``[rows, n_blocks, 16]`` values."""
-        amax = blocks.abs().amax(dim=-1, keepdim=True)
-        return E4M3.round(amax / (tensor_scale * self.elem.max_value))
-
-    def quantize(self, x: torch.Tensor, tensor_scale: torch.Tensor | None = None) -> QTensor:
-        """Quantize ``x``; pass ``tensor_scale`` to use a calibrated (static) one instead of ``x``'s own."""
-        if tensor_scale is None:
-            tensor_scale = self.tensor_scale(x)
+    def quantize(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> QTensor:
+        """Quantize ``x``; pass ``amax`` (a calibrated tensor maximum) for a static tensor scale."""
+        encode, decode, block_factor = self.tensor_scales(finite_absmax(x) if amax is None else amax)
         blocks, bad = split_nonfinite(block_view(x.float(), self.BLOCK))
-        block_scale = self.block_scales(blocks, tensor_scale)
-        scale = block_scale * tensor_scale
-        inverse = torch.where(scale > 0, 1.0 / scale, 0.0)
+        block_scale = E4M3.round(blocks.abs().amax(dim=-1, keepdim=True) * block_factor)
+        inverse = torch.where(block_scale > 0, encode / block_scale, 0.0)
         codes = self.elem.encode(self.elem.round(blocks * inverse))
-        return QTensor(torch.where(bad, 0, codes), poison(block_scale, bad), None, x.shape, x.dtype, tensor_scale)
+        return QTensor(torch.where(bad, 0, codes), poison(block_scale, bad), None, x.shape, x.dtype, decode)
 
     def dequantize(self, q: QTensor) -> torch.Tensor:
         return unblock(self.elem.decode(q.codes) * (q.scale * q.tensor_scale), q.shape).to(q.dtype)
