@@ -275,24 +275,26 @@ def mx_quantize(x: torch.Tensor, fmt: MxFormat, elems_per_program: int = DEFAULT
     return PackedTensor(codes, scales)
 
 
-def nv_tensor_scales(x: torch.Tensor, fmt: NvFormat, amax: torch.Tensor | None = None) -> torch.Tensor:
-    """``fmt.tensor_scales`` for ``x``, its amax taken by :func:`finite_amax` unless given."""
-    return fmt.tensor_scales(finite_amax(x) if amax is None else amax)
+def nv_tensor_scales(x: torch.Tensor, fmt: NvFormat) -> torch.Tensor:
+    """``fmt.tensor_scales`` of ``x``, its amax taken by :func:`finite_amax` (one read pass)."""
+    return fmt.tensor_scales(finite_amax(x))
 
 
-def nv_fake_quant(x: torch.Tensor, fmt: NvFormat, amax: torch.Tensor | None = None,
+def nv_fake_quant(x: torch.Tensor, fmt: NvFormat, tensor_scales: torch.Tensor | None = None,
                   elems_per_program: int = DEFAULT_ELEMS_PER_PROGRAM, num_warps: int = DEFAULT_NUM_WARPS) -> torch.Tensor:
-    """NV fake quantization (tensor amax from ``x`` unless given); reference:
-    ``fmt.dequantize(fmt.quantize(x, amax))``."""
-    return _launch_block(x, fmt, True, nv_tensor_scales(x, fmt, amax), elems_per_program, num_warps)[0]
+    """NV fake quantization; ``tensor_scales = fmt.tensor_scales(amax)`` for a static (calibrated) amax, else
+    computed from ``x``. Reference: ``fmt.dequantize(fmt.quantize(x, amax))``."""
+    scales = nv_tensor_scales(x, fmt) if tensor_scales is None else tensor_scales
+    return _launch_block(x, fmt, True, scales, elems_per_program, num_warps)[0]
 
 
-def nv_quantize(x: torch.Tensor, fmt: NvFormat, amax: torch.Tensor | None = None,
+def nv_quantize(x: torch.Tensor, fmt: NvFormat, tensor_scales: torch.Tensor | None = None,
                 elems_per_program: int = DEFAULT_ELEMS_PER_PROGRAM, num_warps: int = DEFAULT_NUM_WARPS) -> PackedTensor:
-    """Packed NV codes, E4M3 block scales and the FP32 tensor scale; reference: :func:`nv_quantize_reference`."""
-    tensor_scales = nv_tensor_scales(x, fmt, amax)
-    _, codes, scales = _launch_block(x, fmt, False, tensor_scales, elems_per_program, num_warps)
-    return PackedTensor(codes, scales, tensor_scale=tensor_scales[1])
+    """Packed NV codes, E4M3 block scales and the FP32 tensor scale (``tensor_scales`` as in
+    :func:`nv_fake_quant`); reference: :func:`nv_quantize_reference`."""
+    scales = nv_tensor_scales(x, fmt) if tensor_scales is None else tensor_scales
+    _, codes, block_scales = _launch_block(x, fmt, False, scales, elems_per_program, num_warps)
+    return PackedTensor(codes, block_scales, tensor_scale=scales[1])
 
 
 # ----------------------------------------------------------------------------------------------------
