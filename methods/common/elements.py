@@ -12,13 +12,15 @@ integer codes (FP: the sign | exponent | mantissa bit pattern; INT: two's comple
   (MXINT8: 8 bits, 6 fractional bits, max 127/64; NVINT4: 4 bits, max 7). The grids are symmetric
   (``-2^(b-1)`` is never used), as in the "INT v.s. FP" study.
 
-All arithmetic is float32 and exact: scaling by powers of two is built from bit patterns (:func:`pow2`),
-and ``floor(log2 |x|)`` is read from the float32 exponent field (:func:`floor_log2`), so the Triton
-kernels in ``kernels/quant.py`` can reproduce these results bit for bit.
+All arithmetic is float32 and exact: a value's binade and the grid spacing there come from float32
+exponent fields, powers of two are built from bit patterns (:func:`pow2`), and rounding is ``torch.round``
+(half to even). The Triton kernels in ``kernels/quant.py`` compute the same grid values another way (a
+rounding constant, see ``_round_fp``); tests hold the two equal bit for bit.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -100,50 +102,59 @@ class FpElement:
     def min_normal(self) -> float:
         return math.ldexp(1.0, self.emin)
 
+    def magnitude(self, code: int) -> float:
+        """Value of a sign-less code (specials not considered)."""
+        exp_field, man_field = code >> self.man_bits, code & (2**self.man_bits - 1)
+        if exp_field == 0:
+            return math.ldexp(man_field, self.emin - self.man_bits)
+        return math.ldexp(2**self.man_bits + man_field, exp_field - self.bias - self.man_bits)
+
+    def code_value(self, code: int) -> float:
+        """Value of a full code (sign and specials included)."""
+        sign = -1.0 if code >> (self.exp_bits + self.man_bits) else 1.0
+        magnitude_code = code & (2 ** (self.exp_bits + self.man_bits) - 1)
+        exp_all_ones = magnitude_code >> self.man_bits == 2**self.exp_bits - 1
+        man_field = magnitude_code & (2**self.man_bits - 1)
+        if self.special == "ieee" and exp_all_ones:
+            return sign * math.inf if man_field == 0 else math.nan
+        if self.special == "fn" and exp_all_ones and man_field == 2**self.man_bits - 1:
+            return math.nan
+        return sign * self.magnitude(magnitude_code)
+
     def round(self, v: torch.Tensor) -> torch.Tensor:
         """Nearest grid value (ties to even, saturating at +-max_value) of float32 ``v``; NaN stays NaN."""
         a = v.abs()
-        exponent = floor_log2(a).clamp(self.emin, self.emax + 1)
-        step = pow2(exponent - self.man_bits)
+        # The spacing 2^(e - man_bits) of a's binade e, with e clamped to [emin, emax + 1], from exponent fields.
+        exponent_field = (a.view(torch.int32) & 0x7F800000).clamp((self.emin + 127) << 23, (self.emax + 128) << 23)
+        step = (exponent_field - (self.man_bits << 23)).view(torch.float32)
         q = torch.round(a / step) * step
         if not self.subnormals:
-            half_min = self.min_normal / 2
-            q = torch.where(a < self.min_normal, (a > half_min).float() * self.min_normal, q)
-        q = q.clamp(max=self.max_value)
-        return torch.where(torch.signbit(v), -q, q)
+            q = torch.where(a < self.min_normal, (a > self.min_normal / 2).float() * self.min_normal, q)
+        return torch.copysign(q.clamp(max=self.max_value), v)
 
     def encode(self, q: torch.Tensor) -> torch.Tensor:
         """Bit patterns (int32) of grid values ``q``; NaN gets the NaN code where the type has one."""
         a = q.abs()
-        subnormal = a < self.min_normal
-        exponent = floor_log2(a)
-        exp_field = torch.where(subnormal, 0, exponent + self.bias)
-        man_field = torch.where(
-            subnormal, a / pow2(torch.full_like(exponent, self.emin - self.man_bits)), a / pow2(exponent - self.man_bits) - 2**self.man_bits
-        )
-        codes = (exp_field << self.man_bits) | man_field.to(torch.int32)
+        # A normal value's code is its float32 bits cut to man_bits, with the exponent re-biased.
+        normal = (a.view(torch.int32) >> (23 - self.man_bits)) - ((127 - self.bias) << self.man_bits)
+        subnormal = (a * 2.0 ** (self.man_bits - self.emin)).to(torch.int32)
+        codes = torch.where(a < self.min_normal, subnormal, normal)
         codes = codes | (torch.signbit(q).to(torch.int32) << (self.exp_bits + self.man_bits))
         if self.special != "finite":
             codes = torch.where(torch.isnan(q), 2 ** (self.bits - 1) - 1, codes)
         return codes
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        codes = codes.to(torch.int32)
-        man_field = codes & (2**self.man_bits - 1)
-        exp_field = (codes >> self.man_bits) & (2**self.exp_bits - 1)
-        subnormal = exp_field == 0
-        significand = torch.where(subnormal, man_field, man_field + 2**self.man_bits).float()
-        a = significand * pow2(torch.where(subnormal, self.emin, exp_field - self.bias) - self.man_bits)
-        all_ones_exp = exp_field == 2**self.exp_bits - 1
-        if self.special == "ieee":
-            a = torch.where(all_ones_exp, torch.where(man_field == 0, math.inf, math.nan), a)
-        elif self.special == "fn":
-            a = torch.where(all_ones_exp & (man_field == 2**self.man_bits - 1), math.nan, a)
-        negative = ((codes >> (self.exp_bits + self.man_bits)) & 1).bool()
-        return torch.where(negative, -a, a)
+        return _decode_table(self, codes.device)[codes.long()]
 
     def describe(self) -> str:
         return f"e{self.exp_bits}m{self.man_bits}"
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_table(elem: FpElement, device: torch.device) -> torch.Tensor:
+    """The value (float32) of every code of ``elem``, specials included."""
+    return torch.tensor([elem.code_value(code) for code in range(2**elem.bits)], dtype=torch.float32, device=device)
 
 
 @dataclass(frozen=True)
@@ -164,7 +175,8 @@ class IntElement:
         return math.floor(math.log2(self.max_value))
 
     def round(self, v: torch.Tensor) -> torch.Tensor:
-        steps = torch.round(v * 2.0**self.frac_bits).clamp(-self.qmax, self.qmax)
+        """Nearest grid value, ties to even, saturating; zero is always +0 (its code has no sign)."""
+        steps = torch.round(v * 2.0**self.frac_bits).clamp(-self.qmax, self.qmax) + 0.0
         return steps * 2.0**-self.frac_bits
 
     def encode(self, q: torch.Tensor) -> torch.Tensor:

@@ -150,6 +150,17 @@ def poison(scale: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
     return torch.where(bad, torch.full_like(scale, math.nan), scale)
 
 
+def exact_div(numerator: torch.Tensor | float, denominator: torch.Tensor | float) -> torch.Tensor:
+    """IEEE division, on every device. torch computes ``number / tensor`` as a reciprocal times the number,
+    and on CUDA ``tensor / number`` as the tensor times the number's reciprocal: both round twice."""
+    device = (numerator if isinstance(numerator, torch.Tensor) else denominator).device
+
+    def as_tensor(value: torch.Tensor | float) -> torch.Tensor:
+        return value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float32, device=device)
+
+    return torch.div(as_tensor(numerator), as_tensor(denominator))
+
+
 def triton_kernels_for(x: torch.Tensor) -> bool:
     """Whether ``fake_quant`` should run the Triton kernel: CUDA tensors, with Triton installed."""
     return x.is_cuda and importlib.util.find_spec("triton") is not None
@@ -314,9 +325,9 @@ class IntFormat(Format):
 
     def _scales_from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.symmetric:
-            return self._store_scale(hi / self.qmax), None
+            return self._store_scale(exact_div(hi, self.qmax)), None
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        scale = self._store_scale((hi - lo) / self.qmax)
+        scale = self._store_scale(exact_div(hi - lo, self.qmax))
         return scale, torch.round(-lo / scale).clamp(0, self.qmax)
 
     def _codes(self, groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:

@@ -27,6 +27,7 @@ from methods.common.formats import (
     check_choice,
     check_group_divides,
     check_group_size,
+    exact_div,
     group_view,
     groups_per_tensor,
     poison,
@@ -71,7 +72,7 @@ class FpFormat(Format):
     def _scale_for_absmax(self, absmax: torch.Tensor) -> torch.Tensor:
         if self.scale == "e8m0":
             return pow2((floor_log2(absmax) - self.element.emax).clamp(-127, 127))
-        scale = absmax / self.element.max_value
+        scale = exact_div(absmax, self.element.max_value)
         if self.scale == "fp16":
             scale = scale.to(torch.float16).float()
         return scale.clamp_min(FP16_TINY)

@@ -38,6 +38,7 @@ from methods.common.formats import (
     QTensor,
     block_view,
     check_choice,
+    exact_div,
     n_blocks,
     poison,
     split_nonfinite,
@@ -143,15 +144,15 @@ class NvFormat(Format):
         ``enc = max_elem * 448 / amax`` is capped at 2^126 so that the stored ``t = 1 / enc`` is a normal
         float32 (an all-zero tensor gets the cap).
         """
-        encode = (self.elem.max_value * E4M3.max_value / amax.float()).clamp(max=2.0**126)
-        return torch.stack([encode, 1.0 / encode, encode / self.elem.max_value])
+        encode = exact_div(self.elem.max_value * E4M3.max_value, amax.float()).clamp(max=2.0**126)
+        return torch.stack([encode, exact_div(1.0, encode), exact_div(encode, self.elem.max_value)])
 
     def quantize(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> QTensor:
         """Quantize ``x``; pass ``amax`` (a calibrated tensor maximum) for a static tensor scale."""
         encode, decode, block_factor = self.tensor_scales(finite_absmax(x) if amax is None else amax)
         blocks, bad = split_nonfinite(block_view(x.float(), self.BLOCK))
         block_scale = E4M3.round(blocks.abs().amax(dim=-1, keepdim=True) * block_factor)
-        inverse = torch.where(block_scale > 0, encode / block_scale, 0.0)
+        inverse = torch.where(block_scale > 0, exact_div(encode, block_scale), 0.0)
         codes = self.elem.encode(self.elem.round(blocks * inverse))
         return QTensor(torch.where(bad, 0, codes), poison(block_scale, bad), None, x.shape, x.dtype, decode)
 
