@@ -156,7 +156,8 @@ def exact_div(numerator: torch.Tensor | float, denominator: torch.Tensor | float
     device = (numerator if isinstance(numerator, torch.Tensor) else denominator).device
 
     def as_tensor(value: torch.Tensor | float) -> torch.Tensor:
-        return value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float32, device=device)
+        # torch.full fills on the device (no host-to-device copy: CUDA-graph safe)
+        return value if isinstance(value, torch.Tensor) else torch.full((), value, dtype=torch.float32, device=device)
 
     return torch.div(as_tensor(numerator), as_tensor(denominator))
 
