@@ -37,17 +37,6 @@ CHECK_FORMATS = (MxFormat("e2m1"), MxFormat("int8"), MxFormat("e4m3"), MxFormat(
                  NvFormat("e2m1"), NvFormat("int4"))
 
 
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-equal, except that any NaN matches any NaN."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if not a.is_floating_point():
-        return torch.equal(a, b)
-    nan = torch.isnan(a)
-    as_int = {2: torch.int16, 4: torch.int32}[a.element_size()]
-    return torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan].view(as_int), b[~nan].view(as_int))
-
-
 def edge_input(rows: int, width: int, device: str, huge: bool) -> torch.Tensor:
     """Random bf16 over six decades, with an all-zero block, NaN, +-inf, E2M1 ties and optionally 1e30."""
     x = torch.randn(rows, width, device=device) * torch.logspace(-3, 3, rows, device=device)[:, None]
@@ -67,20 +56,20 @@ def check_kernels(device: str = "cuda", shapes: tuple[tuple[int, int], ...] = ((
         for fmt in CHECK_FORMATS:
             reference = fmt.dequantize(fmt.quantize(x))
             fake = quant.mx_fake_quant(x, fmt) if isinstance(fmt, MxFormat) else quant.nv_fake_quant(x, fmt)
-            results = {"fake": same(fake, reference)}
+            results = {"fake": quant.same_bits(fake, reference)}
             if fmt.elem.bits in (4, 8):
                 if isinstance(fmt, MxFormat):
                     packed, expected = quant.mx_quantize(x, fmt), quant.mx_quantize_reference(x, fmt)
                 else:
                     packed, expected = quant.nv_quantize(x, fmt), quant.nv_quantize_reference(x, fmt)
-                results["packed"] = same(packed.codes, expected.codes) and same(packed.scale, expected.scale)
+                results["packed"] = quant.same_bits(packed.codes, expected.codes) and quant.same_bits(packed.scale, expected.scale)
             ok &= all(results.values())
             print(f"check {fmt.name:<11} {rows}x{width}: {results}")
         if width % 128 == 0:
             for fmt in (IntFormat(4, 128), IntFormat(8, 128, symmetric=True)):
-                fake_ok = same(quant.int_fake_quant(x, fmt), fmt.dequantize(fmt.quantize(x)))
+                fake_ok = quant.same_bits(quant.int_fake_quant(x, fmt), fmt.dequantize(fmt.quantize(x)))
                 packed, expected = quant.int_quantize(x, fmt), quant.int_quantize_reference(x, fmt)
-                packed_ok = same(packed.codes, expected.codes) and same(packed.scale, expected.scale)
+                packed_ok = quant.same_bits(packed.codes, expected.codes) and quant.same_bits(packed.scale, expected.scale)
                 ok &= fake_ok and packed_ok
                 print(f"check {fmt.describe():<11} {rows}x{width}: fake={fake_ok} packed={packed_ok}")
     return ok
