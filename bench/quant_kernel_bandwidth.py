@@ -28,7 +28,7 @@ import triton
 from triton.testing import do_bench
 
 from kernels import quant
-from methods.common.formats import IntFormat
+from methods.common.formats import IntFormat, same_bits
 from methods.common.microscaling import MxFormat, NvFormat
 
 COLD_BYTES = 256 * 2**20  # inputs rotated per timing: several times the 50 MB L2 of an H100
@@ -56,20 +56,20 @@ def check_kernels(device: str = "cuda", shapes: tuple[tuple[int, int], ...] = ((
         for fmt in CHECK_FORMATS:
             reference = fmt.dequantize(fmt.quantize(x))
             fake = quant.mx_fake_quant(x, fmt) if isinstance(fmt, MxFormat) else quant.nv_fake_quant(x, fmt)
-            results = {"fake": quant.same_bits(fake, reference)}
+            results = {"fake": same_bits(fake, reference)}
             if fmt.elem.bits in (4, 8):
                 if isinstance(fmt, MxFormat):
                     packed, expected = quant.mx_quantize(x, fmt), quant.mx_quantize_reference(x, fmt)
                 else:
                     packed, expected = quant.nv_quantize(x, fmt), quant.nv_quantize_reference(x, fmt)
-                results["packed"] = quant.same_bits(packed.codes, expected.codes) and quant.same_bits(packed.scale, expected.scale)
+                results["packed"] = same_bits(packed.codes, expected.codes) and same_bits(packed.scale, expected.scale)
             ok &= all(results.values())
             print(f"check {fmt.name:<11} {rows}x{width}: {results}")
         if width % 128 == 0:
             for fmt in (IntFormat(4, 128), IntFormat(8, 128, symmetric=True)):
-                fake_ok = quant.same_bits(quant.int_fake_quant(x, fmt), fmt.dequantize(fmt.quantize(x)))
+                fake_ok = same_bits(quant.int_fake_quant(x, fmt), fmt.dequantize(fmt.quantize(x)))
                 packed, expected = quant.int_quantize(x, fmt), quant.int_quantize_reference(x, fmt)
-                packed_ok = quant.same_bits(packed.codes, expected.codes) and quant.same_bits(packed.scale, expected.scale)
+                packed_ok = same_bits(packed.codes, expected.codes) and same_bits(packed.scale, expected.scale)
                 ok &= fake_ok and packed_ok
                 print(f"check {fmt.describe():<11} {rows}x{width}: fake={fake_ok} packed={packed_ok}")
     return ok

@@ -9,7 +9,7 @@ import torch
 
 from methods.common.binary_formats import BinaryFormat, TernaryFormat
 from methods.common.elements import ELEMENTS, FpElement, IntElement, pow2
-from methods.common.formats import FormatError, IntFormat
+from methods.common.formats import FormatError, IntFormat, same_bits
 from methods.common.fp_formats import FpFormat
 from methods.common.microscaling import MxFormat, NvFormat
 from methods.common.rotation import HadamardFormat
@@ -204,6 +204,15 @@ def test_nv_two_level_scales():
 def test_nvint4_is_symmetric():
     q = NvFormat("int4").quantize(torch.tensor([[-7.0, 7.0, 3.5, 2.5] + [0.0] * 12]))
     assert ELEMENTS["int4"].decode(q.codes).flatten()[:4].tolist() == [-7.0, 7.0, 4.0, 2.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", [MxFormat(e) for e in ("e2m1", "int8", "e4m3", "e5m2", "e2m3", "e3m2")] + [NvFormat("e2m1"), NvFormat("int4")], ids=lambda f: f.name)
+def test_fake_quant_is_dequantize_of_quantize_bit_for_bit(fmt, dtype):
+    x = torch.randn(5, 72) * torch.logspace(-3, 3, 72)
+    x[0, :40], x[1, 3], x[2, 50], x[3, :3] = 0.0, math.nan, -math.inf, torch.tensor([-1e-3, -0.0, 5.0])
+    x = x.to(dtype)
+    assert same_bits(fmt.fake_quant(x), fmt.dequantize(fmt.quantize(x)))
 
 
 def test_fake_quant_keeps_dtype_and_shape():

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from kernels import quant  # noqa: E402
 from methods.common.elements import Element  # noqa: E402
-from methods.common.formats import FormatError, IntFormat  # noqa: E402
+from methods.common.formats import FormatError, IntFormat, same_bits  # noqa: E402
 from methods.common.microscaling import MxFormat, NvFormat  # noqa: E402
 
 MX = [MxFormat(element) for element in ("e2m1", "int8", "e4m3", "e5m2", "e2m3", "e3m2")]
@@ -68,15 +68,15 @@ def reference(x: torch.Tensor, fmt) -> torch.Tensor:
 def test_block_fake_quant_is_bit_exact(fmt, shape, dtype):
     x = edge_tensor(shape, dtype)
     y = fake_kernel(x, fmt)
-    assert quant.same_bits(y, reference(x, fmt))
+    assert same_bits(y, reference(x, fmt))
     assert torch.isnan(y).any() and not torch.isnan(y.view(-1, shape[-1])[0]).any()  # NaN stays in its block
 
 
 @pytest.mark.parametrize("fmt", MX + NV, ids=lambda f: f.name)
 def test_ties_round_to_even_in_kernel_and_reference(fmt):
     x = tie_tensor(fmt.elem, fmt.BLOCK)
-    assert quant.same_bits(fake_kernel(x, fmt), reference(x, fmt))
-    assert quant.same_bits(fake_kernel(-x, fmt), reference(-x, fmt))
+    assert same_bits(fake_kernel(x, fmt), reference(x, fmt))
+    assert same_bits(fake_kernel(-x, fmt), reference(-x, fmt))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -87,8 +87,8 @@ def test_packed_codes_and_scales_are_bit_exact(fmt, shape):
         packed, expected = quant.mx_quantize(x, fmt, SMALL), quant.mx_quantize_reference(x, fmt)
     else:
         packed, expected = quant.nv_quantize(x, fmt, elems_per_program=SMALL), quant.nv_quantize_reference(x, fmt)
-        assert quant.same_bits(packed.tensor_scale, expected.tensor_scale)
-    assert quant.same_bits(packed.codes, expected.codes) and quant.same_bits(packed.scale, expected.scale)
+        assert same_bits(packed.tensor_scale, expected.tensor_scale)
+    assert same_bits(packed.codes, expected.codes) and same_bits(packed.scale, expected.scale)
     rows = math.prod(shape[:-1])
     assert packed.codes.shape == (rows, -(-shape[-1] // fmt.BLOCK) * fmt.BLOCK * fmt.elem.bits // 8)
 
@@ -97,7 +97,7 @@ def test_huge_values_saturate_the_same_way():
     x = edge_tensor((6, 64), torch.float32)
     x[0, :2] = torch.tensor([3e38, -1e30])
     for fmt in (MxFormat("e2m1"), MxFormat("int8"), NvFormat("e2m1"), NvFormat("int4")):
-        assert quant.same_bits(fake_kernel(x, fmt), reference(x, fmt)), fmt.name
+        assert same_bits(fake_kernel(x, fmt), reference(x, fmt)), fmt.name
 
 
 INT_FORMATS = [
@@ -114,12 +114,12 @@ INT_FORMATS = [
 def test_int_kernels_are_bit_exact(fmt, dtype):
     x = edge_tensor((6, 96), dtype)
     x[5, :8] = torch.tensor([float(fmt.qmax), 0.5, 1.5, 2.5, -0.5, -1.5, 0.0, 1.0]).to(dtype)  # ties (scale 1)
-    assert quant.same_bits(quant.int_fake_quant(x, fmt, SMALL), reference(x, fmt))
+    assert same_bits(quant.int_fake_quant(x, fmt, SMALL), reference(x, fmt))
     if fmt.bits in quant.PACKABLE_BITS:
         packed, expected = quant.int_quantize(x, fmt, SMALL), quant.int_quantize_reference(x, fmt)
-        assert quant.same_bits(packed.codes, expected.codes) and quant.same_bits(packed.scale, expected.scale)
+        assert same_bits(packed.codes, expected.codes) and same_bits(packed.scale, expected.scale)
         assert (packed.zero is None) == (expected.zero is None)
-        assert packed.zero is None or quant.same_bits(packed.zero, expected.zero)
+        assert packed.zero is None or same_bits(packed.zero, expected.zero)
 
 
 def test_finite_amax_ignores_nan_and_inf():

@@ -162,6 +162,17 @@ def exact_div(numerator: torch.Tensor | float, denominator: torch.Tensor | float
     return torch.div(as_tensor(numerator), as_tensor(denominator))
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shape, dtype and bits, except that any NaN matches any NaN: how kernels meet their references."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    nan = torch.isnan(a)
+    as_int = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan].view(as_int), b[~nan].view(as_int))
+
+
 def triton_kernels_for(x: torch.Tensor) -> bool:
     """Whether ``fake_quant`` should run the Triton kernel: CUDA tensors, with Triton installed."""
     return x.is_cuda and importlib.util.find_spec("triton") is not None

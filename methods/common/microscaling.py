@@ -90,21 +90,27 @@ class MxFormat(Format):
         amax = blocks.abs().amax(dim=-1, keepdim=True)
         return (floor_log2(amax) - self.elem.emax).clamp(-127, 127)
 
-    def quantize(self, x: torch.Tensor) -> QTensor:
+    def _rounded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(element grid values ``[rows, n_blocks, 32]``, scales with NaN for non-finite blocks, those blocks)."""
         blocks, bad = split_nonfinite(block_view(x.float(), self.BLOCK))
         exponent = self.shared_exponent(blocks)
-        codes = self.elem.encode(self.elem.round(blocks * pow2(-exponent)))
-        return QTensor(torch.where(bad, 0, codes), poison(pow2(exponent), bad), None, x.shape, x.dtype)
+        return self.elem.round(blocks * pow2(-exponent)), poison(pow2(exponent), bad), bad
+
+    def quantize(self, x: torch.Tensor) -> QTensor:
+        values, scale, bad = self._rounded(x)
+        return QTensor(self.elem.encode(values).masked_fill(bad, 0), scale, None, x.shape, x.dtype)
 
     def dequantize(self, q: QTensor) -> torch.Tensor:
         return unblock(self.elem.decode(q.codes) * q.scale, q.shape).to(q.dtype)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """``dequantize(quantize(x))``, bit for bit: the Triton kernel on CUDA, else without the codes."""
         if triton_kernels_for(x):
             from kernels.quant import mx_fake_quant
 
             return mx_fake_quant(x, self)
-        return self.dequantize(self.quantize(x))
+        values, scale, _ = self._rounded(x)
+        return unblock(values * scale, x.shape).to(x.dtype)
 
     def bits_per_element(self, shape: torch.Size | tuple[int, ...]) -> float:
         blocks = _rows(shape) * n_blocks(shape[-1], self.BLOCK)
@@ -147,24 +153,31 @@ class NvFormat(Format):
         encode = exact_div(self.elem.max_value * E4M3.max_value, amax.float()).clamp(max=2.0**126)
         return torch.stack([encode, exact_div(1.0, encode), exact_div(encode, self.elem.max_value)])
 
-    def quantize(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> QTensor:
-        """Quantize ``x``; pass ``amax`` (a calibrated tensor maximum) for a static tensor scale."""
+    def _rounded(self, x: torch.Tensor, amax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(element grid values ``[rows, n_blocks, 16]``, E4M3 block scales with NaN for non-finite blocks,
+        those blocks, the FP32 tensor scale)."""
         encode, decode, block_factor = self.tensor_scales(finite_absmax(x) if amax is None else amax)
         blocks, bad = split_nonfinite(block_view(x.float(), self.BLOCK))
         block_scale = E4M3.round(blocks.abs().amax(dim=-1, keepdim=True) * block_factor)
         inverse = torch.where(block_scale > 0, exact_div(encode, block_scale), 0.0)
-        codes = self.elem.encode(self.elem.round(blocks * inverse))
-        return QTensor(torch.where(bad, 0, codes), poison(block_scale, bad), None, x.shape, x.dtype, decode)
+        return self.elem.round(blocks * inverse), poison(block_scale, bad), bad, decode
+
+    def quantize(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> QTensor:
+        """Quantize ``x``; pass ``amax`` (a calibrated tensor maximum) for a static tensor scale."""
+        values, block_scale, bad, tensor_scale = self._rounded(x, amax)
+        return QTensor(self.elem.encode(values).masked_fill(bad, 0), block_scale, None, x.shape, x.dtype, tensor_scale)
 
     def dequantize(self, q: QTensor) -> torch.Tensor:
         return unblock(self.elem.decode(q.codes) * (q.scale * q.tensor_scale), q.shape).to(q.dtype)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """``dequantize(quantize(x))``, bit for bit: the Triton kernel on CUDA, else without the codes."""
         if triton_kernels_for(x):
             from kernels.quant import nv_fake_quant
 
             return nv_fake_quant(x, self)
-        return self.dequantize(self.quantize(x))
+        values, block_scale, _, tensor_scale = self._rounded(x, None)
+        return unblock(values * (block_scale * tensor_scale), x.shape).to(x.dtype)
 
     def bits_per_element(self, shape: torch.Size | tuple[int, ...]) -> float:
         blocks = _rows(shape) * n_blocks(shape[-1], self.BLOCK)
