@@ -34,7 +34,7 @@ from methods.common.method import SHARED_KNOBS, Method, QuantSpec
 log = logging.getLogger(__name__)
 
 # Top-level keys that never change a cell's numbers: they are left out of its key.
-NON_SEMANTIC = ("tracker", "paths", "store", "force", "device", "sweep", "hydra")
+NON_SEMANTIC = ("tracker", "paths", "store", "force", "device", "sweep_name", "hydra")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VERSIONED_PACKAGES = ("torch", "transformers", "triton", "lm_eval", "hydra-core", "wandb", "gguf")
 
@@ -43,10 +43,11 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     """Run (or skip, if already finished) the cell described by ``cfg``; return its record."""
     method_cls = method_class(cfg)
     check_shared_knobs(cfg, method_cls)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    spec = build_spec(cfg, method_cls)
+    resolved = with_format_knobs(OmegaConf.to_container(cfg, resolve=True), spec)
     key = cell_key(resolved, method_cls.uses)
     store = ResultStore(cfg.store.path)
-    label = cell_label(cfg, method_cls)
+    label = cell_label(resolved, method_cls)
     if store.is_done(key) and not cfg.force:
         print(f"[{key}] {label}: finished earlier, skipped (force=true recomputes)", flush=True)
         return store.get(key)
@@ -58,7 +59,6 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     with timed(timings, "load"):
         bundle = load_bundle(cfg.model, cache_dir, device)
     method: Method = instantiate_checked(cfg.method, "method")
-    spec = build_spec(cfg, method_cls)
     method.check(bundle, spec)
     evaluators = {name: instantiate_checked(conf, f"eval.{name}") for name, conf in cfg.eval.items()}
     tracker = instantiate_checked(cfg.tracker, "tracker")
@@ -69,9 +69,9 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         "model": cfg.model.name,
         "method": method_name(cfg),
         "format": spec.weight.describe() if spec.weight else None,
-        "bits": cfg.bits if "bits" in method_cls.uses else None,
-        "act_bits": cfg.act_bits if "act_bits" in method_cls.uses else None,
-        "group_size": cfg.group_size if "group_size" in method_cls.uses else None,
+        "bits": resolved["bits"] if "bits" in method_cls.uses else None,
+        "act_bits": resolved["act_bits"] if "act_bits" in method_cls.uses else None,
+        "group_size": resolved["group_size"] if "group_size" in method_cls.uses else None,
         "config": resolved,
         "env": environment(device),
     }
@@ -145,8 +145,8 @@ def method_class(cfg: DictConfig) -> type[Method]:
     return cls
 
 
-def method_name(cfg: DictConfig) -> str:
-    return cfg.method.get("name") or cfg.method._target_.rsplit(".", 1)[-1].lower()
+def method_name(cfg: DictConfig | dict[str, Any]) -> str:
+    return cfg["method"].get("name") or cfg["method"]["_target_"].rsplit(".", 1)[-1].lower()
 
 
 def check_shared_knobs(cfg: DictConfig, method_cls: type[Method]) -> None:
@@ -182,6 +182,26 @@ def instantiate_checked(conf: DictConfig, where: str) -> Any:
         raise
 
 
+def with_format_knobs(resolved: dict[str, Any], spec: QuantSpec) -> dict[str, Any]:
+    """The resolved config with ``bits``, ``group_size`` and ``act_bits`` set to what the formats use.
+
+    Formats that fix their bits or blocks (MX, NV, FP ExMy, binary, ternary) ignore the top-level values;
+    the cell key and the record hold the formats' own, so ``format=mxfp4 bits=8`` is the cell
+    ``format=mxfp4`` and records 4 bits. ``act_bits`` stays the switch for activation quantization.
+    """
+    resolved = dict(resolved)
+    actual = {
+        "bits": spec.weight.element_bits if spec.weight else None,
+        "group_size": spec.weight.granularity if spec.weight else None,
+        "act_bits": spec.act.element_bits if spec.act else None,
+    }
+    for knob, value in actual.items():
+        if value is not None and value != resolved.get(knob):
+            log.info("%s=%s does not apply to this cell's format; it uses %s", knob, resolved.get(knob), value)
+            resolved[knob] = value
+    return resolved
+
+
 def cell_key(resolved: dict[str, Any], uses: tuple[str, ...]) -> str:
     """Hash of the resolved config without non-semantic keys and without shared knobs the method ignores."""
     ignored = set(NON_SEMANTIC) | (set(SHARED_KNOBS) - set(uses))
@@ -189,12 +209,12 @@ def cell_key(resolved: dict[str, Any], uses: tuple[str, ...]) -> str:
     return hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def cell_label(cfg: DictConfig, method_cls: type[Method]) -> str:
-    parts = [cfg.model.name, method_name(cfg)]
+def cell_label(resolved: dict[str, Any], method_cls: type[Method]) -> str:
+    parts = [resolved["model"]["name"], method_name(resolved)]
     if "bits" in method_cls.uses:
-        parts.append(f"W{cfg.bits} g{cfg.group_size} {cfg.format.get('name', '')}".rstrip())
-    if "act_bits" in method_cls.uses and cfg.act_bits is not None:
-        parts.append(f"A{cfg.act_bits}")
+        parts.append(f"W{resolved['bits']} g{resolved['group_size']} {resolved['format'].get('name', '')}".rstrip())
+    if "act_bits" in method_cls.uses and resolved["act_bits"] is not None:
+        parts.append(f"A{resolved['act_bits']}")
     return " ".join(parts)
 
 
@@ -204,8 +224,8 @@ def summary_line(key: str, label: str, metrics: dict[str, float], bpw: float, se
 
 
 def sweep_name(cfg: DictConfig) -> str:
-    if cfg.get("sweep"):
-        return str(cfg.sweep)
+    if cfg.get("sweep_name"):
+        return str(cfg.sweep_name)
     try:
         hydra = HydraConfig.get()
     except ValueError:  # called outside @hydra.main (tests, scripts)
