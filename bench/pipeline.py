@@ -29,7 +29,7 @@ from bench.errors import ConfigError, UserError
 from bench.metrics import EvalContext
 from bench.models import load_bundle
 from bench.store import ResultStore
-from methods.common.method import SHARED_KNOBS, Method, QuantSpec
+from methods.common.method import SHARED_KNOBS, ActQuant, Method, QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     method_cls = method_class(cfg)
     check_shared_knobs(cfg, method_cls)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    key = cell_key(resolved, method_cls.uses)
+    key = cell_key(resolved, knobs_used(cfg, method_cls))
     store = ResultStore(cfg.store.path)
     label = cell_label(cfg, method_cls)
     if store.is_done(key) and not cfg.force:
@@ -79,7 +79,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     try:
         tracker.start(key, record["sweep"], tags, resolved)
         calib = None
-        if method.needs_calibration:
+        if method.needs_calibration or spec.needs_calibration:
             with timed(timings, "calibration"):
                 calib = build_calibration(cfg.calib, bundle.tokenizer, cache_dir, bundle.max_context)
         reset_peak_memory(device)
@@ -156,6 +156,13 @@ def check_shared_knobs(cfg: DictConfig, method_cls: type[Method]) -> None:
         raise ConfigError(f"act_bits={cfg.act_bits!r} is not valid; choose an integer in 1..16 or null (no activation quantization)")
 
 
+def knobs_used(cfg: DictConfig, method_cls: type[Method]) -> tuple[str, ...]:
+    """The shared knobs a cell depends on: the method's, plus calibration when activation ranges are static."""
+    uses = method_cls.uses
+    static_act = "act_bits" in uses and cfg.act_bits is not None and cfg.act_quant.static is not None
+    return uses + ("calib",) if static_act and "calib" not in uses else uses
+
+
 def _is_int_in(value: Any, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
@@ -165,7 +172,8 @@ def build_spec(cfg: DictConfig, method_cls: type[Method]) -> QuantSpec:
     act = None
     if "act_bits" in method_cls.uses and cfg.act_bits is not None:
         act = instantiate_checked(cfg.act_format, "act_format")
-    return QuantSpec(weight=weight, act=act)
+    act_quant = ActQuant(**cfg.act_quant) if "act_quant" in method_cls.uses else ActQuant()
+    return QuantSpec(weight=weight, act=act, act_quant=act_quant)
 
 
 def instantiate_checked(conf: DictConfig, where: str) -> Any:
@@ -194,6 +202,8 @@ def cell_label(cfg: DictConfig, method_cls: type[Method]) -> str:
         parts.append(f"W{cfg.bits} g{cfg.group_size} {cfg.format.get('name', '')}".rstrip())
     if "act_bits" in method_cls.uses and cfg.act_bits is not None:
         parts.append(f"A{cfg.act_bits}")
+    if "act_quant" in method_cls.uses and cfg.act_quant.kv_bits is not None:
+        parts.append(f"KV{cfg.act_quant.kv_bits}")
     return " ".join(parts)
 
 
