@@ -63,8 +63,8 @@ class QuaRot(Method):
             parts = decoder_parts(block)
             if self.cfg.rotate_values:
                 rotate_values(parts)
-            for layer_name in self.cfg.online_hadamard:
-                attach_online_hadamard(parts.down if layer_name == "down_proj" else parts.o)
+            for layer in self.cfg.online_hadamard:
+                attach_online_hadamard({"down_proj": parts.down, "o_proj": parts.o}[layer])
                 online += 1
         extras: dict[str, Any] = {"online_rotations_per_forward": online}
         if self.weight_quantizer is not None:

@@ -104,6 +104,7 @@ class BlockRunner:
             batch.copy_(self.forward(batch))
 
 
+@torch.no_grad()
 def run_blockwise(
     bundle: ModelBundle,
     calib: CalibrationData,
