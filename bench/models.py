@@ -92,6 +92,8 @@ def _load_pristine(cfg: DictConfig, cache_dir: Path) -> tuple[nn.Module, Any, di
         path = _gguf_checkpoint(cfg, cache_dir)
     elif cfg.source == "pretrained":
         path = cfg.path
+        if str(path).startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
+            raise AssetError(f"model.path={path!r} is not a directory (give a local checkpoint directory or a hub id)")
     elif cfg.source == "tiny_random":
         path = _tiny_checkpoint(cfg, cache_dir)
     else:

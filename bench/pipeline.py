@@ -96,6 +96,8 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
                 protocol.update(result.protocol)
                 forward_s += result.forward_s
         timings["eval_forward"] = forward_s
+        tracker.log_summary({**metrics, "bits_per_weight": report.bits_per_weight, **timings})
+        tracker.finish()
         timings["total"] = time.perf_counter() - start
         timings["overhead_share"] = 1 - (forward_s + timings["quantize"]) / timings["total"]
         if calib is not None:
@@ -114,9 +116,8 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
             timings=timings,
         )
         store.put(record)
-        tracker.log_summary({**metrics, "bits_per_weight": report.bits_per_weight, **timings})
         print(summary_line(key, label, metrics, report.bits_per_weight, timings["total"]), flush=True)
-        return record
+        return store.get(key)
     except UserError:
         tracker.finish(exit_code=1)
         raise

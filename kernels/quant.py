@@ -340,9 +340,11 @@ def _int_group_kernel(
     else:
         lo = tl.minimum(tl.min(x, axis=1), 0.0)
         scale = tl.math.div_rn(tl.maximum(tl.max(x, axis=1), 0.0) - lo, tl.full([TILE], QMAX, tl.float32))
-    if FP16_SCALE:
-        scale = scale.to(tl.float16).to(tl.float32)
     scale = tl.maximum(scale, FP16_TINY)
+    if FP16_SCALE:  # rounded up to fp16, as methods.common.formats.stored_scale
+        stored = scale.to(tl.float16)
+        next_up = (stored.to(tl.int16, bitcast=True) + 1).to(tl.float16, bitcast=True)
+        scale = tl.where(stored.to(tl.float32) < scale, next_up, stored).to(tl.float32)
     if SYMMETRIC:
         zero = tl.zeros([TILE], tl.float32)
     else:
@@ -420,7 +422,8 @@ def int_quantize(x: torch.Tensor, fmt: IntFormat, elems_per_program: int = DEFAU
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``[rows, n]`` integer codes of ``bits`` bits (2, 4 or 8) -> ``[rows, n * bits / 8]`` bytes, earlier
-    elements in lower bits."""
+    elements in lower bits. Byte-granular storage of whole rows; where a row fills whole int32 words it is
+    the bytes of ``kernels.pack.pack_uint(codes, bits, run=1)``, the matmul kernels' layout with run 1."""
     per_byte = 8 // bits
     fields = (codes.to(torch.int32) & (2**bits - 1)).reshape(codes.shape[0], -1, per_byte)
     shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
