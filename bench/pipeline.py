@@ -29,7 +29,7 @@ from bench.errors import ConfigError, UserError
 from bench.metrics import EvalContext
 from bench.models import load_bundle
 from bench.store import ResultStore
-from methods.common.method import SHARED_KNOBS, Method, QuantSpec
+from methods.common.method import SHARED_KNOBS, ActQuant, Method, QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     check_shared_knobs(cfg, method_cls)
     spec = build_spec(cfg, method_cls)
     resolved = with_format_knobs(OmegaConf.to_container(cfg, resolve=True), spec)
-    key = cell_key(resolved, method_cls.uses)
+    key = cell_key(resolved, knobs_used(cfg, method_cls))
     store = ResultStore(cfg.store.path)
     label = cell_label(resolved, method_cls)
     if store.is_done(key) and not cfg.force:
@@ -79,7 +79,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     try:
         tracker.start(key, record["sweep"], tags, resolved)
         calib = None
-        if method.needs_calibration:
+        if method.needs_calibration or spec.needs_calibration:
             with timed(timings, "calibration"):
                 calib = build_calibration(cfg.calib, bundle.tokenizer, cache_dir, bundle.max_context)
         reset_peak_memory(device)
@@ -157,6 +157,13 @@ def check_shared_knobs(cfg: DictConfig, method_cls: type[Method]) -> None:
         raise ConfigError(f"act_bits={cfg.act_bits!r} is not valid; choose an integer in 1..16 or null (no activation quantization)")
 
 
+def knobs_used(cfg: DictConfig, method_cls: type[Method]) -> tuple[str, ...]:
+    """The shared knobs a cell depends on: the method's, plus calibration when activation ranges are static."""
+    uses = method_cls.uses
+    static_act = "act_bits" in uses and cfg.act_bits is not None and cfg.act_quant.static is not None
+    return uses + ("calib",) if static_act and "calib" not in uses else uses
+
+
 def _is_int_in(value: Any, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
@@ -166,7 +173,8 @@ def build_spec(cfg: DictConfig, method_cls: type[Method]) -> QuantSpec:
     act = None
     if "act_bits" in method_cls.uses and cfg.act_bits is not None:
         act = instantiate_checked(cfg.act_format, "act_format")
-    return QuantSpec(weight=weight, act=act)
+    act_quant = ActQuant(**cfg.act_quant) if "act_quant" in method_cls.uses else ActQuant()
+    return QuantSpec(weight=weight, act=act, act_quant=act_quant)
 
 
 def instantiate_checked(conf: DictConfig, where: str) -> Any:
@@ -215,6 +223,8 @@ def cell_label(resolved: dict[str, Any], method_cls: type[Method]) -> str:
         parts.append(f"W{resolved['bits']} g{resolved['group_size']} {resolved['format'].get('name', '')}".rstrip())
     if "act_bits" in method_cls.uses and resolved["act_bits"] is not None:
         parts.append(f"A{resolved['act_bits']}")
+    if "act_quant" in method_cls.uses and resolved["act_quant"]["kv_bits"] is not None:
+        parts.append(f"KV{resolved['act_quant']['kv_bits']}")
     return " ".join(parts)
 
 

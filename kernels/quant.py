@@ -340,11 +340,9 @@ def _int_group_kernel(
     else:
         lo = tl.minimum(tl.min(x, axis=1), 0.0)
         scale = tl.math.div_rn(tl.maximum(tl.max(x, axis=1), 0.0) - lo, tl.full([TILE], QMAX, tl.float32))
+    if FP16_SCALE:  # as methods.common.formats.stored_scale
+        scale = scale.to(tl.float16).to(tl.float32)
     scale = tl.maximum(scale, FP16_TINY)
-    if FP16_SCALE:  # rounded up to fp16, as methods.common.formats.stored_scale
-        stored = scale.to(tl.float16)
-        next_up = (stored.to(tl.int16, bitcast=True) + 1).to(tl.float16, bitcast=True)
-        scale = tl.where(stored.to(tl.float32) < scale, next_up, stored).to(tl.float32)
     if SYMMETRIC:
         zero = tl.zeros([TILE], tl.float32)
     else:

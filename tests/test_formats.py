@@ -12,7 +12,7 @@ from methods.common.elements import ELEMENTS, FpElement, IntElement, pow2
 from methods.common.formats import FormatError, IntFormat, same_bits
 from methods.common.fp_formats import FpFormat
 from methods.common.microscaling import MxFormat, NvFormat
-from methods.common.rotation import HadamardFormat
+from methods.common.hadamard_format import HadamardFormat
 
 SHAPE = (64, 4096)
 

@@ -151,15 +151,11 @@ def poison(scale: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
 
 
 def stored_scale(scale: torch.Tensor, scale_bits: int) -> torch.Tensor:
-    """A positive scale as stored in ``scale_bits`` (16: fp16, 32: fp32), at least fp16's smallest normal;
-    fp16 rounding goes up, so that a grid scaled to cover a range still covers it."""
-    scale = scale.clamp_min(FP16_TINY)
+    """A positive scale as stored in ``scale_bits`` (16: fp16, rounded to nearest; 32: fp32), at least
+    fp16's smallest normal, so that the simulated numbers are the stored ones."""
     if scale_bits == 16:
-        stored = scale.to(torch.float16)
-        too_small = stored.float() < scale
-        stored = torch.where(too_small, torch.nextafter(stored, torch.full_like(stored, torch.inf)), stored)
-        scale = stored.float()
-    return scale
+        scale = scale.to(torch.float16).float()
+    return scale.clamp_min(FP16_TINY)
 
 
 def exact_div(numerator: torch.Tensor | float, denominator: torch.Tensor | float) -> torch.Tensor:
