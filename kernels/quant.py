@@ -18,9 +18,10 @@ lowest pair first); ``padded_width`` rounds the width up to whole blocks. Scales
 E4M3 bit patterns (0x7F = NaN) and the FP32 tensor scale.
 
 Exactness on GPU: kernels compile without FMA contraction (``enable_fp_fusion=False``: a fused
-multiply-add rounds once where the reference rounds twice), divisions use ``div_rn`` (Triton's ``/`` is approximate), powers of two are built from
-bits, ``floor(log2)`` is read from the exponent field, and rounding to nearest-even is the float32
-``(y + 1.5 * 2^23) - 1.5 * 2^23`` identity (the rounding quantum set through the constant's exponent).
+multiply-add rounds once where the reference rounds twice), divisions use ``div_rn`` (Triton's ``/`` is
+approximate), powers of two are built from bits, ``floor(log2)`` is read from the exponent field, and
+rounding to nearest-even is the float32 ``(y + 1.5 * 2^23) - 1.5 * 2^23`` identity (the rounding quantum
+set through the constant's exponent).
 The interpreter rounds float32 -> bfloat16 by truncation, so under the interpreter bf16 outputs are
 rounded in integer arithmetic (``SOFT_BF16``); on GPU the hardware conversion (also nearest-even) is used.
 """
