@@ -18,9 +18,10 @@ lowest pair first); ``padded_width`` rounds the width up to whole blocks. Scales
 E4M3 bit patterns (0x7F = NaN) and the FP32 tensor scale.
 
 Exactness on GPU: kernels compile without FMA contraction (``enable_fp_fusion=False``: a fused
-multiply-add rounds once where the reference rounds twice), divisions use ``div_rn`` (Triton's ``/`` is approximate), powers of two are built from
-bits, ``floor(log2)`` is read from the exponent field, and rounding to nearest-even is the float32
-``(y + 1.5 * 2^23) - 1.5 * 2^23`` identity (the rounding quantum set through the constant's exponent).
+multiply-add rounds once where the reference rounds twice), divisions use ``div_rn`` (Triton's ``/`` is
+approximate), powers of two are built from bits, ``floor(log2)`` is read from the exponent field, and
+rounding to nearest-even is the float32 ``(y + 1.5 * 2^23) - 1.5 * 2^23`` identity (the rounding quantum
+set through the constant's exponent).
 The interpreter rounds float32 -> bfloat16 by truncation, so under the interpreter bf16 outputs are
 rounded in integer arithmetic (``SOFT_BF16``); on GPU the hardware conversion (also nearest-even) is used.
 """
@@ -340,7 +341,7 @@ def _int_group_kernel(
     else:
         lo = tl.minimum(tl.min(x, axis=1), 0.0)
         scale = tl.math.div_rn(tl.maximum(tl.max(x, axis=1), 0.0) - lo, tl.full([TILE], QMAX, tl.float32))
-    if FP16_SCALE:
+    if FP16_SCALE:  # as methods.common.formats.stored_scale
         scale = scale.to(tl.float16).to(tl.float32)
     scale = tl.maximum(scale, FP16_TINY)
     if SYMMETRIC:
@@ -420,7 +421,8 @@ def int_quantize(x: torch.Tensor, fmt: IntFormat, elems_per_program: int = DEFAU
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``[rows, n]`` integer codes of ``bits`` bits (2, 4 or 8) -> ``[rows, n * bits / 8]`` bytes, earlier
-    elements in lower bits."""
+    elements in lower bits. Byte-granular storage of whole rows; where a row fills whole int32 words it is
+    the bytes of ``kernels.pack.pack_uint(codes, bits, run=1)``, the matmul kernels' layout with run 1."""
     per_byte = 8 // bits
     fields = (codes.to(torch.int32) & (2**bits - 1)).reshape(codes.shape[0], -1, per_byte)
     shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits

@@ -24,7 +24,7 @@ def cell(tmp_path: Path, *overrides: str):
 
 def test_mxfp4_weights_record_the_formats_bits(tmp_path):
     record = run_cell(cell(tmp_path, "format=mxfp4", "bits=8"))
-    assert (record["format"], record["bits"], record["group_size"], record["act_bits"]) == ("mxfp4", 4, "32", None)  # group sizes are stored as text (int, channel, tensor)
+    assert (record["format"], record["bits"], record["group_size"], record["act_bits"]) == ("mxfp4", 4, "32", None)
     assert record["bits_per_weight"] == pytest.approx(4.25)
     assert record["config"]["bits"] == 4
     # bits=8 does not apply to MXFP4: the same cell as with the default bits, so it is found finished.

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from methods.common.formats import (
-    FP16_TINY,
     Format,
     FormatError,
     GroupSize,
@@ -32,6 +31,7 @@ from methods.common.formats import (
     groups_per_tensor,
     poison,
     split_nonfinite,
+    stored_scale,
 )
 
 TERNARY_SCALES = ("absmean", "absmedian")
@@ -54,11 +54,6 @@ class _SignScaled(Format):
     def granularity(self) -> GroupSize:
         return self.group_size
 
-    def _store_scale(self, scale: torch.Tensor) -> torch.Tensor:
-        if self.scale_bits == 16:
-            scale = scale.to(torch.float16).float()
-        return scale.clamp_min(FP16_TINY)
-
     @abstractmethod
     def _group_scale(self, groups: torch.Tensor) -> torch.Tensor: ...
 
@@ -67,7 +62,7 @@ class _SignScaled(Format):
 
     def quantize(self, x: torch.Tensor) -> QTensor:
         groups, bad = split_nonfinite(group_view(x.float(), self.group_size))
-        scale = self._store_scale(self._group_scale(groups))
+        scale = stored_scale(self._group_scale(groups), self.scale_bits)
         codes = torch.where(bad, 0, self._codes(groups, scale)).to(torch.int8)
         return QTensor(codes, poison(scale, bad), None, x.shape, x.dtype)
 

@@ -150,6 +150,14 @@ def poison(scale: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
     return torch.where(bad, torch.full_like(scale, math.nan), scale)
 
 
+def stored_scale(scale: torch.Tensor, scale_bits: int) -> torch.Tensor:
+    """A positive scale as stored in ``scale_bits`` (16: fp16, rounded to nearest; 32: fp32), at least
+    fp16's smallest normal, so that the simulated numbers are the stored ones."""
+    if scale_bits == 16:
+        scale = scale.to(torch.float16).float()
+    return scale.clamp_min(FP16_TINY)
+
+
 def exact_div(numerator: torch.Tensor | float, denominator: torch.Tensor | float) -> torch.Tensor:
     """IEEE division, on every device. torch computes ``number / tensor`` as a reciprocal times the number,
     and on CUDA ``tensor / number`` as the tensor times the number's reciprocal: both round twice."""
@@ -330,16 +338,11 @@ class IntFormat(Format):
     def granularity(self) -> GroupSize:
         return self.group_size
 
-    def _store_scale(self, scale: torch.Tensor) -> torch.Tensor:
-        if self.scale_bits == 16:
-            scale = scale.to(torch.float16).float()
-        return scale.clamp_min(FP16_TINY)
-
     def _scales_from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.symmetric:
-            return self._store_scale(exact_div(hi, self.qmax)), None
+            return stored_scale(exact_div(hi, self.qmax), self.scale_bits), None
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        scale = self._store_scale(exact_div(hi - lo, self.qmax))
+        scale = stored_scale(exact_div(hi - lo, self.qmax), self.scale_bits)
         return scale, torch.round(-lo / scale).clamp(0, self.qmax)
 
     def _codes(self, groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:

@@ -18,7 +18,6 @@ import torch
 
 from methods.common.elements import FpElement, floor_log2, pow2
 from methods.common.formats import (
-    FP16_TINY,
     Clipping,
     Format,
     FormatError,
@@ -32,6 +31,7 @@ from methods.common.formats import (
     groups_per_tensor,
     poison,
     split_nonfinite,
+    stored_scale,
 )
 
 SCALE_BITS = {"fp16": 16, "fp32": 32, "e8m0": 8, "none": 0}
@@ -72,10 +72,7 @@ class FpFormat(Format):
     def _scale_for_absmax(self, absmax: torch.Tensor) -> torch.Tensor:
         if self.scale == "e8m0":
             return pow2((floor_log2(absmax) - self.element.emax).clamp(-127, 127))
-        scale = exact_div(absmax, self.element.max_value)
-        if self.scale == "fp16":
-            scale = scale.to(torch.float16).float()
-        return scale.clamp_min(FP16_TINY)
+        return stored_scale(exact_div(absmax, self.element.max_value), SCALE_BITS[self.scale])
 
     def _roundtrip(self, groups: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         scale = self._scale_for_absmax(hi)
