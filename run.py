@@ -5,6 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from bench.config_check import check_group_overrides
 from bench.errors import UserError
 from bench.pipeline import run_cell
 
@@ -21,4 +22,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    try:
+        check_group_overrides(sys.argv[1:])
+    except UserError as err:
+        sys.exit(f"error: {err}")
     main()

@@ -75,14 +75,19 @@ def load_bundle(cfg: DictConfig, cache_dir: Path, device: torch.device) -> Model
         _PRISTINE[key] = _load_pristine(cfg, Path(cache_dir))
     pristine, tokenizer, meta = _PRISTINE[key]
     model = copy.deepcopy(pristine).to(device).eval()
+    return bundle_of(model, cfg.name, cfg.family, tokenizer, dict(meta))
+
+
+def bundle_of(model: nn.Module, name: str, family: str, tokenizer: Any = None, meta: dict[str, Any] | None = None) -> ModelBundle:
+    """A bundle around a loaded model: its blocks and the linear layers inside them."""
     blocks, prefix = find_blocks(model)
     layers = {
-        f"{prefix}.{i}.{name}": module
+        f"{prefix}.{i}.{layer_name}": module
         for i, block in enumerate(blocks)
-        for name, module in block.named_modules()
+        for layer_name, module in block.named_modules()
         if isinstance(module, nn.Linear)
     }
-    return ModelBundle(cfg.name, cfg.family, model, tokenizer, list(blocks), prefix, layers, dict(meta))
+    return ModelBundle(name, family, model, tokenizer, list(blocks), prefix, layers, meta or {})
 
 
 def _load_pristine(cfg: DictConfig, cache_dir: Path) -> tuple[nn.Module, Any, dict[str, Any]]:
@@ -92,6 +97,8 @@ def _load_pristine(cfg: DictConfig, cache_dir: Path) -> tuple[nn.Module, Any, di
         path = _gguf_checkpoint(cfg, cache_dir)
     elif cfg.source == "pretrained":
         path = cfg.path
+        if str(path).startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
+            raise AssetError(f"model.path={path!r} is not a directory (give a local checkpoint directory or a hub id)")
     elif cfg.source == "tiny_random":
         path = _tiny_checkpoint(cfg, cache_dir)
     else:

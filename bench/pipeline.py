@@ -29,12 +29,12 @@ from bench.errors import ConfigError, UserError
 from bench.metrics import EvalContext
 from bench.models import load_bundle
 from bench.store import ResultStore
-from methods.common.method import SHARED_KNOBS, Method, QuantSpec
+from methods.common.method import SHARED_KNOBS, ActQuant, Method, QuantSpec
 
 log = logging.getLogger(__name__)
 
 # Top-level keys that never change a cell's numbers: they are left out of its key.
-NON_SEMANTIC = ("tracker", "paths", "store", "force", "device", "sweep", "hydra")
+NON_SEMANTIC = ("tracker", "paths", "store", "force", "device", "sweep_name", "hydra")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VERSIONED_PACKAGES = ("torch", "transformers", "triton", "lm_eval", "hydra-core", "wandb", "gguf")
 
@@ -43,10 +43,11 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     """Run (or skip, if already finished) the cell described by ``cfg``; return its record."""
     method_cls = method_class(cfg)
     check_shared_knobs(cfg, method_cls)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    key = cell_key(resolved, method_cls.uses)
+    spec = build_spec(cfg, method_cls)
+    resolved = with_format_knobs(OmegaConf.to_container(cfg, resolve=True), spec)
+    key = cell_key(resolved, knobs_used(cfg, method_cls))
     store = ResultStore(cfg.store.path)
-    label = cell_label(cfg, method_cls)
+    label = cell_label(resolved, method_cls)
     if store.is_done(key) and not cfg.force:
         print(f"[{key}] {label}: finished earlier, skipped (force=true recomputes)", flush=True)
         return store.get(key)
@@ -58,7 +59,6 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     with timed(timings, "load"):
         bundle = load_bundle(cfg.model, cache_dir, device)
     method: Method = instantiate_checked(cfg.method, "method")
-    spec = build_spec(cfg, method_cls)
     method.check(bundle, spec)
     evaluators = {name: instantiate_checked(conf, f"eval.{name}") for name, conf in cfg.eval.items()}
     tracker = instantiate_checked(cfg.tracker, "tracker")
@@ -69,9 +69,9 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         "model": cfg.model.name,
         "method": method_name(cfg),
         "format": spec.weight.describe() if spec.weight else None,
-        "bits": cfg.bits if "bits" in method_cls.uses else None,
-        "act_bits": cfg.act_bits if "act_bits" in method_cls.uses else None,
-        "group_size": cfg.group_size if "group_size" in method_cls.uses else None,
+        "bits": resolved["bits"] if "bits" in method_cls.uses else None,
+        "act_bits": resolved["act_bits"] if "act_bits" in method_cls.uses else None,
+        "group_size": resolved["group_size"] if "group_size" in method_cls.uses else None,
         "config": resolved,
         "env": environment(device),
     }
@@ -79,7 +79,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     try:
         tracker.start(key, record["sweep"], tags, resolved)
         calib = None
-        if method.needs_calibration:
+        if method.needs_calibration or spec.needs_calibration:
             with timed(timings, "calibration"):
                 calib = build_calibration(cfg.calib, bundle.tokenizer, cache_dir, bundle.max_context)
         reset_peak_memory(device)
@@ -117,7 +117,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         )
         store.put(record)
         print(summary_line(key, label, metrics, report.bits_per_weight, timings["total"]), flush=True)
-        return record
+        return store.get(key)
     except UserError:
         tracker.finish(exit_code=1)
         raise
@@ -145,8 +145,8 @@ def method_class(cfg: DictConfig) -> type[Method]:
     return cls
 
 
-def method_name(cfg: DictConfig) -> str:
-    return cfg.method.get("name") or cfg.method._target_.rsplit(".", 1)[-1].lower()
+def method_name(cfg: DictConfig | dict[str, Any]) -> str:
+    return cfg["method"].get("name") or cfg["method"]["_target_"].rsplit(".", 1)[-1].lower()
 
 
 def check_shared_knobs(cfg: DictConfig, method_cls: type[Method]) -> None:
@@ -155,6 +155,13 @@ def check_shared_knobs(cfg: DictConfig, method_cls: type[Method]) -> None:
         raise ConfigError(f"bits={cfg.bits!r} is not valid; choose an integer in 1..16")
     if "act_bits" in method_cls.uses and cfg.act_bits is not None and not _is_int_in(cfg.act_bits, 1, 16):
         raise ConfigError(f"act_bits={cfg.act_bits!r} is not valid; choose an integer in 1..16 or null (no activation quantization)")
+
+
+def knobs_used(cfg: DictConfig, method_cls: type[Method]) -> tuple[str, ...]:
+    """The shared knobs a cell depends on: the method's, plus calibration when activation ranges are static."""
+    uses = method_cls.uses
+    static_act = "act_bits" in uses and cfg.act_bits is not None and cfg.act_quant.static is not None
+    return uses + ("calib",) if static_act and "calib" not in uses else uses
 
 
 def _is_int_in(value: Any, low: int, high: int) -> bool:
@@ -166,7 +173,8 @@ def build_spec(cfg: DictConfig, method_cls: type[Method]) -> QuantSpec:
     act = None
     if "act_bits" in method_cls.uses and cfg.act_bits is not None:
         act = instantiate_checked(cfg.act_format, "act_format")
-    return QuantSpec(weight=weight, act=act)
+    act_quant = ActQuant(**cfg.act_quant) if "act_quant" in method_cls.uses else ActQuant()
+    return QuantSpec(weight=weight, act=act, act_quant=act_quant)
 
 
 def instantiate_checked(conf: DictConfig, where: str) -> Any:
@@ -182,6 +190,26 @@ def instantiate_checked(conf: DictConfig, where: str) -> Any:
         raise
 
 
+def with_format_knobs(resolved: dict[str, Any], spec: QuantSpec) -> dict[str, Any]:
+    """The resolved config with ``bits``, ``group_size`` and ``act_bits`` set to what the formats use.
+
+    Formats that fix their bits or blocks (MX, NV, FP ExMy, binary, ternary) ignore the top-level values;
+    the cell key and the record hold the formats' own, so ``format=mxfp4 bits=8`` is the cell
+    ``format=mxfp4`` and records 4 bits. ``act_bits`` stays the switch for activation quantization.
+    """
+    resolved = dict(resolved)
+    actual = {
+        "bits": spec.weight.element_bits if spec.weight else None,
+        "group_size": spec.weight.granularity if spec.weight else None,
+        "act_bits": spec.act.element_bits if spec.act else None,
+    }
+    for knob, value in actual.items():
+        if value is not None and value != resolved.get(knob):
+            log.info("%s=%s does not apply to this cell's format; it uses %s", knob, resolved.get(knob), value)
+            resolved[knob] = value
+    return resolved
+
+
 def cell_key(resolved: dict[str, Any], uses: tuple[str, ...]) -> str:
     """Hash of the resolved config without non-semantic keys and without shared knobs the method ignores."""
     ignored = set(NON_SEMANTIC) | (set(SHARED_KNOBS) - set(uses))
@@ -189,12 +217,14 @@ def cell_key(resolved: dict[str, Any], uses: tuple[str, ...]) -> str:
     return hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def cell_label(cfg: DictConfig, method_cls: type[Method]) -> str:
-    parts = [cfg.model.name, method_name(cfg)]
+def cell_label(resolved: dict[str, Any], method_cls: type[Method]) -> str:
+    parts = [resolved["model"]["name"], method_name(resolved)]
     if "bits" in method_cls.uses:
-        parts.append(f"W{cfg.bits} g{cfg.group_size} {cfg.format.get('name', '')}".rstrip())
-    if "act_bits" in method_cls.uses and cfg.act_bits is not None:
-        parts.append(f"A{cfg.act_bits}")
+        parts.append(f"W{resolved['bits']} g{resolved['group_size']} {resolved['format'].get('name', '')}".rstrip())
+    if "act_bits" in method_cls.uses and resolved["act_bits"] is not None:
+        parts.append(f"A{resolved['act_bits']}")
+    if "act_quant" in method_cls.uses and resolved["act_quant"]["kv_bits"] is not None:
+        parts.append(f"KV{resolved['act_quant']['kv_bits']}")
     return " ".join(parts)
 
 
@@ -204,8 +234,8 @@ def summary_line(key: str, label: str, metrics: dict[str, float], bpw: float, se
 
 
 def sweep_name(cfg: DictConfig) -> str:
-    if cfg.get("sweep"):
-        return str(cfg.sweep)
+    if cfg.get("sweep_name"):
+        return str(cfg.sweep_name)
     try:
         hydra = HydraConfig.get()
     except ValueError:  # called outside @hydra.main (tests, scripts)

@@ -2,17 +2,12 @@
 
 Rows are model x method, columns are bit settings (weight bits, activation bits, format), values are
 one metric. ``python -m reports.leaderboard --metric ppl/wiki --model smollm2-135m --out results/leaderboard``
-
-Several metrics (names or shell patterns) give the layout of papers' task tables instead: rows model x
-method x bit setting, one column per metric, averages last.
-``python -m reports.leaderboard --metric 'zeroshot/*/acc' 'zeroshot/*/acc_norm'``
 """
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -33,40 +28,23 @@ def setting_label(row: pd.Series) -> str:
 
 
 def leaderboard(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Pivot ``frame`` (from ``ResultStore.frame``) to rows model x method and columns bit settings."""
-    if metric not in frame.columns:
-        choices = sorted(c for c in frame.columns if "/" in c)
-        raise ConfigError(f"metric {metric!r} is not in the store; metrics there: {choices}")
-    frame = frame[frame[metric].notna()].copy()
+    """Pivot ``frame`` (from ``ResultStore.frame``) to rows model x method and columns bit settings.
+
+    A pattern with ``*`` (``zeroshot/*``) gives the wide table instead: rows model x method x setting,
+    one column per matching metric (e.g. every task's acc and acc_norm).
+    """
+    metrics = sorted(c for c in frame.columns if "/" in c)
+    chosen = fnmatch.filter(metrics, metric)
+    if not chosen:
+        raise ConfigError(f"metric {metric!r} is not in the store; metrics there: {metrics}")
+    frame = frame[frame[chosen].notna().any(axis=1)].copy()
     frame["setting"] = frame.apply(setting_label, axis=1)
+    if "*" in metric:
+        table = frame.groupby(["model", "method", "setting"])[chosen].last()
+        return table.sort_index(key=lambda index: index.map(_setting_order) if index.name == "setting" else index)
     table = frame.pivot_table(index=["model", "method"], columns="setting", values=metric, aggfunc="last")
     columns = sorted(table.columns, key=_setting_order)
     return table[columns]
-
-
-def select_metrics(frame: pd.DataFrame, patterns: list[str]) -> list[str]:
-    """The metric columns matching any of ``patterns`` (names or shell patterns), averages last."""
-    available = sorted(c for c in frame.columns if "/" in c)
-    chosen = [c for c in available if any(fnmatch.fnmatchcase(c, pattern) for pattern in patterns)]
-    if not chosen:
-        raise ConfigError(f"metric {patterns} matches nothing in the store; metrics there: {available}")
-    return sorted(chosen, key=lambda name: "/avg/" in name)
-
-
-def metric_table(frame: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """Rows model x method x bit setting, one column per metric (the common prefix of their names dropped)."""
-    frame = frame[frame[metrics].notna().any(axis=1)].copy()
-    frame["setting"] = frame.apply(setting_label, axis=1)
-    table = frame.groupby(["model", "method", "setting"])[metrics].last()
-    table = table.sort_index(key=lambda index: index.map(_setting_order) if index.name == "setting" else index)
-    prefix = metric_family(metrics)
-    table.columns = [name.removeprefix(f"{prefix}/") for name in metrics]
-    return table
-
-
-def metric_family(metrics: list[str]) -> str:
-    """The common ``/``-separated prefix of metric names (``zeroshot`` for ``zeroshot/piqa/acc`` ...)."""
-    return os.path.commonprefix(metrics).rpartition("/")[0] or "metrics"
 
 
 def _setting_order(label: str) -> tuple:
@@ -85,12 +63,17 @@ def source_notes(frame: pd.DataFrame) -> list[str]:
     return [f"{model}: {text}" for model, text in sorted(notes.items())]
 
 
+def _markdown(table: pd.DataFrame) -> str:
+    flat = table.reset_index().astype(object)
+    return flat.where(flat.notna(), None).to_markdown(index=False, floatfmt=".3f", missingval="--")
+
+
 def write_reports(table: pd.DataFrame, notes: list[str], metric: str, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    stem = metric.replace("/", "_")
+    stem = metric.replace("/", "_").replace("*", "all")
     paths = {kind: out / f"leaderboard_{stem}.{kind}" for kind in ("md", "csv", "tex")}
     footer = "".join(f"\n- {note}" for note in notes)
-    paths["md"].write_text(f"# {metric}\n\n{table.to_markdown(floatfmt='.3f')}\n" + (f"\nSource models:{footer}\n" if notes else ""))
+    paths["md"].write_text(f"# {metric}\n\n{_markdown(table)}\n" + (f"\nSource models:{footer}\n" if notes else ""))
     table.to_csv(paths["csv"])
     paths["tex"].write_text(table.to_latex(float_format="%.3f", na_rep="--"))
     return paths
@@ -99,7 +82,7 @@ def write_reports(table: pd.DataFrame, notes: list[str], metric: str, out: Path)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", default="results/results.sqlite")
-    parser.add_argument("--metric", nargs="+", default=["ppl/wiki"], help="one metric, or several / shell patterns for a task table")
+    parser.add_argument("--metric", default="ppl/wiki", help="a metric, or a pattern such as 'zeroshot/*' for a wide table")
     parser.add_argument("--model", nargs="*", help="keep only these models")
     parser.add_argument("--method", nargs="*", help="keep only these methods")
     parser.add_argument("--sweep", nargs="*", help="keep only these sweeps")
@@ -112,14 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     if frame.empty:
         parser.error(f"no finished cells in {args.store!r} match {filters or 'the store'}")
     try:
-        if len(args.metric) == 1 and args.metric[0] in frame.columns:
-            title, table = args.metric[0], leaderboard(frame, args.metric[0])
-        else:
-            metrics = select_metrics(frame, args.metric)
-            title, table = metric_family(metrics), metric_table(frame, metrics)
+        table = leaderboard(frame, args.metric)
     except ConfigError as err:
         parser.error(str(err))
-    paths = write_reports(table, source_notes(frame), title, Path(args.out))
+    paths = write_reports(table, source_notes(frame), args.metric, Path(args.out))
     print(paths["md"].read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
 

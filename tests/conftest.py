@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+
+import torch
+
+# Without a GPU, Triton kernels run through the interpreter. This must be set before any module imports
+# triton, and the first test module to import it may be any of them: so here, before collection.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import subprocess
 import sys
 from pathlib import Path

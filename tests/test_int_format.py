@@ -14,7 +14,8 @@ def test_rtn_error_is_at_most_half_a_step(bits: int, symmetric: bool) -> None:
     fmt = IntFormat(bits=bits, group_size=64, symmetric=symmetric)
     q = fmt.quantize(w)
     err = (fmt.dequantize(q) - w).reshape(16, 4, 64).abs()
-    assert torch.all(err <= q.scale / 2 * (1 + 1e-5) + 1e-7)
+    # half a step, plus what rounding the scale to fp16 (relative 2^-11) can add at the range's ends
+    assert torch.all(err <= q.scale / 2 * (1 + 1e-5) + q.scale * fmt.qmax * 2**-11)
     assert q.codes.min() >= fmt.qmin and q.codes.max() <= fmt.qmax
 
 

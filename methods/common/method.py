@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 # The top-level keys a method may depend on; a method that ignores some (e.g. ``fp``) lists fewer in
 # ``uses`` so that its cells do not multiply over knobs that cannot change its result.
-SHARED_KNOBS = ("bits", "group_size", "format", "act_bits", "act_format", "calib")
+SHARED_KNOBS = ("bits", "group_size", "format", "act_bits", "act_format", "act_quant", "calib")
+STATIC_GRANULARITIES = ("tensor", "channel")
 
 
 class MethodError(ConfigError):
@@ -34,11 +35,41 @@ class MethodError(ConfigError):
 
 
 @dataclass
+class ActQuant:
+    """How activations (and the KV cache) are quantized, beside their number format (``act_format``).
+
+    ``static=None`` computes scales from each call (per ``act_format.group_size``, per token by default);
+    ``"tensor"``/``"channel"`` fix one scale per layer input (or per input channel) from ranges observed on
+    the calibration data. ``clip_ratio`` shrinks the range before scales are taken. ``kv_bits`` fake-quantizes
+    the outputs of ``k_proj``/``v_proj`` (asymmetric, one scale per token and head); null leaves them alone.
+    """
+
+    static: str | None = None
+    clip_ratio: float = 1.0
+    kv_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.static is not None and self.static not in STATIC_GRANULARITIES:
+            raise ConfigError(f"act_quant.static={self.static!r} is not valid; choose null (dynamic) or one of {STATIC_GRANULARITIES}")
+        if isinstance(self.clip_ratio, bool) or not isinstance(self.clip_ratio, (int, float)) or not 0 < self.clip_ratio <= 1:
+            raise ConfigError(f"act_quant.clip_ratio={self.clip_ratio!r} is not valid; choose a number in (0, 1]")
+        if self.kv_bits is not None and (isinstance(self.kv_bits, bool) or not isinstance(self.kv_bits, int) or not 2 <= self.kv_bits <= 16):
+            raise ConfigError(f"act_quant.kv_bits={self.kv_bits!r} is not valid; choose an integer in 2..16 or null (off)")
+
+
+@dataclass
 class QuantSpec:
-    """What the top-level config asks for: the weight format and the activation format (or none)."""
+    """What the top-level config asks for: the weight format, the activation format (or none) and how
+    activations are quantized."""
 
     weight: Format | None
     act: Format | None = None
+    act_quant: ActQuant = field(default_factory=ActQuant)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Static activation ranges come from calibration data, whatever the method."""
+        return self.act is not None and self.act_quant.static is not None
 
 
 @dataclass

@@ -1,0 +1,227 @@
+"""End-to-end decode speed of a Llama-architecture model at real size, random weights, per weight kind.
+
+    python -m bench.decode_latency --arch llama2-7b --kinds fp16,w4g128,w2g128 --tokens 128
+
+Real checkpoints cannot reach the GPU machine, so the model is built here with random weights: the
+Llama block (RMSNorm, rotary q/k, grouped-query attention over a static KV cache, SwiGLU MLP) with
+``nn.Linear`` layers for fp16 or :class:`kernels.qlinear.QuantLinear` layers holding random packed
+codes. Decoding one token is one CUDA graph replay (embedding, every block, norm, fp16 LM head, argmax
+feeding the next step), so the numbers show the matmuls rather than Python launch overhead; the
+eager loop is timed too. Reports tokens/s, ms/token, weight bytes and peak memory.
+No hydra imports: this runs on the bare device machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.kernel_latency import LOWBIT_KINDS, random_packed
+from bench.timing import gpu_name
+from kernels.qlinear import QuantLinear
+
+
+@dataclass(frozen=True)
+class Arch:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+ARCHS = {
+    "llama2-7b": Arch(4096, 11008, 32, 32, 32, 32000),
+    "llama3-8b": Arch(4096, 14336, 32, 32, 8, 128256, rope_theta=500000.0),
+    "tiny": Arch(256, 512, 2, 4, 2, 1000),
+}
+WEIGHT_STD = 0.02
+
+
+def make_linear(kind: str, k: int, n: int) -> nn.Module:
+    """fp16 ``nn.Linear`` or a QuantLinear of random codes whose weights have about WEIGHT_STD spread."""
+    if kind == "fp16":
+        layer = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float16)
+        nn.init.normal_(layer.weight, std=WEIGHT_STD)
+        return layer
+    spec = LOWBIT_KINDS[kind]
+    code_std = (spec.top_code + 1) / math.sqrt(12)
+    pw = random_packed(spec, n, k, scale_range=(0.5 * WEIGHT_STD / code_std, 1.5 * WEIGHT_STD / code_std))
+    return QuantLinear(pw)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on ``[..., head_dim]`` (halves rotated, as in Llama)."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+class Block(nn.Module):
+    """One Llama decoder block for single-token decoding over a static KV cache."""
+
+    def __init__(self, arch: Arch, kind: str, max_len: int) -> None:
+        super().__init__()
+        h, hd = arch.hidden, arch.head_dim
+        self.arch = arch
+        self.q_proj = make_linear(kind, h, arch.heads * hd)
+        self.k_proj = make_linear(kind, h, arch.kv_heads * hd)
+        self.v_proj = make_linear(kind, h, arch.kv_heads * hd)
+        self.o_proj = make_linear(kind, arch.heads * hd, h)
+        self.gate_proj = make_linear(kind, h, arch.intermediate)
+        self.up_proj = make_linear(kind, h, arch.intermediate)
+        self.down_proj = make_linear(kind, arch.intermediate, h)
+        self.attn_norm = nn.Parameter(torch.ones(h, device="cuda", dtype=torch.float16))
+        self.mlp_norm = nn.Parameter(torch.ones(h, device="cuda", dtype=torch.float16))
+        cache = (1, arch.kv_heads, max_len, hd)
+        self.register_buffer("k_cache", torch.zeros(cache, device="cuda", dtype=torch.float16))
+        self.register_buffer("v_cache", torch.zeros(cache, device="cuda", dtype=torch.float16))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        a, hd = self.arch, self.arch.head_dim
+        h = rms_norm(x, self.attn_norm)
+        q = rotate(self.q_proj(h).view(1, a.heads, 1, hd), cos, sin)
+        k = rotate(self.k_proj(h).view(1, a.kv_heads, 1, hd), cos, sin)
+        self.k_cache.index_copy_(2, pos, k)
+        self.v_cache.index_copy_(2, pos, self.v_proj(h).view(1, a.kv_heads, 1, hd))
+        attn = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=visible, enable_gqa=a.kv_heads != a.heads)
+        x = x + self.o_proj(attn.reshape(1, 1, a.heads * hd))
+        h = rms_norm(x, self.mlp_norm)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class Decoder(nn.Module):
+    """Embedding, blocks, final norm and an fp16 LM head; ``step()`` decodes the token in ``self.token``."""
+
+    def __init__(self, arch: Arch, kind: str, max_len: int) -> None:
+        super().__init__()
+        self.arch, self.max_len = arch, max_len
+        self.embed = nn.Embedding(arch.vocab, arch.hidden, device="cuda", dtype=torch.float16)
+        nn.init.normal_(self.embed.weight, std=WEIGHT_STD)
+        self.blocks = nn.ModuleList(Block(arch, kind, max_len) for _ in range(arch.layers))
+        self.norm = nn.Parameter(torch.ones(arch.hidden, device="cuda", dtype=torch.float16))
+        self.lm_head = make_linear("fp16", arch.hidden, arch.vocab)
+        inv_freq = 1.0 / arch.rope_theta ** (torch.arange(0, arch.head_dim, 2, device="cuda").float() / arch.head_dim)
+        angles = torch.outer(torch.arange(max_len, device="cuda").float(), inv_freq)
+        self.register_buffer("cos", torch.cat((angles, angles), -1).cos().half())
+        self.register_buffer("sin", torch.cat((angles, angles), -1).sin().half())
+        self.register_buffer("token", torch.zeros(1, 1, dtype=torch.long, device="cuda"))
+        self.register_buffer("pos", torch.zeros(1, dtype=torch.long, device="cuda"))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Decode one token: read ``token`` at ``pos``, write the argmax back to ``token``, advance ``pos``."""
+        cos, sin = self.cos[self.pos].view(1, 1, 1, -1), self.sin[self.pos].view(1, 1, 1, -1)
+        visible = (torch.arange(self.max_len, device="cuda") <= self.pos).view(1, 1, 1, -1)
+        x = self.embed(self.token)
+        for block in self.blocks:
+            x = block(x, self.pos, cos, sin, visible)
+        logits = self.lm_head(rms_norm(x, self.norm))
+        self.token.copy_(logits.argmax(-1))
+        self.pos.add_(1)
+
+    def reset(self) -> None:
+        self.token.random_(0, self.arch.vocab)
+        self.pos.zero_()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for name, t in model.state_dict().items() if "cache" not in name)
+
+
+def tokens_per_s(run_tokens: Callable[[int], None], tokens: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    run_tokens(tokens)
+    torch.cuda.synchronize()
+    return tokens / (time.perf_counter() - start)
+
+
+def measure(arch: Arch, kind: str, tokens: int) -> dict:
+    """tokens/s eager and with the step in a CUDA graph, for one weight kind; peak memory of the graph run."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = Decoder(arch, kind, max_len=2 * tokens + 8).eval()
+    model.reset()
+    for _ in range(3):  # compile the kernels, warm the allocator
+        model.step()
+    model.reset()
+    eager = tokens_per_s(lambda n: [model.step() for _ in range(n)], tokens)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        model.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model.step()
+    model.reset()
+    graphed = tokens_per_s(lambda n: [graph.replay() for _ in range(n)], tokens)
+    out = {
+        "kind": kind, "tokens": tokens, "tokens_per_s_graph": graphed, "ms_per_token_graph": 1e3 / graphed,
+        "tokens_per_s_eager": eager, "weight_gb": weight_bytes(model) / 1e9,
+        "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+    }
+    del graph, model
+    torch.cuda.empty_cache()
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    base = rows[0]["tokens_per_s_graph"] if rows and rows[0]["kind"] == "fp16" else None
+    lines = ["| weights | tokens/s (graph) | ms/token | x fp16 | tokens/s (eager) | weights GB | peak GB |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['tokens_per_s_graph'] / base:.2f}" if base else "-"
+        lines.append(
+            f"| {r['kind']} | {r['tokens_per_s_graph']:.1f} | {r['ms_per_token_graph']:.2f} | {ratio} | "
+            f"{r['tokens_per_s_eager']:.1f} | {r['weight_gb']:.2f} | {r['peak_gb']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="llama2-7b", choices=sorted(ARCHS))
+    parser.add_argument("--kinds", default="fp16,w4g128,w3g128,w2g128,ternary2,w1g128")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to time", file=sys.stderr)
+        return 1
+    torch.manual_seed(0)
+    arch = ARCHS[args.arch]
+    rows = [measure(arch, kind, args.tokens) for kind in args.kinds.split(",")]
+    header = f"GPU: {gpu_name()} | {args.arch} {asdict(arch)} | batch 1, {args.tokens} tokens after a 1-token prompt"
+    table = header + "\n\n" + markdown(rows)
+    print(table, flush=True)
+    if args.out:
+        args.out.write_text(table + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({"gpu": gpu_name(), "arch": args.arch, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

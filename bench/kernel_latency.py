@@ -1,0 +1,277 @@
+"""Time the packed low-bit matmuls next to cuBLAS fp16, in one process, at real layer shapes.
+
+    python -m bench.kernel_latency                 # every shape and batch, both modes
+    python -m bench.kernel_latency --quick         # 8192^2 and 4096x14336 at batch 1, 16, 64, 1024
+    python -m bench.kernel_latency --tune          # search GEMV/GEMM tile configs first, then the table
+
+Shapes are ``in x out`` (``K x N`` of ``y[M, N] = x[M, K] @ W^T``). Each row gives the time in the
+two modes of :mod:`bench.timing`, the speedup over cuBLAS fp16 measured in the same run and mode, and
+the achieved bandwidth (weight + activation + output bytes over time) against a device copy measured
+in the same run. Weights are random codes (never zeros) with random scales and zero points.
+No hydra imports: this runs on the bare device machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from bench.timing import MODES, copies_for, copy_bandwidth_gbs, gpu_name, steady_us, time_both
+from kernels import lowbit_matmul as lm
+from kernels.pack import PackedWeight, pack_weight
+
+SHAPES = [(8192, 8192), (4096, 4096), (16384, 16384), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192)]
+BATCHES = [1, 4, 16, 64, 256, 1024]
+QUICK_SHAPES = [(8192, 8192), (4096, 14336)]
+QUICK_BATCHES = [1, 16, 64, 1024]
+
+
+@dataclass(frozen=True)
+class LowBitKind:
+    """A packed weight kind: layout, group size (None = one per row), zero points or a fixed offset."""
+
+    layout: str
+    group: int | None
+    asym: bool
+    top_code: int
+    zero_const: float = 0.0
+
+
+LOWBIT_KINDS = {
+    "w4g128": LowBitKind("uint4", 128, True, 15),
+    "w3g128": LowBitKind("uint3", 128, True, 7),
+    "w2g128": LowBitKind("uint2", 128, True, 3),
+    "ternary2": LowBitKind("uint2", None, False, 2, zero_const=1.0),
+    "ternary5": LowBitKind("ternary5", None, False, 2, zero_const=1.0),
+    "w1g128": LowBitKind("uint1", 128, True, 1),
+}
+
+
+def random_packed(kind: LowBitKind, n: int, k: int, scale_range: tuple[float, float] = (0.01, 0.03)) -> PackedWeight:
+    """Random codes, fp16 scales uniform in ``scale_range`` and (asymmetric kinds) random zero points."""
+    codes = torch.randint(0, kind.top_code + 1, (n, k), device="cuda")
+    n_groups = 1 if kind.group is None else k // kind.group
+    low, high = scale_range
+    scale = (torch.rand(n, n_groups, device="cuda") * (high - low) + low).half()
+    zero = torch.randint(0, kind.top_code + 1, (n, n_groups), device="cuda").half() if kind.asym else None
+    return pack_weight(codes, scale, zero, kind.layout, kind.group, zero_const=kind.zero_const)
+
+
+def clone_packed(pw: PackedWeight) -> PackedWeight:
+    copy = lambda t: None if t is None else t.clone()  # noqa: E731
+    return replace(pw, words=pw.words.clone(), high=copy(pw.high), scale=pw.scale.clone(), zero=copy(pw.zero))
+
+
+def fp16_calls(x: torch.Tensor, n: int) -> tuple[int, Callable[[], list]]:
+    """cuBLAS fp16: ``x @ W^T`` over rotating fp16 weight copies."""
+    k = x.shape[1]
+    nbytes = n * k * 2
+    out = torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype)
+
+    def make() -> list:
+        weights = [torch.randn(n, k, device=x.device, dtype=x.dtype) for _ in range(copies_for(nbytes))]
+        return [lambda w=w: torch.mm(x, w.t(), out=out) for w in weights]
+
+    return nbytes, make
+
+
+def lowbit_calls(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = None) -> Callable[[], list]:
+    out = torch.empty(x.shape[0], pw.n, device=x.device, dtype=x.dtype)
+
+    def call(p: PackedWeight) -> Callable[[], Any]:
+        if path == "gemv":
+            return lambda: lm.gemv(x, p, config, out=out)
+        if path == "gemm":
+            return lambda: lm.gemm(x, p, config, out=out)
+        return lambda: lm.lowbit_matmul(x, p, path)
+
+    def make() -> list:
+        return [call(pw)] + [call(clone_packed(pw)) for _ in range(copies_for(pw.nbytes()) - 1)]
+
+    return make
+
+
+def paths_for(m: int, pw: PackedWeight) -> list[str]:
+    """The path the dispatcher picks, and from batch 256 on the dequant + cuBLAS fallback beside it."""
+    auto = lm.pick_path(m, pw, torch.device("cuda"))
+    return [auto, "dequant"] if m >= 256 and auto != "dequant" else [auto]
+
+
+def relative_error(x: torch.Tensor, pw: PackedWeight, path: str) -> float:
+    """Error of ``path`` against the fp32 reference on fresh random activations (kept in the record)."""
+    ref = lm.reference_matmul(x, pw).float()
+    out = lm.lowbit_matmul(x, pw, path).float()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str], modes: tuple[str, ...]) -> Iterator[list[dict]]:
+    """Rows of the table, one list per shape as soon as it is done."""
+    for k, n in shapes:
+        rows = []
+        packed = {name: random_packed(LOWBIT_KINDS[name], n, k) for name in kinds}
+        for m in batches:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            io_bytes = (m * k + m * n) * 2
+            nbytes, make = fp16_calls(x, n)
+            base = time_both(make, modes)
+            rows.append(row(k, n, m, "fp16", "cublas", nbytes + io_bytes, base, base))
+            for name in kinds:
+                pw = packed[name]
+                for path in paths_for(m, pw):
+                    times = time_both(lowbit_calls(x, pw, path), modes)
+                    rows.append(row(k, n, m, name, path, pw.nbytes() + io_bytes, times, base, relative_error(x, pw, path)))
+            print(f"{k}x{n} M={m}: " + " ".join(f"{r['kernel']}/{r['path']} {r.get('steady_us', r.get('cold_us')):.1f}" for r in rows if r["K"] == k and r["N"] == n and r["M"] == m), flush=True)
+            torch.cuda.empty_cache()
+        del packed
+        torch.cuda.empty_cache()
+        yield rows
+
+
+def row(k: int, n: int, m: int, kernel: str, path: str, nbytes: int, times: dict[str, float], base: dict[str, float], error: float = 0.0) -> dict:
+    out = {"K": k, "N": n, "M": m, "kernel": kernel, "path": path, "bytes": nbytes, "rel_error": error}
+    for mode, us in times.items():
+        out[f"{mode}_us"] = us
+        out[f"{mode}_speedup"] = base[mode] / us
+        out[f"{mode}_gbs"] = nbytes / us / 1e3
+    return out
+
+
+def markdown(rows: list[dict], modes: tuple[str, ...], copy_gbs: float) -> str:
+    head = ["in x out", "M", "kernel", "path"]
+    for mode in modes:
+        head += [f"{mode} us", f"{mode} x fp16"]
+    head += ["GB/s", "% copy", "rel err"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"{r['K']}x{r['N']}", str(r["M"]), r["kernel"], r["path"]]
+        for mode in modes:
+            cells += [f"{r[f'{mode}_us']:.1f}", f"{r[f'{mode}_speedup']:.2f}"]
+        gbs = r.get("steady_gbs", r.get("cold_gbs"))
+        cells += [f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.0f}", f"{r['rel_error']:.1e}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- tuning
+
+
+GEMV_SEARCH = [
+    lm.GemvConfig(bn, w, s, ch)
+    for bn, ch, w, s in [
+        (32, 1, 4, 1), (32, 2, 4, 1), (64, 1, 4, 1), (64, 2, 4, 1), (64, 2, 8, 1), (32, 2, 4, 2),
+    ]
+]
+GEMM_SEARCH = {
+    16: [lm.GemmConfig(64, 16, 4, 3, 128), lm.GemmConfig(128, 16, 4, 3, 128), lm.GemmConfig(128, 16, 4, 4, 64), lm.GemmConfig(64, 16, 4, 4, 64)],
+    64: [lm.GemmConfig(64, 64, 4, 3, 128), lm.GemmConfig(128, 64, 4, 3, 128), lm.GemmConfig(128, 64, 8, 3, 128), lm.GemmConfig(64, 32, 4, 3, 128)],
+    256: [lm.GemmConfig(128, 64, 4, 3, 128), lm.GemmConfig(128, 128, 8, 3, 128), lm.GemmConfig(64, 128, 4, 3, 128), lm.GemmConfig(128, 128, 4, 3, 64)],
+    1024: [lm.GemmConfig(128, 128, 8, 3, 128), lm.GemmConfig(128, 256, 8, 3, 64), lm.GemmConfig(256, 128, 8, 3, 64), lm.GemmConfig(128, 128, 4, 4, 64)],
+}
+
+
+def steady_or_none(make: Callable[[], list]) -> float | None:
+    """Steady-state time, or None for a config that does not compile or fit (shared memory, registers)."""
+    try:
+        return steady_us(make())
+    except Exception as err:  # noqa: BLE001 - a failing candidate is skipped, and said so
+        print(f"  skipped: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
+        return None
+
+
+def best_of(candidates: list, time_one: Callable[[Any], float | None]) -> list[tuple[float, Any]]:
+    timed = [(us, c) for c in candidates if (us := time_one(c)) is not None]
+    return sorted(timed, key=lambda t: t[0])
+
+
+def tune(kinds: list[str], shape: tuple[int, int], gemm_kinds: list[str]) -> dict:
+    """Search GEMV configs (batch 1) per kind and GEMM configs per batch bucket at ``shape``; install the
+    winners in :mod:`kernels.lowbit_matmul` for the rest of the process, and return every timing."""
+    k, n = shape
+    result: dict[str, Any] = {"shape": shape, "gemv": {}, "gemm": {}}
+    x1 = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    for name in kinds:
+        pw = random_packed(LOWBIT_KINDS[name], n, k)
+        timed = best_of(GEMV_SEARCH, lambda c: steady_or_none(lowbit_calls(x1, pw, "gemv", c)))
+        if not timed:
+            continue
+        lm.GEMV_CONFIGS[lm.gemv_key(pw)] = timed[0][1]
+        result["gemv"][name] = [(us, asdict(c)) for us, c in timed]
+        print(f"gemv {name}: best {timed[0][0]:.1f} us {timed[0][1]}, worst {timed[-1][0]:.1f} us", flush=True)
+    for name in gemm_kinds:
+        pw = random_packed(LOWBIT_KINDS[name], n, k)
+        for m, search in GEMM_SEARCH.items():
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            timed = best_of(search, lambda c: steady_or_none(lowbit_calls(x, pw, "gemm", c)))
+            if not timed:
+                continue
+            lm.GEMM_CONFIGS[m] = timed[0][1]
+            base = steady_us(fp16_calls(x, n)[1]())
+            deq = steady_us(lowbit_calls(x, pw, "dequant")())
+            if deq < timed[0][0]:  # from this batch on the fallback wins
+                lm.DEQUANT_MIN_M = min(lm.DEQUANT_MIN_M, m)
+            result["gemm"][f"{name}/{m}"] = {"fp16": base, "dequant": deq, "timed": [(us, asdict(c)) for us, c in timed]}
+            print(f"gemm {name} M={m}: best {timed[0][0]:.1f} us {timed[0][1]} | dequant {deq:.1f} | fp16 {base:.1f}", flush=True)
+    return result
+
+
+def tuned_summary() -> str:
+    gemv = "; ".join(f"{layout}{'/groups' if grouped else ''}: {c}" for (layout, grouped), c in lm.GEMV_CONFIGS.items())
+    gemm = "; ".join(f"M<={m}: {c}" for m, c in sorted(lm.GEMM_CONFIGS.items()))
+    return f"tuned GEMV {gemv} | GEMM {gemm} | dequant + cuBLAS from M={lm.DEQUANT_MIN_M}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="two shapes, four batches")
+    parser.add_argument("--tune", action="store_true", help="search tile configs first and use the winners")
+    parser.add_argument("--tune-only", action="store_true", help="search tile configs, print them, no table")
+    parser.add_argument("--tune-gemm", action="store_true", help="also search GEMM configs per batch bucket (W4)")
+    parser.add_argument("--kernels", default=",".join(LOWBIT_KINDS), help="comma list of low-bit kinds")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--shapes", default=None, help="comma list of INxOUT, e.g. 8192x8192")
+    parser.add_argument("--batches", default=None, help="comma list of batch sizes")
+    parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
+    parser.add_argument("--json", type=Path, default=None, help="write all numbers here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to time", file=sys.stderr)
+        return 1
+    kinds = [k for k in args.kernels.split(",") if k]
+    unknown = [k for k in kinds if k not in LOWBIT_KINDS]
+    if unknown:
+        parser.error(f"unknown kernels {unknown}; choose from {list(LOWBIT_KINDS)}")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else (QUICK_SHAPES if args.quick else SHAPES)
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else (QUICK_BATCHES if args.quick else BATCHES)
+    modes = tuple(m for m in args.modes.split(",") if m)
+    torch.manual_seed(0)
+    copy_gbs = copy_bandwidth_gbs()
+    header = f"GPU: {gpu_name()} | torch {torch.__version__} | copy {copy_gbs:.0f} GB/s (read+write)"
+    print(header, flush=True)
+    tuned = None
+    if args.tune or args.tune_only:
+        tuned = {"gpu": gpu_name(), "copy_gbs": copy_gbs, **tune(kinds, (8192, 8192), ["w4g128"] if args.tune_gemm else [])}
+        if args.tune_only:
+            if args.json:
+                args.json.write_text(json.dumps(tuned, indent=1))
+            return 0
+        header += " | " + tuned_summary()
+    rows: list[dict] = []
+    for shape_rows in measure(shapes, batches, kinds, modes):  # written after each shape: a cut run keeps its rows
+        rows += shape_rows
+        table = header + "\n\n" + markdown(rows, modes, copy_gbs)
+        if args.out:
+            args.out.write_text(table + "\n")
+        if args.json:
+            args.json.write_text(json.dumps({"gpu": gpu_name(), "copy_gbs": copy_gbs, "tuning": tuned, "rows": rows}, indent=1))
+    print(table, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""``eval=latency``: how fast the cell's quantized layers run on the packed low-bit kernels.
+
+On a CUDA device: each distinct layer shape is packed once from the cell's (already quantized)
+weights and timed on the kernels next to cuBLAS fp16 at the same shape, in the modes of
+:mod:`bench.timing`; then every quantizable layer is swapped for a
+:class:`~kernels.qlinear.QuantLinear` and a short greedy decode is timed (tokens/s and peak memory),
+and the original layers are put back so later evaluators see the model unchanged. Elsewhere the
+result is recorded as skipped, not failed: metrics ``{}`` and ``protocol["latency"]["skipped"]``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from bench.metrics import EvalContext, EvalResult
+from bench.models import ModelBundle
+from bench.timing import gpu_name, time_both
+from methods.common.formats import Format, IntFormat
+
+MAX_KERNEL_BITS = 4
+
+
+class Latency:
+    def __init__(
+        self,
+        format: Format | None = None,
+        modes: tuple[str, ...] | list[str] = ("steady",),
+        batches: tuple[int, ...] | list[int] = (1, 16),
+        decode_tokens: int = 32,
+        prompt_tokens: int = 8,
+    ) -> None:
+        self.format = format
+        self.modes = tuple(modes)
+        self.batches = tuple(batches)
+        self.decode_tokens = decode_tokens
+        self.prompt_tokens = prompt_tokens
+
+    def __call__(self, bundle: ModelBundle, ctx: EvalContext) -> EvalResult:
+        reason = self.skip_reason(bundle)
+        if reason:
+            return EvalResult({}, {"latency": {"skipped": reason, "device": str(bundle.device)}})
+        start = time.perf_counter()
+        layers, per_shape = self.time_layers(bundle)
+        decode = self.time_decode(bundle)
+        protocol = {
+            "gpu": gpu_name(), "modes": list(self.modes), "batches": list(self.batches), "format": self.format.describe(),
+            "layer_shapes": per_shape, "decode": decode, "baseline": "cuBLAS fp16 at the same shapes, same process",
+        }
+        return EvalResult({**layers, **{f"latency/decode_{k}": v for k, v in decode.items() if isinstance(v, float)}},
+                          {"latency": protocol}, time.perf_counter() - start)
+
+    def skip_reason(self, bundle: ModelBundle) -> str | None:
+        if bundle.device.type != "cuda":
+            return "no GPU"
+        if not isinstance(self.format, IntFormat) or self.format.bits > MAX_KERNEL_BITS:
+            name = self.format.describe() if self.format is not None else "none"
+            return f"format {name} has no packed kernel (int, 1..{MAX_KERNEL_BITS} bits)"
+        return None
+
+    @torch.no_grad()
+    def time_layers(self, bundle: ModelBundle) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Per distinct (in, out) shape: kernel and fp16 times; metrics sum them over all layers."""
+        from bench.kernel_latency import fp16_calls, lowbit_calls
+        from kernels.lowbit_matmul import pick_path
+        from kernels.qlinear import pack_int_weight
+
+        count: dict[tuple[int, int], int] = {}
+        first: dict[tuple[int, int], torch.nn.Linear] = {}
+        for layer in bundle.layers.values():
+            shape = (layer.in_features, layer.out_features)
+            count[shape] = count.get(shape, 0) + 1
+            first.setdefault(shape, layer)
+        totals: dict[str, float] = {}
+        rows = []
+        for (k, n), layer in first.items():
+            pw = pack_int_weight(layer.weight.detach().float(), self.format)
+            for m in self.batches:
+                x = torch.randn(m, k, device=bundle.device, dtype=torch.float16)
+                kernel = time_both(lowbit_calls(x, pw, "auto"), self.modes)
+                base = time_both(fp16_calls(x, n)[1], self.modes)
+                rows.append({"in": k, "out": n, "layers": count[(k, n)], "batch": m, "path": pick_path(m, pw, x.device),
+                             **{f"{mode}_us": kernel[mode] for mode in self.modes}, **{f"{mode}_fp16_us": base[mode] for mode in self.modes}})
+                for mode in self.modes:
+                    key = f"latency/layers_{mode}_us/b{m}"
+                    totals[key] = totals.get(key, 0.0) + kernel[mode] * count[(k, n)]
+                    totals[f"{key}_fp16"] = totals.get(f"{key}_fp16", 0.0) + base[mode] * count[(k, n)]
+        for key in [k for k in totals if not k.endswith("_fp16")]:
+            totals[key.replace("_us/", "_speedup/")] = totals[f"{key}_fp16"] / totals[key]
+        return totals, rows
+
+    @torch.no_grad()
+    def time_decode(self, bundle: ModelBundle) -> dict[str, Any]:
+        """Greedy decode (eager, batch 1) with the model as configured and with QuantLinear layers."""
+        from kernels.qlinear import quantize_linear_layers, restore_linear_layers
+
+        vocab = int(bundle.model.config.vocab_size)
+        prompt = torch.randint(0, vocab, (1, self.prompt_tokens), device=bundle.device)
+        result: dict[str, Any] = {"tokens": self.decode_tokens, "prompt_tokens": self.prompt_tokens, "loop": "eager",
+                                  "model_dtype": str(next(bundle.model.parameters()).dtype)}
+        result["tokens_per_s_unquantized"] = decode_tokens_per_s(bundle.model, prompt, self.decode_tokens)
+        originals = quantize_linear_layers(bundle, self.format)
+        try:
+            torch.cuda.reset_peak_memory_stats(bundle.device)
+            result["tokens_per_s"] = decode_tokens_per_s(bundle.model, prompt, self.decode_tokens)
+            result["peak_memory_gb"] = torch.cuda.max_memory_allocated(bundle.device) / 1e9
+        finally:
+            restore_linear_layers(bundle, originals)
+        return result
+
+
+def decode_tokens_per_s(model: torch.nn.Module, prompt: torch.Tensor, tokens: int) -> float:
+    """Tokens per second of a greedy decode with the KV cache, after one untimed warm-up token."""
+    out = model(prompt, use_cache=True)
+    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    out = model(token, past_key_values=past, use_cache=True)
+    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize(prompt.device)
+    start = time.perf_counter()
+    for _ in range(tokens):
+        out = model(token, past_key_values=past, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize(prompt.device)
+    return tokens / (time.perf_counter() - start)
+

@@ -1,0 +1,87 @@
+"""GPU timing in two modes, and the device's copy bandwidth to compare against.
+
+* ``cold``: ``triton.testing.do_bench``, median, L2 flushed before every call: a kernel's time when
+  nothing it reads is cached.
+* ``steady``: a CUDA graph that calls the kernel once per weight copy, the copies rotating through
+  at least :data:`STEADY_BYTES` so no weight is still in L2 when its turn comes again, replayed many
+  times: the time per call of a kernel run back to back, as in a decode loop, without launch gaps.
+
+No hydra imports here: the device machine runs this without the harness's config stack.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any, Callable
+
+import torch
+
+STEADY_BYTES = 300e6
+MODES = ("cold", "steady")
+
+
+def copies_for(nbytes: int) -> int:
+    """Weight copies that make a rotation of at least :data:`STEADY_BYTES` (at least one)."""
+    return max(1, math.ceil(STEADY_BYTES / max(nbytes, 1)))
+
+
+def cold_us(fn: Callable[[], Any]) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+
+
+def steady_us(calls: list[Callable[[], Any]], min_ms: float = 10.0, samples: int = 3) -> float:
+    """Median time per call (us) of a CUDA graph holding ``calls`` in order, replayed back to back."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    replays = max(3, math.ceil(min_ms / max(start.elapsed_time(end), 1e-3)))
+    per_call = []
+    for _ in range(samples):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        per_call.append(start.elapsed_time(end) * 1e3 / (replays * len(calls)))
+    del graph
+    return statistics.median(per_call)
+
+
+def time_both(make_calls: Callable[[], list[Callable[[], Any]]], modes: tuple[str, ...] = MODES) -> dict[str, float]:
+    """``{mode: us}``; ``make_calls`` returns one call per rotating copy (cold times the first)."""
+    calls = make_calls()
+    out = {}
+    if "cold" in modes:
+        out["cold"] = cold_us(calls[0])
+    if "steady" in modes:
+        out["steady"] = steady_us(calls)
+    return out
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written (steady state)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    us = steady_us([lambda: dst.copy_(src)], min_ms=50.0)
+    del src, dst
+    return 2 * nbytes / us / 1e3
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "none"

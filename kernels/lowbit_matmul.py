@@ -1,0 +1,506 @@
+"""Packed low-bit weight matmuls ``y = x @ W^T`` with fp16/bf16 activations (W1..W4, ternary).
+
+Weights come as a :class:`kernels.pack.PackedWeight` (codes packed along K in chunks, fp16 scales and
+optional zero points per group). Three GPU paths, chosen by the number of activation rows ``M``:
+
+* **GEMV** (``M <= 8``), meant to be memory bound: each program streams ``BLOCK_N`` weight rows,
+  ``CHUNKS`` chunks (cache lines per row) per step, loading the next step before computing this one. Codes are turned into floats without int->float conversions, which
+  run at a quarter of the FMA rate on Hopper: a code placed in the top mantissa bits of 1.0 reads as
+  ``1 + code / 2**b``, so per element the decode is one shift and one mask-or, then one FMA. The
+  offset and the zero point are removed once per group with the group's activation sum:
+  ``sum_k (q_k - z) x_k = 2**b * (sum_k v_k x_k - sum_k x_k) - z * sum_k x_k``.
+* **GEMM** (``8 < M < dequant_min_m``): tensor cores with swapped operands (``y^T = W x^T``), so the
+  dequantized weight tile is the wide MMA operand and a small batch is the narrow one. Codes become
+  fp16/bf16 through the same exponent trick (``0x6400 | q`` is ``1024 + q`` in fp16).
+* **dequant + cuBLAS** for large ``M``, where the matmul is compute bound and cuBLAS is hard to beat.
+
+``reference_matmul`` is the plain-torch definition every kernel is tested against.
+
+Status (H100, bench/results/kernel_latency_h100.md): correct at real sizes, but the GEMV runs at
+0.9x cuBLAS fp16 for W4/W2/W1 at 8192^2 batch 1 (1.5x for per-channel ternary), far from the
+bandwidth bound it was designed for; the per-group work is the main suspect (see the notes there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.pack import CODE_BITS, PackedWeight, dequantize_packed
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int = 32
+    num_warps: int = 4
+    split_k: int = 1
+    chunks: int = 2  # chunks (cache lines per row) per step
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_n: int = 128
+    block_m: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    block_k: int = 128  # at most: the dot depth is a whole number of slot runs of one chunk
+
+
+GEMV_MAX_M = 8
+DEQUANT_MIN_M = 256  # H100, 8192^2 W4: dequant + cuBLAS beat the fused GEMM from batch 256 on
+GEMM_MIN_RUN = 16  # a tensor-core dot needs a depth of at least 16
+# Tuned tile configs: GEMV by (layout, several groups per row), GEMM by batch bucket (a power of two).
+GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # best of a small search on H100 at 8192^2, batch 1
+    ("uint4", True): GemvConfig(block_n=32, num_warps=4, split_k=2, chunks=2),
+    ("uint3", True): GemvConfig(block_n=32, num_warps=4, split_k=1, chunks=2),
+    ("uint2", True): GemvConfig(block_n=32, num_warps=4, split_k=2, chunks=2),
+    ("uint2", False): GemvConfig(block_n=32, num_warps=4, split_k=1, chunks=2),
+    ("ternary5", False): GemvConfig(block_n=32, num_warps=4, split_k=2, chunks=2),
+    ("uint1", True): GemvConfig(block_n=64, num_warps=8, split_k=1, chunks=2),
+}
+GEMM_CONFIGS: dict[int, GemmConfig] = {  # best of a small search on H100 at 8192^2 W4 g128
+    16: GemmConfig(block_n=64, block_m=16, num_warps=4, num_stages=3, block_k=128),
+    64: GemmConfig(block_n=64, block_m=64, num_warps=4, num_stages=3, block_k=128),
+    256: GemmConfig(block_n=128, block_m=128, num_warps=8, num_stages=3, block_k=128),
+    1024: GemmConfig(block_n=128, block_m=256, num_warps=8, num_stages=3, block_k=64),
+}
+
+
+# ----------------------------------------------------------------------------- decoding helpers
+
+
+@triton.jit
+def _shift(x, AMOUNT: tl.constexpr):
+    """``x << AMOUNT`` for AMOUNT >= 0, else ``x >> -AMOUNT`` (the caller masks the bits it keeps)."""
+    if AMOUNT >= 0:
+        return x << AMOUNT
+    else:
+        return x >> (-AMOUNT)
+
+
+@triton.jit
+def _unit_float(words, high, SLOT: tl.constexpr, LAYOUT: tl.constexpr, BITS: tl.constexpr):
+    """Slot ``SLOT`` of every word as the fp32 ``1 + code / 2**BITS`` (code in the top mantissa bits)."""
+    if LAYOUT == "ternary5":
+        trit_byte = (words * (3**SLOT)) & 255  # trit in bits 8..9 of trit_byte * 3
+        bits = ((trit_byte * 24576) & 0x600000) | 0x3F800000  # * 3 << 13 puts them at 21..22
+    elif LAYOUT == "uint3":
+        low = _shift(words, 20 - 2 * SLOT) & 0x300000
+        top = _shift(high, 22 - SLOT) & 0x400000
+        bits = low | top | 0x3F800000
+    else:
+        mask: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
+        bits = (_shift(words, 23 - BITS - BITS * SLOT) & mask) | 0x3F800000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _code(words, high, SLOT: tl.constexpr, LAYOUT: tl.constexpr, BITS: tl.constexpr):
+    """Slot ``SLOT`` of every word as an int32 code."""
+    if LAYOUT == "ternary5":
+        return (((words * (3**SLOT)) & 255) * 3) >> 8
+    elif LAYOUT == "uint3":
+        return ((words >> (2 * SLOT)) & 3) | (((high >> SLOT) & 1) << 2)
+    else:
+        return (words >> (BITS * SLOT)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _dequant(code, scale, zero, DTYPE: tl.constexpr):
+    """``(code - zero) * scale`` in DTYPE (fp16/bf16) with one rounding, like the reference.
+
+    ``0x6400 | code`` read as fp16 is ``1024 + code`` exactly (no int->float conversion), and
+    ``code - zero`` is exact in fp16 for integer and half-integer zeros. bf16 takes the same trick in
+    fp32 (``0x43000000 | code << 16`` is ``128 + code``) and rounds once at the end: the Triton
+    interpreter miscomputes arithmetic on bf16 values made by a bitcast. ``scale`` and ``zero``
+    come in fp16 for fp16, fp32 for bf16 (``math_dtype``).
+    """
+    if DTYPE == tl.float16:
+        value = (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+        return ((value - zero) * scale).to(DTYPE)
+    else:
+        value = ((code << 16) | 0x43000000).to(tl.float32, bitcast=True) - 128.0
+        return ((value - zero) * scale).to(DTYPE)
+
+
+@triton.jit
+def _load_chunk(w_ptr, hi_ptr, offs_n, offs_r, mask_n, chunk, stride_wn, stride_hn, LAYOUT: tl.constexpr, RUN: tl.constexpr):
+    """Words of one chunk for ``BLOCK_N`` rows (int32), and uint3's high plane shifted to this chunk."""
+    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + chunk * RUN + offs_r[None, :], mask=mask_n[:, None], other=0)
+    words = words.to(tl.int32)
+    high = words
+    if LAYOUT == "uint3":  # one high-plane chunk (32 slots) spans two low-plane chunks (16 slots)
+        high = tl.load(hi_ptr + offs_n[:, None] * stride_hn + (chunk // 2) * RUN + offs_r[None, :], mask=mask_n[:, None], other=0)
+        high = high >> ((chunk % 2) * 16)
+    return words, high
+
+
+@triton.jit
+def _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group, n_groups, zero_const, HAS_ZERO: tl.constexpr):
+    """Scale and zero point (fp32) of one group for ``BLOCK_N`` rows.
+
+    Chunks of row padding lie past the last group; they take its scale (their activations are 0).
+    """
+    group = tl.minimum(group, n_groups - 1)
+    scale = tl.load(scale_ptr + offs_n * n_groups + group, mask=mask_n, other=0).to(tl.float32)
+    if HAS_ZERO:
+        zero = tl.load(zero_ptr + offs_n * n_groups + group, mask=mask_n, other=0).to(tl.float32)
+    else:
+        zero = tl.zeros_like(scale) + zero_const
+    return scale, zero
+
+
+# ----------------------------------------------------------------------------- GEMV (small M)
+
+
+@triton.jit
+def _load_step(
+    w_ptr, hi_ptr, scale_ptr, zero_ptr, offs_n, mask_n, step, last, n_chunks, n_groups, group_size, zero_const,
+    stride_wn, stride_hn,
+    LAYOUT: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr, SLOTS_PER_GROUP: tl.constexpr,
+    HAS_ZERO: tl.constexpr, CHUNKS: tl.constexpr, GROUPS: tl.constexpr,
+):
+    """Words ``[BLOCK_N, CHUNKS, RUN]`` of ``CHUNKS`` consecutive chunks and their groups' scales and
+    zeros ``[BLOCK_N, CHUNKS, GROUPS]`` (fp32): everything one GEMV step reads from the weight (nothing
+    past step ``last``). GROUPS is the groups per chunk rounded up to a power of two."""
+    chunk = step * CHUNKS + tl.arange(0, CHUNKS)
+    valid = (mask_n & (offs_n * 0 + step < last))[:, None, None]  # block & scalar trips the interpreter
+    rows = valid & (chunk < n_chunks)[None, :, None]
+    offs = offs_n[:, None, None] * stride_wn + chunk[None, :, None] * RUN + tl.arange(0, RUN)[None, None, :]
+    words = tl.load(w_ptr + offs, mask=rows, other=0).to(tl.int32)
+    high = words
+    if LAYOUT == "uint3":  # one high-plane chunk (32 slots) spans two low-plane chunks (16 slots)
+        offs_h = offs_n[:, None, None] * stride_hn + (chunk // 2)[None, :, None] * RUN + tl.arange(0, RUN)[None, None, :]
+        high = tl.load(hi_ptr + offs_h, mask=rows, other=0) >> ((chunk % 2) * 16)[None, :, None]
+    first_code = chunk[:, None] * (SLOTS * RUN) + tl.arange(0, GROUPS)[None, :] * (SLOTS_PER_GROUP * RUN)
+    group = tl.minimum(first_code // group_size, n_groups - 1)  # row padding takes the last group
+    offs_g = offs_n[:, None, None] * n_groups + group[None, :, :]
+    scale = tl.load(scale_ptr + offs_g, mask=valid, other=0).to(tl.float32)
+    if HAS_ZERO:
+        zero = tl.load(zero_ptr + offs_g, mask=valid, other=0).to(tl.float32)
+    else:
+        zero = tl.zeros_like(scale) + zero_const
+    return words, high, scale, zero
+
+
+@triton.jit
+def _pick(tile, index: tl.constexpr, SIZE: tl.constexpr):
+    """``tile[..., index]`` of a register tile whose last dim has SIZE entries."""
+    if SIZE == 1:
+        return tl.sum(tile, axis=2)
+    else:
+        return tl.sum(tl.where(tl.arange(0, SIZE)[None, None, :] == index, tile, 0.0), axis=2)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr,
+    M, N, K, n_chunks, n_groups, group_size, zero_const,
+    stride_xm, stride_wn, stride_hn, stride_ym,
+    LAYOUT: tl.constexpr, BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr,
+    SLOTS_PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUPS: tl.constexpr,
+):
+    """Each program: BLOCK_N rows, CHUNKS chunks per step, the next step's loads issued before this
+    step's arithmetic (register double buffering keeps two steps of weight bytes in flight)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    CHUNK: tl.constexpr = SLOTS * RUN
+    unit: tl.constexpr = 2.0**BITS
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, CHUNKS)
+    offs_r = tl.arange(0, RUN)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    steps = tl.cdiv(n_chunks, CHUNKS)
+    steps_per_split = tl.cdiv(steps, SPLIT_K)
+    first = pid_k * steps_per_split
+    last = tl.minimum(first + steps_per_split, steps)
+    words, high, scale, zero = _load_step(
+        w_ptr, hi_ptr, scale_ptr, zero_ptr, offs_n, mask_n, first, last, n_chunks, n_groups, group_size,
+        zero_const, stride_wn, stride_hn, LAYOUT, SLOTS, RUN, SLOTS_PER_GROUP, HAS_ZERO, CHUNKS, GROUPS,
+    )
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(first, last):
+        cur_words, cur_high, cur_scale, cur_zero = words, high, scale, zero
+        words, high, scale, zero = _load_step(
+            w_ptr, hi_ptr, scale_ptr, zero_ptr, offs_n, mask_n, step + 1, last, n_chunks, n_groups,
+            group_size, zero_const, stride_wn, stride_hn, LAYOUT, SLOTS, RUN, SLOTS_PER_GROUP, HAS_ZERO, CHUNKS, GROUPS,
+        )
+        chunk_start = (step * CHUNKS + offs_c) * CHUNK
+        part = tl.zeros((BLOCK_M, BLOCK_N, CHUNKS, RUN), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_M, CHUNKS, RUN), dtype=tl.float32)
+        for slot in tl.static_range(SLOTS):
+            k = chunk_start[:, None] + slot * RUN + offs_r[None, :]
+            x_mask = mask_m[:, None, None] & (k < K)[None, :, :]
+            x = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + k[None, :, :], mask=x_mask, other=0.0).to(tl.float32)
+            part += _unit_float(cur_words, cur_high, slot, LAYOUT, BITS)[None, :, :, :] * x[:, None, :, :]
+            x_sum += x
+            if (slot + 1) % SLOTS_PER_GROUP == 0:  # a group ends here: scale its sums
+                s = _pick(cur_scale, slot // SLOTS_PER_GROUP, GROUPS)
+                z = _pick(cur_zero, slot // SLOTS_PER_GROUP, GROUPS)
+                dot_v = tl.sum(part, axis=3)
+                sum_x = tl.sum(x_sum, axis=2)
+                acc += tl.sum((unit * s)[None, :, :] * dot_v - ((unit + z) * s)[None, :, :] * sum_x[:, None, :], axis=2)
+                part = tl.zeros((BLOCK_M, BLOCK_N, CHUNKS, RUN), dtype=tl.float32)
+                x_sum = tl.zeros((BLOCK_M, CHUNKS, RUN), dtype=tl.float32)
+    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- GEMM (tensor cores)
+
+
+@triton.jit
+def _codes_of_slots(words, high, slots, LAYOUT: tl.constexpr, BITS: tl.constexpr):
+    """Codes ``[BLOCK_N, SUB, RUN]`` of the slots ``slots [SUB]`` (run-time shifts) of ``words [BLOCK_N, RUN]``."""
+    w = words[:, None, :]
+    s = slots[None, :, None]
+    if LAYOUT == "ternary5":
+        power = tl.where(s == 0, 1, tl.where(s == 1, 3, tl.where(s == 2, 9, tl.where(s == 3, 27, 81))))
+        return (((w * power) & 255) * 3) >> 8
+    elif LAYOUT == "uint3":
+        return ((w >> (2 * s)) & 3) | (((high[:, None, :] >> s) & 1) << 2)
+    else:
+        return (w >> (BITS * s)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _gemm_kernel(
+    x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr,
+    M, N, K, n_chunks, n_groups, group_size, zero_const,
+    stride_xm, stride_wn, stride_hn, stride_ym,
+    LAYOUT: tl.constexpr, BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr,
+    SLOTS_PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, MATH_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
+):
+    """``y^T = W x^T`` tile by tile: each step dequantizes SUB slots of one chunk (a contiguous K range
+    of SUB * RUN codes) to a ``[BLOCK_N, SUB * RUN]`` tile and feeds one tensor-core dot."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    BLOCK_K: tl.constexpr = SUB * RUN
+    STEPS_PER_CHUNK: tl.constexpr = SLOTS // SUB
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, RUN)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile: the weight is the wide operand
+    for step in range(0, n_chunks * STEPS_PER_CHUNK):
+        chunk = step // STEPS_PER_CHUNK
+        slots = (step % STEPS_PER_CHUNK) * SUB + tl.arange(0, SUB)
+        words, high = _load_chunk(w_ptr, hi_ptr, offs_n, offs_r, mask_n, chunk, stride_wn, stride_hn, LAYOUT, RUN)
+        codes = _codes_of_slots(words, high, slots, LAYOUT, BITS)
+        group = tl.minimum((chunk * (SLOTS * RUN) + slots * RUN) // group_size, n_groups - 1)
+        offs_g = offs_n[:, None] * n_groups + group[None, :]
+        scale = tl.load(scale_ptr + offs_g, mask=mask_n[:, None], other=0).to(MATH_DTYPE)
+        if HAS_ZERO:
+            zero = tl.load(zero_ptr + offs_g, mask=mask_n[:, None], other=0).to(MATH_DTYPE)
+        else:
+            zero = (tl.zeros_like(scale) + zero_const).to(MATH_DTYPE)
+        w = tl.reshape(_dequant(codes, scale[:, :, None], zero[:, :, None], dtype), (BLOCK_N, BLOCK_K))
+        k = chunk * (SLOTS * RUN) + (step % STEPS_PER_CHUNK) * BLOCK_K + offs_k
+        x_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None], mask=mask_m[None, :] & (k[:, None] < K), other=0.0)
+        acc = tl.dot(w, x_t, acc)
+    y = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+
+
+# ----------------------------------------------------------------------------- dequantization
+
+
+@triton.jit
+def _dequant_kernel(
+    w_ptr, hi_ptr, scale_ptr, zero_ptr, out_ptr,
+    N, K, n_groups, group_size, zero_const, stride_wn, stride_hn,
+    LAYOUT: tl.constexpr, BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr,
+    SLOTS_PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, MATH_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, RUN)
+    mask_n = offs_n < N
+    dtype = out_ptr.dtype.element_ty
+    words, high = _load_chunk(w_ptr, hi_ptr, offs_n, offs_r, mask_n, chunk, stride_wn, stride_hn, LAYOUT, RUN)
+    scale = tl.zeros((BLOCK_N,), dtype=MATH_DTYPE)
+    zero = tl.zeros((BLOCK_N,), dtype=MATH_DTYPE)
+    for slot in tl.static_range(SLOTS):
+        k = chunk * (SLOTS * RUN) + slot * RUN + offs_r
+        if slot % SLOTS_PER_GROUP == 0:
+            group = (chunk * (SLOTS * RUN) + slot * RUN) // group_size
+            scale32, zero32 = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group, n_groups, zero_const, HAS_ZERO)
+            scale = scale32.to(MATH_DTYPE)
+            zero = zero32.to(MATH_DTYPE)
+        w = _dequant(_code(words, high, slot, LAYOUT, BITS), scale[:, None], zero[:, None], dtype)
+        tl.store(out_ptr + offs_n[:, None] * K + k[None, :], w, mask=mask_n[:, None] & (k[None, :] < K))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _kernel_args(pw: PackedWeight) -> tuple[list, dict]:
+    """Arguments shared by every kernel: weight pointers and sizes, then the layout's constexprs."""
+    high = pw.high if pw.high is not None else pw.words
+    zero = pw.zero if pw.zero is not None else pw.scale
+    tensors = [pw.words, high, pw.scale, zero]
+    consts = dict(
+        LAYOUT=pw.layout, BITS=CODE_BITS[pw.layout], SLOTS=pw.slots, RUN=pw.run,
+        SLOTS_PER_GROUP=min(pw.slots, pw.group_size // pw.run), HAS_ZERO=pw.zero is not None,
+    )
+    return tensors, consts
+
+
+def math_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Dtype of the in-kernel dequantization arithmetic: fp16 itself, fp32 for bf16 (see ``_dequant``)."""
+    return tl.float16 if dtype == torch.float16 else tl.float32
+
+
+def _output(out: torch.Tensor | None, shape: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, device=x.device, dtype=x.dtype)
+    if tuple(out.shape) != shape or out.dtype != x.dtype or out.stride(1) != 1:
+        raise ValueError(f"out must be {x.dtype} {shape} and contiguous along N, got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
+def _check_inputs(x: torch.Tensor, pw: PackedWeight) -> None:
+    if x.dim() != 2 or x.shape[1] != pw.k:
+        raise ValueError(f"x must be [M, {pw.k}], got {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the kernels take fp16 or bf16 activations, got {x.dtype}")
+    if x.stride(1) != 1:
+        raise ValueError("x must be contiguous along K")
+
+
+def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ W^T`` for small M (at most :data:`GEMV_MAX_M` rows), into ``out`` if given."""
+    _check_inputs(x, pw)
+    m = x.shape[0]
+    if m > GEMV_MAX_M:
+        raise ValueError(f"gemv takes at most {GEMV_MAX_M} rows, got {m}; use gemm")
+    config = config or GEMV_CONFIGS.get(gemv_key(pw), GemvConfig())
+    if x.dtype != torch.float16:  # split-K adds with fp16 atomics; bf16 ones need sm_90 (and no interpreter)
+        config = GemvConfig(config.block_n, config.num_warps, 1, config.chunks)
+    y = _output(out, (m, pw.n), x)
+    if config.split_k > 1:  # the splits add their partial sums into a zeroed output
+        y.zero_()
+    tensors, consts = _kernel_args(pw)
+    n_chunks = pw.words.shape[1] // pw.run
+    block_m = triton.next_power_of_2(m)  # the rows of a tile shrink as the batch grows (registers)
+    grid = (triton.cdiv(pw.n, max(8, config.block_n // block_m)), config.split_k)
+    _gemv_kernel[grid](
+        x, *tensors, y, m, pw.n, pw.k, n_chunks, pw.n_groups, pw.group_size, pw.zero_const,
+        x.stride(0), pw.words.stride(0), tensors[1].stride(0), y.stride(0),
+        BLOCK_M=block_m, BLOCK_N=max(8, config.block_n // block_m), CHUNKS=config.chunks,
+        SPLIT_K=config.split_k, GROUPS=triton.next_power_of_2(pw.slots // consts["SLOTS_PER_GROUP"]),
+        num_warps=config.num_warps, **consts,
+    )
+    return y
+
+
+def gemv_key(pw: PackedWeight) -> tuple[str, bool]:
+    return pw.layout, pw.n_groups > 1
+
+
+def gemm_config(m: int) -> GemmConfig:
+    """The tuned config of the smallest batch bucket holding ``m``; else tiles sized by the batch
+    (the batch is the narrow MMA operand)."""
+    bucket = min(1024, max(16, triton.next_power_of_2(m)))
+    fitting = [b for b in sorted(GEMM_CONFIGS) if b >= bucket]
+    if fitting:
+        return GEMM_CONFIGS[fitting[0]]
+    block_m = min(128, bucket)
+    return GemmConfig(block_n=128 if m <= 64 else 64 if m <= 256 else 128, block_m=block_m, num_warps=4 if m <= 128 else 8)
+
+
+def gemm_sub_slots(pw: PackedWeight, block_k: int) -> int:
+    """Slots per GEMM step: the most (a power of two dividing the slot count) within ``block_k`` codes."""
+    sub = 1
+    while pw.slots % (2 * sub) == 0 and 2 * sub * pw.run <= block_k:
+        sub *= 2
+    return sub
+
+
+def gemm(x: torch.Tensor, pw: PackedWeight, config: GemmConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ W^T`` on tensor cores, the weight dequantized tile by tile (needs ``run >= 16``)."""
+    _check_inputs(x, pw)
+    if pw.run < GEMM_MIN_RUN:
+        raise ValueError(f"gemm needs a run of at least {GEMM_MIN_RUN}, this weight has {pw.run}; use dequant")
+    m = x.shape[0]
+    config = config or gemm_config(m)
+    y = _output(out, (m, pw.n), x)
+    tensors, consts = _kernel_args(pw)
+    n_chunks = pw.words.shape[1] // pw.run
+    grid = (triton.cdiv(pw.n, config.block_n), triton.cdiv(m, config.block_m))
+    _gemm_kernel[grid](
+        x, *tensors, y, m, pw.n, pw.k, n_chunks, pw.n_groups, pw.group_size, pw.zero_const,
+        x.stride(0), pw.words.stride(0), tensors[1].stride(0), y.stride(0),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, SUB=gemm_sub_slots(pw, config.block_k),
+        MATH_DTYPE=math_dtype(x.dtype), num_warps=config.num_warps, num_stages=config.num_stages, **consts,
+    )
+    return y
+
+
+def dequantize(pw: PackedWeight, dtype: torch.dtype = torch.float16, block_n: int = 32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight ``[N, K]`` in ``dtype`` (fp16/bf16), dequantized by a Triton kernel (into ``out`` if given)."""
+    if out is None:
+        out = torch.empty((pw.n, pw.k), device=pw.words.device, dtype=dtype)
+    elif out.shape != (pw.n, pw.k) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{pw.n}, {pw.k}] tensor")
+    dtype = out.dtype
+    tensors, consts = _kernel_args(pw)
+    grid = (triton.cdiv(pw.n, block_n), pw.words.shape[1] // pw.run)
+    _dequant_kernel[grid](
+        *tensors, out, pw.n, pw.k, pw.n_groups, pw.group_size, pw.zero_const,
+        pw.words.stride(0), tensors[1].stride(0), BLOCK_N=block_n, MATH_DTYPE=math_dtype(dtype), num_warps=4, **consts,
+    )
+    return out
+
+
+def dequant_matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
+    """The fallback for large batches: dequantize, then the vendor matmul (cuBLAS on CUDA)."""
+    return x @ dequantize(pw, x.dtype).t()
+
+
+def reference_matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
+    """Plain-torch definition: fp32 ``x @ dequant(W)^T``, in x's dtype."""
+    return (x.float() @ dequantize_packed(pw, torch.float32).t()).to(x.dtype)
+
+
+def pick_path(m: int, pw: PackedWeight, device: torch.device) -> str:
+    """``torch`` off CUDA; else ``gemv`` for a few rows, ``gemm`` for mid batches, ``dequant`` beyond."""
+    if device.type != "cuda":
+        return "torch"
+    if m <= GEMV_MAX_M:
+        return "gemv"
+    if m < DEQUANT_MIN_M and pw.run >= GEMM_MIN_RUN:
+        return "gemm"
+    return "dequant"
+
+
+PATHS = {"gemv": gemv, "gemm": gemm, "dequant": dequant_matmul, "torch": reference_matmul}
+
+
+def lowbit_matmul(x: torch.Tensor, pw: PackedWeight, path: str = "auto") -> torch.Tensor:
+    """``x [..., K] @ W^T -> [..., N]`` through the path ``pick_path`` chooses (or the one named)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    if path == "auto":
+        path = pick_path(x2.shape[0], pw, x.device)
+    if path not in PATHS:
+        raise ValueError(f"path={path!r} is not valid; choose 'auto' or one of {sorted(PATHS)}")
+    return PATHS[path](x2, pw).reshape(*lead, pw.n)

@@ -1,0 +1,240 @@
+"""Packing of integer weight codes along K for the low-bit matmul kernels, with torch unpack references.
+
+A weight ``[N, K]`` (an ``nn.Linear``'s ``[out, in]``) with unsigned codes is stored row by row in
+*chunks*. A chunk holds ``slots * run`` consecutive codes of a row in ``run`` words; word ``w`` of the
+chunk holds, in slot ``i``, the code at ``chunk_start + i * run + w``. So slot ``i`` of a chunk's
+words is a contiguous run of ``run`` codes: a kernel decodes one slot of a whole tile with one
+constant shift, and multiplies it with a contiguous slice of the activations (a dot of depth ``run``
+for tensor cores). One slot run never crosses a scale group (``group_size % run == 0``).
+
+Layouts:
+
+* ``uint1``, ``uint2``, ``uint4``: int32 words, 32/16/8 slots of 1/2/4 bits; slot ``i`` at bits
+  ``[b*i, b*i + b)``.
+* ``uint3``: two planes. The low two bits of each code in the ``uint2`` layout (``words``) and the top
+  bit in the ``uint1`` layout (``high``), both with the same ``run``: exactly 3 bits per code, and each
+  plane decodes with constant shifts (10-per-word packing would waste 2 bits in 32 and cross words).
+* ``ternary5``: trits ``{0, 1, 2}`` five to a byte in base 3 (1.6 bits per code). The byte is
+  ``ceil(v * 256 / 243)`` for ``v = sum_i t_i 3^(4-i)``, so trit ``i`` decodes with two multiplies,
+  a mask and a shift: ``t_i = (((byte * 3^i) & 255) * 3) >> 8`` (no division).
+
+Ternary weights also fit ``uint2`` (codes ``{0, 1, 2}``, zero point 1): 2 bits, faster to decode.
+Rows are padded with code 0 up to a whole number of chunks; kernels mask the activations past ``K``,
+so padded codes never contribute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LAYOUTS = ("uint1", "uint2", "uint3", "uint4", "ternary5")
+SLOTS = {"uint1": 32, "uint2": 16, "uint3": 16, "uint4": 8, "ternary5": 5}
+CODE_BITS = {"uint1": 1, "uint2": 2, "uint3": 3, "uint4": 4, "ternary5": 2}
+STORED_BITS = {"uint1": 1.0, "uint2": 2.0, "uint3": 3.0, "uint4": 4.0, "ternary5": 1.6}
+# Runs to try, largest first: 32 int32 words or 128 bytes is one cache line per row and chunk; smaller
+# runs spare small matrices the padding (the tensor-core kernel needs a run of at least 16).
+RUN_CHOICES = {"ternary5": (256, 128, 64, 32, 16)}
+WORD_RUN_CHOICES = (32, 16, 8, 4, 2, 1)
+TERNARY5_POWERS = (1, 3, 9, 27, 81)
+
+
+class PackError(ValueError):
+    """Codes, shapes or group sizes that a layout cannot hold; the message names the constraint."""
+
+
+@dataclass
+class PackedWeight:
+    """A packed ``[n, k]`` weight with per-group scales: ``w = (code - zero) * scale``.
+
+    ``scale`` and ``zero`` are ``[n, n_groups]``; ``zero`` is None when every group shares
+    ``zero_const`` (symmetric formats: the code offset). ``group_size`` counts codes of the padded row
+    (``k_pad`` for one group per row).
+    """
+
+    layout: str
+    words: torch.Tensor
+    high: torch.Tensor | None
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    zero_const: float
+    n: int
+    k: int
+    run: int
+    group_size: int
+
+    @property
+    def slots(self) -> int:
+        return SLOTS[self.layout]
+
+    @property
+    def chunk(self) -> int:
+        """Codes per chunk of one row (the unit that a kernel's K loop advances by)."""
+        return self.slots * self.run
+
+    @property
+    def k_pad(self) -> int:
+        return self.words.shape[1] // self.run * self.chunk
+
+    @property
+    def n_groups(self) -> int:
+        return self.scale.shape[1]
+
+    def nbytes(self) -> int:
+        """Bytes a matmul reads for the weight: codes, scales and zeros."""
+        tensors = [self.words, self.high, self.scale, self.zero]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def to(self, device: torch.device | str) -> PackedWeight:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PackedWeight(
+            self.layout, move(self.words), move(self.high), move(self.scale), move(self.zero),
+            self.zero_const, self.n, self.k, self.run, self.group_size,
+        )
+
+
+def layout_for_bits(bits: int) -> str:
+    layouts = {1: "uint1", 2: "uint2", 3: "uint3", 4: "uint4"}
+    if bits not in layouts:
+        raise PackError(f"no packed layout for {bits}-bit codes; the kernels take bits in {sorted(layouts)}")
+    return layouts[bits]
+
+
+def chunk_period(layout: str, run: int) -> int:
+    """Codes per row that padding must round up to (uint3's high plane spans two low-plane chunks)."""
+    period = SLOTS[layout] * run
+    return 2 * period if layout == "uint3" else period
+
+
+def run_fits_groups(layout: str, run: int, group_size: int | None) -> bool:
+    """A slot run stays inside one group, and groups tile chunks evenly (one divides the other)."""
+    if group_size is None:
+        return True
+    chunk = SLOTS[layout] * run
+    return group_size % run == 0 and (chunk % group_size == 0 or group_size % chunk == 0)
+
+
+def choose_run(layout: str, k: int, group_size: int | None) -> int:
+    """The run that fits the groups with the least padding of ``k``; the largest among equals."""
+    choices = RUN_CHOICES.get(layout, WORD_RUN_CHOICES)
+    fitting = [r for r in choices if run_fits_groups(layout, r, group_size)]
+    if not fitting:
+        raise PackError(f"group_size={group_size} fits no run {choices} of layout {layout}; "
+                        "use a power-of-two group size (ternary5: a run of 16..256 bytes, or one group per row)")
+    return min(fitting, key=lambda r: (padded_width(k, chunk_period(layout, r)), -r))
+
+
+def padded_width(k: int, period: int) -> int:
+    return -(-k // period) * period
+
+
+def pack_weight(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    layout: str,
+    group_size: int | None,
+    zero_const: float = 0.0,
+    run: int | None = None,
+) -> PackedWeight:
+    """Pack unsigned ``codes [n, k]`` with ``scale``/``zero`` ``[n, n_groups]`` (``group_size=None``: per row)."""
+    if layout not in LAYOUTS:
+        raise PackError(f"layout={layout!r} is not valid; choose one of {LAYOUTS}")
+    n, k = codes.shape
+    check_codes(codes, layout)
+    check_groups(scale, zero, n, k, group_size)
+    run = run or choose_run(layout, k, group_size)
+    if not run_fits_groups(layout, run, group_size):
+        raise PackError(f"run={run} does not fit group_size={group_size} in layout {layout}")
+    k_pad = padded_width(k, chunk_period(layout, run))
+    padded = torch.nn.functional.pad(codes.to(torch.int64), (0, k_pad - k))
+    if layout == "uint3":
+        words, high = pack_uint(padded & 3, 2, run), pack_uint(padded >> 2, 1, run)
+    elif layout == "ternary5":
+        words, high = pack_ternary5(padded, run), None
+    else:
+        words, high = pack_uint(padded, CODE_BITS[layout], run), None
+    scale_dtype = scale.dtype if scale.dtype in (torch.float16, torch.float32) else torch.float32
+    return PackedWeight(
+        layout, words, high, scale.to(scale_dtype).contiguous(),
+        None if zero is None else zero.to(torch.float16 if scale_dtype == torch.float16 else torch.float32).contiguous(),
+        float(zero_const), n, k, run, group_size or k_pad,
+    )
+
+
+def check_codes(codes: torch.Tensor, layout: str) -> None:
+    if codes.dim() != 2 or codes.dtype.is_floating_point:
+        raise PackError(f"codes must be a 2-D integer tensor [n, k], got {codes.dtype} {tuple(codes.shape)}")
+    top = 2 if layout == "ternary5" else 2 ** CODE_BITS[layout] - 1
+    if codes.numel() and (codes.min() < 0 or codes.max() > top):
+        raise PackError(f"layout {layout} holds unsigned codes 0..{top}; got {int(codes.min())}..{int(codes.max())}")
+
+
+def check_groups(scale: torch.Tensor, zero: torch.Tensor | None, n: int, k: int, group_size: int | None) -> None:
+    n_groups = 1 if group_size is None else k // group_size
+    if group_size is not None and k % group_size:
+        raise PackError(f"group_size={group_size} does not divide k={k}")
+    if tuple(scale.shape) != (n, n_groups):
+        raise PackError(f"scale must be [n, n_groups] = {(n, n_groups)}, got {tuple(scale.shape)}")
+    if zero is not None and tuple(zero.shape) != (n, n_groups):
+        raise PackError(f"zero must be [n, n_groups] = {(n, n_groups)}, got {tuple(zero.shape)}")
+
+
+def to_int32_words(words: torch.Tensor) -> torch.Tensor:
+    """Unsigned 32-bit values held in int64 -> int32 with the same bits."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_uint(codes: torch.Tensor, bits: int, run: int) -> torch.Tensor:
+    """``codes [n, k_pad]`` (int64, each < 2**bits) -> int32 words ``[n, k_pad * bits / 32]``."""
+    n, k_pad = codes.shape
+    slots = 32 // bits
+    by_slot = codes.reshape(n, k_pad // (slots * run), slots, run)
+    shifts = (torch.arange(slots, device=codes.device) * bits).view(1, 1, slots, 1)
+    words = (by_slot << shifts).sum(dim=2)
+    return to_int32_words(words).reshape(n, -1).contiguous()
+
+
+def unpack_uint(words: torch.Tensor, bits: int, run: int) -> torch.Tensor:
+    """Inverse of :func:`pack_uint`: int32 words -> int64 codes ``[n, k_pad]``."""
+    n = words.shape[0]
+    slots = 32 // bits
+    chunks = words.to(torch.int64).reshape(n, -1, 1, run) & 0xFFFFFFFF
+    shifts = (torch.arange(slots, device=words.device) * bits).view(1, 1, slots, 1)
+    return ((chunks >> shifts) & (2**bits - 1)).reshape(n, -1)
+
+
+def pack_ternary5(codes: torch.Tensor, run: int) -> torch.Tensor:
+    """Trits ``[n, k_pad]`` -> bytes ``[n, k_pad / 5]``; byte ``w`` of a chunk holds slots 0..4 at ``w``."""
+    n, k_pad = codes.shape
+    by_slot = codes.reshape(n, k_pad // (5 * run), 5, run)
+    weights = torch.tensor([81, 27, 9, 3, 1], device=codes.device).view(1, 1, 5, 1)
+    value = (by_slot * weights).sum(dim=2)
+    return ((value * 256 + 242) // 243).to(torch.uint8).reshape(n, -1).contiguous()
+
+
+def unpack_ternary5(packed: torch.Tensor, run: int) -> torch.Tensor:
+    n = packed.shape[0]
+    chunks = packed.to(torch.int64).reshape(n, -1, 1, run)
+    powers = torch.tensor(TERNARY5_POWERS, device=packed.device).view(1, 1, 5, 1)
+    return ((((chunks * powers) & 255) * 3) >> 8).reshape(n, -1)
+
+
+def unpack_codes(pw: PackedWeight) -> torch.Tensor:
+    """The unsigned codes ``[n, k]`` (int64) of a packed weight."""
+    if pw.layout == "uint3":
+        codes = unpack_uint(pw.words, 2, pw.run) | (unpack_uint(pw.high, 1, pw.run) << 2)
+    elif pw.layout == "ternary5":
+        codes = unpack_ternary5(pw.words, pw.run)
+    else:
+        codes = unpack_uint(pw.words, CODE_BITS[pw.layout], pw.run)
+    return codes[:, : pw.k]
+
+
+def dequantize_packed(pw: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Reference dequantization ``(code - zero) * scale`` in fp32, returned as ``dtype`` ``[n, k]``."""
+    codes = unpack_codes(pw).float()
+    group = torch.arange(pw.k, device=codes.device) // pw.group_size
+    zero = pw.zero.float()[:, group] if pw.zero is not None else pw.zero_const
+    return ((codes - zero) * pw.scale.float()[:, group]).to(dtype)

@@ -1,0 +1,101 @@
+"""``QuantLinear``: an ``nn.Linear`` stored packed and multiplied by the low-bit kernels.
+
+Built once from a layer's weight and an :class:`~methods.common.formats.IntFormat` (the codes,
+scales and zero points of ``IntFormat.quantize``), or from codes a method already chose. On CUDA the
+forward runs the kernel that :func:`kernels.lowbit_matmul.pick_path` picks for the batch; elsewhere
+it runs the plain-torch reference, so a swapped model gives the fake-quant model's outputs on any
+machine. :func:`quantize_linear_layers` swaps a model bundle's quantizable layers, and
+:func:`restore_linear_layers` puts the originals back.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from kernels.lowbit_matmul import lowbit_matmul
+from kernels.pack import PackedWeight, layout_for_bits, pack_weight
+from methods.common.formats import FormatError, IntFormat
+
+if TYPE_CHECKING:
+    from bench.models import ModelBundle
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ dequant(W)^T + b`` with W packed; buffers move with ``.to(device)``."""
+
+    def __init__(self, pw: PackedWeight, bias: torch.Tensor | None = None, path: str = "auto") -> None:
+        super().__init__()
+        self.layout, self.zero_const, self.path = pw.layout, pw.zero_const, path
+        self.in_features, self.out_features, self.run, self.group_size = pw.k, pw.n, pw.run, pw.group_size
+        self.register_buffer("words", pw.words)
+        self.register_buffer("high", pw.high)
+        self.register_buffer("scale", pw.scale)
+        self.register_buffer("zero", pw.zero)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(
+            self.layout, self.words, self.high, self.scale, self.zero, self.zero_const,
+            self.out_features, self.in_features, self.run, self.group_size,
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: IntFormat, path: str = "auto") -> QuantLinear:
+        """Quantize ``linear.weight`` with ``fmt`` (round to nearest on the format's grid) and pack it."""
+        return cls(pack_int_weight(linear.weight.detach(), fmt), linear.bias, path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if x.is_cuda and dtype not in KERNEL_DTYPES:  # the kernels take fp16/bf16 activations
+            x = x.to(torch.float16)
+        y = lowbit_matmul(x, self.packed, self.path).to(dtype)
+        return y if self.bias is None else y + self.bias.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, group_size={self.group_size}"
+
+
+def pack_int_weight(weight: torch.Tensor, fmt: IntFormat) -> PackedWeight:
+    """Codes, scales and zeros of ``fmt.quantize(weight)``, packed (symmetric codes offset to unsigned)."""
+    if not isinstance(fmt, IntFormat):
+        raise FormatError(f"QuantLinear packs the int format; got {fmt.describe()}")
+    n, k = weight.shape
+    q = fmt.quantize(weight)
+    group = fmt.group_size if isinstance(fmt.group_size, int) else None
+    n_groups = 1 if group is None else k // group
+    codes = (q.codes.reshape(n, k) - fmt.qmin).to(torch.int64)
+    per_row = lambda t: t.reshape(-1, n_groups).expand(n, n_groups).contiguous()  # noqa: E731 ("tensor": one row)
+    scale = per_row(q.scale).to(torch.float16 if fmt.scale_bits == 16 else torch.float32)  # fp16 holds them exactly
+    zero = None if q.zero is None else per_row(q.zero)
+    return pack_weight(codes, scale, zero, layout_for_bits(fmt.bits), group, zero_const=-fmt.qmin)
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@torch.no_grad()
+def quantize_linear_layers(bundle: ModelBundle, fmt: IntFormat, path: str = "auto") -> dict[str, nn.Linear]:
+    """Swap every quantizable layer of ``bundle`` for a QuantLinear of its current weight; return the originals.
+
+    On pristine weights this gives RTN's codes exactly. On weights a method already fake-quantized,
+    min-max re-quantization finds the same grid except where rounding at a group's edge shifts it by
+    a step: right for timing, not for exact accuracy (build from the method's own codes for that).
+    """
+    originals = {}
+    for name, layer in bundle.layers.items():
+        replace_module(bundle.model, name, QuantLinear.from_linear(layer, fmt, path))
+        originals[name] = layer
+    return originals
+
+
+def restore_linear_layers(bundle: ModelBundle, originals: dict[str, nn.Linear]) -> None:
+    for name, layer in originals.items():
+        replace_module(bundle.model, name, layer)

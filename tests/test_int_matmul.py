@@ -1,0 +1,62 @@
+"""W8A8, W4A8 and bit-plane WpAq kernels against float64 references (interpreter on CPU, tiny ragged shapes)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from kernels import int_matmul as im  # noqa: E402
+from kernels.pack import pack_weight  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "unwritten (NaN) outputs"
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def test_quantize_rows_int8_round_trip() -> None:
+    x = torch.randn(7, 50)
+    q, scale = im.quantize_rows_int8(x)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    assert (q.float() * scale[:, None] - x).abs().max() <= scale.max() / 2 + 1e-6
+
+
+def test_int8_matmul_matches_reference_on_ragged_shapes() -> None:
+    a, sa = im.quantize_rows_int8(torch.randn(19, 100))
+    b, sb = im.quantize_rows_int8(torch.randn(70, 100))
+    a, sa, b, sb = (t.to(DEVICE) for t in (a, sa, b, sb))
+    out = im.int8_matmul(a, sa, b, sb, torch.float32, out=torch.full((19, 70), float("nan"), device=DEVICE))
+    assert rel_err(out, im.int8_matmul_reference(a, sa, b, sb)) < 1e-6
+
+
+@pytest.mark.parametrize("asym", [True, False])
+def test_w4a8_matches_reference(asym: bool) -> None:
+    n, k, group = 40, 192, 64
+    codes = torch.randint(0, 16, (n, k))
+    scale = (torch.rand(n, k // group) + 0.5).half()
+    zero = torch.randint(0, 16, (n, k // group)).half() if asym else None
+    pw = pack_weight(codes, scale, zero, "uint4", group, zero_const=8, run=16).to(DEVICE)
+    a, sa = im.quantize_rows_int8(torch.randn(21, k))
+    a, sa = a.to(DEVICE), sa.to(DEVICE)
+    assert rel_err(im.w4a8_matmul(a, sa, pw, torch.float32, block_n=32, block_m=16), im.w4a8_reference(a, sa, pw)) < 1e-6
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(2, 2), (3, 4), (1, 8)])
+def test_bitplane_matmul_is_exact_for_any_precision_pair(w_bits: int, a_bits: int) -> None:
+    n, k, m = 33, 200, 5
+    w_codes = torch.randint(0, 2**w_bits, (n, k))
+    bw = im.pack_bitplanes(w_codes, w_bits, torch.rand(n) + 0.5, torch.randint(0, 2**w_bits, (n,)).float())
+    a_codes, a_scale, a_zero = im.quantize_rows_asym(torch.randn(m, k), a_bits)
+    bw_dev = im.BitplaneWeight(bw.planes.to(DEVICE), *(t.to(DEVICE) for t in (bw.scale, bw.zero, bw.code_sum)), bw.bits, bw.n, bw.k, bw.run)
+    a_dev = a_codes.to(DEVICE)
+    core = im.bitplane_int_matmul(a_dev, a_bits, bw_dev).cpu()
+    assert torch.equal(core.long(), a_codes.long() @ w_codes.t())  # the binary-plane sum is exact
+    out = im.bitplane_matmul(a_dev, a_bits, a_scale.to(DEVICE), a_zero.to(DEVICE), bw_dev, torch.float64).cpu()
+    assert rel_err(out, im.bitplane_reference(a_codes, a_scale, a_zero, w_codes, bw)) < 1e-9

@@ -1,0 +1,100 @@
+"""eval=latency: composed from its YAML, skipped (not failed) without a GPU, timed with one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from bench.metrics import EvalContext  # noqa: E402
+from bench.metrics.latency import Latency  # noqa: E402
+from bench.models import ModelBundle, find_blocks  # noqa: E402
+from methods.common.formats import IntFormat  # noqa: E402
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def tiny_bundle(device: str) -> ModelBundle:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).eval().to(device)
+    blocks, prefix = find_blocks(model)
+    layers = {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in b.named_modules() if isinstance(m, nn.Linear)}
+    return ModelBundle("tiny", "llm", model, None, list(blocks), prefix, layers)
+
+
+@pytest.fixture(scope="module")
+def cpu_bundle() -> ModelBundle:
+    return tiny_bundle("cpu")
+
+
+def composed_latency(bits: int = 4) -> Latency:
+    """The evaluator as the pipeline builds it: eval/latency.yaml with the cell's format interpolated."""
+    cfg = OmegaConf.create({
+        "bits": bits, "group_size": 128,
+        "format": OmegaConf.load(CONF / "format" / "int.yaml"),
+        "eval": OmegaConf.load(CONF / "eval" / "latency.yaml"),
+    })
+    evaluator = instantiate(cfg.eval.latency)
+    assert isinstance(evaluator, Latency) and isinstance(evaluator.format, IntFormat)
+    return evaluator
+
+
+def test_latency_is_recorded_as_skipped_without_a_gpu(tmp_path: Path, cpu_bundle: ModelBundle) -> None:
+    result = composed_latency()(cpu_bundle, EvalContext(cache_dir=tmp_path, cell_key="k"))
+    assert result.metrics == {}
+    assert result.protocol["latency"]["skipped"] == "no GPU"
+
+
+def test_latency_skips_formats_without_kernels(cpu_bundle: ModelBundle) -> None:
+    evaluator = Latency(format=IntFormat(bits=8, group_size=128))
+    bundle = cpu_bundle
+    bundle_on_gpu = type("B", (), {"device": torch.device("cuda")})()
+    assert "no packed kernel" in evaluator.skip_reason(bundle_on_gpu)
+    assert evaluator.skip_reason(bundle) == "no GPU"
+
+
+def test_latency_measurement_flow_with_stubbed_gpu_timers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_bundle: ModelBundle) -> None:
+    """The GPU branch end to end on the CPU: timers and CUDA memory calls stubbed, kernels on the torch path."""
+    import bench.kernel_latency
+    import bench.metrics.latency as latency
+
+    monkeypatch.setattr(Latency, "skip_reason", lambda self, bundle: None)
+    monkeypatch.setattr(bench.kernel_latency, "copies_for", lambda nbytes: 2)
+    monkeypatch.setattr(latency, "time_both", lambda make, modes: (make(), {mode: 2.0 for mode in modes})[1])
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 1e9)
+    bundle = cpu_bundle
+    evaluator = composed_latency()
+    evaluator.decode_tokens = 2
+    result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k"))
+    assert result.metrics["latency/layers_steady_speedup/b16"] == 1.0
+    assert result.metrics["latency/decode_peak_memory_gb"] == 1.0
+    assert {row["in"] for row in result.protocol["latency"]["layer_shapes"]} == {256, 512}
+    assert not any(type(m).__name__ == "QuantLinear" for m in bundle.model.modules())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_latency_on_gpu_times_layers_and_decode(tmp_path: Path) -> None:
+    bundle = tiny_bundle("cuda")
+    evaluator = composed_latency()
+    evaluator.modes, evaluator.decode_tokens = ("steady",), 4
+    result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k"))
+    assert result.metrics["latency/layers_steady_us/b1"] > 0
+    assert result.metrics["latency/decode_tokens_per_s"] > 0
+    assert result.protocol["latency"]["gpu"] != "none"
+    assert not any(type(m).__name__ == "QuantLinear" for m in bundle.model.modules())

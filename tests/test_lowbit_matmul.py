@@ -1,0 +1,170 @@
+"""Packing and the low-bit matmul kernels against their torch references.
+
+Without a GPU the kernels run through the Triton interpreter (set below, before the kernels are
+decorated), at tiny ragged shapes. Every check draws fresh random codes, scales, zero points and
+activations, and poisons the output with NaN first, so an element the kernel never writes fails.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from kernels import lowbit_matmul as lm  # noqa: E402
+from kernels.pack import (  # noqa: E402
+    LAYOUTS,
+    PackError,
+    dequantize_packed,
+    pack_ternary5,
+    pack_weight,
+    unpack_codes,
+    unpack_ternary5,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TOP_CODE = {"uint1": 1, "uint2": 3, "uint3": 7, "uint4": 15, "ternary5": 2}
+
+
+def random_weight(layout: str, n: int, k: int, group: int | None, asym: bool, run: int | None = None, device: str = DEVICE):
+    """Random codes with fp16 scales in [0.5, 1.5) and, if ``asym``, random integer zero points."""
+    top = TOP_CODE[layout]
+    codes = torch.randint(0, top + 1, (n, k))
+    n_groups = 1 if group is None else k // group
+    scale = (torch.rand(n, n_groups) + 0.5).half()
+    zero = torch.randint(0, top + 1, (n, n_groups)).half() if asym else None
+    return pack_weight(codes, scale, zero, layout, group, zero_const=top / 2, run=run).to(device), codes
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "some outputs were never written (NaN poison left)"
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: str = DEVICE) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("run", [None, 16])
+def test_pack_round_trip_with_ragged_k(layout: str, run: int | None) -> None:
+    pw, codes = random_weight(layout, n=5, k=80 if layout == "ternary5" else 96, group=16 if layout != "ternary5" else None,
+                              asym=True, run=run, device="cpu")
+    assert pw.k_pad % pw.chunk == 0 and pw.k_pad >= pw.k
+    assert torch.equal(unpack_codes(pw), codes)
+
+
+def test_ternary5_decodes_all_243_bytes() -> None:
+    trits = torch.cartesian_prod(*[torch.arange(3)] * 5)  # [243, 5], slot i = column i
+    packed = pack_ternary5(trits.reshape(243, 5, 1).reshape(243, 5), run=1)
+    assert packed.shape == (243, 1)
+    assert torch.equal(unpack_ternary5(packed, run=1), trits)
+
+
+def test_uint3_stores_exactly_three_bits_per_code() -> None:
+    pw, _ = random_weight("uint3", n=4, k=1024, group=128, asym=False, device="cpu")
+    assert (pw.words.numel() + pw.high.numel()) * 32 == 4 * 1024 * 3
+
+
+def test_pack_rejects_codes_out_of_range_and_bad_groups() -> None:
+    with pytest.raises(PackError, match="0..15"):
+        pack_weight(torch.full((2, 32), 16), torch.ones(2, 1), None, "uint4", None)
+    with pytest.raises(PackError, match="does not divide"):
+        pack_weight(torch.zeros(2, 48, dtype=torch.int64), torch.ones(2, 1), None, "uint4", 32)
+    with pytest.raises(PackError, match="fits no run"):
+        pack_weight(torch.zeros(2, 96, dtype=torch.int64), torch.ones(2, 2), None, "ternary5", 48)
+
+
+# ----------------------------------------------------------------------------- GEMV
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("group,asym", [(32, True), (None, False)])
+@pytest.mark.parametrize("m", [1, 3])
+def test_gemv_matches_reference(layout: str, group: int | None, asym: bool, m: int) -> None:
+    if layout == "ternary5" and group is not None:
+        group = 64
+    pw, _ = random_weight(layout, n=37, k=192, group=group, asym=asym, run=16 if layout != "ternary5" else None)
+    x = torch.randn(m, pw.k, dtype=torch.float16, device=DEVICE)
+    out = lm.gemv(x, pw, out=poisoned((m, pw.n), x.dtype))
+    assert rel_err(out, lm.reference_matmul(x, pw)) < 2e-3
+
+
+@pytest.mark.parametrize("layout", ["uint4", "uint2"])
+def test_gemv_bf16_and_split_k(layout: str) -> None:
+    pw, _ = random_weight(layout, n=19, k=1024, group=64, asym=True, run=16)
+    for dtype, tol in [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)]:
+        x = torch.randn(2, pw.k, dtype=dtype, device=DEVICE)
+        ref = lm.reference_matmul(x, pw)
+        assert rel_err(lm.gemv(x, pw, out=poisoned((2, pw.n), x.dtype)), ref) < tol
+    # split-K adds into the output with atomics (fp16 only here: the interpreter has no bf16 atomics)
+    assert rel_err(lm.gemv(x, pw, lm.GemvConfig(block_n=8, split_k=3), out=poisoned((2, pw.n), x.dtype)), ref) < tol
+    for chunks in (1, 4):
+        assert rel_err(lm.gemv(x, pw, lm.GemvConfig(block_n=16, chunks=chunks), out=poisoned((2, pw.n), x.dtype)), ref) < tol
+
+
+# ----------------------------------------------------------------------------- GEMM and dequantization
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gemm_matches_reference(layout: str) -> None:
+    group = 80 if layout == "ternary5" else 32
+    pw, _ = random_weight(layout, n=40, k=400 if layout == "ternary5" else 224, group=group, asym=True, run=16)
+    x = torch.randn(20, pw.k, dtype=torch.float16, device=DEVICE)
+    out = lm.gemm(x, pw, lm.GemmConfig(block_n=32, block_m=16), out=poisoned((20, pw.n), x.dtype))
+    assert rel_err(out, lm.reference_matmul(x, pw)) < 2e-3
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequantize_matches_reference(layout: str, dtype: torch.dtype) -> None:
+    pw, _ = random_weight(layout, n=9, k=160, group=None if layout == "ternary5" else 32, asym=True, run=16)
+    out = lm.dequantize(pw, dtype, out=poisoned((pw.n, pw.k), dtype))
+    ref = dequantize_packed(pw, torch.float32)
+    assert not out.isnan().any()
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10  # the interpreter may round bf16 differently
+    assert torch.allclose(out.float(), ref, rtol=ulp, atol=0)
+
+
+def test_lowbit_matmul_keeps_leading_dims_and_uses_torch_off_gpu() -> None:
+    pw, _ = random_weight("uint4", n=24, k=64, group=32, asym=True, device="cpu")
+    x = torch.randn(2, 3, 64, dtype=torch.float16)
+    out = lm.lowbit_matmul(x, pw)
+    assert out.shape == (2, 3, 24)
+    assert torch.equal(out, lm.reference_matmul(x.reshape(6, 64), pw).reshape(2, 3, 24))
+    with pytest.raises(ValueError, match="path="):
+        lm.lowbit_matmul(x, pw, path="fast")
+
+
+def test_pick_path_by_batch() -> None:
+    pw, _ = random_weight("uint4", n=8, k=256, group=128, asym=False, device="cpu")
+    cuda = torch.device("cuda")
+    assert lm.pick_path(4, pw, torch.device("cpu")) == "torch"
+    assert [lm.pick_path(m, pw, cuda) for m in (1, 8, 64, lm.DEQUANT_MIN_M)] == ["gemv", "gemv", "gemm", "dequant"]
+
+
+# ----------------------------------------------------------------------------- on a GPU, at real sizes
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("layout,dtype", [(layout, torch.float16) for layout in LAYOUTS] + [("uint4", torch.bfloat16)])
+def test_kernels_on_gpu_at_layer_size(layout: str, dtype: torch.dtype) -> None:
+    group = 128
+    pw, _ = random_weight(layout, n=1000, k=4096 if layout != "ternary5" else 2560, group=group, asym=True)
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    for m in (1, 5, 16, 300):
+        x = torch.randn(m, pw.k, dtype=dtype, device="cuda")
+        ref = lm.reference_matmul(x, pw)
+        path = "gemv" if m <= lm.GEMV_MAX_M else "gemm"
+        out = lm.PATHS[path](x, pw, out=poisoned((m, pw.n), dtype))
+        assert rel_err(out, ref) < tol, (path, m)
+    assert rel_err(lm.dequant_matmul(x, pw), ref) < tol

@@ -1,0 +1,83 @@
+"""QuantLinear: packing a layer from the int format, and a swapped tiny model against the fake-quant one."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from bench.models import ModelBundle, find_blocks  # noqa: E402
+from kernels.qlinear import QuantLinear, pack_int_weight, quantize_linear_layers, restore_linear_layers  # noqa: E402
+from kernels.pack import dequantize_packed  # noqa: E402
+from methods.common.formats import FormatError, IntFormat  # noqa: E402
+
+
+@pytest.fixture
+def tiny_bundle() -> ModelBundle:
+    """A 2-block random Llama (the tiny model's shape) as a bundle, without tokenizer or checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).eval()
+    blocks, prefix = find_blocks(model)
+    layers = {f"{prefix}.{i}.{name}": m for i, b in enumerate(blocks) for name, m in b.named_modules() if isinstance(m, nn.Linear)}
+    return ModelBundle("tiny", "llm", model, None, list(blocks), prefix, layers)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [32, "channel", "tensor"])
+def test_packed_weight_dequantizes_to_the_fake_quant_weight(bits: int, symmetric: bool, group_size) -> None:
+    if symmetric and bits == 1:
+        pytest.skip("no symmetric 1-bit int grid")
+    fmt = IntFormat(bits=bits, group_size=group_size, symmetric=symmetric)
+    weight = torch.randn(24, 96)
+    assert torch.allclose(dequantize_packed(pack_int_weight(weight, fmt)), fmt.fake_quant(weight), atol=1e-6)
+
+
+def test_pack_int_weight_refuses_more_than_four_bits() -> None:
+    with pytest.raises(Exception, match="bits in"):
+        pack_int_weight(torch.randn(4, 64), IntFormat(bits=8, group_size=32))
+
+
+def test_quant_linear_keeps_bias_and_moves_buffers() -> None:
+    linear = nn.Linear(64, 16)
+    q = QuantLinear.from_linear(linear, IntFormat(bits=4, group_size=32))
+    x = torch.randn(3, 64)
+    expected = x @ IntFormat(bits=4, group_size=32).fake_quant(linear.weight.detach()).t() + linear.bias.detach()
+    assert torch.allclose(q(x), expected, atol=1e-4)
+    assert {name for name, _ in q.named_buffers()} == {"words", "scale", "zero", "bias"}
+
+
+def test_swapped_tiny_model_matches_fake_quant_model(tiny_bundle) -> None:
+    """Swap the pristine layers for QuantLinear, then compare with the fake-quantized (RTN) model."""
+    bundle = tiny_bundle
+    fmt = IntFormat(bits=4, group_size=32)
+    ids = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        originals = quantize_linear_layers(bundle, fmt)
+        assert sum(isinstance(m, QuantLinear) for m in bundle.model.modules()) == len(bundle.layers)
+        swapped = bundle.model(ids).logits
+        restore_linear_layers(bundle, originals)
+        assert not any(isinstance(m, QuantLinear) for m in bundle.model.modules())
+        for layer in bundle.layers.values():
+            layer.weight.copy_(fmt.fake_quant(layer.weight))
+        fake = bundle.model(ids).logits
+    assert torch.allclose(swapped, fake, atol=1e-5, rtol=1e-4)
+
+
+def test_swapped_layer_runs_the_triton_gemv_through_the_interpreter() -> None:
+    """The kernel path (forced; on CPU through the interpreter) agrees with the fake-quant layer."""
+    linear = nn.Linear(256, 40, bias=False).half()
+    fmt = IntFormat(bits=2, group_size=64)
+    q = QuantLinear.from_linear(linear, fmt, path="gemv").to("cuda" if torch.cuda.is_available() else "cpu")
+    x = torch.randn(2, 256, dtype=torch.float16, device=q.words.device)
+    ref = x.float() @ fmt.fake_quant(linear.weight.detach().float()).t().to(x.device)
+    assert torch.allclose(q(x).float(), ref, atol=2e-2, rtol=1e-2)
