@@ -23,7 +23,8 @@ bandwidth bound it was designed for; the per-group work is the main suspect (see
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -36,8 +37,8 @@ from kernels.pack import CODE_BITS, PackedWeight, dequantize_packed
 class GemvConfig:
     block_n: int = 32
     num_warps: int = 4
-    split_k: int = 1
-    chunks: int = 2  # chunks (cache lines per row) per step
+    split_k: int = 1  # programs along K, adding into a zeroed output with atomics (fp16 output only)
+    num_stages: int = 2
 
 
 @dataclass(frozen=True)
@@ -47,25 +48,19 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     block_k: int = 128  # at most: the dot depth is a whole number of slot runs of one chunk
+    split_k: int = 1
 
 
 GEMV_MAX_M = 8
 DEQUANT_MIN_M = 256  # H100, 8192^2 W4: dequant + cuBLAS beat the fused GEMM from batch 256 on
 GEMM_MIN_RUN = 16  # a tensor-core dot needs a depth of at least 16
 # Tuned tile configs: GEMV by (layout, several groups per row), GEMM by batch bucket (a power of two).
-GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # best of a small search on H100 at 8192^2, batch 1
-    ("uint4", True): GemvConfig(block_n=32, num_warps=4, split_k=2, chunks=2),
-    ("uint3", True): GemvConfig(block_n=32, num_warps=4, split_k=1, chunks=2),
-    ("uint2", True): GemvConfig(block_n=32, num_warps=4, split_k=2, chunks=2),
-    ("uint2", False): GemvConfig(block_n=32, num_warps=4, split_k=1, chunks=2),
-    ("ternary5", False): GemvConfig(block_n=32, num_warps=4, split_k=2, chunks=2),
-    ("uint1", True): GemvConfig(block_n=64, num_warps=8, split_k=1, chunks=2),
-}
-GEMM_CONFIGS: dict[int, GemmConfig] = {  # best of a small search on H100 at 8192^2 W4 g128
-    16: GemmConfig(block_n=64, block_m=16, num_warps=4, num_stages=3, block_k=128),
-    64: GemmConfig(block_n=64, block_m=64, num_warps=4, num_stages=3, block_k=128),
-    256: GemmConfig(block_n=128, block_m=128, num_warps=8, num_stages=3, block_k=128),
-    1024: GemmConfig(block_n=128, block_m=256, num_warps=8, num_stages=3, block_k=64),
+GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {}  # by (layout, several groups per row); filled by tuning
+GEMM_CONFIGS: dict[int, GemmConfig] = {  # by batch bucket (a power of two)
+    16: GemmConfig(block_n=64, block_m=16, num_warps=4, num_stages=2, block_k=128, split_k=4),
+    64: GemmConfig(block_n=64, block_m=64, num_warps=4, num_stages=2, block_k=128, split_k=4),
+    256: GemmConfig(block_n=128, block_m=128, num_warps=8, num_stages=2, block_k=128),
+    1024: GemmConfig(block_n=128, block_m=256, num_warps=8, num_stages=2, block_k=64),
 }
 
 
@@ -157,104 +152,59 @@ def _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group, n_groups, zero_const
 
 
 @triton.jit
-def _load_step(
-    w_ptr, hi_ptr, scale_ptr, zero_ptr, offs_n, mask_n, step, last, n_chunks, n_groups, group_size, zero_const,
-    stride_wn, stride_hn,
-    LAYOUT: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr, SLOTS_PER_GROUP: tl.constexpr,
-    HAS_ZERO: tl.constexpr, CHUNKS: tl.constexpr, GROUPS: tl.constexpr,
-):
-    """Words ``[BLOCK_N, CHUNKS, RUN]`` of ``CHUNKS`` consecutive chunks and their groups' scales and
-    zeros ``[BLOCK_N, CHUNKS, GROUPS]`` (fp32): everything one GEMV step reads from the weight (nothing
-    past step ``last``). GROUPS is the groups per chunk rounded up to a power of two."""
-    chunk = step * CHUNKS + tl.arange(0, CHUNKS)
-    valid = (mask_n & (offs_n * 0 + step < last))[:, None, None]  # block & scalar trips the interpreter
-    rows = valid & (chunk < n_chunks)[None, :, None]
-    offs = offs_n[:, None, None] * stride_wn + chunk[None, :, None] * RUN + tl.arange(0, RUN)[None, None, :]
-    words = tl.load(w_ptr + offs, mask=rows, other=0).to(tl.int32)
-    high = words
-    if LAYOUT == "uint3":  # one high-plane chunk (32 slots) spans two low-plane chunks (16 slots)
-        offs_h = offs_n[:, None, None] * stride_hn + (chunk // 2)[None, :, None] * RUN + tl.arange(0, RUN)[None, None, :]
-        high = tl.load(hi_ptr + offs_h, mask=rows, other=0) >> ((chunk % 2) * 16)[None, :, None]
-    first_code = chunk[:, None] * (SLOTS * RUN) + tl.arange(0, GROUPS)[None, :] * (SLOTS_PER_GROUP * RUN)
-    group = tl.minimum(first_code // group_size, n_groups - 1)  # row padding takes the last group
-    offs_g = offs_n[:, None, None] * n_groups + group[None, :, :]
-    scale = tl.load(scale_ptr + offs_g, mask=valid, other=0).to(tl.float32)
-    if HAS_ZERO:
-        zero = tl.load(zero_ptr + offs_g, mask=valid, other=0).to(tl.float32)
-    else:
-        zero = tl.zeros_like(scale) + zero_const
-    return words, high, scale, zero
-
-
-@triton.jit
-def _pick(tile, index: tl.constexpr, SIZE: tl.constexpr):
-    """``tile[..., index]`` of a register tile whose last dim has SIZE entries."""
-    if SIZE == 1:
-        return tl.sum(tile, axis=2)
-    else:
-        return tl.sum(tl.where(tl.arange(0, SIZE)[None, None, :] == index, tile, 0.0), axis=2)
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr,
     M, N, K, n_chunks, n_groups, group_size, zero_const,
     stride_xm, stride_wn, stride_hn, stride_ym,
     LAYOUT: tl.constexpr, BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr,
     SLOTS_PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr,
-    GROUPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """Each program: BLOCK_N rows, CHUNKS chunks per step, the next step's loads issued before this
-    step's arithmetic (register double buffering keeps two steps of weight bytes in flight)."""
+    """Each program: ``BLOCK_N`` rows over one K split, a chunk (one cache line per row) per step.
+
+    Every tensor of the hot loop lives in the ``[BLOCK_M, BLOCK_N, RUN]`` layout of the weight tile:
+    per element one shift, one mask-or and one FMA into ``part``; at a group's end ``part`` is scaled
+    into ``acc`` element-wise, and the code offset and zero point are taken off once per group with
+    the group's activation sum. The only reduction over K is the one at the end.
+    """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     CHUNK: tl.constexpr = SLOTS * RUN
     unit: tl.constexpr = 2.0**BITS
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = tl.arange(0, CHUNKS)
     offs_r = tl.arange(0, RUN)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    steps = tl.cdiv(n_chunks, CHUNKS)
-    steps_per_split = tl.cdiv(steps, SPLIT_K)
-    first = pid_k * steps_per_split
-    last = tl.minimum(first + steps_per_split, steps)
-    words, high, scale, zero = _load_step(
-        w_ptr, hi_ptr, scale_ptr, zero_ptr, offs_n, mask_n, first, last, n_chunks, n_groups, group_size,
-        zero_const, stride_wn, stride_hn, LAYOUT, SLOTS, RUN, SLOTS_PER_GROUP, HAS_ZERO, CHUNKS, GROUPS,
-    )
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(first, last):
-        cur_words, cur_high, cur_scale, cur_zero = words, high, scale, zero
-        words, high, scale, zero = _load_step(
-            w_ptr, hi_ptr, scale_ptr, zero_ptr, offs_n, mask_n, step + 1, last, n_chunks, n_groups,
-            group_size, zero_const, stride_wn, stride_hn, LAYOUT, SLOTS, RUN, SLOTS_PER_GROUP, HAS_ZERO, CHUNKS, GROUPS,
-        )
-        chunk_start = (step * CHUNKS + offs_c) * CHUNK
-        part = tl.zeros((BLOCK_M, BLOCK_N, CHUNKS, RUN), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_M, CHUNKS, RUN), dtype=tl.float32)
+    per_split = tl.cdiv(n_chunks, SPLIT_K)
+    first = pid_k * per_split
+    last = tl.minimum(first + per_split, n_chunks)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, RUN), dtype=tl.float32)
+    offset = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # sum over groups of (unit + zero) * scale * sum(x)
+    for chunk in range(first, last):
+        words, high = _load_chunk(w_ptr, hi_ptr, offs_n, offs_r, mask_n, chunk, stride_wn, stride_hn, LAYOUT, RUN)
+        part = tl.zeros((BLOCK_M, BLOCK_N, RUN), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_M, RUN), dtype=tl.float32)
         for slot in tl.static_range(SLOTS):
-            k = chunk_start[:, None] + slot * RUN + offs_r[None, :]
-            x_mask = mask_m[:, None, None] & (k < K)[None, :, :]
-            x = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + k[None, :, :], mask=x_mask, other=0.0).to(tl.float32)
-            part += _unit_float(cur_words, cur_high, slot, LAYOUT, BITS)[None, :, :, :] * x[:, None, :, :]
+            k = chunk * CHUNK + slot * RUN + offs_r
+            x_mask = mask_m[:, None] & (k < K)[None, :]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            part += _unit_float(words, high, slot, LAYOUT, BITS)[None, :, :] * x[:, None, :]
             x_sum += x
-            if (slot + 1) % SLOTS_PER_GROUP == 0:  # a group ends here: scale its sums
-                s = _pick(cur_scale, slot // SLOTS_PER_GROUP, GROUPS)
-                z = _pick(cur_zero, slot // SLOTS_PER_GROUP, GROUPS)
-                dot_v = tl.sum(part, axis=3)
-                sum_x = tl.sum(x_sum, axis=2)
-                acc += tl.sum((unit * s)[None, :, :] * dot_v - ((unit + z) * s)[None, :, :] * sum_x[:, None, :], axis=2)
-                part = tl.zeros((BLOCK_M, BLOCK_N, CHUNKS, RUN), dtype=tl.float32)
-                x_sum = tl.zeros((BLOCK_M, CHUNKS, RUN), dtype=tl.float32)
+            if (slot + 1) % SLOTS_PER_GROUP == 0:  # a group ends here
+                group = (chunk * CHUNK + slot * RUN) // group_size
+                scale, zero = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group, n_groups, zero_const, HAS_ZERO)
+                acc += part * (unit * scale)[None, :, None]
+                offset += ((unit + zero) * scale)[None, :] * tl.sum(x_sum, axis=1)[:, None]
+                part = tl.zeros((BLOCK_M, BLOCK_N, RUN), dtype=tl.float32)
+                x_sum = tl.zeros((BLOCK_M, RUN), dtype=tl.float32)
+    y_tile = tl.sum(acc, axis=2) - offset
     y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y, y_tile.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.atomic_add(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_add(y, y_tile.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- GEMM (tensor cores)
@@ -275,46 +225,72 @@ def _codes_of_slots(words, high, slots, LAYOUT: tl.constexpr, BITS: tl.constexpr
 
 
 @triton.jit
+def _offset_float(codes, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """``OFFSET + code`` in DTYPE without an int->float conversion: ``0x6400 | code`` is ``1024 + code``
+    in fp16 and ``0x4300 | code`` is ``128 + code`` in bf16 (exact for codes below 128). The Triton
+    interpreter mishandles bf16 bitcasts, so there bf16 goes through fp32."""
+    if DTYPE == tl.float16:
+        return (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    elif INTERPRET:
+        return ((codes << 16) | 0x43000000).to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _gemm_kernel(
     x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr,
     M, N, K, n_chunks, n_groups, group_size, zero_const,
     stride_xm, stride_wn, stride_hn, stride_ym,
     LAYOUT: tl.constexpr, BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr,
-    SLOTS_PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, MATH_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
+    SLOTS_PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """``y^T = W x^T`` tile by tile: each step dequantizes SUB slots of one chunk (a contiguous K range
-    of SUB * RUN codes) to a ``[BLOCK_N, SUB * RUN]`` tile and feeds one tensor-core dot."""
+    """``y^T = W x^T`` tile by tile. A step takes SUB slots of one chunk (a contiguous K range of
+    ``SUB * RUN`` codes inside one group), turns the codes into ``OFFSET + code`` floats (no scale, no
+    zero point: two integer ops per code) and feeds one tensor-core dot. The group's scale, zero point
+    and offset are applied to the ``[BLOCK_N, BLOCK_M]`` dot result:
+    ``sum_k (q_k - z) s x_k = s * (sum_k (OFFSET + q_k) x_k - (OFFSET + z) * sum_k x_k)``."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    CHUNK: tl.constexpr = SLOTS * RUN
     BLOCK_K: tl.constexpr = SUB * RUN
     STEPS_PER_CHUNK: tl.constexpr = SLOTS // SUB
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    OFFSET: tl.constexpr = 1024.0 if dtype == tl.float16 else 128.0
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, RUN)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    dtype = x_ptr.dtype.element_ty
+    steps = n_chunks * STEPS_PER_CHUNK
+    per_split = tl.cdiv(steps, SPLIT_K)
+    first = pid_k * per_split
+    last = tl.minimum(first + per_split, steps)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile: the weight is the wide operand
-    for step in range(0, n_chunks * STEPS_PER_CHUNK):
+    for step in range(first, last):
         chunk = step // STEPS_PER_CHUNK
-        slots = (step % STEPS_PER_CHUNK) * SUB + tl.arange(0, SUB)
+        slot0 = (step % STEPS_PER_CHUNK) * SUB
         words, high = _load_chunk(w_ptr, hi_ptr, offs_n, offs_r, mask_n, chunk, stride_wn, stride_hn, LAYOUT, RUN)
-        codes = _codes_of_slots(words, high, slots, LAYOUT, BITS)
-        group = tl.minimum((chunk * (SLOTS * RUN) + slots * RUN) // group_size, n_groups - 1)
-        offs_g = offs_n[:, None] * n_groups + group[None, :]
-        scale = tl.load(scale_ptr + offs_g, mask=mask_n[:, None], other=0).to(MATH_DTYPE)
-        if HAS_ZERO:
-            zero = tl.load(zero_ptr + offs_g, mask=mask_n[:, None], other=0).to(MATH_DTYPE)
-        else:
-            zero = (tl.zeros_like(scale) + zero_const).to(MATH_DTYPE)
-        w = tl.reshape(_dequant(codes, scale[:, :, None], zero[:, :, None], dtype), (BLOCK_N, BLOCK_K))
-        k = chunk * (SLOTS * RUN) + (step % STEPS_PER_CHUNK) * BLOCK_K + offs_k
+        codes = _codes_of_slots(words, high, slot0 + tl.arange(0, SUB), LAYOUT, BITS)
+        w = tl.reshape(_offset_float(codes, dtype, INTERPRET), (BLOCK_N, BLOCK_K))
+        k = chunk * CHUNK + slot0 * RUN + offs_k
         x_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None], mask=mask_m[None, :] & (k[:, None] < K), other=0.0)
-        acc = tl.dot(w, x_t, acc)
+        if INTERPRET and dtype == tl.bfloat16:  # the interpreter's bf16 dot reads the raw bits as integers
+            part = tl.dot(w.to(tl.float32), x_t.to(tl.float32))
+        else:
+            part = tl.dot(w, x_t)
+        x_sum = tl.sum(x_t.to(tl.float32), axis=0)
+        scale, zero = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, (chunk * CHUNK + slot0 * RUN) // group_size, n_groups, zero_const, HAS_ZERO)
+        acc += scale[:, None] * part - ((OFFSET + zero) * scale)[:, None] * x_sum[None, :]
     y = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+    mask = mask_n[:, None] & mask_m[None, :]
+    if SPLIT_K == 1:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- dequantization
@@ -392,7 +368,7 @@ def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, ou
         raise ValueError(f"gemv takes at most {GEMV_MAX_M} rows, got {m}; use gemm")
     config = config or GEMV_CONFIGS.get(gemv_key(pw), GemvConfig())
     if x.dtype != torch.float16:  # split-K adds with fp16 atomics; bf16 ones need sm_90 (and no interpreter)
-        config = GemvConfig(config.block_n, config.num_warps, 1, config.chunks)
+        config = replace(config, split_k=1)
     y = _output(out, (m, pw.n), x)
     if config.split_k > 1:  # the splits add their partial sums into a zeroed output
         y.zero_()
@@ -403,9 +379,8 @@ def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, ou
     _gemv_kernel[grid](
         x, *tensors, y, m, pw.n, pw.k, n_chunks, pw.n_groups, pw.group_size, pw.zero_const,
         x.stride(0), pw.words.stride(0), tensors[1].stride(0), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=max(8, config.block_n // block_m), CHUNKS=config.chunks,
-        SPLIT_K=config.split_k, GROUPS=triton.next_power_of_2(pw.slots // consts["SLOTS_PER_GROUP"]),
-        num_warps=config.num_warps, **consts,
+        BLOCK_M=block_m, BLOCK_N=max(8, config.block_n // block_m), SPLIT_K=config.split_k,
+        num_warps=config.num_warps, num_stages=config.num_stages, **consts,
     )
     return y
 
@@ -426,9 +401,11 @@ def gemm_config(m: int) -> GemmConfig:
 
 
 def gemm_sub_slots(pw: PackedWeight, block_k: int) -> int:
-    """Slots per GEMM step: the most (a power of two dividing the slot count) within ``block_k`` codes."""
+    """Slots per GEMM step: the most (a power of two dividing the slot count) within ``block_k`` codes
+    and one group (a step applies one scale per row)."""
+    per_group = min(pw.slots, pw.group_size // pw.run)
     sub = 1
-    while pw.slots % (2 * sub) == 0 and 2 * sub * pw.run <= block_k:
+    while pw.slots % (2 * sub) == 0 and 2 * sub * pw.run <= block_k and per_group % (2 * sub) == 0:
         sub *= 2
     return sub
 
@@ -440,15 +417,20 @@ def gemm(x: torch.Tensor, pw: PackedWeight, config: GemmConfig | None = None, ou
         raise ValueError(f"gemm needs a run of at least {GEMM_MIN_RUN}, this weight has {pw.run}; use dequant")
     m = x.shape[0]
     config = config or gemm_config(m)
+    if x.dtype != torch.float16:  # split-K adds with fp16 atomics (see gemv)
+        config = replace(config, split_k=1)
     y = _output(out, (m, pw.n), x)
+    if config.split_k > 1:
+        y.zero_()
     tensors, consts = _kernel_args(pw)
     n_chunks = pw.words.shape[1] // pw.run
-    grid = (triton.cdiv(pw.n, config.block_n), triton.cdiv(m, config.block_m))
+    grid = (triton.cdiv(pw.n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
     _gemm_kernel[grid](
         x, *tensors, y, m, pw.n, pw.k, n_chunks, pw.n_groups, pw.group_size, pw.zero_const,
         x.stride(0), pw.words.stride(0), tensors[1].stride(0), y.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, SUB=gemm_sub_slots(pw, config.block_k),
-        MATH_DTYPE=math_dtype(x.dtype), num_warps=config.num_warps, num_stages=config.num_stages, **consts,
+        SPLIT_K=config.split_k, INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
+        num_warps=config.num_warps, num_stages=config.num_stages, **consts,
     )
     return y
 
