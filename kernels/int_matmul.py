@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lowbit_matmul import _codes_of_slots, _load_chunk, gemm_sub_slots
+from kernels.lowbit_matmul import _codes_of_slots, _load_chunk, gemm_sub_slots, kernel_tensors
 from kernels.pack import PackedWeight, pack_uint, padded_width
 
 INT8_BLOCK = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64)
@@ -102,7 +102,7 @@ def int8_matmul_reference(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tenso
 @triton.jit
 def _w4a8_kernel(
     a_ptr, sa_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr,
-    M, N, K, n_chunks, n_groups, group_size, zero_const, stride_am, stride_wn, stride_ym,
+    M, N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_am, stride_wn, stride_ym,
     SLOTS: tl.constexpr, RUN: tl.constexpr, HAS_ZERO: tl.constexpr, SUB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -125,9 +125,9 @@ def _w4a8_kernel(
         codes = _codes_of_slots(words, high, first + tl.arange(0, SUB), "uint4", 4)
         k = chunk * (SLOTS * RUN) + first * RUN + offs_k
         group = tl.minimum((chunk * (SLOTS * RUN) + first * RUN) // group_size, n_groups - 1)
-        scale = tl.load(scale_ptr + offs_n * n_groups + group, mask=mask_n, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + offs_n * stride_sn + group * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
         if HAS_ZERO:
-            zero = tl.load(zero_ptr + offs_n * n_groups + group, mask=mask_n, other=0.0).to(tl.int32)
+            zero = tl.load(zero_ptr + offs_n * stride_sn + group * stride_sg, mask=mask_n, other=0.0).to(tl.int32)
         else:
             zero = tl.zeros_like(offs_n) + zero_const
         w = tl.reshape((codes - zero[:, None, None]).to(tl.int8), (BLOCK_N, BLOCK_K))
@@ -150,11 +150,11 @@ def w4a8_matmul(a: torch.Tensor, a_scale: torch.Tensor, pw: PackedWeight, out_dt
         raise ValueError(f"w4a8 needs integer zero points, got {pw.zero_const}")
     m = a.shape[0]
     y = torch.empty((m, pw.n), device=a.device, dtype=out_dtype)
-    zero = pw.zero if pw.zero is not None else pw.scale
+    _, _, scale, zero = kernel_tensors(pw)
     grid = (triton.cdiv(pw.n, block_n), triton.cdiv(m, block_m))
     _w4a8_kernel[grid](
-        a, a_scale.float().contiguous(), pw.words, pw.words, pw.scale, zero, y,
-        m, pw.n, pw.k, pw.words.shape[1] // pw.run, pw.n_groups, pw.group_size, int(pw.zero_const),
+        a, a_scale.float().contiguous(), pw.words, pw.words, scale, zero, y,
+        m, pw.n, pw.k, pw.words.shape[1] // pw.run, pw.n_groups, *pw.scale.stride(), pw.group_size, int(pw.zero_const),
         a.stride(0), pw.words.stride(0), y.stride(0),
         SLOTS=pw.slots, RUN=pw.run, HAS_ZERO=pw.zero is not None, SUB=sub, BLOCK_M=block_m, BLOCK_N=block_n,
     )

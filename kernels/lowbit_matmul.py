@@ -134,15 +134,15 @@ def _load_chunk(w_ptr, hi_ptr, offs_n, offs_r, mask_n, chunk, stride_wn, stride_
 
 
 @triton.jit
-def _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group, n_groups, zero_const, HAS_ZERO: tl.constexpr):
+def _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group, n_groups, stride_sn, stride_sg, zero_const, HAS_ZERO: tl.constexpr):
     """Scale and zero point (fp32) of one group for ``BLOCK_N`` rows.
 
     Chunks of row padding lie past the last group; they take its scale (their activations are 0).
     """
     group = tl.minimum(group, n_groups - 1)
-    scale = tl.load(scale_ptr + offs_n * n_groups + group, mask=mask_n, other=0).to(tl.float32)
+    scale = tl.load(scale_ptr + offs_n * stride_sn + group * stride_sg, mask=mask_n, other=0).to(tl.float32)
     if HAS_ZERO:
-        zero = tl.load(zero_ptr + offs_n * n_groups + group, mask=mask_n, other=0).to(tl.float32)
+        zero = tl.load(zero_ptr + offs_n * stride_sn + group * stride_sg, mask=mask_n, other=0).to(tl.float32)
     else:
         zero = tl.zeros_like(scale) + zero_const
     return scale, zero
@@ -154,57 +154,61 @@ def _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group, n_groups, zero_const
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr,
-    M, N, K, n_chunks, n_groups, group_size, zero_const,
+    M, N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const,
     stride_xm, stride_wn, stride_hn, stride_ym,
     LAYOUT: tl.constexpr, BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr,
     SLOTS_PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """Each program: ``BLOCK_N`` rows over one K split, a chunk (one cache line per row) per step.
+    """Program ``(m, n, k)``: activation row ``m`` (the rows of one weight tile run side by side, so
+    their weight reads after the first hit L2), ``BLOCK_N`` weight rows, one K split, one chunk (a
+    cache line per weight row) per step.
 
-    Every tensor of the hot loop lives in the ``[BLOCK_M, BLOCK_N, RUN]`` layout of the weight tile:
-    per element one shift, one mask-or and one FMA into ``part``; at a group's end ``part`` is scaled
-    into ``acc`` element-wise, and the code offset and zero point are taken off once per group with
-    the group's activation sum. The only reduction over K is the one at the end.
+    Every tensor of the hot loop is a ``[BLOCK_N, RUN]`` tile in the weight's layout, or a slice of
+    it: per code one shift, one mask-or and one FMA into ``part``; at a group's end ``part`` is scaled
+    into ``acc`` element-wise, and the code offset and zero point come off once per group with the
+    group's activation sum. The only reduction over K is the one at the end.
     """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     CHUNK: tl.constexpr = SLOTS * RUN
     unit: tl.constexpr = 2.0**BITS
-    offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, RUN)
-    mask_m = offs_m < M
     mask_n = offs_n < N
+    x_row = x_ptr + pid_m * stride_xm
     per_split = tl.cdiv(n_chunks, SPLIT_K)
     first = pid_k * per_split
     last = tl.minimum(first + per_split, n_chunks)
-    acc = tl.zeros((BLOCK_M, BLOCK_N, RUN), dtype=tl.float32)
-    offset = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # sum over groups of (unit + zero) * scale * sum(x)
+    acc = tl.zeros((BLOCK_N, RUN), dtype=tl.float32)
+    offset = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum over groups of (unit + zero) * scale * sum(x)
+    # register double buffering: the next chunk's words are loaded before this chunk's arithmetic (the
+    # index is clamped, so the last step reloads its own chunk instead of reading past the split)
+    next_words, next_high = _load_chunk(w_ptr, hi_ptr, offs_n, offs_r, mask_n, tl.minimum(first, n_chunks - 1), stride_wn, stride_hn, LAYOUT, RUN)
     for chunk in range(first, last):
-        words, high = _load_chunk(w_ptr, hi_ptr, offs_n, offs_r, mask_n, chunk, stride_wn, stride_hn, LAYOUT, RUN)
-        part = tl.zeros((BLOCK_M, BLOCK_N, RUN), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_M, RUN), dtype=tl.float32)
+        words, high = next_words, next_high
+        next_words, next_high = _load_chunk(w_ptr, hi_ptr, offs_n, offs_r, mask_n, tl.minimum(chunk + 1, last - 1), stride_wn, stride_hn, LAYOUT, RUN)
+        part = tl.zeros((BLOCK_N, RUN), dtype=tl.float32)
+        x_sum = tl.zeros((1, RUN), dtype=tl.float32)
         for slot in tl.static_range(SLOTS):
-            k = chunk * CHUNK + slot * RUN + offs_r
-            x_mask = mask_m[:, None] & (k < K)[None, :]
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            part += _unit_float(words, high, slot, LAYOUT, BITS)[None, :, :] * x[:, None, :]
+            k = chunk * CHUNK + slot * RUN + offs_r[None, :]
+            x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)  # [1, RUN]
+            part += _unit_float(words, high, slot, LAYOUT, BITS) * x
             x_sum += x
             if (slot + 1) % SLOTS_PER_GROUP == 0:  # a group ends here
                 group = (chunk * CHUNK + slot * RUN) // group_size
-                scale, zero = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group, n_groups, zero_const, HAS_ZERO)
-                acc += part * (unit * scale)[None, :, None]
-                offset += ((unit + zero) * scale)[None, :] * tl.sum(x_sum, axis=1)[:, None]
-                part = tl.zeros((BLOCK_M, BLOCK_N, RUN), dtype=tl.float32)
-                x_sum = tl.zeros((BLOCK_M, RUN), dtype=tl.float32)
-    y_tile = tl.sum(acc, axis=2) - offset
-    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
+                scale, zero = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group, n_groups, stride_sn, stride_sg, zero_const, HAS_ZERO)
+                acc += part * (unit * scale)[:, None]
+                offset += (unit + zero) * scale * tl.sum(x_sum, axis=1)
+                part = tl.zeros((BLOCK_N, RUN), dtype=tl.float32)
+                x_sum = tl.zeros((1, RUN), dtype=tl.float32)
+    y_row = tl.sum(acc, axis=1) - offset
+    y = y_ptr + pid_m * stride_ym + offs_n
     if SPLIT_K == 1:
-        tl.store(y, y_tile.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y, y_row.to(y_ptr.dtype.element_ty), mask=mask_n)
     else:
-        tl.atomic_add(y, y_tile.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_add(y, y_row.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
 # ----------------------------------------------------------------------------- GEMM (tensor cores)
@@ -240,7 +244,7 @@ def _offset_float(codes, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 @triton.jit
 def _gemm_kernel(
     x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr,
-    M, N, K, n_chunks, n_groups, group_size, zero_const,
+    M, N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const,
     stride_xm, stride_wn, stride_hn, stride_ym,
     LAYOUT: tl.constexpr, BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr,
     SLOTS_PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
@@ -283,7 +287,7 @@ def _gemm_kernel(
         else:
             part = tl.dot(w, x_t)
         x_sum = tl.sum(x_t.to(tl.float32), axis=0)
-        scale, zero = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, (chunk * CHUNK + slot0 * RUN) // group_size, n_groups, zero_const, HAS_ZERO)
+        scale, zero = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, (chunk * CHUNK + slot0 * RUN) // group_size, n_groups, stride_sn, stride_sg, zero_const, HAS_ZERO)
         acc += scale[:, None] * part - ((OFFSET + zero) * scale)[:, None] * x_sum[None, :]
     y = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
     mask = mask_n[:, None] & mask_m[None, :]
@@ -299,7 +303,7 @@ def _gemm_kernel(
 @triton.jit
 def _dequant_kernel(
     w_ptr, hi_ptr, scale_ptr, zero_ptr, out_ptr,
-    N, K, n_groups, group_size, zero_const, stride_wn, stride_hn,
+    N, K, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_hn,
     LAYOUT: tl.constexpr, BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr,
     SLOTS_PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, MATH_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -316,7 +320,7 @@ def _dequant_kernel(
         k = chunk * (SLOTS * RUN) + slot * RUN + offs_r
         if slot % SLOTS_PER_GROUP == 0:
             group = (chunk * (SLOTS * RUN) + slot * RUN) // group_size
-            scale32, zero32 = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group, n_groups, zero_const, HAS_ZERO)
+            scale32, zero32 = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group, n_groups, stride_sn, stride_sg, zero_const, HAS_ZERO)
             scale = scale32.to(MATH_DTYPE)
             zero = zero32.to(MATH_DTYPE)
         w = _dequant(_code(words, high, slot, LAYOUT, BITS), scale[:, None], zero[:, None], dtype)
@@ -326,11 +330,19 @@ def _dequant_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _kernel_args(pw: PackedWeight) -> tuple[list, dict]:
-    """Arguments shared by every kernel: weight pointers and sizes, then the layout's constexprs."""
+def kernel_tensors(pw: PackedWeight) -> list[torch.Tensor]:
+    """Words, high plane, scale and zero as kernel arguments: stand-ins for absent ones, and the zero
+    points in the scale's strides (the kernels address both with one pair of strides)."""
     high = pw.high if pw.high is not None else pw.words
     zero = pw.zero if pw.zero is not None else pw.scale
-    tensors = [pw.words, high, pw.scale, zero]
+    if zero.stride() != pw.scale.stride():
+        zero = torch.empty_strided(zero.shape, pw.scale.stride(), dtype=zero.dtype, device=zero.device).copy_(zero)
+    return [pw.words, high, pw.scale, zero]
+
+
+def _kernel_args(pw: PackedWeight) -> tuple[list, dict]:
+    """Arguments shared by every kernel: weight pointers and sizes, then the layout's constexprs."""
+    tensors = kernel_tensors(pw)
     consts = dict(
         LAYOUT=pw.layout, BITS=CODE_BITS[pw.layout], SLOTS=pw.slots, RUN=pw.run,
         SLOTS_PER_GROUP=min(pw.slots, pw.group_size // pw.run), HAS_ZERO=pw.zero is not None,
@@ -374,12 +386,11 @@ def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, ou
         y.zero_()
     tensors, consts = _kernel_args(pw)
     n_chunks = pw.words.shape[1] // pw.run
-    block_m = triton.next_power_of_2(m)  # the rows of a tile shrink as the batch grows (registers)
-    grid = (triton.cdiv(pw.n, max(8, config.block_n // block_m)), config.split_k)
+    grid = (m, triton.cdiv(pw.n, config.block_n), config.split_k)
     _gemv_kernel[grid](
-        x, *tensors, y, m, pw.n, pw.k, n_chunks, pw.n_groups, pw.group_size, pw.zero_const,
+        x, *tensors, y, m, pw.n, pw.k, n_chunks, pw.n_groups, *tensors[2].stride(), pw.group_size, pw.zero_const,
         x.stride(0), pw.words.stride(0), tensors[1].stride(0), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=max(8, config.block_n // block_m), SPLIT_K=config.split_k,
+        BLOCK_N=config.block_n, SPLIT_K=config.split_k,
         num_warps=config.num_warps, num_stages=config.num_stages, **consts,
     )
     return y
@@ -426,7 +437,7 @@ def gemm(x: torch.Tensor, pw: PackedWeight, config: GemmConfig | None = None, ou
     n_chunks = pw.words.shape[1] // pw.run
     grid = (triton.cdiv(pw.n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
     _gemm_kernel[grid](
-        x, *tensors, y, m, pw.n, pw.k, n_chunks, pw.n_groups, pw.group_size, pw.zero_const,
+        x, *tensors, y, m, pw.n, pw.k, n_chunks, pw.n_groups, *tensors[2].stride(), pw.group_size, pw.zero_const,
         x.stride(0), pw.words.stride(0), tensors[1].stride(0), y.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, SUB=gemm_sub_slots(pw, config.block_k),
         SPLIT_K=config.split_k, INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
@@ -445,7 +456,7 @@ def dequantize(pw: PackedWeight, dtype: torch.dtype = torch.float16, block_n: in
     tensors, consts = _kernel_args(pw)
     grid = (triton.cdiv(pw.n, block_n), pw.words.shape[1] // pw.run)
     _dequant_kernel[grid](
-        *tensors, out, pw.n, pw.k, pw.n_groups, pw.group_size, pw.zero_const,
+        *tensors, out, pw.n, pw.k, pw.n_groups, *tensors[2].stride(), pw.group_size, pw.zero_const,
         pw.words.stride(0), tensors[1].stride(0), BLOCK_N=block_n, MATH_DTYPE=math_dtype(dtype), num_warps=4, **consts,
     )
     return out

@@ -48,7 +48,8 @@ class PackError(ValueError):
 class PackedWeight:
     """A packed ``[n, k]`` weight with per-group scales: ``w = (code - zero) * scale``.
 
-    ``scale`` and ``zero`` are ``[n, n_groups]``; ``zero`` is None when every group shares
+    ``scale`` and ``zero`` are ``[n, n_groups]`` (any strides, both the same; :func:`pack_weight` stores
+    them group-major); ``zero`` is None when every group shares
     ``zero_const`` (symmetric formats: the code offset). ``group_size`` counts codes of the padded row
     (``k_pad`` for one group per row).
     """
@@ -157,10 +158,16 @@ def pack_weight(
         words, high = pack_uint(padded, CODE_BITS[layout], run), None
     scale_dtype = scale.dtype if scale.dtype in (torch.float16, torch.float32) else torch.float32
     return PackedWeight(
-        layout, words, high, scale.to(scale_dtype).contiguous(),
-        None if zero is None else zero.to(torch.float16 if scale_dtype == torch.float16 else torch.float32).contiguous(),
+        layout, words, high, group_major(scale.to(scale_dtype)),
+        None if zero is None else group_major(zero.to(torch.float16 if scale_dtype == torch.float16 else torch.float32)),
         float(zero_const), n, k, run, group_size or k_pad,
     )
+
+
+def group_major(t: torch.Tensor) -> torch.Tensor:
+    """``[n, n_groups]`` stored group by group (strides ``(1, n)``): a kernel reads one group's scales
+    of a block of rows as one contiguous run instead of one scattered value per row."""
+    return t.t().contiguous().t()
 
 
 def check_codes(codes: torch.Tensor, layout: str) -> None:
