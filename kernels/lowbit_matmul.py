@@ -55,7 +55,13 @@ GEMV_MAX_M = 8
 DEQUANT_MIN_M = 256  # H100, 8192^2 W4: dequant + cuBLAS beat the fused GEMM from batch 256 on
 GEMM_MIN_RUN = 16  # a tensor-core dot needs a depth of at least 16
 # Tuned tile configs: GEMV by (layout, several groups per row), GEMM by batch bucket (a power of two).
-GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {}  # by (layout, several groups per row); filled by tuning
+GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # best of bench.kernel_latency --tune on H100, 8192^2, batch 1
+    ("uint4", True): GemvConfig(block_n=64, num_warps=4, split_k=4),
+    ("uint3", True): GemvConfig(block_n=64, num_warps=4, split_k=4),
+    ("uint2", True): GemvConfig(block_n=64, num_warps=4, split_k=4),
+    ("uint2", False): GemvConfig(block_n=128, num_warps=8, split_k=4),
+    ("uint1", True): GemvConfig(block_n=64, num_warps=4, split_k=2),
+}
 GEMM_CONFIGS: dict[int, GemmConfig] = {  # by batch bucket (a power of two)
     16: GemmConfig(block_n=64, block_m=16, num_warps=4, num_stages=2, block_k=128, split_k=4),
     64: GemmConfig(block_n=64, block_m=64, num_warps=4, num_stages=2, block_k=128, split_k=4),
