@@ -3,22 +3,24 @@
 Weights come as a :class:`kernels.pack.PackedWeight` (codes packed along K in chunks, fp16 scales and
 optional zero points per group). Three GPU paths, chosen by the number of activation rows ``M``:
 
-* **GEMV** (``M <= 8``), meant to be memory bound: each program streams ``BLOCK_N`` weight rows,
-  ``CHUNKS`` chunks (cache lines per row) per step, loading the next step before computing this one. Codes are turned into floats without int->float conversions, which
-  run at a quarter of the FMA rate on Hopper: a code placed in the top mantissa bits of 1.0 reads as
-  ``1 + code / 2**b``, so per element the decode is one shift and one mask-or, then one FMA. The
-  offset and the zero point are removed once per group with the group's activation sum:
-  ``sum_k (q_k - z) x_k = 2**b * (sum_k v_k x_k - sum_k x_k) - z * sum_k x_k``.
-* **GEMM** (``8 < M < dequant_min_m``): tensor cores with swapped operands (``y^T = W x^T``), so the
-  dequantized weight tile is the wide MMA operand and a small batch is the narrow one. Codes become
-  fp16/bf16 through the same exponent trick (``0x6400 | q`` is ``1024 + q`` in fp16).
+* **GEMV** (``M <= 8``), meant to be memory bound: a program takes one activation row, ``BLOCK_N``
+  weight rows and one K split, a chunk (a cache line per row) per step, the next chunk's words loaded
+  before this one's arithmetic. Codes become floats without int->float conversions, which run at a
+  quarter of the FMA rate on Hopper: a code placed in the top mantissa bits of 1.0 reads as
+  ``1 + code / 2**b``, so per code the decode is one shift and one mask-or, then one FMA. The scale is
+  applied once per group to the tile of partial sums, the offset and zero point once per group with
+  the group's activation sum: ``sum_k (q_k - z) x_k = 2**b * (sum_k v_k x_k - sum_k x_k) - z * sum_k x_k``.
+* **GEMM** (``8 < M < DEQUANT_MIN_M``): tensor cores with swapped operands (``y^T = W x^T``), so the
+  weight tile is the wide MMA operand and a small batch is the narrow one. Codes become fp16/bf16
+  ``1024 + q`` through the same exponent trick (``0x6400 | q``), are dotted raw, and the group's
+  scale, zero point and offset are applied to the ``[BLOCK_N, BLOCK_M]`` dot result.
 * **dequant + cuBLAS** for large ``M``, where the matmul is compute bound and cuBLAS is hard to beat.
 
 ``reference_matmul`` is the plain-torch definition every kernel is tested against.
 
-Status (H100, bench/results/kernel_latency_h100.md): correct at real sizes, but the GEMV runs at
-0.9x cuBLAS fp16 for W4/W2/W1 at 8192^2 batch 1 (1.5x for per-channel ternary), far from the
-bandwidth bound it was designed for; the per-group work is the main suspect (see the notes there).
+Status (H100, 8192^2, steady state; bench/results/kernel_latency_h100.md): correct at real sizes;
+GEMV batch 1 W4 25.5 us, W2 23.8, W1 27.0 (cuBLAS fp16 about 48): about 2x fp16 but short of the
+memory bound, because the decode costs several integer instructions per code; GEMM batch 64 at 0.6x.
 """
 
 from __future__ import annotations
