@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -108,6 +110,20 @@ def test_gemv_bf16_and_split_k(layout: str) -> None:
     # split-K adds into the output with atomics (fp16 only here: the interpreter has no bf16 atomics)
     assert rel_err(lm.gemv(x, pw, lm.GemvConfig(block_n=8, split_k=3), out=poisoned((2, pw.n), x.dtype)), ref) < tol
     assert rel_err(lm.gemv(x, pw, lm.GemvConfig(block_n=16, num_stages=1), out=poisoned((2, pw.n), x.dtype)), ref) < tol
+
+
+def test_scales_in_any_layout() -> None:
+    """pack_weight stores scales group-major; row-major ones, and zero points in another layout than
+    the scales, give the same products."""
+    pw, _ = random_weight("uint4", n=24, k=256, group=32, asym=True, run=16)
+    assert pw.scale.stride() == (1, pw.n) and pw.zero.stride() == (1, pw.n)
+    x = torch.randn(3, pw.k, dtype=torch.float16, device=DEVICE)
+    ref = lm.reference_matmul(x, pw)
+    row_major = replace(pw, scale=pw.scale.contiguous())  # zero stays group-major
+    assert row_major.scale.stride() == (pw.n_groups, 1)
+    assert rel_err(lm.gemv(x, row_major, out=poisoned((3, pw.n), x.dtype)), ref) < 2e-3
+    x16 = torch.randn(17, pw.k, dtype=torch.float16, device=DEVICE)
+    assert rel_err(lm.gemm(x16, row_major, lm.GemmConfig(block_n=32, block_m=16)), lm.reference_matmul(x16, pw)) < 2e-3
 
 
 # ----------------------------------------------------------------------------- GEMM and dequantization
