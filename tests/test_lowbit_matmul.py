@@ -8,7 +8,6 @@ activations, and poisons the output with NaN first, so an element the kernel nev
 from __future__ import annotations
 
 import os
-
 from dataclasses import replace
 
 import pytest
