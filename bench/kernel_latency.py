@@ -103,10 +103,10 @@ def paths_for(m: int, pw: PackedWeight) -> list[str]:
     return [auto, "dequant"] if m >= 256 and auto != "dequant" else [auto]
 
 
-def relative_error(x: torch.Tensor, pw: PackedWeight, path: str) -> float:
-    """Error of ``path`` against the fp32 reference on fresh random activations (kept in the record)."""
+def relative_error(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = None) -> float:
+    """Error of ``path`` (with a GEMV/GEMM ``config``, else the tuned one) against the fp32 reference."""
     ref = lm.reference_matmul(x, pw).float()
-    out = lm.lowbit_matmul(x, pw, path).float()
+    out = (lm.PATHS[path](x, pw, config) if config else lm.lowbit_matmul(x, pw, path)).float()
     return ((out - ref).norm() / ref.norm()).item()
 
 
@@ -186,9 +186,7 @@ def checked_steady(x: torch.Tensor, pw: PackedWeight, path: str, config: Any) ->
     """Steady-state time of a config that is right at this shape, or None for one that is wrong or does
     not compile or fit (shared memory, registers): the tuner never installs a config it did not check."""
     try:
-        ref = lm.reference_matmul(x, pw).float()
-        out = (lm.gemv if path == "gemv" else lm.gemm)(x, pw, config).float()
-        error = ((out - ref).norm() / ref.norm()).item()
+        error = relative_error(x, pw, path, config)
         if error > TUNE_TOLERANCE:
             print(f"  skipped {config}: relative error {error:.1e} > {TUNE_TOLERANCE}", flush=True)
             return None

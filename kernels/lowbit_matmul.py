@@ -168,9 +168,9 @@ def _gemv_kernel(
     SLOTS_PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """Program ``(m, n, k)``: activation row ``m`` (the rows of one weight tile run side by side, so
-    their weight reads after the first hit L2), ``BLOCK_N`` weight rows, one K split, one chunk (a
-    cache line per weight row) per step.
+    """Program ``(m, n, k)``: activation row ``m`` (the rows of one weight tile are launched side by
+    side, so their weight reads after the first can hit L2; not timed), ``BLOCK_N`` weight rows, one K
+    split, one chunk (a cache line per weight row) per step.
 
     Every tensor of the hot loop is a ``[BLOCK_N, RUN]`` tile in the weight's layout, or a slice of
     it: per code one shift, one mask-or and one FMA into ``part``; at a group's end ``part`` is scaled
