@@ -85,10 +85,8 @@ def lowbit_calls(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = Non
     out = torch.empty(x.shape[0], pw.n, device=x.device, dtype=x.dtype)
 
     def call(p: PackedWeight) -> Callable[[], Any]:
-        if path == "gemv":
-            return lambda: lm.gemv(x, p, config, out=out)
-        if path == "gemm":
-            return lambda: lm.gemm(x, p, config, out=out)
+        if path in ("gemv", "mma", "gemm"):
+            return lambda: lm.PATHS[path](x, p, config, out=out)
         return lambda: lm.lowbit_matmul(x, p, path)
 
     def make() -> list:
@@ -98,8 +96,11 @@ def lowbit_calls(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = Non
 
 
 def paths_for(m: int, pw: PackedWeight) -> list[str]:
-    """The path the dispatcher picks, and from batch 256 on the dequant + cuBLAS fallback beside it."""
+    """The path the dispatcher picks; at batch 1 the GEMV and the MMA kernel side by side where both
+    run, and from batch 256 on the dequant + cuBLAS fallback beside the pick."""
     auto = lm.pick_path(m, pw, torch.device("cuda"))
+    if m == 1 and lm.mma_fits(pw, torch.float16):
+        return ["gemv", "mma"]
     return [auto, "dequant"] if m >= 256 and auto != "dequant" else [auto]
 
 
@@ -168,6 +169,9 @@ GEMV_SEARCH = [  # block_n, num_warps, split_k, num_stages
         (128, 8, 4, 2), (32, 4, 8, 2), (64, 4, 8, 2), (64, 8, 8, 2), (32, 4, 16, 2),
     ]
 ]
+MMA_SEARCH = [  # block_n, num_warps, split_k, num_stages
+    lm.MmaConfig(*c) for c in [(64, 4, 2, 2), (64, 4, 4, 2), (64, 4, 8, 2), (64, 4, 4, 3), (128, 8, 2, 2), (128, 8, 4, 2)]
+]
 GEMM_SEARCH = {  # block_n, block_m, num_warps, num_stages, block_k, split_k
     m: [lm.GemmConfig(*c) for c in configs]
     for m, configs in {
@@ -202,10 +206,11 @@ def best_of(candidates: list, time_one: Callable[[Any], float | None]) -> list[t
 
 
 def tune(kinds: list[str], shape: tuple[int, int], gemm_kinds: list[str]) -> dict:
-    """Search GEMV configs (batch 1) per kind and GEMM configs per batch bucket at ``shape``; install the
+    """Search GEMV configs (batch 1) and MMA configs (batch 16) per kind and GEMM configs per batch
+    bucket at ``shape``; install the
     winners in :mod:`kernels.lowbit_matmul` for the rest of the process, and return every timing."""
     k, n = shape
-    result: dict[str, Any] = {"shape": shape, "gemv": {}, "gemm": {}}
+    result: dict[str, Any] = {"shape": shape, "gemv": {}, "mma": {}, "gemm": {}}
     x1 = torch.randn(1, k, device="cuda", dtype=torch.float16)
     for name in kinds:
         pw = random_packed(LOWBIT_KINDS[name], n, k)
@@ -215,6 +220,14 @@ def tune(kinds: list[str], shape: tuple[int, int], gemm_kinds: list[str]) -> dic
         lm.GEMV_CONFIGS[lm.gemv_key(pw)] = timed[0][1]
         result["gemv"][name] = [(us, asdict(c)) for us, c in timed]
         print(f"gemv {name}: best {timed[0][0]:.1f} us {timed[0][1]}, worst {timed[-1][0]:.1f} us", flush=True)
+        if not lm.mma_fits(pw, torch.float16):
+            continue
+        x16 = torch.randn(16, k, device="cuda", dtype=torch.float16)
+        timed = best_of(MMA_SEARCH, lambda c: checked_steady(x16, pw, "mma", c))
+        if timed:
+            lm.MMA_CONFIGS[lm.gemv_key(pw)] = timed[0][1]
+            result["mma"][name] = [(us, asdict(c)) for us, c in timed]
+            print(f"mma {name} M=16: best {timed[0][0]:.1f} us {timed[0][1]}, worst {timed[-1][0]:.1f} us", flush=True)
     for name in gemm_kinds:
         pw = random_packed(LOWBIT_KINDS[name], n, k)
         for m, search in GEMM_SEARCH.items():
@@ -234,8 +247,9 @@ def tune(kinds: list[str], shape: tuple[int, int], gemm_kinds: list[str]) -> dic
 
 def tuned_summary() -> str:
     gemv = "; ".join(f"{layout}{'/groups' if grouped else ''}: {c}" for (layout, grouped), c in lm.GEMV_CONFIGS.items())
+    mma = "; ".join(f"{layout}{'/groups' if grouped else ''}: {c}" for (layout, grouped), c in lm.MMA_CONFIGS.items())
     gemm = "; ".join(f"M<={m}: {c}" for m, c in sorted(lm.GEMM_CONFIGS.items()))
-    return f"tuned GEMV {gemv} | GEMM {gemm} | dequant + cuBLAS from M={lm.DEQUANT_MIN_M}"
+    return f"tuned GEMV {gemv} | MMA {mma} | GEMM {gemm} | dequant + cuBLAS from M={lm.DEQUANT_MIN_M}"
 
 
 def main(argv: list[str] | None = None) -> int:

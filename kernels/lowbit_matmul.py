@@ -10,17 +10,27 @@ optional zero points per group). Three GPU paths, chosen by the number of activa
   ``1 + code / 2**b``, so per code the decode is one shift and one mask-or, then one FMA. The scale is
   applied once per group to the tile of partial sums, the offset and zero point once per group with
   the group's activation sum: ``sum_k (q_k - z) x_k = 2**b * (sum_k v_k x_k - sum_k x_k) - z * sum_k x_k``.
-* **GEMM** (``8 < M < DEQUANT_MIN_M``): tensor cores with swapped operands (``y^T = W x^T``), so the
-  weight tile is the wide MMA operand and a small batch is the narrow one. Codes become fp16/bf16
-  ``1024 + q`` through the same exponent trick (``0x6400 | q``), are dotted raw, and the group's
-  scale, zero point and offset are applied to the ``[BLOCK_N, BLOCK_M]`` dot result.
+* **MMA** (fp16 activations, ``uint1``/``uint2``/``uint4``, ``M <= MMA_MAX_M``): tensor cores for
+  small batches, the batch padded to 16. One ``prmt`` gathers a byte of two neighbouring words, one
+  ``lop3`` drops two codes into the mantissas of ``1024.0`` (fp16x2), one ``fma.f16x2`` takes off 1024
+  and the bit position: per two codes three instructions, no int->float conversion. Each slot of a
+  chunk is one dot of depth ``run`` with its contiguous run of activations, and Triton loads the words
+  straight into the MMA operand layout (the decode is a pure one-input inline asm, which its
+  dot-operand hoisting accepts). The activation sums for the zero points come from a second dot with
+  a tile of ones, so no cross-thread reduction runs in the loop.
+* **GEMM** (the other layouts, bf16, and batches up to ``DEQUANT_MIN_M``): tensor cores with swapped
+  operands (``y^T = W x^T``), so the weight tile is the wide MMA operand and a small batch is the
+  narrow one. Codes become fp16/bf16 ``1024 + q`` through the same exponent trick (``0x6400 | q``),
+  are dotted raw, and the group's scale, zero point and offset are applied to the ``[BLOCK_N,
+  BLOCK_M]`` dot result.
 * **dequant + cuBLAS** for large ``M``, where the matmul is compute bound and cuBLAS is hard to beat.
 
 ``reference_matmul`` is the plain-torch definition every kernel is tested against.
 
 Status (H100, 8192^2, steady state; bench/results/kernel_latency_h100.md): correct at real sizes;
-GEMV batch 1 W4 25.5 us, W2 23.8, W1 27.0 (cuBLAS fp16 about 48): about 2x fp16 but short of the
-memory bound, because the decode costs several integer instructions per code; GEMM batch 64 at 0.6x.
+batch 1 W4 22.8 us (MMA), W2 23.9 (GEMV), ternary 18.7 (MMA), W1 23.7 (MMA), about 2x cuBLAS fp16;
+batch 16 W4 23.8 us (MMA, cuBLAS 48.5). Short of the memory bound: every dot of depth ``run`` waits
+for the one before (Triton issues the wgmma with a wait after each), so the kernel is latency bound.
 """
 
 from __future__ import annotations
@@ -53,7 +63,17 @@ class GemmConfig:
     split_k: int = 1
 
 
+@dataclass(frozen=True)
+class MmaConfig:
+    block_n: int = 64
+    num_warps: int = 4
+    split_k: int = 4
+    num_stages: int = 2
+
+
 GEMV_MAX_M = 8
+MMA_MAX_M = 64
+MMA_LAYOUTS = ("uint1", "uint2", "uint4")
 DEQUANT_MIN_M = 256  # H100, 8192^2 W4: dequant + cuBLAS beat the fused GEMM from batch 256 on
 GEMM_MIN_RUN = 16  # a tensor-core dot needs a depth of at least 16
 # Tuned tile configs: GEMV by (layout, several groups per row), GEMM by batch bucket (a power of two).
@@ -64,6 +84,15 @@ GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # best of bench.kernel_lat
     ("uint2", False): GemvConfig(block_n=128, num_warps=8, split_k=4),
     ("uint1", True): GemvConfig(block_n=64, num_warps=4, split_k=2),
 }
+MMA_CONFIGS: dict[tuple[str, bool], MmaConfig] = {  # H100, 8192^2, batch 1 and 16 (session 3 search)
+    ("uint4", True): MmaConfig(block_n=64, num_warps=4, split_k=4, num_stages=3),
+    ("uint2", True): MmaConfig(block_n=64, num_warps=4, split_k=8),
+    ("uint2", False): MmaConfig(block_n=64, num_warps=4, split_k=4),
+    ("uint1", True): MmaConfig(block_n=64, num_warps=4, split_k=2),
+}
+# At batch 1 the MMA kernel beat the GEMV for these (layout, grouped) keys on the H100 (W4 22.8 us vs
+# 25.5, W1 23.7 vs 27.3, ternary as uint2 18.7 vs 22.1); for grouped uint2 the two tied (23.9).
+MMA_AT_BATCH_1 = {("uint4", True), ("uint1", True), ("uint2", False)}
 GEMM_CONFIGS: dict[int, GemmConfig] = {  # by batch bucket (a power of two)
     16: GemmConfig(block_n=64, block_m=16, num_warps=4, num_stages=2, block_k=128, split_k=4),
     64: GemmConfig(block_n=64, block_m=64, num_warps=4, num_stages=2, block_k=128, split_k=4),
@@ -305,6 +334,100 @@ def _gemm_kernel(
         tl.atomic_add(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# ----------------------------------------------------------------------------- MMA (small M, fp16)
+
+
+@triton.jit
+def _slot_fp16(words, SLOT: tl.constexpr, BITS: tl.constexpr, INTERPRET: tl.constexpr):
+    """Slot ``SLOT`` of every word as fp16 codes (exact small integers).
+
+    Two neighbouring words ``a, b`` go through one asm call (``pack=2``): ``prmt`` puts the slot's
+    byte of ``a`` in byte 0 and that of ``b`` in byte 2, ``lop3`` keeps the code bits (bit offset
+    ``P`` in the byte) and ors in ``0x6400`` per half, which reads as ``1024 + 2**P * code``, and the
+    ``fma.f16x2`` by ``2**-P`` plus ``-1024 * 2**-P`` leaves the code. The constants are
+    :func:`slot_decode_constants`. The interpreter cannot run PTX, so there the same codes come from
+    shifts.
+    """
+    BYTE: tl.constexpr = (SLOT * BITS) // 8
+    P: tl.constexpr = (SLOT * BITS) % 8
+    SELECT: tl.constexpr = BYTE | ((4 + BYTE) << 8)
+    MASK: tl.constexpr = (((1 << BITS) - 1) << P) * 0x10001
+    MUL: tl.constexpr = ((15 - P) << 10) * 0x10001  # fp16 2**-P, twice
+    ADD: tl.constexpr = (0x8000 | ((25 - P) << 10)) * 0x10001  # fp16 -2**(10 - P), twice
+    if INTERPRET:
+        return ((words >> (SLOT * BITS)) & ((1 << BITS) - 1)).to(tl.float16)
+    return tl.inline_asm_elementwise(
+        asm=f"""{{
+        .reg .b32 t, u, m, a;
+        prmt.b32 t, $1, $2, {SELECT};
+        lop3.b32 u, t, {MASK}, 0x64006400, 0xea;
+        mov.b32 m, {MUL};
+        mov.b32 a, {ADD};
+        fma.rn.f16x2 $0, u, m, a;
+        }}""",
+        constraints="=r,r,r", args=[words], dtype=tl.float16, is_pure=True, pack=2,
+    )
+
+
+def slot_decode_constants(slot: int, bits: int) -> dict[str, int]:
+    """The integer constants of ``_slot_fp16``'s asm (the same expressions), for tests that emulate it."""
+    byte, p = divmod(slot * bits, 8)
+    return dict(
+        select=byte | ((4 + byte) << 8), mask=(((1 << bits) - 1) << p) * 0x10001,
+        mul=((15 - p) << 10) * 0x10001, add=(0x8000 | ((25 - p) << 10)) * 0x10001,
+    )
+
+
+@triton.jit
+def _mma_kernel(
+    x_ptr, w_ptr, scale_ptr, zero_ptr, y_ptr,
+    M, N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const,
+    stride_xm, stride_wn, stride_ym,
+    BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr, SLOTS_PER_GROUP: tl.constexpr,
+    HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """``y^T = W x^T``: a program takes ``BLOCK_N`` weight rows, ``BLOCK_M`` activation rows (a
+    batch of one is padded to 16) and one K split. Per slot of a chunk: one dot of the decoded codes
+    with that slot's activations into ``part``, one dot of ones with them into ``x_sum`` (the
+    activation sum, already broadcast over the rows). At a group's end
+    ``acc += scale * (part - zero * x_sum)``."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    CHUNK: tl.constexpr = SLOTS * RUN
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, RUN)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    per_split = tl.cdiv(n_chunks, SPLIT_K)
+    first = pid_k * per_split
+    last = tl.minimum(first + per_split, n_chunks)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for chunk in range(first, last):
+        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + chunk * RUN + offs_r[None, :], mask=mask_n[:, None], other=0)
+        part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for slot in tl.static_range(SLOTS):
+            k = chunk * CHUNK + slot * RUN + offs_r
+            x_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None], mask=mask_m[None, :] & (k[:, None] < K), other=0.0)
+            part = tl.dot(_slot_fp16(words, slot, BITS, INTERPRET), x_t, part)
+            x_sum = tl.dot(tl.full((BLOCK_N, RUN), 1.0, tl.float16), x_t, x_sum)
+            if (slot + 1) % SLOTS_PER_GROUP == 0:  # a group ends here
+                group = (chunk * CHUNK + slot * RUN) // group_size
+                scale, zero = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group, n_groups, stride_sn, stride_sg, zero_const, HAS_ZERO)
+                acc += scale[:, None] * (part - zero[:, None] * x_sum)
+                part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                x_sum = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    y = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    mask = mask_n[:, None] & mask_m[None, :]
+    if SPLIT_K == 1:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------- dequantization
 
 
@@ -454,6 +577,39 @@ def gemm(x: torch.Tensor, pw: PackedWeight, config: GemmConfig | None = None, ou
     return y
 
 
+def mma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
+    """The MMA kernel takes fp16 activations and the uint1/2/4 layouts with a run of at least 16."""
+    return dtype == torch.float16 and pw.layout in MMA_LAYOUTS and pw.run >= GEMM_MIN_RUN
+
+
+def mma(x: torch.Tensor, pw: PackedWeight, config: MmaConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ W^T`` for small M on tensor cores with the prmt/lop3 decode (see the module doc)."""
+    _check_inputs(x, pw)
+    if not mma_fits(pw, x.dtype):
+        raise ValueError(
+            f"mma takes fp16 activations and layouts {MMA_LAYOUTS} with a run >= {GEMM_MIN_RUN}; "
+            f"got {x.dtype}, {pw.layout}, run {pw.run}: use gemm"
+        )
+    m = x.shape[0]
+    if m > MMA_MAX_M:
+        raise ValueError(f"mma takes at most {MMA_MAX_M} rows, got {m}; use gemm")
+    config = config or MMA_CONFIGS.get(gemv_key(pw), MmaConfig())
+    y = _output(out, (m, pw.n), x)
+    if config.split_k > 1:
+        y.zero_()
+    words, _, scale, zero = kernel_tensors(pw)
+    block_m = max(16, triton.next_power_of_2(m))
+    grid = (triton.cdiv(pw.n, config.block_n), triton.cdiv(m, block_m), config.split_k)
+    _mma_kernel[grid](
+        x, words, scale, zero, y, m, pw.n, pw.k, words.shape[1] // pw.run, pw.n_groups, *scale.stride(),
+        pw.group_size, pw.zero_const, x.stride(0), words.stride(0), y.stride(0),
+        BITS=CODE_BITS[pw.layout], SLOTS=pw.slots, RUN=pw.run, SLOTS_PER_GROUP=min(pw.slots, pw.group_size // pw.run),
+        HAS_ZERO=pw.zero is not None, BLOCK_N=config.block_n, BLOCK_M=block_m, SPLIT_K=config.split_k,
+        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return y
+
+
 def dequantize(pw: PackedWeight, dtype: torch.dtype = torch.float16, block_n: int = 32, out: torch.Tensor | None = None) -> torch.Tensor:
     """The weight ``[N, K]`` in ``dtype`` (fp16/bf16), dequantized by a Triton kernel (into ``out`` if given)."""
     if out is None:
@@ -480,10 +636,14 @@ def reference_matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     return (x.float() @ dequantize_packed(pw, torch.float32).t()).to(x.dtype)
 
 
-def pick_path(m: int, pw: PackedWeight, device: torch.device) -> str:
-    """``torch`` off CUDA; else ``gemv`` for a few rows, ``gemm`` for mid batches, ``dequant`` beyond."""
+def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype = torch.float16) -> str:
+    """``torch`` off CUDA; else by batch: ``mma`` where it fits and was faster on the H100 (batch 1
+    only for :data:`MMA_AT_BATCH_1`), ``gemv`` for a few rows, ``gemm`` for mid batches, ``dequant``
+    beyond."""
     if device.type != "cuda":
         return "torch"
+    if mma_fits(pw, dtype) and m <= MMA_MAX_M and (m > 1 or gemv_key(pw) in MMA_AT_BATCH_1):
+        return "mma"
     if m <= GEMV_MAX_M:
         return "gemv"
     if m < DEQUANT_MIN_M and pw.run >= GEMM_MIN_RUN:
@@ -491,7 +651,7 @@ def pick_path(m: int, pw: PackedWeight, device: torch.device) -> str:
     return "dequant"
 
 
-PATHS = {"gemv": gemv, "gemm": gemm, "dequant": dequant_matmul, "torch": reference_matmul}
+PATHS = {"gemv": gemv, "mma": mma, "gemm": gemm, "dequant": dequant_matmul, "torch": reference_matmul}
 
 
 def lowbit_matmul(x: torch.Tensor, pw: PackedWeight, path: str = "auto") -> torch.Tensor:
@@ -501,7 +661,7 @@ def lowbit_matmul(x: torch.Tensor, pw: PackedWeight, path: str = "auto") -> torc
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     if path == "auto":
-        path = pick_path(x2.shape[0], pw, x.device)
+        path = pick_path(x2.shape[0], pw, x.device, x.dtype)
     if path not in PATHS:
         raise ValueError(f"path={path!r} is not valid; choose 'auto' or one of {sorted(PATHS)}")
     return PATHS[path](x2, pw).reshape(*lead, pw.n)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,6 +126,56 @@ def test_scales_in_any_layout() -> None:
     assert rel_err(lm.gemm(x16, row_major, lm.GemmConfig(block_n=32, block_m=16)), lm.reference_matmul(x16, pw)) < 2e-3
 
 
+# ----------------------------------------------------------------------------- MMA (tensor cores, small batches)
+
+
+def emulate_slot_decode(a: np.ndarray, b: np.ndarray, slot: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The PTX of ``_slot_fp16`` in numpy: prmt (default mode), lop3 0xEA (``(x & y) | z``) and
+    fma.rn.f16x2, with the constants of ``slot_decode_constants``; the two fp16 results."""
+    c = lm.slot_decode_constants(slot, bits)
+    pool = np.stack([(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)])
+    t = sum(pool[(c["select"] >> (4 * i)) & 0x7].astype(np.uint64) << (8 * i) for i in range(4))
+    u = (t & c["mask"]) | 0x64006400
+    halves = []
+    for shift in (0, 16):
+        half = lambda v: np.array((v >> shift) & 0xFFFF, dtype=np.uint16).view(np.float16).astype(np.float64)  # noqa: E731
+        halves.append((half(u) * half(np.uint64(c["mul"])) + half(np.uint64(c["add"]))).astype(np.float16))
+    return halves[0], halves[1]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_slot_decode_constants_give_the_codes(bits: int) -> None:
+    """Every slot, emulated on random words: the low half is word a's code, the high half word b's."""
+    rng = np.random.default_rng(bits)
+    a, b = (rng.integers(0, 2**32, size=4096, dtype=np.uint64) for _ in range(2))
+    for slot in range(32 // bits):
+        low, high = emulate_slot_decode(a, b, slot, bits)
+        code = lambda w: ((w >> np.uint64(slot * bits)) & np.uint64(2**bits - 1)).astype(np.float16)  # noqa: E731
+        assert np.array_equal(low, code(a)) and np.array_equal(high, code(b)), slot
+
+
+@pytest.mark.parametrize("layout", lm.MMA_LAYOUTS)
+@pytest.mark.parametrize("group,asym", [(32, True), (None, False)])
+def test_mma_matches_reference(layout: str, group: int | None, asym: bool) -> None:
+    pw, _ = random_weight(layout, n=37, k=224, group=group, asym=asym, run=16)
+    for m, split_k in [(1, 1), (5, 3), (17, 2)]:
+        x = torch.randn(m, pw.k, dtype=torch.float16, device=DEVICE)
+        config = lm.MmaConfig(block_n=64, split_k=split_k)
+        out = lm.mma(x, pw, config, out=poisoned((m, pw.n), x.dtype))
+        assert rel_err(out, lm.reference_matmul(x, pw)) < 2e-3, (m, split_k)
+
+
+def test_mma_refuses_what_it_cannot_run() -> None:
+    pw, _ = random_weight("uint3", n=8, k=256, group=128, asym=True, run=16)
+    with pytest.raises(ValueError, match="uint3"):
+        lm.mma(torch.randn(2, pw.k, dtype=torch.float16, device=DEVICE), pw)
+    pw, _ = random_weight("uint4", n=8, k=256, group=128, asym=True, run=16)
+    with pytest.raises(ValueError, match="bfloat16"):
+        lm.mma(torch.randn(2, pw.k, dtype=torch.bfloat16, device=DEVICE), pw)
+    with pytest.raises(ValueError, match="at most"):
+        lm.mma(torch.randn(lm.MMA_MAX_M + 1, pw.k, dtype=torch.float16, device=DEVICE), pw)
+
+
 # ----------------------------------------------------------------------------- GEMM and dequantization
 
 
@@ -174,7 +225,12 @@ def test_pick_path_by_batch() -> None:
     pw, _ = random_weight("uint4", n=8, k=256, group=128, asym=False, device="cpu")
     cuda = torch.device("cuda")
     assert lm.pick_path(4, pw, torch.device("cpu")) == "torch"
-    assert [lm.pick_path(m, pw, cuda) for m in (1, 8, 64, lm.DEQUANT_MIN_M)] == ["gemv", "gemv", "gemm", "dequant"]
+    batches = (1, 8, lm.MMA_MAX_M, lm.MMA_MAX_M + 1, lm.DEQUANT_MIN_M)
+    assert [lm.pick_path(m, pw, cuda) for m in batches] == ["mma", "mma", "mma", "gemm", "dequant"]
+    assert [lm.pick_path(m, pw, cuda, torch.bfloat16) for m in (1, 8, 9)] == ["gemv", "gemv", "gemm"]
+    w2, _ = random_weight("uint2", n=8, k=256, group=128, asym=True, device="cpu")  # grouped W2: GEMV at batch 1
+    w3, _ = random_weight("uint3", n=8, k=256, group=128, asym=True, device="cpu")
+    assert [lm.pick_path(1, w2, cuda), lm.pick_path(2, w2, cuda), lm.pick_path(2, w3, cuda)] == ["gemv", "mma", "gemv"]
 
 
 # ----------------------------------------------------------------------------- on a GPU, at real sizes
@@ -190,7 +246,8 @@ def test_kernels_on_gpu_at_layer_size(layout: str, dtype: torch.dtype) -> None:
     for m in (1, 5, 16, 300):
         x = torch.randn(m, pw.k, dtype=dtype, device="cuda")
         ref = lm.reference_matmul(x, pw)
-        path = "gemv" if m <= lm.GEMV_MAX_M else "gemm"
-        out = lm.PATHS[path](x, pw, out=poisoned((m, pw.n), dtype))
-        assert rel_err(out, ref) < tol, (path, m)
+        paths = ["gemv" if m <= lm.GEMV_MAX_M else "gemm"] + (["mma"] if lm.mma_fits(pw, dtype) else [])
+        for path in paths:
+            out = lm.PATHS[path](x, pw, out=poisoned((m, pw.n), dtype))
+            assert rel_err(out, ref) < tol, (path, m)
     assert rel_err(lm.dequant_matmul(x, pw), ref) < tol

@@ -81,7 +81,7 @@ class Latency:
                 x = torch.randn(m, k, device=bundle.device, dtype=torch.float16)
                 kernel = time_both(lowbit_calls(x, pw, "auto"), self.modes)
                 base = time_both(fp16_calls(x, n)[1], self.modes)
-                rows.append({"in": k, "out": n, "layers": count[(k, n)], "batch": m, "path": pick_path(m, pw, x.device),
+                rows.append({"in": k, "out": n, "layers": count[(k, n)], "batch": m, "path": pick_path(m, pw, x.device, x.dtype),
                              **{f"{mode}_us": kernel[mode] for mode in self.modes}, **{f"{mode}_fp16_us": base[mode] for mode in self.modes}})
                 for mode in self.modes:
                     key = f"latency/layers_{mode}_us/b{m}"
