@@ -594,11 +594,13 @@ def mma(x: torch.Tensor, pw: PackedWeight, config: MmaConfig | None = None, out:
     if m > MMA_MAX_M:
         raise ValueError(f"mma takes at most {MMA_MAX_M} rows, got {m}; use gemm")
     config = config or MMA_CONFIGS.get(gemv_key(pw), MmaConfig())
+    block_m = max(16, triton.next_power_of_2(m))
+    if block_m > 16:  # the configs were tuned at 16 rows; three stages of wider activation tiles overflow shared memory
+        config = replace(config, num_stages=min(config.num_stages, 2))
     y = _output(out, (m, pw.n), x)
     if config.split_k > 1:
         y.zero_()
     words, _, scale, zero = kernel_tensors(pw)
-    block_m = max(16, triton.next_power_of_2(m))
     grid = (triton.cdiv(pw.n, config.block_n), triton.cdiv(m, block_m), config.split_k)
     _mma_kernel[grid](
         x, words, scale, zero, y, m, pw.n, pw.k, words.shape[1] // pw.run, pw.n_groups, *scale.stride(),
