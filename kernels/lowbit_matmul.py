@@ -1,9 +1,10 @@
 """Packed low-bit weight matmuls ``y = x @ W^T`` with fp16/bf16 activations (W1..W4, ternary).
 
 Weights come as a :class:`kernels.pack.PackedWeight` (codes packed along K in chunks, fp16 scales and
-optional zero points per group). Three GPU paths, chosen by the number of activation rows ``M``:
+optional zero points per group). Four GPU paths, chosen by the number of activation rows ``M``
+(:func:`pick_path`):
 
-* **GEMV** (``M <= 8``), meant to be memory bound: a program takes one activation row, ``BLOCK_N``
+* **GEMV** (``M <= 8`` where the MMA kernel does not run or is slower), meant to be memory bound: a program takes one activation row, ``BLOCK_N``
   weight rows and one K split, a chunk (a cache line per row) per step, the next chunk's words loaded
   before this one's arithmetic. Codes become floats without int->float conversions, which run at a
   quarter of the FMA rate on Hopper: a code placed in the top mantissa bits of 1.0 reads as
@@ -28,9 +29,9 @@ optional zero points per group). Three GPU paths, chosen by the number of activa
 ``reference_matmul`` is the plain-torch definition every kernel is tested against.
 
 Status (H100, 8192^2, steady state; bench/results/kernel_latency_h100.md): correct at real sizes;
-batch 1 W4 22.8 us (MMA), W2 23.9 (GEMV), ternary 18.7 (MMA), W1 23.7 (MMA), about 2x cuBLAS fp16;
-batch 16 W4 23.8 us (MMA, cuBLAS 48.5). Short of the memory bound: every dot of depth ``run`` waits
-for the one before (Triton issues the wgmma with a wait after each), so the kernel is latency bound.
+batch 1 W4 22.7 us (MMA), W2 23.8 (GEMV), ternary 18.6 (MMA), W1 23.5 (MMA), about 2x cuBLAS fp16;
+batch 16 W4 23.8 us (MMA; cuBLAS 48.4). Short of the memory bound: times are flat across bit widths,
+and every slot's dot waits for the one before, so the MMA kernel is latency bound.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class MmaConfig:
 
 
 GEMV_MAX_M = 8
-MMA_MAX_M = 16  # timed up to 16 rows; at 64 the kernel needs more shared memory than the H100 has (not yet fixed)
+MMA_MAX_M = 16  # timed up to 16 rows; at 64, triton 3.6 asks for more shared memory than the H100 has (open)
 MMA_LAYOUTS = ("uint1", "uint2", "uint4")
 DEQUANT_MIN_M = 256  # H100, 8192^2 W4: dequant + cuBLAS beat the fused GEMM from batch 256 on
 GEMM_MIN_RUN = 16  # a tensor-core dot needs a depth of at least 16
@@ -90,8 +91,8 @@ MMA_CONFIGS: dict[tuple[str, bool], MmaConfig] = {  # H100, 8192^2, batch 1 and 
     ("uint2", False): MmaConfig(block_n=64, num_warps=4, split_k=4),
     ("uint1", True): MmaConfig(block_n=64, num_warps=4, split_k=2),
 }
-# At batch 1 the MMA kernel beat the GEMV for these (layout, grouped) keys on the H100 (W4 22.8 us vs
-# 25.5, W1 23.7 vs 27.3, ternary as uint2 18.7 vs 22.1); for grouped uint2 the two tied (23.9).
+# At batch 1 the MMA kernel beat the GEMV for these (layout, grouped) keys on the H100, 8192^2 (W4 22.7 us
+# vs 25.4, W1 23.5 vs 27.0, ternary as uint2 18.6 vs 21.9); for grouped uint2 the GEMV won (23.8 vs 27.4).
 MMA_AT_BATCH_1 = {("uint4", True), ("uint1", True), ("uint2", False)}
 GEMM_CONFIGS: dict[int, GemmConfig] = {  # by batch bucket (a power of two)
     16: GemmConfig(block_n=64, block_m=16, num_warps=4, num_stages=2, block_k=128, split_k=4),
