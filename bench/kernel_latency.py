@@ -7,7 +7,8 @@
 Shapes are ``in x out`` (``K x N`` of ``y[M, N] = x[M, K] @ W^T``). Each row gives the time in the
 two modes of :mod:`bench.timing`, the speedup over cuBLAS fp16 measured in the same run and mode, and
 the achieved bandwidth (weight + activation + output bytes over time) against a device copy measured
-in the same run. Weights are random codes (never zeros) with random scales and zero points.
+in the same run. Weights are random codes (never zeros) with random scales and zero points; the
+MX/NV block kinds (``--kernels mxfp4,nvfp4,...``) quantize a random weight with their format.
 No hydra imports: this runs on the bare device machine.
 """
 
@@ -24,7 +25,10 @@ import torch
 
 from bench.timing import MODES, copies_for, copy_bandwidth_gbs, gpu_name, steady_us, time_both
 from kernels import lowbit_matmul as lm
+from kernels.block_matmul import BlockWeight, block_matmul, pack_block_weight
 from kernels.pack import PackedWeight, pack_weight
+from kernels.quant import PackedTensor
+from methods.common.microscaling import MxFormat, NvFormat
 
 SHAPES = [(8192, 8192), (4096, 4096), (16384, 16384), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192)]
 BATCHES = [1, 4, 16, 64, 256, 1024]
@@ -50,6 +54,14 @@ LOWBIT_KINDS = {
     "ternary2": LowBitKind("uint2", None, False, 2, zero_const=1.0),
     "ternary5": LowBitKind("ternary5", None, False, 2, zero_const=1.0),
     "w1g128": LowBitKind("uint1", 128, True, 1),
+}
+
+
+BLOCK_KINDS = {  # MX/NV block-format weights (kernels/block_matmul.py)
+    "mxfp4": MxFormat("e2m1"),
+    "mxint8": MxFormat("int8"),
+    "nvfp4": NvFormat("e2m1"),
+    "nvint4": NvFormat("int4"),
 }
 
 
@@ -95,6 +107,23 @@ def lowbit_calls(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = Non
     return make
 
 
+def block_calls(x: torch.Tensor, bw: BlockWeight) -> Callable[[], list]:
+    """The block-format matmul over rotating copies of the packed weight."""
+    out = torch.empty(x.shape[0], bw.n, device=x.device, dtype=x.dtype)
+
+    def make() -> list:
+        copy = lambda: replace(bw, packed=PackedTensor(bw.packed.codes.clone(), bw.packed.scale.clone(), None, bw.packed.tensor_scale))  # noqa: E731
+        weights = [bw] + [copy() for _ in range(copies_for(bw.nbytes()) - 1)]
+        return [lambda b=b: block_matmul(x, b, out=out) for b in weights]
+
+    return make
+
+
+def block_error(x: torch.Tensor, bw: BlockWeight, dequantized: torch.Tensor) -> float:
+    ref = x.float() @ dequantized.t()
+    return ((block_matmul(x, bw).float() - ref).norm() / ref.norm()).item()
+
+
 def paths_for(m: int, pw: PackedWeight) -> list[str]:
     """The path the dispatcher picks; at batch 1 the GEMV and the MMA kernel side by side where both
     run, and from batch 256 on the dequant + cuBLAS fallback beside the pick."""
@@ -115,21 +144,28 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
     """Rows of the table, one list per shape as soon as it is done."""
     for k, n in shapes:
         rows = []
-        packed = {name: random_packed(LOWBIT_KINDS[name], n, k) for name in kinds}
+        packed = {name: random_packed(LOWBIT_KINDS[name], n, k) for name in kinds if name in LOWBIT_KINDS}
+        blocks = {}
+        for name in (name for name in kinds if name in BLOCK_KINDS):
+            weight = torch.randn(n, k, device="cuda") * 0.02
+            fmt = BLOCK_KINDS[name]
+            blocks[name] = (pack_block_weight(weight, fmt), fmt.dequantize(fmt.quantize(weight)).float())
         for m in batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             io_bytes = (m * k + m * n) * 2
             nbytes, make = fp16_calls(x, n)
             base = time_both(make, modes)
             rows.append(row(k, n, m, "fp16", "cublas", nbytes + io_bytes, base, base))
-            for name in kinds:
-                pw = packed[name]
+            for name, pw in packed.items():
                 for path in paths_for(m, pw):
                     times = time_both(lowbit_calls(x, pw, path), modes)
                     rows.append(row(k, n, m, name, path, pw.nbytes() + io_bytes, times, base, relative_error(x, pw, path)))
+            for name, (bw, dequantized) in blocks.items():
+                times = time_both(block_calls(x, bw), modes)
+                rows.append(row(k, n, m, name, "block", bw.nbytes() + io_bytes, times, base, block_error(x, bw, dequantized)))
             print(f"{k}x{n} M={m}: " + " ".join(f"{r['kernel']}/{r['path']} {r.get('steady_us', r.get('cold_us')):.1f}" for r in rows if r["K"] == k and r["N"] == n and r["M"] == m), flush=True)
             torch.cuda.empty_cache()
-        del packed
+        del packed, blocks
         torch.cuda.empty_cache()
         yield rows
 
@@ -212,7 +248,7 @@ def tune(kinds: list[str], shape: tuple[int, int], gemm_kinds: list[str]) -> dic
     k, n = shape
     result: dict[str, Any] = {"shape": shape, "gemv": {}, "mma": {}, "gemm": {}}
     x1 = torch.randn(1, k, device="cuda", dtype=torch.float16)
-    for name in kinds:
+    for name in (name for name in kinds if name in LOWBIT_KINDS):
         pw = random_packed(LOWBIT_KINDS[name], n, k)
         timed = best_of(GEMV_SEARCH, lambda c: checked_steady(x1, pw, "gemv", c))
         if not timed:
@@ -258,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", action="store_true", help="search tile configs first and use the winners")
     parser.add_argument("--tune-only", action="store_true", help="search tile configs, print them, no table")
     parser.add_argument("--tune-gemm", action="store_true", help="also search GEMM configs per batch bucket (W4)")
-    parser.add_argument("--kernels", default=",".join(LOWBIT_KINDS), help="comma list of low-bit kinds")
+    parser.add_argument("--kernels", default=",".join(LOWBIT_KINDS), help=f"comma list of low-bit kinds; block formats: {','.join(BLOCK_KINDS)}")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--shapes", default=None, help="comma list of INxOUT, e.g. 8192x8192")
     parser.add_argument("--batches", default=None, help="comma list of batch sizes")
@@ -269,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA GPU: nothing to time", file=sys.stderr)
         return 1
     kinds = [k for k in args.kernels.split(",") if k]
-    unknown = [k for k in kinds if k not in LOWBIT_KINDS]
+    unknown = [k for k in kinds if k not in LOWBIT_KINDS and k not in BLOCK_KINDS]
     if unknown:
-        parser.error(f"unknown kernels {unknown}; choose from {list(LOWBIT_KINDS)}")
+        parser.error(f"unknown kernels {unknown}; choose from {list(LOWBIT_KINDS) + list(BLOCK_KINDS)}")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else (QUICK_SHAPES if args.quick else SHAPES)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else (QUICK_BATCHES if args.quick else BATCHES)
     modes = tuple(m for m in args.modes.split(",") if m)

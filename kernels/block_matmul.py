@@ -1,0 +1,142 @@
+"""Matmuls ``y = x @ W^T`` with MX or NV block-format weights and fp16/bf16 activations.
+
+Covers every element of the formats: MXFP4/MXFP6/MXFP8 and MXINT8 (blocks of 32, E8M0 scales), NVFP4 and
+NVINT4 (blocks of 16, E4M3 scales and an FP32 tensor scale). The weight is stored as the formats' real
+quantization, the packed layout of :mod:`kernels.quant` (4-bit codes two to a byte, others one byte,
+one scale byte per block), so what a format run measures is what this kernel reads.
+
+Per scale block, one tensor-core dot of the block's element values with its activations: every element
+grid is exact in fp16 and bf16 (at most 8 significant bits, range 2^-16..57344), so the dot is exact up to
+fp32 accumulation. The block scale multiplies the ``[BLOCK_M, BLOCK_N]`` dot result in fp32, and the
+tensor scale (NV) the output. Codes and scale bytes are decoded through small tables built from the
+elements' own ``decode`` (2^bits element values, 256 scale values), so one kernel serves every element.
+
+Status: correct under the Triton interpreter (tests/test_block_matmul.py); not yet compiled or timed on a
+GPU. The dots are one scale block deep (16 or 32), which is simple rather than fast.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.quant import PackedTensor, mx_quantize_reference, nv_quantize_reference
+from methods.common.elements import ELEMENTS
+from methods.common.microscaling import MxFormat, NvFormat
+
+BlockFormat = MxFormat | NvFormat
+
+
+@dataclass
+class BlockWeight:
+    """A real-quantized ``[n, k]`` weight in an MX/NV format, with the decode tables its kernel reads."""
+
+    fmt: BlockFormat
+    packed: PackedTensor
+    n: int
+    k: int
+    code_values: torch.Tensor  # float32 [2**element_bits]: the value of every element code
+    scale_values: torch.Tensor  # float32 [256]: the value of every scale byte (E8M0 or E4M3)
+
+    @property
+    def block(self) -> int:
+        return self.fmt.BLOCK
+
+    @property
+    def nibbles(self) -> bool:
+        """4-bit elements are stored two to a byte; wider ones (6, 8 bits) one to a byte."""
+        return self.fmt.element_bits == 4
+
+    @property
+    def tensor_scale(self) -> float:
+        return 1.0 if self.packed.tensor_scale is None else float(self.packed.tensor_scale)
+
+    def nbytes(self) -> int:
+        return self.packed.codes.numel() + self.packed.scale.numel()
+
+
+def scale_values(fmt: BlockFormat, device: torch.device) -> torch.Tensor:
+    """float32 value of every scale byte: E8M0 ``2**(b - 127)`` (0xFF = NaN) for MX, E4M3 for NV."""
+    codes = torch.arange(256, device=device)
+    if isinstance(fmt, MxFormat):
+        values = torch.ldexp(torch.ones(256, device=device), codes - 127)
+        return torch.where(codes == 255, torch.nan, values)
+    return ELEMENTS["e4m3"].decode(codes).float()
+
+
+def pack_block_weight(weight: torch.Tensor, fmt: BlockFormat) -> BlockWeight:
+    """Quantize ``weight [n, k]`` (blocks along k, the input features) and keep its packed storage."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [n, k], got {tuple(weight.shape)}")
+    if not isinstance(fmt, (MxFormat, NvFormat)):
+        raise TypeError(f"fmt must be an MxFormat or NvFormat, got {type(fmt).__name__}")
+    packed = mx_quantize_reference(weight, fmt) if isinstance(fmt, MxFormat) else nv_quantize_reference(weight, fmt)
+    device = weight.device
+    code_values = fmt.elem.decode(torch.arange(2**fmt.element_bits, device=device)).float()
+    return BlockWeight(fmt, packed, weight.shape[0], weight.shape[1], code_values, scale_values(fmt, device))
+
+
+@triton.jit
+def _block_matmul_kernel(
+    x_ptr, codes_ptr, scales_ptr, code_values_ptr, scale_values_ptr, y_ptr,
+    M, N, K, n_blocks, tensor_scale, stride_xm, stride_cn, stride_sn, stride_ym,
+    BLOCK: tl.constexpr, NIBBLES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """Program ``(n, m)``: ``BLOCK_N`` weight rows, ``BLOCK_M`` activation rows, every scale block of K."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = tl.arange(0, BLOCK)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for blk in range(n_blocks):
+        k = blk * BLOCK + offs_b
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k[None, :] < K), other=0.0)
+        if NIBBLES:  # byte j holds elements 2j (low nibble) and 2j + 1
+            offs_h = tl.arange(0, BLOCK // 2)
+            pairs = tl.load(codes_ptr + offs_n[:, None] * stride_cn + blk * (BLOCK // 2) + offs_h[None, :], mask=mask_n[:, None], other=0)
+            pairs = pairs.to(tl.int32)
+            codes = tl.reshape(tl.join(pairs & 15, pairs >> 4), (BLOCK_N, BLOCK))
+        else:
+            codes = tl.load(codes_ptr + offs_n[:, None] * stride_cn + blk * BLOCK + offs_b[None, :], mask=mask_n[:, None], other=0)
+            codes = codes.to(tl.int32)
+        w = tl.load(code_values_ptr + codes)  # [BLOCK_N, BLOCK] element values, exact in fp16/bf16
+        if INTERPRET and dtype == tl.bfloat16:  # the interpreter's bf16 dot reads raw bits as integers
+            part = tl.dot(x.to(tl.float32), tl.trans(w))
+        else:
+            part = tl.dot(x, tl.trans(w.to(dtype)))
+        scale_byte = tl.load(scales_ptr + offs_n * stride_sn + blk, mask=mask_n, other=0).to(tl.int32)
+        acc += part * tl.load(scale_values_ptr + scale_byte)[None, :]
+    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y, (acc * tensor_scale).to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def block_matmul(x: torch.Tensor, bw: BlockWeight, block_n: int = 64, num_warps: int = 4, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ W^T`` for a block-format weight (fp16/bf16 activations, output in x's dtype)."""
+    if x.dim() != 2 or x.shape[1] != bw.k:
+        raise ValueError(f"x must be [M, {bw.k}], got {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"block_matmul takes fp16 or bf16 activations, got {x.dtype}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    m = x.shape[0]
+    y = out if out is not None else torch.empty((m, bw.n), device=x.device, dtype=x.dtype)
+    if tuple(y.shape) != (m, bw.n) or y.dtype != x.dtype or y.stride(1) != 1:
+        raise ValueError(f"out must be {x.dtype} {(m, bw.n)} and contiguous along N, got {y.dtype} {tuple(y.shape)}")
+    codes, scales = bw.packed.codes, bw.packed.scale
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    grid = (triton.cdiv(bw.n, block_n), triton.cdiv(m, block_m))
+    _block_matmul_kernel[grid](
+        x, codes, scales, bw.code_values, bw.scale_values, y,
+        m, bw.n, bw.k, scales.shape[1], bw.tensor_scale, x.stride(0), codes.stride(0), scales.stride(0), y.stride(0),
+        BLOCK=bw.block, NIBBLES=bw.nibbles, BLOCK_M=block_m, BLOCK_N=block_n,
+        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps,
+    )
+    return y
