@@ -11,10 +11,11 @@ optional zero points per group). Four GPU paths, chosen by the number of activat
   ``1 + code / 2**b``, so per code the decode is one shift and one mask-or, then one FMA. The scale is
   applied once per group to the tile of partial sums, the offset and zero point once per group with
   the group's activation sum: ``sum_k (q_k - z) x_k = 2**b * (sum_k v_k x_k - sum_k x_k) - z * sum_k x_k``.
-* **MMA** (fp16 activations, ``uint1``/``uint2``/``uint4``, ``M <= MMA_MAX_M``): tensor cores for
-  small batches, the batch padded to 16. One ``prmt`` gathers a byte of two neighbouring words, one
-  ``lop3`` drops two codes into the mantissas of ``1024.0`` (fp16x2), one ``fma.f16x2`` takes off 1024
-  and the bit position: per two codes three instructions, no int->float conversion. Each slot of a
+* **MMA** (fp16 activations, ``uint1``/``uint2``/``uint4``, ``M <= MMA_MAX_M``; picked up to
+  ``MMA_AUTO_MAX_M``): tensor cores for small batches, the batch padded to 16. One ``prmt``
+  gathers a byte of two neighbouring words, one ``lop3`` drops two codes into the mantissas of
+  ``1024.0`` (fp16x2), one ``fma.f16x2`` takes off 1024 and the bit position: per two codes three
+  instructions, no int->float conversion. Each slot of a
   chunk is one dot of depth ``run`` with its contiguous run of activations, and Triton loads the words
   straight into the MMA operand layout (the decode is a pure one-input inline asm, which its
   dot-operand hoisting accepts). The activation sums for the zero points come from a second dot with
@@ -73,7 +74,9 @@ class MmaConfig:
 
 
 GEMV_MAX_M = 8
-MMA_MAX_M = 16  # timed up to 16 rows; at 64, triton 3.6 asks for more shared memory than the H100 has (open)
+MMA_MAX_M = 64  # rows the MMA kernel takes (its activation tile is padded to 16, 32 or 64 rows)
+MMA_AUTO_MAX_M = 16  # rows up to which pick_path chooses it: timed on the H100 up to 16
+MMA_SHARED_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (the H100 has 227 KiB)
 MMA_LAYOUTS = ("uint1", "uint2", "uint4")
 DEQUANT_MIN_M = 256  # H100, 8192^2 W4: dequant + cuBLAS beat the fused GEMM from batch 256 on
 GEMM_MIN_RUN = 16  # a tensor-core dot needs a depth of at least 16
@@ -583,6 +586,13 @@ def mma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
     return dtype == torch.float16 and pw.layout in MMA_LAYOUTS and pw.run >= GEMM_MIN_RUN
 
 
+def mma_stages(pw: PackedWeight, block_m: int, config: MmaConfig) -> int:
+    """Pipeline stages that fit :data:`MMA_SHARED_BUDGET`: a stage holds one chunk's words and the
+    activation tile of every slot (W1 at 64 rows: 128 KiB a stage, so one stage)."""
+    stage_bytes = pw.slots * pw.run * block_m * 2 + config.block_n * pw.run * 4
+    return max(1, min(config.num_stages, MMA_SHARED_BUDGET // stage_bytes))
+
+
 def mma(x: torch.Tensor, pw: PackedWeight, config: MmaConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T`` for small M on tensor cores with the prmt/lop3 decode (see the module doc)."""
     _check_inputs(x, pw)
@@ -596,6 +606,7 @@ def mma(x: torch.Tensor, pw: PackedWeight, config: MmaConfig | None = None, out:
         raise ValueError(f"mma takes at most {MMA_MAX_M} rows, got {m}; use gemm")
     config = config or MMA_CONFIGS.get(gemv_key(pw), MmaConfig())
     block_m = max(16, triton.next_power_of_2(m))
+    config = replace(config, num_stages=mma_stages(pw, block_m, config))
     y = _output(out, (m, pw.n), x)
     if config.split_k > 1:
         y.zero_()
@@ -643,7 +654,7 @@ def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype
     beyond."""
     if device.type != "cuda":
         return "torch"
-    if mma_fits(pw, dtype) and m <= MMA_MAX_M and (m > 1 or gemv_key(pw) in MMA_AT_BATCH_1):
+    if mma_fits(pw, dtype) and m <= MMA_AUTO_MAX_M and (m > 1 or gemv_key(pw) in MMA_AT_BATCH_1):
         return "mma"
     if m <= GEMV_MAX_M:
         return "gemv"
