@@ -189,6 +189,25 @@ def _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group, n_groups, stride_sn,
     return scale, zero
 
 
+@triton.jit
+def _split_range(n_steps, SPLIT_K: tl.constexpr):
+    """Steps ``[first, last)`` of this program's K split (program axis 2)."""
+    per_split = tl.cdiv(n_steps, SPLIT_K)
+    first = tl.program_id(2) * per_split
+    return first, tl.minimum(first + per_split, n_steps)
+
+
+@triton.jit
+def _store_transposed(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, SPLIT_K: tl.constexpr):
+    """Store the ``[BLOCK_N, BLOCK_M]`` tile of ``y^T``, or add it in (fp16 atomics) under split-K."""
+    y = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    mask = mask_n[:, None] & mask_m[None, :]
+    if SPLIT_K == 1:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------- GEMV (small M)
 
 
@@ -212,16 +231,13 @@ def _gemv_kernel(
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
     CHUNK: tl.constexpr = SLOTS * RUN
     unit: tl.constexpr = 2.0**BITS
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, RUN)
     mask_n = offs_n < N
     x_row = x_ptr + pid_m * stride_xm
-    per_split = tl.cdiv(n_chunks, SPLIT_K)
-    first = pid_k * per_split
-    last = tl.minimum(first + per_split, n_chunks)
+    first, last = _split_range(n_chunks, SPLIT_K)
     acc = tl.zeros((BLOCK_N, RUN), dtype=tl.float32)
     offset = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum over groups of (unit + zero) * scale * sum(x)
     # register double buffering: the next chunk's words are loaded before this chunk's arithmetic (the
@@ -298,7 +314,6 @@ def _gemm_kernel(
     ``sum_k (q_k - z) s x_k = s * (sum_k (OFFSET + q_k) x_k - (OFFSET + z) * sum_k x_k)``."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
     CHUNK: tl.constexpr = SLOTS * RUN
     BLOCK_K: tl.constexpr = SUB * RUN
     STEPS_PER_CHUNK: tl.constexpr = SLOTS // SUB
@@ -311,9 +326,7 @@ def _gemm_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     steps = n_chunks * STEPS_PER_CHUNK
-    per_split = tl.cdiv(steps, SPLIT_K)
-    first = pid_k * per_split
-    last = tl.minimum(first + per_split, steps)
+    first, last = _split_range(steps, SPLIT_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile: the weight is the wide operand
     for step in range(first, last):
         chunk = step // STEPS_PER_CHUNK
@@ -330,12 +343,7 @@ def _gemm_kernel(
         x_sum = tl.sum(x_t.to(tl.float32), axis=0)
         scale, zero = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, (chunk * CHUNK + slot0 * RUN) // group_size, n_groups, stride_sn, stride_sg, zero_const, HAS_ZERO)
         acc += scale[:, None] * part - ((OFFSET + zero) * scale)[:, None] * x_sum[None, :]
-    y = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-    mask = mask_n[:, None] & mask_m[None, :]
-    if SPLIT_K == 1:
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    _store_transposed(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, SPLIT_K)
 
 
 # ----------------------------------------------------------------------------- MMA (small M, fp16)
@@ -398,16 +406,13 @@ def _mma_kernel(
     ``acc += scale * (part - zero * x_sum)``."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
     CHUNK: tl.constexpr = SLOTS * RUN
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, RUN)
     mask_n = offs_n < N
     mask_m = offs_m < M
-    per_split = tl.cdiv(n_chunks, SPLIT_K)
-    first = pid_k * per_split
-    last = tl.minimum(first + per_split, n_chunks)
+    first, last = _split_range(n_chunks, SPLIT_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for chunk in range(first, last):
         words = tl.load(w_ptr + offs_n[:, None] * stride_wn + chunk * RUN + offs_r[None, :], mask=mask_n[:, None], other=0)
@@ -424,12 +429,7 @@ def _mma_kernel(
                 acc += scale[:, None] * (part - zero[:, None] * x_sum)
                 part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
                 x_sum = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    y = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-    mask = mask_n[:, None] & mask_m[None, :]
-    if SPLIT_K == 1:
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    _store_transposed(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, SPLIT_K)
 
 
 # ----------------------------------------------------------------------------- dequantization
