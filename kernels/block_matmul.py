@@ -5,10 +5,11 @@ NVINT4 (blocks of 16, E4M3 scales and an FP32 tensor scale). The weight is store
 quantization, the packed layout of :mod:`kernels.quant` (4-bit codes two to a byte, others one byte,
 one scale byte per block), so what a format run measures is what this kernel reads.
 
-Per scale block, one tensor-core dot of the block's element values with its activations: every element
-grid is exact in fp16 and bf16 (at most 8 significant bits, range 2^-16..57344), so the dot is exact up to
-fp32 accumulation. The block scale multiplies the ``[BLOCK_M, BLOCK_N]`` dot result in fp32, and the
-tensor scale (NV) the output. Codes and scale bytes are decoded through small tables built from the
+K goes in steps of 32, one tensor-core dot each: every element grid is exact in fp16 and bf16 (at most 8
+significant bits, range 2^-16..57344), so the dot is exact up to fp32 accumulation. MX: a step is one
+block, and its E8M0 scale multiplies the ``[BLOCK_M, BLOCK_N]`` dot result in fp32 (a scaled element could
+leave fp16's range). NV: a step is two blocks of 16, and the elements are multiplied by their E4M3 block
+scale before the dot (still exact); the tensor scale multiplies the output. Codes and scale bytes are decoded through small tables built from the
 elements' own ``decode`` (2^bits element values, 256 scale values), so one kernel serves every element.
 
 Status: correct under the Triton interpreter (tests/test_block_matmul.py); not yet compiled or timed on a
@@ -41,6 +42,7 @@ class BlockWeight:
     k: int
     code_values: torch.Tensor  # float32 [2**element_bits]: the value of every element code
     scale_values: torch.Tensor  # float32 [256]: the value of every scale byte (E8M0 or E4M3)
+    tensor_scale: float = 1.0  # NV's FP32 tensor scale, read once at packing (no device sync per call)
 
     @property
     def block(self) -> int:
@@ -50,10 +52,6 @@ class BlockWeight:
     def nibbles(self) -> bool:
         """4-bit elements are stored two to a byte; wider ones (6, 8 bits) one to a byte."""
         return self.fmt.element_bits == 4
-
-    @property
-    def tensor_scale(self) -> float:
-        return 1.0 if self.packed.tensor_scale is None else float(self.packed.tensor_scale)
 
     def nbytes(self) -> int:
         return self.packed.codes.numel() + self.packed.scale.numel()
@@ -77,44 +75,58 @@ def pack_block_weight(weight: torch.Tensor, fmt: BlockFormat) -> BlockWeight:
     packed = mx_quantize_reference(weight, fmt) if isinstance(fmt, MxFormat) else nv_quantize_reference(weight, fmt)
     device = weight.device
     code_values = fmt.elem.decode(torch.arange(2**fmt.element_bits, device=device)).float()
-    return BlockWeight(fmt, packed, weight.shape[0], weight.shape[1], code_values, scale_values(fmt, device))
+    tensor_scale = 1.0 if packed.tensor_scale is None else float(packed.tensor_scale)
+    return BlockWeight(fmt, packed, weight.shape[0], weight.shape[1], code_values, scale_values(fmt, device), tensor_scale)
 
 
 @triton.jit
 def _block_matmul_kernel(
     x_ptr, codes_ptr, scales_ptr, code_values_ptr, scale_values_ptr, y_ptr,
     M, N, K, n_blocks, tensor_scale, stride_xm, stride_cn, stride_sn, stride_ym,
-    BLOCK: tl.constexpr, NIBBLES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    BLOCK: tl.constexpr, NIBBLES: tl.constexpr, SCALED_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Program ``(n, m)``: ``BLOCK_N`` weight rows, ``BLOCK_M`` activation rows, every scale block of K."""
+    """Program ``(n, m)``: ``BLOCK_N`` weight rows, ``BLOCK_M`` activation rows, K in steps of 32.
+
+    MX (blocks of 32): a step is one block, its scale multiplies the dot result. NV (blocks of 16,
+    ``SCALED_WEIGHTS``): a step is two blocks, each element is multiplied by its E4M3 block scale
+    before the dot (exact in fp16 and bf16: at most 7 significant bits, magnitudes 2^-10..3584).
+    """
+    STEP: tl.constexpr = 32
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_b = tl.arange(0, BLOCK)
+    offs_k = tl.arange(0, STEP)
     mask_m = offs_m < M
     mask_n = offs_n < N
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for blk in range(n_blocks):
-        k = blk * BLOCK + offs_b
+    for k0 in range(0, n_blocks * BLOCK, STEP):
+        k = k0 + offs_k
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k[None, :] < K), other=0.0)
+        in_row = mask_n[:, None] & (k[None, :] < n_blocks * BLOCK)  # never past a row's stored blocks
         if NIBBLES:  # byte j holds elements 2j (low nibble) and 2j + 1
-            offs_h = tl.arange(0, BLOCK // 2)
-            pairs = tl.load(codes_ptr + offs_n[:, None] * stride_cn + blk * (BLOCK // 2) + offs_h[None, :], mask=mask_n[:, None], other=0)
+            offs_h = tl.arange(0, STEP // 2)
+            in_bytes = mask_n[:, None] & (k0 + 2 * offs_h[None, :] < n_blocks * BLOCK)
+            pairs = tl.load(codes_ptr + offs_n[:, None] * stride_cn + k0 // 2 + offs_h[None, :], mask=in_bytes, other=0)
             pairs = pairs.to(tl.int32)
-            codes = tl.reshape(tl.join(pairs & 15, pairs >> 4), (BLOCK_N, BLOCK))
+            codes = tl.reshape(tl.join(pairs & 15, pairs >> 4), (BLOCK_N, STEP))
         else:
-            codes = tl.load(codes_ptr + offs_n[:, None] * stride_cn + blk * BLOCK + offs_b[None, :], mask=mask_n[:, None], other=0)
-            codes = codes.to(tl.int32)
-        w = tl.load(code_values_ptr + codes)  # [BLOCK_N, BLOCK] element values, exact in fp16/bf16
+            codes = tl.load(codes_ptr + offs_n[:, None] * stride_cn + k[None, :], mask=in_row, other=0).to(tl.int32)
+        w = tl.load(code_values_ptr + codes)  # [BLOCK_N, STEP] element values, exact in fp16/bf16
+        if SCALED_WEIGHTS:
+            scale_byte = tl.load(scales_ptr + offs_n[:, None] * stride_sn + k[None, :] // BLOCK, mask=in_row, other=0).to(tl.int32)
+            w = w * tl.load(scale_values_ptr + scale_byte)
         if INTERPRET and dtype == tl.bfloat16:  # the interpreter's bf16 dot reads raw bits as integers
             part = tl.dot(x.to(tl.float32), tl.trans(w))
         else:
             part = tl.dot(x, tl.trans(w.to(dtype)))
-        scale_byte = tl.load(scales_ptr + offs_n * stride_sn + blk, mask=mask_n, other=0).to(tl.int32)
-        acc += part * tl.load(scale_values_ptr + scale_byte)[None, :]
+        if SCALED_WEIGHTS:
+            acc += part
+        else:
+            scale_byte = tl.load(scales_ptr + offs_n * stride_sn + k0 // BLOCK, mask=mask_n, other=0).to(tl.int32)
+            acc += part * tl.load(scale_values_ptr + scale_byte)[None, :]
     y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(y, (acc * tensor_scale).to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -136,7 +148,7 @@ def block_matmul(x: torch.Tensor, bw: BlockWeight, block_n: int = 64, num_warps:
     _block_matmul_kernel[grid](
         x, codes, scales, bw.code_values, bw.scale_values, y,
         m, bw.n, bw.k, scales.shape[1], bw.tensor_scale, x.stride(0), codes.stride(0), scales.stride(0), y.stride(0),
-        BLOCK=bw.block, NIBBLES=bw.nibbles, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK=bw.block, NIBBLES=bw.nibbles, SCALED_WEIGHTS=isinstance(bw.fmt, NvFormat), BLOCK_M=block_m, BLOCK_N=block_n,
         INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps,
     )
     return y

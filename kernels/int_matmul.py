@@ -71,7 +71,7 @@ def _int8_gemm_kernel(
         k = k0 + offs_k
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + k[None, :], mask=mask_m[:, None] & (k[None, :] < K), other=0)
         b = tl.load(b_ptr + offs_n[None, :] * stride_bn + k[:, None], mask=mask_n[None, :] & (k[:, None] < K), other=0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
     sb = tl.load(sb_ptr + offs_n, mask=mask_n, other=0.0)
     y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
@@ -132,7 +132,7 @@ def _w4a8_kernel(
             zero = tl.zeros_like(offs_n) + zero_const
         w = tl.reshape((codes - zero[:, None, None]).to(tl.int8), (BLOCK_N, BLOCK_K))
         a_t = tl.load(a_ptr + offs_m[None, :] * stride_am + k[:, None], mask=mask_m[None, :] & (k[:, None] < K), other=0)
-        acc += tl.dot(w, a_t).to(tl.float32) * scale[:, None]
+        acc += tl.dot(w, a_t, out_dtype=tl.int32).to(tl.float32) * scale[:, None]
     sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
     y = acc * sa[None, :]
     tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], y.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
@@ -224,7 +224,7 @@ def _bitplane_kernel(
             w_plane = tl.reshape(_codes_of_slots(words, words, first + tl.arange(0, SUB), "uint1", 1).to(tl.int8), (BLOCK_N, BLOCK_K))
             for j in tl.static_range(A_BITS):
                 a_plane = ((a_codes >> j) & 1).to(tl.int8)
-                acc += tl.dot(w_plane, a_plane) << (i + j)
+                acc += tl.dot(w_plane, a_plane, out_dtype=tl.int32) << (i + j)
     tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc, mask=mask_n[:, None] & mask_m[None, :])
 
 

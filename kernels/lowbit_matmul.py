@@ -51,7 +51,7 @@ from kernels.pack import CODE_BITS, PackedWeight, dequantize_packed
 class GemvConfig:
     block_n: int = 32
     num_warps: int = 4
-    split_k: int = 1  # programs along K, adding into a zeroed output with atomics (fp16 output only)
+    split_k: int = 1  # programs along K; the last to finish a tile adds up the partial sums
     num_stages: int = 2
 
 
@@ -198,14 +198,35 @@ def _split_range(n_steps, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
-def _store_transposed(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, SPLIT_K: tl.constexpr):
-    """Store the ``[BLOCK_N, BLOCK_M]`` tile of ``y^T``, or add it in (fp16 atomics) under split-K."""
+def _store_transposed(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K: tl.constexpr):
+    """Store the ``[BLOCK_N, BLOCK_M]`` tile of ``y^T``.
+
+    Under split-K every split writes its fp32 partial sum to ``partial_ptr`` and counts itself in on
+    the tile's counter; the last split to arrive adds the partials up in split order, stores the tile
+    in y's dtype (one rounding) and sets the counter back to 0. So the output needs no zeroing kernel
+    and no fp16/bf16 atomics, and a run gives the same bits every time. The barrier before the count
+    orders every thread's partial before it (the count is one thread's release); the partials are
+    read back through L2 (``.cg``).
+    """
     y = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
     mask = mask_n[:, None] & mask_m[None, :]
     if SPLIT_K == 1:
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.atomic_add(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        BLOCK_N: tl.constexpr = acc.shape[0]
+        BLOCK_M: tl.constexpr = acc.shape[1]
+        n_tiles = tl.num_programs(0) * tl.num_programs(1)
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        cell = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        tl.store(partial_ptr + (tl.program_id(2) * n_tiles + tile).to(tl.int64) * (BLOCK_N * BLOCK_M) + cell, acc)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for split in tl.static_range(SPLIT_K):
+                total += tl.load(partial_ptr + (split * n_tiles + tile).to(tl.int64) * (BLOCK_N * BLOCK_M) + cell, cache_modifier=".cg")
+            tl.store(y, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 # ----------------------------------------------------------------------------- GEMV (small M)
@@ -213,7 +234,7 @@ def _store_transposed(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, SPL
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr,
+    x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
     M, N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const,
     stride_xm, stride_wn, stride_hn, stride_ym,
     LAYOUT: tl.constexpr, BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr,
@@ -261,11 +282,8 @@ def _gemv_kernel(
                 part = tl.zeros((BLOCK_N, RUN), dtype=tl.float32)
                 x_sum = tl.zeros((1, RUN), dtype=tl.float32)
     y_row = tl.sum(acc, axis=1) - offset
-    y = y_ptr + pid_m * stride_ym + offs_n
-    if SPLIT_K == 1:
-        tl.store(y, y_row.to(y_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        tl.atomic_add(y, y_row.to(y_ptr.dtype.element_ty), mask=mask_n)
+    offs_m = pid_m + tl.arange(0, 1)
+    _store_transposed(y_ptr, y_row[:, None], offs_m, offs_n, offs_m < M, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
 
 
 # ----------------------------------------------------------------------------- GEMM (tensor cores)
@@ -300,7 +318,7 @@ def _offset_float(codes, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _gemm_kernel(
-    x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr,
+    x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
     M, N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const,
     stride_xm, stride_wn, stride_hn, stride_ym,
     LAYOUT: tl.constexpr, BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr,
@@ -343,7 +361,7 @@ def _gemm_kernel(
         x_sum = tl.sum(x_t.to(tl.float32), axis=0)
         scale, zero = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, (chunk * CHUNK + slot0 * RUN) // group_size, n_groups, stride_sn, stride_sg, zero_const, HAS_ZERO)
         acc += scale[:, None] * part - ((OFFSET + zero) * scale)[:, None] * x_sum[None, :]
-    _store_transposed(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, SPLIT_K)
+    _store_transposed(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
 
 
 # ----------------------------------------------------------------------------- MMA (small M, fp16)
@@ -392,7 +410,7 @@ def slot_decode_constants(slot: int, bits: int) -> dict[str, int]:
 
 @triton.jit
 def _mma_kernel(
-    x_ptr, w_ptr, scale_ptr, zero_ptr, y_ptr,
+    x_ptr, w_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
     M, N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const,
     stride_xm, stride_wn, stride_ym,
     BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr, SLOTS_PER_GROUP: tl.constexpr,
@@ -429,7 +447,7 @@ def _mma_kernel(
                 acc += scale[:, None] * (part - zero[:, None] * x_sum)
                 part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
                 x_sum = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    _store_transposed(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, SPLIT_K)
+    _store_transposed(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
 
 
 # ----------------------------------------------------------------------------- dequantization
@@ -507,6 +525,29 @@ def _check_inputs(x: torch.Tensor, pw: PackedWeight) -> None:
         raise ValueError("x must be contiguous along K")
 
 
+_SPLIT_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def split_buffers(y: torch.Tensor, grid: tuple[int, int, int], tile_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partial sums (``splits x tiles x tile_size``) and per-tile counters for a split-K launch
+    (see ``_store_transposed``); without splits, ``y`` stands in for both (unused).
+
+    Kept per device and stream, grown on demand; the kernels leave every counter at 0, so the buffers
+    serve every later launch on the stream (and CUDA graphs captured after a first, warm-up call).
+    """
+    n_tiles, splits = grid[0] * grid[1], grid[2]
+    if splits == 1:
+        return y, y
+    stream = torch.cuda.current_stream(y.device).cuda_stream if y.is_cuda else 0
+    key = (y.device, stream)
+    partial, count = _SPLIT_BUFFERS.get(key, (None, None))
+    if partial is None or partial.numel() < splits * n_tiles * tile_size or count.numel() < n_tiles:
+        partial = torch.empty(max(splits * n_tiles * tile_size, 0 if partial is None else partial.numel()), device=y.device)
+        count = torch.zeros(max(n_tiles, 0 if count is None else count.numel()), device=y.device, dtype=torch.int32)
+        _SPLIT_BUFFERS[key] = partial, count
+    return partial, count
+
+
 def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T`` for small M (at most :data:`GEMV_MAX_M` rows), into ``out`` if given."""
     _check_inputs(x, pw)
@@ -514,16 +555,12 @@ def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, ou
     if m > GEMV_MAX_M:
         raise ValueError(f"gemv takes at most {GEMV_MAX_M} rows, got {m}; use gemm")
     config = config or GEMV_CONFIGS.get(gemv_key(pw), GemvConfig())
-    if x.dtype != torch.float16:  # split-K adds with fp16 atomics; bf16 ones need sm_90 (and no interpreter)
-        config = replace(config, split_k=1)
     y = _output(out, (m, pw.n), x)
-    if config.split_k > 1:  # the splits add their partial sums into a zeroed output
-        y.zero_()
     tensors, consts = _kernel_args(pw)
     n_chunks = pw.words.shape[1] // pw.run
     grid = (m, triton.cdiv(pw.n, config.block_n), config.split_k)
     _gemv_kernel[grid](
-        x, *tensors, y, m, pw.n, pw.k, n_chunks, pw.n_groups, *tensors[2].stride(), pw.group_size, pw.zero_const,
+        x, *tensors, y, *split_buffers(y, grid, config.block_n), m, pw.n, pw.k, n_chunks, pw.n_groups, *tensors[2].stride(), pw.group_size, pw.zero_const,
         x.stride(0), pw.words.stride(0), tensors[1].stride(0), y.stride(0),
         BLOCK_N=config.block_n, SPLIT_K=config.split_k,
         num_warps=config.num_warps, num_stages=config.num_stages, **consts,
@@ -563,16 +600,12 @@ def gemm(x: torch.Tensor, pw: PackedWeight, config: GemmConfig | None = None, ou
         raise ValueError(f"gemm needs a run of at least {GEMM_MIN_RUN}, this weight has {pw.run}; use dequant")
     m = x.shape[0]
     config = config or gemm_config(m)
-    if x.dtype != torch.float16:  # split-K adds with fp16 atomics (see gemv)
-        config = replace(config, split_k=1)
     y = _output(out, (m, pw.n), x)
-    if config.split_k > 1:
-        y.zero_()
     tensors, consts = _kernel_args(pw)
     n_chunks = pw.words.shape[1] // pw.run
     grid = (triton.cdiv(pw.n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
     _gemm_kernel[grid](
-        x, *tensors, y, m, pw.n, pw.k, n_chunks, pw.n_groups, *tensors[2].stride(), pw.group_size, pw.zero_const,
+        x, *tensors, y, *split_buffers(y, grid, config.block_n * config.block_m), m, pw.n, pw.k, n_chunks, pw.n_groups, *tensors[2].stride(), pw.group_size, pw.zero_const,
         x.stride(0), pw.words.stride(0), tensors[1].stride(0), y.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, SUB=gemm_sub_slots(pw, config.block_k),
         SPLIT_K=config.split_k, INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
@@ -608,12 +641,10 @@ def mma(x: torch.Tensor, pw: PackedWeight, config: MmaConfig | None = None, out:
     block_m = max(16, triton.next_power_of_2(m))
     config = replace(config, num_stages=mma_stages(pw, block_m, config))
     y = _output(out, (m, pw.n), x)
-    if config.split_k > 1:
-        y.zero_()
     words, _, scale, zero = kernel_tensors(pw)
     grid = (triton.cdiv(pw.n, config.block_n), triton.cdiv(m, block_m), config.split_k)
     _mma_kernel[grid](
-        x, words, scale, zero, y, m, pw.n, pw.k, words.shape[1] // pw.run, pw.n_groups, *scale.stride(),
+        x, words, scale, zero, y, *split_buffers(y, grid, config.block_n * block_m), m, pw.n, pw.k, words.shape[1] // pw.run, pw.n_groups, *scale.stride(),
         pw.group_size, pw.zero_const, x.stride(0), words.stride(0), y.stride(0),
         BITS=CODE_BITS[pw.layout], SLOTS=pw.slots, RUN=pw.run, SLOTS_PER_GROUP=min(pw.slots, pw.group_size // pw.run),
         HAS_ZERO=pw.zero is not None, BLOCK_N=config.block_n, BLOCK_M=block_m, SPLIT_K=config.split_k,
