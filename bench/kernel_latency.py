@@ -125,13 +125,13 @@ def block_error(x: torch.Tensor, bw: BlockWeight, dequantized: torch.Tensor) -> 
 
 
 def paths_for(m: int, pw: PackedWeight) -> list[str]:
-    """The path the dispatcher picks; beside it the MMA kernel at batch 1 and from 17 to 64 rows
-    where it runs, and from batch 256 on the dequant + cuBLAS fallback."""
+    """The path the dispatcher picks; beside it the other tensor-core kernel (MMA or GEMM) at batch 1 and
+    from 17 to 64 rows where the MMA kernel runs, and from batch 256 on the dequant + cuBLAS fallback."""
     auto = lm.pick_path(m, pw, torch.device("cuda"))
     if m == 1 and lm.mma_fits(pw, torch.float16):
         return ["gemv", "mma"]
     if lm.MMA_AUTO_MAX_M < m <= lm.MMA_MAX_M and lm.mma_fits(pw, torch.float16):
-        return [auto, "mma"]  # not picked above 16 rows until timed there
+        return [auto, "gemm" if auto == "mma" else "mma"]
     return [auto, "dequant"] if m >= 256 and auto != "dequant" else [auto]
 
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from kernels.quant import PackedTensor, mx_quantize_reference, nv_quantize_reference
-from methods.common.elements import ELEMENTS
+from methods.common.elements import ELEMENTS, IntElement
 from methods.common.microscaling import MxFormat, NvFormat
 
 BlockFormat = MxFormat | NvFormat
@@ -79,12 +79,42 @@ def pack_block_weight(weight: torch.Tensor, fmt: BlockFormat) -> BlockWeight:
     return BlockWeight(fmt, packed, weight.shape[0], weight.shape[1], code_values, scale_values(fmt, device), tensor_scale)
 
 
+def element_decode(fmt: BlockFormat) -> dict:
+    """How the kernel turns element codes into values (constexprs): ``fp`` puts the code's exponent and
+    mantissa bits into an fp16 bit pattern and rescales by ``2**(15 - bias)`` (exact: the element's exponent
+    field fits fp16's), ``int`` reads two's complement through ``0x6400 | code``, ``table`` looks values up."""
+    elem = fmt.elem
+    if isinstance(elem, IntElement):
+        return dict(DECODE="int", ELEM_BITS=elem.bits, MAN_BITS=0, VALUE_SCALE=2.0**-elem.frac_bits)
+    if elem.exp_bits <= 5 and elem.man_bits <= 10:
+        return dict(DECODE="fp", ELEM_BITS=elem.bits, MAN_BITS=elem.man_bits, VALUE_SCALE=2.0 ** (15 - elem.bias))
+    return dict(DECODE="table", ELEM_BITS=elem.bits, MAN_BITS=elem.man_bits, VALUE_SCALE=1.0)
+
+
+@triton.jit
+def _element_values(codes, code_values_ptr, DECODE: tl.constexpr, ELEM_BITS: tl.constexpr, MAN_BITS: tl.constexpr,
+                    VALUE_SCALE: tl.constexpr):
+    """fp32 values of int32 element codes (see :func:`element_decode`)."""
+    if DECODE == "fp":
+        sign = (codes >> (ELEM_BITS - 1)) & 1
+        magnitude = codes & ((1 << (ELEM_BITS - 1)) - 1)
+        bits = (magnitude << (10 - MAN_BITS)) | (sign << 15)
+        return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * VALUE_SCALE
+    elif DECODE == "int":
+        HALF: tl.constexpr = 1 << (ELEM_BITS - 1)
+        offset = ((codes ^ HALF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + HALF + value
+        return (offset.to(tl.float32) - (1024.0 + HALF)) * VALUE_SCALE
+    else:
+        return tl.load(code_values_ptr + codes)
+
+
 @triton.jit
 def _block_matmul_kernel(
     x_ptr, codes_ptr, scales_ptr, code_values_ptr, scale_values_ptr, y_ptr,
     M, N, K, n_blocks, tensor_scale, stride_xm, stride_cn, stride_sn, stride_ym,
     BLOCK: tl.constexpr, NIBBLES: tl.constexpr, SCALED_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, DECODE: tl.constexpr, ELEM_BITS: tl.constexpr,
+    MAN_BITS: tl.constexpr, VALUE_SCALE: tl.constexpr,
 ):
     """Program ``(n, m)``: ``BLOCK_N`` weight rows, ``BLOCK_M`` activation rows, K in steps of 32.
 
@@ -114,10 +144,13 @@ def _block_matmul_kernel(
             codes = tl.reshape(tl.join(pairs & 15, pairs >> 4), (BLOCK_N, STEP))
         else:
             codes = tl.load(codes_ptr + offs_n[:, None] * stride_cn + k[None, :], mask=in_row, other=0).to(tl.int32)
-        w = tl.load(code_values_ptr + codes)  # [BLOCK_N, STEP] element values, exact in fp16/bf16
-        if SCALED_WEIGHTS:
-            scale_byte = tl.load(scales_ptr + offs_n[:, None] * stride_sn + k[None, :] // BLOCK, mask=in_row, other=0).to(tl.int32)
-            w = w * tl.load(scale_values_ptr + scale_byte)
+        w = _element_values(codes, code_values_ptr, DECODE, ELEM_BITS, MAN_BITS, VALUE_SCALE)  # exact in fp16/bf16
+        if SCALED_WEIGHTS:  # the step's two blocks: the first scale for its first 16 elements
+            blk = k0 // BLOCK
+            first = tl.load(scales_ptr + offs_n * stride_sn + blk, mask=mask_n, other=0).to(tl.int32)
+            second = tl.load(scales_ptr + offs_n * stride_sn + blk + 1, mask=mask_n & (blk + 1 + 0 * offs_n < n_blocks), other=0).to(tl.int32)
+            scale = tl.where(offs_k[None, :] < BLOCK, tl.load(scale_values_ptr + first)[:, None], tl.load(scale_values_ptr + second)[:, None])
+            w = w * scale
         if INTERPRET and dtype == tl.bfloat16:  # the interpreter's bf16 dot reads raw bits as integers
             part = tl.dot(x.to(tl.float32), tl.trans(w))
         else:
@@ -149,6 +182,6 @@ def block_matmul(x: torch.Tensor, bw: BlockWeight, block_n: int = 64, num_warps:
         x, codes, scales, bw.code_values, bw.scale_values, y,
         m, bw.n, bw.k, scales.shape[1], bw.tensor_scale, x.stride(0), codes.stride(0), scales.stride(0), y.stride(0),
         BLOCK=bw.block, NIBBLES=bw.nibbles, SCALED_WEIGHTS=isinstance(bw.fmt, NvFormat), BLOCK_M=block_m, BLOCK_N=block_n,
-        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps,
+        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps, **element_decode(bw.fmt),
     )
     return y

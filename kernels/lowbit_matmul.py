@@ -75,7 +75,10 @@ class MmaConfig:
 
 GEMV_MAX_M = 8
 MMA_MAX_M = 64  # rows the MMA kernel takes (its activation tile is padded to 16, 32 or 64 rows)
-MMA_AUTO_MAX_M = 16  # rows up to which pick_path chooses it: timed on the H100 up to 16
+MMA_AUTO_MAX_M = 16  # rows up to which pick_path chooses it, unless MMA_AUTO_ROWS says more
+# H100, 8192^2, 64 rows (session 4): W4 MMA 46.0 us vs GEMM 85.7 (cuBLAS 49.3), ternary as uint2 70.2 vs 81.2;
+# for grouped W2 (127.7 vs 83.9) and W1 (205.0 vs 83.0) the GEMM won, so they keep the default.
+MMA_AUTO_ROWS: dict[tuple[str, bool], int] = {("uint4", True): 64, ("uint2", False): 64}
 MMA_SHARED_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (the H100 has 227 KiB)
 MMA_LAYOUTS = ("uint1", "uint2", "uint4")
 DEQUANT_MIN_M = 256  # H100, 8192^2 W4: dequant + cuBLAS beat the fused GEMM from batch 256 on
@@ -681,11 +684,12 @@ def reference_matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 
 def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype = torch.float16) -> str:
     """``torch`` off CUDA; else by batch: ``mma`` where it fits and was faster on the H100 (batch 1
-    only for :data:`MMA_AT_BATCH_1`), ``gemv`` for a few rows, ``gemm`` for mid batches, ``dequant``
+    only for :data:`MMA_AT_BATCH_1`, above 16 rows only for :data:`MMA_AUTO_ROWS`), ``gemv`` for a few rows, ``gemm`` for mid batches, ``dequant``
     beyond."""
     if device.type != "cuda":
         return "torch"
-    if mma_fits(pw, dtype) and m <= MMA_AUTO_MAX_M and (m > 1 or gemv_key(pw) in MMA_AT_BATCH_1):
+    rows = MMA_AUTO_ROWS.get(gemv_key(pw), MMA_AUTO_MAX_M)
+    if mma_fits(pw, dtype) and m <= rows and (m > 1 or gemv_key(pw) in MMA_AT_BATCH_1):
         return "mma"
     if m <= GEMV_MAX_M:
         return "gemv"

@@ -291,12 +291,13 @@ def test_pick_path_by_batch() -> None:
     pw, _ = random_weight("uint4", n=8, k=256, group=128, asym=False, device="cpu")
     cuda = torch.device("cuda")
     assert lm.pick_path(4, pw, torch.device("cpu")) == "torch"
-    batches = (1, 8, lm.MMA_AUTO_MAX_M, lm.MMA_AUTO_MAX_M + 1, lm.DEQUANT_MIN_M)
-    assert [lm.pick_path(m, pw, cuda) for m in batches] == ["mma", "mma", "mma", "gemm", "dequant"]
+    batches = (1, 8, lm.MMA_AUTO_MAX_M + 1, lm.MMA_MAX_M, lm.MMA_MAX_M + 1, lm.DEQUANT_MIN_M)
+    assert [lm.pick_path(m, pw, cuda) for m in batches] == ["mma", "mma", "mma", "mma", "gemm", "dequant"]  # W4: MMA to 64
     assert [lm.pick_path(m, pw, cuda, torch.bfloat16) for m in (1, 8, 9)] == ["gemv", "gemv", "gemm"]
     w2, _ = random_weight("uint2", n=8, k=256, group=128, asym=True, device="cpu")  # grouped W2: GEMV at batch 1
     w3, _ = random_weight("uint3", n=8, k=256, group=128, asym=True, device="cpu")
     assert [lm.pick_path(1, w2, cuda), lm.pick_path(2, w2, cuda), lm.pick_path(2, w3, cuda)] == ["gemv", "mma", "gemv"]
+    assert [lm.pick_path(m, w2, cuda) for m in (lm.MMA_AUTO_MAX_M, lm.MMA_AUTO_MAX_M + 1)] == ["mma", "gemm"]
 
 
 # ----------------------------------------------------------------------------- on a GPU, at real sizes
