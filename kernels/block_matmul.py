@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.lowbit_matmul import _split_range, _store_transposed, split_buffers
 from kernels.quant import PackedTensor, mx_quantize_reference, nv_quantize_reference
 from methods.common.elements import ELEMENTS, IntElement
 from methods.common.microscaling import MxFormat, NvFormat
@@ -110,13 +111,14 @@ def _element_values(codes, code_values_ptr, DECODE: tl.constexpr, ELEM_BITS: tl.
 
 @triton.jit
 def _block_matmul_kernel(
-    x_ptr, codes_ptr, scales_ptr, code_values_ptr, scale_values_ptr, y_ptr,
+    x_ptr, codes_ptr, scales_ptr, code_values_ptr, scale_values_ptr, y_ptr, partial_ptr, count_ptr,
     M, N, K, n_blocks, tensor_scale, stride_xm, stride_cn, stride_sn, stride_ym,
     BLOCK: tl.constexpr, NIBBLES: tl.constexpr, SCALED_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, DECODE: tl.constexpr, ELEM_BITS: tl.constexpr,
-    MAN_BITS: tl.constexpr, VALUE_SCALE: tl.constexpr,
+    MAN_BITS: tl.constexpr, VALUE_SCALE: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """Program ``(n, m)``: ``BLOCK_N`` weight rows, ``BLOCK_M`` activation rows, K in steps of 32.
+    """Program ``(n, m, k)``: ``BLOCK_N`` weight rows, ``BLOCK_M`` activation rows, one K split in steps of
+    32 (the splits are added up as in :mod:`kernels.lowbit_matmul`).
 
     MX (blocks of 32): a step is one block, its scale multiplies the dot result. NV (blocks of 16,
     ``SCALED_WEIGHTS``): a step is two blocks, each element is multiplied by its E4M3 block scale
@@ -132,7 +134,9 @@ def _block_matmul_kernel(
     mask_n = offs_n < N
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, n_blocks * BLOCK, STEP):
+    first, last = _split_range(tl.cdiv(n_blocks * BLOCK, STEP), SPLIT_K)
+    for step in range(first, last):
+        k0 = step * STEP
         k = k0 + offs_k
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k[None, :] < K), other=0.0)
         in_row = mask_n[:, None] & (k[None, :] < n_blocks * BLOCK)  # never past a row's stored blocks
@@ -147,9 +151,9 @@ def _block_matmul_kernel(
         w = _element_values(codes, code_values_ptr, DECODE, ELEM_BITS, MAN_BITS, VALUE_SCALE)  # exact in fp16/bf16
         if SCALED_WEIGHTS:  # the step's two blocks: the first scale for its first 16 elements
             blk = k0 // BLOCK
-            first = tl.load(scales_ptr + offs_n * stride_sn + blk, mask=mask_n, other=0).to(tl.int32)
-            second = tl.load(scales_ptr + offs_n * stride_sn + blk + 1, mask=mask_n & (blk + 1 + 0 * offs_n < n_blocks), other=0).to(tl.int32)
-            scale = tl.where(offs_k[None, :] < BLOCK, tl.load(scale_values_ptr + first)[:, None], tl.load(scale_values_ptr + second)[:, None])
+            byte_a = tl.load(scales_ptr + offs_n * stride_sn + blk, mask=mask_n, other=0).to(tl.int32)
+            byte_b = tl.load(scales_ptr + offs_n * stride_sn + blk + 1, mask=mask_n & (blk + 1 + 0 * offs_n < n_blocks), other=0).to(tl.int32)
+            scale = tl.where(offs_k[None, :] < BLOCK, tl.load(scale_values_ptr + byte_a)[:, None], tl.load(scale_values_ptr + byte_b)[:, None])
             w = w * scale
         if INTERPRET and dtype == tl.bfloat16:  # the interpreter's bf16 dot reads raw bits as integers
             part = tl.dot(x.to(tl.float32), tl.trans(w))
@@ -160,11 +164,18 @@ def _block_matmul_kernel(
         else:
             scale_byte = tl.load(scales_ptr + offs_n * stride_sn + k0 // BLOCK, mask=mask_n, other=0).to(tl.int32)
             acc += part * tl.load(scale_values_ptr + scale_byte)[None, :]
-    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y, (acc * tensor_scale).to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _store_transposed(y_ptr, tl.trans(acc * tensor_scale), offs_m, offs_n, mask_m, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
 
 
-def block_matmul(x: torch.Tensor, bw: BlockWeight, block_n: int = 64, num_warps: int = 4, out: torch.Tensor | None = None) -> torch.Tensor:
+def block_split_k(bw: BlockWeight, tiles: int) -> int:
+    """K splits that give the GPU about two programs per SM (132 on the H100), at most 8 and at least
+    four 32-deep steps each (untuned)."""
+    steps = triton.cdiv(bw.k, 32)
+    return max(1, min(8, triton.cdiv(264, tiles), steps // 4))
+
+
+def block_matmul(x: torch.Tensor, bw: BlockWeight, block_n: int = 64, num_warps: int = 4, out: torch.Tensor | None = None,
+                 split_k: int | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T`` for a block-format weight (fp16/bf16 activations, output in x's dtype)."""
     if x.dim() != 2 or x.shape[1] != bw.k:
         raise ValueError(f"x must be [M, {bw.k}], got {tuple(x.shape)}")
@@ -177,11 +188,12 @@ def block_matmul(x: torch.Tensor, bw: BlockWeight, block_n: int = 64, num_warps:
         raise ValueError(f"out must be {x.dtype} {(m, bw.n)} and contiguous along N, got {y.dtype} {tuple(y.shape)}")
     codes, scales = bw.packed.codes, bw.packed.scale
     block_m = min(64, max(16, triton.next_power_of_2(m)))
-    grid = (triton.cdiv(bw.n, block_n), triton.cdiv(m, block_m))
+    tiles = triton.cdiv(bw.n, block_n) * triton.cdiv(m, block_m)
+    grid = (triton.cdiv(bw.n, block_n), triton.cdiv(m, block_m), split_k or block_split_k(bw, tiles))
     _block_matmul_kernel[grid](
-        x, codes, scales, bw.code_values, bw.scale_values, y,
+        x, codes, scales, bw.code_values, bw.scale_values, y, *split_buffers(y, grid, block_n * block_m),
         m, bw.n, bw.k, scales.shape[1], bw.tensor_scale, x.stride(0), codes.stride(0), scales.stride(0), y.stride(0),
         BLOCK=bw.block, NIBBLES=bw.nibbles, SCALED_WEIGHTS=isinstance(bw.fmt, NvFormat), BLOCK_M=block_m, BLOCK_N=block_n,
-        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps, **element_decode(bw.fmt),
+        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps, SPLIT_K=grid[2], **element_decode(bw.fmt),
     )
     return y

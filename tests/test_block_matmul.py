@@ -27,9 +27,9 @@ def test_block_matmul_matches_the_dequantized_weight(fmt, dtype: torch.dtype) ->
     bw = pack_block_weight(weight.to(DEVICE), fmt)
     dequantized = fmt.dequantize(fmt.quantize(weight)).float().to(DEVICE)
     assert dequantized.abs().sum() > 0
-    for m in (1, 5, 33):
+    for m, split_k in ((1, 3), (5, 1), (33, None)):  # 200 = 7 steps of 32: splits of 3, 3 and 1 steps
         x = torch.randn(m, 200, generator=generator).to(DEVICE, dtype)
-        out = block_matmul(x, bw, block_n=32, out=torch.full((m, 37), float("nan"), dtype=dtype, device=DEVICE))
+        out = block_matmul(x, bw, block_n=32, out=torch.full((m, 37), float("nan"), dtype=dtype, device=DEVICE), split_k=split_k)
         assert not out.isnan().any(), "some outputs were never written"
         ref = x.float() @ dequantized.t()
         error = ((out.float() - ref).norm() / ref.norm()).item()
