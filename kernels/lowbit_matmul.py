@@ -29,10 +29,13 @@ optional zero points per group). Four GPU paths, chosen by the number of activat
 
 ``reference_matmul`` is the plain-torch definition every kernel is tested against.
 
-Status (H100, 8192^2, steady state; bench/results/kernel_latency_h100.md): correct at real sizes;
-batch 1 W4 22.7 us (MMA), W2 23.8 (GEMV), ternary 18.6 (MMA), W1 23.5 (MMA), about 2x cuBLAS fp16;
-batch 16 W4 23.8 us (MMA; cuBLAS 48.4). Short of the memory bound: times are flat across bit widths,
-and every slot's dot waits for the one before, so the MMA kernel is latency bound.
+Split-K (``split_k > 1``): the splits of a tile write fp32 partial sums and the last one to finish adds
+them up in order (``_store_transposed``): no zeroed output, no atomics on ``y``, the same bits every run.
+
+Status (H100, 8192^2, steady state; bench/results/kernel_latency_h100.md, session 4): correct at real
+sizes; batch 1 W4 23.4 us (MMA), W2 22.5 (GEMV), ternary 18.2 (MMA), W1 23.1 (MMA), 2.05-2.63x cuBLAS
+fp16; batch 16 W4 23.6; batch 64 W4 46.0 (MMA, 1.07x). Short of the memory bound: the MMA loop is bound
+by instruction issue and latency (608 instructions per W4 chunk), so times are flat across bit widths.
 """
 
 from __future__ import annotations
