@@ -539,7 +539,9 @@ def split_buffers(y: torch.Tensor, grid: tuple[int, int, int], tile_size: int) -
     (see ``_store_transposed``); without splits, ``y`` stands in for both (unused).
 
     Kept per device and stream, grown on demand; the kernels leave every counter at 0, so the buffers
-    serve every later launch on the stream (and CUDA graphs captured after a first, warm-up call).
+    serve every later launch on that stream. Streams get their own, so concurrent launches never share
+    counters. ``torch.cuda.graph`` captures on a stream of its own: the first capture there allocates the
+    buffers inside the graph (one zero-fill node for the counters).
     """
     n_tiles, splits = grid[0] * grid[1], grid[2]
     if splits == 1:
