@@ -157,7 +157,8 @@ def _block_matmul_kernel(
         if SCALED_WEIGHTS:  # the step's two blocks: the first scale for its first 16 elements
             blk = k0 // BLOCK
             byte_a = tl.load(scales_ptr + offs_n * stride_sn + blk, mask=mask_n, other=0).to(tl.int32)
-            byte_b = tl.load(scales_ptr + offs_n * stride_sn + blk + 1, mask=mask_n & (blk + 1 + 0 * offs_n < n_blocks), other=0).to(tl.int32)
+            second = blk + 1 + 0 * offs_n < n_blocks  # a tensor: the interpreter cannot and a mask with a bool
+            byte_b = tl.load(scales_ptr + offs_n * stride_sn + blk + 1, mask=mask_n & second, other=0).to(tl.int32)
             scale = tl.where(offs_k[None, :] < BLOCK, tl.load(scale_values_ptr + byte_a)[:, None], tl.load(scale_values_ptr + byte_b)[:, None])
             w = w * scale
         if INTERPRET and dtype == tl.bfloat16:  # the interpreter's bf16 dot reads raw bits as integers

@@ -12,7 +12,7 @@ optional zero points per group). Four GPU paths, chosen by the number of activat
   applied once per group to the tile of partial sums, the offset and zero point once per group with
   the group's activation sum: ``sum_k (q_k - z) x_k = 2**b * (sum_k v_k x_k - sum_k x_k) - z * sum_k x_k``.
 * **MMA** (fp16 activations, ``uint1``/``uint2``/``uint4``, ``M <= MMA_MAX_M``; picked up to
-  ``MMA_AUTO_MAX_M``): tensor cores for small batches, the batch padded to 16. One ``prmt``
+  ``MMA_AUTO_MAX_M`` rows, or ``MMA_AUTO_ROWS``): tensor cores for small batches, the batch padded to 16. One ``prmt``
   gathers a byte of two neighbouring words, one ``lop3`` drops two codes into the mantissas of
   ``1024.0`` (fp16x2), one ``fma.f16x2`` takes off 1024 and the bit position: per two codes three
   instructions, no int->float conversion. Each slot of a
@@ -689,8 +689,8 @@ def reference_matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 
 def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype = torch.float16) -> str:
     """``torch`` off CUDA; else by batch: ``mma`` where it fits and was faster on the H100 (batch 1
-    only for :data:`MMA_AT_BATCH_1`, above 16 rows only for :data:`MMA_AUTO_ROWS`), ``gemv`` for a few rows, ``gemm`` for mid batches, ``dequant``
-    beyond."""
+    only for :data:`MMA_AT_BATCH_1`, above 16 rows only for :data:`MMA_AUTO_ROWS`), ``gemv`` for a few
+    rows, ``gemm`` for mid batches, ``dequant`` beyond."""
     if device.type != "cuda":
         return "torch"
     rows = MMA_AUTO_ROWS.get(gemv_key(pw), MMA_AUTO_MAX_M)
