@@ -245,8 +245,8 @@ def best_of(candidates: list, time_one: Callable[[Any], float | None]) -> list[t
 
 def tune(kinds: list[str], shape: tuple[int, int], gemm_kinds: list[str]) -> dict:
     """Search GEMV configs (batch 1) and MMA configs (batch 16) per kind and GEMM configs per batch
-    bucket at ``shape``; install the
-    winners in :mod:`kernels.lowbit_matmul` for the rest of the process, and return every timing."""
+    bucket at ``shape``; install the winners in :mod:`kernels.lowbit_matmul` for the rest of the process,
+    and return every timing."""
     k, n = shape
     result: dict[str, Any] = {"shape": shape, "gemv": {}, "mma": {}, "gemm": {}}
     x1 = torch.randn(1, k, device="cuda", dtype=torch.float16)

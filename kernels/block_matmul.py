@@ -144,7 +144,6 @@ def _block_matmul_kernel(
         k0 = step * STEP
         k = k0 + offs_k
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k[None, :] < K), other=0.0)
-        in_row = mask_n[:, None] & (k[None, :] < n_blocks * BLOCK)  # never past a row's stored blocks
         if NIBBLES:  # byte j holds elements 2j (low nibble) and 2j + 1
             offs_h = tl.arange(0, STEP // 2)
             in_bytes = mask_n[:, None] & (k0 + 2 * offs_h[None, :] < n_blocks * BLOCK)
@@ -152,6 +151,7 @@ def _block_matmul_kernel(
             pairs = pairs.to(tl.int32)
             codes = tl.reshape(tl.join(pairs & 15, pairs >> 4), (BLOCK_N, STEP))
         else:
+            in_row = mask_n[:, None] & (k[None, :] < n_blocks * BLOCK)  # never past a row's stored blocks
             codes = tl.load(codes_ptr + offs_n[:, None] * stride_cn + k[None, :], mask=in_row, other=0).to(tl.int32)
         w = _element_values(codes, code_values_ptr, DECODE, ELEM_BITS, MAN_BITS, VALUE_SCALE)  # exact in fp16/bf16
         if SCALED_WEIGHTS:  # the step's two blocks: the first scale for its first 16 elements
