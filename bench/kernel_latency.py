@@ -205,6 +205,7 @@ GEMV_SEARCH = [  # block_n, num_warps, split_k, num_stages
     for c in [
         (64, 4, 1, 2), (128, 8, 1, 2), (32, 4, 2, 2), (64, 4, 2, 2), (32, 4, 4, 2), (64, 4, 4, 2),
         (128, 8, 4, 2), (32, 4, 8, 2), (64, 4, 8, 2), (64, 8, 8, 2), (32, 4, 16, 2),
+        (128, 4, 4, 1), (128, 8, 2, 1), (128, 4, 8, 1), (128, 8, 8, 1), (256, 8, 4, 1), (64, 8, 4, 1),
     ]
 ]
 MMA_SEARCH = [  # block_n, num_warps, split_k, num_stages
@@ -255,7 +256,7 @@ def tune(kinds: list[str], shape: tuple[int, int], gemm_kinds: list[str]) -> dic
         timed = best_of(GEMV_SEARCH, lambda c: checked_steady(x1, pw, "gemv", c))
         if not timed:
             continue
-        lm.GEMV_CONFIGS[lm.gemv_key(pw)] = timed[0][1]
+        (lm.GEMV_PAIR_CONFIGS if lm.pairs_fit(pw, torch.float16) else lm.GEMV_CONFIGS)[lm.gemv_key(pw)] = timed[0][1]
         result["gemv"][name] = [(us, asdict(c)) for us, c in timed]
         print(f"gemv {name}: best {timed[0][0]:.1f} us {timed[0][1]}, worst {timed[-1][0]:.1f} us", flush=True)
         if not lm.mma_fits(pw, torch.float16):
@@ -285,6 +286,7 @@ def tune(kinds: list[str], shape: tuple[int, int], gemm_kinds: list[str]) -> dic
 
 def tuned_summary() -> str:
     gemv = "; ".join(f"{layout}{'/groups' if grouped else ''}: {c}" for (layout, grouped), c in lm.GEMV_CONFIGS.items())
+    gemv += " | fp16 pairs " + "; ".join(f"{layout}{'/groups' if grouped else ''}: {c}" for (layout, grouped), c in lm.GEMV_PAIR_CONFIGS.items())
     mma = "; ".join(f"{layout}{'/groups' if grouped else ''}: {c}" for (layout, grouped), c in lm.MMA_CONFIGS.items())
     gemm = "; ".join(f"M<={m}: {c}" for m, c in sorted(lm.GEMM_CONFIGS.items()))
     return f"tuned GEMV {gemv} | MMA {mma} | GEMM {gemm} | dequant + cuBLAS from M={lm.DEQUANT_MIN_M}"

@@ -94,14 +94,23 @@ GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # best of bench.kernel_lat
     ("uint2", False): GemvConfig(block_n=128, num_warps=8, split_k=4),
     ("uint1", True): GemvConfig(block_n=64, num_warps=4, split_k=2),
 }
+PAIR_LAYOUTS = ("uint1", "uint2", "uint4")  # 16 bits hold a whole number of slots
+GEMV_PAIR_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # the fp16-pair GEMV: bench.kernel_latency --tune, H100, 8192^2
+    ("uint4", True): GemvConfig(block_n=128, num_warps=4, split_k=4, num_stages=1),
+    ("uint2", True): GemvConfig(block_n=128, num_warps=4, split_k=4, num_stages=1),
+    ("uint2", False): GemvConfig(block_n=128, num_warps=4, split_k=4, num_stages=1),
+    ("uint1", True): GemvConfig(block_n=64, num_warps=4, split_k=2, num_stages=2),
+}
 MMA_CONFIGS: dict[tuple[str, bool], MmaConfig] = {  # H100, 8192^2, batch 1 and 16 (session 3 search)
     ("uint4", True): MmaConfig(block_n=64, num_warps=4, split_k=4, num_stages=3),
     ("uint2", True): MmaConfig(block_n=64, num_warps=4, split_k=8),
     ("uint2", False): MmaConfig(block_n=64, num_warps=4, split_k=4),
     ("uint1", True): MmaConfig(block_n=64, num_warps=4, split_k=2),
 }
-# At batch 1 the MMA kernel beat the GEMV for these (layout, grouped) keys on the H100, 8192^2 (W4 22.7 us
+# At batch 1 the MMA kernel beat the fp32 GEMV for these (layout, grouped) keys on the H100, 8192^2 (W4 22.7 us
 # vs 25.4, W1 23.5 vs 27.0, ternary as uint2 18.6 vs 21.9); for grouped uint2 the GEMV won (23.8 vs 27.4).
+# The fp16-pair GEMV beats the MMA kernel for all four (session 5: W4 19.3 vs 23.4, W2 19.2 vs 27.5,
+# ternary 13.0 vs 18.8, W1 18.2 vs 23.5), so this only counts where it does not fit.
 MMA_AT_BATCH_1 = {("uint4", True), ("uint1", True), ("uint2", False)}
 GEMM_CONFIGS: dict[int, GemmConfig] = {  # by batch bucket (a power of two)
     16: GemmConfig(block_n=64, block_m=16, num_warps=4, num_stages=2, block_k=128, split_k=4),
@@ -290,6 +299,172 @@ def _gemv_kernel(
     y_row = tl.sum(acc, axis=1) - offset
     offs_m = pid_m + tl.arange(0, 1)
     _store_transposed(y_ptr, y_row[:, None], offs_m, offs_n, offs_m < M, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
+
+
+# ----------------------------------------------------------------------------- GEMV on fp16 pairs (fp16, uint1/2/4)
+
+
+@triton.jit
+def _half_bits(v):
+    """fp16 values as the low 16 bits of an int32."""
+    return v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
+def _half_float(pair, HIGH: tl.constexpr):
+    """One half of an fp16 pair (int32 bits) as fp32."""
+    bits = pair
+    if HIGH:
+        bits = pair >> 16
+    return (bits & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _neg_zero_pair(zero_lo, zero_hi, P: tl.constexpr):
+    """``-(2**(10 - P) + zero)`` per half, as fp16 pair bits ``[BLOCK_N, 1]`` (exact for integer zero
+    points, and for P = 4 for zero points on a 1/16 grid within +-64)."""
+    base: tl.constexpr = -(2.0 ** (10 - P))
+    return (_half_bits((base - zero_lo).to(tl.float16)) | (_half_bits((base - zero_hi).to(tl.float16)) << 16))[:, None]
+
+
+@triton.jit
+def _pair_fma(words, x_pair, neg_zero, acc, SLOT: tl.constexpr, BITS: tl.constexpr, INTEGER_ZEROS: tl.constexpr, INTERPRET: tl.constexpr):
+    """``acc + (code - zero) * x`` on fp16 pairs (int32 bits): the low half takes slot ``SLOT`` of every
+    word, the high half slot ``SLOT + SLOTS / 2`` (16 bits higher), each with its half of ``x_pair``.
+
+    The word is shifted so that both codes sit at bit ``P`` of their halves; ``lop3`` keeps them and
+    ors in ``0x6400``, which reads as ``1024 + 2**P * code``; one fma by ``2**-P`` plus ``neg_zero``
+    (``-(2**(10 - P) + zero)``) leaves ``code - zero`` exactly, and one fma by ``x`` adds the product.
+    ``P`` is 0 or 4, whichever needs no shift of its own (per two codes: ``lop3``, two ``fma.rn.f16x2``
+    and a shift shared with another pair), where every zero point is an integer (``-(1024 + zero)``
+    is exact); else always 4, exact for zero points on a 1/16 grid. The interpreter cannot run PTX:
+    there the same arithmetic runs on fp16 halves (unfused, so the last bit may differ).
+    """
+    if INTEGER_ZEROS:
+        P: tl.constexpr = (BITS * SLOT) % 8 // 4 * 4
+    else:
+        P: tl.constexpr = 4
+    SHIFT: tl.constexpr = BITS * SLOT - P
+    MASK: tl.constexpr = (((1 << BITS) - 1) << P) * 0x10001
+    MUL: tl.constexpr = ((15 - P) << 10) * 0x10001  # fp16 2**-P, twice
+    if INTERPRET:
+        out = tl.zeros_like(acc)
+        for HIGH in tl.static_range(2):
+            code = ((words >> (BITS * SLOT + 16 * HIGH)) & ((1 << BITS) - 1)).to(tl.float16)
+            shifted = code + (neg_zero >> (16 * HIGH) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True) + (2.0 ** (10 - P))
+            total = shifted * (x_pair >> (16 * HIGH) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+            total += (acc >> (16 * HIGH) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+            out |= _half_bits(total) << (16 * HIGH)
+        return out
+    if SHIFT >= 0:
+        return _pair_fma_asm(words, x_pair, neg_zero, acc, "shr.u32", SHIFT, MASK, MUL)
+    else:
+        return _pair_fma_asm(words, x_pair, neg_zero, acc, "shl.b32", -SHIFT, MASK, MUL)
+
+
+@triton.jit
+def _pair_fma_asm(words, x_pair, neg_zero, acc, SHIFT_OP: tl.constexpr, SHIFT: tl.constexpr, MASK: tl.constexpr, MUL: tl.constexpr):
+    return tl.inline_asm_elementwise(
+        asm=f"""{{
+        .reg .b32 t, v, d, m;
+        {SHIFT_OP} t, $1, {SHIFT};
+        lop3.b32 v, t, {MASK}, 0x64006400, 0xea;
+        mov.b32 m, {MUL};
+        fma.rn.f16x2 d, v, m, $3;
+        fma.rn.f16x2 $0, d, $2, $4;
+        }}""",
+        constraints="=r,r,r,r,r", args=[words, x_pair, neg_zero, acc], dtype=tl.int32, is_pure=True, pack=1,
+    )
+
+
+def pair_constants(slot: int, bits: int, integer_zeros: bool) -> dict[str, int]:
+    """The integer constants of ``_pair_fma``'s asm (the same expressions), for tests that emulate it."""
+    p = (bits * slot) % 8 // 4 * 4 if integer_zeros else 4
+    return dict(p=p, shift=bits * slot - p, mask=(((1 << bits) - 1) << p) * 0x10001, mul=((15 - p) << 10) * 0x10001)
+
+
+@triton.jit
+def _x_pair(x_row, k, HALF_RUNS: tl.constexpr, K, EVEN_K: tl.constexpr):
+    """Activations ``k`` and ``k + HALF_RUNS`` divided by 16 (exact), as fp16 pair bits ``[1, RUN]``."""
+    if EVEN_K:
+        x_lo = tl.load(x_row + k)
+        x_hi = tl.load(x_row + k + HALF_RUNS)
+    else:
+        x_lo = tl.load(x_row + k, mask=k < K, other=0.0)
+        x_hi = tl.load(x_row + k + HALF_RUNS, mask=k + HALF_RUNS < K, other=0.0)
+    return _half_bits(x_lo * 0.0625) | (_half_bits(x_hi * 0.0625) << 16)
+
+
+@triton.jit
+def _quad_groups(scale_ptr, zero_ptr, offs_n, mask_n, chunk, QUAD_INDEX: tl.constexpr, n_groups, stride_sn, stride_sg, group_size, zero_const,
+                 HAS_ZERO: tl.constexpr, CHUNK: tl.constexpr, RUN: tl.constexpr, QUAD: tl.constexpr, HALF: tl.constexpr):
+    """Scales and zero points of the two groups that a quad of pairs reads: its low slots'
+    ``QUAD_INDEX * QUAD ...`` and its high slots' (``HALF`` slots on)."""
+    k_lo = chunk * CHUNK + QUAD_INDEX * QUAD * RUN
+    s_lo, z_lo = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, k_lo // group_size, n_groups, stride_sn, stride_sg, zero_const, HAS_ZERO)
+    s_hi, z_hi = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, (k_lo + HALF * RUN) // group_size, n_groups, stride_sn, stride_sg, zero_const, HAS_ZERO)
+    return s_lo, s_hi, z_lo, z_hi
+
+
+@triton.jit
+def _gemv_pairs_kernel(
+    x_ptr, w_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
+    M, N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const,
+    stride_xm, stride_wn, stride_ym,
+    BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr, SLOTS_PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+    INTEGER_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Program ``(m, n, k)`` as in ``_gemv_kernel``, with fp16 arithmetic on pairs of codes.
+
+    A word's slot ``s`` and slot ``s + SLOTS / 2`` are one fp16 pair (``_pair_fma``), so per code a
+    half ``lop3``, one fma to take off the offset and the zero point, one fma with the activation. The
+    pairs of a chunk go in quads of ``QUAD`` that stay inside one scale group per half; a quad sums
+    its products in fp16 (at most 16 per element, the activations divided by 16 so that the sums stay
+    far from fp16's range for activations below about 17000), then adds them to the fp32 accumulator
+    with its two groups' scales. Every load of the next step (the chunk's words, the quad's scales and
+    zero points) is issued a step ahead.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    CHUNK: tl.constexpr = SLOTS * RUN
+    HALF: tl.constexpr = SLOTS // 2
+    QUAD: tl.constexpr = SLOTS_PER_GROUP if SLOTS_PER_GROUP < HALF else HALF
+    QUADS: tl.constexpr = HALF // QUAD
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, RUN)
+    mask_n = offs_n < N
+    x_row = x_ptr + pid_m * stride_xm
+    first, last = _split_range(n_chunks, SPLIT_K)
+    acc = tl.zeros((BLOCK_N, RUN), dtype=tl.float32)
+    start = tl.minimum(first, n_chunks - 1)
+    next_words, _ = _load_chunk(w_ptr, w_ptr, offs_n, offs_r, mask_n, start, stride_wn, stride_wn, "uint", RUN)
+    next_s_lo, next_s_hi, next_z_lo, next_z_hi = _quad_groups(
+        scale_ptr, zero_ptr, offs_n, mask_n, start, 0, n_groups, stride_sn, stride_sg, group_size, zero_const, HAS_ZERO, CHUNK, RUN, QUAD, HALF)
+    for chunk in range(first, last):
+        words = next_words
+        following = tl.minimum(chunk + 1, last - 1)
+        next_words, _ = _load_chunk(w_ptr, w_ptr, offs_n, offs_r, mask_n, following, stride_wn, stride_wn, "uint", RUN)
+        for quad in tl.static_range(QUADS):
+            s_lo, s_hi, z_lo, z_hi = next_s_lo, next_s_hi, next_z_lo, next_z_hi
+            if quad + 1 < QUADS:
+                next_s_lo, next_s_hi, next_z_lo, next_z_hi = _quad_groups(
+                    scale_ptr, zero_ptr, offs_n, mask_n, chunk, quad + 1, n_groups, stride_sn, stride_sg, group_size, zero_const, HAS_ZERO, CHUNK, RUN, QUAD, HALF)
+            else:
+                next_s_lo, next_s_hi, next_z_lo, next_z_hi = _quad_groups(
+                    scale_ptr, zero_ptr, offs_n, mask_n, following, 0, n_groups, stride_sn, stride_sg, group_size, zero_const, HAS_ZERO, CHUNK, RUN, QUAD, HALF)
+            neg_zero_0 = tl.broadcast_to(_neg_zero_pair(z_lo, z_hi, 0), (BLOCK_N, RUN))  # unused without INTEGER_ZEROS
+            neg_zero_4 = tl.broadcast_to(_neg_zero_pair(z_lo, z_hi, 4), (BLOCK_N, RUN))
+            sums = tl.zeros((BLOCK_N, RUN), dtype=tl.int32)  # fp16 pairs: zero bits are +0.0
+            for slot in tl.static_range(quad * QUAD, (quad + 1) * QUAD):
+                k = chunk * CHUNK + slot * RUN + offs_r[None, :]
+                x_pair = tl.broadcast_to(_x_pair(x_row, k, HALF * RUN, K, EVEN_K), (BLOCK_N, RUN))
+                if INTEGER_ZEROS and (BITS * slot) % 8 < 4:  # _pair_fma's P is 0
+                    sums = _pair_fma(words, x_pair, neg_zero_0, sums, slot, BITS, INTEGER_ZEROS, INTERPRET)
+                else:
+                    sums = _pair_fma(words, x_pair, neg_zero_4, sums, slot, BITS, INTEGER_ZEROS, INTERPRET)
+            acc += _half_float(sums, False) * (16.0 * s_lo)[:, None] + _half_float(sums, True) * (16.0 * s_hi)[:, None]
+    offs_m = pid_m + tl.arange(0, 1)
+    _store_transposed(y_ptr, tl.sum(acc, axis=1)[:, None], offs_m, offs_n, offs_m < M, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
 
 
 # ----------------------------------------------------------------------------- GEMM (tensor cores)
@@ -556,23 +731,40 @@ def split_buffers(y: torch.Tensor, grid: tuple[int, int, int], tile_size: int) -
     return partial, count
 
 
+def pairs_fit(pw: PackedWeight, dtype: torch.dtype) -> bool:
+    """The fp16-pair GEMV takes fp16 activations, the uint1/2/4 layouts (slot pairs 16 bits apart) and
+    zero points that fp16 subtracts exactly (``pw.zero_grid``: integers or sixteenths)."""
+    return dtype == torch.float16 and pw.layout in PAIR_LAYOUTS and pw.zero_grid > 0
+
+
 def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [M, K] @ W^T`` for small M (at most :data:`GEMV_MAX_M` rows), into ``out`` if given."""
+    """``x [M, K] @ W^T`` for small M (at most :data:`GEMV_MAX_M` rows), into ``out`` if given: the
+    fp16-pair kernel where it fits (:func:`pairs_fit`), else the fp32 one."""
     _check_inputs(x, pw)
     m = x.shape[0]
     if m > GEMV_MAX_M:
         raise ValueError(f"gemv takes at most {GEMV_MAX_M} rows, got {m}; use gemm")
-    config = config or GEMV_CONFIGS.get(gemv_key(pw), GemvConfig())
+    pairs = pairs_fit(pw, x.dtype)
+    config = config or (GEMV_PAIR_CONFIGS if pairs else GEMV_CONFIGS).get(gemv_key(pw), GemvConfig())
     y = _output(out, (m, pw.n), x)
     tensors, consts = _kernel_args(pw)
     n_chunks = pw.words.shape[1] // pw.run
     grid = (m, triton.cdiv(pw.n, config.block_n), config.split_k)
-    _gemv_kernel[grid](
-        x, *tensors, y, *split_buffers(y, grid, config.block_n), m, pw.n, pw.k, n_chunks, pw.n_groups, *tensors[2].stride(), pw.group_size, pw.zero_const,
-        x.stride(0), pw.words.stride(0), tensors[1].stride(0), y.stride(0),
-        BLOCK_N=config.block_n, SPLIT_K=config.split_k,
-        num_warps=config.num_warps, num_stages=config.num_stages, **consts,
-    )
+    buffers = split_buffers(y, grid, config.block_n)
+    shared = dict(BLOCK_N=config.block_n, SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages)
+    if pairs:
+        words, _, scale, zero = tensors
+        _gemv_pairs_kernel[grid](
+            x, words, scale, zero, y, *buffers, m, pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const,
+            x.stride(0), words.stride(0), y.stride(0), BITS=consts["BITS"], SLOTS=pw.slots, RUN=pw.run,
+            SLOTS_PER_GROUP=consts["SLOTS_PER_GROUP"], HAS_ZERO=consts["HAS_ZERO"], INTEGER_ZEROS=pw.zero_grid == 1.0, EVEN_K=pw.k % pw.chunk == 0,
+            INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", **shared,
+        )
+    else:
+        _gemv_kernel[grid](
+            x, *tensors, y, *buffers, m, pw.n, pw.k, n_chunks, pw.n_groups, *tensors[2].stride(), pw.group_size, pw.zero_const,
+            x.stride(0), pw.words.stride(0), tensors[1].stride(0), y.stride(0), **shared, **consts,
+        )
     return y
 
 
@@ -689,12 +881,13 @@ def reference_matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 
 def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype = torch.float16) -> str:
     """``torch`` off CUDA; else by batch: ``mma`` where it fits and was faster on the H100 (batch 1
-    only for :data:`MMA_AT_BATCH_1`, above 16 rows only for :data:`MMA_AUTO_ROWS`), ``gemv`` for a few
-    rows, ``gemm`` for mid batches, ``dequant`` beyond."""
+    only for :data:`MMA_AT_BATCH_1` where the fp16-pair GEMV does not fit, above 16 rows only for
+    :data:`MMA_AUTO_ROWS`), ``gemv`` for a few rows, ``gemm`` for mid batches, ``dequant`` beyond."""
     if device.type != "cuda":
         return "torch"
     rows = MMA_AUTO_ROWS.get(gemv_key(pw), MMA_AUTO_MAX_M)
-    if mma_fits(pw, dtype) and m <= rows and (m > 1 or gemv_key(pw) in MMA_AT_BATCH_1):
+    mma_at_1 = gemv_key(pw) in MMA_AT_BATCH_1 and not pairs_fit(pw, dtype)
+    if mma_fits(pw, dtype) and m <= rows and (m > 1 or mma_at_1):
         return "mma"
     if m <= GEMV_MAX_M:
         return "gemv"

@@ -64,6 +64,7 @@ class PackedWeight:
     k: int
     run: int
     group_size: int
+    zero_grid: float = 0.0  # 1.0: every zero point is an integer; 1/16: on that grid (within +-64); 0: neither or unknown
 
     @property
     def slots(self) -> int:
@@ -91,7 +92,7 @@ class PackedWeight:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return PackedWeight(
             self.layout, move(self.words), move(self.high), move(self.scale), move(self.zero),
-            self.zero_const, self.n, self.k, self.run, self.group_size,
+            self.zero_const, self.n, self.k, self.run, self.group_size, self.zero_grid,
         )
 
 
@@ -160,8 +161,25 @@ def pack_weight(
     return PackedWeight(
         layout, words, high, group_major(scale.to(scale_dtype)),
         None if zero is None else group_major(zero.to(torch.float16 if scale_dtype == torch.float16 else torch.float32)),
-        float(zero_const), n, k, run, group_size or k_pad,
+        float(zero_const), n, k, run, group_size or k_pad, zero_grid(zero, zero_const),
     )
+
+
+ZERO_GRIDS = (1.0, 1 / 16)
+
+
+def zero_grid(zero: torch.Tensor | None, zero_const: float) -> float:
+    """The coarsest grid of :data:`ZERO_GRIDS` that holds every zero point (within +-64), else 0.0.
+
+    The fp16-pair GEMV subtracts zero points in fp16 next to an offset of 1024 (integers only) or 64
+    (sixteenths); it runs only where that is exact."""
+    values = torch.tensor([zero_const]) if zero is None else zero.float()
+    if values.abs().max() >= 64:
+        return 0.0
+    for grid in ZERO_GRIDS:
+        if torch.equal(values / grid, (values / grid).round()):
+            return grid
+    return 0.0
 
 
 def group_major(t: torch.Tensor) -> torch.Tensor:

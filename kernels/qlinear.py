@@ -30,7 +30,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, pw: PackedWeight, bias: torch.Tensor | None = None, path: str = "auto") -> None:
         super().__init__()
-        self.layout, self.zero_const, self.path = pw.layout, pw.zero_const, path
+        self.layout, self.zero_const, self.zero_grid, self.path = pw.layout, pw.zero_const, pw.zero_grid, path
         self.in_features, self.out_features, self.run, self.group_size = pw.k, pw.n, pw.run, pw.group_size
         self.register_buffer("words", pw.words)
         self.register_buffer("high", pw.high)
@@ -42,7 +42,7 @@ class QuantLinear(nn.Module):
     def packed(self) -> PackedWeight:
         return PackedWeight(
             self.layout, self.words, self.high, self.scale, self.zero, self.zero_const,
-            self.out_features, self.in_features, self.run, self.group_size,
+            self.out_features, self.in_features, self.run, self.group_size, self.zero_grid,
         )
 
     @classmethod

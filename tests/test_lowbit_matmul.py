@@ -146,6 +146,67 @@ def test_scales_in_any_layout() -> None:
     assert rel_err(lm.gemm(x16, row_major, lm.GemmConfig(block_n=32, block_m=16)), lm.reference_matmul(x16, pw)) < 2e-3
 
 
+def emulate_pair_decode(words: np.ndarray, zero: np.ndarray, slot: int, bits: int, integer_zeros: bool) -> list[np.ndarray]:
+    """``_pair_fma``'s first fma in numpy: shift, lop3 0xEA (``(x & y) | z``), then ``v * 2**-P`` plus
+    ``-(2**(10 - P) + zero)`` (``_neg_zero_pair``, rounded to fp16 like the kernel), in float64 (exact
+    at these sizes, like the fused multiply-add) and rounded once to fp16; the low and the high half."""
+    c = lm.pair_constants(slot, bits, integer_zeros)
+    t = words >> np.uint64(c["shift"]) if c["shift"] >= 0 else (words << np.uint64(-c["shift"])) & np.uint64(0xFFFFFFFF)
+    v = (t & np.uint64(c["mask"])) | np.uint64(0x64006400)
+    neg_zero = (-(2.0 ** (10 - c["p"])) - zero).astype(np.float16).astype(np.float64)
+    mul = np.array(c["mul"] & 0xFFFF, dtype=np.uint16).view(np.float16).astype(np.float64)
+    half = lambda w, shift: np.array((w >> np.uint64(shift)) & np.uint64(0xFFFF), dtype=np.uint16).view(np.float16).astype(np.float64)  # noqa: E731
+    return [(half(v, shift) * mul + neg_zero).astype(np.float16) for shift in (0, 16)]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("integer_zeros", [True, False])
+def test_pair_decode_constants_give_code_minus_zero(bits: int, integer_zeros: bool) -> None:
+    """Every slot pair, emulated on random words: the low half is ``code(slot) - zero`` and the high half
+    ``code(slot + slots / 2) - zero``, exactly, for integer zero points or (the other scheme) zero points
+    on the 1/16 grid."""
+    rng = np.random.default_rng(bits)
+    words = rng.integers(0, 2**32, size=4096, dtype=np.uint64)
+    top = 2**bits - 1
+    zero = rng.integers(0, top + 1, size=4096) + (0 if integer_zeros else rng.integers(0, 16, size=4096) / 16)
+    half_slots = 16 // bits
+    for slot in range(half_slots):
+        low, high = emulate_pair_decode(words, zero, slot, bits, integer_zeros)
+        code = lambda s: ((words >> np.uint64(s * bits)) & np.uint64(top)).astype(np.float64)  # noqa: E731
+        assert np.array_equal(low.astype(np.float64), code(slot) - zero), slot
+        assert np.array_equal(high.astype(np.float64), code(slot + half_slots) - zero), slot
+
+
+def test_zero_grid_says_which_zero_points_fp16_subtracts_exactly() -> None:
+    codes, scale = torch.randint(0, 16, (4, 128)), torch.rand(4, 1).half() + 0.5
+    assert pack_weight(codes, scale, torch.tensor([[3.0], [0.0], [15.0], [7.0]]), "uint4", None).zero_grid == 1.0
+    assert pack_weight(codes, scale, None, "uint4", None, zero_const=7.5).zero_grid == 1 / 16
+    assert pack_weight(codes, scale, torch.tensor([[3.3], [0.0], [15.0], [7.0]]), "uint4", None).zero_grid == 0.0
+    assert pack_weight(codes, scale, None, "uint4", None, zero_const=100.0).zero_grid == 0.0
+
+
+@pytest.mark.parametrize("layout", ["uint4", "uint2", "uint1"])
+def test_gemv_pairs_quads_split_k_and_the_fp32_fallback(layout: str) -> None:
+    """The fp16-pair GEMV at 128-code groups (W2 and W1 flush their pairs in 2 and 4 quads per chunk),
+    with split-K and activations up to about +-2000 (the fp16 sums must not overflow); zero points off
+    the 1/16 grid take the fp32 GEMV and are still right."""
+    top = TOP_CODE[layout]
+    n, k = 70, 1024
+    codes = torch.randint(0, top + 1, (n, k))
+    scale = (torch.rand(n, k // 128) * 0.004 + 0.001).half()  # small, so that the outputs fit fp16
+    zero = torch.randint(0, top + 1, (n, k // 128)).half()
+    pw = pack_weight(codes, scale, zero, layout, 128).to(DEVICE)
+    assert lm.pairs_fit(pw, torch.float16) and pw.run == 32
+    x = torch.randn(2, k, dtype=torch.float16, device=DEVICE) * 500
+    ref = lm.reference_matmul(x, pw)
+    assert ref.isfinite().all() and x.abs().max() > 1000
+    for config in [lm.GemvConfig(block_n=32, split_k=1), lm.GemvConfig(block_n=16, split_k=3)]:
+        assert rel_err(lm.gemv(x, pw, config, out=poisoned((2, n), x.dtype)), ref) < 2e-3, config
+    odd = pack_weight(codes, scale, zero + 0.3, layout, 128).to(DEVICE)
+    assert not lm.pairs_fit(odd, torch.float16)
+    assert rel_err(lm.gemv(x, odd, out=poisoned((2, n), x.dtype)), lm.reference_matmul(x, odd)) < 2e-3
+
+
 # ----------------------------------------------------------------------------- MMA (tensor cores, small batches)
 
 
@@ -292,7 +353,9 @@ def test_pick_path_by_batch() -> None:
     cuda = torch.device("cuda")
     assert lm.pick_path(4, pw, torch.device("cpu")) == "torch"
     batches = (1, 8, lm.MMA_AUTO_MAX_M + 1, lm.MMA_MAX_M, lm.MMA_MAX_M + 1, lm.DEQUANT_MIN_M)
-    assert [lm.pick_path(m, pw, cuda) for m in batches] == ["mma", "mma", "mma", "mma", "gemm", "dequant"]  # W4: MMA to 64
+    assert [lm.pick_path(m, pw, cuda) for m in batches] == ["gemv", "mma", "mma", "mma", "gemm", "dequant"]  # W4: MMA to 64
+    odd_zeros = replace(pw, zero_grid=0.0)  # no fp16-pair GEMV: at batch 1 the MMA kernel beat the fp32 one
+    assert [lm.pick_path(m, odd_zeros, cuda) for m in (1, 8)] == ["mma", "mma"]
     assert [lm.pick_path(m, pw, cuda, torch.bfloat16) for m in (1, 8, 9)] == ["gemv", "gemv", "gemm"]
     w2, _ = random_weight("uint2", n=8, k=256, group=128, asym=True, device="cpu")  # grouped W2: GEMV at batch 1
     w3, _ = random_weight("uint3", n=8, k=256, group=128, asym=True, device="cpu")
