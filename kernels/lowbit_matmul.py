@@ -321,10 +321,27 @@ def _half_float(pair, HIGH: tl.constexpr):
 
 @triton.jit
 def _neg_zero_pair(zero_lo, zero_hi, P: tl.constexpr):
-    """``-(2**(10 - P) + zero)`` per half, as fp16 pair bits ``[BLOCK_N, 1]`` (exact for integer zero
-    points, and for P = 4 for zero points on a 1/16 grid within +-64)."""
+    """``-(2**(10 - P) + zero)`` per half, as fp16 pair bits (exact for integer zero points, and for
+    P = 4 for zero points on a 1/16 grid within +-64)."""
     base: tl.constexpr = -(2.0 ** (10 - P))
-    return (_half_bits((base - zero_lo).to(tl.float16)) | (_half_bits((base - zero_hi).to(tl.float16)) << 16))[:, None]
+    return _half_bits((base - zero_lo).to(tl.float16)) | (_half_bits((base - zero_hi).to(tl.float16)) << 16)
+
+
+@triton.jit
+def _add_960(neg_zero, INTEGER_ZEROS: tl.constexpr, INTERPRET: tl.constexpr):
+    """``-(1024 + z)`` pairs to ``-(64 + z)`` (one ``add.rn.f16x2``, exact for integer z), where the
+    kernel needs both; else ``neg_zero`` itself (already the P = 4 pair)."""
+    if not INTEGER_ZEROS:
+        return neg_zero
+    elif INTERPRET:
+        low = (neg_zero & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True) + 960.0
+        high = (neg_zero >> 16 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True) + 960.0
+        return _half_bits(low) | (_half_bits(high) << 16)
+    else:
+        return tl.inline_asm_elementwise(
+            asm="{ .reg .b32 c; mov.b32 c, 0x63806380; add.rn.f16x2 $0, $1, c; }",
+            constraints="=r,r", args=[neg_zero], dtype=tl.int32, is_pure=True, pack=1,
+        )
 
 
 @triton.jit
@@ -452,8 +469,16 @@ def _gemv_pairs_kernel(
             else:
                 next_s_lo, next_s_hi, next_z_lo, next_z_hi = _quad_groups(
                     scale_ptr, zero_ptr, offs_n, mask_n, following, 0, n_groups, stride_sn, stride_sg, group_size, zero_const, HAS_ZERO, CHUNK, RUN, QUAD, HALF)
-            neg_zero_0 = tl.broadcast_to(_neg_zero_pair(z_lo, z_hi, 0), (BLOCK_N, RUN))  # unused without INTEGER_ZEROS
-            neg_zero_4 = tl.broadcast_to(_neg_zero_pair(z_lo, z_hi, 4), (BLOCK_N, RUN))
+            # the group values are loaded one row per thread; they cross to the tile's layout (through
+            # shared memory) as one int64 per row: the neg-zero pair and the scale pair
+            neg_zero = _neg_zero_pair(z_lo, z_hi, 0 if INTEGER_ZEROS else 4)
+            meta = ((neg_zero.to(tl.int64) & 0xFFFFFFFF) | (_half_bits(s_lo.to(tl.float16)).to(tl.int64) << 32)
+                    | (_half_bits(s_hi.to(tl.float16)).to(tl.int64) << 48))[:, None]
+            neg_zero = (meta & 0xFFFFFFFF).to(tl.int32)
+            neg_zero_0 = tl.broadcast_to(neg_zero, (BLOCK_N, RUN))  # P = 0 (INTEGER_ZEROS) or 4
+            neg_zero_4 = tl.broadcast_to(_add_960(neg_zero, INTEGER_ZEROS, INTERPRET), (BLOCK_N, RUN))
+            scale_lo = 16.0 * _half_float((meta >> 32).to(tl.int32), False)
+            scale_hi = 16.0 * _half_float((meta >> 48).to(tl.int32), False)
             sums = tl.zeros((BLOCK_N, RUN), dtype=tl.int32)  # fp16 pairs: zero bits are +0.0
             for slot in tl.static_range(quad * QUAD, (quad + 1) * QUAD):
                 k = chunk * CHUNK + slot * RUN + offs_r[None, :]
@@ -462,7 +487,8 @@ def _gemv_pairs_kernel(
                     sums = _pair_fma(words, x_pair, neg_zero_0, sums, slot, BITS, INTEGER_ZEROS, INTERPRET)
                 else:
                     sums = _pair_fma(words, x_pair, neg_zero_4, sums, slot, BITS, INTEGER_ZEROS, INTERPRET)
-            acc += _half_float(sums, False) * (16.0 * s_lo)[:, None] + _half_float(sums, True) * (16.0 * s_hi)[:, None]
+            acc += _half_float(sums, False) * scale_lo
+            acc += _half_float(sums, True) * scale_hi
     offs_m = pid_m + tl.arange(0, 1)
     _store_transposed(y_ptr, tl.sum(acc, axis=1)[:, None], offs_m, offs_n, offs_m < M, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
 
