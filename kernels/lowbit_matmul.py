@@ -4,13 +4,23 @@ Weights come as a :class:`kernels.pack.PackedWeight` (codes packed along K in ch
 optional zero points per group). Four GPU paths, chosen by the number of activation rows ``M``
 (:func:`pick_path`):
 
-* **GEMV** (``M <= 8`` where the MMA kernel does not run or is slower), meant to be memory bound: a program takes one activation row, ``BLOCK_N``
-  weight rows and one K split, a chunk (a cache line per row) per step, the next chunk's words loaded
-  before this one's arithmetic. Codes become floats without int->float conversions, which run at a
-  quarter of the FMA rate on Hopper: a code placed in the top mantissa bits of 1.0 reads as
-  ``1 + code / 2**b``, so per code the decode is one shift and one mask-or, then one FMA. The scale is
-  applied once per group to the tile of partial sums, the offset and zero point once per group with
-  the group's activation sum: ``sum_k (q_k - z) x_k = 2**b * (sum_k v_k x_k - sum_k x_k) - z * sum_k x_k``.
+* **GEMV** (``M <= 8`` where the MMA kernel does not run or is slower), meant to be memory bound: a
+  program takes one activation row, ``BLOCK_N`` weight rows and one K split, a chunk (a cache line per
+  row) per step, the next step's loads issued before this step's arithmetic. Two kernels:
+
+  - **fp16 pairs** (fp16 activations, ``uint1``/``uint2``/``uint4``, zero points that fp16 subtracts
+    exactly: :func:`pairs_fit`). Slot ``s`` and slot ``s + SLOTS/2`` of a word sit 16 bits apart, so
+    one ``lop3`` drops both codes into the mantissas of an fp16 pair of 1024s, one ``fma.rn.f16x2``
+    takes off the offset and the zero point (``code - zero``, exact) and one more multiplies by the
+    activation pair and adds: 1.5 instructions per code plus a shift shared by two pairs. A quad of
+    pairs stays inside one scale group per half and sums at most 16 products in fp16, with the
+    activations divided by 16 (exact) so that the sums stay finite for activations below about
+    17000; then its two groups' scales take the sums into fp32.
+  - **fp32** (bf16, ``uint3``, ``ternary5``, other zero points): a code placed in the top mantissa
+    bits of 1.0 reads as ``1 + code / 2**b`` (one shift and one mask-or, no int->float conversion),
+    one FMA; the scale is applied once per group to the tile of partial sums, the offset and zero
+    point once per group with the group's activation sum:
+    ``sum_k (q_k - z) x_k = 2**b * (sum_k v_k x_k - sum_k x_k) - z * sum_k x_k``.
 * **MMA** (fp16 activations, ``uint1``/``uint2``/``uint4``, ``M <= MMA_MAX_M``; picked up to
   ``MMA_AUTO_MAX_M`` rows, or ``MMA_AUTO_ROWS``): tensor cores for small batches, the batch padded to 16. One ``prmt``
   gathers a byte of two neighbouring words, one ``lop3`` drops two codes into the mantissas of
@@ -32,10 +42,12 @@ optional zero points per group). Four GPU paths, chosen by the number of activat
 Split-K (``split_k > 1``): the splits of a tile write fp32 partial sums and the last one to finish adds
 them up in order (``_store_transposed``): no zeroed output, no atomics on ``y``, the same bits every run.
 
-Status (H100, 8192^2, steady state; bench/results/kernel_latency_h100.md, session 4): correct at real
-sizes; batch 1 W4 23.4 us (MMA), W2 22.5 (GEMV), ternary 18.2 (MMA), W1 23.1 (MMA), 2.05-2.63x cuBLAS
-fp16; batch 16 W4 23.6; batch 64 W4 46.0 (MMA, 1.07x). Short of the memory bound: the MMA loop is bound
-by instruction issue and latency (608 instructions per W4 chunk), so times are flat across bit widths.
+Status (H100, 8192^2, steady state; bench/results/kernel_latency_h100.md, session 5): correct at real
+sizes; batch 1 (fp16-pair GEMV) W4 18.8 us, W2 16.1, ternary 13.4, W1 16.5: 2.55-3.56x cuBLAS fp16;
+batch 16 W4 23.6 (MMA); batch 64 W4 46.0 (MMA, 1.07x, session 4). Short of the memory bound (a kernel
+that only reads the W4 words in this tiling took 14.3 us): the GEMV still runs ~850 instructions per
+W4 chunk and thread, half of them outside the pair arithmetic (activation pairs, the scales' trip
+through shared memory, the fp32 flush).
 """
 
 from __future__ import annotations
@@ -95,10 +107,10 @@ GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # best of bench.kernel_lat
     ("uint1", True): GemvConfig(block_n=64, num_warps=4, split_k=2),
 }
 PAIR_LAYOUTS = ("uint1", "uint2", "uint4")  # 16 bits hold a whole number of slots
-GEMV_PAIR_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # the fp16-pair GEMV: bench.kernel_latency --tune, H100, 8192^2
-    ("uint4", True): GemvConfig(block_n=128, num_warps=4, split_k=4, num_stages=1),
+GEMV_PAIR_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # the fp16-pair GEMV: bench.kernel_latency --tune, H100, 8192^2 (session 5)
+    ("uint4", True): GemvConfig(block_n=64, num_warps=4, split_k=4, num_stages=2),
     ("uint2", True): GemvConfig(block_n=128, num_warps=4, split_k=4, num_stages=1),
-    ("uint2", False): GemvConfig(block_n=128, num_warps=4, split_k=4, num_stages=1),
+    ("uint2", False): GemvConfig(block_n=128, num_warps=8, split_k=4, num_stages=2),
     ("uint1", True): GemvConfig(block_n=64, num_warps=4, split_k=2, num_stages=2),
 }
 MMA_CONFIGS: dict[tuple[str, bool], MmaConfig] = {  # H100, 8192^2, batch 1 and 16 (session 3 search)
@@ -109,8 +121,8 @@ MMA_CONFIGS: dict[tuple[str, bool], MmaConfig] = {  # H100, 8192^2, batch 1 and 
 }
 # At batch 1 the MMA kernel beat the fp32 GEMV for these (layout, grouped) keys on the H100, 8192^2 (W4 22.7 us
 # vs 25.4, W1 23.5 vs 27.0, ternary as uint2 18.6 vs 21.9); for grouped uint2 the GEMV won (23.8 vs 27.4).
-# The fp16-pair GEMV beats the MMA kernel for all four (session 5: W4 19.3 vs 23.4, W2 19.2 vs 27.5,
-# ternary 13.0 vs 18.8, W1 18.2 vs 23.5), so this only counts where it does not fit.
+# The fp16-pair GEMV beats the MMA kernel for all four (session 5: W4 18.8 vs 23.1, W2 16.1 vs 27.2,
+# ternary 13.4 vs 18.6, W1 16.5 vs 23.0), so this only counts where it does not fit.
 MMA_AT_BATCH_1 = {("uint4", True), ("uint1", True), ("uint2", False)}
 GEMM_CONFIGS: dict[int, GemmConfig] = {  # by batch bucket (a power of two)
     16: GemmConfig(block_n=64, block_m=16, num_warps=4, num_stages=2, block_k=128, split_k=4),
