@@ -770,9 +770,10 @@ def split_buffers(y: torch.Tensor, grid: tuple[int, int, int], tile_size: int) -
 
 
 def pairs_fit(pw: PackedWeight, dtype: torch.dtype) -> bool:
-    """The fp16-pair GEMV takes fp16 activations, the uint1/2/4 layouts (slot pairs 16 bits apart) and
-    zero points that fp16 subtracts exactly (``pw.zero_grid``: integers or sixteenths)."""
-    return dtype == torch.float16 and pw.layout in PAIR_LAYOUTS and pw.zero_grid > 0
+    """The fp16-pair GEMV takes fp16 activations, the uint1/2/4 layouts (slot pairs 16 bits apart), fp16
+    scales (it moves them as fp16 pairs) and zero points that fp16 subtracts exactly (``pw.zero_grid``:
+    integers or sixteenths)."""
+    return dtype == torch.float16 and pw.layout in PAIR_LAYOUTS and pw.scale.dtype == torch.float16 and pw.zero_grid > 0
 
 
 def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

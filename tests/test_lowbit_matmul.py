@@ -189,7 +189,7 @@ def test_zero_grid_says_which_zero_points_fp16_subtracts_exactly() -> None:
 def test_gemv_pairs_quads_split_k_and_the_fp32_fallback(layout: str) -> None:
     """The fp16-pair GEMV at 128-code groups (W2 and W1 flush their pairs in 2 and 4 quads per chunk),
     with split-K and activations up to about +-2000 (the fp16 sums must not overflow); zero points off
-    the 1/16 grid take the fp32 GEMV and are still right."""
+    the 1/16 grid and fp32 scales take the fp32 GEMV and are still right."""
     top = TOP_CODE[layout]
     n, k = 70, 1024
     codes = torch.randint(0, top + 1, (n, k))
@@ -203,8 +203,10 @@ def test_gemv_pairs_quads_split_k_and_the_fp32_fallback(layout: str) -> None:
     for config in [lm.GemvConfig(block_n=32, split_k=1), lm.GemvConfig(block_n=16, split_k=3)]:
         assert rel_err(lm.gemv(x, pw, config, out=poisoned((2, n), x.dtype)), ref) < 2e-3, config
     odd = pack_weight(codes, scale, zero + 0.3, layout, 128).to(DEVICE)
-    assert not lm.pairs_fit(odd, torch.float16)
-    assert rel_err(lm.gemv(x, odd, out=poisoned((2, n), x.dtype)), lm.reference_matmul(x, odd)) < 2e-3
+    fp32_scales = pack_weight(codes, scale.float() * (1 + 1e-4), zero, layout, 128).to(DEVICE)  # off the fp16 grid
+    for other in (odd, fp32_scales):
+        assert not lm.pairs_fit(other, torch.float16)
+        assert rel_err(lm.gemv(x, other, out=poisoned((2, n), x.dtype)), lm.reference_matmul(x, other)) < 2e-3
 
 
 # ----------------------------------------------------------------------------- MMA (tensor cores, small batches)
