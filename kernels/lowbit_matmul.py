@@ -323,12 +323,18 @@ def _half_bits(v):
 
 
 @triton.jit
-def _half_float(pair, HIGH: tl.constexpr):
-    """One half of an fp16 pair (int32 bits) as fp32."""
+def _half(pair, HIGH: tl.constexpr):
+    """One half of an fp16 pair (int32 bits) as fp16."""
     bits = pair
     if HIGH:
         bits = pair >> 16
-    return (bits & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return (bits & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _half_float(pair, HIGH: tl.constexpr):
+    """One half of an fp16 pair (int32 bits) as fp32."""
+    return _half(pair, HIGH).to(tl.float32)
 
 
 @triton.jit
@@ -346,9 +352,7 @@ def _add_960(neg_zero, INTEGER_ZEROS: tl.constexpr, INTERPRET: tl.constexpr):
     if not INTEGER_ZEROS:
         return neg_zero
     elif INTERPRET:
-        low = (neg_zero & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True) + 960.0
-        high = (neg_zero >> 16 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True) + 960.0
-        return _half_bits(low) | (_half_bits(high) << 16)
+        return _half_bits(_half(neg_zero, False) + 960.0) | (_half_bits(_half(neg_zero, True) + 960.0) << 16)
     else:
         return tl.inline_asm_elementwise(
             asm="{ .reg .b32 c; mov.b32 c, 0x63806380; add.rn.f16x2 $0, $1, c; }",
@@ -380,9 +384,7 @@ def _pair_fma(words, x_pair, neg_zero, acc, SLOT: tl.constexpr, BITS: tl.constex
         out = tl.zeros_like(acc)
         for HIGH in tl.static_range(2):
             code = ((words >> (BITS * SLOT + 16 * HIGH)) & ((1 << BITS) - 1)).to(tl.float16)
-            shifted = code + (neg_zero >> (16 * HIGH) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True) + (2.0 ** (10 - P))
-            total = shifted * (x_pair >> (16 * HIGH) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-            total += (acc >> (16 * HIGH) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+            total = (code + _half(neg_zero, HIGH) + (2.0 ** (10 - P))) * _half(x_pair, HIGH) + _half(acc, HIGH)
             out |= _half_bits(total) << (16 * HIGH)
         return out
     if SHIFT >= 0:
