@@ -209,7 +209,7 @@ GEMV_SEARCH = [  # block_n, num_warps, split_k, num_stages
     ]
 ]
 MMA_SEARCH = [  # block_n, num_warps, split_k, num_stages
-    lm.MmaConfig(*c) for c in [(64, 4, 2, 2), (64, 4, 4, 2), (64, 4, 8, 2), (64, 4, 4, 3), (128, 8, 2, 2), (128, 8, 4, 2)]
+    lm.MmaConfig(*c) for c in [(64, 4, 2, 2), (64, 4, 4, 2), (64, 4, 8, 2), (64, 4, 4, 3), (128, 8, 2, 2), (128, 8, 4, 2), (128, 8, 2, 3)]
 ]
 GEMM_SEARCH = {  # block_n, block_m, num_warps, num_stages, block_k, split_k
     m: [lm.GemmConfig(*c) for c in configs]
@@ -245,7 +245,7 @@ def best_of(candidates: list, time_one: Callable[[Any], float | None]) -> list[t
 
 
 def tune(kinds: list[str], shape: tuple[int, int], gemm_kinds: list[str]) -> dict:
-    """Search GEMV configs (batch 1) and MMA configs (batch 16) per kind and GEMM configs per batch
+    """Search GEMV configs (batch 1) and MMA configs (batch 16, and folded at 64) per kind and GEMM configs per batch
     bucket at ``shape``; install the winners in :mod:`kernels.lowbit_matmul` for the rest of the process,
     and return every timing."""
     k, n = shape
@@ -261,12 +261,13 @@ def tune(kinds: list[str], shape: tuple[int, int], gemm_kinds: list[str]) -> dic
         print(f"gemv {name}: best {timed[0][0]:.1f} us {timed[0][1]}, worst {timed[-1][0]:.1f} us", flush=True)
         if not lm.mma_fits(pw, torch.float16):
             continue
-        x16 = torch.randn(16, k, device="cuda", dtype=torch.float16)
-        timed = best_of(MMA_SEARCH, lambda c: checked_steady(x16, pw, "mma", c))
-        if timed:
-            lm.MMA_CONFIGS[lm.gemv_key(pw)] = timed[0][1]
-            result["mma"][name] = [(us, asdict(c)) for us, c in timed]
-            print(f"mma {name} M=16: best {timed[0][0]:.1f} us {timed[0][1]}, worst {timed[-1][0]:.1f} us", flush=True)
+        for m, table in ((16, lm.MMA_CONFIGS), (64, lm.MMA_FOLD_CONFIGS)):  # 64 rows: the folded kernel
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            timed = best_of(MMA_SEARCH, lambda c: checked_steady(x, pw, "mma", c))
+            if timed:
+                table[lm.gemv_key(pw)] = timed[0][1]
+                result["mma"][f"{name}/{m}"] = [(us, asdict(c)) for us, c in timed]
+                print(f"mma {name} M={m}: best {timed[0][0]:.1f} us {timed[0][1]}, worst {timed[-1][0]:.1f} us", flush=True)
     for name in gemm_kinds:
         pw = random_packed(LOWBIT_KINDS[name], n, k)
         for m, search in GEMM_SEARCH.items():
@@ -288,6 +289,7 @@ def tuned_summary() -> str:
     gemv = "; ".join(f"{layout}{'/groups' if grouped else ''}: {c}" for (layout, grouped), c in lm.GEMV_CONFIGS.items())
     gemv += " | fp16 pairs " + "; ".join(f"{layout}{'/groups' if grouped else ''}: {c}" for (layout, grouped), c in lm.GEMV_PAIR_CONFIGS.items())
     mma = "; ".join(f"{layout}{'/groups' if grouped else ''}: {c}" for (layout, grouped), c in lm.MMA_CONFIGS.items())
+    mma += " | folded " + "; ".join(f"{layout}{'/groups' if grouped else ''}: {c}" for (layout, grouped), c in lm.MMA_FOLD_CONFIGS.items())
     gemm = "; ".join(f"M<={m}: {c}" for m, c in sorted(lm.GEMM_CONFIGS.items()))
     return f"tuned GEMV {gemv} | MMA {mma} | GEMM {gemm} | dequant + cuBLAS from M={lm.DEQUANT_MIN_M}"
 

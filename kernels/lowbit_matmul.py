@@ -91,9 +91,11 @@ class MmaConfig:
 GEMV_MAX_M = 8
 MMA_MAX_M = 64  # rows the MMA kernel takes (its activation tile is padded to 16, 32 or 64 rows)
 MMA_AUTO_MAX_M = 16  # rows up to which pick_path chooses it, unless MMA_AUTO_ROWS says more
-# H100, 8192^2, 64 rows (session 4): W4 MMA 46.0 us vs GEMM 85.7 (cuBLAS 49.3), ternary as uint2 70.2 vs 81.2;
-# for grouped W2 (127.7 vs 83.9) and W1 (205.0 vs 83.0) the GEMM won, so they keep the default.
-MMA_AUTO_ROWS: dict[tuple[str, bool], int] = {("uint4", True): 64, ("uint2", False): 64}
+MMA_FOLD_MIN_M = 16  # above this many rows the MMA kernel folds scales and zeros into fp16 weights (FOLD)
+# H100, 8192^2, 64 rows, steady state (session 6 probe): the folded MMA kernel took W4 36.6 us (the
+# unfolded one 46.2, cuBLAS 49.6), grouped W2 38.6 (unfolded 127.0; the GEMM 83.9 in session 4),
+# ternary as uint2 50.8 (unfolded 70.6). Grouped W1 was not measured folded; it keeps the GEMM (83.0).
+MMA_AUTO_ROWS: dict[tuple[str, bool], int] = {("uint4", True): 64, ("uint2", True): 64, ("uint2", False): 64}
 MMA_SHARED_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (the H100 has 227 KiB)
 MMA_LAYOUTS = ("uint1", "uint2", "uint4")
 DEQUANT_MIN_M = 256  # H100, 8192^2 W4: dequant + cuBLAS beat the fused GEMM from batch 256 on
@@ -118,6 +120,12 @@ MMA_CONFIGS: dict[tuple[str, bool], MmaConfig] = {  # H100, 8192^2, batch 1 and 
     ("uint2", True): MmaConfig(block_n=64, num_warps=4, split_k=8),
     ("uint2", False): MmaConfig(block_n=64, num_warps=4, split_k=4),
     ("uint1", True): MmaConfig(block_n=64, num_warps=4, split_k=2),
+}
+MMA_FOLD_CONFIGS: dict[tuple[str, bool], MmaConfig] = {  # H100, 8192^2, 64 rows (session 6 probe)
+    ("uint4", True): MmaConfig(block_n=128, num_warps=8, split_k=4, num_stages=2),
+    ("uint2", True): MmaConfig(block_n=128, num_warps=8, split_k=2, num_stages=3),
+    ("uint2", False): MmaConfig(block_n=128, num_warps=8, split_k=2, num_stages=2),
+    ("uint1", True): MmaConfig(block_n=128, num_warps=8, split_k=2, num_stages=2),
 }
 # At batch 1 the MMA kernel beat the fp32 GEMV for these (layout, grouped) keys on the H100, 8192^2 (W4 22.7 us
 # vs 25.4, W1 23.5 vs 27.0, ternary as uint2 18.6 vs 21.9); for grouped uint2 the GEMV won (23.8 vs 27.4).
@@ -636,13 +644,20 @@ def _mma_kernel(
     stride_xm, stride_wn, stride_ym,
     BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr, SLOTS_PER_GROUP: tl.constexpr,
     HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    FOLD: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """``y^T = W x^T``: a program takes ``BLOCK_N`` weight rows, ``BLOCK_M`` activation rows (a
-    batch of one is padded to 16) and one K split. Per slot of a chunk: one dot of the decoded codes
-    with that slot's activations into ``part``, one dot of ones with them into ``x_sum`` (the
-    activation sum, already broadcast over the rows). At a group's end
-    ``acc += scale * (part - zero * x_sum)``."""
+    batch of one is padded to 16) and one K split, and per slot of a chunk runs one dot of depth
+    ``RUN`` with that slot's activations. Two ways to apply scales and zero points:
+
+    * ``FOLD``: the decoded codes become fp16 weights, ``(code - zero) * scale`` (two fp16x2 ops in
+      the dot's register layout), and go straight into ``acc``: one dot per slot, the weights rounded
+      to fp16 as dequantization would.
+    * else: the raw codes go into ``part``, a second dot of ones with the activations into ``x_sum``
+      (the activation sum, broadcast over the rows), and at a group's end
+      ``acc += scale * (part - zero * x_sum)`` in fp32. Twice the tensor-core work, no rounding of
+      the weights.
+    """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     CHUNK: tl.constexpr = SLOTS * RUN
@@ -657,17 +672,27 @@ def _mma_kernel(
         words = tl.load(w_ptr + offs_n[:, None] * stride_wn + chunk * RUN + offs_r[None, :], mask=mask_n[:, None], other=0)
         part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        scale = tl.zeros((BLOCK_N,), dtype=tl.float16)
+        zero = tl.zeros((BLOCK_N,), dtype=tl.float16)
         for slot in tl.static_range(SLOTS):
             k = chunk * CHUNK + slot * RUN + offs_r
             x_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None], mask=mask_m[None, :] & (k[:, None] < K), other=0.0)
-            part = tl.dot(_slot_fp16(words, slot, BITS, INTERPRET), x_t, part)
-            x_sum = tl.dot(tl.full((BLOCK_N, RUN), 1.0, tl.float16), x_t, x_sum)
-            if (slot + 1) % SLOTS_PER_GROUP == 0:  # a group ends here
-                group = (chunk * CHUNK + slot * RUN) // group_size
-                scale, zero = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group, n_groups, stride_sn, stride_sg, zero_const, HAS_ZERO)
-                acc += scale[:, None] * (part - zero[:, None] * x_sum)
-                part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                x_sum = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            codes = _slot_fp16(words, slot, BITS, INTERPRET)
+            if FOLD:
+                if slot % SLOTS_PER_GROUP == 0:  # a group starts here
+                    scale32, zero32 = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, (chunk * CHUNK + slot * RUN) // group_size, n_groups, stride_sn, stride_sg, zero_const, HAS_ZERO)
+                    scale = scale32.to(tl.float16)
+                    zero = zero32.to(tl.float16)
+                acc = tl.dot((codes - zero[:, None]) * scale[:, None], x_t, acc)
+            else:
+                part = tl.dot(codes, x_t, part)
+                x_sum = tl.dot(tl.full((BLOCK_N, RUN), 1.0, tl.float16), x_t, x_sum)
+                if (slot + 1) % SLOTS_PER_GROUP == 0:  # a group ends here
+                    group = (chunk * CHUNK + slot * RUN) // group_size
+                    scale32, zero32 = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group, n_groups, stride_sn, stride_sg, zero_const, HAS_ZERO)
+                    acc += scale32[:, None] * (part - zero32[:, None] * x_sum)
+                    part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                    x_sum = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     _store_transposed(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
 
 
@@ -878,7 +903,8 @@ def mma(x: torch.Tensor, pw: PackedWeight, config: MmaConfig | None = None, out:
     m = x.shape[0]
     if m > MMA_MAX_M:
         raise ValueError(f"mma takes at most {MMA_MAX_M} rows, got {m}; use gemm")
-    config = config or MMA_CONFIGS.get(gemv_key(pw), MmaConfig())
+    fold = m > MMA_FOLD_MIN_M
+    config = config or (MMA_FOLD_CONFIGS if fold else MMA_CONFIGS).get(gemv_key(pw), MmaConfig())
     block_m = max(16, triton.next_power_of_2(m))
     config = replace(config, num_stages=mma_stages(pw, block_m, config))
     y = _output(out, (m, pw.n), x)
@@ -888,7 +914,7 @@ def mma(x: torch.Tensor, pw: PackedWeight, config: MmaConfig | None = None, out:
         x, words, scale, zero, y, *split_buffers(y, grid, config.block_n * block_m), m, pw.n, pw.k, words.shape[1] // pw.run, pw.n_groups, *scale.stride(),
         pw.group_size, pw.zero_const, x.stride(0), words.stride(0), y.stride(0),
         BITS=CODE_BITS[pw.layout], SLOTS=pw.slots, RUN=pw.run, SLOTS_PER_GROUP=min(pw.slots, pw.group_size // pw.run),
-        HAS_ZERO=pw.zero is not None, BLOCK_N=config.block_n, BLOCK_M=block_m, SPLIT_K=config.split_k,
+        HAS_ZERO=pw.zero is not None, BLOCK_N=config.block_n, BLOCK_M=block_m, SPLIT_K=config.split_k, FOLD=fold,
         INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y

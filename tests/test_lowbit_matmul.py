@@ -241,7 +241,7 @@ def test_slot_decode_constants_give_the_codes(bits: int) -> None:
 @pytest.mark.parametrize("group,asym", [(32, True), (None, False)])
 def test_mma_matches_reference(layout: str, group: int | None, asym: bool) -> None:
     pw, _ = random_weight(layout, n=37, k=224, group=group, asym=asym, run=16)
-    for m, split_k in [(1, 1), (5, 3), (16, 2), (33, 1)]:  # activation tiles of 16, 16, 16 and 64 rows
+    for m, split_k in [(1, 1), (5, 3), (16, 2), (17, 2), (33, 1)]:  # tiles of 16, 16, 16, 32 and 64 rows; folded above 16
         x = torch.randn(m, pw.k, dtype=torch.float16, device=DEVICE)
         config = lm.MmaConfig(block_n=64, split_k=split_k)
         out = lm.mma(x, pw, config, out=poisoned((m, pw.n), x.dtype))
@@ -263,9 +263,9 @@ shared = {}
 for layout in lm.MMA_LAYOUTS:
     bits = lm.CODE_BITS[layout]
     pw = pack_weight(torch.zeros(8, 4096, dtype=torch.int64), torch.ones(8, 32), torch.zeros(8, 32), layout, 128, run=32)
-    config = lm.MMA_CONFIGS[lm.gemv_key(pw)]
+    config = lm.MMA_FOLD_CONFIGS[lm.gemv_key(pw)]  # above 16 rows the kernel folds
     consts = dict(BITS=bits, SLOTS=pw.slots, RUN=pw.run, SLOTS_PER_GROUP=4, HAS_ZERO=True, BLOCK_N=config.block_n,
-                  BLOCK_M=64, SPLIT_K=config.split_k, INTERPRET=False)
+                  BLOCK_M=64, SPLIT_K=config.split_k, FOLD=True, INTERPRET=False)
     consts["stride_sn"] = 1  # scales are group-major; the launch specializes a stride of 1
     signature = {**dict(zip(names, types)), **{name: "constexpr" for name in consts}}
     aligned = [i for i, name in enumerate(names) if name not in ("M", "stride_sn", "zero_const")]  # as at a real launch
@@ -362,7 +362,9 @@ def test_pick_path_by_batch() -> None:
     w2, _ = random_weight("uint2", n=8, k=256, group=128, asym=True, device="cpu")  # grouped W2: GEMV at batch 1
     w3, _ = random_weight("uint3", n=8, k=256, group=128, asym=True, device="cpu")
     assert [lm.pick_path(1, w2, cuda), lm.pick_path(2, w2, cuda), lm.pick_path(2, w3, cuda)] == ["gemv", "mma", "gemv"]
-    assert [lm.pick_path(m, w2, cuda) for m in (lm.MMA_AUTO_MAX_M, lm.MMA_AUTO_MAX_M + 1)] == ["mma", "gemm"]
+    assert [lm.pick_path(m, w2, cuda) for m in (lm.MMA_AUTO_MAX_M + 1, lm.MMA_MAX_M)] == ["mma", "mma"]  # folded
+    w1, _ = random_weight("uint1", n=8, k=1024, group=128, asym=True, device="cpu")  # grouped W1: the GEMM above 16
+    assert [lm.pick_path(m, w1, cuda) for m in (lm.MMA_AUTO_MAX_M, lm.MMA_AUTO_MAX_M + 1)] == ["mma", "gemm"]
 
 
 # ----------------------------------------------------------------------------- on a GPU, at real sizes
