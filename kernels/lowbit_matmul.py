@@ -347,35 +347,38 @@ def _half_float(pair, HIGH: tl.constexpr):
 
 @triton.jit
 def _neg_zero_pair(zero_lo, zero_hi, P: tl.constexpr):
-    """``-(2**(10 - P) + zero)`` per half, as fp16 pair bits (exact for integer zero points, and for
+    """``-(2**(10 - P) + zero) / 16`` per half, as fp16 pair bits (exact for integer zero points, and for
     P = 4 for zero points on a 1/16 grid within +-64)."""
-    base: tl.constexpr = -(2.0 ** (10 - P))
-    return _half_bits((base - zero_lo).to(tl.float16)) | (_half_bits((base - zero_hi).to(tl.float16)) << 16)
+    base: tl.constexpr = -(2.0 ** (6 - P))
+    return _half_bits((base - zero_lo * 0.0625).to(tl.float16)) | (_half_bits((base - zero_hi * 0.0625).to(tl.float16)) << 16)
 
 
 @triton.jit
-def _add_960(neg_zero, INTEGER_ZEROS: tl.constexpr, INTERPRET: tl.constexpr):
-    """``-(1024 + z)`` pairs to ``-(64 + z)`` (one ``add.rn.f16x2``, exact for integer z), where the
-    kernel needs both; else ``neg_zero`` itself (already the P = 4 pair)."""
+def _add_60(neg_zero, INTEGER_ZEROS: tl.constexpr, INTERPRET: tl.constexpr):
+    """``-(1024 + z) / 16`` pairs to ``-(64 + z) / 16`` (one ``add.rn.f16x2`` of 60, exact for integer z),
+    where the kernel needs both; else ``neg_zero`` itself (already the P = 4 pair)."""
     if not INTEGER_ZEROS:
         return neg_zero
     elif INTERPRET:
-        return _half_bits(_half(neg_zero, False) + 960.0) | (_half_bits(_half(neg_zero, True) + 960.0) << 16)
+        return _half_bits(_half(neg_zero, False) + 60.0) | (_half_bits(_half(neg_zero, True) + 60.0) << 16)
     else:
         return tl.inline_asm_elementwise(
-            asm="{ .reg .b32 c; mov.b32 c, 0x63806380; add.rn.f16x2 $0, $1, c; }",
+            asm="{ .reg .b32 c; mov.b32 c, 0x53805380; add.rn.f16x2 $0, $1, c; }",
             constraints="=r,r", args=[neg_zero], dtype=tl.int32, is_pure=True, pack=1,
         )
 
 
 @triton.jit
-def _pair_fma(words, x_pair, neg_zero, acc, SLOT: tl.constexpr, BITS: tl.constexpr, INTEGER_ZEROS: tl.constexpr, INTERPRET: tl.constexpr):
+def _pair_fma(words, x_pair, neg_zero, acc, SLOT: tl.constexpr, BITS: tl.constexpr, INTEGER_ZEROS: tl.constexpr, FIRST: tl.constexpr,
+              INTERPRET: tl.constexpr):
     """``acc + (code - zero) * x`` on fp16 pairs (int32 bits): the low half takes slot ``SLOT`` of every
     word, the high half slot ``SLOT + SLOTS / 2`` (16 bits higher), each with its half of ``x_pair``.
 
     The word is shifted so that both codes sit at bit ``P`` of their halves; ``lop3`` keeps them and
-    ors in ``0x6400``, which reads as ``1024 + 2**P * code``; one fma by ``2**-P`` plus ``neg_zero``
-    (``-(2**(10 - P) + zero)``) leaves ``code - zero`` exactly, and one fma by ``x`` adds the product.
+    ors in ``0x6400``, which reads as ``1024 + 2**P * code``; one fma by ``2**-(P + 4)`` plus
+    ``neg_zero`` (``-(2**(10 - P) + zero) / 16``) leaves ``(code - zero) / 16`` exactly (the 1/16
+    keeps the quad's fp16 sums in range), and one fma by ``x`` adds the product (a multiply for the
+    ``FIRST`` pair of a quad, whose ``acc`` is zero: no zeroed registers).
     ``P`` is 0 or 4, whichever needs no shift of its own (per two codes: ``lop3``, two ``fma.rn.f16x2``
     and a shift shared with another pair), where every zero point is an integer (``-(1024 + zero)``
     is exact); else always 4, exact for zero points on a 1/16 grid. The interpreter cannot run PTX:
@@ -387,22 +390,22 @@ def _pair_fma(words, x_pair, neg_zero, acc, SLOT: tl.constexpr, BITS: tl.constex
         P: tl.constexpr = 4
     SHIFT: tl.constexpr = BITS * SLOT - P
     MASK: tl.constexpr = (((1 << BITS) - 1) << P) * 0x10001
-    MUL: tl.constexpr = ((15 - P) << 10) * 0x10001  # fp16 2**-P, twice
+    MUL: tl.constexpr = ((11 - P) << 10) * 0x10001  # fp16 2**-(P + 4), twice
     if INTERPRET:
         out = tl.zeros_like(acc)
         for HIGH in tl.static_range(2):
             code = ((words >> (BITS * SLOT + 16 * HIGH)) & ((1 << BITS) - 1)).to(tl.float16)
-            total = (code + _half(neg_zero, HIGH) + (2.0 ** (10 - P))) * _half(x_pair, HIGH) + _half(acc, HIGH)
+            total = (code * 0.0625 + _half(neg_zero, HIGH) + (2.0 ** (6 - P))) * _half(x_pair, HIGH) + _half(acc, HIGH)
             out |= _half_bits(total) << (16 * HIGH)
         return out
-    if SHIFT >= 0:
-        return _pair_fma_asm(words, x_pair, neg_zero, acc, "shr.u32", SHIFT, MASK, MUL)
-    else:
-        return _pair_fma_asm(words, x_pair, neg_zero, acc, "shl.b32", -SHIFT, MASK, MUL)
+    SHIFT_OP: tl.constexpr = "shr.u32" if SHIFT >= 0 else "shl.b32"
+    ADD_PRODUCT: tl.constexpr = "mul.rn.f16x2 $0, d, $2;" if FIRST else "fma.rn.f16x2 $0, d, $2, $4;"
+    return _pair_fma_asm(words, x_pair, neg_zero, acc, SHIFT_OP, SHIFT if SHIFT >= 0 else -SHIFT, MASK, MUL, ADD_PRODUCT)
 
 
 @triton.jit
-def _pair_fma_asm(words, x_pair, neg_zero, acc, SHIFT_OP: tl.constexpr, SHIFT: tl.constexpr, MASK: tl.constexpr, MUL: tl.constexpr):
+def _pair_fma_asm(words, x_pair, neg_zero, acc, SHIFT_OP: tl.constexpr, SHIFT: tl.constexpr, MASK: tl.constexpr, MUL: tl.constexpr,
+                  ADD_PRODUCT: tl.constexpr):
     return tl.inline_asm_elementwise(
         asm=f"""{{
         .reg .b32 t, v, d, m;
@@ -410,7 +413,7 @@ def _pair_fma_asm(words, x_pair, neg_zero, acc, SHIFT_OP: tl.constexpr, SHIFT: t
         lop3.b32 v, t, {MASK}, 0x64006400, 0xea;
         mov.b32 m, {MUL};
         fma.rn.f16x2 d, v, m, $3;
-        fma.rn.f16x2 $0, d, $2, $4;
+        {ADD_PRODUCT}
         }}""",
         constraints="=r,r,r,r,r", args=[words, x_pair, neg_zero, acc], dtype=tl.int32, is_pure=True, pack=1,
     )
@@ -419,29 +422,48 @@ def _pair_fma_asm(words, x_pair, neg_zero, acc, SHIFT_OP: tl.constexpr, SHIFT: t
 def pair_constants(slot: int, bits: int, integer_zeros: bool) -> dict[str, int]:
     """The integer constants of ``_pair_fma``'s asm (the same expressions), for tests that emulate it."""
     p = (bits * slot) % 8 // 4 * 4 if integer_zeros else 4
-    return dict(p=p, shift=bits * slot - p, mask=(((1 << bits) - 1) << p) * 0x10001, mul=((15 - p) << 10) * 0x10001)
+    return dict(p=p, shift=bits * slot - p, mask=(((1 << bits) - 1) << p) * 0x10001, mul=((11 - p) << 10) * 0x10001)
 
 
 @triton.jit
 def _x_pair(x_row, k, HALF_RUNS: tl.constexpr, K, EVEN_K: tl.constexpr):
-    """Activations ``k`` and ``k + HALF_RUNS`` divided by 16 (exact), as fp16 pair bits ``[1, RUN]``."""
+    """Activations ``k`` and ``k + HALF_RUNS`` as fp16 pair bits ``[1, RUN]``."""
     if EVEN_K:
         x_lo = tl.load(x_row + k)
         x_hi = tl.load(x_row + k + HALF_RUNS)
     else:
         x_lo = tl.load(x_row + k, mask=k < K, other=0.0)
         x_hi = tl.load(x_row + k + HALF_RUNS, mask=k + HALF_RUNS < K, other=0.0)
-    return _half_bits(x_lo * 0.0625) | (_half_bits(x_hi * 0.0625) << 16)
+    return _half_bits(x_lo) | (_half_bits(x_hi) << 16)
+
+
+@triton.jit
+def _pair_words(w_ptr, offs_n, offs_r, mask_n, chunk, stride_wn, RUN: tl.constexpr, EVEN_N: tl.constexpr):
+    """One chunk's words of ``BLOCK_N`` rows; unmasked where the rows fill every tile (``EVEN_N``),
+    which spares zeroing the registers of a predicated load."""
+    words = w_ptr + offs_n[:, None] * stride_wn + chunk * RUN + offs_r[None, :]
+    if EVEN_N:
+        return tl.load(words).to(tl.int32)
+    else:
+        return tl.load(words, mask=mask_n[:, None], other=0).to(tl.int32)
 
 
 @triton.jit
 def _quad_groups(scale_ptr, zero_ptr, offs_n, mask_n, chunk, QUAD_INDEX: tl.constexpr, n_groups, stride_sn, stride_sg, group_size, zero_const,
-                 HAS_ZERO: tl.constexpr, CHUNK: tl.constexpr, RUN: tl.constexpr, QUAD: tl.constexpr, HALF: tl.constexpr):
+                 HAS_ZERO: tl.constexpr, CHUNK: tl.constexpr, RUN: tl.constexpr, QUAD: tl.constexpr, HALF: tl.constexpr,
+                 SLOTS_PER_GROUP: tl.constexpr, GROUPS_IN_CHUNK: tl.constexpr):
     """Scales and zero points of the two groups that a quad of pairs reads: its low slots'
-    ``QUAD_INDEX * QUAD ...`` and its high slots' (``HALF`` slots on)."""
-    k_lo = chunk * CHUNK + QUAD_INDEX * QUAD * RUN
-    s_lo, z_lo = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, k_lo // group_size, n_groups, stride_sn, stride_sg, zero_const, HAS_ZERO)
-    s_hi, z_hi = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, (k_lo + HALF * RUN) // group_size, n_groups, stride_sn, stride_sg, zero_const, HAS_ZERO)
+    ``QUAD_INDEX * QUAD ...`` and its high slots' (``HALF`` slots on). Where whole groups tile a chunk
+    (``GROUPS_IN_CHUNK``) the group index takes no division."""
+    first_slot: tl.constexpr = QUAD_INDEX * QUAD
+    if GROUPS_IN_CHUNK:
+        group_lo = chunk * (2 * HALF // SLOTS_PER_GROUP) + first_slot // SLOTS_PER_GROUP
+        group_hi = chunk * (2 * HALF // SLOTS_PER_GROUP) + (first_slot + HALF) // SLOTS_PER_GROUP
+    else:
+        group_lo = (chunk * CHUNK + first_slot * RUN) // group_size
+        group_hi = (chunk * CHUNK + (first_slot + HALF) * RUN) // group_size
+    s_lo, z_lo = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group_lo, n_groups, stride_sn, stride_sg, zero_const, HAS_ZERO)
+    s_hi, z_hi = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, group_hi, n_groups, stride_sn, stride_sg, zero_const, HAS_ZERO)
     return s_lo, s_hi, z_lo, z_hi
 
 
@@ -450,8 +472,9 @@ def _gemv_pairs_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
     M, N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const,
     stride_xm, stride_wn, stride_ym,
-    BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr, SLOTS_PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-    INTEGER_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+    BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr, SLOTS_PER_GROUP: tl.constexpr, GROUPS_IN_CHUNK: tl.constexpr,
+    HAS_ZERO: tl.constexpr, INTEGER_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Program ``(m, n, k)`` as in ``_gemv_kernel``, with fp16 arithmetic on pairs of codes.
 
@@ -476,21 +499,21 @@ def _gemv_pairs_kernel(
     first, last = _split_range(n_chunks, SPLIT_K)
     acc = tl.zeros((BLOCK_N, RUN), dtype=tl.float32)
     start = tl.minimum(first, n_chunks - 1)
-    next_words, _ = _load_chunk(w_ptr, w_ptr, offs_n, offs_r, mask_n, start, stride_wn, stride_wn, "uint", RUN)
+    next_words = _pair_words(w_ptr, offs_n, offs_r, mask_n, start, stride_wn, RUN, EVEN_N)
     next_s_lo, next_s_hi, next_z_lo, next_z_hi = _quad_groups(
-        scale_ptr, zero_ptr, offs_n, mask_n, start, 0, n_groups, stride_sn, stride_sg, group_size, zero_const, HAS_ZERO, CHUNK, RUN, QUAD, HALF)
+        scale_ptr, zero_ptr, offs_n, mask_n, start, 0, n_groups, stride_sn, stride_sg, group_size, zero_const, HAS_ZERO, CHUNK, RUN, QUAD, HALF, SLOTS_PER_GROUP, GROUPS_IN_CHUNK)
     for chunk in range(first, last):
         words = next_words
         following = tl.minimum(chunk + 1, last - 1)
-        next_words, _ = _load_chunk(w_ptr, w_ptr, offs_n, offs_r, mask_n, following, stride_wn, stride_wn, "uint", RUN)
+        next_words = _pair_words(w_ptr, offs_n, offs_r, mask_n, following, stride_wn, RUN, EVEN_N)
         for quad in tl.static_range(QUADS):
             s_lo, s_hi, z_lo, z_hi = next_s_lo, next_s_hi, next_z_lo, next_z_hi
             if quad + 1 < QUADS:
                 next_s_lo, next_s_hi, next_z_lo, next_z_hi = _quad_groups(
-                    scale_ptr, zero_ptr, offs_n, mask_n, chunk, quad + 1, n_groups, stride_sn, stride_sg, group_size, zero_const, HAS_ZERO, CHUNK, RUN, QUAD, HALF)
+                    scale_ptr, zero_ptr, offs_n, mask_n, chunk, quad + 1, n_groups, stride_sn, stride_sg, group_size, zero_const, HAS_ZERO, CHUNK, RUN, QUAD, HALF, SLOTS_PER_GROUP, GROUPS_IN_CHUNK)
             else:
                 next_s_lo, next_s_hi, next_z_lo, next_z_hi = _quad_groups(
-                    scale_ptr, zero_ptr, offs_n, mask_n, following, 0, n_groups, stride_sn, stride_sg, group_size, zero_const, HAS_ZERO, CHUNK, RUN, QUAD, HALF)
+                    scale_ptr, zero_ptr, offs_n, mask_n, following, 0, n_groups, stride_sn, stride_sg, group_size, zero_const, HAS_ZERO, CHUNK, RUN, QUAD, HALF, SLOTS_PER_GROUP, GROUPS_IN_CHUNK)
             # the group values are loaded one row per thread; they cross to the tile's layout (through
             # shared memory) as one int64 per row: the neg-zero pair and the scale pair
             neg_zero = _neg_zero_pair(z_lo, z_hi, 0 if INTEGER_ZEROS else 4)
@@ -498,7 +521,7 @@ def _gemv_pairs_kernel(
                     | (_half_bits(s_hi.to(tl.float16)).to(tl.int64) << 48))[:, None]
             neg_zero = (meta & 0xFFFFFFFF).to(tl.int32)
             neg_zero_0 = tl.broadcast_to(neg_zero, (BLOCK_N, RUN))  # P = 0 (INTEGER_ZEROS) or 4
-            neg_zero_4 = tl.broadcast_to(_add_960(neg_zero, INTEGER_ZEROS, INTERPRET), (BLOCK_N, RUN))
+            neg_zero_4 = tl.broadcast_to(_add_60(neg_zero, INTEGER_ZEROS, INTERPRET), (BLOCK_N, RUN))
             scale_lo = 16.0 * _half_float((meta >> 32).to(tl.int32), False)
             scale_hi = 16.0 * _half_float((meta >> 48).to(tl.int32), False)
             sums = tl.zeros((BLOCK_N, RUN), dtype=tl.int32)  # fp16 pairs: zero bits are +0.0
@@ -506,9 +529,9 @@ def _gemv_pairs_kernel(
                 k = chunk * CHUNK + slot * RUN + offs_r[None, :]
                 x_pair = tl.broadcast_to(_x_pair(x_row, k, HALF * RUN, K, EVEN_K), (BLOCK_N, RUN))
                 if INTEGER_ZEROS and (BITS * slot) % 8 < 4:  # _pair_fma's P is 0
-                    sums = _pair_fma(words, x_pair, neg_zero_0, sums, slot, BITS, INTEGER_ZEROS, INTERPRET)
+                    sums = _pair_fma(words, x_pair, neg_zero_0, sums, slot, BITS, INTEGER_ZEROS, slot == quad * QUAD, INTERPRET)
                 else:
-                    sums = _pair_fma(words, x_pair, neg_zero_4, sums, slot, BITS, INTEGER_ZEROS, INTERPRET)
+                    sums = _pair_fma(words, x_pair, neg_zero_4, sums, slot, BITS, INTEGER_ZEROS, slot == quad * QUAD, INTERPRET)
             acc += _half_float(sums, False) * scale_lo
             acc += _half_float(sums, True) * scale_hi
     offs_m = pid_m + tl.arange(0, 1)
@@ -823,7 +846,8 @@ def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, ou
         _gemv_pairs_kernel[grid](
             x, words, scale, zero, y, *buffers, m, pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const,
             x.stride(0), words.stride(0), y.stride(0), BITS=consts["BITS"], SLOTS=pw.slots, RUN=pw.run,
-            SLOTS_PER_GROUP=consts["SLOTS_PER_GROUP"], HAS_ZERO=consts["HAS_ZERO"], INTEGER_ZEROS=pw.zero_grid == 1.0, EVEN_K=pw.k % pw.chunk == 0,
+            SLOTS_PER_GROUP=consts["SLOTS_PER_GROUP"], GROUPS_IN_CHUNK=pw.chunk % pw.group_size == 0, HAS_ZERO=consts["HAS_ZERO"], INTEGER_ZEROS=pw.zero_grid == 1.0, EVEN_K=pw.k % pw.chunk == 0,
+            EVEN_N=pw.n % config.block_n == 0,
             INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", **shared,
         )
     else:

@@ -147,13 +147,13 @@ def test_scales_in_any_layout() -> None:
 
 
 def emulate_pair_decode(words: np.ndarray, zero: np.ndarray, slot: int, bits: int, integer_zeros: bool) -> list[np.ndarray]:
-    """``_pair_fma``'s first fma in numpy: shift, lop3 0xEA (``(x & y) | z``), then ``v * 2**-P`` plus
-    ``-(2**(10 - P) + zero)`` (``_neg_zero_pair``, rounded to fp16 like the kernel), in float64 (exact
-    at these sizes, like the fused multiply-add) and rounded once to fp16; the low and the high half."""
+    """``_pair_fma``'s first fma in numpy: shift, lop3 0xEA (``(x & y) | z``), then ``v * 2**-(P + 4)``
+    plus ``-(2**(10 - P) + zero) / 16`` (``_neg_zero_pair``, rounded to fp16 like the kernel), in float64
+    (exact at these sizes, like the fused multiply-add) and rounded once to fp16; the low and the high half."""
     c = lm.pair_constants(slot, bits, integer_zeros)
     t = words >> np.uint64(c["shift"]) if c["shift"] >= 0 else (words << np.uint64(-c["shift"])) & np.uint64(0xFFFFFFFF)
     v = (t & np.uint64(c["mask"])) | np.uint64(0x64006400)
-    neg_zero = (-(2.0 ** (10 - c["p"])) - zero).astype(np.float16).astype(np.float64)
+    neg_zero = (-(2.0 ** (6 - c["p"])) - zero / 16).astype(np.float16).astype(np.float64)
     mul = np.array(c["mul"] & 0xFFFF, dtype=np.uint16).view(np.float16).astype(np.float64)
     half = lambda w, shift: np.array((w >> np.uint64(shift)) & np.uint64(0xFFFF), dtype=np.uint16).view(np.float16).astype(np.float64)  # noqa: E731
     return [(half(v, shift) * mul + neg_zero).astype(np.float16) for shift in (0, 16)]
@@ -162,9 +162,9 @@ def emulate_pair_decode(words: np.ndarray, zero: np.ndarray, slot: int, bits: in
 @pytest.mark.parametrize("bits", [1, 2, 4])
 @pytest.mark.parametrize("integer_zeros", [True, False])
 def test_pair_decode_constants_give_code_minus_zero(bits: int, integer_zeros: bool) -> None:
-    """Every slot pair, emulated on random words: the low half is ``code(slot) - zero`` and the high half
-    ``code(slot + slots / 2) - zero``, exactly, for integer zero points or (the other scheme) zero points
-    on the 1/16 grid."""
+    """Every slot pair, emulated on random words: the low half is ``(code(slot) - zero) / 16`` and the
+    high half ``(code(slot + slots / 2) - zero) / 16``, exactly, for integer zero points or (the other
+    scheme) zero points on the 1/16 grid."""
     rng = np.random.default_rng(bits)
     words = rng.integers(0, 2**32, size=4096, dtype=np.uint64)
     top = 2**bits - 1
@@ -173,8 +173,8 @@ def test_pair_decode_constants_give_code_minus_zero(bits: int, integer_zeros: bo
     for slot in range(half_slots):
         low, high = emulate_pair_decode(words, zero, slot, bits, integer_zeros)
         code = lambda s: ((words >> np.uint64(s * bits)) & np.uint64(top)).astype(np.float64)  # noqa: E731
-        assert np.array_equal(low.astype(np.float64), code(slot) - zero), slot
-        assert np.array_equal(high.astype(np.float64), code(slot + half_slots) - zero), slot
+        assert np.array_equal(low.astype(np.float64), (code(slot) - zero) / 16), slot
+        assert np.array_equal(high.astype(np.float64), (code(slot + half_slots) - zero) / 16), slot
 
 
 def test_zero_grid_says_which_zero_points_fp16_subtracts_exactly() -> None:
