@@ -92,10 +92,10 @@ GEMV_MAX_M = 8
 MMA_MAX_M = 64  # rows the MMA kernel takes (its activation tile is padded to 16, 32 or 64 rows)
 MMA_AUTO_MAX_M = 16  # rows up to which pick_path chooses it, unless MMA_AUTO_ROWS says more
 MMA_FOLD_MIN_M = 16  # above this many rows the MMA kernel folds scales and zeros into fp16 weights (FOLD)
-# H100, 8192^2, 64 rows, steady state (session 6 probe): the folded MMA kernel took W4 36.6 us (the
-# unfolded one 46.2, cuBLAS 49.6), grouped W2 38.6 (unfolded 127.0; the GEMM 83.9 in session 4),
-# ternary as uint2 50.8 (unfolded 70.6). Grouped W1 was not measured folded; it keeps the GEMM (83.0).
-MMA_AUTO_ROWS: dict[tuple[str, bool], int] = {("uint4", True): 64, ("uint2", True): 64, ("uint2", False): 64}
+# H100, 8192^2, 64 rows, steady state (session 6): the folded MMA kernel took W4 36.9 us (unfolded 46.2,
+# GEMM 85.2, cuBLAS 49.4), grouped W2 42.4 (unfolded 127.0, GEMM 84.2), ternary as uint2 50.3 (unfolded
+# 70.6, GEMM 79.1), grouped W1 67.2 (GEMM 82.9): the MMA kernel takes every uint1/2/4 weight to 64 rows.
+MMA_AUTO_ROWS: dict[tuple[str, bool], int] = {("uint4", True): 64, ("uint2", True): 64, ("uint2", False): 64, ("uint1", True): 64}
 MMA_SHARED_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (the H100 has 227 KiB)
 MMA_LAYOUTS = ("uint1", "uint2", "uint4")
 DEQUANT_MIN_M = 256  # H100, 8192^2 W4: dequant + cuBLAS beat the fused GEMM from batch 256 on
@@ -109,23 +109,23 @@ GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # best of bench.kernel_lat
     ("uint1", True): GemvConfig(block_n=64, num_warps=4, split_k=2),
 }
 PAIR_LAYOUTS = ("uint1", "uint2", "uint4")  # 16 bits hold a whole number of slots
-GEMV_PAIR_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # the fp16-pair GEMV: bench.kernel_latency --tune, H100, 8192^2 (session 5)
-    ("uint4", True): GemvConfig(block_n=64, num_warps=4, split_k=4, num_stages=2),
+GEMV_PAIR_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # the fp16-pair GEMV: bench.kernel_latency --tune, H100, 8192^2 (session 6)
+    ("uint4", True): GemvConfig(block_n=128, num_warps=4, split_k=4, num_stages=1),
     ("uint2", True): GemvConfig(block_n=128, num_warps=4, split_k=4, num_stages=1),
     ("uint2", False): GemvConfig(block_n=128, num_warps=8, split_k=4, num_stages=2),
     ("uint1", True): GemvConfig(block_n=64, num_warps=4, split_k=2, num_stages=2),
 }
-MMA_CONFIGS: dict[tuple[str, bool], MmaConfig] = {  # H100, 8192^2, batch 1 and 16 (session 3 search)
+MMA_CONFIGS: dict[tuple[str, bool], MmaConfig] = {  # H100, 8192^2, batch 16 (session 3 search; grouped W2 and W1 session 6)
     ("uint4", True): MmaConfig(block_n=64, num_warps=4, split_k=4, num_stages=3),
-    ("uint2", True): MmaConfig(block_n=64, num_warps=4, split_k=8),
+    ("uint2", True): MmaConfig(block_n=128, num_warps=8, split_k=2, num_stages=3),
     ("uint2", False): MmaConfig(block_n=64, num_warps=4, split_k=4),
-    ("uint1", True): MmaConfig(block_n=64, num_warps=4, split_k=2),
+    ("uint1", True): MmaConfig(block_n=128, num_warps=8, split_k=2, num_stages=3),
 }
-MMA_FOLD_CONFIGS: dict[tuple[str, bool], MmaConfig] = {  # H100, 8192^2, 64 rows (session 6 probe)
+MMA_FOLD_CONFIGS: dict[tuple[str, bool], MmaConfig] = {  # H100, 8192^2, 64 rows (session 6, bench.kernel_latency --tune)
     ("uint4", True): MmaConfig(block_n=128, num_warps=8, split_k=4, num_stages=2),
     ("uint2", True): MmaConfig(block_n=128, num_warps=8, split_k=2, num_stages=3),
     ("uint2", False): MmaConfig(block_n=128, num_warps=8, split_k=2, num_stages=2),
-    ("uint1", True): MmaConfig(block_n=128, num_warps=8, split_k=2, num_stages=2),
+    ("uint1", True): MmaConfig(block_n=64, num_warps=4, split_k=2, num_stages=2),
 }
 # At batch 1 the MMA kernel beat the fp32 GEMV for these (layout, grouped) keys on the H100, 8192^2 (W4 22.7 us
 # vs 25.4, W1 23.5 vs 27.0, ternary as uint2 18.6 vs 21.9); for grouped uint2 the GEMV won (23.8 vs 27.4).
