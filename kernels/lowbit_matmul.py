@@ -92,10 +92,12 @@ GEMV_MAX_M = 8
 MMA_MAX_M = 64  # rows the MMA kernel takes (its activation tile is padded to 16, 32 or 64 rows)
 MMA_AUTO_MAX_M = 16  # rows up to which pick_path chooses it, unless MMA_AUTO_ROWS says more
 MMA_FOLD_MIN_M = 16  # above this many rows the MMA kernel folds scales and zeros into fp16 weights (FOLD)
-# H100, 8192^2, 64 rows, steady state (session 6): the folded MMA kernel took W4 36.9 us (unfolded 46.2,
-# GEMM 85.2, cuBLAS 49.4), grouped W2 42.4 (unfolded 127.0, GEMM 84.2), ternary as uint2 50.3 (unfolded
-# 70.6, GEMM 79.1), grouped W1 67.2 (GEMM 82.9): the MMA kernel takes every uint1/2/4 weight to 64 rows.
-MMA_AUTO_ROWS: dict[tuple[str, bool], int] = {("uint4", True): 64, ("uint2", True): 64, ("uint2", False): 64, ("uint1", True): 64}
+# H100, 64 rows, steady state (session 6, bench/results/kernel_latency_h100.md): the folded MMA kernel beat
+# the GEMM at all seven shapes for W4 (8192^2: 36.7 us vs 84.9, cuBLAS 49.6) and grouped W2 (41.8 vs 83.7),
+# and for ternary as uint2 at five (8192^2: 50.4 vs 78.0; not 4096^2 and 14336x4096). Grouped W1 won at
+# four shapes (8192^2 63.6 vs 83.1) but lost by 20-47% at three (14336x4096: 106.1 vs 71.9), so it keeps
+# the GEMM above 16 rows.
+MMA_AUTO_ROWS: dict[tuple[str, bool], int] = {("uint4", True): 64, ("uint2", True): 64, ("uint2", False): 64}
 MMA_SHARED_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (the H100 has 227 KiB)
 MMA_LAYOUTS = ("uint1", "uint2", "uint4")
 DEQUANT_MIN_M = 256  # H100, 8192^2 W4: dequant + cuBLAS beat the fused GEMM from batch 256 on

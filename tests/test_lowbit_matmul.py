@@ -363,8 +363,8 @@ def test_pick_path_by_batch() -> None:
     w3, _ = random_weight("uint3", n=8, k=256, group=128, asym=True, device="cpu")
     assert [lm.pick_path(1, w2, cuda), lm.pick_path(2, w2, cuda), lm.pick_path(2, w3, cuda)] == ["gemv", "mma", "gemv"]
     assert [lm.pick_path(m, w2, cuda) for m in (lm.MMA_AUTO_MAX_M + 1, lm.MMA_MAX_M)] == ["mma", "mma"]  # folded
-    w1, _ = random_weight("uint1", n=8, k=1024, group=128, asym=True, device="cpu")
-    assert [lm.pick_path(m, w1, cuda) for m in (lm.MMA_AUTO_MAX_M + 1, lm.MMA_MAX_M, lm.MMA_MAX_M + 1)] == ["mma", "mma", "gemm"]
+    w1, _ = random_weight("uint1", n=8, k=1024, group=128, asym=True, device="cpu")  # grouped W1: the GEMM above 16
+    assert [lm.pick_path(m, w1, cuda) for m in (lm.MMA_AUTO_MAX_M, lm.MMA_AUTO_MAX_M + 1)] == ["mma", "gemm"]
 
 
 # ----------------------------------------------------------------------------- on a GPU, at real sizes
