@@ -11,11 +11,11 @@ optional zero points per group). Four GPU paths, chosen by the number of activat
   - **fp16 pairs** (fp16 activations, ``uint1``/``uint2``/``uint4``, zero points that fp16 subtracts
     exactly: :func:`pairs_fit`). Slot ``s`` and slot ``s + SLOTS/2`` of a word sit 16 bits apart, so
     one ``lop3`` drops both codes into the mantissas of an fp16 pair of 1024s, one ``fma.rn.f16x2``
-    takes off the offset and the zero point (``code - zero``, exact) and one more multiplies by the
-    activation pair and adds: 1.5 instructions per code plus a shift shared by two pairs. A quad of
-    pairs stays inside one scale group per half and sums at most 16 products in fp16, with the
-    activations divided by 16 (exact) so that the sums stay finite for activations below about
-    17000; then its two groups' scales take the sums into fp32.
+    takes off the offset and the zero point and divides by 16 (``(code - zero) / 16``, exact) and one
+    more multiplies by the activation pair and adds: 1.5 instructions per code plus a shift shared by
+    two pairs. A quad of pairs stays inside one scale group per half and sums at most 16 products in
+    fp16; the 1/16 keeps the sums finite (W4: activations below about 17000). Then its two groups'
+    scales take the sums into fp32.
   - **fp32** (bf16, ``uint3``, ``ternary5``, other zero points): a code placed in the top mantissa
     bits of 1.0 reads as ``1 + code / 2**b`` (one shift and one mask-or, no int->float conversion),
     one FMA; the scale is applied once per group to the tile of partial sums, the offset and zero
@@ -28,8 +28,10 @@ optional zero points per group). Four GPU paths, chosen by the number of activat
   instructions, no int->float conversion. Each slot of a
   chunk is one dot of depth ``run`` with its contiguous run of activations, and Triton loads the words
   straight into the MMA operand layout (the decode is a pure one-input inline asm, which its
-  dot-operand hoisting accepts). The activation sums for the zero points come from a second dot with
-  a tile of ones, so no cross-thread reduction runs in the loop.
+  dot-operand hoisting accepts). Up to ``MMA_FOLD_MIN_M`` rows the codes are dotted raw and the
+  activation sums for the zero points come from a second dot with a tile of ones (no cross-thread
+  reduction in the loop, no rounding of the weights); above it (``FOLD``) two more fp16x2 ops make
+  ``(code - zero) * scale`` in the operand layout and one dot per slot does the rest.
 * **GEMM** (the other layouts, bf16, and batches up to ``DEQUANT_MIN_M``): tensor cores with swapped
   operands (``y^T = W x^T``), so the weight tile is the wide MMA operand and a small batch is the
   narrow one. Codes become fp16/bf16 ``1024 + q`` through the same exponent trick (``0x6400 | q``),
@@ -42,12 +44,11 @@ optional zero points per group). Four GPU paths, chosen by the number of activat
 Split-K (``split_k > 1``): the splits of a tile write fp32 partial sums and the last one to finish adds
 them up in order (``_store_transposed``): no zeroed output, no atomics on ``y``, the same bits every run.
 
-Status (H100, 8192^2, steady state; bench/results/kernel_latency_h100.md, session 5): correct at real
-sizes; batch 1 (fp16-pair GEMV) W4 18.8 us, W2 16.1, ternary 13.4, W1 16.5: 2.55-3.56x cuBLAS fp16;
-batch 16 W4 23.6 (MMA); batch 64 W4 46.0 (MMA, 1.07x, session 4). Short of the memory bound (a kernel
-that only reads the W4 words in this tiling took 14.3 us): the GEMV still runs ~850 instructions per
-W4 chunk and thread, half of them outside the pair arithmetic (activation pairs, the scales' trip
-through shared memory, the fp32 flush).
+Status (H100, 8192^2, steady state; bench/results/kernel_latency_h100.md, session 6): correct at real
+sizes; batch 1 (fp16-pair GEMV) W4 18.7 us, W2 15.4, ternary 12.4, W1 15.3: 2.56-3.87x cuBLAS fp16;
+batch 16 W4 23.3 (MMA); batch 64 W4 36.7 (folded MMA, 1.35x); batch 1024 dequant + cuBLAS 0.72x
+(session 4). Short of the memory bound (a kernel that only reads the W4 words in this tiling took
+14.3 us); the W4 GEMV loop is 452 SASS instructions per chunk for 16 words a thread.
 """
 
 from __future__ import annotations
