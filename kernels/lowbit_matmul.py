@@ -374,7 +374,7 @@ def _add_60(neg_zero, INTEGER_ZEROS: tl.constexpr, INTERPRET: tl.constexpr):
 @triton.jit
 def _pair_fma(words, x_pair, neg_zero, acc, SLOT: tl.constexpr, BITS: tl.constexpr, INTEGER_ZEROS: tl.constexpr, FIRST: tl.constexpr,
               INTERPRET: tl.constexpr):
-    """``acc + (code - zero) * x`` on fp16 pairs (int32 bits): the low half takes slot ``SLOT`` of every
+    """``acc + (code - zero) / 16 * x`` on fp16 pairs (int32 bits): the low half takes slot ``SLOT`` of every
     word, the high half slot ``SLOT + SLOTS / 2`` (16 bits higher), each with its half of ``x_pair``.
 
     The word is shifted so that both codes sit at bit ``P`` of their halves; ``lop3`` keeps them and
@@ -383,7 +383,7 @@ def _pair_fma(words, x_pair, neg_zero, acc, SLOT: tl.constexpr, BITS: tl.constex
     keeps the quad's fp16 sums in range), and one fma by ``x`` adds the product (a multiply for the
     ``FIRST`` pair of a quad, whose ``acc`` is zero: no zeroed registers).
     ``P`` is 0 or 4, whichever needs no shift of its own (per two codes: ``lop3``, two ``fma.rn.f16x2``
-    and a shift shared with another pair), where every zero point is an integer (``-(1024 + zero)``
+    and a shift shared with another pair), where every zero point is an integer (``-(1024 + zero) / 16``
     is exact); else always 4, exact for zero points on a 1/16 grid. The interpreter cannot run PTX:
     there the same arithmetic runs on fp16 halves (unfused, so the last bit may differ).
     """
@@ -482,10 +482,10 @@ def _gemv_pairs_kernel(
     """Program ``(m, n, k)`` as in ``_gemv_kernel``, with fp16 arithmetic on pairs of codes.
 
     A word's slot ``s`` and slot ``s + SLOTS / 2`` are one fp16 pair (``_pair_fma``), so per code a
-    half ``lop3``, one fma to take off the offset and the zero point, one fma with the activation. The
-    pairs of a chunk go in quads of ``QUAD`` that stay inside one scale group per half; a quad sums
-    its products in fp16 (at most 16 per element, the activations divided by 16 so that the sums stay
-    far from fp16's range for activations below about 17000), then adds them to the fp32 accumulator
+    half ``lop3``, one fma to take off the offset and the zero point (and divide by 16), one fma with the
+    activation. The pairs of a chunk go in quads of ``QUAD`` that stay inside one scale group per half;
+    a quad sums its products in fp16 (at most 16 per element; the 1/16 keeps the sums far from fp16's
+    range, for W4 for activations below about 17000), then adds them to the fp32 accumulator
     with its two groups' scales. Every load of the next step (the chunk's words, the quad's scales and
     zero points) is issued a step ahead.
     """
