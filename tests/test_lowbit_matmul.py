@@ -189,7 +189,8 @@ def test_zero_grid_says_which_zero_points_fp16_subtracts_exactly() -> None:
 def test_gemv_pairs_quads_split_k_and_the_fp32_fallback(layout: str) -> None:
     """The fp16-pair GEMV at 128-code groups (W2 and W1 flush their pairs in 2 and 4 quads per chunk),
     with split-K and activations up to about +-2000 (the fp16 sums must not overflow); zero points off
-    the 1/16 grid and fp32 scales take the fp32 GEMV and are still right."""
+    the 1/16 grid and fp32 scales take the fp32 GEMV and are still right; rows that fill every tile (no
+    masks on the word loads) too."""
     top = TOP_CODE[layout]
     n, k = 70, 1024
     codes = torch.randint(0, top + 1, (n, k))
@@ -202,6 +203,9 @@ def test_gemv_pairs_quads_split_k_and_the_fp32_fallback(layout: str) -> None:
     assert ref.isfinite().all() and x.abs().max() > 1000
     for config in [lm.GemvConfig(block_n=32, split_k=1), lm.GemvConfig(block_n=16, split_k=3)]:
         assert rel_err(lm.gemv(x, pw, config, out=poisoned((2, n), x.dtype)), ref) < 2e-3, config
+    even = pack_weight(codes[:64], scale[:64], zero[:64], layout, 128).to(DEVICE)  # rows fill every tile: unmasked loads
+    out = lm.gemv(x, even, lm.GemvConfig(block_n=32, split_k=2), out=poisoned((2, 64), x.dtype))
+    assert rel_err(out, lm.reference_matmul(x, even)) < 2e-3
     odd = pack_weight(codes, scale, zero + 0.3, layout, 128).to(DEVICE)
     fp32_scales = pack_weight(codes, scale.float() * (1 + 1e-4), zero, layout, 128).to(DEVICE)  # off the fp16 grid
     for other in (odd, fp32_scales):
