@@ -90,18 +90,23 @@ class MmaConfig:
 
 
 GEMV_MAX_M = 8
-MMA_MAX_M = 64  # rows the MMA kernel takes (its activation tile is padded to 16, 32 or 64 rows)
+MMA_MAX_M = 128  # rows the MMA kernel takes (activation tiles of 16, 32 or 64 rows; two tiles above 64)
+MMA_MAX_BLOCK_M = 64
 MMA_AUTO_MAX_M = 16  # rows up to which pick_path chooses it, unless MMA_AUTO_ROWS says more
 MMA_FOLD_MIN_M = 16  # above this many rows the MMA kernel folds scales and zeros into fp16 weights (FOLD)
 # H100, 64 rows, steady state (session 6, bench/results/kernel_latency_h100.md): the folded MMA kernel beat
 # the GEMM at all seven shapes for W4 (8192^2: 36.7 us vs 84.9, cuBLAS 49.6) and grouped W2 (41.8 vs 83.7),
 # and for ternary as uint2 at five (8192^2: 50.4 vs 78.0; not 4096^2 and 14336x4096). Grouped W1 won at
 # four shapes (8192^2 63.6 vs 83.1) but lost by 20-47% at three (14336x4096: 106.1 vs 71.9), so it keeps
-# the GEMM above 16 rows.
-MMA_AUTO_ROWS: dict[tuple[str, bool], int] = {("uint4", True): 64, ("uint2", True): 64, ("uint2", False): 64}
+# the GEMM above 16 rows and dequant + cuBLAS above 64 (at 128 rows 113.3 us against the MMA kernel's 118.7).
+# At 96 and 128 rows (two 64-row tiles) the folded kernel took W4 62.2 / 62.6 us, W2 73.6 / 75.8, ternary
+# 91.2 / 92.2 at 8192^2 against dequant + cuBLAS 113-120 at 128 (cuBLAS 50.4-50.9).
+MMA_AUTO_ROWS: dict[tuple[str, bool], int] = {("uint4", True): 128, ("uint2", True): 128, ("uint2", False): 128}
 MMA_SHARED_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (the H100 has 227 KiB)
 MMA_LAYOUTS = ("uint1", "uint2", "uint4")
-DEQUANT_MIN_M = 256  # H100, 8192^2 W4: dequant + cuBLAS beat the fused GEMM from batch 256 on
+# H100 (session 6): above 64 rows the GEMM's 128-row tiles took 214-250 us at 96 and 128 rows (8192^2) against
+# dequant + cuBLAS 113-120 at 128 rows, every kind; at 64 rows the GEMM won (83-85 vs 118).
+DEQUANT_MIN_M = 65
 GEMM_MIN_RUN = 16  # a tensor-core dot needs a depth of at least 16
 # Tuned tile configs: GEMV by (layout, several groups per row), GEMM by batch bucket (a power of two).
 GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # best of bench.kernel_latency --tune on H100, 8192^2, batch 1
@@ -932,7 +937,7 @@ def mma(x: torch.Tensor, pw: PackedWeight, config: MmaConfig | None = None, out:
         raise ValueError(f"mma takes at most {MMA_MAX_M} rows, got {m}; use gemm")
     fold = m > MMA_FOLD_MIN_M
     config = config or (MMA_FOLD_CONFIGS if fold else MMA_CONFIGS).get(gemv_key(pw), MmaConfig())
-    block_m = max(16, triton.next_power_of_2(m))
+    block_m = max(16, min(MMA_MAX_BLOCK_M, triton.next_power_of_2(m)))
     config = replace(config, num_stages=mma_stages(pw, block_m, config))
     y = _output(out, (m, pw.n), x)
     words, _, scale, zero = kernel_tensors(pw)

@@ -245,7 +245,7 @@ def test_slot_decode_constants_give_the_codes(bits: int) -> None:
 @pytest.mark.parametrize("group,asym", [(32, True), (None, False)])
 def test_mma_matches_reference(layout: str, group: int | None, asym: bool) -> None:
     pw, _ = random_weight(layout, n=37, k=224, group=group, asym=asym, run=16)
-    for m, split_k in [(1, 1), (5, 3), (16, 2), (17, 2), (33, 1)]:  # tiles of 16, 16, 16, 32 and 64 rows; folded above 16
+    for m, split_k in [(1, 1), (5, 3), (16, 2), (17, 2), (33, 1), (80, 2)]:  # tiles of 16, 16, 16, 32, 64, 2x64 rows; folded above 16
         x = torch.randn(m, pw.k, dtype=torch.float16, device=DEVICE)
         config = lm.MmaConfig(block_n=64, split_k=split_k)
         out = lm.mma(x, pw, config, out=poisoned((m, pw.n), x.dtype))
@@ -358,8 +358,8 @@ def test_pick_path_by_batch() -> None:
     pw, _ = random_weight("uint4", n=8, k=256, group=128, asym=False, device="cpu")
     cuda = torch.device("cuda")
     assert lm.pick_path(4, pw, torch.device("cpu")) == "torch"
-    batches = (1, 8, lm.MMA_AUTO_MAX_M + 1, lm.MMA_MAX_M, lm.MMA_MAX_M + 1, lm.DEQUANT_MIN_M)
-    assert [lm.pick_path(m, pw, cuda) for m in batches] == ["gemv", "mma", "mma", "mma", "gemm", "dequant"]  # W4: MMA to 64
+    batches = (1, 8, lm.MMA_AUTO_MAX_M + 1, 64, lm.MMA_MAX_M, lm.MMA_MAX_M + 1)
+    assert [lm.pick_path(m, pw, cuda) for m in batches] == ["gemv", "mma", "mma", "mma", "mma", "dequant"]  # W4: MMA to 128
     odd_zeros = replace(pw, zero_grid=0.0)  # no fp16-pair GEMV: at batch 1 the MMA kernel beat the fp32 one
     assert [lm.pick_path(m, odd_zeros, cuda) for m in (1, 8)] == ["mma", "mma"]
     assert [lm.pick_path(m, pw, cuda, torch.bfloat16) for m in (1, 8, 9)] == ["gemv", "gemv", "gemm"]
