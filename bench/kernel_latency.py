@@ -126,7 +126,7 @@ def block_error(x: torch.Tensor, bw: BlockWeight, dequantized: torch.Tensor) -> 
 
 def paths_for(m: int, pw: PackedWeight) -> list[str]:
     """The path the dispatcher picks; beside it the other tensor-core kernel (MMA or GEMM) at batch 1 and
-    from 17 to 64 rows where the MMA kernel runs, and from batch 256 on the dequant + cuBLAS fallback."""
+    from 17 to ``MMA_MAX_M`` rows where the MMA kernel runs, and from batch 256 on the dequant + cuBLAS fallback."""
     auto = lm.pick_path(m, pw, torch.device("cuda"))
     if m == 1 and lm.mma_fits(pw, torch.float16):
         return ["gemv", "mma"]
