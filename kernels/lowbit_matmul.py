@@ -91,7 +91,7 @@ class MmaConfig:
 
 GEMV_MAX_M = 8
 MMA_MAX_M = 128  # rows the MMA kernel takes (activation tiles of 16, 32 or 64 rows; two tiles above 64)
-MMA_MAX_BLOCK_M = 64
+MMA_MAX_BLOCK_M = 64  # activation rows per program: the best probe configs at 128 rows (H100, session 6) used two tiles of 64
 MMA_AUTO_MAX_M = 16  # rows up to which pick_path chooses it, unless MMA_AUTO_ROWS says more
 MMA_FOLD_MIN_M = 16  # above this many rows the MMA kernel folds scales and zeros into fp16 weights (FOLD)
 # H100, 64 rows, steady state (session 6, bench/results/kernel_latency_h100.md): the folded MMA kernel beat

@@ -171,8 +171,8 @@ ZERO_GRIDS = (1.0, 1 / 16)
 def zero_grid(zero: torch.Tensor | None, zero_const: float) -> float:
     """The coarsest grid of :data:`ZERO_GRIDS` that holds every zero point (within +-64), else 0.0.
 
-    The fp16-pair GEMV subtracts zero points in fp16 next to an offset of 1024 (integers only) or 64
-    (sixteenths); it runs only where that is exact."""
+    The fp16-pair GEMV subtracts zero points in fp16, divided by 16, next to an offset of 1024 / 16
+    (integers only) or 64 / 16 (sixteenths); it runs only where that is exact."""
     values = torch.tensor([zero_const]) if zero is None else zero.float()
     if values.abs().max() >= 64:
         return 0.0
