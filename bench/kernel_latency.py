@@ -244,22 +244,23 @@ def best_of(candidates: list, time_one: Callable[[Any], float | None]) -> list[t
     return sorted(timed, key=lambda t: t[0])
 
 
-def tune(kinds: list[str], shape: tuple[int, int], gemm_kinds: list[str]) -> dict:
-    """Search GEMV configs (batch 1) and MMA configs (batch 16, and folded at 64) per kind and GEMM configs per batch
-    bucket at ``shape``; install the winners in :mod:`kernels.lowbit_matmul` for the rest of the process,
-    and return every timing."""
+TUNE_PATHS = ("gemv", "mma")
+
+
+def tune(kinds: list[str], shape: tuple[int, int], gemm_kinds: list[str], paths: tuple[str, ...] = TUNE_PATHS) -> dict:
+    """Search GEMV configs (batch 1) and MMA configs (batch 16, and folded at 64) per kind, those of ``paths``, and
+    GEMM configs per batch bucket at ``shape``; install the winners in :mod:`kernels.lowbit_matmul` for the rest of
+    the process, and return every timing."""
     k, n = shape
     result: dict[str, Any] = {"shape": shape, "gemv": {}, "mma": {}, "gemm": {}}
     x1 = torch.randn(1, k, device="cuda", dtype=torch.float16)
     for name in (name for name in kinds if name in LOWBIT_KINDS):
         pw = random_packed(LOWBIT_KINDS[name], n, k)
-        timed = best_of(GEMV_SEARCH, lambda c: checked_steady(x1, pw, "gemv", c))
-        if not timed:
-            continue
-        (lm.GEMV_PAIR_CONFIGS if lm.pairs_fit(pw, torch.float16) else lm.GEMV_CONFIGS)[lm.gemv_key(pw)] = timed[0][1]
-        result["gemv"][name] = [(us, asdict(c)) for us, c in timed]
-        print(f"gemv {name}: best {timed[0][0]:.1f} us {timed[0][1]}, worst {timed[-1][0]:.1f} us", flush=True)
-        if not lm.mma_fits(pw, torch.float16):
+        if "gemv" in paths and (timed := best_of(GEMV_SEARCH, lambda c: checked_steady(x1, pw, "gemv", c))):
+            (lm.GEMV_PAIR_CONFIGS if lm.pairs_fit(pw, torch.float16) else lm.GEMV_CONFIGS)[lm.gemv_key(pw)] = timed[0][1]
+            result["gemv"][name] = [(us, asdict(c)) for us, c in timed]
+            print(f"gemv {name}: best {timed[0][0]:.1f} us {timed[0][1]}, worst {timed[-1][0]:.1f} us", flush=True)
+        if "mma" not in paths or not lm.mma_fits(pw, torch.float16):
             continue
         for m, table in ((16, lm.MMA_CONFIGS), (64, lm.MMA_FOLD_CONFIGS)):  # 64 rows: the folded kernel
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -300,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", action="store_true", help="search tile configs first and use the winners")
     parser.add_argument("--tune-only", action="store_true", help="search tile configs, print them, no table")
     parser.add_argument("--tune-gemm", action="store_true", help="also search GEMM configs per batch bucket (W4)")
+    parser.add_argument("--tune-paths", default=",".join(TUNE_PATHS), help=f"comma list of the kernels that --tune searches, of {','.join(TUNE_PATHS)}")
     parser.add_argument("--kernels", default=",".join(LOWBIT_KINDS), help=f"comma list of low-bit kinds; block formats: {','.join(BLOCK_KINDS)}")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--shapes", default=None, help="comma list of INxOUT, e.g. 8192x8192")
@@ -307,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
     parser.add_argument("--json", type=Path, default=None, help="write all numbers here")
     args = parser.parse_args(argv)
+    tune_paths = tuple(p for p in args.tune_paths.split(",") if p)
+    if bad := [p for p in tune_paths if p not in TUNE_PATHS]:
+        parser.error(f"unknown --tune-paths {bad}; choose from {list(TUNE_PATHS)}")
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to time", file=sys.stderr)
         return 1
@@ -323,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header, flush=True)
     tuned = None
     if args.tune or args.tune_only:
-        tuned = {"gpu": gpu_name(), "copy_gbs": copy_gbs, **tune(kinds, (8192, 8192), ["w4g128"] if args.tune_gemm else [])}
+        tuned = {"gpu": gpu_name(), "copy_gbs": copy_gbs, **tune(kinds, (8192, 8192), ["w4g128"] if args.tune_gemm else [], tune_paths)}
         if args.tune_only:
             if args.json:
                 args.json.write_text(json.dumps(tuned, indent=1))

@@ -117,10 +117,10 @@ GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # best of bench.kernel_lat
     ("uint1", True): GemvConfig(block_n=64, num_warps=4, split_k=2),
 }
 PAIR_LAYOUTS = ("uint1", "uint2", "uint4")  # 16 bits hold a whole number of slots
-GEMV_PAIR_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # the fp16-pair GEMV: bench.kernel_latency --tune, H100, 8192^2 (session 6)
-    ("uint4", True): GemvConfig(block_n=128, num_warps=4, split_k=4, num_stages=1),
+GEMV_PAIR_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # the fp16-pair GEMV: bench.kernel_latency --tune, H100, 8192^2 (session 7)
+    ("uint4", True): GemvConfig(block_n=64, num_warps=4, split_k=4, num_stages=2),
     ("uint2", True): GemvConfig(block_n=128, num_warps=4, split_k=4, num_stages=1),
-    ("uint2", False): GemvConfig(block_n=128, num_warps=8, split_k=4, num_stages=2),
+    ("uint2", False): GemvConfig(block_n=64, num_warps=4, split_k=4, num_stages=2),
     ("uint1", True): GemvConfig(block_n=64, num_warps=4, split_k=2, num_stages=2),
 }
 MMA_CONFIGS: dict[tuple[str, bool], MmaConfig] = {  # H100, 8192^2, batch 16 (session 3 search; grouped W2 and W1 session 6)
@@ -446,6 +446,16 @@ def _x_pair(x_row, k, HALF_RUNS: tl.constexpr, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _chunk_x_pairs(x_row, chunk, offs_r, K, CHUNK: tl.constexpr, RUN: tl.constexpr, HALF: tl.constexpr, EVEN_K: tl.constexpr):
+    """A chunk's activation pairs, one ``[1, RUN]`` tensor per slot pair (a tuple of ``HALF``), so that
+    the loop can load the next chunk's while it computes this one's."""
+    pairs = ()
+    for slot in tl.static_range(HALF):
+        pairs = pairs + (_x_pair(x_row, chunk * CHUNK + slot * RUN + offs_r[None, :], HALF * RUN, K, EVEN_K),)
+    return pairs
+
+
+@triton.jit
 def _pair_words(w_ptr, offs_n, offs_r, mask_n, chunk, stride_wn, RUN: tl.constexpr, EVEN_N: tl.constexpr):
     """One chunk's words of ``BLOCK_N`` rows; unmasked where the rows fill every tile (``EVEN_N``),
     which spares zeroing the registers of a predicated load."""
@@ -491,8 +501,10 @@ def _gemv_pairs_kernel(
     activation. The pairs of a chunk go in quads of ``QUAD`` that stay inside one scale group per half;
     a quad sums its products in fp16 (at most 16 per element; the 1/16 keeps the sums far from fp16's
     range, for W4 for activations below about 17000), then adds them to the fp32 accumulator
-    with its two groups' scales. Every load of the next step (the chunk's words, the quad's scales and
-    zero points) is issued a step ahead.
+    with its two groups' scales (the 1/16 comes off once, on the row sums at the end). Every load of
+    the next step (the chunk's words and activation pairs, the quad's scales and zero points) is
+    issued a step ahead: waiting on the activations' loads was the largest stall in an Nsight Compute
+    profile (H100, W4 8192^2, session 7).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -508,12 +520,15 @@ def _gemv_pairs_kernel(
     acc = tl.zeros((BLOCK_N, RUN), dtype=tl.float32)
     start = tl.minimum(first, n_chunks - 1)
     next_words = _pair_words(w_ptr, offs_n, offs_r, mask_n, start, stride_wn, RUN, EVEN_N)
+    next_x = _chunk_x_pairs(x_row, start, offs_r, K, CHUNK, RUN, HALF, EVEN_K)
     next_s_lo, next_s_hi, next_z_lo, next_z_hi = _quad_groups(
         scale_ptr, zero_ptr, offs_n, mask_n, start, 0, n_groups, stride_sn, stride_sg, group_size, zero_const, HAS_ZERO, CHUNK, RUN, QUAD, HALF, SLOTS_PER_GROUP, GROUPS_IN_CHUNK)
     for chunk in range(first, last):
         words = next_words
         following = tl.minimum(chunk + 1, last - 1)
         next_words = _pair_words(w_ptr, offs_n, offs_r, mask_n, following, stride_wn, RUN, EVEN_N)
+        x_pairs = next_x
+        next_x = _chunk_x_pairs(x_row, following, offs_r, K, CHUNK, RUN, HALF, EVEN_K)
         for quad in tl.static_range(QUADS):
             s_lo, s_hi, z_lo, z_hi = next_s_lo, next_s_hi, next_z_lo, next_z_hi
             if quad + 1 < QUADS:
@@ -530,12 +545,11 @@ def _gemv_pairs_kernel(
             neg_zero = (meta & 0xFFFFFFFF).to(tl.int32)
             neg_zero_0 = tl.broadcast_to(neg_zero, (BLOCK_N, RUN))  # P = 0 (INTEGER_ZEROS) or 4
             neg_zero_4 = tl.broadcast_to(_add_60(neg_zero, INTEGER_ZEROS, INTERPRET), (BLOCK_N, RUN))
-            scale_lo = 16.0 * _half_float((meta >> 32).to(tl.int32), False)
-            scale_hi = 16.0 * _half_float((meta >> 48).to(tl.int32), False)
+            scale_lo = _half_float((meta >> 32).to(tl.int32), False)
+            scale_hi = _half_float((meta >> 48).to(tl.int32), False)
             sums = tl.zeros((BLOCK_N, RUN), dtype=tl.int32)  # fp16 pairs: zero bits are +0.0
             for slot in tl.static_range(quad * QUAD, (quad + 1) * QUAD):
-                k = chunk * CHUNK + slot * RUN + offs_r[None, :]
-                x_pair = tl.broadcast_to(_x_pair(x_row, k, HALF * RUN, K, EVEN_K), (BLOCK_N, RUN))
+                x_pair = tl.broadcast_to(x_pairs[slot], (BLOCK_N, RUN))
                 if INTEGER_ZEROS and (BITS * slot) % 8 < 4:  # _pair_fma's P is 0
                     sums = _pair_fma(words, x_pair, neg_zero_0, sums, slot, BITS, INTEGER_ZEROS, slot == quad * QUAD, INTERPRET)
                 else:
@@ -543,7 +557,7 @@ def _gemv_pairs_kernel(
             acc += _half_float(sums, False) * scale_lo
             acc += _half_float(sums, True) * scale_hi
     offs_m = pid_m + tl.arange(0, 1)
-    _store_transposed(y_ptr, tl.sum(acc, axis=1)[:, None], offs_m, offs_n, offs_m < M, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
+    _store_transposed(y_ptr, 16.0 * tl.sum(acc, axis=1)[:, None], offs_m, offs_n, offs_m < M, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
 
 
 # ----------------------------------------------------------------------------- GEMM (tensor cores)
