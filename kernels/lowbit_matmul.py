@@ -44,11 +44,12 @@ optional zero points per group). Four GPU paths, chosen by the number of activat
 Split-K (``split_k > 1``): the splits of a tile write fp32 partial sums and the last one to finish adds
 them up in order (``_store_transposed``): no zeroed output, no atomics on ``y``, the same bits every run.
 
-Status (H100, 8192^2, steady state; bench/results/kernel_latency_h100.md, session 6): correct at real
-sizes; batch 1 (fp16-pair GEMV) W4 18.7 us, W2 15.4, ternary 12.4, W1 15.3: 2.56-3.87x cuBLAS fp16;
-batch 16 W4 23.3 (MMA); batch 64 W4 36.7 (folded MMA, 1.35x); batch 1024 dequant + cuBLAS 0.72x
-(session 4). Short of the memory bound (a kernel that only reads the W4 words in this tiling took
-14.3 us); the W4 GEMV loop is 452 SASS instructions per chunk for 16 words a thread.
+Status (H100, 8192^2, steady state; bench/results/kernel_latency_h100.md, sessions 6-7): correct at
+real sizes; batch 1 (fp16-pair GEMV) W4 17.7 us, W2 14.4, ternary 12.5, W1 14.3: 2.72-3.85x cuBLAS
+fp16; batch 16 W4 23.3 (MMA); batch 64 W4 36.7 (folded MMA, 1.35x); batch 1024 dequant + cuBLAS 0.70x.
+Short of the memory bound (a kernel that only reads the W4 words in this tiling took 14.3 us). Nsight
+Compute: the GEMV issues on under half the cycles and waits mostly on loads (W4); W2 and W1 are bound
+by the instructions they issue (DRAM busy 33% and 19% of the time).
 """
 
 from __future__ import annotations
