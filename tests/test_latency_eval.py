@@ -98,3 +98,13 @@ def test_latency_on_gpu_times_layers_and_decode(tmp_path: Path) -> None:
     assert result.metrics["latency/decode_tokens_per_s"] > 0
     assert result.protocol["latency"]["gpu"] != "none"
     assert not any(type(m).__name__ == "QuantLinear" for m in bundle.model.modules())
+
+
+def test_kernel_latency_rejects_unknown_tune_paths(capsys: pytest.CaptureFixture) -> None:
+    """A bad ``--tune-paths`` is named with the valid choices before anything is timed (with or without a GPU)."""
+    from bench.kernel_latency import main
+
+    with pytest.raises(SystemExit):
+        main(["--tune", "--tune-paths", "gemv,gemm"])
+    err = capsys.readouterr().err
+    assert "['gemm']" in err and "'gemv', 'mma'" in err
