@@ -502,7 +502,7 @@ def _gemv_pairs_kernel(
     activation. The pairs of a chunk go in quads of ``QUAD`` that stay inside one scale group per half;
     a quad sums its products in fp16 (at most 16 per element; the 1/16 keeps the sums far from fp16's
     range, for W4 for activations below about 17000), then adds them to the fp32 accumulator
-    with its two groups' scales (the 1/16 comes off once, on the row sums at the end). Every load of
+    with its two groups' scales (the 1/16 is undone once, on the row sums at the end). Every load of
     the next step (the chunk's words and activation pairs, the quad's scales and zero points) is
     issued a step ahead: waiting on the activations' loads was the largest stall in an Nsight Compute
     profile (H100, W4 8192^2, session 7).
