@@ -1,0 +1,80 @@
+"""The Gluon mma.sync GEMV probe (bench/probes/gemv_mma_gluon.py): its decode constants and MMA operand
+map on CPU (Gluon has no interpreter), the kernel against the fp32 reference on a GPU."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from bench.probes.gemv_mma_gluon import fits, gemv_mma, mma_asm, slot_constants
+from kernels import lowbit_matmul as lm
+from kernels.pack import pack_weight
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def half_value(bits: torch.Tensor) -> torch.Tensor:
+    return (bits & 0xFFFF).to(torch.int16).view(torch.float16).float()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_slot_pairs_decode_to_offset_plus_code_exactly(bits: int) -> None:
+    """The lop3 of ``_decode_slot`` (``(word >> shift) & mask | exp``) reads, per half, as the fp16
+    ``2**(10 - P) + code`` of slot ``s`` (low half) and slot ``s + SLOTS/2`` (high half)."""
+    slots = 32 // bits
+    words = torch.randint(-(2**31), 2**31, (4096,), dtype=torch.int64)
+    for s in range(slots // 2):
+        c = slot_constants(s, bits)
+        assert 0 <= c["p"] <= 10 - bits
+        v = ((words & 0xFFFFFFFF) >> c["shift"]) & c["mask"] | c["exp"]
+        for half, slot in ((0, s), (1, s + slots // 2)):
+            code = ((words & 0xFFFFFFFF) >> (bits * slot)) & ((1 << bits) - 1)
+            assert torch.equal(half_value(v >> (16 * half)), 2.0 ** (10 - c["p"]) + code.float()), (s, half)
+
+
+def test_mma_operand_map() -> None:
+    """Each of the four MMAs writes its own 4 accumulators (in and out the same elements), takes the
+    A pairs of both passes at words 2j and 2j + 1, and the activation pairs of those two words."""
+    lines = mma_asm().splitlines()
+    assert len(lines) == 4
+    outs, a_seen = [], []
+    for j, line in enumerate(lines):
+        d, a, b, c = ([int(v) for v in re.findall(r"\$(\d+)", group)] for group in re.findall(r"\{([^}]*)\}", line))
+        assert [x + 48 for x in d] == c
+        assert d == [2 * j, 2 * j + 1, 8 + 2 * j, 8 + 2 * j + 1]
+        assert a == [16 + 2 * j, 24 + 2 * j, 17 + 2 * j, 25 + 2 * j]  # rows g, g+8 at k pair t, then at t + 4
+        assert b == [32 + 2 * j, 33 + 2 * j]
+        outs += d
+        a_seen += a
+    assert sorted(outs) == list(range(16)) and sorted(a_seen) == list(range(16, 32))
+
+
+def test_rejects_what_it_cannot_take() -> None:
+    codes = torch.randint(0, 8, (8, 256))
+    scale = torch.rand(8, 2).half()
+    uint3 = pack_weight(codes, scale, None, "uint3", 128, zero_const=3.5)
+    assert not fits(uint3, torch.float16)
+    with pytest.raises(ValueError, match="uint3"):
+        gemv_mma(torch.randn(1, 256, dtype=torch.float16), uint3)
+    half_zeros = pack_weight(codes % 4, scale, None, "uint2", 128, zero_const=1.5)
+    assert not fits(half_zeros, torch.float16)
+
+
+@requires_gpu
+@pytest.mark.parametrize("layout,top,group,asym", [("uint4", 15, 128, True), ("uint2", 3, 128, True), ("uint2", 2, None, False), ("uint1", 1, 128, True)])
+@pytest.mark.parametrize("n,k", [(200, 1152), (64, 4096)])
+def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: int | None, asym: bool, n: int, k: int) -> None:
+    codes = torch.randint(0, top + 1, (n, k))
+    n_groups = 1 if group is None else k // group
+    scale = (torch.rand(n, n_groups) * 0.02 + 0.01).half()
+    zero = torch.randint(0, top + 1, (n, n_groups)).half() if asym else None
+    pw = pack_weight(codes, scale, zero, layout, group, zero_const=1.0, run=32).to("cuda")
+    assert fits(pw, torch.float16)
+    x = torch.randn(3, k, device="cuda", dtype=torch.float16)
+    ref = lm.reference_matmul(x, pw).float()
+    for block_n, warps, split in [(64, 4, 4), (128, 8, 2), (32, 2, 1)]:
+        y = gemv_mma(x, pw, block_n, warps, split, out=torch.full((3, n), float("nan"), device="cuda", dtype=torch.float16)).float()
+        assert not y.isnan().any()
+        assert ((y - ref).norm() / ref.norm()).item() < 2e-3, (block_n, warps, split)
