@@ -97,7 +97,7 @@ def lowbit_calls(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = Non
     out = torch.empty(x.shape[0], pw.n, device=x.device, dtype=x.dtype)
 
     def call(p: PackedWeight) -> Callable[[], Any]:
-        if path in ("gemv", "mma", "gemm"):
+        if path in ("gemv", "gemv_mma", "mma", "gemm"):
             return lambda: lm.PATHS[path](x, p, config, out=out)
         return lambda: lm.lowbit_matmul(x, p, path)
 
@@ -125,11 +125,13 @@ def block_error(x: torch.Tensor, bw: BlockWeight, dequantized: torch.Tensor) -> 
 
 
 def paths_for(m: int, pw: PackedWeight) -> list[str]:
-    """The path the dispatcher picks; beside it the other tensor-core kernel (MMA or GEMM) at batch 1 and
-    from 17 to ``MMA_MAX_M`` rows where the MMA kernel runs, and from batch 256 on the dequant + cuBLAS fallback."""
+    """The path the dispatcher picks; beside it, at batch 1, the other kernels that fit (fp16-pair or fp32
+    GEMV, tensor-core GEMV, MMA), from 17 to ``MMA_MAX_M`` rows the other tensor-core kernel (MMA or
+    GEMM) where the MMA kernel runs, and from batch 256 on the dequant + cuBLAS fallback."""
     auto = lm.pick_path(m, pw, torch.device("cuda"))
-    if m == 1 and lm.mma_fits(pw, torch.float16):
-        return ["gemv", "mma"]
+    if m == 1:
+        fitting = ["gemv"] + ["gemv_mma"] * lm.gemv_mma_fits(pw, torch.float16) + ["mma"] * lm.mma_fits(pw, torch.float16)
+        return [auto] + [p for p in fitting if p != auto]
     if lm.MMA_AUTO_MAX_M < m <= lm.MMA_MAX_M and lm.mma_fits(pw, torch.float16):
         return [auto, "gemm" if auto == "mma" else "mma"]
     return [auto, "dequant"] if m >= 256 and auto != "dequant" else [auto]

@@ -118,6 +118,12 @@ GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # best of bench.kernel_lat
     ("uint1", True): GemvConfig(block_n=64, num_warps=4, split_k=2),
 }
 PAIR_LAYOUTS = ("uint1", "uint2", "uint4")  # 16 bits hold a whole number of slots
+GEMV_MMA_RUN = 32  # the tensor-core GEMV's words per row and chunk (kernels/gemv_mma.py)
+# Batch 1 on the tensor-core GEMV (kernels/gemv_mma.py) for these (layout, grouped) keys: H100, steady state,
+# faster than the fp16-pair GEMV at all seven layer shapes for grouped W1 (8192^2: 13.6-13.8 us vs 14.4) and at
+# six for ternary as uint2 (8192^2: 12.2 vs 12.6; 4096^2 6.5 vs 6.2); grouped W4 and W2 won at only four and
+# lost at 8192^2 (W4 19.0 vs 17.8), so they keep the pair GEMV (session 8).
+GEMV_MMA_KEYS = {("uint1", True), ("uint2", False)}
 GEMV_PAIR_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # the fp16-pair GEMV: bench.kernel_latency --tune, H100, 8192^2 (session 7)
     ("uint4", True): GemvConfig(block_n=64, num_warps=4, split_k=4, num_stages=2),
     ("uint2", True): GemvConfig(block_n=128, num_warps=4, split_k=4, num_stages=1),
@@ -800,7 +806,7 @@ def math_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float16 if dtype == torch.float16 else tl.float32
 
 
-def _output(out: torch.Tensor | None, shape: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
+def output(out: torch.Tensor | None, shape: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
     if out is None:
         return torch.empty(shape, device=x.device, dtype=x.dtype)
     if tuple(out.shape) != shape or out.dtype != x.dtype or out.stride(1) != 1:
@@ -808,7 +814,7 @@ def _output(out: torch.Tensor | None, shape: tuple[int, int], x: torch.Tensor) -
     return out
 
 
-def _check_inputs(x: torch.Tensor, pw: PackedWeight) -> None:
+def check_inputs(x: torch.Tensor, pw: PackedWeight) -> None:
     if x.dim() != 2 or x.shape[1] != pw.k:
         raise ValueError(f"x must be [M, {pw.k}], got {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16):
@@ -849,16 +855,30 @@ def pairs_fit(pw: PackedWeight, dtype: torch.dtype) -> bool:
     return dtype == torch.float16 and pw.layout in PAIR_LAYOUTS and pw.scale.dtype == torch.float16 and pw.zero_grid > 0
 
 
+def gemv_mma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
+    """The tensor-core GEMV takes fp16 activations, the uint1/2/4 layouts with a run of 32, fp16 scales
+    and zero points that ``-(1024 + zero)`` holds exactly in fp16 (integers)."""
+    integer_zeros = pw.zero_grid == 1.0 if pw.zero is not None else float(pw.zero_const).is_integer()
+    return dtype == torch.float16 and pw.layout in PAIR_LAYOUTS and pw.run == GEMV_MMA_RUN and pw.scale.dtype == torch.float16 and integer_zeros
+
+
+def gemv_mma(x: torch.Tensor, pw: PackedWeight, config=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensor-core GEMV of :mod:`kernels.gemv_mma` (Gluon, imported on first use)."""
+    from kernels.gemv_mma import gemv_mma as run
+
+    return run(x, pw, config, out)
+
+
 def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T`` for small M (at most :data:`GEMV_MAX_M` rows), into ``out`` if given: the
     fp16-pair kernel where it fits (:func:`pairs_fit`), else the fp32 one."""
-    _check_inputs(x, pw)
+    check_inputs(x, pw)
     m = x.shape[0]
     if m > GEMV_MAX_M:
         raise ValueError(f"gemv takes at most {GEMV_MAX_M} rows, got {m}; use gemm")
     pairs = pairs_fit(pw, x.dtype)
     config = config or (GEMV_PAIR_CONFIGS if pairs else GEMV_CONFIGS).get(gemv_key(pw), GemvConfig())
-    y = _output(out, (m, pw.n), x)
+    y = output(out, (m, pw.n), x)
     tensors, consts = _kernel_args(pw)
     n_chunks = pw.words.shape[1] // pw.run
     grid = (m, triton.cdiv(pw.n, config.block_n), config.split_k)
@@ -908,12 +928,12 @@ def gemm_sub_slots(pw: PackedWeight, block_k: int) -> int:
 
 def gemm(x: torch.Tensor, pw: PackedWeight, config: GemmConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T`` on tensor cores, the weight dequantized tile by tile (needs ``run >= 16``)."""
-    _check_inputs(x, pw)
+    check_inputs(x, pw)
     if pw.run < GEMM_MIN_RUN:
         raise ValueError(f"gemm needs a run of at least {GEMM_MIN_RUN}, this weight has {pw.run}; use dequant")
     m = x.shape[0]
     config = config or gemm_config(m)
-    y = _output(out, (m, pw.n), x)
+    y = output(out, (m, pw.n), x)
     tensors, consts = _kernel_args(pw)
     n_chunks = pw.words.shape[1] // pw.run
     grid = (triton.cdiv(pw.n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
@@ -941,7 +961,7 @@ def mma_stages(pw: PackedWeight, block_m: int, config: MmaConfig) -> int:
 
 def mma(x: torch.Tensor, pw: PackedWeight, config: MmaConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T`` for small M on tensor cores with the prmt/lop3 decode (see the module doc)."""
-    _check_inputs(x, pw)
+    check_inputs(x, pw)
     if not mma_fits(pw, x.dtype):
         raise ValueError(
             f"mma takes fp16 activations and layouts {MMA_LAYOUTS} with a run >= {GEMM_MIN_RUN}; "
@@ -954,7 +974,7 @@ def mma(x: torch.Tensor, pw: PackedWeight, config: MmaConfig | None = None, out:
     config = config or (MMA_FOLD_CONFIGS if fold else MMA_CONFIGS).get(gemv_key(pw), MmaConfig())
     block_m = max(16, min(MMA_MAX_BLOCK_M, triton.next_power_of_2(m)))
     config = replace(config, num_stages=mma_stages(pw, block_m, config))
-    y = _output(out, (m, pw.n), x)
+    y = output(out, (m, pw.n), x)
     words, _, scale, zero = kernel_tensors(pw)
     grid = (triton.cdiv(pw.n, config.block_n), triton.cdiv(m, block_m), config.split_k)
     _mma_kernel[grid](
@@ -994,12 +1014,15 @@ def reference_matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 
 
 def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype = torch.float16) -> str:
-    """``torch`` off CUDA; else by batch: ``mma`` where it fits and was faster on the H100 (batch 1
-    only for :data:`MMA_AT_BATCH_1` where the fp16-pair GEMV does not fit, above 16 rows only for
-    :data:`MMA_AUTO_ROWS`), ``gemv`` for a few rows, ``gemm`` for mid batches, ``dequant`` beyond."""
+    """``torch`` off CUDA; else by batch: ``gemv_mma`` at batch 1 for :data:`GEMV_MMA_KEYS` where it
+    fits; ``mma`` where it fits and was faster on the H100 (batch 1 only for :data:`MMA_AT_BATCH_1`
+    where the fp16-pair GEMV does not fit, above 16 rows only for :data:`MMA_AUTO_ROWS`), ``gemv``
+    for a few rows, ``gemm`` for mid batches, ``dequant`` beyond."""
     if device.type != "cuda":
         return "torch"
     rows = MMA_AUTO_ROWS.get(gemv_key(pw), MMA_AUTO_MAX_M)
+    if m == 1 and gemv_key(pw) in GEMV_MMA_KEYS and gemv_mma_fits(pw, dtype):
+        return "gemv_mma"
     mma_at_1 = gemv_key(pw) in MMA_AT_BATCH_1 and not pairs_fit(pw, dtype)
     if mma_fits(pw, dtype) and m <= rows and (m > 1 or mma_at_1):
         return "mma"
@@ -1010,7 +1033,7 @@ def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype
     return "dequant"
 
 
-PATHS = {"gemv": gemv, "mma": mma, "gemm": gemm, "dequant": dequant_matmul, "torch": reference_matmul}
+PATHS = {"gemv": gemv, "gemv_mma": gemv_mma, "mma": mma, "gemm": gemm, "dequant": dequant_matmul, "torch": reference_matmul}
 
 
 def lowbit_matmul(x: torch.Tensor, pw: PackedWeight, path: str = "auto") -> torch.Tensor:

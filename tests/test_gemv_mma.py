@@ -1,5 +1,5 @@
-"""The Gluon mma.sync GEMV probe (bench/probes/gemv_mma_gluon.py): its decode constants and MMA operand
-map on CPU (Gluon has no interpreter), the kernel against the fp32 reference on a GPU."""
+"""The tensor-core GEMV (kernels/gemv_mma.py, Gluon): its decode constants, MMA operand map, input checks
+and dispatch on CPU (Gluon has no interpreter), the kernel against the fp32 reference on a GPU."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from bench.probes.gemv_mma_gluon import fits, gemv_mma, mma_asm, slot_constants
 from kernels import lowbit_matmul as lm
+from kernels.gemv_mma import GemvMmaConfig, default_config, gemv_mma, mma_asm, slot_constants
 from kernels.pack import pack_weight
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -24,13 +24,13 @@ def test_slot_pairs_decode_to_offset_plus_code_exactly(bits: int) -> None:
     """The lop3 of ``_decode_slot`` (``(word >> shift) & mask | exp``) reads, per half, as the fp16
     ``2**(10 - P) + code`` of slot ``s`` (low half) and slot ``s + SLOTS/2`` (high half)."""
     slots = 32 // bits
-    words = torch.randint(-(2**31), 2**31, (4096,), dtype=torch.int64)
+    words = torch.randint(-(2**31), 2**31, (4096,), dtype=torch.int64) & 0xFFFFFFFF
     for s in range(slots // 2):
         c = slot_constants(s, bits)
         assert 0 <= c["p"] <= 10 - bits
-        v = ((words & 0xFFFFFFFF) >> c["shift"]) & c["mask"] | c["exp"]
+        v = (words >> c["shift"]) & c["mask"] | c["exp"]
         for half, slot in ((0, s), (1, s + slots // 2)):
-            code = ((words & 0xFFFFFFFF) >> (bits * slot)) & ((1 << bits) - 1)
+            code = (words >> (bits * slot)) & ((1 << bits) - 1)
             assert torch.equal(half_value(v >> (16 * half)), 2.0 ** (10 - c["p"]) + code.float()), (s, half)
 
 
@@ -55,11 +55,28 @@ def test_rejects_what_it_cannot_take() -> None:
     codes = torch.randint(0, 8, (8, 256))
     scale = torch.rand(8, 2).half()
     uint3 = pack_weight(codes, scale, None, "uint3", 128, zero_const=3.5)
-    assert not fits(uint3, torch.float16)
+    assert not lm.gemv_mma_fits(uint3, torch.float16)
     with pytest.raises(ValueError, match="uint3"):
         gemv_mma(torch.randn(1, 256, dtype=torch.float16), uint3)
-    half_zeros = pack_weight(codes % 4, scale, None, "uint2", 128, zero_const=1.5)
-    assert not fits(half_zeros, torch.float16)
+    half_zeros = pack_weight(codes % 4, scale, None, "uint2", 128, zero_const=1.5, run=32)
+    assert not lm.gemv_mma_fits(half_zeros, torch.float16)
+    ternary = pack_weight(codes % 3, scale[:, :1], None, "uint2", None, zero_const=1.0, run=32)
+    assert lm.gemv_mma_fits(ternary, torch.float16) and not lm.gemv_mma_fits(ternary, torch.bfloat16)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        gemv_mma(torch.randn(1, 256, dtype=torch.float16), ternary, GemvMmaConfig(block_n=32, num_warps=4))
+
+
+def test_dispatch_at_batch_1() -> None:
+    """Grouped W1 and ternary take the tensor-core GEMV at batch 1 (not at 2); grouped W4 keeps the pair GEMV."""
+    cuda = torch.device("cuda")
+    codes = torch.randint(0, 2, (64, 1024))
+    w1 = pack_weight(codes, torch.rand(64, 8).half(), torch.randint(0, 2, (64, 8)).half(), "uint1", 128, run=32)
+    ternary = pack_weight(codes * 2, torch.rand(64, 1).half(), None, "uint2", None, zero_const=1.0, run=32)
+    w4 = pack_weight(codes * 15, torch.rand(64, 8).half(), torch.randint(0, 16, (64, 8)).half(), "uint4", 128, run=32)
+    assert [lm.pick_path(1, w1, cuda), lm.pick_path(1, ternary, cuda), lm.pick_path(1, w4, cuda)] == ["gemv_mma", "gemv_mma", "gemv"]
+    assert lm.pick_path(2, w1, cuda) != "gemv_mma" and lm.pick_path(1, w1, cuda, torch.bfloat16) != "gemv_mma"
+    square = pack_weight(torch.randint(0, 2, (1024, 1024)), torch.rand(1024, 8).half(), None, "uint1", 128, zero_const=1.0)
+    assert default_config(square).split_k == 4 and default_config(w1).split_k == 8  # a long K and few rows: more splits
 
 
 @requires_gpu
@@ -71,10 +88,10 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     scale = (torch.rand(n, n_groups) * 0.02 + 0.01).half()
     zero = torch.randint(0, top + 1, (n, n_groups)).half() if asym else None
     pw = pack_weight(codes, scale, zero, layout, group, zero_const=1.0, run=32).to("cuda")
-    assert fits(pw, torch.float16)
+    assert lm.gemv_mma_fits(pw, torch.float16)
     x = torch.randn(3, k, device="cuda", dtype=torch.float16)
     ref = lm.reference_matmul(x, pw).float()
-    for block_n, warps, split in [(64, 4, 4), (128, 8, 2), (32, 2, 1)]:
-        y = gemv_mma(x, pw, block_n, warps, split, out=torch.full((3, n), float("nan"), device="cuda", dtype=torch.float16)).float()
+    for config in [None, GemvMmaConfig(128, 8, 2), GemvMmaConfig(32, 2, 1)]:
+        y = lm.gemv_mma(x, pw, config, out=torch.full((3, n), float("nan"), device="cuda", dtype=torch.float16)).float()
         assert not y.isnan().any()
-        assert ((y - ref).norm() / ref.norm()).item() < 2e-3, (block_n, warps, split)
+        assert ((y - ref).norm() / ref.norm()).item() < 2e-3, config

@@ -1,10 +1,11 @@
-"""Probe: a batch-1 GEMV on ``mma.sync`` tensor cores, written in Gluon, timed next to the fp16-pair GEMV.
+"""Batch-1 GEMV on ``mma.sync`` tensor cores (Gluon): the dispatcher's path for grouped W1 and ternary.
 
-Not a dispatcher path: on the H100 it was not faster than ``kernels.lowbit_matmul``'s fp16-pair GEMV
-(session 8, bench/results/kernel_latency_h100.md), but it is correct, 15-30x closer to the fp32
-reference (its sums are fp32), and the next attempt at the batch-1 goals can start from it.
-
-The design, for fp16 activations and the ``uint1``/``uint2``/``uint4`` layouts with a run of 32:
+For fp16 activations and the ``uint1``/``uint2``/``uint4`` layouts with a run of 32 and integer zero
+points (:func:`kernels.lowbit_matmul.gemv_mma_fits`); one program per activation row, like the
+fp16-pair GEMV. H100, steady state, batch 1, at the seven layer shapes (session 8,
+bench/results/kernel_latency_h100.md): faster than the fp16-pair GEMV at all seven for grouped W1
+(6-21%) and at six for ternary; mixed for W4 and W2, which keep the pair GEMV. Its sums are fp32, so
+it is also 10-100x closer to the fp32 reference than the pair GEMV's fp16 quad sums.
 
 * The words tile ``[BLOCK_N, 32]`` has an explicit layout: lane ``4g + t`` holds words ``8t .. 8t+7``
   of one row per pass of ``8 * num_warps`` rows (two 16-byte loads). Two passes make the 16 rows of
@@ -14,20 +15,21 @@ The design, for fp16 activations and the ``uint1``/``uint2``/``uint4`` layouts w
   the code at mantissa bit ``P`` of the exponent of ``2**(10 - P)`` reads ``2**(10 - P) + code``
   exactly, for any ``P <= 10 - bits`` (one shift per word at most, none for most slots). One
   ``add.f16x2`` takes off ``2**(10 - P) + zero`` (exact for integer zero points), one ``mul.f16x2``
-  applies the two groups' scales: the weight rounded once to fp16, as dequantization would.
+  applies the two groups' scales: the weight rounded once to fp16, as dequantization would. With one
+  scale per row (``SCALE_AFTER``) the pairs stay exact and the row sums are scaled at the end.
 * One inline-asm call per slot pair runs four ``mma.sync`` on the thread's 16 words (``pack=16``),
   each into its own four fp32 accumulators; all eight B columns hold the same activations, so the
   row sum of the accumulator tile is 8 times ``y``.
 * The split's activation pairs are built once into shared memory; the next chunk's words and the
   next step's scales and zero points are loaded a step ahead. Split-K as in ``lowbit_matmul``.
 
-Run on a GPU: ``python -m bench.probes.gemv_mma_gluon --kinds w1g128,w4g128``.
+Gluon has no interpreter: off the GPU the tests check the decode constants and the MMA operand map,
+on the GPU the kernel against the fp32 reference.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -37,8 +39,7 @@ from triton.experimental.gluon import language as gl
 from kernels import lowbit_matmul as lm
 from kernels.pack import PackedWeight
 
-WORD_RUN = 32  # words per row and chunk: 4 lanes x 8 words
-RUN = gl.constexpr(WORD_RUN)
+RUN = gl.constexpr(lm.GEMV_MMA_RUN)  # words per row and chunk: 4 lanes x 8 words
 
 
 def mma_asm() -> str:
@@ -70,9 +71,10 @@ def slot_constants(slot: int, bits: int) -> dict[str, int]:
 
 
 @gluon.jit
-def _decode_slot(words, nz0, scale, S: gl.constexpr, BITS: gl.constexpr):
+def _decode_slot(words, nz0, scale, S: gl.constexpr, BITS: gl.constexpr, SCALE_AFTER: gl.constexpr):
     """Slot pair ``S`` of every word as fp16 pairs ``(code - zero) * scale``; ``nz0`` holds
-    ``-(1024 + zero)`` per half, ``scale`` the two groups' scales."""
+    ``-(1024 + zero)`` per half, ``scale`` the two groups' scales. With ``SCALE_AFTER`` (one scale
+    per row) the pairs stay ``code - zero`` (exact) and the kernel scales the row sums."""
     BIT: gl.constexpr = BITS * S
     SHIFT: gl.constexpr = 0 if BIT + BITS <= 10 else (8 if BITS == 4 else 10)
     P: gl.constexpr = BIT - SHIFT
@@ -83,8 +85,9 @@ def _decode_slot(words, nz0, scale, S: gl.constexpr, BITS: gl.constexpr):
         DELTA: gl.constexpr = ((24 << 10) | (1024 - (1 << (11 - P)))) * 0x10001  # fp16 1024 - 2**(10 - P), twice
         nz = gl.inline_asm_elementwise(asm=f"{{ .reg .b32 c; mov.b32 c, {DELTA}; add.rn.f16x2 $0, $1, c; }}",
                                        constraints="=r,r", args=[nz0], dtype=gl.int32, is_pure=True, pack=1)
+    MUL: gl.constexpr = "mov.b32 $0, d;" if SCALE_AFTER else "mul.rn.f16x2 $0, d, $3;"
     return gl.inline_asm_elementwise(
-        asm=f"{{ .reg .b32 t, v, d; shr.u32 t, $1, {SHIFT}; lop3.b32 v, t, {MASK}, {EXP}, 0xea; add.rn.f16x2 d, v, $2; mul.rn.f16x2 $0, d, $3; }}",
+        asm=f"{{ .reg .b32 t, v, d; shr.u32 t, $1, {SHIFT}; lop3.b32 v, t, {MASK}, {EXP}, 0xea; add.rn.f16x2 d, v, $2; {MUL} }}",
         constraints="=r,r,r,r", args=[words, nz[:, None], scale[:, None]], dtype=gl.int32, is_pure=True, pack=1)
 
 
@@ -123,7 +126,7 @@ def _gemv_mma_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
     N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_xm, stride_wn, stride_ym,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
-    SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr,
+    SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
 ):
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [NUM_WARPS, 1], [1, 0])
     rows_layout: gl.constexpr = gl.SliceLayout(1, layout)
@@ -172,10 +175,12 @@ def _gemv_mma_kernel(
                                                      zero_const, HAS_ZERO, SLOTS, SPG, STEP)
             for s in gl.static_range(step * STEP, (step + 1) * STEP):
                 x_pair = xs.index(chunk - first).slice(s * RUN, RUN).load(gl.SliceLayout(0, layout))[None, :]
-                a = _decode_slot(words, nz0, scale, s, BITS)
+                a = _decode_slot(words, nz0, scale, s, BITS, SCALE_AFTER)
                 acc = gl.inline_asm_elementwise(asm=MMA_ASM, constraints=MMA_CONSTRAINTS, args=[a, x_pair, acc],
                                                 dtype=gl.float32, is_pure=True, pack=16)
     y = gl.sum(acc, axis=1) * 0.125  # 4 lanes x 2 columns hold every row's sum
+    if SCALE_AFTER:
+        y = y * gl.load(scale_ptr + rows * stride_sn, mask=row_ok, other=0.0).to(gl.float32)
     y_row = y_ptr + pid_m * stride_ym + rows
     if SPLIT_K == 1:
         gl.store(y_row, y.to(gl.float16), mask=row_ok)
@@ -194,78 +199,41 @@ def _gemv_mma_kernel(
             gl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
-def fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
-    """fp16 activations, ``uint1``/``uint2``/``uint4`` with a run of 32, fp16 scales, and zero points
-    that ``-(1024 + zero)`` holds exactly in fp16 (integers)."""
-    integer_zeros = pw.zero_grid == 1.0 if pw.zero is not None else float(pw.zero_const).is_integer()
-    return dtype == torch.float16 and pw.layout in lm.PAIR_LAYOUTS and pw.run == WORD_RUN and pw.scale.dtype == torch.float16 and integer_zeros
+@dataclass(frozen=True)
+class GemvMmaConfig:
+    block_n: int = 64  # a multiple of 16 * num_warps
+    num_warps: int = 4
+    split_k: int = 4
 
 
-def gemv_mma(x: torch.Tensor, pw: PackedWeight, block_n: int = 64, num_warps: int = 4, split_k: int = 4,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [M, K] @ W^T`` for a few rows, one program per activation row (see the module doc)."""
-    if not fits(pw, x.dtype):
-        raise ValueError(f"gemv_mma takes fp16 activations, layouts {lm.PAIR_LAYOUTS} with run {WORD_RUN} and integer zero points; "
-                         f"got {x.dtype}, {pw.layout}, run {pw.run}, zero grid {pw.zero_grid}")
-    if block_n % (16 * num_warps):
-        raise ValueError(f"block_n must be a multiple of 16 * num_warps = {16 * num_warps}, got {block_n}")
+def default_config(pw: PackedWeight) -> GemvMmaConfig:
+    """64 rows, 4 warps, 4 K splits; 8 splits for a long K and few rows (H100: 14336x4096 W1 13.5 us
+    at 8 splits against 16.3 at 4), the best or within 10% of it at the seven layer shapes."""
+    return GemvMmaConfig(split_k=8 if pw.k >= 2 * pw.n else 4)
+
+
+def gemv_mma(x: torch.Tensor, pw: PackedWeight, config: GemvMmaConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ W^T`` for a few rows (at most ``GEMV_MAX_M``), into ``out`` if given."""
+    if not lm.gemv_mma_fits(pw, x.dtype):
+        raise ValueError(f"gemv_mma takes fp16 activations, layouts {lm.PAIR_LAYOUTS} with run {lm.GEMV_MMA_RUN}, fp16 scales and integer zero points; "
+                         f"got {x.dtype}, {pw.layout}, run {pw.run}, scales {pw.scale.dtype}, zero grid {pw.zero_grid}")
+    config = config or default_config(pw)
+    if config.block_n % (16 * config.num_warps):
+        raise ValueError(f"block_n must be a multiple of 16 * num_warps = {16 * config.num_warps}, got {config.block_n}")
+    lm.check_inputs(x, pw)
     m = x.shape[0]
-    y = out if out is not None else torch.empty(m, pw.n, device=x.device, dtype=x.dtype)
+    if m > lm.GEMV_MAX_M:
+        raise ValueError(f"gemv_mma takes at most {lm.GEMV_MAX_M} rows, got {m}; use mma or gemm")
+    y = lm.output(out, (m, pw.n), x)
     words, _, scale, zero = lm.kernel_tensors(pw)
     n_chunks = words.shape[1] // pw.run
-    grid = (m, triton.cdiv(pw.n, block_n), split_k)
-    partial, count = lm.split_buffers(y, grid, block_n)
+    grid = (m, triton.cdiv(pw.n, config.block_n), config.split_k)
+    partial, count = lm.split_buffers(y, grid, config.block_n)
     _gemv_mma_kernel[grid](
         x, words, scale, zero, y, partial, count, pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const,
         x.stride(0), words.stride(0), y.stride(0), BITS=lm.CODE_BITS[pw.layout], SLOTS=pw.slots, SPG=pw.group_size // pw.run,
-        HAS_ZERO=pw.zero is not None, BLOCK_N=block_n, SPLIT_K=split_k, NUM_WARPS=num_warps, XS_CHUNKS=triton.cdiv(n_chunks, split_k),
-        EVEN_K=pw.k % pw.chunk == 0, num_warps=num_warps,
+        HAS_ZERO=pw.zero is not None, BLOCK_N=config.block_n, SPLIT_K=config.split_k, NUM_WARPS=config.num_warps,
+        XS_CHUNKS=triton.cdiv(n_chunks, config.split_k), EVEN_K=pw.k % pw.chunk == 0, SCALE_AFTER=pw.n_groups == 1,
+        num_warps=config.num_warps,
     )
     return y
-
-
-CONFIGS = [(64, 4, 4), (128, 4, 4), (128, 8, 4), (64, 4, 8), (64, 4, 2), (32, 2, 4)]  # block_n, num_warps, split_k
-
-
-def main(argv: list[str] | None = None) -> int:
-    from bench.kernel_latency import LOWBIT_KINDS, clone_packed, random_packed
-    from bench.timing import copies_for, gpu_name, steady_us
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kinds", default="w4g128,w2g128,ternary2,w1g128", help=f"comma list of {','.join(LOWBIT_KINDS)}")
-    parser.add_argument("--shapes", default="8192x8192", help="comma list of INxOUT")
-    args = parser.parse_args(argv)
-    kinds = args.kinds.split(",")
-    if bad := [k for k in kinds if k not in LOWBIT_KINDS]:
-        parser.error(f"unknown kinds {bad}; choose from {list(LOWBIT_KINDS)}")
-    if not torch.cuda.is_available():
-        print("no CUDA GPU: nothing to time", file=sys.stderr)
-        return 1
-    torch.manual_seed(0)
-    print(f"GPU: {gpu_name()} | steady state, batch 1 | us (relative error against the fp32 reference)")
-    for k, n in (tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")):
-        for name in kinds:
-            pw = random_packed(LOWBIT_KINDS[name], n, k)
-            if not fits(pw, torch.float16):
-                print(f"{k}x{n} {name}: layout {pw.layout} does not fit")
-                continue
-            x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-            ref = lm.reference_matmul(x, pw).float()
-            error = lambda y: ((y.float() - ref).norm() / ref.norm()).item()  # noqa: E731
-            copies = [pw] + [clone_packed(pw) for _ in range(copies_for(pw.nbytes()) - 1)]
-            out = torch.empty(1, n, device="cuda", dtype=torch.float16)
-            pair = steady_us([lambda p=p: lm.gemv(x, p, out=out) for p in copies])
-            cells = []
-            for bn, warps, split in CONFIGS:
-                us = steady_us([lambda p=p: gemv_mma(x, p, bn, warps, split, out=out) for p in copies])
-                cells.append((us, f"bn{bn}/w{warps}/s{split}", error(gemv_mma(x, pw, bn, warps, split))))
-            us, config, err = min(cells)
-            print(f"{k}x{n} {name}: pair GEMV {pair:.2f} ({error(lm.gemv(x, pw)):.1e}) | mma GEMV best {us:.2f} {config} ({err:.1e}) | "
-                  + " ".join(f"{c} {t:.2f}" for t, c, _ in cells), flush=True)
-            del copies
-            torch.cuda.empty_cache()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
