@@ -207,9 +207,15 @@ class GemvMmaConfig:
 
 
 def default_config(pw: PackedWeight) -> GemvMmaConfig:
-    """64 rows, 4 warps, 4 K splits; 8 splits for a long K and few rows (H100: 14336x4096 W1 13.5 us
-    at 8 splits against 16.3 at 4), the best or within 10% of it at the seven layer shapes."""
-    return GemvMmaConfig(split_k=8 if pw.k >= 2 * pw.n else 4)
+    """By shape, from the H100 probes at the seven layer shapes (session 8; W1 and ternary as uint2):
+    8 K splits of 64-row tiles for a long K and few rows (14336x4096 W1: 13.5 us against 16.3 at 4
+    splits), 128-row tiles on 8 warps where the rows are at most K (ternary 8192^2: 11.5 against 12.2,
+    28672x8192: 30.0 against 31.5), else 64-row tiles on 4 warps (ternary 8192x28672: 29.1 against 33.7)."""
+    if pw.k >= 2 * pw.n:
+        return GemvMmaConfig(block_n=64, num_warps=4, split_k=8)
+    if pw.n <= pw.k:
+        return GemvMmaConfig(block_n=128, num_warps=8, split_k=4)
+    return GemvMmaConfig(block_n=64, num_warps=4, split_k=4)
 
 
 def gemv_mma(x: torch.Tensor, pw: PackedWeight, config: GemvMmaConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -76,7 +76,8 @@ def test_dispatch_at_batch_1() -> None:
     assert [lm.pick_path(1, w1, cuda), lm.pick_path(1, ternary, cuda), lm.pick_path(1, w4, cuda)] == ["gemv_mma", "gemv_mma", "gemv"]
     assert lm.pick_path(2, w1, cuda) != "gemv_mma" and lm.pick_path(1, w1, cuda, torch.bfloat16) != "gemv_mma"
     square = pack_weight(torch.randint(0, 2, (1024, 1024)), torch.rand(1024, 8).half(), None, "uint1", 128, zero_const=1.0)
-    assert default_config(square).split_k == 4 and default_config(w1).split_k == 8  # a long K and few rows: more splits
+    wide = pack_weight(torch.randint(0, 2, (1024, 256)), torch.rand(1024, 2).half(), None, "uint1", 128, zero_const=1.0)
+    assert [default_config(w) for w in (w1, square, wide)] == [GemvMmaConfig(64, 4, 8), GemvMmaConfig(128, 8, 4), GemvMmaConfig(64, 4, 4)]
 
 
 @requires_gpu
