@@ -208,10 +208,11 @@ class GemvMmaConfig:
 
 def default_config(pw: PackedWeight) -> GemvMmaConfig:
     """By shape, from the H100 probes at the seven layer shapes (session 8; W1 and ternary as uint2):
-    8 K splits of 64-row tiles for a long K and few rows (14336x4096 W1: 13.5 us against 16.3 at 4
-    splits), 128-row tiles on 8 warps where the rows are at most K (ternary 8192^2: 11.5 against 12.2,
-    28672x8192: 30.0 against 31.5), else 64-row tiles on 4 warps (ternary 8192x28672: 29.1 against 33.7)."""
-    if pw.k >= 2 * pw.n:
+    8 K splits of 64-row tiles for a long K and at most 4096 rows (14336x4096 W1: 13.5 us against 16.3
+    at 4 splits), 128-row tiles on 8 warps where the rows are at most K (ternary 8192^2: 11.5 against
+    12.2, 28672x8192: 30.0 against 34.2 at 8 splits), else 64-row tiles on 4 warps (ternary
+    8192x28672: 29.1 against 33.7)."""
+    if pw.k >= 2 * pw.n and pw.n <= 4096:
         return GemvMmaConfig(block_n=64, num_warps=4, split_k=8)
     if pw.n <= pw.k:
         return GemvMmaConfig(block_n=128, num_warps=8, split_k=4)

@@ -4,6 +4,7 @@ and dispatch on CPU (Gluon has no interpreter), the kernel against the fp32 refe
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -78,6 +79,7 @@ def test_dispatch_at_batch_1() -> None:
     square = pack_weight(torch.randint(0, 2, (1024, 1024)), torch.rand(1024, 8).half(), None, "uint1", 128, zero_const=1.0)
     wide = pack_weight(torch.randint(0, 2, (1024, 256)), torch.rand(1024, 2).half(), None, "uint1", 128, zero_const=1.0)
     assert [default_config(w) for w in (w1, square, wide)] == [GemvMmaConfig(64, 4, 8), GemvMmaConfig(128, 8, 4), GemvMmaConfig(64, 4, 4)]
+    assert default_config(replace(w1, n=8192, k=28672)) == GemvMmaConfig(128, 8, 4)  # a long K, but rows enough for 4 splits
 
 
 @requires_gpu
