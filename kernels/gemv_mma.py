@@ -4,8 +4,9 @@ For fp16 activations and the ``uint1``/``uint2``/``uint4`` layouts with a run of
 points (:func:`kernels.lowbit_matmul.gemv_mma_fits`); one program per activation row, like the
 fp16-pair GEMV. H100, steady state, batch 1, at the seven layer shapes (session 8,
 bench/results/kernel_latency_h100.md): faster than the fp16-pair GEMV at all seven for grouped W1
-(6-21%) and at six for ternary; mixed for W4 and W2, which keep the pair GEMV. Its sums are fp32, so
-it is also 10-100x closer to the fp32 reference than the pair GEMV's fp16 quad sums.
+(4-20%) and at six for ternary; mixed for W4 and W2, which keep the pair GEMV. Its sums are fp32: for
+W1 and ternary 1e-7 to 3e-5 relative error against the fp32 reference, against 3.5e-4 to 4.9e-4 for
+the pair GEMV's fp16 quad sums (W4 and W2 about 3e-4, the weights rounded to fp16 with their scales).
 
 * The words tile ``[BLOCK_N, 32]`` has an explicit layout: lane ``4g + t`` holds words ``8t .. 8t+7``
   of one row per pass of ``8 * num_warps`` rows (two 16-byte loads). Two passes make the 16 rows of

@@ -1,8 +1,9 @@
 """Packed low-bit weight matmuls ``y = x @ W^T`` with fp16/bf16 activations (W1..W4, ternary).
 
 Weights come as a :class:`kernels.pack.PackedWeight` (codes packed along K in chunks, fp16 scales and
-optional zero points per group). Four GPU paths, chosen by the number of activation rows ``M``
-(:func:`pick_path`):
+optional zero points per group). Four GPU paths here, chosen by the number of activation rows ``M``
+(:func:`pick_path`); at batch 1 the (layout, grouped) keys of :data:`GEMV_MMA_KEYS` take a fifth,
+:mod:`kernels.gemv_mma` (a GEMV on ``mma.sync`` tensor cores, in Gluon). The four:
 
 * **GEMV** (``M <= 8`` where the MMA kernel does not run or is slower), meant to be memory bound: a
   program takes one activation row, ``BLOCK_N`` weight rows and one K split, a chunk (a cache line per
@@ -44,12 +45,12 @@ optional zero points per group). Four GPU paths, chosen by the number of activat
 Split-K (``split_k > 1``): the splits of a tile write fp32 partial sums and the last one to finish adds
 them up in order (``_store_transposed``): no zeroed output, no atomics on ``y``, the same bits every run.
 
-Status (H100, 8192^2, steady state; bench/results/kernel_latency_h100.md, sessions 6-7): correct at
-real sizes; batch 1 (fp16-pair GEMV) W4 17.7 us, W2 14.4, ternary 12.5, W1 14.3: 2.72-3.85x cuBLAS
-fp16; batch 16 W4 23.3 (MMA); batch 64 W4 36.7 (folded MMA, 1.35x); batch 1024 dequant + cuBLAS 0.70x.
-Short of the memory bound (a kernel that only reads the W4 words in this tiling took 14.3 us). Nsight
-Compute: the GEMV issues on under half the cycles and waits mostly on loads (W4); W2 and W1 are bound
-by the instructions they issue (DRAM busy 33% and 19% of the time).
+Status (H100, 8192^2, steady state; bench/results/kernel_latency_h100.md, sessions 6-8): correct at
+real sizes; batch 1 W4 17.8 us, W2 14.4 (fp16-pair GEMV), ternary 11.4, W1 13.6 (tensor-core GEMV):
+2.70-4.17x cuBLAS fp16; batch 16 W4 23.3 (MMA); batch 64 W4 36.7 (folded MMA, 1.35x); batch 1024
+dequant + cuBLAS 0.70x. Short of the memory bound (a kernel that only reads the W4 words in this tiling
+took 14.3 us). Nsight Compute (session 8, W1): both GEMVs issue 0.4-0.55 instructions per cycle per
+scheduler with no pipe and not DRAM saturated: bound by latency.
 """
 
 from __future__ import annotations
@@ -120,9 +121,9 @@ GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # best of bench.kernel_lat
 PAIR_LAYOUTS = ("uint1", "uint2", "uint4")  # 16 bits hold a whole number of slots
 GEMV_MMA_RUN = 32  # the tensor-core GEMV's words per row and chunk (kernels/gemv_mma.py)
 # Batch 1 on the tensor-core GEMV (kernels/gemv_mma.py) for these (layout, grouped) keys: H100, steady state,
-# faster than the fp16-pair GEMV at all seven layer shapes for grouped W1 (8192^2: 13.6-13.8 us vs 14.4) and at
-# six for ternary as uint2 (8192^2: 12.2 vs 12.6; 4096^2 6.5 vs 6.2); grouped W4 and W2 won at only four and
-# lost at 8192^2 (W4 19.0 vs 17.8), so they keep the pair GEMV (session 8).
+# faster than the fp16-pair GEMV at all seven layer shapes for grouped W1 (8192^2: 13.6 us vs 14.2) and at
+# six for ternary as uint2 (8192^2: 11.4 vs 12.6; it lost 4096^2, 6.3 vs 6.2); grouped W4 and W2 won at only
+# four and lost at three (8192^2: W4 18.9 vs 17.8), so they keep the pair GEMV (session 8).
 GEMV_MMA_KEYS = {("uint1", True), ("uint2", False)}
 GEMV_PAIR_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # the fp16-pair GEMV: bench.kernel_latency --tune, H100, 8192^2 (session 7)
     ("uint4", True): GemvConfig(block_n=64, num_warps=4, split_k=4, num_stages=2),
