@@ -129,6 +129,8 @@ def _gemv_mma_kernel(
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
 ):
+    # lane 4g + t: words 8t..8t+7 of row 8 * warp + g in every pass of 8 * NUM_WARPS rows; a thread's registers
+    # run over its 8 words, then over the passes, so a pack of 16 is two passes (mma rows g and g + 8)
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [NUM_WARPS, 1], [1, 0])
     rows_layout: gl.constexpr = gl.SliceLayout(1, layout)
     HALF: gl.constexpr = SLOTS // 2

@@ -55,6 +55,7 @@ scheduler with no pipe and not DRAM saturated: bound by latency.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, replace
 
@@ -856,11 +857,21 @@ def pairs_fit(pw: PackedWeight, dtype: torch.dtype) -> bool:
     return dtype == torch.float16 and pw.layout in PAIR_LAYOUTS and pw.scale.dtype == torch.float16 and pw.zero_grid > 0
 
 
+def _has_gluon() -> bool:
+    try:
+        return importlib.util.find_spec("triton.experimental.gluon") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+HAS_GLUON = _has_gluon()  # the tensor-core GEMV is written in Gluon (Triton >= 3.4)
+
+
 def gemv_mma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
     """The tensor-core GEMV takes fp16 activations, the uint1/2/4 layouts with a run of 32, fp16 scales
-    and zero points that ``-(1024 + zero)`` holds exactly in fp16 (integers)."""
+    and zero points that ``-(1024 + zero)`` holds exactly in fp16 (integers); it needs Gluon."""
     integer_zeros = pw.zero_grid == 1.0 if pw.zero is not None else float(pw.zero_const).is_integer()
-    return dtype == torch.float16 and pw.layout in PAIR_LAYOUTS and pw.run == GEMV_MMA_RUN and pw.scale.dtype == torch.float16 and integer_zeros
+    return HAS_GLUON and dtype == torch.float16 and pw.layout in PAIR_LAYOUTS and pw.run == GEMV_MMA_RUN and pw.scale.dtype == torch.float16 and integer_zeros
 
 
 def gemv_mma(x: torch.Tensor, pw: PackedWeight, config=None, out: torch.Tensor | None = None) -> torch.Tensor:
