@@ -130,8 +130,8 @@ def paths_for(m: int, pw: PackedWeight) -> list[str]:
     GEMM) where the MMA kernel runs, and from batch 256 on the dequant + cuBLAS fallback."""
     auto = lm.pick_path(m, pw, torch.device("cuda"))
     if m == 1:
-        fitting = ["gemv"] + ["gemv_mma"] * lm.gemv_mma_fits(pw, torch.float16) + ["mma"] * lm.mma_fits(pw, torch.float16)
-        return [auto] + [p for p in fitting if p != auto]
+        fits = {"gemv": True, "gemv_mma": lm.gemv_mma_fits(pw, torch.float16), "mma": lm.mma_fits(pw, torch.float16)}
+        return [auto] + [path for path, ok in fits.items() if ok and path != auto]
     if lm.MMA_AUTO_MAX_M < m <= lm.MMA_MAX_M and lm.mma_fits(pw, torch.float16):
         return [auto, "gemm" if auto == "mma" else "mma"]
     return [auto, "dequant"] if m >= 256 and auto != "dequant" else [auto]

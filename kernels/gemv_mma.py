@@ -170,12 +170,13 @@ def _gemv_mma_kernel(
         next_words = gl.load(w_rows + following * RUN, mask=row_ok[:, None], other=0)
         for step in gl.static_range(HALF // STEP):
             scale, nz0 = next_scale, next_nz0
-            if step + 1 < HALF // STEP:
-                next_scale, next_nz0 = _group_values(scale_ptr, zero_ptr, rows, row_ok, chunk, step + 1, n_groups, stride_sn, stride_sg, group_size,
-                                                     zero_const, HAS_ZERO, SLOTS, SPG, STEP)
-            else:
-                next_scale, next_nz0 = _group_values(scale_ptr, zero_ptr, rows, row_ok, following, 0, n_groups, stride_sn, stride_sg, group_size,
-                                                     zero_const, HAS_ZERO, SLOTS, SPG, STEP)
+            if not SCALE_AFTER:  # with one group per row, its values (loaded before the loop) serve every step
+                if step + 1 < HALF // STEP:
+                    next_scale, next_nz0 = _group_values(scale_ptr, zero_ptr, rows, row_ok, chunk, step + 1, n_groups, stride_sn, stride_sg,
+                                                         group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
+                else:
+                    next_scale, next_nz0 = _group_values(scale_ptr, zero_ptr, rows, row_ok, following, 0, n_groups, stride_sn, stride_sg,
+                                                         group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
             for s in gl.static_range(step * STEP, (step + 1) * STEP):
                 x_pair = xs.index(chunk - first).slice(s * RUN, RUN).load(gl.SliceLayout(0, layout))[None, :]
                 a = _decode_slot(words, nz0, scale, s, BITS, SCALE_AFTER)
