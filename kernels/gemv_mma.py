@@ -1,31 +1,35 @@
-"""Batch-1 GEMV on ``mma.sync`` tensor cores (Gluon): the dispatcher's path for grouped W1 and ternary.
+"""Batch-1 GEMV on ``mma.sync`` tensor cores (Gluon): the dispatcher's path for grouped W1 and W2 and ternary.
 
-For fp16 activations and the ``uint1``/``uint2``/``uint4`` layouts with a run of 32 and integer zero
+For fp16 activations and the ``uint1``/``uint2``/``uint4`` layouts with a run of 32, any scales and zero
 points (:func:`kernels.lowbit_matmul.gemv_mma_fits`); one program per activation row, like the
-fp16-pair GEMV. H100, steady state, batch 1, at the seven layer shapes (session 8,
-bench/results/kernel_latency_h100.md): faster than the fp16-pair GEMV at all seven for grouped W1
-(4-20%) and at six for ternary; mixed for W4 and W2, which keep the pair GEMV. Its sums are fp32: for
-W1 and ternary 1e-7 to 3e-5 relative error against the fp32 reference, against 3.5e-4 to 4.9e-4 for
-the pair GEMV's fp16 quad sums (W4 and W2 about 3e-4, the weights rounded to fp16 with their scales).
+fp16-pair GEMV. H100, steady state, batch 1 (session 9, bench/results/kernel_latency_h100.md): faster
+than the fp16-pair GEMV for grouped W1 and W2 and for ternary; tied for grouped W4, which keeps the
+pair GEMV. Its sums and its scaling are fp32: 5e-6 to 6e-5 relative error against the fp32 reference.
 
-* The words tile ``[BLOCK_N, 32]`` has an explicit layout: lane ``4g + t`` holds words ``8t .. 8t+7``
-  of one row per pass of ``8 * num_warps`` rows (two 16-byte loads). Two passes make the 16 rows of
-  one ``m16n8k16`` A operand; the MMA's k order is free, so the thread's word ``2j`` and ``2j + 1``
-  are its k pairs ``t`` and ``t + 4`` of block ``j``, and the activations (operand B) follow the same order.
+* The words tile ``[BLOCK_N // 2, 2, 32]`` (row ``2r + parity``) has an explicit layout: lane ``4g + t``
+  holds words ``8t .. 8t+7`` of one row per pass of ``8 * num_warps`` rows (two 16-byte loads). Two
+  passes make the 16 rows of one ``m16n8k16`` A operand; the MMA's k order is free, so the thread's
+  words ``2j`` and ``2j + 1`` are its k pairs ``t`` and ``t + 4`` of block ``j``, and the activations
+  (operand B) follow the same order.
 * A word's slot ``s`` and slot ``s + SLOTS/2`` sit 16 bits apart, so one ``lop3`` gives an fp16 pair:
   the code at mantissa bit ``P`` of the exponent of ``2**(10 - P)`` reads ``2**(10 - P) + code``
-  exactly, for any ``P <= 10 - bits`` (one shift per word at most, none for most slots). One
-  ``add.f16x2`` takes off ``2**(10 - P) + zero`` (exact for integer zero points), one ``mul.f16x2``
-  applies the two groups' scales: the weight rounded once to fp16, as dequantization would. With one
-  scale per row (``SCALE_AFTER``) the pairs stay exact and the row sums are scaled at the end.
+  exactly. One shift per window of ``WINDOW`` bits brings a window's slots to ``P >= 10 - WINDOW``
+  (offsets at most 16 for W1 and W2, 256 for W4, so the fp32 sums keep their precision): per two codes
+  one ``lop3`` and a shared shift, no fp16 arithmetic.
+* Operand B splits the groups: the even columns hold ``(x_lo, 0)``, the odd ones ``(0, x_hi)``, so in
+  the accumulators the even columns sum the low slots' group and the odd ones the high slots'. A step
+  (the slot pairs that read the same two groups) starts its accumulators from
+  ``-(sum 2**(10 - P) x) - zero * sum x`` per half, sums staged once per K split, which takes off the
+  decode offsets and the zero points; at the step's end each column's sum is multiplied by its group's
+  scale (with one scale per row, ``SCALE_AFTER``, once at the end).
 * One inline-asm call per slot pair runs four ``mma.sync`` on the thread's 16 words (``pack=16``),
-  each into its own four fp32 accumulators; all eight B columns hold the same activations, so the
-  row sum of the accumulator tile is 8 times ``y``.
-* The split's activation pairs are built once into shared memory; the next chunk's words and the
-  next step's scales and zero points are loaded a step ahead. Split-K as in ``lowbit_matmul``.
+  each into its own four fp32 accumulators. The split's activations (both B variants) and the offset
+  sums are staged in shared memory with one round of loads; the next chunk's words and the next step's
+  scales and zero points are loaded a step ahead. ptxas is capped at 128 registers (W1 takes 130-180
+  on its own: one program fewer per SM). Split-K as in ``lowbit_matmul``.
 
-Gluon has no interpreter: off the GPU the tests check the decode constants and the MMA operand map,
-on the GPU the kernel against the fp32 reference.
+Gluon has no interpreter: off the GPU the tests check the decode constants, the offset algebra and the
+MMA operand map, on the GPU the kernel against the fp32 reference.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from kernels import lowbit_matmul as lm
 from kernels.pack import PackedWeight
 
 RUN = gl.constexpr(lm.GEMV_MMA_RUN)  # words per row and chunk: 4 lanes x 8 words
+WINDOW = {1: 4, 2: 4, 4: 8}  # bits per shift window: a slot lands at mantissa bit P >= 10 - window
 
 
 def mma_asm() -> str:
@@ -63,33 +68,56 @@ MMA_CONSTRAINTS = gl.constexpr(",".join(["=f"] * 16 + ["r"] * 32 + ["f"] * 16))
 
 
 def slot_constants(slot: int, bits: int) -> dict[str, int]:
-    """Shift, bit position ``P`` and the lop3 mask and exponent of slot ``slot`` (the same expressions
-    as ``_decode_slot``), for the tests that emulate the decode."""
+    """Shift (right if positive, left if negative), mantissa bit ``P`` and the offset ``2**(10 - P)``,
+    lop3 mask and exponent of slot pair ``slot`` (the same expressions as ``_decode_slot``)."""
+    window = WINDOW[bits]
     bit = bits * slot
-    shift = 0 if bit + bits <= 10 else (8 if bits == 4 else 10)
+    shift = bit // window * window - (10 - window)
     p = bit - shift
-    return dict(shift=shift, p=p, mask=(((1 << bits) - 1) << p) * 0x10001, exp=((25 - p) << 10) * 0x10001)
+    return dict(shift=shift, p=p, offset=1 << (10 - p), mask=(((1 << bits) - 1) << p) * 0x10001, exp=((25 - p) << 10) * 0x10001)
 
 
 @gluon.jit
-def _decode_slot(words, nz0, scale, S: gl.constexpr, BITS: gl.constexpr, SCALE_AFTER: gl.constexpr):
-    """Slot pair ``S`` of every word as fp16 pairs ``(code - zero) * scale``; ``nz0`` holds
-    ``-(1024 + zero)`` per half, ``scale`` the two groups' scales. With ``SCALE_AFTER`` (one scale
-    per row) the pairs stay ``code - zero`` (exact) and the kernel scales the row sums."""
+def _decode_slot(words, S: gl.constexpr, BITS: gl.constexpr):
+    """Slot pair ``S`` of every word as an fp16 pair ``2**(10 - P) + code``: the code at mantissa bit
+    ``P`` of the exponent of ``2**(10 - P)``, one shift per window of slots and one lop3 per pair."""
+    WIN: gl.constexpr = 8 if BITS == 4 else 4
     BIT: gl.constexpr = BITS * S
-    SHIFT: gl.constexpr = 0 if BIT + BITS <= 10 else (8 if BITS == 4 else 10)
+    SHIFT: gl.constexpr = BIT // WIN * WIN - (10 - WIN)
     P: gl.constexpr = BIT - SHIFT
     MASK: gl.constexpr = (((1 << BITS) - 1) << P) * 0x10001
     EXP: gl.constexpr = ((25 - P) << 10) * 0x10001
-    nz = nz0
-    if P > 0:  # -(1024 + zero) + (1024 - 2**(10 - P)), exact
-        DELTA: gl.constexpr = ((24 << 10) | (1024 - (1 << (11 - P)))) * 0x10001  # fp16 1024 - 2**(10 - P), twice
-        nz = gl.inline_asm_elementwise(asm=f"{{ .reg .b32 c; mov.b32 c, {DELTA}; add.rn.f16x2 $0, $1, c; }}",
-                                       constraints="=r,r", args=[nz0], dtype=gl.int32, is_pure=True, pack=1)
-    MUL: gl.constexpr = "mov.b32 $0, d;" if SCALE_AFTER else "mul.rn.f16x2 $0, d, $3;"
-    return gl.inline_asm_elementwise(
-        asm=f"{{ .reg .b32 t, v, d; shr.u32 t, $1, {SHIFT}; lop3.b32 v, t, {MASK}, {EXP}, 0xea; add.rn.f16x2 d, v, $2; {MUL} }}",
-        constraints="=r,r,r,r", args=[words, nz[:, None], scale[:, None]], dtype=gl.int32, is_pure=True, pack=1)
+    if SHIFT > 0:  # arithmetic: the bits it smears in lie above every mask
+        words = words >> SHIFT
+    elif SHIFT < 0:
+        words = words << -SHIFT
+    return gl.inline_asm_elementwise(asm=f"lop3.b32 $0, $1, {MASK}, {EXP}, 0xea;", constraints="=r,r", args=[words], dtype=gl.int32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def _group_values(scale_ptr, zero_ptr, rows, mask, chunk, STEP_I: gl.constexpr, n_groups, stride_sn, stride_sg, group_size, zero_const,
+                  HAS_ZERO: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, STEP: gl.constexpr):
+    """Scales and zero points (fp32) of the two groups that step ``STEP_I`` of ``chunk`` reads (low
+    slots, high slots); padding chunks past the last group take its values."""
+    HALF: gl.constexpr = SLOTS // 2
+    if SPG <= HALF:  # whole groups tile a chunk half: no division
+        g_lo = chunk * (SLOTS // SPG) + STEP_I
+        g_hi = g_lo + HALF // SPG
+    else:
+        g_lo = (chunk * (SLOTS * RUN) + STEP_I * STEP * RUN) // group_size
+        g_hi = (chunk * (SLOTS * RUN) + (STEP_I * STEP + HALF) * RUN) // group_size
+    at_lo = rows * stride_sn + gl.minimum(g_lo, n_groups - 1) * stride_sg
+    at_hi = rows * stride_sn + gl.minimum(g_hi, n_groups - 1) * stride_sg
+    s_lo = gl.load(scale_ptr + at_lo, mask=mask, other=0.0).to(gl.float32)
+    s_hi = gl.load(scale_ptr + at_hi, mask=mask, other=0.0).to(gl.float32)
+    if HAS_ZERO:
+        z_lo = gl.load(zero_ptr + at_lo, mask=mask, other=0.0).to(gl.float32)
+        z_hi = gl.load(zero_ptr + at_hi, mask=mask, other=0.0).to(gl.float32)
+    else:
+        z_lo = gl.zeros_like(s_lo) + zero_const
+        z_hi = z_lo
+    return s_lo, s_hi, z_lo, z_hi
 
 
 @gluon.jit
@@ -98,28 +126,49 @@ def _bits16(v):
 
 
 @gluon.jit
-def _group_values(scale_ptr, zero_ptr, rows, mask, chunk, STEP_I: gl.constexpr, n_groups, stride_sn, stride_sg, group_size, zero_const,
-                  HAS_ZERO: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, STEP: gl.constexpr):
-    """Scale pair and ``-(1024 + zero)`` pair of the two groups that step ``STEP_I`` of ``chunk`` reads
-    (low slots and high slots); padding chunks past the last group take its values."""
+def _lane_sums(acc, BLOCK_N: gl.constexpr, lanes: gl.constexpr):
+    """Each thread's sums over its four MMAs of the low (even) and the high (odd) columns,
+    ``[BLOCK_N // 2, 2, 4]`` in ``lanes`` (its last axis the 4 lanes ``t``, which hold the same sums)."""
+    sums = gl.sum(gl.reshape(acc, [BLOCK_N // 2, 2, 4, 4, 2]), axis=3)  # word 8t + 2j + column parity
+    lo, hi = gl.split(sums)
+    return gl.convert_layout(lo, lanes), gl.convert_layout(hi, lanes)
+
+
+@gluon.jit
+def _stage(x_row, k0, n_here, K, xs, offset_sums, x_sums, NUM_WARPS: gl.constexpr, BITS: gl.constexpr, SLOTS: gl.constexpr,
+           STEP: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr):
+    """The split's ``n_here`` chunks of activations from ``k0`` into shared memory, every load issued
+    at once. ``xs [XS_CHUNKS, HALF, 2, RUN]``: for slot ``s`` the B pair ``(x_lo, 0)`` (variant 0, the
+    even columns) and ``(0, x_hi)`` (variant 1, the odd ones), ``x_lo`` at ``s * RUN + w`` of the
+    chunk and ``x_hi`` ``HALF * RUN`` further. ``offset_sums`` and ``x_sums [XS_CHUNKS, N_STEPS, 2]``:
+    per step and half the row-independent sums that the decode offsets and zero points need,
+    ``sum 2**(10 - P) x`` and ``sum x``."""
     HALF: gl.constexpr = SLOTS // 2
-    if SPG <= HALF:  # whole groups tile a chunk half: no division
-        g_lo = chunk * (SLOTS // SPG) + STEP_I
-        g_hi = g_lo + HALF // SPG
-    else:
-        g_lo = (chunk * (SLOTS * RUN) + STEP_I * STEP * RUN) // group_size
-        g_hi = (chunk * (SLOTS * RUN) + (STEP_I * STEP + HALF) * RUN) // group_size
-    g_lo = gl.minimum(g_lo, n_groups - 1)
-    g_hi = gl.minimum(g_hi, n_groups - 1)
-    s_lo = gl.load(scale_ptr + rows * stride_sn + g_lo * stride_sg, mask=mask, other=0.0).to(gl.float32)
-    s_hi = gl.load(scale_ptr + rows * stride_sn + g_hi * stride_sg, mask=mask, other=0.0).to(gl.float32)
-    if HAS_ZERO:
-        z_lo = gl.load(zero_ptr + rows * stride_sn + g_lo * stride_sg, mask=mask, other=0.0).to(gl.float32)
-        z_hi = gl.load(zero_ptr + rows * stride_sn + g_hi * stride_sg, mask=mask, other=0.0).to(gl.float32)
-    else:
-        z_lo = gl.zeros_like(s_lo) + zero_const
-        z_hi = z_lo
-    return _bits16(s_lo) | (_bits16(s_hi) << 16), _bits16(-1024.0 - z_lo) | (_bits16(-1024.0 - z_hi) << 16)
+    CHUNK: gl.constexpr = SLOTS * RUN
+    WIN: gl.constexpr = 8 if BITS == 4 else 4
+    N_STEPS: gl.constexpr = HALF // STEP
+    pairs: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 4, 8], [1, NUM_WARPS, 1, 1], [3, 2, 1, 0])
+    p3: gl.constexpr = gl.SliceLayout(3, pairs)
+    c = gl.arange(0, XS_CHUNKS, layout=gl.SliceLayout(1, gl.SliceLayout(2, p3)))[:, None, None, None]
+    slot = gl.arange(0, HALF, layout=gl.SliceLayout(0, gl.SliceLayout(2, p3)))[None, :, None, None]
+    half = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, p3)))[None, None, :, None]
+    w = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, pairs))))[None, None, None, :]
+    k = k0 + c * CHUNK + (slot + half * HALF) * RUN + w
+    ok = c < n_here if EVEN_K else (c < n_here) & (k < K)
+    xs.store(_bits16(gl.load(x_row + k, mask=ok, other=0.0)) << (16 * half))
+    # the same activations again, a step's slots and words on one axis, for the sums
+    steps: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 2, 16], [1, NUM_WARPS, 1, 1], [3, 2, 1, 0])
+    s3: gl.constexpr = gl.SliceLayout(3, steps)
+    c = gl.arange(0, XS_CHUNKS, layout=gl.SliceLayout(1, gl.SliceLayout(2, s3)))[:, None, None, None]
+    step = gl.arange(0, N_STEPS, layout=gl.SliceLayout(0, gl.SliceLayout(2, s3)))[None, :, None, None]
+    half = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, s3)))[None, None, :, None]
+    i = gl.arange(0, STEP * RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, steps))))[None, None, None, :]
+    k = k0 + c * CHUNK + (step * STEP + half * HALF) * RUN + i
+    ok = c < n_here if EVEN_K else (c < n_here) & (k < K)
+    x = gl.load(x_row + k, mask=ok, other=0.0).to(gl.float32)
+    offset = (1 << (WIN - (BITS * (step * STEP + i // RUN)) % WIN)).to(gl.float32)  # 2**(10 - P) of the slot
+    offset_sums.store(gl.sum(x * offset, axis=3))
+    x_sums.store(gl.sum(x, axis=3))
 
 
 @gluon.jit
@@ -129,74 +178,97 @@ def _gemv_mma_kernel(
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
 ):
-    # lane 4g + t: words 8t..8t+7 of row 8 * warp + g in every pass of 8 * NUM_WARPS rows; a thread's registers
-    # run over its 8 words, then over the passes, so a pack of 16 is two passes (mma rows g and g + 8)
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [NUM_WARPS, 1], [1, 0])
-    rows_layout: gl.constexpr = gl.SliceLayout(1, layout)
+    # The words tile [BLOCK_N // 2, 2, RUN]: row 2 * r + parity. Lane 4g + t holds words 8t..8t+7 of row
+    # 8 * warp + g in every pass of 8 * NUM_WARPS rows (g = 2 * (r % 4) + parity); a thread's registers run
+    # over its 8 words, then over the passes, so a pack of 16 is two passes (mma rows g and g + 8).
+    layout: gl.constexpr = gl.BlockedLayout([1, 1, 8], [4, 2, 4], [NUM_WARPS, 1, 1], [2, 1, 0])
+    rows_layout: gl.constexpr = gl.SliceLayout(2, layout)
     HALF: gl.constexpr = SLOTS // 2
     CHUNK: gl.constexpr = SLOTS * RUN
     STEP: gl.constexpr = SPG if SPG < HALF else HALF  # slot pairs that read the same two groups
+    N_STEPS: gl.constexpr = HALF // STEP
     pid_m = gl.program_id(0)
     pid_n = gl.program_id(1)
-    rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=rows_layout)
+    cell = gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(1, rows_layout))[:, None] * 2 + gl.arange(0, 2, layout=gl.SliceLayout(0, rows_layout))[None, :]
+    rows = pid_n * BLOCK_N + cell
     row_ok = rows < N
-    cols = gl.arange(0, RUN, layout=gl.SliceLayout(0, layout))
+    cols = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))[None, None, :]
     per_split = gl.cdiv(n_chunks, SPLIT_K)
     first = gl.program_id(2) * per_split
     last = gl.minimum(first + per_split, n_chunks)
-    w_rows = w_ptr + rows[:, None] * stride_wn + cols[None, :]
+    w_rows = w_ptr + rows[:, :, None] * stride_wn + cols
     start = gl.minimum(first, n_chunks - 1)
-    next_words = gl.load(w_rows + start * RUN, mask=row_ok[:, None], other=0)
-    next_scale, next_nz0 = _group_values(scale_ptr, zero_ptr, rows, row_ok, start, 0, n_groups, stride_sn, stride_sg, group_size, zero_const,
-                                         HAS_ZERO, SLOTS, SPG, STEP)
-    # the split's activation pairs (slot s and s + HALF of each chunk), built once in shared memory
-    xs = gl.allocate_shared_memory(gl.int32, [XS_CHUNKS, HALF * RUN], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    offs = gl.arange(0, HALF * RUN, layout=gl.BlockedLayout([1], [32], [NUM_WARPS], [0]))  # s * RUN + w
-    x_row = x_ptr + pid_m * stride_xm
-    for c in range(0, last - first):
-        k = (first + c) * CHUNK + offs
-        if EVEN_K:
-            lo = gl.load(x_row + k)
-            hi = gl.load(x_row + k + HALF * RUN)
-        else:
-            lo = gl.load(x_row + k, mask=k < K, other=0.0)
-            hi = gl.load(x_row + k + HALF * RUN, mask=k + HALF * RUN < K, other=0.0)
-        xs.index(c).store(_bits16(lo) | (_bits16(hi) << 16))
+    next_words = gl.load(w_rows + start * RUN, mask=row_ok[:, :, None], other=0)
+    next_values = _group_values(scale_ptr, zero_ptr, rows[:, :, None], row_ok[:, :, None], start, 0, n_groups, stride_sn, stride_sg, group_size,
+                                zero_const, HAS_ZERO, SLOTS, SPG, STEP)
+    # the split's activations as masked B pairs, and the sums of the decode offsets, built once in shared memory
+    # (row-major, no swizzle; stored whole, then read one chunk at a time through a view whose layout drops the chunk axis)
+    xs = gl.allocate_shared_memory(gl.int32, [XS_CHUNKS, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
+    offset_sums = gl.allocate_shared_memory(gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    x_sums = gl.allocate_shared_memory(gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    _stage(x_ptr + pid_m * stride_xm, first * CHUNK, last - first, K, xs, offset_sums, x_sums, NUM_WARPS, BITS, SLOTS, STEP, XS_CHUNKS, EVEN_K)
+    xs = xs._reinterpret(gl.int32, [XS_CHUNKS, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    offset_sums = offset_sums._reinterpret(gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    x_sums = x_sums._reinterpret(gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     gl.thread_barrier()
-    acc = gl.zeros((BLOCK_N, RUN), gl.float32, layout)
+    word = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))[None, None, :]
+    is_lo = word % 2 == 0  # accumulator columns 2t sum the low slots, 2t + 1 the high ones
+    first_pair = word % 8 < 2  # the accumulators of a thread's first MMA
+    acc = gl.zeros((BLOCK_N // 2, 2, RUN), gl.float32, layout)
+    lanes: gl.constexpr = gl.BlockedLayout([1, 1, 1], [4, 2, 4], [NUM_WARPS, 1, 1], [2, 1, 0])  # [BLOCK_N // 2, 2, 4 lanes t]
+    y_acc = gl.zeros((BLOCK_N // 2, 2, 4), gl.float32, lanes)
+    s_lo, s_hi, z_lo, z_hi = next_values
+    correction = gl.zeros((BLOCK_N // 2, 2, 1), gl.float32, layout)
     for chunk in range(first, last):
         words = next_words
         following = gl.minimum(chunk + 1, last - 1)
-        next_words = gl.load(w_rows + following * RUN, mask=row_ok[:, None], other=0)
-        for step in gl.static_range(HALF // STEP):
-            scale, nz0 = next_scale, next_nz0
+        next_words = gl.load(w_rows + following * RUN, mask=row_ok[:, :, None], other=0)
+        for step in gl.static_range(N_STEPS):
             if not SCALE_AFTER:  # with one group per row, its values (loaded before the loop) serve every step
-                if step + 1 < HALF // STEP:
-                    next_scale, next_nz0 = _group_values(scale_ptr, zero_ptr, rows, row_ok, chunk, step + 1, n_groups, stride_sn, stride_sg,
-                                                         group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
+                s_lo, s_hi, z_lo, z_hi = next_values
+                if step + 1 < N_STEPS:
+                    next_values = _group_values(scale_ptr, zero_ptr, rows[:, :, None], row_ok[:, :, None], chunk, step + 1, n_groups, stride_sn,
+                                                stride_sg, group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
                 else:
-                    next_scale, next_nz0 = _group_values(scale_ptr, zero_ptr, rows, row_ok, following, 0, n_groups, stride_sn, stride_sg,
-                                                         group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
-            for s in gl.static_range(step * STEP, (step + 1) * STEP):
-                x_pair = xs.index(chunk - first).slice(s * RUN, RUN).load(gl.SliceLayout(0, layout))[None, :]
-                a = _decode_slot(words, nz0, scale, s, BITS, SCALE_AFTER)
-                acc = gl.inline_asm_elementwise(asm=MMA_ASM, constraints=MMA_CONSTRAINTS, args=[a, x_pair, acc],
+                    next_values = _group_values(scale_ptr, zero_ptr, rows[:, :, None], row_ok[:, :, None], following, 0, n_groups, stride_sn,
+                                                stride_sg, group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
+            offsets = offset_sums.index(chunk - first).slice(step, 1)
+            x_step = x_sums.index(chunk - first).slice(step, 1)
+            offset_lo = offsets.slice(0, 1, dim=1).load(rows_layout)[:, :, None]
+            offset_hi = offsets.slice(1, 1, dim=1).load(rows_layout)[:, :, None]
+            x_lo = x_step.slice(0, 1, dim=1).load(rows_layout)[:, :, None]
+            x_hi = x_step.slice(1, 1, dim=1).load(rows_layout)[:, :, None]
+            # sum (2**(10 - P) + code - zero) x over the step, per half: the decode offsets and zero points off
+            fix_lo = -offset_lo - z_lo * x_lo
+            fix_hi = -offset_hi - z_hi * x_hi
+            if SCALE_AFTER:
+                correction += fix_lo + fix_hi
+            else:  # the step's first MMA starts from the corrections, not from zero
+                acc = gl.where(first_pair, gl.where(is_lo, fix_lo, fix_hi), 0.0)
+            for j in gl.static_range(STEP):
+                b = xs.index(chunk - first).slice(step * STEP + j, 1).load(layout)
+                a = _decode_slot(words, step * STEP + j, BITS)
+                acc = gl.inline_asm_elementwise(asm=MMA_ASM, constraints=MMA_CONSTRAINTS, args=[a, b, acc],
                                                 dtype=gl.float32, is_pure=True, pack=16)
-    y = gl.sum(acc, axis=1) * 0.125  # 4 lanes x 2 columns hold every row's sum
+            if not SCALE_AFTER:
+                lo, hi = _lane_sums(acc, BLOCK_N, lanes)
+                y_acc += gl.convert_layout(s_lo, lanes) * lo + gl.convert_layout(s_hi, lanes) * hi
+    # every lane t holds the same columns: a row's sum over the thread's words and the 4 lanes is 4 y
     if SCALE_AFTER:
-        y = y * gl.load(scale_ptr + rows * stride_sn, mask=row_ok, other=0.0).to(gl.float32)
+        y = (gl.sum(acc, axis=2) * 0.25 + gl.sum(correction, axis=2)) * gl.sum(s_lo, axis=2)
+    else:
+        y = gl.convert_layout(gl.sum(y_acc, axis=2), rows_layout) * 0.25
     y_row = y_ptr + pid_m * stride_ym + rows
     if SPLIT_K == 1:
         gl.store(y_row, y.to(gl.float16), mask=row_ok)
     else:  # the last split to finish adds the partial sums in split order (see lowbit_matmul._store_transposed)
         n_tiles = gl.num_programs(0) * gl.num_programs(1)
         tile = pid_m * gl.num_programs(1) + pid_n
-        cell = gl.arange(0, BLOCK_N, layout=rows_layout)
         gl.store(partial_ptr + (gl.program_id(2) * n_tiles + tile) * BLOCK_N + cell, y)
         gl.thread_barrier()
         arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
-            total = gl.zeros((BLOCK_N,), gl.float32, rows_layout)
+            total = gl.zeros((BLOCK_N // 2, 2), gl.float32, rows_layout)
             for split in gl.static_range(SPLIT_K):
                 total += gl.load(partial_ptr + (split * n_tiles + tile) * BLOCK_N + cell, cache_modifier=".cg")
             gl.store(y_row, total.to(gl.float16), mask=row_ok)
@@ -208,6 +280,7 @@ class GemvMmaConfig:
     block_n: int = 64  # a multiple of 16 * num_warps
     num_warps: int = 4
     split_k: int = 4
+    maxnreg: int | None = 128  # ptxas's register cap (None: its own choice, 130-180 for W1: fewer programs per SM)
 
 
 def default_config(pw: PackedWeight) -> GemvMmaConfig:
@@ -215,7 +288,8 @@ def default_config(pw: PackedWeight) -> GemvMmaConfig:
     8 K splits of 64-row tiles for a long K and at most 4096 rows (14336x4096 W1: 13.5 us against 16.3
     at 4 splits), 128-row tiles on 8 warps where the rows are at most K (ternary 8192^2: 11.5 against
     12.2, 28672x8192: 30.0 against 34.2 at 8 splits), else 64-row tiles on 4 warps (ternary
-    8192x28672: 29.1 against 33.7)."""
+    8192x28672: 29.1 against 33.7). Re-checked in session 9 with the decode of this version and the
+    register cap, W1, W2 and ternary at 8192^2 and 28672x8192: within 0.5 us of the best of the three."""
     if pw.k >= 2 * pw.n and pw.n <= 4096:
         return GemvMmaConfig(block_n=64, num_warps=4, split_k=8)
     if pw.n <= pw.k:
@@ -226,8 +300,8 @@ def default_config(pw: PackedWeight) -> GemvMmaConfig:
 def gemv_mma(x: torch.Tensor, pw: PackedWeight, config: GemvMmaConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T`` for a few rows (at most ``GEMV_MAX_M``), into ``out`` if given."""
     if not lm.gemv_mma_fits(pw, x.dtype):
-        raise ValueError(f"gemv_mma takes fp16 activations, layouts {lm.PAIR_LAYOUTS} with run {lm.GEMV_MMA_RUN}, fp16 scales and integer zero points; "
-                         f"got {x.dtype}, {pw.layout}, run {pw.run}, scales {pw.scale.dtype}, zero grid {pw.zero_grid}")
+        raise ValueError(f"gemv_mma takes fp16 activations and layouts {lm.PAIR_LAYOUTS} with run {lm.GEMV_MMA_RUN}; "
+                         f"got {x.dtype}, {pw.layout}, run {pw.run}")
     config = config or default_config(pw)
     if config.block_n % (16 * config.num_warps):
         raise ValueError(f"block_n must be a multiple of 16 * num_warps = {16 * config.num_warps}, got {config.block_n}")
@@ -244,7 +318,7 @@ def gemv_mma(x: torch.Tensor, pw: PackedWeight, config: GemvMmaConfig | None = N
         x, words, scale, zero, y, partial, count, pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const,
         x.stride(0), words.stride(0), y.stride(0), BITS=lm.CODE_BITS[pw.layout], SLOTS=pw.slots, SPG=pw.group_size // pw.run,
         HAS_ZERO=pw.zero is not None, BLOCK_N=config.block_n, SPLIT_K=config.split_k, NUM_WARPS=config.num_warps,
-        XS_CHUNKS=triton.cdiv(n_chunks, config.split_k), EVEN_K=pw.k % pw.chunk == 0, SCALE_AFTER=pw.n_groups == 1,
-        num_warps=config.num_warps,
+        XS_CHUNKS=triton.next_power_of_2(triton.cdiv(n_chunks, config.split_k)), EVEN_K=pw.k % pw.chunk == 0, SCALE_AFTER=pw.n_groups == 1,
+        num_warps=config.num_warps, **({} if config.maxnreg is None else {'maxnreg': config.maxnreg}),
     )
     return y

@@ -122,10 +122,10 @@ GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # best of bench.kernel_lat
 PAIR_LAYOUTS = ("uint1", "uint2", "uint4")  # 16 bits hold a whole number of slots
 GEMV_MMA_RUN = 32  # the tensor-core GEMV's words per row and chunk (kernels/gemv_mma.py)
 # Batch 1 on the tensor-core GEMV (kernels/gemv_mma.py) for these (layout, grouped) keys: H100, steady state,
-# faster than the fp16-pair GEMV at all seven layer shapes for grouped W1 (8192^2: 13.6 us vs 14.2) and at
-# six for ternary as uint2 (8192^2: 11.4 vs 12.6; it lost 4096^2, 6.3 vs 6.2); grouped W4 and W2 won at only
-# four and lost at three (8192^2: W4 18.9 vs 17.8), so they keep the pair GEMV (session 8).
-GEMV_MMA_KEYS = {("uint1", True), ("uint2", False)}
+# 8192^2 (session 9): grouped W1 12.2 us against 14.4 for the fp16-pair GEMV, grouped W2 12.3-12.9 against
+# 14.4, ternary as uint2 11.0 against 12.6; grouped W4 tied (17.5-17.8 against 17.7) and lost at 28672x8192
+# (56.2 against 52.1), so it keeps the pair GEMV. Tables in bench/results/kernel_latency_h100.md.
+GEMV_MMA_KEYS = {("uint1", True), ("uint2", True), ("uint2", False)}
 GEMV_PAIR_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # the fp16-pair GEMV: bench.kernel_latency --tune, H100, 8192^2 (session 7)
     ("uint4", True): GemvConfig(block_n=64, num_warps=4, split_k=4, num_stages=2),
     ("uint2", True): GemvConfig(block_n=128, num_warps=4, split_k=4, num_stages=1),
@@ -868,10 +868,9 @@ HAS_GLUON = _has_gluon()  # the tensor-core GEMV is written in Gluon (Triton >= 
 
 
 def gemv_mma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
-    """The tensor-core GEMV takes fp16 activations, the uint1/2/4 layouts with a run of 32, fp16 scales
-    and zero points that ``-(1024 + zero)`` holds exactly in fp16 (integers); it needs Gluon."""
-    integer_zeros = pw.zero_grid == 1.0 if pw.zero is not None else float(pw.zero_const).is_integer()
-    return HAS_GLUON and dtype == torch.float16 and pw.layout in PAIR_LAYOUTS and pw.run == GEMV_MMA_RUN and pw.scale.dtype == torch.float16 and integer_zeros
+    """The tensor-core GEMV takes fp16 activations and the uint1/2/4 layouts with a run of 32 (any scales
+    and zero points: it applies them in fp32); it needs Gluon."""
+    return HAS_GLUON and dtype == torch.float16 and pw.layout in PAIR_LAYOUTS and pw.run == GEMV_MMA_RUN
 
 
 def gemv_mma(x: torch.Tensor, pw: PackedWeight, config=None, out: torch.Tensor | None = None) -> torch.Tensor:

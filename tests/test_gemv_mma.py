@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels import lowbit_matmul as lm
-from kernels.gemv_mma import GemvMmaConfig, default_config, gemv_mma, mma_asm, slot_constants
+from kernels.gemv_mma import WINDOW, GemvMmaConfig, default_config, gemv_mma, mma_asm, slot_constants
 from kernels.pack import pack_weight
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -22,17 +22,38 @@ def half_value(bits: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_slot_pairs_decode_to_offset_plus_code_exactly(bits: int) -> None:
-    """The lop3 of ``_decode_slot`` (``(word >> shift) & mask | exp``) reads, per half, as the fp16
-    ``2**(10 - P) + code`` of slot ``s`` (low half) and slot ``s + SLOTS/2`` (high half)."""
+    """The shift and lop3 of ``_decode_slot`` (``(word >> shift) & mask | exp``, a negative shift to the
+    left) read, per half, as the fp16 ``2**(10 - P) + code`` of slot ``s`` (low half) and slot
+    ``s + SLOTS/2`` (high half), with ``P`` in the top ``WINDOW`` mantissa bits (offsets at most 256)."""
     slots = 32 // bits
     words = torch.randint(-(2**31), 2**31, (4096,), dtype=torch.int64) & 0xFFFFFFFF
+    shifts = set()
     for s in range(slots // 2):
         c = slot_constants(s, bits)
-        assert 0 <= c["p"] <= 10 - bits
-        v = (words >> c["shift"]) & c["mask"] | c["exp"]
+        assert 10 - WINDOW[bits] <= c["p"] <= 10 - bits and c["offset"] == 2 ** (10 - c["p"]) <= 256
+        moved = words >> c["shift"] if c["shift"] >= 0 else (words << -c["shift"]) & 0xFFFFFFFF
+        v = moved & c["mask"] | c["exp"]
         for half, slot in ((0, s), (1, s + slots // 2)):
             code = (words >> (bits * slot)) & ((1 << bits) - 1)
-            assert torch.equal(half_value(v >> (16 * half)), 2.0 ** (10 - c["p"]) + code.float()), (s, half)
+            assert torch.equal(half_value(v >> (16 * half)), c["offset"] + code.float()), (s, half)
+        shifts.add(c["shift"])
+    assert len(shifts) == 16 // WINDOW[bits]  # one shift per window of a half word
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_offsets_and_zero_points_come_off_with_the_activation_sums(bits: int) -> None:
+    """The kernel's algebra for one step of one row, in float64: the MMA sums ``(2**(10 - P) + code) * x``
+    over the step's slots, starting from ``-(sum 2**(10 - P) x) - zero * sum x`` (the staged sums), and
+    the scale multiplies the result: that is ``scale * sum (code - zero) * x``, for any zero point."""
+    torch.manual_seed(bits)
+    step = 4
+    codes = torch.randint(0, 2**bits, (step, lm.GEMV_MMA_RUN)).double()
+    x = torch.randn(step, lm.GEMV_MMA_RUN).double()
+    offsets = torch.tensor([slot_constants(s, bits)["offset"] for s in range(step)]).double()[:, None]
+    zero, scale = 0.37 * 2**bits, 0.02
+    start = -(offsets * x).sum() - zero * x.sum()
+    got = scale * (start + ((offsets + codes) * x).sum())
+    assert torch.isclose(got, scale * ((codes - zero) * x).sum(), rtol=1e-12)
 
 
 def test_mma_operand_map() -> None:
@@ -60,7 +81,8 @@ def test_rejects_what_it_cannot_take() -> None:
     with pytest.raises(ValueError, match="uint3"):
         gemv_mma(torch.randn(1, 256, dtype=torch.float16), uint3)
     half_zeros = pack_weight(codes % 4, scale, None, "uint2", 128, zero_const=1.5, run=32)
-    assert not lm.gemv_mma_fits(half_zeros, torch.float16)
+    assert lm.gemv_mma_fits(half_zeros, torch.float16)  # any zero point: they come off in fp32
+    assert not lm.gemv_mma_fits(pack_weight(codes % 4, scale, None, "uint2", 128, zero_const=1.5, run=16), torch.float16)
     ternary = pack_weight(codes % 3, scale[:, :1], None, "uint2", None, zero_const=1.0, run=32)
     assert lm.gemv_mma_fits(ternary, torch.float16) and not lm.gemv_mma_fits(ternary, torch.bfloat16)
     with pytest.raises(ValueError, match="multiple of 16"):
@@ -68,13 +90,14 @@ def test_rejects_what_it_cannot_take() -> None:
 
 
 def test_dispatch_at_batch_1() -> None:
-    """Grouped W1 and ternary take the tensor-core GEMV at batch 1 (not at 2); grouped W4 keeps the pair GEMV."""
+    """Grouped W1 and W2 and ternary take the tensor-core GEMV at batch 1 (not at 2); grouped W4 keeps the pair GEMV."""
     cuda = torch.device("cuda")
     codes = torch.randint(0, 2, (64, 1024))
     w1 = pack_weight(codes, torch.rand(64, 8).half(), torch.randint(0, 2, (64, 8)).half(), "uint1", 128, run=32)
     ternary = pack_weight(codes * 2, torch.rand(64, 1).half(), None, "uint2", None, zero_const=1.0, run=32)
     w4 = pack_weight(codes * 15, torch.rand(64, 8).half(), torch.randint(0, 16, (64, 8)).half(), "uint4", 128, run=32)
-    assert [lm.pick_path(1, w1, cuda), lm.pick_path(1, ternary, cuda), lm.pick_path(1, w4, cuda)] == ["gemv_mma", "gemv_mma", "gemv"]
+    w2 = pack_weight(codes * 3, torch.rand(64, 8).half(), None, "uint2", 128, zero_const=1.5, run=32)
+    assert [lm.pick_path(1, w, cuda) for w in (w1, w2, ternary, w4)] == ["gemv_mma", "gemv_mma", "gemv_mma", "gemv"]
     assert lm.pick_path(2, w1, cuda) != "gemv_mma" and lm.pick_path(1, w1, cuda, torch.bfloat16) != "gemv_mma"
     square = pack_weight(torch.randint(0, 2, (1024, 1024)), torch.rand(1024, 8).half(), None, "uint1", 128, zero_const=1.0)
     wide = pack_weight(torch.randint(0, 2, (1024, 256)), torch.rand(1024, 2).half(), None, "uint1", 128, zero_const=1.0)
@@ -83,18 +106,24 @@ def test_dispatch_at_batch_1() -> None:
 
 
 @requires_gpu
-@pytest.mark.parametrize("layout,top,group,asym", [("uint4", 15, 128, True), ("uint2", 3, 128, True), ("uint2", 2, None, False), ("uint1", 1, 128, True)])
+@pytest.mark.parametrize(
+    "layout,top,group,zeros",
+    [("uint4", 15, 128, "integer"), ("uint2", 3, 128, "integer"), ("uint2", 3, 128, "float"), ("uint2", 2, None, 1.0),
+     ("uint1", 1, 128, "integer"), ("uint1", 1, 128, 0.5), ("uint1", 1, None, 0.5)],
+)
 @pytest.mark.parametrize("n,k", [(200, 1152), (64, 4096)])
-def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: int | None, asym: bool, n: int, k: int) -> None:
+def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: int | None, zeros: str | float, n: int, k: int) -> None:
+    """Random codes, scales and zero points (integer, any float, or one offset for all), outputs poisoned
+    with NaN, tiles and K splits that leave ragged edges: within fp16 output rounding of the fp32 reference."""
     codes = torch.randint(0, top + 1, (n, k))
     n_groups = 1 if group is None else k // group
     scale = (torch.rand(n, n_groups) * 0.02 + 0.01).half()
-    zero = torch.randint(0, top + 1, (n, n_groups)).half() if asym else None
-    pw = pack_weight(codes, scale, zero, layout, group, zero_const=1.0, run=32).to("cuda")
+    zero = {"integer": torch.randint(0, top + 1, (n, n_groups)).half(), "float": (torch.rand(n, n_groups) * top).half()}.get(zeros)
+    pw = pack_weight(codes, scale, zero, layout, group, zero_const=zeros if zero is None else 0.0, run=32).to("cuda")
     assert lm.gemv_mma_fits(pw, torch.float16)
     x = torch.randn(3, k, device="cuda", dtype=torch.float16)
     ref = lm.reference_matmul(x, pw).float()
-    for config in [None, GemvMmaConfig(128, 8, 2), GemvMmaConfig(32, 2, 1)]:
+    for config in [None, GemvMmaConfig(128, 8, 2), GemvMmaConfig(32, 2, 1), GemvMmaConfig(64, 4, 8, maxnreg=None)]:
         y = lm.gemv_mma(x, pw, config, out=torch.full((3, n), float("nan"), device="cuda", dtype=torch.float16)).float()
         assert not y.isnan().any()
-        assert ((y - ref).norm() / ref.norm()).item() < 2e-3, config
+        assert ((y - ref).norm() / ref.norm()).item() < 5e-4, config
