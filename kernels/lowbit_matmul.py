@@ -2,7 +2,7 @@
 
 Weights come as a :class:`kernels.pack.PackedWeight` (codes packed along K in chunks, fp16 scales and
 optional zero points per group). Four GPU paths here, chosen by the number of activation rows ``M``
-(:func:`pick_path`); at batch 1 the (layout, grouped) keys of :data:`GEMV_MMA_KEYS` take a fifth,
+(:func:`pick_path`); at batch 1 the weights of :func:`gemv_mma_preferred` take a fifth,
 :mod:`kernels.gemv_mma` (a GEMV on ``mma.sync`` tensor cores, in Gluon). The four:
 
 * **GEMV** (``M <= 8`` where the MMA kernel does not run or is slower), meant to be memory bound: a
@@ -122,10 +122,20 @@ GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # best of bench.kernel_lat
 PAIR_LAYOUTS = ("uint1", "uint2", "uint4")  # 16 bits hold a whole number of slots
 GEMV_MMA_RUN = 32  # the tensor-core GEMV's words per row and chunk (kernels/gemv_mma.py)
 # Batch 1 on the tensor-core GEMV (kernels/gemv_mma.py) for these (layout, grouped) keys: H100, steady state,
-# 8192^2 (session 9): grouped W1 12.2 us against 14.4 for the fp16-pair GEMV, grouped W2 12.3-12.9 against
-# 14.4, ternary as uint2 11.0 against 12.6; grouped W4 tied (17.5-17.8 against 17.7) and lost at 28672x8192
-# (56.2 against 52.1), so it keeps the pair GEMV. Tables in bench/results/kernel_latency_h100.md.
+# seven layer shapes (session 9, bench/results/kernel_latency_h100.md): faster than the fp16-pair GEMV at all
+# seven for grouped W1 and W2 (8192^2: 12.3 us against 14.4, 12.9 against 14.3) and at six for ternary as
+# uint2 (11.0 against 12.5; tied at 4096x14336). Grouped W4 only where K >= 2N and N <= 4096 (14336x4096:
+# 16.0 against 19.2); elsewhere it tied or lost (28672x8192: 66.0 against 52.3) and keeps the pair GEMV.
 GEMV_MMA_KEYS = {("uint1", True), ("uint2", True), ("uint2", False)}
+
+
+def gemv_mma_preferred(pw: PackedWeight) -> bool:
+    """Batch 1 goes to the tensor-core GEMV for :data:`GEMV_MMA_KEYS`, and for grouped W4 of a long K
+    and at most 4096 rows (the shape rule under which it won, above)."""
+    long_k = pw.k >= 2 * pw.n and pw.n <= 4096
+    return gemv_key(pw) in GEMV_MMA_KEYS or (gemv_key(pw) == ("uint4", True) and long_k)
+
+
 GEMV_PAIR_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # the fp16-pair GEMV: bench.kernel_latency --tune, H100, 8192^2 (session 7)
     ("uint4", True): GemvConfig(block_n=64, num_warps=4, split_k=4, num_stages=2),
     ("uint2", True): GemvConfig(block_n=128, num_warps=4, split_k=4, num_stages=1),
@@ -1025,14 +1035,14 @@ def reference_matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 
 
 def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype = torch.float16) -> str:
-    """``torch`` off CUDA; else by batch: ``gemv_mma`` at batch 1 for :data:`GEMV_MMA_KEYS` where it
+    """``torch`` off CUDA; else by batch: ``gemv_mma`` at batch 1 where :func:`gemv_mma_preferred` and it
     fits; ``mma`` where it fits and was faster on the H100 (batch 1 only for :data:`MMA_AT_BATCH_1`
     where the fp16-pair GEMV does not fit, above 16 rows only for :data:`MMA_AUTO_ROWS`), ``gemv``
     for a few rows, ``gemm`` for mid batches, ``dequant`` beyond."""
     if device.type != "cuda":
         return "torch"
     rows = MMA_AUTO_ROWS.get(gemv_key(pw), MMA_AUTO_MAX_M)
-    if m == 1 and gemv_key(pw) in GEMV_MMA_KEYS and gemv_mma_fits(pw, dtype):
+    if m == 1 and gemv_mma_preferred(pw) and gemv_mma_fits(pw, dtype):
         return "gemv_mma"
     mma_at_1 = gemv_key(pw) in MMA_AT_BATCH_1 and not pairs_fit(pw, dtype)
     if mma_fits(pw, dtype) and m <= rows and (m > 1 or mma_at_1):

@@ -90,14 +90,16 @@ def test_rejects_what_it_cannot_take() -> None:
 
 
 def test_dispatch_at_batch_1() -> None:
-    """Grouped W1 and W2 and ternary take the tensor-core GEMV at batch 1 (not at 2); grouped W4 keeps the pair GEMV."""
+    """Grouped W1 and W2 and ternary take the tensor-core GEMV at batch 1 (not at 2); grouped W4 only for a
+    long K and at most 4096 rows, else it keeps the pair GEMV."""
     cuda = torch.device("cuda")
     codes = torch.randint(0, 2, (64, 1024))
     w1 = pack_weight(codes, torch.rand(64, 8).half(), torch.randint(0, 2, (64, 8)).half(), "uint1", 128, run=32)
     ternary = pack_weight(codes * 2, torch.rand(64, 1).half(), None, "uint2", None, zero_const=1.0, run=32)
-    w4 = pack_weight(codes * 15, torch.rand(64, 8).half(), torch.randint(0, 16, (64, 8)).half(), "uint4", 128, run=32)
+    w4_long_k = pack_weight(codes * 15, torch.rand(64, 8).half(), torch.randint(0, 16, (64, 8)).half(), "uint4", 128, run=32)
+    w4 = pack_weight(torch.randint(0, 16, (256, 256)), torch.rand(256, 2).half(), torch.randint(0, 16, (256, 2)).half(), "uint4", 128, run=32)
     w2 = pack_weight(codes * 3, torch.rand(64, 8).half(), None, "uint2", 128, zero_const=1.5, run=32)
-    assert [lm.pick_path(1, w, cuda) for w in (w1, w2, ternary, w4)] == ["gemv_mma", "gemv_mma", "gemv_mma", "gemv"]
+    assert [lm.pick_path(1, w, cuda) for w in (w1, w2, ternary, w4_long_k, w4)] == ["gemv_mma"] * 4 + ["gemv"]
     assert lm.pick_path(2, w1, cuda) != "gemv_mma" and lm.pick_path(1, w1, cuda, torch.bfloat16) != "gemv_mma"
     square = pack_weight(torch.randint(0, 2, (1024, 1024)), torch.rand(1024, 8).half(), None, "uint1", 128, zero_const=1.0)
     wide = pack_weight(torch.randint(0, 2, (1024, 256)), torch.rand(1024, 2).half(), None, "uint1", 128, zero_const=1.0)

@@ -355,7 +355,7 @@ def test_lowbit_matmul_keeps_leading_dims_and_uses_torch_off_gpu() -> None:
 
 
 def test_pick_path_by_batch() -> None:
-    pw, _ = random_weight("uint4", n=8, k=256, group=128, asym=False, device="cpu")
+    pw, _ = random_weight("uint4", n=256, k=256, group=128, asym=False, device="cpu")  # square: W4 keeps the pair GEMV at batch 1
     cuda = torch.device("cuda")
     assert lm.pick_path(4, pw, torch.device("cpu")) == "torch"
     batches = (1, 8, lm.MMA_AUTO_MAX_M + 1, 64, lm.MMA_MAX_M, lm.MMA_MAX_M + 1)
@@ -363,9 +363,10 @@ def test_pick_path_by_batch() -> None:
     odd_zeros = replace(pw, zero_grid=0.0)  # no fp16-pair GEMV: at batch 1 the MMA kernel beat the fp32 one
     assert [lm.pick_path(m, odd_zeros, cuda) for m in (1, 8)] == ["mma", "mma"]
     assert [lm.pick_path(m, pw, cuda, torch.bfloat16) for m in (1, 8, 9)] == ["gemv", "gemv", "gemm"]
-    w2, _ = random_weight("uint2", n=8, k=256, group=128, asym=True, device="cpu")  # grouped W2: GEMV at batch 1
+    w2, _ = random_weight("uint2", n=8, k=512, group=128, asym=True, device="cpu")  # grouped W2 (run 32): the tensor-core GEMV at batch 1
     w3, _ = random_weight("uint3", n=8, k=256, group=128, asym=True, device="cpu")
-    assert [lm.pick_path(1, w2, cuda), lm.pick_path(2, w2, cuda), lm.pick_path(2, w3, cuda)] == ["gemv", "mma", "gemv"]
+    expected = "gemv_mma" if lm.HAS_GLUON else "gemv"
+    assert [lm.pick_path(1, w2, cuda), lm.pick_path(2, w2, cuda), lm.pick_path(2, w3, cuda)] == [expected, "mma", "gemv"]
     assert [lm.pick_path(m, w2, cuda) for m in (lm.MMA_AUTO_MAX_M + 1, lm.MMA_MAX_M)] == ["mma", "mma"]  # folded
     w1, _ = random_weight("uint1", n=8, k=1024, group=128, asym=True, device="cpu")  # grouped W1: the GEMM above 16
     assert [lm.pick_path(m, w1, cuda) for m in (lm.MMA_AUTO_MAX_M, lm.MMA_AUTO_MAX_M + 1)] == ["mma", "gemm"]
