@@ -284,17 +284,20 @@ class GemvMmaConfig:
 
 
 def default_config(pw: PackedWeight) -> GemvMmaConfig:
-    """By shape, from the H100 probes at the seven layer shapes (session 8; W1 and ternary as uint2):
+    """By shape, from H100 probes (sessions 8 and 9, steady state, batch 1, the 128-register cap):
     8 K splits of 64-row tiles for a long K and at most 4096 rows (14336x4096 W1: 13.5 us against 16.3
-    at 4 splits), 128-row tiles on 8 warps where the rows are at most K (ternary 8192^2: 11.5 against
-    12.2, 28672x8192: 30.0 against 34.2 at 8 splits), else 64-row tiles on 4 warps (ternary
-    8192x28672: 29.1 against 33.7). Re-checked in session 9 with the decode of this version and the
-    register cap, W1, W2 and ternary at 8192^2 and 28672x8192: within 0.5 us of the best of the three."""
+    at 4 splits, session 8), 128-row tiles on 8 warps where the rows are at most K (within 0.5 us of
+    the best of three configs for W1, W2 and ternary at 8192^2 and 28672x8192). More rows than K
+    (4096x14336 and 8192x28672): 2 K splits of 64-row tiles (W1 11.7 and 35.0 against 13.3 and 36.0
+    at 4 splits), for ternary-like weights (one scale per row, fewer registers) 128-row tiles on 4
+    warps (10.6 and 31.3 against 12.6 and 34.4)."""
     if pw.k >= 2 * pw.n and pw.n <= 4096:
         return GemvMmaConfig(block_n=64, num_warps=4, split_k=8)
     if pw.n <= pw.k:
         return GemvMmaConfig(block_n=128, num_warps=8, split_k=4)
-    return GemvMmaConfig(block_n=64, num_warps=4, split_k=4)
+    if pw.n_groups == 1:
+        return GemvMmaConfig(block_n=128, num_warps=4, split_k=4)
+    return GemvMmaConfig(block_n=64, num_warps=4, split_k=2)
 
 
 def gemv_mma(x: torch.Tensor, pw: PackedWeight, config: GemvMmaConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

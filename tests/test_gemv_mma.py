@@ -103,7 +103,9 @@ def test_dispatch_at_batch_1() -> None:
     assert lm.pick_path(2, w1, cuda) != "gemv_mma" and lm.pick_path(1, w1, cuda, torch.bfloat16) != "gemv_mma"
     square = pack_weight(torch.randint(0, 2, (1024, 1024)), torch.rand(1024, 8).half(), None, "uint1", 128, zero_const=1.0)
     wide = pack_weight(torch.randint(0, 2, (1024, 256)), torch.rand(1024, 2).half(), None, "uint1", 128, zero_const=1.0)
-    assert [default_config(w) for w in (w1, square, wide)] == [GemvMmaConfig(64, 4, 8), GemvMmaConfig(128, 8, 4), GemvMmaConfig(64, 4, 4)]
+    wide_ternary = pack_weight(torch.randint(0, 3, (1024, 256)), torch.rand(1024, 1).half(), None, "uint2", None, zero_const=1.0)
+    configs = [default_config(w) for w in (w1, square, wide, wide_ternary)]
+    assert configs == [GemvMmaConfig(64, 4, 8), GemvMmaConfig(128, 8, 4), GemvMmaConfig(64, 4, 2), GemvMmaConfig(128, 4, 4)]
     assert default_config(replace(w1, n=8192, k=28672)) == GemvMmaConfig(128, 8, 4)  # a long K, but rows enough for 4 splits
 
 
