@@ -3,8 +3,9 @@
 For fp16 activations and the ``uint1``/``uint2``/``uint4`` layouts with a run of 32, any scales and zero
 points (:func:`kernels.lowbit_matmul.gemv_mma_fits`); one program per activation row, like the
 fp16-pair GEMV. H100, steady state, batch 1 (session 9, bench/results/kernel_latency_h100.md): faster
-than the fp16-pair GEMV for grouped W1 and W2 and for ternary; tied for grouped W4, which keeps the
-pair GEMV. Its sums and its scaling are fp32: 5e-6 to 6e-5 relative error against the fp32 reference.
+than the fp16-pair GEMV for grouped W1 and W2 and for ternary; for grouped W4 only with a long K and
+at most 4096 rows (:func:`kernels.lowbit_matmul.gemv_mma_preferred`). Its sums and its scaling are
+fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
 
 * The words tile ``[BLOCK_N // 2, 2, 32]`` (row ``2r + parity``) has an explicit layout: lane ``4g + t``
   holds words ``8t .. 8t+7`` of one row per pass of ``8 * num_warps`` rows (two 16-byte loads). Two
@@ -81,7 +82,7 @@ def slot_constants(slot: int, bits: int) -> dict[str, int]:
 def _decode_slot(words, S: gl.constexpr, BITS: gl.constexpr):
     """Slot pair ``S`` of every word as an fp16 pair ``2**(10 - P) + code``: the code at mantissa bit
     ``P`` of the exponent of ``2**(10 - P)``, one shift per window of slots and one lop3 per pair."""
-    WIN: gl.constexpr = 8 if BITS == 4 else 4
+    WIN: gl.constexpr = 8 if BITS == 4 else 4  # WINDOW[BITS]
     BIT: gl.constexpr = BITS * S
     SHIFT: gl.constexpr = BIT // WIN * WIN - (10 - WIN)
     P: gl.constexpr = BIT - SHIFT
@@ -145,7 +146,7 @@ def _stage(x_row, k0, n_here, K, xs, offset_sums, x_sums, NUM_WARPS: gl.constexp
     ``sum 2**(10 - P) x`` and ``sum x``."""
     HALF: gl.constexpr = SLOTS // 2
     CHUNK: gl.constexpr = SLOTS * RUN
-    WIN: gl.constexpr = 8 if BITS == 4 else 4
+    WIN: gl.constexpr = 8 if BITS == 4 else 4  # WINDOW[BITS]
     N_STEPS: gl.constexpr = HALF // STEP
     pairs: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 4, 8], [1, NUM_WARPS, 1, 1], [3, 2, 1, 0])
     p3: gl.constexpr = gl.SliceLayout(3, pairs)
@@ -255,7 +256,7 @@ def _gemv_mma_kernel(
                 y_acc += gl.convert_layout(s_lo, lanes) * lo + gl.convert_layout(s_hi, lanes) * hi
     # every lane t holds the same columns: a row's sum over the thread's words and the 4 lanes is 4 y
     if SCALE_AFTER:
-        y = (gl.sum(acc, axis=2) * 0.25 + gl.sum(correction, axis=2)) * gl.sum(s_lo, axis=2)
+        y = (gl.sum(acc, axis=2) * 0.25 + gl.sum(correction, axis=2)) * gl.sum(s_lo, axis=2)  # (sums over axes of 1: squeezes)
     else:
         y = gl.convert_layout(gl.sum(y_acc, axis=2), rows_layout) * 0.25
     y_row = y_ptr + pid_m * stride_ym + rows
