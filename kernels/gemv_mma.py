@@ -197,10 +197,11 @@ def _gemv_mma_kernel(
     per_split = gl.cdiv(n_chunks, SPLIT_K)
     first = gl.program_id(2) * per_split
     last = gl.minimum(first + per_split, n_chunks)
-    w_rows = w_ptr + rows[:, :, None] * stride_wn + cols
+    rows3, row_ok3 = rows[:, :, None], row_ok[:, :, None]
+    w_rows = w_ptr + rows3 * stride_wn + cols
     start = gl.minimum(first, n_chunks - 1)
-    next_words = gl.load(w_rows + start * RUN, mask=row_ok[:, :, None], other=0)
-    next_values = _group_values(scale_ptr, zero_ptr, rows[:, :, None], row_ok[:, :, None], start, 0, n_groups, stride_sn, stride_sg, group_size,
+    next_words = gl.load(w_rows + start * RUN, mask=row_ok3, other=0)
+    next_values = _group_values(scale_ptr, zero_ptr, rows3, row_ok3, start, 0, n_groups, stride_sn, stride_sg, group_size,
                                 zero_const, HAS_ZERO, SLOTS, SPG, STEP)
     # the split's activations as masked B pairs, and the sums of the decode offsets, built once in shared memory
     # (row-major, no swizzle; stored whole, then read one chunk at a time through a view whose layout drops the chunk axis)
@@ -212,9 +213,8 @@ def _gemv_mma_kernel(
     offset_sums = offset_sums._reinterpret(gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     x_sums = x_sums._reinterpret(gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     gl.thread_barrier()
-    word = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))[None, None, :]
-    is_lo = word % 2 == 0  # accumulator columns 2t sum the low slots, 2t + 1 the high ones
-    first_pair = word % 8 < 2  # the accumulators of a thread's first MMA
+    is_lo = cols % 2 == 0  # accumulator columns 2t sum the low slots, 2t + 1 the high ones
+    first_pair = cols % 8 < 2  # the accumulators of a thread's first MMA
     acc = gl.zeros((BLOCK_N // 2, 2, RUN), gl.float32, layout)
     lanes: gl.constexpr = gl.BlockedLayout([1, 1, 1], [4, 2, 4], [NUM_WARPS, 1, 1], [2, 1, 0])  # [BLOCK_N // 2, 2, 4 lanes t]
     y_acc = gl.zeros((BLOCK_N // 2, 2, 4), gl.float32, lanes)
@@ -223,15 +223,15 @@ def _gemv_mma_kernel(
     for chunk in range(first, last):
         words = next_words
         following = gl.minimum(chunk + 1, last - 1)
-        next_words = gl.load(w_rows + following * RUN, mask=row_ok[:, :, None], other=0)
+        next_words = gl.load(w_rows + following * RUN, mask=row_ok3, other=0)
         for step in gl.static_range(N_STEPS):
             if not SCALE_AFTER:  # with one group per row, its values (loaded before the loop) serve every step
                 s_lo, s_hi, z_lo, z_hi = next_values
                 if step + 1 < N_STEPS:
-                    next_values = _group_values(scale_ptr, zero_ptr, rows[:, :, None], row_ok[:, :, None], chunk, step + 1, n_groups, stride_sn,
+                    next_values = _group_values(scale_ptr, zero_ptr, rows3, row_ok3, chunk, step + 1, n_groups, stride_sn,
                                                 stride_sg, group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
                 else:
-                    next_values = _group_values(scale_ptr, zero_ptr, rows[:, :, None], row_ok[:, :, None], following, 0, n_groups, stride_sn,
+                    next_values = _group_values(scale_ptr, zero_ptr, rows3, row_ok3, following, 0, n_groups, stride_sn,
                                                 stride_sg, group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
             offsets = offset_sums.index(chunk - first).slice(step, 1)
             x_step = x_sums.index(chunk - first).slice(step, 1)

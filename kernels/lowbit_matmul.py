@@ -45,12 +45,12 @@ optional zero points per group). Four GPU paths here, chosen by the number of ac
 Split-K (``split_k > 1``): the splits of a tile write fp32 partial sums and the last one to finish adds
 them up in order (``_store_transposed``): no zeroed output, no atomics on ``y``, the same bits every run.
 
-Status (H100, 8192^2, steady state; bench/results/kernel_latency_h100.md, sessions 6-8): correct at
-real sizes; batch 1 W4 17.8 us, W2 14.4 (fp16-pair GEMV), ternary 11.4, W1 13.6 (tensor-core GEMV):
-2.70-4.17x cuBLAS fp16; batch 16 W4 23.3 (MMA); batch 64 W4 36.7 (folded MMA, 1.35x); batch 1024
+Status (H100, 8192^2, steady state; bench/results/kernel_latency_h100.md, sessions 6-9): correct at
+real sizes; batch 1 W4 17.8 us (fp16-pair GEMV), W2 12.9, ternary 11.0, W1 12.3 (tensor-core GEMV):
+2.70-4.37x cuBLAS fp16; batch 16 W4 23.3 (MMA); batch 64 W4 36.7 (folded MMA, 1.35x); batch 1024
 dequant + cuBLAS 0.70x. Short of the memory bound (a kernel that only reads the W4 words in this tiling
-took 14.3 us). Nsight Compute (session 8, W1): both GEMVs issue 0.4-0.55 instructions per cycle per
-scheduler with no pipe and not DRAM saturated: bound by latency.
+took 14.3 us). Nsight Compute (session 8, W1): both GEMVs then issued 0.4-0.55 instructions per cycle
+per scheduler with no pipe and not DRAM saturated: bound by latency.
 """
 
 from __future__ import annotations
