@@ -890,6 +890,24 @@ def gemv_mma(x: torch.Tensor, pw: PackedWeight, config=None, out: torch.Tensor |
     return run(x, pw, config, out)
 
 
+def is_hopper(device: torch.device) -> bool:
+    """A Hopper GPU (compute capability 9.x): the only one with ``wgmma``."""
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def wgmma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
+    """The wgmma GEMM takes fp16 activations with K a multiple of 8 (TMA's 16-byte rows) and the uint1/2/4
+    layouts with a run of 32; it needs Gluon (and a Hopper GPU: :func:`is_hopper`)."""
+    return HAS_GLUON and dtype == torch.float16 and pw.layout in PAIR_LAYOUTS and pw.run == GEMV_MMA_RUN and pw.k % 8 == 0
+
+
+def wgmma(x: torch.Tensor, pw: PackedWeight, config=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The wgmma GEMM of :mod:`kernels.gemm_wgmma` (Gluon, Hopper; imported on first use)."""
+    from kernels.gemm_wgmma import gemm_wgmma as run
+
+    return run(x, pw, config, out)
+
+
 def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T`` for small M (at most :data:`GEMV_MAX_M` rows), into ``out`` if given: the
     fp16-pair kernel where it fits (:func:`pairs_fit`), else the fp32 one."""
@@ -1054,7 +1072,7 @@ def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype
     return "dequant"
 
 
-PATHS = {"gemv": gemv, "gemv_mma": gemv_mma, "mma": mma, "gemm": gemm, "dequant": dequant_matmul, "torch": reference_matmul}
+PATHS = {"gemv": gemv, "gemv_mma": gemv_mma, "mma": mma, "gemm": gemm, "wgmma": wgmma, "dequant": dequant_matmul, "torch": reference_matmul}
 
 
 def lowbit_matmul(x: torch.Tensor, pw: PackedWeight, path: str = "auto") -> torch.Tensor:

@@ -1,0 +1,245 @@
+"""Low-bit GEMM for larger batches on Hopper ``wgmma`` tensor cores (Gluon), the weights decoded in registers.
+
+``y^T = W x^T`` for fp16 activations and the ``uint1``/``uint2``/``uint4`` layouts with a run of 32: a
+program (one warpgroup) takes ``BLOCK_N`` weight rows, ``BLOCK_M`` activation rows and one K split.
+Per step (one slot of a chunk: 32 consecutive K):
+
+* The activations ``[BLOCK_M, 32]`` come by TMA into a ring of ``STAGES`` shared-memory buffers (one
+  mbarrier each), ``STAGES - 1`` steps ahead; rows past ``M`` and columns past ``K`` read as zeros.
+  They are the ``wgmma`` B operand (K-major, the permuted view of the buffer).
+* The weights are the A operand, straight from registers: the chunk's words are loaded (a chunk
+  ahead) in the A operand's register layout, so a thread holds the two neighbouring words of each
+  of its K pairs; one ``prmt`` + ``lop3`` + ``fma.f16x2`` per pair gives the slot's codes as fp16
+  (as :func:`kernels.lowbit_matmul._slot_fp16`), and ``(code - zero) * scale`` in fp16 folds the
+  group's values in (the weights rounded to fp16, as dequantization rounds them). The group values
+  are loaded a group ahead.
+* ``wgmma`` runs asynchronously with one group in flight: the next step's decode overlaps it. Its
+  A registers stay live until the wait that retires it, and a buffer is refilled only after the
+  ``wgmma`` that read it has retired.
+
+No fp16 copy of the weight is ever made (the dequant + cuBLAS fallback writes one of ``N x K``).
+Split-K as in ``lowbit_matmul`` (the last split to finish adds the partial sums in order).
+Gluon has no interpreter: off the GPU the tests check the dispatch rules and the argument checks,
+on the GPU the kernel against the fp32 reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from kernels import lowbit_matmul as lm
+from kernels.pack import PackedWeight
+
+RUN = gl.constexpr(lm.GEMV_MMA_RUN)  # K per step: one slot of a chunk, 32 words per row
+
+
+@gluon.jit
+def _slot_weights(words, scale, zero, SLOT: gl.constexpr, BITS: gl.constexpr):
+    """Slot ``SLOT`` of the words tile as fp16 weights ``(code - zero) * scale``: ``prmt`` puts the
+    slot's byte of two neighbouring words into the two halves, ``lop3`` keeps the code bits and ors in
+    the exponent of 1024, ``fma.f16x2`` leaves the code (constants: ``lowbit_matmul.slot_decode_constants``)."""
+    BYTE: gl.constexpr = (SLOT * BITS) // 8
+    P: gl.constexpr = (SLOT * BITS) % 8
+    SELECT: gl.constexpr = BYTE | ((4 + BYTE) << 8)
+    MASK: gl.constexpr = (((1 << BITS) - 1) << P) * 0x10001
+    MUL: gl.constexpr = ((15 - P) << 10) * 0x10001  # fp16 2**-P, twice
+    ADD: gl.constexpr = (0x8000 | ((25 - P) << 10)) * 0x10001  # fp16 -2**(10 - P), twice
+    codes = gl.inline_asm_elementwise(
+        asm=f"""{{
+        .reg .b32 t, u, m, a;
+        prmt.b32 t, $1, $2, {SELECT};
+        lop3.b32 u, t, {MASK}, 0x64006400, 0xea;
+        mov.b32 m, {MUL};
+        mov.b32 a, {ADD};
+        fma.rn.f16x2 $0, u, m, a;
+        }}""",
+        constraints="=r,r,r", args=[words], dtype=gl.float16, is_pure=True, pack=2,
+    )
+    return (codes - zero) * scale
+
+
+@gluon.jit
+def _group_values(scale_ptr, zero_ptr, rows, row_ok, pos, n_groups, stride_sn, stride_sg, group_size, zero_const,
+                  HAS_ZERO: gl.constexpr):
+    """fp16 scale and zero point ``[BLOCK_N, 1]`` of the group holding K position ``pos`` (past the
+    last group: the last group's, which only padding reads)."""
+    at = rows * stride_sn + gl.minimum(pos // group_size, n_groups - 1) * stride_sg
+    scale = gl.load(scale_ptr + at, mask=row_ok, other=0.0).to(gl.float16)
+    if HAS_ZERO:
+        zero = gl.load(zero_ptr + at, mask=row_ok, other=0.0).to(gl.float16)
+    else:
+        zero = gl.zeros_like(scale) + zero_const
+    return scale[:, None], zero[:, None]
+
+
+@gluon.jit
+def _gemm_wgmma_kernel(
+    x_desc, w_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
+    M, N, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_ym,
+    BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
+    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPS: gl.constexpr, SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr,
+):
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_M, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    CHUNK: gl.constexpr = SLOTS * RUN
+    GSTEP: gl.constexpr = SPG if SPG < SLOTS else SLOTS  # slots from one group-value load to the next
+    TILE_BYTES: gl.constexpr = SPS * x_desc.block_type.nbytes
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout))
+    row_ok = rows < N
+    cols = gl.arange(0, RUN, layout=gl.SliceLayout(0, a_layout))
+    w_tile = w_ptr + rows[:, None] * stride_wn + cols[None, :]
+    w_ok = row_ok[:, None]
+    per_split = gl.cdiv(n_chunks, SPLIT_K)
+    first = gl.program_id(2) * per_split
+    last = gl.minimum(first + per_split, n_chunks)
+    n_steps = (last - first) * (SLOTS // SPS)
+    off_m = pid_m * BLOCK_M
+    k0 = first * CHUNK
+
+    # a ring of STAGES steps, SPS activation tiles [BLOCK_M, RUN] each, and one mbarrier per step
+    xs = gl.allocate_shared_memory(gl.float16, [STAGES * SPS, BLOCK_M, RUN], x_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+    for s in gl.static_range(STAGES - 1):
+        mbarrier.expect(ready.index(s), TILE_BYTES, pred=s < n_steps)
+        for j in gl.static_range(SPS):
+            tma.async_copy_global_to_shared(x_desc, [off_m, k0 + (s * SPS + j) * RUN], ready.index(s), xs.index(s * SPS + j),
+                                            pred=s < n_steps)
+
+    next_words = gl.load(w_tile + gl.minimum(first, n_chunks - 1) * RUN, mask=w_ok, other=0)
+    next_scale, next_zero = _group_values(scale_ptr, zero_ptr, rows, row_ok, k0, n_groups, stride_sn, stride_sg, group_size,
+                                          zero_const, HAS_ZERO)
+    scale, zero = next_scale, next_zero
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
+    # the A operands of the step in flight (at most two slots a step): live until the wait that retires it
+    held0 = gl.zeros([BLOCK_N, RUN], gl.float16, a_layout)
+    held1 = gl.zeros([BLOCK_N, RUN], gl.float16, a_layout)
+    for chunk in range(first, last):
+        words = next_words
+        next_words = gl.load(w_tile + gl.minimum(chunk + 1, last - 1) * RUN, mask=w_ok, other=0)
+        for part in gl.static_range(SLOTS // SPS):
+            step = (chunk - first) * (SLOTS // SPS) + part
+            buf = step % STAGES
+            for j in gl.static_range(SPS):
+                if (part * SPS + j) % GSTEP == 0:  # (static_range's variables: used inline, never assigned)
+                    scale, zero = next_scale, next_zero
+                    next_scale, next_zero = _group_values(scale_ptr, zero_ptr, rows, row_ok, chunk * CHUNK + (part * SPS + j + GSTEP) * RUN,
+                                                          n_groups, stride_sn, stride_sg, group_size, zero_const, HAS_ZERO)
+                a = _slot_weights(words, scale, zero, part * SPS + j, BITS)
+                if j == 0:
+                    mbarrier.wait(ready.index(buf), (step // STAGES) & 1)
+                    a0 = a
+                else:
+                    a1 = a
+                acc = warpgroup_mma(a, xs.index(buf * SPS + j).permute((1, 0)), acc, is_async=True)
+            # the previous step's wgmmas retire (each warpgroup_mma is one group); then its buffer is refilled
+            acc, held0, held1 = warpgroup_mma_wait(num_outstanding=SPS, deps=(acc, held0, held1))
+            held0 = a0
+            if SPS == 2:
+                held1 = a1
+            refill = step + STAGES - 1
+            again = refill < n_steps
+            mbarrier.expect(ready.index(refill % STAGES), TILE_BYTES, pred=again)
+            for j in gl.static_range(SPS):
+                tma.async_copy_global_to_shared(x_desc, [off_m, k0 + (refill * SPS + j) * RUN], ready.index(refill % STAGES),
+                                                xs.index((refill % STAGES) * SPS + j), pred=again)
+    acc, held0, held1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, held0, held1))
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(s))
+
+    # y is [M, N] with N contiguous: store the transposed tile along N
+    out: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, NUM_WARPS], [0, 1])
+    acc = gl.convert_layout(acc, out)
+    n_local = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out))[:, None]
+    m_local = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out))[None, :]
+    y_tile = y_ptr + (off_m + m_local) * stride_ym + pid_n * BLOCK_N + n_local
+    y_ok = (off_m + m_local < M) & (pid_n * BLOCK_N + n_local < N)
+    if SPLIT_K == 1:
+        gl.store(y_tile, acc.to(gl.float16), mask=y_ok)
+    else:  # the last split to finish adds the partial sums in split order (see lowbit_matmul._store_transposed)
+        n_tiles = gl.num_programs(0) * gl.num_programs(1)
+        tile = pid_m * gl.num_programs(0) + pid_n
+        cell = n_local * BLOCK_M + m_local
+        gl.store(partial_ptr + (gl.program_id(2) * n_tiles + tile).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, acc)
+        gl.thread_barrier()
+        arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, out)
+            for split in gl.static_range(SPLIT_K):
+                total += gl.load(partial_ptr + (split * n_tiles + tile).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, cache_modifier=".cg")
+            gl.store(y_tile, total.to(gl.float16), mask=y_ok)
+            gl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@dataclass(frozen=True)
+class GemmWgmmaConfig:
+    block_n: int = 128  # weight rows per program: a multiple of 16 * num_warps (16 rows per warp and pass)
+    block_m: int = 256  # activation rows per program (the wgmma N): a power of two, 16 to 256
+    num_warps: int = 8  # one or two warpgroups
+    slots_per_step: int = 2  # activation tiles (32 K each) per pipeline step: 1 or 2
+    stages: int = 4  # pipeline steps in flight
+    split_k: int = 1
+
+
+def default_config(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
+    """Activation tiles of up to 256 rows; split-K where the tiles alone would not fill the GPU's 132
+    multiprocessors."""
+    block_m = max(16, min(256, triton.next_power_of_2(m)))
+    tiles = triton.cdiv(pw.n, 128) * triton.cdiv(m, block_m)
+    split_k = 1
+    while tiles * split_k < 132 and split_k < 8 and pw.k // (pw.chunk * 2 * split_k) >= 2:
+        split_k *= 2
+    return GemmWgmmaConfig(block_m=block_m, split_k=split_k)
+
+
+def check_config(config: GemmWgmmaConfig) -> None:
+    problems = []
+    if config.num_warps not in (4, 8):
+        problems.append(f"num_warps={config.num_warps} (4 or 8)")
+    if config.block_n % (16 * config.num_warps):
+        problems.append(f"block_n={config.block_n} (a multiple of 16 * num_warps = {16 * config.num_warps})")
+    if config.block_m not in (16, 32, 64, 128, 256):
+        problems.append(f"block_m={config.block_m} (16, 32, 64, 128 or 256)")
+    if config.slots_per_step not in (1, 2):
+        problems.append(f"slots_per_step={config.slots_per_step} (1 or 2)")
+    if config.stages < 2 or config.split_k < 1:
+        problems.append(f"stages={config.stages}, split_k={config.split_k} (stages >= 2, split_k >= 1)")
+    if problems:
+        raise ValueError("bad GemmWgmmaConfig: " + "; ".join(problems))
+
+
+def gemm_wgmma(x: torch.Tensor, pw: PackedWeight, config: GemmWgmmaConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ W^T`` on wgmma tensor cores, into ``out`` if given."""
+    lm.check_inputs(x, pw)
+    if not lm.wgmma_fits(pw, x.dtype):
+        raise ValueError(f"gemm_wgmma takes fp16 activations, K a multiple of 8 and layouts {lm.PAIR_LAYOUTS} with run "
+                         f"{RUN.value}; got {x.dtype}, K={pw.k}, {pw.layout}, run {pw.run}")
+    if x.data_ptr() % 16 or x.stride(0) % 8:  # TMA reads 16-byte aligned rows
+        x = x.clone(memory_format=torch.contiguous_format)
+    m = x.shape[0]
+    config = config or default_config(m, pw)
+    check_config(config)
+    y = lm.output(out, (m, pw.n), x)
+    words, _, scale, zero = lm.kernel_tensors(pw)
+    layout = gl.NVMMASharedLayout.get_default_for([config.block_m, RUN.value], gl.float16)
+    x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [config.block_m, RUN.value], layout)
+    grid = (triton.cdiv(pw.n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
+    partial, count = lm.split_buffers(y, grid, config.block_n * config.block_m)
+    _gemm_wgmma_kernel[grid](
+        x_desc, words, scale, zero, y, partial, count, m, pw.n, words.shape[1] // pw.run, pw.n_groups, *scale.stride(),
+        pw.group_size, pw.zero_const, words.stride(0), y.stride(0), BITS=lm.CODE_BITS[pw.layout], SLOTS=pw.slots,
+        SPG=pw.group_size // pw.run, HAS_ZERO=pw.zero is not None, BLOCK_N=config.block_n, BLOCK_M=config.block_m,
+        STAGES=config.stages, SPS=config.slots_per_step, SPLIT_K=config.split_k, NUM_WARPS=config.num_warps,
+        num_warps=config.num_warps,
+    )
+    return y

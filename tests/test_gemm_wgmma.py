@@ -1,0 +1,81 @@
+"""The wgmma GEMM (kernels/gemm_wgmma.py, Gluon, Hopper): its input and config checks, default configs and
+dispatch on CPU (Gluon has no interpreter), the kernel against the fp32 reference on a Hopper GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import lowbit_matmul as lm
+from kernels.gemm_wgmma import GemmWgmmaConfig, check_config, default_config, gemm_wgmma
+from kernels.pack import pack_weight
+
+requires_hopper = pytest.mark.skipif(not (torch.cuda.is_available() and lm.is_hopper(torch.device("cuda"))), reason="needs a Hopper GPU")
+
+
+def w4(n: int, k: int, run: int = 32):
+    codes = torch.randint(0, 16, (n, k))
+    return pack_weight(codes, torch.rand(n, k // 128).half(), torch.randint(0, 16, (n, k // 128)).half(), "uint4", 128, run=run)
+
+
+def test_rejects_what_it_cannot_take() -> None:
+    codes = torch.randint(0, 8, (8, 256))
+    uint3 = pack_weight(codes, torch.rand(8, 2).half(), None, "uint3", 128, zero_const=3.5)
+    assert not lm.wgmma_fits(uint3, torch.float16)
+    with pytest.raises(ValueError, match="uint3"):
+        gemm_wgmma(torch.randn(64, 256, dtype=torch.float16), uint3)
+    assert lm.wgmma_fits(w4(8, 256), torch.float16)
+    assert not lm.wgmma_fits(w4(8, 256), torch.bfloat16) and not lm.wgmma_fits(w4(8, 256, run=16), torch.float16)
+    with pytest.raises(ValueError, match="bfloat16"):
+        gemm_wgmma(torch.randn(64, 256, dtype=torch.bfloat16), w4(8, 256))
+
+
+def test_config_errors_name_the_bad_values() -> None:
+    check_config(GemmWgmmaConfig())
+    with pytest.raises(ValueError, match=r"block_n=96 \(a multiple of 16 \* num_warps = 128\)"):
+        check_config(GemmWgmmaConfig(block_n=96, num_warps=8))
+    with pytest.raises(ValueError, match=r"block_m=48.*slots_per_step=3"):
+        check_config(GemmWgmmaConfig(block_m=48, slots_per_step=3))
+    with pytest.raises(ValueError, match=r"num_warps=2"):
+        check_config(GemmWgmmaConfig(block_n=64, num_warps=2))
+
+
+def test_default_configs_fill_the_gpu() -> None:
+    """Activation tiles of up to 256 rows; K splits (powers of two, at most 8) until the tiles cover
+    the 132 multiprocessors, never more splits than K has chunk pairs."""
+    big = w4(8192, 8192)
+    assert default_config(1024, big) == GemmWgmmaConfig(block_m=256, split_k=1)
+    assert default_config(64, big).block_m == 64 and default_config(64, big).split_k == 4
+    assert default_config(20, w4(256, 1024)).split_k == 2  # 1024 / (256 * 2) chunk pairs: no more
+    for m in (16, 64, 256, 1024):
+        config = default_config(m, big)
+        check_config(config)
+        assert (8192 // config.block_n) * -(-m // config.block_m) * config.split_k >= 132 or config.split_k == 8
+
+
+@requires_hopper
+@pytest.mark.parametrize(
+    "layout,top,group,zeros",
+    [("uint4", 15, 128, "integer"), ("uint2", 3, 128, "float"), ("uint2", 2, None, 1.0), ("uint1", 1, 128, "integer"), ("uint4", 15, 64, 7.5)],
+)
+def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: int | None, zeros: str | float) -> None:
+    """Random codes, scales and zero points, outputs poisoned with NaN, batches and rows that leave ragged
+    tiles, K padded to whole chunks, several configs and K splits: within fp16 rounding of the
+    weights (they are folded to fp16, as dequantization rounds them) of the fp32 reference."""
+    n, k = 200, 1152
+    codes = torch.randint(0, top + 1, (n, k))
+    n_groups = 1 if group is None else k // group
+    scale = (torch.rand(n, n_groups) * 0.02 + 0.01).half()
+    zero = {"integer": torch.randint(0, top + 1, (n, n_groups)).half(), "float": (torch.rand(n, n_groups) * top).half()}.get(zeros)
+    pw = pack_weight(codes, scale, zero, layout, group, zero_const=zeros if zero is None else 0.0, run=32).to("cuda")
+    configs = [None, GemmWgmmaConfig(block_n=64, num_warps=4, block_m=16, slots_per_step=1, stages=2, split_k=3),
+               GemmWgmmaConfig(block_n=256, block_m=64, split_k=2), GemmWgmmaConfig(block_n=128, num_warps=4, block_m=128)]
+    for m in (1, 70, 300):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        ref = lm.reference_matmul(x, pw).float()
+        for config in configs:
+            y = gemm_wgmma(x, pw, config, out=torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)).float()
+            assert not y.isnan().any(), (m, config)
+            assert ((y - ref).norm() / ref.norm()).item() < 1e-3, (m, config)
+    offset = torch.randn(64 * k + 4, device="cuda", dtype=torch.float16)[4:].view(64, k)  # rows TMA cannot address in place
+    assert torch.allclose(gemm_wgmma(offset, pw).float(), lm.reference_matmul(offset, pw).float(), rtol=2e-2, atol=2e-2)
