@@ -97,7 +97,7 @@ def lowbit_calls(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = Non
     out = torch.empty(x.shape[0], pw.n, device=x.device, dtype=x.dtype)
 
     def call(p: PackedWeight) -> Callable[[], Any]:
-        if path in ("gemv", "gemv_mma", "mma", "gemm"):
+        if path in ("gemv", "gemv_mma", "mma", "gemm", "wgmma"):
             return lambda: lm.PATHS[path](x, p, config, out=out)
         return lambda: lm.lowbit_matmul(x, p, path)
 
@@ -126,15 +126,16 @@ def block_error(x: torch.Tensor, bw: BlockWeight, dequantized: torch.Tensor) -> 
 
 def paths_for(m: int, pw: PackedWeight) -> list[str]:
     """The path the dispatcher picks; beside it, at batch 1, the other kernels that fit (fp16-pair or fp32
-    GEMV, tensor-core GEMV, MMA), from 17 to ``MMA_MAX_M`` rows the other tensor-core kernel (MMA or
-    GEMM) where the MMA kernel runs, and from batch 256 on the dequant + cuBLAS fallback."""
-    auto = lm.pick_path(m, pw, torch.device("cuda"))
+    GEMV, tensor-core GEMV, MMA); above it the MMA kernel (to ``MMA_MAX_M`` rows) and the wgmma GEMM
+    where they fit, and from batch 256 on the dequant + cuBLAS fallback."""
+    cuda = torch.device("cuda")
+    auto = lm.pick_path(m, pw, cuda)
     if m == 1:
         fits = {"gemv": True, "gemv_mma": lm.gemv_mma_fits(pw, torch.float16), "mma": lm.mma_fits(pw, torch.float16)}
-        return [auto] + [path for path, ok in fits.items() if ok and path != auto]
-    if lm.MMA_AUTO_MAX_M < m <= lm.MMA_MAX_M and lm.mma_fits(pw, torch.float16):
-        return [auto, "gemm" if auto == "mma" else "mma"]
-    return [auto, "dequant"] if m >= 256 and auto != "dequant" else [auto]
+    else:
+        fits = {"mma": m <= lm.MMA_MAX_M and lm.mma_fits(pw, torch.float16),
+                "wgmma": lm.is_hopper(cuda) and lm.wgmma_fits(pw, torch.float16), "dequant": m >= 256}
+    return [auto] + [path for path, ok in fits.items() if ok and path != auto]
 
 
 def relative_error(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = None) -> float:

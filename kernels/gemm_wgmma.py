@@ -75,7 +75,7 @@ def _group_values(scale_ptr, zero_ptr, rows, row_ok, pos, n_groups, stride_sn, s
     if HAS_ZERO:
         zero = gl.load(zero_ptr + at, mask=row_ok, other=0.0).to(gl.float16)
     else:
-        zero = gl.zeros_like(scale) + zero_const
+        zero = (gl.zeros_like(scale) + zero_const).to(gl.float16)
     return scale[:, None], zero[:, None]
 
 
@@ -192,14 +192,21 @@ class GemmWgmmaConfig:
 
 
 def default_config(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
-    """Activation tiles of up to 256 rows; split-K where the tiles alone would not fill the GPU's 132
-    multiprocessors."""
-    block_m = max(16, min(256, triton.next_power_of_2(m)))
+    """128-row weight tiles; up to 64 activation rows one warpgroup (two passes of 64 weight rows),
+    up to 256 rows two warpgroups and 128-row activation tiles, beyond that 256-row ones; K splits
+    (powers of two) until there are 128 programs. H200, 8192^2, steady state (session 10, probes
+    beside the tables in bench/results/kernel_latency_h200.md): at 64 rows W4 46.7 us against 59-64
+    for 4 K splits or 8 warps; at 256 rows 75.6 against 90.1 for 256-row tiles; at 1024 rows 202-205
+    for 3 to 5 stages, 216 for one slot per step, 338-378 for 128-row activation tiles."""
+    if m <= 64:
+        block_m, num_warps = max(16, triton.next_power_of_2(m)), 4
+    else:
+        block_m, num_warps = (128 if m <= 256 else 256), 8
     tiles = triton.cdiv(pw.n, 128) * triton.cdiv(m, block_m)
     split_k = 1
-    while tiles * split_k < 132 and split_k < 8 and pw.k // (pw.chunk * 2 * split_k) >= 2:
+    while tiles * split_k < 128 and split_k < 8 and pw.k // (pw.chunk * 2 * split_k) >= 2:
         split_k *= 2
-    return GemmWgmmaConfig(block_m=block_m, split_k=split_k)
+    return GemmWgmmaConfig(block_n=128, block_m=block_m, num_warps=num_warps, split_k=split_k)
 
 
 def check_config(config: GemmWgmmaConfig) -> None:

@@ -3,7 +3,9 @@
 Weights come as a :class:`kernels.pack.PackedWeight` (codes packed along K in chunks, fp16 scales and
 optional zero points per group). Four GPU paths here, chosen by the number of activation rows ``M``
 (:func:`pick_path`); at batch 1 the weights of :func:`gemv_mma_preferred` take a fifth,
-:mod:`kernels.gemv_mma` (a GEMV on ``mma.sync`` tensor cores, in Gluon). The four:
+:mod:`kernels.gemv_mma` (a GEMV on ``mma.sync`` tensor cores, in Gluon), and on Hopper GPUs the
+batches above the GEMV's and the MMA kernel's rows a sixth, :mod:`kernels.gemm_wgmma` (``wgmma`` with
+the weights decoded in registers, in Gluon), where it fits (:func:`wgmma_fits`). The four:
 
 * **GEMV** (``M <= 8`` where the MMA kernel does not run or is slower), meant to be memory bound: a
   program takes one activation row, ``BLOCK_N`` weight rows and one K split, a chunk (a cache line per
@@ -38,7 +40,8 @@ optional zero points per group). Four GPU paths here, chosen by the number of ac
   narrow one. Codes become fp16/bf16 ``1024 + q`` through the same exponent trick (``0x6400 | q``),
   are dotted raw, and the group's scale, zero point and offset are applied to the ``[BLOCK_N,
   BLOCK_M]`` dot result.
-* **dequant + cuBLAS** for large ``M``, where the matmul is compute bound and cuBLAS is hard to beat.
+* **dequant + cuBLAS** for large ``M`` where the wgmma GEMM does not run (bf16, uint3, ternary5,
+  short runs, GPUs other than Hopper): the matmul is compute bound there.
 
 ``reference_matmul`` is the plain-torch definition every kernel is tested against.
 
@@ -50,7 +53,9 @@ real sizes; batch 1 W4 17.8 us (fp16-pair GEMV), W2 12.9, ternary 11.0, W1 12.3 
 2.70-4.37x cuBLAS fp16; batch 16 W4 23.3 (MMA); batch 64 W4 36.7 (folded MMA, 1.35x); batch 1024
 dequant + cuBLAS 0.70x. Short of the memory bound (a kernel that only reads the W4 words in this tiling
 took 14.3 us). Nsight Compute (session 8, W1): both GEMVs then issued 0.4-0.55 instructions per cycle
-per scheduler with no pipe and not DRAM saturated: bound by latency.
+per scheduler with no pipe and not DRAM saturated: bound by latency. Session 10 (H200 only; no H100
+was lent): the wgmma GEMM at 1024 rows, 8192^2: W4 0.90x cuBLAS, W1 1.02x (dequant + cuBLAS 0.82x);
+bench/results/kernel_latency_h200.md.
 """
 
 from __future__ import annotations
@@ -1056,7 +1061,10 @@ def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype
     """``torch`` off CUDA; else by batch: ``gemv_mma`` at batch 1 where :func:`gemv_mma_preferred` and it
     fits; ``mma`` where it fits and was faster on the H100 (batch 1 only for :data:`MMA_AT_BATCH_1`
     where the fp16-pair GEMV does not fit, above 16 rows only for :data:`MMA_AUTO_ROWS`), ``gemv``
-    for a few rows, ``gemm`` for mid batches, ``dequant`` beyond."""
+    for a few rows; above those, on a Hopper GPU, ``wgmma`` where it fits (H200, 8192^2, session 10:
+    W4 at 1024 rows 202 us against dequant + cuBLAS 223, at 256 rows 75.6 against 101; W1 at 64 rows
+    43.8 against the GEMM's 82.8; the MMA kernel kept its rows: W4 at 64 rows 35.0 against 46.7);
+    elsewhere ``gemm`` for mid batches, ``dequant`` beyond."""
     if device.type != "cuda":
         return "torch"
     rows = MMA_AUTO_ROWS.get(gemv_key(pw), MMA_AUTO_MAX_M)
@@ -1067,6 +1075,8 @@ def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype
         return "mma"
     if m <= GEMV_MAX_M:
         return "gemv"
+    if is_hopper(device) and wgmma_fits(pw, dtype):
+        return "wgmma"
     if m < DEQUANT_MIN_M and pw.run >= GEMM_MIN_RUN:
         return "gemm"
     return "dequant"

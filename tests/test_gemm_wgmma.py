@@ -41,16 +41,33 @@ def test_config_errors_name_the_bad_values() -> None:
 
 
 def test_default_configs_fill_the_gpu() -> None:
-    """Activation tiles of up to 256 rows; K splits (powers of two, at most 8) until the tiles cover
-    the 132 multiprocessors, never more splits than K has chunk pairs."""
+    """One warpgroup up to 64 rows, two above; K splits (powers of two, at most 8) until there are 128
+    programs, never more splits than K has chunk pairs."""
     big = w4(8192, 8192)
-    assert default_config(1024, big) == GemmWgmmaConfig(block_m=256, split_k=1)
-    assert default_config(64, big).block_m == 64 and default_config(64, big).split_k == 4
+    assert default_config(1024, big) == GemmWgmmaConfig(block_n=128, block_m=256, num_warps=8, split_k=1)
+    assert default_config(256, big) == GemmWgmmaConfig(block_n=128, block_m=128, num_warps=8, split_k=1)
+    assert default_config(64, big) == GemmWgmmaConfig(block_n=128, block_m=64, num_warps=4, split_k=2)
     assert default_config(20, w4(256, 1024)).split_k == 2  # 1024 / (256 * 2) chunk pairs: no more
-    for m in (16, 64, 256, 1024):
+    for m in (16, 64, 128, 256, 1024):
         config = default_config(m, big)
         check_config(config)
-        assert (8192 // config.block_n) * -(-m // config.block_m) * config.split_k >= 132 or config.split_k == 8
+        assert (8192 // config.block_n) * -(-m // config.block_m) * config.split_k >= 128
+
+
+def test_dispatch_above_the_gemv_and_mma_rows_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a Hopper GPU the wgmma GEMM takes what the GEMV and the MMA kernel leave (W4 above 128 rows, W1
+    above 16) where it fits; bf16, uint3 and other GPUs keep the GEMM and dequant + cuBLAS."""
+    cuda = torch.device("cuda")
+    pw = w4(256, 1024)
+    w1 = pack_weight(torch.randint(0, 2, (64, 1024)), torch.rand(64, 8).half(), torch.randint(0, 2, (64, 8)).half(), "uint1", 128, run=32)
+    uint3 = pack_weight(torch.randint(0, 8, (64, 1024)), torch.rand(64, 8).half(), None, "uint3", 128, zero_const=3.5)
+    others = [lm.pick_path(m, pw, cuda) for m in (129, 1024)] + [lm.pick_path(17, w1, cuda)]
+    monkeypatch.setattr(lm, "is_hopper", lambda device: device.type == "cuda")
+    assert [lm.pick_path(m, pw, cuda) for m in (1, 16, 128, 129, 1024)] == ["gemv_mma", "mma", "mma", "wgmma", "wgmma"]
+    assert [lm.pick_path(m, w1, cuda) for m in (16, 17, 64)] == ["mma", "wgmma", "wgmma"]
+    assert [lm.pick_path(m, pw, cuda, torch.bfloat16) for m in (9, 1024)] == ["gemm", "dequant"]
+    assert lm.pick_path(1024, uint3, cuda) == "dequant" and lm.pick_path(1024, pw, torch.device("cpu")) == "torch"
+    assert others == ["dequant", "dequant", "gemm"]  # no Hopper GPU
 
 
 @requires_hopper
