@@ -84,7 +84,8 @@ def _gemm_wgmma_kernel(
     x_desc, w_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
     M, N, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_ym,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
-    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPS: gl.constexpr, SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr,
+    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPS: gl.constexpr, GAHEAD: gl.constexpr,
+    SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr,
 ):
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -120,6 +121,10 @@ def _gemm_wgmma_kernel(
     next_scale, next_zero = _group_values(scale_ptr, zero_ptr, rows, row_ok, k0, n_groups, stride_sn, stride_sg, group_size,
                                           zero_const, HAS_ZERO)
     scale, zero = next_scale, next_zero
+    after_scale, after_zero = next_scale, next_zero  # two groups ahead (GAHEAD == 2)
+    if GAHEAD == 2:
+        after_scale, after_zero = _group_values(scale_ptr, zero_ptr, rows, row_ok, k0 + GSTEP * RUN, n_groups, stride_sn, stride_sg,
+                                                group_size, zero_const, HAS_ZERO)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
     # the A operands of the step in flight (at most two slots a step): live until the wait that retires it
     held0 = gl.zeros([BLOCK_N, RUN], gl.float16, a_layout)
@@ -133,8 +138,16 @@ def _gemm_wgmma_kernel(
             for j in gl.static_range(SPS):
                 if (part * SPS + j) % GSTEP == 0:  # (static_range's variables: used inline, never assigned)
                     scale, zero = next_scale, next_zero
-                    next_scale, next_zero = _group_values(scale_ptr, zero_ptr, rows, row_ok, chunk * CHUNK + (part * SPS + j + GSTEP) * RUN,
-                                                          n_groups, stride_sn, stride_sg, group_size, zero_const, HAS_ZERO)
+                    if GAHEAD == 2:
+                        next_scale, next_zero = after_scale, after_zero
+                    # the values GAHEAD groups on (every GSTEP slots: the same group again where groups span chunks)
+                    after = chunk * CHUNK + (part * SPS + j + GAHEAD * GSTEP) * RUN
+                    if GAHEAD == 2:
+                        after_scale, after_zero = _group_values(scale_ptr, zero_ptr, rows, row_ok, after, n_groups, stride_sn, stride_sg,
+                                                                group_size, zero_const, HAS_ZERO)
+                    else:
+                        next_scale, next_zero = _group_values(scale_ptr, zero_ptr, rows, row_ok, after, n_groups, stride_sn, stride_sg,
+                                                              group_size, zero_const, HAS_ZERO)
                 a = _slot_weights(words, scale, zero, part * SPS + j, BITS)
                 if j == 0:
                     mbarrier.wait(ready.index(buf), (step // STAGES) & 1)
@@ -188,6 +201,7 @@ class GemmWgmmaConfig:
     num_warps: int = 8  # one or two warpgroups
     slots_per_step: int = 2  # activation tiles (32 K each) per pipeline step: 1 or 2
     stages: int = 4  # pipeline steps in flight
+    group_ahead: int = 1  # groups ahead that the scales and zero points are loaded (1 or 2)
     split_k: int = 1
 
 
@@ -219,6 +233,8 @@ def check_config(config: GemmWgmmaConfig) -> None:
         problems.append(f"block_m={config.block_m} (16, 32, 64, 128 or 256)")
     if config.slots_per_step not in (1, 2):
         problems.append(f"slots_per_step={config.slots_per_step} (1 or 2)")
+    if config.group_ahead not in (1, 2):
+        problems.append(f"group_ahead={config.group_ahead} (1 or 2)")
     if config.stages < 2 or config.split_k < 1:
         problems.append(f"stages={config.stages}, split_k={config.split_k} (stages >= 2, split_k >= 1)")
     if problems:
@@ -246,7 +262,7 @@ def gemm_wgmma(x: torch.Tensor, pw: PackedWeight, config: GemmWgmmaConfig | None
         x_desc, words, scale, zero, y, partial, count, m, pw.n, words.shape[1] // pw.run, pw.n_groups, *scale.stride(),
         pw.group_size, pw.zero_const, words.stride(0), y.stride(0), BITS=lm.CODE_BITS[pw.layout], SLOTS=pw.slots,
         SPG=pw.group_size // pw.run, HAS_ZERO=pw.zero is not None, BLOCK_N=config.block_n, BLOCK_M=config.block_m,
-        STAGES=config.stages, SPS=config.slots_per_step, SPLIT_K=config.split_k, NUM_WARPS=config.num_warps,
+        STAGES=config.stages, SPS=config.slots_per_step, GAHEAD=config.group_ahead, SPLIT_K=config.split_k, NUM_WARPS=config.num_warps,
         num_warps=config.num_warps,
     )
     return y

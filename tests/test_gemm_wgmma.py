@@ -86,7 +86,8 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     zero = {"integer": torch.randint(0, top + 1, (n, n_groups)).half(), "float": (torch.rand(n, n_groups) * top).half()}.get(zeros)
     pw = pack_weight(codes, scale, zero, layout, group, zero_const=zeros if zero is None else 0.0, run=32).to("cuda")
     configs = [None, GemmWgmmaConfig(block_n=64, num_warps=4, block_m=16, slots_per_step=1, stages=2, split_k=3),
-               GemmWgmmaConfig(block_n=256, block_m=64, split_k=2), GemmWgmmaConfig(block_n=128, num_warps=4, block_m=128)]
+               GemmWgmmaConfig(block_n=256, block_m=64, split_k=2, group_ahead=2),
+               GemmWgmmaConfig(block_n=128, num_warps=4, block_m=128, stages=2)]
     for m in (1, 70, 300):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ref = lm.reference_matmul(x, pw).float()
