@@ -61,6 +61,7 @@ def test_dispatch_above_the_gemv_and_mma_rows_on_hopper(monkeypatch: pytest.Monk
     pw = w4(256, 1024)
     w1 = pack_weight(torch.randint(0, 2, (64, 1024)), torch.rand(64, 8).half(), torch.randint(0, 2, (64, 8)).half(), "uint1", 128, run=32)
     uint3 = pack_weight(torch.randint(0, 8, (64, 1024)), torch.rand(64, 8).half(), None, "uint3", 128, zero_const=3.5)
+    monkeypatch.setattr(lm, "is_hopper", lambda device: False)
     others = [lm.pick_path(m, pw, cuda) for m in (129, 1024)] + [lm.pick_path(17, w1, cuda)]
     monkeypatch.setattr(lm, "is_hopper", lambda device: device.type == "cuda")
     assert [lm.pick_path(m, pw, cuda) for m in (1, 16, 128, 129, 1024)] == ["gemv_mma", "mma", "mma", "wgmma", "wgmma"]
