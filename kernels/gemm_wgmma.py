@@ -1,26 +1,36 @@
 """Low-bit GEMM for larger batches on Hopper ``wgmma`` tensor cores (Gluon), the weights decoded in registers.
 
 ``y^T = W x^T`` for fp16 activations and the ``uint1``/``uint2``/``uint4`` layouts with a run of 32: a
-program (one warpgroup) takes ``BLOCK_N`` weight rows, ``BLOCK_M`` activation rows and one K split.
-Per step (one slot of a chunk: 32 consecutive K):
+program (one or two warpgroups, 16 weight rows per warp and pass) takes ``BLOCK_N`` weight rows,
+``BLOCK_M`` activation rows and one K split. A step is ``slots_per_step`` slots of a chunk (32
+consecutive K each):
 
-* The activations ``[BLOCK_M, 32]`` come by TMA into a ring of ``STAGES`` shared-memory buffers (one
-  mbarrier each), ``STAGES - 1`` steps ahead; rows past ``M`` and columns past ``K`` read as zeros.
-  They are the ``wgmma`` B operand (K-major, the permuted view of the buffer).
+* The activations ``[BLOCK_M, 32]`` of each slot come by TMA into a ring of ``STAGES`` steps of
+  shared-memory buffers (one mbarrier per step), ``STAGES - 1`` steps ahead; rows past ``M`` and
+  columns past ``K`` read as zeros. They are the ``wgmma`` B operand (K-major: the permuted view).
 * The weights are the A operand, straight from registers: the chunk's words are loaded (a chunk
   ahead) in the A operand's register layout, so a thread holds the two neighbouring words of each
   of its K pairs; one ``prmt`` + ``lop3`` + ``fma.f16x2`` per pair gives the slot's codes as fp16
   (as :func:`kernels.lowbit_matmul._slot_fp16`), and ``(code - zero) * scale`` in fp16 folds the
   group's values in (the weights rounded to fp16, as dequantization rounds them). The group values
-  are loaded a group ahead.
-* ``wgmma`` runs asynchronously with one group in flight: the next step's decode overlaps it. Its
-  A registers stay live until the wait that retires it, and a buffer is refilled only after the
-  ``wgmma`` that read it has retired.
+  are loaded ``group_ahead`` groups ahead.
+* ``wgmma`` runs asynchronously with one step in flight: the next step's decode overlaps it. Its A
+  registers stay live until the wait that retires it, and a buffer is refilled only after the
+  ``wgmma`` that read it has retired (Gluon's barrier pass puts a CTA barrier before the refill, after
+  every warpgroup's wait).
 
 No fp16 copy of the weight is ever made (the dequant + cuBLAS fallback writes one of ``N x K``).
 Split-K as in ``lowbit_matmul`` (the last split to finish adds the partial sums in order).
-Gluon has no interpreter: off the GPU the tests check the dispatch rules and the argument checks,
-on the GPU the kernel against the fp32 reference.
+
+H200, steady state (session 10, bench/results/kernel_latency_h200.md): 8192^2 at 1024 rows W4 200 us
+(0.89x cuBLAS fp16; 193 with the group values two groups ahead, now the default), W2 0.95x, ternary
+1.00x, W1 0.97x, against 0.78-0.81x for dequant + cuBLAS; at 64 rows still slower than the
+``mma.sync`` kernel for W4 (46 us against 35; Nsight Compute: one warp per scheduler, 0.24 issued
+instructions per cycle, bound by latency). Tried and dropped: the words by TMA through a shared-memory
+ring (slower at every batch: 64 rows W4 64 us against 47, 1024 rows 240 against 200).
+
+Gluon has no interpreter: off the GPU the tests check the config rules, the argument checks and the
+dispatch, on a Hopper GPU the kernel against the fp32 reference.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from kernels import lowbit_matmul as lm
 from kernels.pack import PackedWeight
 
-RUN = gl.constexpr(lm.GEMV_MMA_RUN)  # K per step: one slot of a chunk, 32 words per row
+RUN = gl.constexpr(lm.GEMV_MMA_RUN)  # K per slot of a chunk: 32 words per row
 
 
 @gluon.jit
@@ -201,7 +211,7 @@ class GemmWgmmaConfig:
     num_warps: int = 8  # one or two warpgroups
     slots_per_step: int = 2  # activation tiles (32 K each) per pipeline step: 1 or 2
     stages: int = 4  # pipeline steps in flight
-    group_ahead: int = 1  # groups ahead that the scales and zero points are loaded (1 or 2)
+    group_ahead: int = 2  # groups ahead that the scales and zero points are loaded (1 or 2)
     split_k: int = 1
 
 

@@ -906,6 +906,22 @@ def wgmma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
     return HAS_GLUON and dtype == torch.float16 and pw.layout in PAIR_LAYOUTS and pw.run == GEMV_MMA_RUN and pw.k % 8 == 0
 
 
+# The wgmma GEMM on an H200 (session 10, steady state, bench/results/kernel_latency_h200.md; 8192^2, 4096x14336,
+# 14336x4096 as in x out): against dequant + cuBLAS it won every cell at 256 and 1024 rows (8192^2 W4 1024 rows:
+# 200 us against 228) but grouped W4 with K = 4096 at 1024 rows (241 against 205) and with K = 14336 at 256 rows
+# (97 against 92, the one loss kept). Against the MMA kernel at 64 rows it won for ternary at all three shapes
+# (8192^2: 34.9 against 50.2) and grouped W1 (44.0 against 63.5; the MMA kernel does not take W1 above 16 rows),
+# lost for grouped W4 at all three (46.4 against 35.1) and split grouped W2 (one win, one tie, one loss).
+WGMMA_OVER_MMA = {("uint2", False)}  # keys that the wgmma GEMM takes from 17 rows on, before the MMA kernel's rows end
+WGMMA_MIN_K_ABOVE_256 = {("uint4", True): 8192}  # above 256 rows, these keys need this K for the wgmma GEMM
+
+
+def wgmma_preferred(m: int, pw: PackedWeight) -> bool:
+    """The shape rule under which the wgmma GEMM won (above): a short K at more than 256 rows keeps
+    dequant + cuBLAS for grouped W4."""
+    return m <= 256 or pw.k >= WGMMA_MIN_K_ABOVE_256.get(gemv_key(pw), 0)
+
+
 def wgmma(x: torch.Tensor, pw: PackedWeight, config=None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The wgmma GEMM of :mod:`kernels.gemm_wgmma` (Gluon, Hopper; imported on first use)."""
     from kernels.gemm_wgmma import gemm_wgmma as run
@@ -1060,14 +1076,13 @@ def reference_matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype = torch.float16) -> str:
     """``torch`` off CUDA; else by batch: ``gemv_mma`` at batch 1 where :func:`gemv_mma_preferred` and it
     fits; ``mma`` where it fits and was faster on the H100 (batch 1 only for :data:`MMA_AT_BATCH_1`
-    where the fp16-pair GEMV does not fit, above 16 rows only for :data:`MMA_AUTO_ROWS`), ``gemv``
-    for a few rows; above those, on a Hopper GPU, ``wgmma`` where it fits (H200, 8192^2, session 10:
-    W4 at 1024 rows 202 us against dequant + cuBLAS 223, at 256 rows 75.6 against 101; W1 at 64 rows
-    43.8 against the GEMM's 82.8; the MMA kernel kept its rows: W4 at 64 rows 35.0 against 46.7);
-    elsewhere ``gemm`` for mid batches, ``dequant`` beyond."""
+    where the fp16-pair GEMV does not fit, above 16 rows only for :data:`MMA_AUTO_ROWS`, except
+    :data:`WGMMA_OVER_MMA` on Hopper), ``gemv`` for a few rows; above those, on a Hopper GPU, ``wgmma``
+    where it fits and :func:`wgmma_preferred`; elsewhere ``gemm`` for mid batches, ``dequant`` beyond."""
     if device.type != "cuda":
         return "torch"
-    rows = MMA_AUTO_ROWS.get(gemv_key(pw), MMA_AUTO_MAX_M)
+    wgmma_ok = is_hopper(device) and wgmma_fits(pw, dtype) and wgmma_preferred(m, pw)
+    rows = MMA_AUTO_MAX_M if wgmma_ok and gemv_key(pw) in WGMMA_OVER_MMA else MMA_AUTO_ROWS.get(gemv_key(pw), MMA_AUTO_MAX_M)
     if m == 1 and gemv_mma_preferred(pw) and gemv_mma_fits(pw, dtype):
         return "gemv_mma"
     mma_at_1 = gemv_key(pw) in MMA_AT_BATCH_1 and not pairs_fit(pw, dtype)
@@ -1075,7 +1090,7 @@ def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype
         return "mma"
     if m <= GEMV_MAX_M:
         return "gemv"
-    if is_hopper(device) and wgmma_fits(pw, dtype):
+    if wgmma_ok:
         return "wgmma"
     if m < DEQUANT_MIN_M and pw.run >= GEMM_MIN_RUN:
         return "gemm"

@@ -55,20 +55,24 @@ def test_default_configs_fill_the_gpu() -> None:
 
 
 def test_dispatch_above_the_gemv_and_mma_rows_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a Hopper GPU the wgmma GEMM takes what the GEMV and the MMA kernel leave (W4 above 128 rows, W1
-    above 16) where it fits; bf16, uint3 and other GPUs keep the GEMM and dequant + cuBLAS."""
+    """On a Hopper GPU the wgmma GEMM takes what the GEMV and the MMA kernel leave (W4 above 128 rows,
+    W1 and ternary above 16) where it fits, but grouped W4 with K < 8192 above 256 rows; bf16, uint3
+    and other GPUs keep the GEMM and dequant + cuBLAS."""
     cuda = torch.device("cuda")
-    pw = w4(256, 1024)
+    pw, long_k = w4(256, 1024), w4(64, 8192)
     w1 = pack_weight(torch.randint(0, 2, (64, 1024)), torch.rand(64, 8).half(), torch.randint(0, 2, (64, 8)).half(), "uint1", 128, run=32)
+    ternary = pack_weight(torch.randint(0, 3, (64, 1024)), torch.rand(64, 1).half(), None, "uint2", None, zero_const=1.0, run=32)
     uint3 = pack_weight(torch.randint(0, 8, (64, 1024)), torch.rand(64, 8).half(), None, "uint3", 128, zero_const=3.5)
     monkeypatch.setattr(lm, "is_hopper", lambda device: False)
-    others = [lm.pick_path(m, pw, cuda) for m in (129, 1024)] + [lm.pick_path(17, w1, cuda)]
+    others = [lm.pick_path(m, pw, cuda) for m in (129, 1024)] + [lm.pick_path(17, w1, cuda), lm.pick_path(64, ternary, cuda)]
+    assert others == ["dequant", "dequant", "gemm", "mma"]  # no Hopper GPU
     monkeypatch.setattr(lm, "is_hopper", lambda device: device.type == "cuda")
-    assert [lm.pick_path(m, pw, cuda) for m in (1, 16, 128, 129, 1024)] == ["gemv_mma", "mma", "mma", "wgmma", "wgmma"]
-    assert [lm.pick_path(m, w1, cuda) for m in (16, 17, 64)] == ["mma", "wgmma", "wgmma"]
+    assert [lm.pick_path(m, pw, cuda) for m in (1, 16, 128, 129, 256, 257)] == ["gemv_mma", "mma", "mma", "wgmma", "wgmma", "dequant"]
+    assert [lm.pick_path(m, long_k, cuda) for m in (129, 1024)] == ["wgmma", "wgmma"]
+    assert [lm.pick_path(m, w1, cuda) for m in (16, 17, 1024)] == ["mma", "wgmma", "wgmma"]
+    assert [lm.pick_path(m, ternary, cuda) for m in (16, 17, 1024)] == ["mma", "wgmma", "wgmma"]
     assert [lm.pick_path(m, pw, cuda, torch.bfloat16) for m in (9, 1024)] == ["gemm", "dequant"]
     assert lm.pick_path(1024, uint3, cuda) == "dequant" and lm.pick_path(1024, pw, torch.device("cpu")) == "torch"
-    assert others == ["dequant", "dequant", "gemm"]  # no Hopper GPU
 
 
 @requires_hopper
@@ -87,7 +91,7 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     zero = {"integer": torch.randint(0, top + 1, (n, n_groups)).half(), "float": (torch.rand(n, n_groups) * top).half()}.get(zeros)
     pw = pack_weight(codes, scale, zero, layout, group, zero_const=zeros if zero is None else 0.0, run=32).to("cuda")
     configs = [None, GemmWgmmaConfig(block_n=64, num_warps=4, block_m=16, slots_per_step=1, stages=2, split_k=3),
-               GemmWgmmaConfig(block_n=256, block_m=64, split_k=2, group_ahead=2),
+               GemmWgmmaConfig(block_n=256, block_m=64, split_k=2, group_ahead=1),
                GemmWgmmaConfig(block_n=128, num_warps=4, block_m=128, stages=2)]
     for m in (1, 70, 300):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
