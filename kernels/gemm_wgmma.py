@@ -185,7 +185,7 @@ def _gemm_wgmma_kernel(
     acc = gl.convert_layout(acc, out)
     n_local = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out))[:, None]
     m_local = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out))[None, :]
-    y_tile = y_ptr + (off_m + m_local) * stride_ym + pid_n * BLOCK_N + n_local
+    y_tile = y_ptr + (off_m + m_local).to(gl.int64) * stride_ym + pid_n * BLOCK_N + n_local
     y_ok = (off_m + m_local < M) & (pid_n * BLOCK_N + n_local < N)
     if SPLIT_K == 1:
         gl.store(y_tile, acc.to(gl.float16), mask=y_ok)

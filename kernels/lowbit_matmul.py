@@ -54,12 +54,13 @@ real sizes; batch 1 W4 17.8 us (fp16-pair GEMV), W2 12.9, ternary 11.0, W1 12.3 
 dequant + cuBLAS 0.70x. Short of the memory bound (a kernel that only reads the W4 words in this tiling
 took 14.3 us). Nsight Compute (session 8, W1): both GEMVs then issued 0.4-0.55 instructions per cycle
 per scheduler with no pipe and not DRAM saturated: bound by latency. Session 10 (H200 only; no H100
-was lent): the wgmma GEMM at 1024 rows, 8192^2: W4 0.90x cuBLAS, W1 1.02x (dequant + cuBLAS 0.82x);
-bench/results/kernel_latency_h200.md.
+was lent): the wgmma GEMM at 1024 rows, 8192^2: W4 0.89x cuBLAS, W2 0.95x, ternary 1.00x, W1 0.97x
+(dequant + cuBLAS 0.78-0.81x); bench/results/kernel_latency_h200.md.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass, replace
@@ -895,6 +896,7 @@ def gemv_mma(x: torch.Tensor, pw: PackedWeight, config=None, out: torch.Tensor |
     return run(x, pw, config, out)
 
 
+@functools.lru_cache(maxsize=None)
 def is_hopper(device: torch.device) -> bool:
     """A Hopper GPU (compute capability 9.x): the only one with ``wgmma``."""
     return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] == 9
@@ -909,9 +911,10 @@ def wgmma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
 # The wgmma GEMM on an H200 (session 10, steady state, bench/results/kernel_latency_h200.md; 8192^2, 4096x14336,
 # 14336x4096 as in x out): against dequant + cuBLAS it won every cell at 256 and 1024 rows (8192^2 W4 1024 rows:
 # 200 us against 228) but grouped W4 with K = 4096 at 1024 rows (241 against 205) and with K = 14336 at 256 rows
-# (97 against 92, the one loss kept). Against the MMA kernel at 64 rows it won for ternary at all three shapes
-# (8192^2: 34.9 against 50.2) and grouped W1 (44.0 against 63.5; the MMA kernel does not take W1 above 16 rows),
-# lost for grouped W4 at all three (46.4 against 35.1) and split grouped W2 (one win, one tie, one loss).
+# (97 against 92, kept: the one loss of this rule). Against the MMA kernel at 64 rows it won for ternary at all three
+# shapes (8192^2: 34.9 against 50.2) and grouped W1 (44.0 against 63.5; the MMA kernel does not take W1 above 16
+# rows) and lost for grouped W4 at all three (46.4 against 35.1); grouped W2 keeps the MMA kernel (it lost at
+# 8192^2, 43.6 against 41.4, tied at 4096x14336 and won at 14336x4096, 44.1 against 62.8).
 WGMMA_OVER_MMA = {("uint2", False)}  # keys that the wgmma GEMM takes from 17 rows on, before the MMA kernel's rows end
 WGMMA_MIN_K_ABOVE_256 = {("uint4", True): 8192}  # above 256 rows, these keys need this K for the wgmma GEMM
 
