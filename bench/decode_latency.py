@@ -4,7 +4,7 @@
 
 Real checkpoints cannot reach the GPU machine, so the model is built here with random weights: the
 Llama block (RMSNorm, rotary q/k, grouped-query attention over a static KV cache, SwiGLU MLP) with
-``nn.Linear`` layers for fp16 or :class:`kernels.qlinear.QuantLinear` layers holding random packed
+``nn.Linear`` layers for fp16 or :class:`qkernels.qlinear.QuantLinear` layers holding random packed
 codes. Decoding one token is one CUDA graph replay (embedding, every block, norm, fp16 LM head, argmax
 feeding the next step), so the numbers show the matmuls rather than Python launch overhead; the
 eager loop is timed too. Reports tokens/s, ms/token, weight bytes and peak memory.
@@ -28,7 +28,7 @@ from torch import nn
 
 from bench.kernel_latency import LOWBIT_KINDS, random_packed
 from bench.timing import gpu_name
-from kernels.qlinear import QuantLinear
+from qkernels.qlinear import QuantLinear
 
 
 @dataclass(frozen=True)

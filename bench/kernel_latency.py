@@ -24,10 +24,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 from bench.timing import MODES, copies_for, copy_bandwidth_gbs, gpu_name, steady_us, time_both
-from kernels import lowbit_matmul as lm
-from kernels.block_matmul import BlockWeight, block_matmul, pack_block_weight
-from kernels.pack import PackedWeight, pack_weight
-from kernels.quant import PackedTensor
+from qkernels import lowbit_matmul as lm
+from qkernels.block_matmul import BlockWeight, block_matmul, pack_block_weight
+from qkernels.pack import PackedWeight, pack_weight
+from qkernels.quant import PackedTensor
 from methods.common.microscaling import MxFormat, NvFormat
 
 SHAPES = [(8192, 8192), (4096, 4096), (16384, 16384), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192)]
@@ -57,7 +57,7 @@ LOWBIT_KINDS = {
 }
 
 
-BLOCK_KINDS = {  # MX/NV block-format weights (kernels/block_matmul.py)
+BLOCK_KINDS = {  # MX/NV block-format weights (qkernels/block_matmul.py)
     "mxfp4": MxFormat("e2m1"),
     "mxint8": MxFormat("int8"),
     "nvfp4": NvFormat("e2m1"),
@@ -252,7 +252,7 @@ TUNE_PATHS = ("gemv", "mma")
 
 def tune(kinds: list[str], shape: tuple[int, int], gemm_kinds: list[str], paths: tuple[str, ...] = TUNE_PATHS) -> dict:
     """Search GEMV configs (batch 1) and MMA configs (batch 16, and folded at 64) per kind, those of ``paths``, and
-    GEMM configs per batch bucket at ``shape``; install the winners in :mod:`kernels.lowbit_matmul` for the rest of
+    GEMM configs per batch bucket at ``shape``; install the winners in :mod:`qkernels.lowbit_matmul` for the rest of
     the process, and return every timing."""
     k, n = shape
     result: dict[str, Any] = {"shape": shape, "gemv": {}, "mma": {}, "gemm": {}}

@@ -27,7 +27,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from kernels import quant
+from qkernels import quant
 from methods.common.formats import IntFormat, same_bits
 from methods.common.microscaling import MxFormat, NvFormat
 
@@ -123,7 +123,7 @@ def measure(size: int, tune: bool) -> list[Row]:
     }
     copy_ms = time_per_call_ms(lambda x: torch.empty_like(x).copy_(x), inputs)
     rows = [Row(size, "copy (torch, device to device)", "-", copy_ms, 4 * n)]
-    for name, (make, bytes_moved) in kernels.items():
+    for name, (make, bytes_moved) in qkernels.items():
         config, ms = best_over_configs(f"{size}^2 {name}", make, inputs, tune and "fake" in name)
         rows.append(Row(size, name, config, ms, bytes_moved))
     del inputs

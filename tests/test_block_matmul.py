@@ -10,7 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels.block_matmul import block_matmul, pack_block_weight  # noqa: E402
+from qkernels.block_matmul import block_matmul, pack_block_weight  # noqa: E402
 from methods.common.formats import IntFormat  # noqa: E402
 from methods.common.microscaling import MxFormat, NvFormat  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The wgmma GEMM (kernels/gemm_wgmma.py, Gluon, Hopper): its input and config checks, default configs and
+"""The wgmma GEMM (qkernels/gemm_wgmma.py, Gluon, Hopper): its input and config checks, default configs and
 dispatch on CPU (Gluon has no interpreter), the kernel against the fp32 reference on a Hopper GPU."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import lowbit_matmul as lm
-from kernels.gemm_wgmma import GemmWgmmaConfig, check_config, default_config, gemm_wgmma
-from kernels.pack import pack_weight
+from qkernels import lowbit_matmul as lm
+from qkernels.gemm_wgmma import GemmWgmmaConfig, check_config, default_config, gemm_wgmma
+from qkernels.pack import pack_weight
 
 requires_hopper = pytest.mark.skipif(not (torch.cuda.is_available() and lm.is_hopper(torch.device("cuda"))), reason="needs a Hopper GPU")
 

@@ -1,4 +1,4 @@
-"""The tensor-core GEMV (kernels/gemv_mma.py, Gluon): its decode constants, MMA operand map, input checks
+"""The tensor-core GEMV (qkernels/gemv_mma.py, Gluon): its decode constants, MMA operand map, input checks
 and dispatch on CPU (Gluon has no interpreter), the kernel against the fp32 reference on a GPU."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kernels import lowbit_matmul as lm
-from kernels.gemv_mma import WINDOW, GemvMmaConfig, default_config, gemv_mma, mma_asm, slot_constants
-from kernels.pack import pack_weight
+from qkernels import lowbit_matmul as lm
+from qkernels.gemv_mma import WINDOW, GemvMmaConfig, default_config, gemv_mma, mma_asm, slot_constants
+from qkernels.pack import pack_weight
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -10,8 +10,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels import int_matmul as im  # noqa: E402
-from kernels.pack import pack_weight  # noqa: E402
+from qkernels import int_matmul as im  # noqa: E402
+from qkernels.pack import pack_weight  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -21,8 +21,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels import lowbit_matmul as lm  # noqa: E402
-from kernels.pack import (  # noqa: E402
+from qkernels import lowbit_matmul as lm  # noqa: E402
+from qkernels.pack import (  # noqa: E402
     LAYOUTS,
     PackError,
     dequantize_packed,
@@ -257,8 +257,8 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import lowbit_matmul as lm
-from kernels.pack import pack_weight
+from qkernels import lowbit_matmul as lm
+from qkernels.pack import pack_weight
 import torch
 names = ["x_ptr", "w_ptr", "scale_ptr", "zero_ptr", "y_ptr", "partial_ptr", "count_ptr", "M", "N", "K", "n_chunks", "n_groups", "stride_sn",
          "stride_sg", "group_size", "zero_const", "stride_xm", "stride_wn", "stride_ym"]

@@ -12,8 +12,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from bench.models import ModelBundle, find_blocks  # noqa: E402
-from kernels.qlinear import QuantLinear, pack_int_weight, quantize_linear_layers, restore_linear_layers  # noqa: E402
-from kernels.pack import dequantize_packed  # noqa: E402
+from qkernels.qlinear import QuantLinear, pack_int_weight, quantize_linear_layers, restore_linear_layers  # noqa: E402
+from qkernels.pack import dequantize_packed  # noqa: E402
 from methods.common.formats import FormatError, IntFormat  # noqa: E402
 
 

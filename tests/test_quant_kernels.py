@@ -17,7 +17,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated: they r
 
 pytest.importorskip("triton")
 
-from kernels import quant  # noqa: E402
+from qkernels import quant  # noqa: E402
 from methods.common.elements import Element  # noqa: E402
 from methods.common.formats import FormatError, IntFormat, same_bits  # noqa: E402
 from methods.common.microscaling import MxFormat, NvFormat  # noqa: E402

@@ -3,7 +3,7 @@
 On a CUDA device: each distinct layer shape is packed once from the cell's (already quantized)
 weights and timed on the kernels next to cuBLAS fp16 at the same shape, in the modes of
 :mod:`bench.timing`; then every quantizable layer is swapped for a
-:class:`~kernels.qlinear.QuantLinear` and a short greedy decode is timed (tokens/s and peak memory),
+:class:`~qkernels.qlinear.QuantLinear` and a short greedy decode is timed (tokens/s and peak memory),
 and the original layers are put back so later evaluators see the model unchanged. Elsewhere the
 result is recorded as skipped, not failed: metrics ``{}`` and ``protocol["latency"]["skipped"]``.
 """
@@ -64,8 +64,8 @@ class Latency:
     def time_layers(self, bundle: ModelBundle) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Per distinct (in, out) shape: kernel and fp16 times; metrics sum them over all layers."""
         from bench.kernel_latency import fp16_calls, lowbit_calls
-        from kernels.lowbit_matmul import pick_path
-        from kernels.qlinear import pack_int_weight
+        from qkernels.lowbit_matmul import pick_path
+        from qkernels.qlinear import pack_int_weight
 
         count: dict[tuple[int, int], int] = {}
         first: dict[tuple[int, int], torch.nn.Linear] = {}
@@ -94,7 +94,7 @@ class Latency:
     @torch.no_grad()
     def time_decode(self, bundle: ModelBundle) -> dict[str, Any]:
         """Greedy decode (eager, batch 1) with the model as configured and with QuantLinear layers."""
-        from kernels.qlinear import quantize_linear_layers, restore_linear_layers
+        from qkernels.qlinear import quantize_linear_layers, restore_linear_layers
 
         vocab = int(bundle.model.config.vocab_size)
         prompt = torch.randint(0, vocab, (1, self.prompt_tokens), device=bundle.device)

@@ -14,7 +14,7 @@ integer codes (FP: the sign | exponent | mantissa bit pattern; INT: two's comple
 
 All arithmetic is float32 and exact: a value's binade and the grid spacing there come from float32
 exponent fields, powers of two are built from bit patterns (:func:`pow2`), and rounding is ``torch.round``
-(half to even). The Triton kernels in ``kernels/quant.py`` compute the same grid values another way (a
+(half to even). The Triton kernels in ``qkernels/quant.py`` compute the same grid values another way (a
 rounding constant, see ``_round_fp``); tests hold the two equal bit for bit.
 """
 

@@ -372,7 +372,7 @@ class IntFormat(Format):
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         if triton_kernels_for(x) and self.clip == "minmax" and self.group_size != "tensor":
-            from kernels.quant import int_fake_quant
+            from qkernels.quant import int_fake_quant
 
             return int_fake_quant(x, self)
         return self.dequantize(self.quantize(x))

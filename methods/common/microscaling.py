@@ -22,7 +22,7 @@ OCP MX encodes NaN in the shared scale; NV's tensor amax is taken over the finit
 
 The top-level ``bits`` and ``group_size`` do not apply: these formats fix both, and the pipeline records
 theirs (``element_bits``, ``granularity``). On CUDA tensors ``fake_quant`` runs the Triton kernel of
-``kernels/quant.py``; this file's torch code is that kernel's reference.
+``qkernels/quant.py``; this file's torch code is that kernel's reference.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class MxFormat(Format):
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         """``dequantize(quantize(x))``, bit for bit: the Triton kernel on CUDA, else without the codes."""
         if triton_kernels_for(x):
-            from kernels.quant import mx_fake_quant
+            from qkernels.quant import mx_fake_quant
 
             return mx_fake_quant(x, self)
         values, scale, _ = self._rounded(x)
@@ -173,7 +173,7 @@ class NvFormat(Format):
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         """``dequantize(quantize(x))``, bit for bit: the Triton kernel on CUDA, else without the codes."""
         if triton_kernels_for(x):
-            from kernels.quant import nv_fake_quant
+            from qkernels.quant import nv_fake_quant
 
             return nv_fake_quant(x, self)
         values, block_scale, _, tensor_scale = self._rounded(x, None)

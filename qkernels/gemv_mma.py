@@ -1,10 +1,10 @@
 """Batch-1 GEMV on ``mma.sync`` tensor cores (Gluon): the dispatcher's path for grouped W1 and W2 and ternary.
 
 For fp16 activations and the ``uint1``/``uint2``/``uint4`` layouts with a run of 32, any scales and zero
-points (:func:`kernels.lowbit_matmul.gemv_mma_fits`); one program per activation row, like the
+points (:func:`qkernels.lowbit_matmul.gemv_mma_fits`); one program per activation row, like the
 fp16-pair GEMV. H100, steady state, batch 1 (session 9, bench/results/kernel_latency_h100.md): faster
 than the fp16-pair GEMV for grouped W1 and W2 and for ternary; for grouped W4 only with a long K and
-at most 4096 rows (:func:`kernels.lowbit_matmul.gemv_mma_preferred`). Its sums and its scaling are
+at most 4096 rows (:func:`qkernels.lowbit_matmul.gemv_mma_preferred`). Its sums and its scaling are
 fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
 
 * The words tile ``[BLOCK_N // 2, 2, 32]`` (row ``2r + parity``) has an explicit layout: lane ``4g + t``
@@ -42,8 +42,8 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from kernels import lowbit_matmul as lm
-from kernels.pack import PackedWeight
+from qkernels import lowbit_matmul as lm
+from qkernels.pack import PackedWeight
 
 RUN = gl.constexpr(lm.GEMV_MMA_RUN)  # words per row and chunk: 4 lanes x 8 words
 WINDOW = {1: 4, 2: 4, 4: 8}  # bits per shift window: a slot lands at mantissa bit P >= 10 - window

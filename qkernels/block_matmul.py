@@ -2,7 +2,7 @@
 
 Covers every element of the formats: MXFP4/MXFP6/MXFP8 and MXINT8 (blocks of 32, E8M0 scales), NVFP4 and
 NVINT4 (blocks of 16, E4M3 scales and an FP32 tensor scale). The weight is stored as the formats' real
-quantization, the packed layout of :mod:`kernels.quant` (4-bit codes two to a byte, others one byte,
+quantization, the packed layout of :mod:`qkernels.quant` (4-bit codes two to a byte, others one byte,
 one scale byte per block), so what a format run measures is what this kernel reads.
 
 K goes in steps of 32, one tensor-core dot each: every element grid is exact in fp16 and bf16 (at most 8
@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lowbit_matmul import _split_range, _store_transposed, split_buffers
-from kernels.quant import PackedTensor, mx_quantize_reference, nv_quantize_reference
+from qkernels.lowbit_matmul import _split_range, _store_transposed, split_buffers
+from qkernels.quant import PackedTensor, mx_quantize_reference, nv_quantize_reference
 from methods.common.elements import ELEMENTS, IntElement
 from methods.common.microscaling import MxFormat, NvFormat
 
@@ -123,7 +123,7 @@ def _block_matmul_kernel(
     MAN_BITS: tl.constexpr, VALUE_SCALE: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """Program ``(n, m, k)``: ``BLOCK_N`` weight rows, ``BLOCK_M`` activation rows, one K split in steps of
-    32 (the splits are added up as in :mod:`kernels.lowbit_matmul`).
+    32 (the splits are added up as in :mod:`qkernels.lowbit_matmul`).
 
     MX (blocks of 32): a step is one block, its scale multiplies the dot result. NV (blocks of 16,
     ``SCALED_WEIGHTS``): a step is two blocks, each element is multiplied by its E4M3 block scale

@@ -2,7 +2,7 @@
 
 * **W8A8**: int8 activations (one scale per token) times int8 weights (one scale per output
   channel), int32 accumulation on tensor cores, scales applied once in the epilogue.
-* **W4A8**: packed 4-bit weights (:mod:`kernels.pack` ``uint4``, per-group scales, integer zero
+* **W4A8**: packed 4-bit weights (:mod:`qkernels.pack` ``uint4``, per-group scales, integer zero
   points) times int8 activations. Each step takes a K range inside one weight group, so
   ``code - zero`` is an exact int8 operand and the group's scale multiplies the int32 partial sum.
 * **Bit-plane WpAq** (ABQ-LLM): p-bit weight codes and q-bit activation codes are split into binary
@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lowbit_matmul import _codes_of_slots, _load_chunk, gemm_sub_slots, kernel_tensors
-from kernels.pack import PackedWeight, pack_uint, padded_width
+from qkernels.lowbit_matmul import _codes_of_slots, _load_chunk, gemm_sub_slots, kernel_tensors
+from qkernels.pack import PackedWeight, pack_uint, padded_width
 
 INT8_BLOCK = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64)
 
@@ -162,7 +162,7 @@ def w4a8_matmul(a: torch.Tensor, a_scale: torch.Tensor, pw: PackedWeight, out_dt
 
 
 def w4a8_reference(a: torch.Tensor, a_scale: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
-    from kernels.pack import dequantize_packed
+    from qkernels.pack import dequantize_packed
 
     w = dequantize_packed(pw, torch.float64)
     return (a.double() * a_scale.double()[:, None]) @ w.t()

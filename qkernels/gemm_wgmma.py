@@ -11,7 +11,7 @@ consecutive K each):
 * The weights are the A operand, straight from registers: the chunk's words are loaded (a chunk
   ahead) in the A operand's register layout, so a thread holds the two neighbouring words of each
   of its K pairs; one ``prmt`` + ``lop3`` + ``fma.f16x2`` per pair gives the slot's codes as fp16
-  (as :func:`kernels.lowbit_matmul._slot_fp16`), and ``(code - zero) * scale`` in fp16 folds the
+  (as :func:`qkernels.lowbit_matmul._slot_fp16`), and ``(code - zero) * scale`` in fp16 folds the
   group's values in (the weights rounded to fp16, as dequantization rounds them). The group values
   are loaded ``group_ahead`` groups ahead.
 * ``wgmma`` runs asynchronously with one step in flight: the next step's decode overlaps it. Its A
@@ -44,8 +44,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from kernels import lowbit_matmul as lm
-from kernels.pack import PackedWeight
+from qkernels import lowbit_matmul as lm
+from qkernels.pack import PackedWeight
 
 RUN = gl.constexpr(lm.GEMV_MMA_RUN)  # K per slot of a chunk: 32 words per row
 

@@ -1,10 +1,10 @@
 """Packed low-bit weight matmuls ``y = x @ W^T`` with fp16/bf16 activations (W1..W4, ternary).
 
-Weights come as a :class:`kernels.pack.PackedWeight` (codes packed along K in chunks, fp16 scales and
+Weights come as a :class:`qkernels.pack.PackedWeight` (codes packed along K in chunks, fp16 scales and
 optional zero points per group). Four GPU paths here, chosen by the number of activation rows ``M``
 (:func:`pick_path`); at batch 1 the weights of :func:`gemv_mma_preferred` take a fifth,
-:mod:`kernels.gemv_mma` (a GEMV on ``mma.sync`` tensor cores, in Gluon), and on Hopper GPUs the
-batches above the GEMV's and the MMA kernel's rows a sixth, :mod:`kernels.gemm_wgmma` (``wgmma`` with
+:mod:`qkernels.gemv_mma` (a GEMV on ``mma.sync`` tensor cores, in Gluon), and on Hopper GPUs the
+batches above the GEMV's and the MMA kernel's rows a sixth, :mod:`qkernels.gemm_wgmma` (``wgmma`` with
 the weights decoded in registers, in Gluon), where it fits (:func:`wgmma_fits`). The four:
 
 * **GEMV** (``M <= 8`` where the MMA kernel does not run or is slower), meant to be memory bound: a
@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pack import CODE_BITS, PackedWeight, dequantize_packed
+from qkernels.pack import CODE_BITS, PackedWeight, dequantize_packed
 
 
 @dataclass(frozen=True)
@@ -126,8 +126,8 @@ GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # best of bench.kernel_lat
     ("uint1", True): GemvConfig(block_n=64, num_warps=4, split_k=2),
 }
 PAIR_LAYOUTS = ("uint1", "uint2", "uint4")  # 16 bits hold a whole number of slots
-GEMV_MMA_RUN = 32  # the tensor-core GEMV's words per row and chunk (kernels/gemv_mma.py)
-# Batch 1 on the tensor-core GEMV (kernels/gemv_mma.py) for these (layout, grouped) keys: H100, steady state,
+GEMV_MMA_RUN = 32  # the tensor-core GEMV's words per row and chunk (qkernels/gemv_mma.py)
+# Batch 1 on the tensor-core GEMV (qkernels/gemv_mma.py) for these (layout, grouped) keys: H100, steady state,
 # seven layer shapes (session 9, bench/results/kernel_latency_h100.md): faster than the fp16-pair GEMV at all
 # seven for grouped W1 and W2 (8192^2: 12.3 us against 14.4, 12.9 against 14.3) and at six for ternary as
 # uint2 (11.0 against 12.5; tied at 4096x14336). Grouped W4 only where K >= 2N and N <= 4096 (14336x4096:
@@ -890,8 +890,8 @@ def gemv_mma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
 
 
 def gemv_mma(x: torch.Tensor, pw: PackedWeight, config=None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The tensor-core GEMV of :mod:`kernels.gemv_mma` (Gluon, imported on first use)."""
-    from kernels.gemv_mma import gemv_mma as run
+    """The tensor-core GEMV of :mod:`qkernels.gemv_mma` (Gluon, imported on first use)."""
+    from qkernels.gemv_mma import gemv_mma as run
 
     return run(x, pw, config, out)
 
@@ -926,8 +926,8 @@ def wgmma_preferred(m: int, pw: PackedWeight) -> bool:
 
 
 def wgmma(x: torch.Tensor, pw: PackedWeight, config=None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The wgmma GEMM of :mod:`kernels.gemm_wgmma` (Gluon, Hopper; imported on first use)."""
-    from kernels.gemm_wgmma import gemm_wgmma as run
+    """The wgmma GEMM of :mod:`qkernels.gemm_wgmma` (Gluon, Hopper; imported on first use)."""
+    from qkernels.gemm_wgmma import gemm_wgmma as run
 
     return run(x, pw, config, out)
 

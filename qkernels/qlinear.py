@@ -2,7 +2,7 @@
 
 Built once from a layer's weight and an :class:`~methods.common.formats.IntFormat` (the codes,
 scales and zero points of ``IntFormat.quantize``), or from codes a method already chose. On CUDA the
-forward runs the kernel that :func:`kernels.lowbit_matmul.pick_path` picks for the batch; elsewhere
+forward runs the kernel that :func:`qkernels.lowbit_matmul.pick_path` picks for the batch; elsewhere
 it runs the plain-torch reference, so a swapped model gives the fake-quant model's outputs on any
 machine. :func:`quantize_linear_layers` swaps a model bundle's quantizable layers, and
 :func:`restore_linear_layers` puts the originals back.
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from kernels.lowbit_matmul import lowbit_matmul
-from kernels.pack import PackedWeight, layout_for_bits, pack_weight
+from qkernels.lowbit_matmul import lowbit_matmul
+from qkernels.pack import PackedWeight, layout_for_bits, pack_weight
 from methods.common.formats import FormatError, IntFormat
 
 if TYPE_CHECKING:

@@ -422,7 +422,7 @@ def int_quantize(x: torch.Tensor, fmt: IntFormat, elems_per_program: int = DEFAU
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``[rows, n]`` integer codes of ``bits`` bits (2, 4 or 8) -> ``[rows, n * bits / 8]`` bytes, earlier
     elements in lower bits. Byte-granular storage of whole rows; where a row fills whole int32 words it is
-    the bytes of ``kernels.pack.pack_uint(codes, bits, run=1)``, the matmul kernels' layout with run 1."""
+    the bytes of ``qkernels.pack.pack_uint(codes, bits, run=1)``, the matmul kernels' layout with run 1."""
     per_byte = 8 // bits
     fields = (codes.to(torch.int32) & (2**bits - 1)).reshape(codes.shape[0], -1, per_byte)
     shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits

@@ -1,0 +1,17 @@
+"""The project's top-level packages leave the names of its dependencies' packages alone."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_no_project_package_shadows_hugging_face_kernels() -> None:
+    """transformers imports Hugging Face's ``kernels`` package when it is installed (a dependency from
+    transformers 5.25 on); a ``kernels`` folder of this project would be found first and break every
+    model import."""
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or ROOT not in Path(spec.origin or "").resolve().parents
+    import transformers.activations  # noqa: F401  (the module that imports Hugging Face's kernels)
