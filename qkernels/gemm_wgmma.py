@@ -5,29 +5,32 @@ program (one or two warpgroups, 16 weight rows per warp and pass) takes ``BLOCK_
 ``BLOCK_M`` activation rows and one K split. A step is ``slots_per_step`` slots of a chunk (32
 consecutive K each):
 
-* The activations ``[BLOCK_M, 32]`` of each slot come by TMA into a ring of ``STAGES`` steps of
-  shared-memory buffers (one mbarrier per step), ``STAGES - 1`` steps ahead; rows past ``M`` and
-  columns past ``K`` read as zeros. They are the ``wgmma`` B operand (K-major: the permuted view).
+* The activations ``[BLOCK_M, 32 * slots_per_step]`` of a step come by TMA (one box) into a ring of
+  ``STAGES`` shared-memory buffers (one mbarrier each), ``STAGES - 1`` steps ahead; rows past ``M``
+  and columns past ``K`` read as zeros. Each slot's 32 columns are a ``wgmma`` B operand (K-major:
+  the permuted view).
 * The weights are the A operand, straight from registers: the chunk's words are loaded (a chunk
   ahead) in the A operand's register layout, so a thread holds the two neighbouring words of each
-  of its K pairs; one ``prmt`` + ``lop3`` + ``fma.f16x2`` per pair gives the slot's codes as fp16
-  (as :func:`qkernels.lowbit_matmul._slot_fp16`), and ``(code - zero) * scale`` in fp16 folds the
-  group's values in (the weights rounded to fp16, as dequantization rounds them). The group values
-  are loaded ``group_ahead`` groups ahead.
+  of its K pairs. One asm block per pair gives ``(code - zero) * scale`` in fp16 (``prmt``, ``lop3``,
+  ``fma.f16x2``, ``mul.f16x2``: with integer zero points the ``fma`` takes off the zero point too;
+  other zero points take a ``sub.f16x2`` more), so the weights are rounded to fp16 as dequantization
+  rounds them. The group values are loaded ``group_ahead`` groups ahead (1 to 4).
 * ``wgmma`` runs asynchronously with one step in flight: the next step's decode overlaps it. Its A
   registers stay live until the wait that retires it, and a buffer is refilled only after the
   ``wgmma`` that read it has retired (Gluon's barrier pass puts a CTA barrier before the refill, after
   every warpgroup's wait).
 
 No fp16 copy of the weight is ever made (the dequant + cuBLAS fallback writes one of ``N x K``).
-Split-K as in ``lowbit_matmul`` (the last split to finish adds the partial sums in order).
+Split-K as in ``lowbit_matmul`` (the last split to finish adds the partial sums in order); the partial
+sums are written and read in the accumulator's own register layout, so only the last split shuffles
+its tile (through shared memory) for the stores along N.
 
-H200, steady state (session 10, bench/results/kernel_latency_h200.md): 8192^2 at 1024 rows W4 200 us
-(0.89x cuBLAS fp16; 193 with the group values two groups ahead, now the default), W2 0.95x, ternary
-1.00x, W1 0.97x, against 0.78-0.81x for dequant + cuBLAS; at 64 rows still slower than the
-``mma.sync`` kernel for W4 (46 us against 35; Nsight Compute: one warp per scheduler, 0.24 issued
-instructions per cycle, bound by latency). Tried and dropped: the words by TMA through a shared-memory
-ring (slower at every batch: 64 rows W4 64 us against 47, 1024 rows 240 against 200).
+H200, steady state, W4 8192^2 (sessions 10 and 11, bench/results/kernel_latency_h200.md). Session 11
+took 64 rows from 42 to 29 us (cuBLAS fp16 35): Nsight Compute had a quarter of the time in the
+split-K epilogue (partial sums stored 4 bytes at a time, along the wrong axis) and the rest bound by
+latency with one warp per scheduler; 64-row weight tiles now run two programs per multiprocessor.
+Tried and dropped: the words by TMA through a shared-memory ring (slower at every batch: session 10,
+64 rows W4 64 us against 47, 1024 rows 240 against 200).
 
 Gluon has no interpreter: off the GPU the tests check the config rules, the argument checks and the
 dispatch, on a Hopper GPU the kernel against the fp32 reference.
@@ -51,28 +54,36 @@ RUN = gl.constexpr(lm.GEMV_MMA_RUN)  # K per slot of a chunk: 32 words per row
 
 
 @gluon.jit
-def _slot_weights(words, scale, zero, SLOT: gl.constexpr, BITS: gl.constexpr):
-    """Slot ``SLOT`` of the words tile as fp16 weights ``(code - zero) * scale``: ``prmt`` puts the
-    slot's byte of two neighbouring words into the two halves, ``lop3`` keeps the code bits and ors in
-    the exponent of 1024, ``fma.f16x2`` leaves the code (constants: ``lowbit_matmul.slot_decode_constants``)."""
+def _slot_weights(words, scale, zero, SLOT: gl.constexpr, BITS: gl.constexpr, INT_ZERO: gl.constexpr):
+    """Slot ``SLOT`` of the words tile as fp16 weights ``(code - zero) * scale``, in one asm block per
+    pair: ``prmt`` puts the slot's byte of two neighbouring words into the two halves, ``lop3`` keeps the
+    code bits and ors in the exponent of 1024 (``2**10 + code * 2**P``), ``fma.f16x2`` by ``2**-P`` takes
+    off ``2**(10 - P)`` and, with integer zero points (``INT_ZERO``), the zero point too (``2**(10 - P) +
+    zero`` is exact in fp16 then; otherwise a ``sub.f16x2`` does), ``mul.f16x2`` scales. The block is
+    not pure so that it is not sunk past the next barrier wait: a step decodes while its activations
+    are still on their way (constants: ``lowbit_matmul.slot_decode_constants``)."""
     BYTE: gl.constexpr = (SLOT * BITS) // 8
     P: gl.constexpr = (SLOT * BITS) % 8
     SELECT: gl.constexpr = BYTE | ((4 + BYTE) << 8)
     MASK: gl.constexpr = (((1 << BITS) - 1) << P) * 0x10001
     MUL: gl.constexpr = ((15 - P) << 10) * 0x10001  # fp16 2**-P, twice
-    ADD: gl.constexpr = (0x8000 | ((25 - P) << 10)) * 0x10001  # fp16 -2**(10 - P), twice
-    codes = gl.inline_asm_elementwise(
+    if INT_ZERO:
+        addend = -(zero + (1 << (10 - P)))  # [BLOCK_N, 1] fp16, per slot: P varies
+        body: gl.constexpr = "fma.rn.f16x2 u, u, m, $3;"
+    else:
+        addend = zero
+        body: gl.constexpr = f"mov.b32 a, {(0x8000 | ((25 - P) << 10)) * 0x10001};\n fma.rn.f16x2 u, u, m, a;\n sub.rn.f16x2 u, u, $3;"
+    return gl.inline_asm_elementwise(
         asm=f"""{{
-        .reg .b32 t, u, m, a;
-        prmt.b32 t, $1, $2, {SELECT};
-        lop3.b32 u, t, {MASK}, 0x64006400, 0xea;
+        .reg .b32 u, m, a;
+        prmt.b32 u, $1, $2, {SELECT};
+        lop3.b32 u, u, {MASK}, 0x64006400, 0xea;
         mov.b32 m, {MUL};
-        mov.b32 a, {ADD};
-        fma.rn.f16x2 $0, u, m, a;
+        {body}
+        mul.rn.f16x2 $0, u, $4;
         }}""",
-        constraints="=r,r,r", args=[words], dtype=gl.float16, is_pure=True, pack=2,
+        constraints="=r,r,r,r,r", args=[words, addend, scale], dtype=gl.float16, is_pure=False, pack=2,
     )
-    return (codes - zero) * scale
 
 
 @gluon.jit
@@ -93,7 +104,7 @@ def _group_values(scale_ptr, zero_ptr, rows, row_ok, pos, n_groups, stride_sn, s
 def _gemm_wgmma_kernel(
     x_desc, w_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
     M, N, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_ym,
-    BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
+    BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPS: gl.constexpr, GAHEAD: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr,
 ):
@@ -101,7 +112,7 @@ def _gemm_wgmma_kernel(
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     CHUNK: gl.constexpr = SLOTS * RUN
     GSTEP: gl.constexpr = SPG if SPG < SLOTS else SLOTS  # slots from one group-value load to the next
-    TILE_BYTES: gl.constexpr = SPS * x_desc.block_type.nbytes
+    TILE_BYTES: gl.constexpr = x_desc.block_type.nbytes  # one box [BLOCK_M, SPS * RUN] a step
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
     rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout))
@@ -117,24 +128,31 @@ def _gemm_wgmma_kernel(
     k0 = first * CHUNK
 
     # a ring of STAGES steps, SPS activation tiles [BLOCK_M, RUN] each, and one mbarrier per step
-    xs = gl.allocate_shared_memory(gl.float16, [STAGES * SPS, BLOCK_M, RUN], x_desc.layout)
+    xs = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_M, SPS * RUN], x_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
     for s in gl.static_range(STAGES - 1):
         mbarrier.expect(ready.index(s), TILE_BYTES, pred=s < n_steps)
-        for j in gl.static_range(SPS):
-            tma.async_copy_global_to_shared(x_desc, [off_m, k0 + (s * SPS + j) * RUN], ready.index(s), xs.index(s * SPS + j),
-                                            pred=s < n_steps)
+        tma.async_copy_global_to_shared(x_desc, [off_m, k0 + s * SPS * RUN], ready.index(s), xs.index(s), pred=s < n_steps)
 
     next_words = gl.load(w_tile + gl.minimum(first, n_chunks - 1) * RUN, mask=w_ok, other=0)
-    next_scale, next_zero = _group_values(scale_ptr, zero_ptr, rows, row_ok, k0, n_groups, stride_sn, stride_sg, group_size,
-                                          zero_const, HAS_ZERO)
-    scale, zero = next_scale, next_zero
-    after_scale, after_zero = next_scale, next_zero  # two groups ahead (GAHEAD == 2)
-    if GAHEAD == 2:
-        after_scale, after_zero = _group_values(scale_ptr, zero_ptr, rows, row_ok, k0 + GSTEP * RUN, n_groups, stride_sn, stride_sg,
-                                                group_size, zero_const, HAS_ZERO)
+    # the group values ahead, a shift register: (s1, z1) the next group's, (s2, z2) the one after, ...
+    # GAHEAD of them are live (the rest are copies, dropped by the compiler)
+    s1, z1 = _group_values(scale_ptr, zero_ptr, rows, row_ok, k0, n_groups, stride_sn, stride_sg, group_size, zero_const, HAS_ZERO)
+    scale, zero = s1, z1
+    s2, z2 = s1, z1
+    s3, z3 = s1, z1
+    s4, z4 = s1, z1
+    if GAHEAD >= 2:
+        s2, z2 = _group_values(scale_ptr, zero_ptr, rows, row_ok, k0 + GSTEP * RUN, n_groups, stride_sn, stride_sg, group_size,
+                               zero_const, HAS_ZERO)
+    if GAHEAD >= 3:
+        s3, z3 = _group_values(scale_ptr, zero_ptr, rows, row_ok, k0 + 2 * GSTEP * RUN, n_groups, stride_sn, stride_sg, group_size,
+                               zero_const, HAS_ZERO)
+    if GAHEAD >= 4:
+        s4, z4 = _group_values(scale_ptr, zero_ptr, rows, row_ok, k0 + 3 * GSTEP * RUN, n_groups, stride_sn, stride_sg, group_size,
+                               zero_const, HAS_ZERO)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
     # the A operands of the step in flight (at most two slots a step): live until the wait that retires it
     held0 = gl.zeros([BLOCK_N, RUN], gl.float16, a_layout)
@@ -147,24 +165,26 @@ def _gemm_wgmma_kernel(
             buf = step % STAGES
             for j in gl.static_range(SPS):
                 if (part * SPS + j) % GSTEP == 0:  # (static_range's variables: used inline, never assigned)
-                    scale, zero = next_scale, next_zero
-                    if GAHEAD == 2:
-                        next_scale, next_zero = after_scale, after_zero
+                    scale, zero = s1, z1
                     # the values GAHEAD groups on (every GSTEP slots: the same group again where groups span chunks)
                     after = chunk * CHUNK + (part * SPS + j + GAHEAD * GSTEP) * RUN
-                    if GAHEAD == 2:
-                        after_scale, after_zero = _group_values(scale_ptr, zero_ptr, rows, row_ok, after, n_groups, stride_sn, stride_sg,
-                                                                group_size, zero_const, HAS_ZERO)
+                    new_scale, new_zero = _group_values(scale_ptr, zero_ptr, rows, row_ok, after, n_groups, stride_sn, stride_sg,
+                                                        group_size, zero_const, HAS_ZERO)
+                    if GAHEAD == 1:
+                        s1, z1 = new_scale, new_zero
+                    elif GAHEAD == 2:
+                        s1, z1, s2, z2 = s2, z2, new_scale, new_zero
+                    elif GAHEAD == 3:
+                        s1, z1, s2, z2, s3, z3 = s2, z2, s3, z3, new_scale, new_zero
                     else:
-                        next_scale, next_zero = _group_values(scale_ptr, zero_ptr, rows, row_ok, after, n_groups, stride_sn, stride_sg,
-                                                              group_size, zero_const, HAS_ZERO)
-                a = _slot_weights(words, scale, zero, part * SPS + j, BITS)
+                        s1, z1, s2, z2, s3, z3, s4, z4 = s2, z2, s3, z3, s4, z4, new_scale, new_zero
+                a = _slot_weights(words, scale, zero, part * SPS + j, BITS, INT_ZERO)
                 if j == 0:
                     mbarrier.wait(ready.index(buf), (step // STAGES) & 1)
                     a0 = a
                 else:
                     a1 = a
-                acc = warpgroup_mma(a, xs.index(buf * SPS + j).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma(a, xs.index(buf).slice(j * RUN, RUN, dim=1).permute((1, 0)), acc, is_async=True)
             # the previous step's wgmmas retire (each warpgroup_mma is one group); then its buffer is refilled
             acc, held0, held1 = warpgroup_mma_wait(num_outstanding=SPS, deps=(acc, held0, held1))
             held0 = a0
@@ -173,35 +193,40 @@ def _gemm_wgmma_kernel(
             refill = step + STAGES - 1
             again = refill < n_steps
             mbarrier.expect(ready.index(refill % STAGES), TILE_BYTES, pred=again)
-            for j in gl.static_range(SPS):
-                tma.async_copy_global_to_shared(x_desc, [off_m, k0 + (refill * SPS + j) * RUN], ready.index(refill % STAGES),
-                                                xs.index((refill % STAGES) * SPS + j), pred=again)
+            tma.async_copy_global_to_shared(x_desc, [off_m, k0 + refill * SPS * RUN], ready.index(refill % STAGES),
+                                            xs.index(refill % STAGES), pred=again)
     acc, held0, held1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, held0, held1))
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
 
-    # y is [M, N] with N contiguous: store the transposed tile along N
-    out: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, NUM_WARPS], [0, 1])
-    acc = gl.convert_layout(acc, out)
-    n_local = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out))[:, None]
-    m_local = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out))[None, :]
-    y_tile = y_ptr + (off_m + m_local).to(gl.int64) * stride_ym + pid_n * BLOCK_N + n_local
-    y_ok = (off_m + m_local < M) & (pid_n * BLOCK_N + n_local < N)
     if SPLIT_K == 1:
-        gl.store(y_tile, acc.to(gl.float16), mask=y_ok)
+        _store_tile(y_ptr, acc, M, N, off_m, pid_n * BLOCK_N, stride_ym, BLOCK_N, BLOCK_M, NUM_WARPS)
     else:  # the last split to finish adds the partial sums in split order (see lowbit_matmul._store_transposed)
+        # partial sums stay in the accumulator's register layout (each thread's own cells): no shuffle
+        cell = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))[:, None] * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))[None, :]
         n_tiles = gl.num_programs(0) * gl.num_programs(1)
         tile = pid_m * gl.num_programs(0) + pid_n
-        cell = n_local * BLOCK_M + m_local
         gl.store(partial_ptr + (gl.program_id(2) * n_tiles + tile).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, acc)
         gl.thread_barrier()
         arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
-            total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, out)
+            total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
             for split in gl.static_range(SPLIT_K):
                 total += gl.load(partial_ptr + (split * n_tiles + tile).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, cache_modifier=".cg")
-            gl.store(y_tile, total.to(gl.float16), mask=y_ok)
+            _store_tile(y_ptr, total, M, N, off_m, pid_n * BLOCK_N, stride_ym, BLOCK_N, BLOCK_M, NUM_WARPS)
             gl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@gluon.jit
+def _store_tile(y_ptr, acc, M, N, off_m, off_n, stride_ym, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """``acc [BLOCK_N, BLOCK_M]`` (fp32) into ``y [M, N]`` as fp16: N is contiguous in y, so the tile is
+    first laid out with 8 consecutive N per thread."""
+    out: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, NUM_WARPS], [0, 1])
+    acc = gl.convert_layout(acc, out)
+    n_local = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out))[:, None]
+    m_local = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out))[None, :]
+    y_tile = y_ptr + (off_m + m_local).to(gl.int64) * stride_ym + off_n + n_local
+    gl.store(y_tile, acc.to(gl.float16), mask=(off_m + m_local < M) & (off_n + n_local < N))
 
 
 @dataclass(frozen=True)
@@ -211,7 +236,7 @@ class GemmWgmmaConfig:
     num_warps: int = 8  # one or two warpgroups
     slots_per_step: int = 2  # activation tiles (32 K each) per pipeline step: 1 or 2
     stages: int = 4  # pipeline steps in flight
-    group_ahead: int = 2  # groups ahead that the scales and zero points are loaded (1 or 2)
+    group_ahead: int = 2  # groups ahead that the scales and zero points are loaded (1 to 4)
     split_k: int = 1
 
 
@@ -243,8 +268,8 @@ def check_config(config: GemmWgmmaConfig) -> None:
         problems.append(f"block_m={config.block_m} (16, 32, 64, 128 or 256)")
     if config.slots_per_step not in (1, 2):
         problems.append(f"slots_per_step={config.slots_per_step} (1 or 2)")
-    if config.group_ahead not in (1, 2):
-        problems.append(f"group_ahead={config.group_ahead} (1 or 2)")
+    if config.group_ahead not in (1, 2, 3, 4):
+        problems.append(f"group_ahead={config.group_ahead} (1 to 4)")
     if config.stages < 2 or config.split_k < 1:
         problems.append(f"stages={config.stages}, split_k={config.split_k} (stages >= 2, split_k >= 1)")
     if problems:
@@ -264,14 +289,14 @@ def gemm_wgmma(x: torch.Tensor, pw: PackedWeight, config: GemmWgmmaConfig | None
     check_config(config)
     y = lm.output(out, (m, pw.n), x)
     words, _, scale, zero = lm.kernel_tensors(pw)
-    layout = gl.NVMMASharedLayout.get_default_for([config.block_m, RUN.value], gl.float16)
-    x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [config.block_m, RUN.value], layout)
+    box = [config.block_m, config.slots_per_step * RUN.value]
+    x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), box, gl.NVMMASharedLayout.get_default_for(box, gl.float16))
     grid = (triton.cdiv(pw.n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
     partial, count = lm.split_buffers(y, grid, config.block_n * config.block_m)
     _gemm_wgmma_kernel[grid](
         x_desc, words, scale, zero, y, partial, count, m, pw.n, words.shape[1] // pw.run, pw.n_groups, *scale.stride(),
         pw.group_size, pw.zero_const, words.stride(0), y.stride(0), BITS=lm.CODE_BITS[pw.layout], SLOTS=pw.slots,
-        SPG=pw.group_size // pw.run, HAS_ZERO=pw.zero is not None, BLOCK_N=config.block_n, BLOCK_M=config.block_m,
+        SPG=pw.group_size // pw.run, HAS_ZERO=pw.zero is not None, INT_ZERO=pw.zero_grid == 1.0, BLOCK_N=config.block_n, BLOCK_M=config.block_m,
         STAGES=config.stages, SPS=config.slots_per_step, GAHEAD=config.group_ahead, SPLIT_K=config.split_k, NUM_WARPS=config.num_warps,
         num_warps=config.num_warps,
     )

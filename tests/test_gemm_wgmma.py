@@ -38,6 +38,25 @@ def test_config_errors_name_the_bad_values() -> None:
         check_config(GemmWgmmaConfig(block_m=48, slots_per_step=3))
     with pytest.raises(ValueError, match=r"num_warps=2"):
         check_config(GemmWgmmaConfig(block_n=64, num_warps=2))
+    with pytest.raises(ValueError, match=r"group_ahead=5 \(1 to 4\)"):
+        check_config(GemmWgmmaConfig(group_ahead=5))
+
+
+def test_integer_zero_points_fold_into_the_decode() -> None:
+    """The decode's fma ``u * 2**-P - (2**(10 - P) + zero)`` on ``u = 2**10 + code * 2**P`` (fp16) gives
+    ``code - zero`` exactly for every code, slot position ``P`` and integer zero point within +-63 (what
+    ``zero_grid == 1.0`` promises); a fractional zero point is rounded away next to ``2**10``, which is
+    why the kernel folds only integer ones."""
+    codes = torch.arange(256, dtype=torch.float32)
+    for bits in (1, 2, 4):
+        for p in range(0, 8, bits):
+            code = codes[: 2**bits]
+            u = (1024 + code * 2**p).half()  # lop3's fp16: exponent of 2**10, the code at mantissa bit P
+            for zero in range(-63, 64):
+                addend = torch.tensor(-(zero + 2 ** (10 - p)), dtype=torch.float16)
+                got = (u * torch.tensor(2.0**-p, dtype=torch.float16) + addend).float()  # the product is exact: one rounding
+                assert torch.equal(got, code - zero), (bits, p, zero)
+    assert (torch.tensor(1024.0, dtype=torch.float16) + torch.tensor(-(0.25 + 1024), dtype=torch.float16)).item() != -0.25
 
 
 def test_default_configs_fill_the_gpu() -> None:
@@ -90,9 +109,9 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     scale = (torch.rand(n, n_groups) * 0.02 + 0.01).half()
     zero = {"integer": torch.randint(0, top + 1, (n, n_groups)).half(), "float": (torch.rand(n, n_groups) * top).half()}.get(zeros)
     pw = pack_weight(codes, scale, zero, layout, group, zero_const=zeros if zero is None else 0.0, run=32).to("cuda")
-    configs = [None, GemmWgmmaConfig(block_n=64, num_warps=4, block_m=16, slots_per_step=1, stages=2, split_k=3),
+    configs = [None, GemmWgmmaConfig(block_n=64, num_warps=4, block_m=16, slots_per_step=1, stages=2, group_ahead=4, split_k=3),
                GemmWgmmaConfig(block_n=256, block_m=64, split_k=2, group_ahead=1),
-               GemmWgmmaConfig(block_n=128, num_warps=4, block_m=128, stages=2)]
+               GemmWgmmaConfig(block_n=128, num_warps=4, block_m=128, stages=2, group_ahead=3)]
     for m in (1, 70, 300):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ref = lm.reference_matmul(x, pw).float()
