@@ -241,21 +241,27 @@ class GemmWgmmaConfig:
 
 
 def default_config(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
-    """128-row weight tiles; up to 64 activation rows one warpgroup (two passes of 64 weight rows),
-    up to 256 rows two warpgroups and 128-row activation tiles, beyond that 256-row ones; K splits
-    (powers of two) until there are 128 programs. H200, 8192^2, steady state (session 10, probes
-    beside the tables in bench/results/kernel_latency_h200.md): at 64 rows W4 46.7 us against 59-64
-    for 4 K splits or 8 warps; at 256 rows 75.6 against 90.1 for 256-row tiles; at 1024 rows 202-205
-    for 3 to 5 stages, 216 for one slot per step, 338-378 for 128-row activation tiles."""
-    if m <= 64:
-        block_m, num_warps = max(16, triton.next_power_of_2(m)), 4
+    """Up to 256 activation rows one warpgroup on 64 weight rows (140 registers: two or three programs
+    per multiprocessor), activation tiles of the rows rounded up to 16, 32, 64, 128 or 256; above 256
+    rows two warpgroups on 128 weight rows and 256-row activation tiles. K splits (powers of two, at
+    most 8) while the programs stay within ``fill``: 512 up to 32 rows, 256 up to 128, else 128 (the
+    partial sums grow with the rows). H200, steady state, W4 (session 11, probes beside the tables in
+    bench/results/kernel_latency_h200.md): 8192^2 at 64 rows 28.8-29.0 us against 33.9 for 128 weight
+    rows and 37.0 for 4 splits; at 16 and 32 rows 20.1 and 22.6 for 4 splits against 24.6 and 25.9 for
+    2; at 256 rows 57.6 against 71.7 for 2 splits and 61.7 for 128 weight rows on two warpgroups; at
+    1024 rows 186.3 against 230.6 for 64 weight rows. 4096x14336 at 64 rows: 25.6 without a split, 31.6
+    with 2; 14336x4096: 27.4 with 4, 36.2 with 2."""
+    if m <= 256:
+        block_n, num_warps = 64, 4
+        block_m = min(max(16, triton.next_power_of_2(m)), 256)
+        fill = 512 if m <= 32 else 256 if m <= 128 else 128
     else:
-        block_m, num_warps = (128 if m <= 256 else 256), 8
-    tiles = triton.cdiv(pw.n, 128) * triton.cdiv(m, block_m)
+        block_n, block_m, num_warps, fill = 128, 256, 8, 128
+    tiles = triton.cdiv(pw.n, block_n) * triton.cdiv(m, block_m)
     split_k = 1
-    while tiles * split_k < 128 and split_k < 8 and pw.k // (pw.chunk * 2 * split_k) >= 2:
+    while tiles * split_k * 2 <= fill and split_k < 8 and pw.k // (pw.chunk * 2 * split_k) >= 2:
         split_k *= 2
-    return GemmWgmmaConfig(block_n=128, block_m=block_m, num_warps=num_warps, split_k=split_k)
+    return GemmWgmmaConfig(block_n=block_n, block_m=block_m, num_warps=num_warps, split_k=split_k)
 
 
 def check_config(config: GemmWgmmaConfig) -> None:

@@ -25,7 +25,7 @@ the weights decoded in registers, in Gluon), where it fits (:func:`wgmma_fits`).
     point once per group with the group's activation sum:
     ``sum_k (q_k - z) x_k = 2**b * (sum_k v_k x_k - sum_k x_k) - z * sum_k x_k``.
 * **MMA** (fp16 activations, ``uint1``/``uint2``/``uint4``, ``M <= MMA_MAX_M``; picked up to
-  ``MMA_AUTO_MAX_M`` rows, or ``MMA_AUTO_ROWS``): tensor cores for small batches, the batch padded to 16. One ``prmt``
+  ``MMA_AUTO_MAX_M`` rows, or ``MMA_AUTO_ROWS`` where no wgmma GEMM runs): tensor cores for small batches, the batch padded to 16. One ``prmt``
   gathers a byte of two neighbouring words, one ``lop3`` drops two codes into the mantissas of
   ``1024.0`` (fp16x2), one ``fma.f16x2`` takes off 1024 and the bit position: per two codes three
   instructions, no int->float conversion. Each slot of a
@@ -911,11 +911,11 @@ def wgmma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
 # The wgmma GEMM on an H200 (session 10, steady state, bench/results/kernel_latency_h200.md; 8192^2, 4096x14336,
 # 14336x4096 as in x out): against dequant + cuBLAS it won every cell at 256 and 1024 rows (8192^2 W4 1024 rows:
 # 200 us against 228) but grouped W4 with K = 4096 at 1024 rows (241 against 205) and with K = 14336 at 256 rows
-# (97 against 92, kept: the one loss of this rule). Against the MMA kernel at 64 rows it won for ternary at all three
-# shapes (8192^2: 34.9 against 50.2) and grouped W1 (44.0 against 63.5; the MMA kernel does not take W1 above 16
-# rows) and lost for grouped W4 at all three (46.4 against 35.1); grouped W2 keeps the MMA kernel (it lost at
-# 8192^2, 43.6 against 41.4, tied at 4096x14336 and won at 14336x4096, 44.1 against 62.8).
-WGMMA_OVER_MMA = {("uint2", False)}  # keys that the wgmma GEMM takes from 17 rows on, before the MMA kernel's rows end
+# (97 against 92, kept: the one loss of this rule). Session 11 (64-row weight tiles, faster split-K): it beat the
+# MMA kernel at every cell probed from 16 rows on: W4 8192^2 at 16, 32, 64, 128 rows 20.1 / 22.6 / 28.8 / 41.3 us
+# against 23.1 / 29.7 / 35.3 / 69.8, at 64 rows 25.6 against 37.8 (4096x14336) and 27.4 against 44.6 (14336x4096);
+# W2 28.5 against 41.4, ternary 23.6 against 50.1 (8192^2, 64 rows). So on Hopper the MMA kernel keeps at most
+# MMA_AUTO_MAX_M rows where the wgmma GEMM fits.
 WGMMA_MIN_K_ABOVE_256 = {("uint4", True): 8192}  # above 256 rows, these keys need this K for the wgmma GEMM
 
 
@@ -1079,13 +1079,13 @@ def reference_matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype = torch.float16) -> str:
     """``torch`` off CUDA; else by batch: ``gemv_mma`` at batch 1 where :func:`gemv_mma_preferred` and it
     fits; ``mma`` where it fits and was faster on the H100 (batch 1 only for :data:`MMA_AT_BATCH_1`
-    where the fp16-pair GEMV does not fit, above 16 rows only for :data:`MMA_AUTO_ROWS`, except
-    :data:`WGMMA_OVER_MMA` on Hopper), ``gemv`` for a few rows; above those, on a Hopper GPU, ``wgmma``
+    where the fp16-pair GEMV does not fit, above 16 rows only for :data:`MMA_AUTO_ROWS` and not where
+    the wgmma GEMM runs), ``gemv`` for a few rows; above those, on a Hopper GPU, ``wgmma``
     where it fits and :func:`wgmma_preferred`; elsewhere ``gemm`` for mid batches, ``dequant`` beyond."""
     if device.type != "cuda":
         return "torch"
     wgmma_ok = is_hopper(device) and wgmma_fits(pw, dtype) and wgmma_preferred(m, pw)
-    rows = MMA_AUTO_MAX_M if wgmma_ok and gemv_key(pw) in WGMMA_OVER_MMA else MMA_AUTO_ROWS.get(gemv_key(pw), MMA_AUTO_MAX_M)
+    rows = MMA_AUTO_MAX_M if wgmma_ok else MMA_AUTO_ROWS.get(gemv_key(pw), MMA_AUTO_MAX_M)
     if m == 1 and gemv_mma_preferred(pw) and gemv_mma_fits(pw, dtype):
         return "gemv_mma"
     mma_at_1 = gemv_key(pw) in MMA_AT_BATCH_1 and not pairs_fit(pw, dtype)

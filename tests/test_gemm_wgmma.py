@@ -60,33 +60,36 @@ def test_integer_zero_points_fold_into_the_decode() -> None:
 
 
 def test_default_configs_fill_the_gpu() -> None:
-    """One warpgroup up to 64 rows, two above; K splits (powers of two, at most 8) until there are 128
-    programs, never more splits than K has chunk pairs."""
+    """Up to 256 rows one warpgroup on 64 weight rows, above two on 128; K splits (powers of two, at
+    most 8) while the programs stay within 512 (up to 32 rows), 256 (up to 128) or 128, never more
+    splits than K has chunk pairs."""
     big = w4(8192, 8192)
     assert default_config(1024, big) == GemmWgmmaConfig(block_n=128, block_m=256, num_warps=8, split_k=1)
-    assert default_config(256, big) == GemmWgmmaConfig(block_n=128, block_m=128, num_warps=8, split_k=1)
-    assert default_config(64, big) == GemmWgmmaConfig(block_n=128, block_m=64, num_warps=4, split_k=2)
+    assert default_config(256, big) == GemmWgmmaConfig(block_n=64, block_m=256, num_warps=4, split_k=1)
+    assert default_config(64, big) == GemmWgmmaConfig(block_n=64, block_m=64, num_warps=4, split_k=2)
+    assert default_config(16, big) == GemmWgmmaConfig(block_n=64, block_m=16, num_warps=4, split_k=4)
+    assert default_config(64, w4(4096, 14336)).split_k == 4 and default_config(64, w4(14336, 4096)).split_k == 1
     assert default_config(20, w4(256, 1024)).split_k == 2  # 1024 / (256 * 2) chunk pairs: no more
     for m in (16, 64, 128, 256, 1024):
         config = default_config(m, big)
         check_config(config)
-        assert (8192 // config.block_n) * -(-m // config.block_m) * config.split_k >= 128
+        assert 128 <= (8192 // config.block_n) * -(-m // config.block_m) * config.split_k <= 512
 
 
 def test_dispatch_above_the_gemv_and_mma_rows_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a Hopper GPU the wgmma GEMM takes what the GEMV and the MMA kernel leave (W4 above 128 rows,
-    W1 and ternary above 16) where it fits, but grouped W4 with K < 8192 above 256 rows; bf16, uint3
-    and other GPUs keep the GEMM and dequant + cuBLAS."""
+    """On a Hopper GPU the wgmma GEMM takes what the GEMV and the MMA kernel leave (above 16 rows) where
+    it fits, but grouped W4 with K < 8192 above 256 rows; bf16, uint3 and other GPUs keep the GEMM,
+    the MMA kernel to 128 rows and dequant + cuBLAS."""
     cuda = torch.device("cuda")
     pw, long_k = w4(256, 1024), w4(64, 8192)
     w1 = pack_weight(torch.randint(0, 2, (64, 1024)), torch.rand(64, 8).half(), torch.randint(0, 2, (64, 8)).half(), "uint1", 128, run=32)
     ternary = pack_weight(torch.randint(0, 3, (64, 1024)), torch.rand(64, 1).half(), None, "uint2", None, zero_const=1.0, run=32)
     uint3 = pack_weight(torch.randint(0, 8, (64, 1024)), torch.rand(64, 8).half(), None, "uint3", 128, zero_const=3.5)
     monkeypatch.setattr(lm, "is_hopper", lambda device: False)
-    others = [lm.pick_path(m, pw, cuda) for m in (129, 1024)] + [lm.pick_path(17, w1, cuda), lm.pick_path(64, ternary, cuda)]
-    assert others == ["dequant", "dequant", "gemm", "mma"]  # no Hopper GPU
+    others = [lm.pick_path(m, pw, cuda) for m in (128, 129, 1024)] + [lm.pick_path(17, w1, cuda), lm.pick_path(64, ternary, cuda)]
+    assert others == ["mma", "dequant", "dequant", "gemm", "mma"]  # no Hopper GPU
     monkeypatch.setattr(lm, "is_hopper", lambda device: device.type == "cuda")
-    assert [lm.pick_path(m, pw, cuda) for m in (1, 16, 128, 129, 256, 257)] == ["gemv_mma", "mma", "mma", "wgmma", "wgmma", "dequant"]
+    assert [lm.pick_path(m, pw, cuda) for m in (1, 16, 17, 128, 256, 257)] == ["gemv_mma", "mma", "wgmma", "wgmma", "wgmma", "dequant"]
     assert [lm.pick_path(m, long_k, cuda) for m in (129, 1024)] == ["wgmma", "wgmma"]
     assert [lm.pick_path(m, w1, cuda) for m in (16, 17, 1024)] == ["mma", "wgmma", "wgmma"]
     assert [lm.pick_path(m, ternary, cuda) for m in (16, 17, 1024)] == ["mma", "wgmma", "wgmma"]
