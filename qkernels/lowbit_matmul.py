@@ -25,7 +25,7 @@ the weights decoded in registers, in Gluon), where it fits (:func:`wgmma_fits`).
     point once per group with the group's activation sum:
     ``sum_k (q_k - z) x_k = 2**b * (sum_k v_k x_k - sum_k x_k) - z * sum_k x_k``.
 * **MMA** (fp16 activations, ``uint1``/``uint2``/``uint4``, ``M <= MMA_MAX_M``; picked up to
-  ``MMA_AUTO_MAX_M`` rows, or ``MMA_AUTO_ROWS`` where no wgmma GEMM runs): tensor cores for small batches, the batch padded to 16. One ``prmt``
+  ``MMA_AUTO_MAX_M`` rows, or ``MMA_AUTO_ROWS``; below ``WGMMA_MIN_M`` where the wgmma GEMM runs): tensor cores for small batches, the batch padded to 16. One ``prmt``
   gathers a byte of two neighbouring words, one ``lop3`` drops two codes into the mantissas of
   ``1024.0`` (fp16x2), one ``fma.f16x2`` takes off 1024 and the bit position: per two codes three
   instructions, no int->float conversion. Each slot of a
@@ -914,8 +914,10 @@ def wgmma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
 # (97 against 92, kept: the one loss of this rule). Session 11 (64-row weight tiles, faster split-K): it beat the
 # MMA kernel at every cell probed from 16 rows on: W4 8192^2 at 16, 32, 64, 128 rows 20.1 / 22.6 / 28.8 / 41.3 us
 # against 23.1 / 29.7 / 35.3 / 69.8, at 64 rows 25.6 against 37.8 (4096x14336) and 27.4 against 44.6 (14336x4096);
-# W2 28.5 against 41.4, ternary 23.6 against 50.1 (8192^2, 64 rows). So on Hopper the MMA kernel keeps at most
-# MMA_AUTO_MAX_M rows where the wgmma GEMM fits.
+# W2 28.5 against 41.4, ternary 23.6 against 50.1 (8192^2, 64 rows); the session-11 table has it faster at 16 rows
+# in all twelve cells (4 kinds x 3 shapes; 8192^2 W4 20.1 against 23.1). Both pad the batch to 16-row tiles, so
+# on Hopper the wgmma GEMM takes every fitting key from WGMMA_MIN_M rows (below 9 rows it was not timed).
+WGMMA_MIN_M = 9
 WGMMA_MIN_K_ABOVE_256 = {("uint4", True): 8192}  # above 256 rows, these keys need this K for the wgmma GEMM
 
 
@@ -1085,7 +1087,7 @@ def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype
     if device.type != "cuda":
         return "torch"
     wgmma_ok = is_hopper(device) and wgmma_fits(pw, dtype) and wgmma_preferred(m, pw)
-    rows = MMA_AUTO_MAX_M if wgmma_ok else MMA_AUTO_ROWS.get(gemv_key(pw), MMA_AUTO_MAX_M)
+    rows = WGMMA_MIN_M - 1 if wgmma_ok else MMA_AUTO_ROWS.get(gemv_key(pw), MMA_AUTO_MAX_M)
     if m == 1 and gemv_mma_preferred(pw) and gemv_mma_fits(pw, dtype):
         return "gemv_mma"
     mma_at_1 = gemv_key(pw) in MMA_AT_BATCH_1 and not pairs_fit(pw, dtype)

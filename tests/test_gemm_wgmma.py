@@ -77,7 +77,7 @@ def test_default_configs_fill_the_gpu() -> None:
 
 
 def test_dispatch_above_the_gemv_and_mma_rows_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a Hopper GPU the wgmma GEMM takes what the GEMV and the MMA kernel leave (above 16 rows) where
+    """On a Hopper GPU the wgmma GEMM takes what the GEMV and the MMA kernel leave (from 9 rows) where
     it fits, but grouped W4 with K < 8192 above 256 rows; bf16, uint3 and other GPUs keep the GEMM,
     the MMA kernel to 128 rows and dequant + cuBLAS."""
     cuda = torch.device("cuda")
@@ -89,10 +89,10 @@ def test_dispatch_above_the_gemv_and_mma_rows_on_hopper(monkeypatch: pytest.Monk
     others = [lm.pick_path(m, pw, cuda) for m in (128, 129, 1024)] + [lm.pick_path(17, w1, cuda), lm.pick_path(64, ternary, cuda)]
     assert others == ["mma", "dequant", "dequant", "gemm", "mma"]  # no Hopper GPU
     monkeypatch.setattr(lm, "is_hopper", lambda device: device.type == "cuda")
-    assert [lm.pick_path(m, pw, cuda) for m in (1, 16, 17, 128, 256, 257)] == ["gemv_mma", "mma", "wgmma", "wgmma", "wgmma", "dequant"]
+    assert [lm.pick_path(m, pw, cuda) for m in (1, 8, 9, 128, 256, 257)] == ["gemv_mma", "mma", "wgmma", "wgmma", "wgmma", "dequant"]
     assert [lm.pick_path(m, long_k, cuda) for m in (129, 1024)] == ["wgmma", "wgmma"]
-    assert [lm.pick_path(m, w1, cuda) for m in (16, 17, 1024)] == ["mma", "wgmma", "wgmma"]
-    assert [lm.pick_path(m, ternary, cuda) for m in (16, 17, 1024)] == ["mma", "wgmma", "wgmma"]
+    assert [lm.pick_path(m, w1, cuda) for m in (8, 9, 1024)] == ["mma", "wgmma", "wgmma"]
+    assert [lm.pick_path(m, ternary, cuda) for m in (8, 9, 1024)] == ["mma", "wgmma", "wgmma"]
     assert [lm.pick_path(m, pw, cuda, torch.bfloat16) for m in (9, 1024)] == ["gemm", "dequant"]
     assert lm.pick_path(1024, uint3, cuda) == "dequant" and lm.pick_path(1024, pw, torch.device("cpu")) == "torch"
 
