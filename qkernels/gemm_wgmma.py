@@ -25,12 +25,13 @@ Split-K as in ``lowbit_matmul`` (the last split to finish adds the partial sums 
 sums are written and read in the accumulator's own register layout, so only the last split shuffles
 its tile (through shared memory) for the stores along N.
 
-H200, steady state, W4 8192^2 (sessions 10 and 11, bench/results/kernel_latency_h200.md). Session 11
-took 64 rows from 42 to 29 us (cuBLAS fp16 35): Nsight Compute had a quarter of the time in the
-split-K epilogue (partial sums stored 4 bytes at a time, along the wrong axis) and the rest bound by
-latency with one warp per scheduler; 64-row weight tiles now run two programs per multiprocessor.
-Tried and dropped: the words by TMA through a shared-memory ring (slower at every batch: session 10,
-64 rows W4 64 us against 47, 1024 rows 240 against 200).
+H200, steady state (sessions 10 and 11, bench/results/kernel_latency_h200.md): W4 8192^2 at 64 rows
+28.8 us against cuBLAS fp16's 37.3 (session 10: 46.4), at 1024 rows 188.9 against 183.2. Nsight
+Compute had a quarter of the 64-row time in the split-K epilogue (partial sums stored 4 bytes at a
+time along the strided axis) and the rest bound by latency with one warp per scheduler; 64-row weight
+tiles now run two programs per multiprocessor. Tried and dropped: the words by TMA through a
+shared-memory ring (slower at every batch: session 10, 64 rows W4 64 us against 47, 1024 rows 240
+against 200).
 
 Gluon has no interpreter: off the GPU the tests check the config rules, the argument checks and the
 dispatch, on a Hopper GPU the kernel against the fp32 reference.
