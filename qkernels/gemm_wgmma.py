@@ -60,9 +60,10 @@ def _slot_weights(words, scale, zero, SLOT: gl.constexpr, BITS: gl.constexpr, IN
     pair: ``prmt`` puts the slot's byte of two neighbouring words into the two halves, ``lop3`` keeps the
     code bits and ors in the exponent of 1024 (``2**10 + code * 2**P``), ``fma.f16x2`` by ``2**-P`` takes
     off ``2**(10 - P)`` and, with integer zero points (``INT_ZERO``), the zero point too (``2**(10 - P) +
-    zero`` is exact in fp16 then; otherwise a ``sub.f16x2`` does), ``mul.f16x2`` scales. The block is
-    not pure so that it is not sunk past the next barrier wait: a step decodes while its activations
-    are still on their way (constants: ``lowbit_matmul.slot_decode_constants``)."""
+    zero`` is exact in fp16 then; otherwise a ``sub.f16x2`` does), ``mul.f16x2`` scales (constants:
+    ``lowbit_matmul.slot_decode_constants``). The block is not pure, so the compiler keeps it in program
+    order, before the step's barrier wait; ptxas still moves a step's first block past that wait (in the
+    SASS of session 11), so the wait is not yet hidden by decode work."""
     BYTE: gl.constexpr = (SLOT * BITS) // 8
     P: gl.constexpr = (SLOT * BITS) % 8
     SELECT: gl.constexpr = BYTE | ((4 + BYTE) << 8)
@@ -128,7 +129,7 @@ def _gemm_wgmma_kernel(
     off_m = pid_m * BLOCK_M
     k0 = first * CHUNK
 
-    # a ring of STAGES steps, SPS activation tiles [BLOCK_M, RUN] each, and one mbarrier per step
+    # a ring of STAGES steps, one activation box [BLOCK_M, SPS * RUN] each, and one mbarrier per step
     xs = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_M, SPS * RUN], x_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
@@ -204,7 +205,8 @@ def _gemm_wgmma_kernel(
         _store_tile(y_ptr, acc, M, N, off_m, pid_n * BLOCK_N, stride_ym, BLOCK_N, BLOCK_M, NUM_WARPS)
     else:  # the last split to finish adds the partial sums in split order (see lowbit_matmul._store_transposed)
         # partial sums stay in the accumulator's register layout (each thread's own cells): no shuffle
-        cell = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))[:, None] * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))[None, :]
+        n_cell = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))[:, None]
+        cell = n_cell * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))[None, :]
         n_tiles = gl.num_programs(0) * gl.num_programs(1)
         tile = pid_m * gl.num_programs(0) + pid_n
         gl.store(partial_ptr + (gl.program_id(2) * n_tiles + tile).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, acc)
@@ -242,8 +244,8 @@ class GemmWgmmaConfig:
 
 
 def default_config(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
-    """Up to 256 activation rows one warpgroup on 64 weight rows (140 registers: two or three programs
-    per multiprocessor), activation tiles of the rows rounded up to 16, 32, 64, 128 or 256; above 256
+    """Up to 256 activation rows one warpgroup on 64 weight rows (140 registers at 64 rows: two or
+    three programs per multiprocessor), activation tiles of the rows rounded up to 16, 32, 64, 128 or 256; above 256
     rows two warpgroups on 128 weight rows and 256-row activation tiles. K splits (powers of two, at
     most 8) while the programs stay within ``fill``: 512 up to 32 rows, 256 up to 128, else 128 (the
     partial sums grow with the rows). H200, steady state, W4 (session 11, probes beside the tables in

@@ -25,16 +25,16 @@ the weights decoded in registers, in Gluon), where it fits (:func:`wgmma_fits`).
     point once per group with the group's activation sum:
     ``sum_k (q_k - z) x_k = 2**b * (sum_k v_k x_k - sum_k x_k) - z * sum_k x_k``.
 * **MMA** (fp16 activations, ``uint1``/``uint2``/``uint4``, ``M <= MMA_MAX_M``; picked up to
-  ``MMA_AUTO_MAX_M`` rows, or ``MMA_AUTO_ROWS``; below ``WGMMA_MIN_M`` where the wgmma GEMM runs): tensor cores for small batches, the batch padded to 16. One ``prmt``
-  gathers a byte of two neighbouring words, one ``lop3`` drops two codes into the mantissas of
-  ``1024.0`` (fp16x2), one ``fma.f16x2`` takes off 1024 and the bit position: per two codes three
-  instructions, no int->float conversion. Each slot of a
-  chunk is one dot of depth ``run`` with its contiguous run of activations, and Triton loads the words
-  straight into the MMA operand layout (the decode is a pure one-input inline asm, which its
-  dot-operand hoisting accepts). Up to ``MMA_FOLD_MIN_M`` rows the codes are dotted raw and the
-  activation sums for the zero points come from a second dot with a tile of ones (no cross-thread
-  reduction in the loop, no rounding of the weights); above it (``FOLD``) two more fp16x2 ops make
-  ``(code - zero) * scale`` in the operand layout and one dot per slot does the rest.
+  ``MMA_AUTO_MAX_M`` rows, or ``MMA_AUTO_ROWS``; below ``WGMMA_MIN_M`` where the wgmma GEMM runs): tensor
+  cores for small batches, the batch padded to 16. One ``prmt`` gathers a byte of two neighbouring words,
+  one ``lop3`` drops two codes into the mantissas of ``1024.0`` (fp16x2), one ``fma.f16x2`` takes off 1024
+  and the bit position: per two codes three instructions, no int->float conversion. Each slot of a chunk is
+  one dot of depth ``run`` with its contiguous run of activations, and Triton loads the words straight into
+  the MMA operand layout (the decode is a pure one-input inline asm, which its dot-operand hoisting
+  accepts). Up to ``MMA_FOLD_MIN_M`` rows the codes are dotted raw and the activation sums for the zero
+  points come from a second dot with a tile of ones (no cross-thread reduction in the loop, no rounding of
+  the weights); above it (``FOLD``) two more fp16x2 ops make ``(code - zero) * scale`` in the operand layout
+  and one dot per slot does the rest.
 * **GEMM** (the other layouts, bf16, and batches up to ``DEQUANT_MIN_M``): tensor cores with swapped
   operands (``y^T = W x^T``), so the weight tile is the wide MMA operand and a small batch is the
   narrow one. Codes become fp16/bf16 ``1024 + q`` through the same exponent trick (``0x6400 | q``),
@@ -1081,8 +1081,8 @@ def reference_matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype = torch.float16) -> str:
     """``torch`` off CUDA; else by batch: ``gemv_mma`` at batch 1 where :func:`gemv_mma_preferred` and it
     fits; ``mma`` where it fits and was faster on the H100 (batch 1 only for :data:`MMA_AT_BATCH_1`
-    where the fp16-pair GEMV does not fit, above 16 rows only for :data:`MMA_AUTO_ROWS` and not where
-    the wgmma GEMM runs), ``gemv`` for a few rows; above those, on a Hopper GPU, ``wgmma``
+    where the fp16-pair GEMV does not fit, above 16 rows only for :data:`MMA_AUTO_ROWS`; where the wgmma
+    GEMM runs, below :data:`WGMMA_MIN_M` rows), ``gemv`` for a few rows; above those, on a Hopper GPU, ``wgmma``
     where it fits and :func:`wgmma_preferred`; elsewhere ``gemm`` for mid batches, ``dequant`` beyond."""
     if device.type != "cuda":
         return "torch"
