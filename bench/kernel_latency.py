@@ -3,6 +3,7 @@
     python -m bench.kernel_latency                 # every shape and batch, both modes
     python -m bench.kernel_latency --quick         # 8192^2 and 4096x14336 at batch 1, 16, 64, 1024
     python -m bench.kernel_latency --tune          # search GEMV/GEMM tile configs first, then the table
+    python -m bench.kernel_latency --tune-wgmma --shapes 8192x8192 --batches 64 --kernels w4g128   # Hopper
 
 Shapes are ``in x out`` (``K x N`` of ``y[M, N] = x[M, K] @ W^T``). Each row gives the time in the
 two modes of :mod:`bench.timing`, the speedup over cuBLAS fp16 measured in the same run and mode, and
@@ -289,6 +290,54 @@ def tune(kinds: list[str], shape: tuple[int, int], gemm_kinds: list[str], paths:
     return result
 
 
+def wgmma_search(m: int) -> list:
+    """wgmma GEMM candidates at ``m`` rows: 64 or 128 weight rows on one warpgroup, 128 on two; activation
+    tiles of the batch's bucket (and 128 and 256 above 128 rows); 1, 2 or 4 K splits; at most 128 fp32
+    accumulators a thread (more spill)."""
+    from qkernels.gemm_wgmma import GemmWgmmaConfig
+
+    bucket = min(max(16, 1 << (m - 1).bit_length()), 256)
+    block_ms = sorted({bucket} | ({128, 256} if m > 128 else set()))
+    return [
+        GemmWgmmaConfig(block_n=block_n, block_m=block_m, num_warps=warps, split_k=split)
+        for block_n, warps in ((64, 4), (128, 4), (128, 8))
+        for block_m in block_ms
+        if block_n * block_m // (32 * warps) <= 128
+        for split in (1, 2, 4)
+    ]
+
+
+def tune_wgmma(kinds: list[str], shapes: list[tuple[int, int]], batches: list[int]) -> dict:
+    """Time :func:`wgmma_search` against the default config for every kind the wgmma GEMM takes, shape and
+    batch above the GEMV's rows; install each winner in ``qkernels.gemm_wgmma.TUNED`` for the rest of the
+    process, and return every timing by ``kind/KxN/M``."""
+    from qkernels import gemm_wgmma as gw
+
+    result: dict[str, Any] = {}
+    cuda = torch.device("cuda")
+    if not lm.is_hopper(cuda):
+        print("--tune-wgmma: no Hopper GPU, nothing to tune", flush=True)
+        return result
+    for name in (name for name in kinds if name in LOWBIT_KINDS):
+        for k, n in shapes:
+            pw = random_packed(LOWBIT_KINDS[name], n, k)
+            if not lm.wgmma_fits(pw, torch.float16):
+                continue
+            for m in (m for m in batches if m > lm.GEMV_MAX_M):
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                gw.TUNED.pop(gw.tuned_key(m, pw), None)
+                default = gw.default_config(m, pw)
+                base = checked_steady(x, pw, "wgmma", default)
+                timed = best_of(wgmma_search(m), lambda c: checked_steady(x, pw, "wgmma", c))
+                if not timed:
+                    continue
+                if base is None or timed[0][0] < base:
+                    gw.TUNED[gw.tuned_key(m, pw)] = timed[0][1]
+                result[f"{name}/{k}x{n}/{m}"] = {"default": (base, asdict(default)), "timed": [(us, asdict(c)) for us, c in timed]}
+                print(f"wgmma {name} {k}x{n} M={m}: best {timed[0][0]:.1f} us {timed[0][1]} | default {base} us", flush=True)
+    return result
+
+
 def tuned_summary() -> str:
     gemv = "; ".join(f"{layout}{'/groups' if grouped else ''}: {c}" for (layout, grouped), c in lm.GEMV_CONFIGS.items())
     gemv += " | fp16 pairs " + "; ".join(f"{layout}{'/groups' if grouped else ''}: {c}" for (layout, grouped), c in lm.GEMV_PAIR_CONFIGS.items())
@@ -304,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", action="store_true", help="search tile configs first and use the winners")
     parser.add_argument("--tune-only", action="store_true", help="search tile configs, print them, no table")
     parser.add_argument("--tune-gemm", action="store_true", help="also search GEMM configs per batch bucket (W4)")
+    parser.add_argument("--tune-wgmma", action="store_true",
+                        help="Hopper: search wgmma GEMM configs for the given kernels, shapes and batches first, use the winners")
     parser.add_argument("--tune-paths", default=",".join(TUNE_PATHS), help=f"comma list of the kernels that --tune searches, of {','.join(TUNE_PATHS)}")
     parser.add_argument("--kernels", default=",".join(LOWBIT_KINDS), help=f"comma list of low-bit kinds; block formats: {','.join(BLOCK_KINDS)}")
     parser.add_argument("--modes", default=",".join(MODES))
@@ -337,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.json.write_text(json.dumps(tuned, indent=1))
             return 0
         header += " | " + tuned_summary()
+    if args.tune_wgmma:
+        tuned = tuned or {"gpu": gpu_name(), "copy_gbs": copy_gbs}
+        tuned["wgmma"] = tune_wgmma(kinds, shapes, batches)
+        header += f" | wgmma configs tuned for {len(tuned['wgmma'])} cells (kernel/shape/batch)"
     rows: list[dict] = []
     for shape_rows in measure(shapes, batches, kinds, modes):  # written after each shape: a cut run keeps its rows
         rows += shape_rows

@@ -267,6 +267,20 @@ def default_config(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
     return GemmWgmmaConfig(block_n=block_n, block_m=block_m, num_warps=num_warps, split_k=split_k)
 
 
+# Configs that ``python -m bench.kernel_latency --tune-wgmma`` timed best, by :func:`tuned_key`; they win over
+# :func:`default_config` for the rest of that process.
+TUNED: dict[tuple, GemmWgmmaConfig] = {}
+
+
+def tuned_key(m: int, pw: PackedWeight) -> tuple:
+    """The weight's kind and shape and the batch's bucket (a power of two, at least 16)."""
+    return pw.layout, pw.zero is not None, pw.group_size, pw.n, pw.k, max(16, triton.next_power_of_2(m))
+
+
+def config_for(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
+    return TUNED.get(tuned_key(m, pw)) or default_config(m, pw)
+
+
 def check_config(config: GemmWgmmaConfig) -> None:
     problems = []
     if config.num_warps not in (4, 8):
@@ -294,7 +308,7 @@ def gemm_wgmma(x: torch.Tensor, pw: PackedWeight, config: GemmWgmmaConfig | None
     if x.data_ptr() % 16 or x.stride(0) % 8:  # TMA reads 16-byte aligned rows
         x = x.clone(memory_format=torch.contiguous_format)
     m = x.shape[0]
-    config = config or default_config(m, pw)
+    config = config or config_for(m, pw)
     check_config(config)
     y = lm.output(out, (m, pw.n), x)
     words, _, scale, zero = lm.kernel_tensors(pw)

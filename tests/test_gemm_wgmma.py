@@ -76,6 +76,27 @@ def test_default_configs_fill_the_gpu() -> None:
         assert 128 <= (8192 // config.block_n) * -(-m // config.block_m) * config.split_k <= 512
 
 
+def test_tuned_configs_win_over_the_default_for_their_kind_shape_and_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``bench.kernel_latency --tune-wgmma`` installs is used for the same kind, shape and batch
+    bucket only; its search space holds only valid configs within 128 accumulators a thread."""
+    from bench.kernel_latency import wgmma_search
+    from qkernels import gemm_wgmma as gw
+
+    big, other = w4(8192, 8192), w4(4096, 8192)
+    tuned = GemmWgmmaConfig(block_n=128, block_m=64, num_warps=4, split_k=4)
+    monkeypatch.setattr(gw, "TUNED", {gw.tuned_key(64, big): tuned})
+    assert gw.config_for(64, big) == tuned and gw.config_for(33, big) == tuned  # the same bucket
+    assert gw.config_for(128, big) == default_config(128, big) and gw.config_for(64, other) == default_config(64, other)
+    for m in (9, 64, 256, 1024):
+        search = wgmma_search(m)
+        assert search and len(set(search)) == len(search)
+        for config in search:
+            check_config(config)
+            assert config.block_n * config.block_m // (32 * config.num_warps) <= 128
+    assert {c.block_m for c in wgmma_search(1024)} == {128, 256} and {c.block_m for c in wgmma_search(64)} == {64}
+    assert {c.block_m for c in wgmma_search(9)} == {16} and {c.split_k for c in wgmma_search(9)} == {1, 2, 4}
+
+
 def test_dispatch_above_the_gemv_and_mma_rows_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a Hopper GPU the wgmma GEMM takes what the GEMV and the MMA kernel leave (from 9 rows) where
     it fits, but grouped W4 with K < 8192 above 256 rows; bf16, uint3 and other GPUs keep the GEMM,

@@ -108,3 +108,12 @@ def test_kernel_latency_rejects_unknown_tune_paths(capsys: pytest.CaptureFixture
         main(["--tune", "--tune-paths", "gemv,gemm"])
     err = capsys.readouterr().err
     assert "['gemm']" in err and "'gemv', 'mma'" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+def test_kernel_latency_takes_tune_wgmma(capsys: pytest.CaptureFixture) -> None:
+    """``--tune-wgmma`` parses; without a GPU nothing is timed (exit code 1, said on stderr)."""
+    from bench.kernel_latency import main
+
+    assert main(["--tune-wgmma", "--shapes", "8192x8192", "--batches", "64", "--kernels", "w4g128"]) == 1
+    assert "no CUDA GPU" in capsys.readouterr().err
