@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+import triton
 
 from bench.timing import MODES, copies_for, copy_bandwidth_gbs, gpu_name, steady_us, time_both
 from qkernels import lowbit_matmul as lm
@@ -296,7 +297,7 @@ def wgmma_search(m: int) -> list:
     accumulators a thread (more spill)."""
     from qkernels.gemm_wgmma import GemmWgmmaConfig
 
-    bucket = min(max(16, 1 << (m - 1).bit_length()), 256)
+    bucket = min(max(16, triton.next_power_of_2(m)), 256)
     block_ms = sorted({bucket} | ({128, 256} if m > 128 else set()))
     return [
         GemmWgmmaConfig(block_n=block_n, block_m=block_m, num_warps=warps, split_k=split)
@@ -308,8 +309,8 @@ def wgmma_search(m: int) -> list:
 
 
 def tune_wgmma(kinds: list[str], shapes: list[tuple[int, int]], batches: list[int]) -> dict:
-    """Time :func:`wgmma_search` against the default config for every kind the wgmma GEMM takes, shape and
-    batch above the GEMV's rows; install each winner in ``qkernels.gemm_wgmma.TUNED`` for the rest of the
+    """Time :func:`wgmma_search` and the default config (each once) for every kind the wgmma GEMM takes,
+    shape and batch above the GEMV's rows; install each winner in ``qkernels.gemm_wgmma.TUNED`` for the rest of the
     process, and return every timing by ``kind/KxN/M``."""
     from qkernels import gemm_wgmma as gw
 
@@ -327,12 +328,12 @@ def tune_wgmma(kinds: list[str], shapes: list[tuple[int, int]], batches: list[in
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 gw.TUNED.pop(gw.tuned_key(m, pw), None)
                 default = gw.default_config(m, pw)
-                base = checked_steady(x, pw, "wgmma", default)
-                timed = best_of(wgmma_search(m), lambda c: checked_steady(x, pw, "wgmma", c))
+                search = wgmma_search(m)
+                timed = best_of(search + ([default] if default not in search else []), lambda c: checked_steady(x, pw, "wgmma", c))
                 if not timed:
                     continue
-                if base is None or timed[0][0] < base:
-                    gw.TUNED[gw.tuned_key(m, pw)] = timed[0][1]
+                gw.TUNED[gw.tuned_key(m, pw)] = timed[0][1]
+                base = next((us for us, c in timed if c == default), None)
                 result[f"{name}/{k}x{n}/{m}"] = {"default": (base, asdict(default)), "timed": [(us, asdict(c)) for us, c in timed]}
                 print(f"wgmma {name} {k}x{n} M={m}: best {timed[0][0]:.1f} us {timed[0][1]} | default {base} us", flush=True)
     return result
