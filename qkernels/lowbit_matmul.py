@@ -133,14 +133,16 @@ GEMV_MMA_RUN = 32  # the tensor-core GEMV's words per row and chunk (qkernels/ge
 # seven for grouped W1 and W2 (8192^2: 12.3 us against 14.4, 12.9 against 14.3) and at six for ternary as
 # uint2 (11.0 against 12.5; tied at 4096x14336). Grouped W4 only where K >= 2N and N <= 4096 (14336x4096:
 # 16.0 against 19.2); elsewhere it tied or lost (28672x8192: 66.0 against 52.3) and keeps the pair GEMV.
+# On Hopper GPUs grouped W4 takes it at every shape: on an H200 (session 12, with its TMA feed) it beat the pair
+# GEMV at all seven (8192^2: 13.3 us against 15.9; 28672x8192: 40.8 against 43.8; 8192x28672: 38.1 against 48.8).
 GEMV_MMA_KEYS = {("uint1", True), ("uint2", True), ("uint2", False)}
 
 
-def gemv_mma_preferred(pw: PackedWeight) -> bool:
-    """Batch 1 goes to the tensor-core GEMV for :data:`GEMV_MMA_KEYS`, and for grouped W4 of a long K
-    and at most 4096 rows (the shape rule under which it won, above)."""
+def gemv_mma_preferred(pw: PackedWeight, hopper: bool = False) -> bool:
+    """Batch 1 goes to the tensor-core GEMV for :data:`GEMV_MMA_KEYS`, and for grouped W4 on a Hopper GPU
+    or elsewhere with a long K and at most 4096 rows (the shape rule under which it won on the H100)."""
     long_k = pw.k >= 2 * pw.n and pw.n <= 4096
-    return gemv_key(pw) in GEMV_MMA_KEYS or (gemv_key(pw) == ("uint4", True) and long_k)
+    return gemv_key(pw) in GEMV_MMA_KEYS or (gemv_key(pw) == ("uint4", True) and (hopper or long_k))
 
 
 GEMV_PAIR_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # the fp16-pair GEMV: bench.kernel_latency --tune, H100, 8192^2 (session 7)
@@ -1089,7 +1091,7 @@ def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype
         return "torch"
     wgmma_ok = is_hopper(device) and wgmma_fits(pw, dtype) and wgmma_preferred(m, pw)
     rows = WGMMA_MIN_M - 1 if wgmma_ok else MMA_AUTO_ROWS.get(gemv_key(pw), MMA_AUTO_MAX_M)
-    if m == 1 and gemv_mma_preferred(pw) and gemv_mma_fits(pw, dtype):
+    if m == 1 and gemv_mma_preferred(pw, is_hopper(device)) and gemv_mma_fits(pw, dtype):
         return "gemv_mma"
     mma_at_1 = gemv_key(pw) in MMA_AT_BATCH_1 and not pairs_fit(pw, dtype)
     if mma_fits(pw, dtype) and m <= rows and (m > 1 or mma_at_1):

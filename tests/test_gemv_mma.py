@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from qkernels import lowbit_matmul as lm
-from qkernels.gemv_mma import WINDOW, GemvMmaConfig, default_config, gemv_mma, mma_asm, slot_constants
+from qkernels.gemv_mma import (
+    WINDOW, GemvMmaConfig, _by_group, config_for, default_config, gemv_mma, group_box, mma_asm, slot_constants, tma_config,
+)
 from qkernels.pack import pack_weight
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -89,9 +91,9 @@ def test_rejects_what_it_cannot_take() -> None:
         gemv_mma(torch.randn(1, 256, dtype=torch.float16), ternary, GemvMmaConfig(block_n=32, num_warps=4))
 
 
-def test_dispatch_at_batch_1() -> None:
+def test_dispatch_at_batch_1(monkeypatch: pytest.MonkeyPatch) -> None:
     """Grouped W1 and W2 and ternary take the tensor-core GEMV at batch 1 (not at 2); grouped W4 only for a
-    long K and at most 4096 rows, else it keeps the pair GEMV."""
+    long K and at most 4096 rows, else it keeps the pair GEMV, except on Hopper GPUs."""
     cuda = torch.device("cuda")
     codes = torch.randint(0, 2, (64, 1024))
     w1 = pack_weight(codes, torch.rand(64, 8).half(), torch.randint(0, 2, (64, 8)).half(), "uint1", 128, run=32)
@@ -99,7 +101,11 @@ def test_dispatch_at_batch_1() -> None:
     w4_long_k = pack_weight(codes * 15, torch.rand(64, 8).half(), torch.randint(0, 16, (64, 8)).half(), "uint4", 128, run=32)
     w4 = pack_weight(torch.randint(0, 16, (256, 256)), torch.rand(256, 2).half(), torch.randint(0, 16, (256, 2)).half(), "uint4", 128, run=32)
     w2 = pack_weight(codes * 3, torch.rand(64, 8).half(), None, "uint2", 128, zero_const=1.5, run=32)
+    monkeypatch.setattr(lm, "is_hopper", lambda device: False)
     assert [lm.pick_path(1, w, cuda) for w in (w1, w2, ternary, w4_long_k, w4)] == ["gemv_mma"] * 4 + ["gemv"]
+    monkeypatch.setattr(lm, "is_hopper", lambda device: True)
+    assert [lm.pick_path(1, w, cuda) for w in (w1, w2, ternary, w4_long_k, w4)] == ["gemv_mma"] * 5
+    monkeypatch.undo()
     assert lm.pick_path(2, w1, cuda) != "gemv_mma" and lm.pick_path(1, w1, cuda, torch.bfloat16) != "gemv_mma"
     square = pack_weight(torch.randint(0, 2, (1024, 1024)), torch.rand(1024, 8).half(), None, "uint1", 128, zero_const=1.0)
     wide = pack_weight(torch.randint(0, 2, (1024, 256)), torch.rand(1024, 2).half(), None, "uint1", 128, zero_const=1.0)
@@ -127,7 +133,36 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     assert lm.gemv_mma_fits(pw, torch.float16)
     x = torch.randn(3, k, device="cuda", dtype=torch.float16)
     ref = lm.reference_matmul(x, pw).float()
-    for config in [None, GemvMmaConfig(128, 8, 2), GemvMmaConfig(32, 2, 1), GemvMmaConfig(64, 4, 8, maxnreg=None)]:
+    configs = [None, GemvMmaConfig(128, 8, 2), GemvMmaConfig(32, 2, 1), GemvMmaConfig(64, 4, 8, maxnreg=None)]
+    if lm.is_hopper(x.device):  # the TMA feed: every chunk in flight, and a ring that refills (1 and 2 stages)
+        configs += [GemvMmaConfig(128, 8, 2, stages=4), GemvMmaConfig(64, 4, 1, stages=1), GemvMmaConfig(32, 2, 2, stages=2)]
+    for config in configs:
         y = lm.gemv_mma(x, pw, config, out=torch.full((3, n), float("nan"), device="cuda", dtype=torch.float16)).float()
         assert not y.isnan().any()
         assert ((y - ref).norm() / ref.norm()).item() < 5e-4, config
+
+
+def test_tma_feed_configs_and_group_boxes() -> None:
+    """Hopper's TMA feed: its configs by kind and shape (None: the plain loads), the box of group values
+    one K split reads, the group-major scales seen as ``[n_groups, n]`` (one group: rows of ``n``), and a
+    clear error where it cannot run."""
+    def packed(layout: str, top: int, n: int, k: int, group: int | None):
+        scale = torch.rand(n, 1 if group is None else k // group).half()
+        return pack_weight(torch.randint(0, top + 1, (n, k)), scale, None, layout, group, zero_const=1.0, run=32)
+
+    assert tma_config(packed("uint1", 1, 1024, 1024, 128)) == GemvMmaConfig(64, 4, 4, stages=2)
+    assert tma_config(packed("uint1", 1, 1024, 256, 128)) == GemvMmaConfig(64, 4, 2, stages=2)  # more rows than K
+    assert tma_config(packed("uint2", 3, 1024, 1024, 128)) == GemvMmaConfig(128, 4, 4, stages=2)
+    assert tma_config(packed("uint2", 3, 256, 1024, 128)) == GemvMmaConfig(64, 4, 4, stages=2)  # a long K
+    assert tma_config(packed("uint4", 15, 1024, 1024, 128)) == GemvMmaConfig(128, 4, 4, stages=3)
+    assert tma_config(packed("uint4", 15, 256, 1024, 128)) is None  # W4 with a long K stays plain
+    ternary = packed("uint2", 2, 256, 1024, None)
+    assert tma_config(ternary) is None
+    w4 = packed("uint4", 15, 64, 2048, 128)  # 8 chunks of 256, 16 groups
+    assert group_box(w4, GemvMmaConfig(64, 4, 3)) == 8  # 3 chunks a split: 6 groups
+    assert group_box(w4, GemvMmaConfig(64, 4, 1)) == 16
+    assert group_box(packed("uint4", 15, 64, 2048, 256), GemvMmaConfig(64, 4, 3)) == 4  # a group a chunk
+    assert _by_group(ternary.scale) == ([1, 256], [256, 1]) and _by_group(w4.scale) == ([16, 64], [64, 1])
+    assert config_for(w4) == default_config(w4)  # no Hopper GPU here: the plain loads
+    with pytest.raises(ValueError, match="stages=2 .*Hopper"):
+        gemv_mma(torch.randn(1, 2048, dtype=torch.float16), w4, GemvMmaConfig(64, 4, 2, stages=2))
