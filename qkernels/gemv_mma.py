@@ -462,15 +462,16 @@ def tma_config(pw: PackedWeight) -> GemvMmaConfig | None:
     on 64-row tiles (8192^2 11.5 us against 11.8 plain, 14336x4096 10.9 against 11.5, 4096x14336 with
     2 K splits 11.1 against 11.4), W2 on 128-row tiles (8192^2 11.5 against 12.2; 64 rows where K is
     long or the rows outnumber K: 11.3 against 12.2, 12.1 each), W4 on 128-row tiles (8192^2 13.4
-    against 14.4, 4096x14336 13.1 against 13.6; three chunks in flight: 13.0 against 13.3 for two in a
-    sweep of 48 configs). Kept plain: one scale per row (ternary: TMA 0.1 to 1.1
+    against 14.4, 4096x14336 13.1 against 13.6; three chunks in flight gained 0.3 us at 8192^2 but lost
+    3.9 at 4096x14336, where three programs a multiprocessor no longer hold the grid in one wave). The
+    register cap did not matter (W1 at 80, 104 and 128 registers within 0.1 us at 8192^2). Kept plain: one scale per row (ternary: TMA 0.1 to 1.1
     us slower) and W4 with a long K (13.1 against 13.3)."""
     bits = lm.CODE_BITS[pw.layout]
     long_k = pw.k >= 2 * pw.n and pw.n <= 4096
     if pw.n_groups == 1 or (bits == 4 and long_k):
         return None
     if bits == 4:
-        return GemvMmaConfig(block_n=128, num_warps=4, split_k=4, stages=3)
+        return GemvMmaConfig(block_n=128, num_warps=4, split_k=4, stages=2)
     block_n = 64 if bits == 1 or long_k or pw.n > pw.k else 128
     return GemvMmaConfig(block_n=block_n, num_warps=4, split_k=2 if pw.n > pw.k else 4, stages=2)
 

@@ -154,7 +154,7 @@ def test_tma_feed_configs_and_group_boxes() -> None:
     assert tma_config(packed("uint1", 1, 1024, 256, 128)) == GemvMmaConfig(64, 4, 2, stages=2)  # more rows than K
     assert tma_config(packed("uint2", 3, 1024, 1024, 128)) == GemvMmaConfig(128, 4, 4, stages=2)
     assert tma_config(packed("uint2", 3, 256, 1024, 128)) == GemvMmaConfig(64, 4, 4, stages=2)  # a long K
-    assert tma_config(packed("uint4", 15, 1024, 1024, 128)) == GemvMmaConfig(128, 4, 4, stages=3)
+    assert tma_config(packed("uint4", 15, 1024, 1024, 128)) == GemvMmaConfig(128, 4, 4, stages=2)
     assert tma_config(packed("uint4", 15, 256, 1024, 128)) is None  # W4 with a long K stays plain
     ternary = packed("uint2", 2, 256, 1024, None)
     assert tma_config(ternary) is None
