@@ -36,6 +36,12 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
   ternary. Nsight Compute (W1 8192^2): a third of the time goes before the first chunk (the
   activations staged, the words streamed in), a seventh to the split-K epilogue, the rest to a loop
   whose warps issue one instruction per 10 cycles (shared-memory and MMA dependencies).
+* Routes (``route``, TMA only, four groups a chunk half: W1 g128, W2 g64): the activations are staged
+  once per group column, slot ``s``'s pairs under columns ``2q, 2q + 1`` of its group ``q`` and zeros
+  under the others, so one chunk's MMAs leave each group's sums in its own columns (lane ``t``: group
+  ``t`` of each half) and the group values, offsets and zero points are applied once a chunk instead of
+  once per step (:func:`_route_chunks`; 93 registers for W1 instead of 127). H200: W1 8192^2 10.6 us
+  against 11.5.
 
 Gluon has no interpreter: off the GPU the tests check the decode constants, the offset algebra and the
 MMA operand map, on the GPU the kernel against the fp32 reference.
@@ -154,13 +160,14 @@ def _lane_sums(acc, BLOCK_N: gl.constexpr, lanes: gl.constexpr):
 
 @gluon.jit
 def _stage(x_row, k0, n_here, K, xs, offset_sums, x_sums, NUM_WARPS: gl.constexpr, BITS: gl.constexpr, SLOTS: gl.constexpr,
-           STEP: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr):
+           STEP: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, ROUTE: gl.constexpr = False):
     """The split's ``n_here`` chunks of activations from ``k0`` into shared memory, every load issued
     at once. ``xs [XS_CHUNKS, HALF, 2, RUN]``: for slot ``s`` the B pair ``(x_lo, 0)`` (variant 0, the
     even columns) and ``(0, x_hi)`` (variant 1, the odd ones), ``x_lo`` at ``s * RUN + w`` of the
     chunk and ``x_hi`` ``HALF * RUN`` further. ``offset_sums`` and ``x_sums [XS_CHUNKS, N_STEPS, 2]``:
     per step and half the row-independent sums that the decode offsets and zero points need,
-    ``sum 2**(10 - P) x`` and ``sum x``."""
+    ``sum 2**(10 - P) x`` and ``sum x``. ``ROUTE``: ``xs [XS_CHUNKS, HALF, 4, 2, RUN]``, the pairs of slot
+    ``s`` under index ``s // STEP`` of the third axis (its group in the chunk half), zeros under the others."""
     HALF: gl.constexpr = SLOTS // 2
     CHUNK: gl.constexpr = SLOTS * RUN
     WIN: gl.constexpr = 8 if BITS == 4 else 4  # WINDOW[BITS]
@@ -173,7 +180,16 @@ def _stage(x_row, k0, n_here, K, xs, offset_sums, x_sums, NUM_WARPS: gl.constexp
     w = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, pairs))))[None, None, None, :]
     k = k0 + c * CHUNK + (slot + half * HALF) * RUN + w
     ok = c < n_here if EVEN_K else (c < n_here) & (k < K)
-    xs.store(_bits16(gl.load(x_row + k, mask=ok, other=0.0)) << (16 * half))
+    pair = _bits16(gl.load(x_row + k, mask=ok, other=0.0)) << (16 * half)
+    if ROUTE:  # [XS_CHUNKS, HALF, 4, 2, RUN]: slot s's pairs in the columns of its group s // STEP, zeros in the others
+        routed: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [1, 1, 1, 4, 8], [1, NUM_WARPS, 1, 1, 1], [4, 3, 2, 1, 0])
+        group = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, routed)))))
+        group = group[None, None, :, None, None]
+        at = gl.convert_layout(pair, gl.SliceLayout(2, routed))[:, :, None, :, :]
+        at_slot = gl.convert_layout(slot, gl.SliceLayout(2, routed))[:, :, None, :, :]
+        xs.store(gl.where(group == at_slot // STEP, at, 0))
+    else:
+        xs.store(pair)
     # the same activations again, a step's slots and words on one axis, for the sums
     steps: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 2, 16], [1, NUM_WARPS, 1, 1], [3, 2, 1, 0])
     s3: gl.constexpr = gl.SliceLayout(3, steps)
@@ -196,6 +212,20 @@ def _words_layout(num_warps):
     parity``); a thread's registers run over its 8 words, then over the passes, so a pack of 16 is two
     passes (MMA rows ``g`` and ``g + 8``)."""
     return gl.BlockedLayout([1, 1, 8], [4, 2, 4], [num_warps, 1, 1], [2, 1, 0])
+
+
+@gluon.constexpr_function
+def _words_layout4(num_warps):
+    """The words tile as ``[BLOCK_N // 8, 4, 2, RUN]`` (row ``8p + 2q + parity``): the map of
+    :func:`_words_layout`, with the lanes' row bits ``q = g // 2`` an axis of their own."""
+    return gl.BlockedLayout([1, 1, 1, 8], [1, 4, 2, 4], [num_warps, 1, 1, 1], [3, 2, 1, 0])
+
+
+@gluon.constexpr_function
+def _sums_layout(num_warps):
+    """The accumulators ``[BLOCK_N // 8, 4, 2, 4, 4, 2]``: rows ``(p, q, parity)``, then a thread's words
+    ``8t + 2j + h`` as lane ``t`` (the C columns ``2t, 2t + 1``), MMA ``j`` and column ``h``."""
+    return gl.BlockedLayout([1, 1, 1, 1, 4, 2], [1, 4, 2, 4, 1, 1], [num_warps, 1, 1, 1, 1, 1], [5, 4, 3, 2, 1, 0])
 
 
 @gluon.constexpr_function
@@ -319,17 +349,75 @@ def _shared_values(s_groups, z_groups, lo, hi, zero_const, HAS_ZERO: gl.constexp
 
 
 @gluon.jit
+def _refill(w_desc, w_smem, ready, i, first, n_here, row0, STAGES: gl.constexpr, XS_CHUNKS: gl.constexpr):
+    """Once chunk ``i``'s words are in registers: where the split has more chunks than buffers, every warp
+    is past its read, then chunk ``i + STAGES`` goes into the freed buffer."""
+    if STAGES < XS_CHUNKS:
+        gl.thread_barrier()
+        refill = i + STAGES
+        buf = i % STAGES
+        mbarrier.expect(ready.index(buf), w_desc.block_type.nbytes, pred=refill < n_here)
+        tma.async_copy_global_to_shared(w_desc, [row0, (first + refill) * RUN], ready.index(buf), w_smem.index(buf), pred=refill < n_here)
+
+
+@gluon.jit
+def _route_chunks(w_desc, w_smem, ready, s_smem, z_smem, xs, offset_sums, x_sums, first, n_here, row0, zero_const, BITS: gl.constexpr,
+                  HALF: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr,
+                  STAGES: gl.constexpr):
+    """The split's chunks with four groups a chunk half, each group in its own MMA columns: the B operand
+    of slot ``s`` holds its pairs only in the columns ``2q, 2q + 1`` of its group ``q = s // (HALF / 4)``
+    (staged so, zeros elsewhere), so after a chunk's MMAs lane ``t`` holds the sums of group ``t`` of the
+    low half (column ``2t``) and of the high half (``2t + 1``). The group values and the offset and
+    activation sums are then applied once a chunk, each lane its own group's. Returns the rows' sums
+    ``[BLOCK_N // 8, 4, 2]``."""
+    P: gl.constexpr = BLOCK_N // 8
+    words4: gl.constexpr = _words_layout4(NUM_WARPS)
+    sums: gl.constexpr = _sums_layout(NUM_WARPS)
+    cols: gl.constexpr = gl.SliceLayout(4, sums)  # [P, 4, 2, 4 lanes t, 2 halves h]
+    GBOX: gl.constexpr = s_smem.shape[0]
+    # the box's groups by chunk [GBOX // 8, half, t, P, q, parity] (the box starts at the split's first chunk)
+    by_chunk: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0])
+    s_chunks = s_smem._reinterpret(s_smem.dtype, [GBOX // 8, 2, 4, P, 4, 2], by_chunk)
+    z_chunks = z_smem._reinterpret(z_smem.dtype, [GBOX // 8, 2, 4, P, 4, 2], by_chunk)
+    y_acc = gl.zeros([P, 4, 2, 4, 2], gl.float32, cols)
+    for i in range(n_here):
+        buf = i % STAGES
+        mbarrier.wait(ready.index(buf), (i // STAGES) & 1)
+        words = w_smem.index(buf).reshape([P, 4, 2, RUN]).load(words4)
+        _refill(w_desc, w_smem, ready, i, first, n_here, row0, STAGES, XS_CHUNKS)
+        acc = gl.zeros([P, 4, 2, RUN], gl.float32, words4)
+        for s in gl.static_range(HALF):
+            b = xs.index(i).slice(s, 1).load(words4)
+            a = _decode_slot(words, s, BITS)
+            acc = gl.inline_asm_elementwise(asm=MMA_ASM, constraints=MMA_CONSTRAINTS, args=[a, b, acc],
+                                            dtype=gl.float32, is_pure=True, pack=16)
+        total = gl.sum(gl.convert_layout(gl.reshape(acc, [P, 4, 2, 4, 4, 2]), sums), axis=4)  # over the thread's 4 MMAs
+        scale = s_chunks.index(i).permute((2, 3, 4, 1, 0)).load(cols).to(gl.float32)
+        if HAS_ZERO:
+            zero = z_chunks.index(i).permute((2, 3, 4, 1, 0)).load(cols).to(gl.float32)
+        else:
+            zero = gl.zeros_like(scale) + zero_const
+        offsets = offset_sums.index(i).reshape([1, 1, 1, 4, 2]).load(cols)
+        x_groups = x_sums.index(i).reshape([1, 1, 1, 4, 2]).load(cols)
+        # sum (2**(10 - P) + code - zero) x per group: the decode offsets and zero points off, then the scale
+        y_acc += scale * (total - offsets - zero * x_groups)
+    return gl.sum(gl.sum(y_acc, axis=4), axis=3)
+
+
+@gluon.jit
 def _gemv_tma_kernel(
     x_ptr, w_desc, s_desc, z_desc, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
     N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_xm, stride_ym,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
-    STAGES: gl.constexpr,
+    STAGES: gl.constexpr, ROUTE: gl.constexpr,
 ):
     """The GEMV with its weights fed by TMA (Hopper): the split's words come a chunk per box into a ring
     of ``STAGES`` buffers (all of them at once where the split has at most ``STAGES`` chunks), its
     scales and zero points (stored group-major) in one box each, all issued before the activations are
-    staged; a step reads its group values from shared memory."""
+    staged; a step reads its group values from shared memory. ``ROUTE`` (four groups a chunk half): every
+    group of a chunk sums into its own MMA columns (lane ``t`` holds group ``t`` of each half), so the
+    group values are applied once a chunk, not once a step (:func:`_route_chunk`)."""
     layout: gl.constexpr = _words_layout(NUM_WARPS)
     rows_layout: gl.constexpr = gl.SliceLayout(2, layout)
     HALF: gl.constexpr = SLOTS // 2
@@ -369,44 +457,51 @@ def _gemv_tma_kernel(
     s_groups = s_smem._reinterpret(s_desc.dtype, [GBOX, BLOCK_N // 2, 2], by_group)
     z_groups = z_smem._reinterpret(s_desc.dtype, [GBOX, BLOCK_N // 2, 2], by_group)
 
-    xs = gl.allocate_shared_memory(gl.int32, [XS_CHUNKS, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
+    if ROUTE:
+        xs = gl.allocate_shared_memory(gl.int32, [XS_CHUNKS, HALF, 4, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0]))
+    else:
+        xs = gl.allocate_shared_memory(gl.int32, [XS_CHUNKS, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     offset_sums = gl.allocate_shared_memory(gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
     x_sums = gl.allocate_shared_memory(gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
-    _stage(x_ptr + pid_m * stride_xm, first * CHUNK, n_here, K, xs, offset_sums, x_sums, NUM_WARPS, BITS, SLOTS, STEP, XS_CHUNKS, EVEN_K)
-    xs = xs._reinterpret(gl.int32, [XS_CHUNKS, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    _stage(x_ptr + pid_m * stride_xm, first * CHUNK, n_here, K, xs, offset_sums, x_sums, NUM_WARPS, BITS, SLOTS, STEP, XS_CHUNKS, EVEN_K,
+           ROUTE)
+    if ROUTE:
+        xs = xs._reinterpret(gl.int32, [XS_CHUNKS, HALF, 4, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
+    else:
+        xs = xs._reinterpret(gl.int32, [XS_CHUNKS, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
     offset_sums = offset_sums._reinterpret(gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     x_sums = x_sums._reinterpret(gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     gl.thread_barrier()
 
-    acc = gl.zeros((BLOCK_N // 2, 2, RUN), gl.float32, layout)
-    y_acc = gl.zeros((BLOCK_N // 2, 2, 4), gl.float32, _lanes(NUM_WARPS))
-    correction = gl.zeros((BLOCK_N // 2, 2, 1), gl.float32, layout)
     mbarrier.wait(values, 0)
-    if SCALE_AFTER:  # one group a row: its values serve every step
-        s_lo, s_hi, z_lo, z_hi = _shared_values(s_groups, z_groups, 0, 0, zero_const, HAS_ZERO, rows_layout)
-    for i in range(n_here):
-        buf = i % STAGES
-        mbarrier.wait(ready.index(buf), (i // STAGES) & 1)
-        words = w_smem.index(buf).reshape([BLOCK_N // 2, 2, RUN]).load(layout)
-        if STAGES < XS_CHUNKS:  # a ring: every warp has its words before the buffer is refilled
-            gl.thread_barrier()
-            refill = i + STAGES
-            mbarrier.expect(ready.index(buf), w_desc.block_type.nbytes, pred=refill < n_here)
-            tma.async_copy_global_to_shared(w_desc, [pid_n * BLOCK_N, (first + refill) * RUN], ready.index(buf), w_smem.index(buf),
-                                            pred=refill < n_here)
-        for step in gl.static_range(N_STEPS):
-            if not SCALE_AFTER:
-                g_lo, g_hi = _group_index(first + i, step, group_size, SLOTS, SPG, STEP)
-                s_lo, s_hi, z_lo, z_hi = _shared_values(s_groups, z_groups, g_lo - g0, g_hi - g0, zero_const, HAS_ZERO, rows_layout)
-            acc, y_acc, correction = _step(words, xs.index(i), offset_sums.index(i), x_sums.index(i), acc, y_acc, correction,
-                                           s_lo, s_hi, z_lo, z_hi, step, NUM_WARPS, BLOCK_N, BITS, STEP, SCALE_AFTER)
+    if ROUTE:
+        y = _route_chunks(w_desc, w_smem, ready, s_smem, z_smem, xs, offset_sums, x_sums, first, n_here, pid_n * BLOCK_N, zero_const,
+                          BITS, HALF, HAS_ZERO, BLOCK_N, NUM_WARPS, XS_CHUNKS, STAGES)
+        y = gl.convert_layout(gl.reshape(y, [BLOCK_N // 2, 2]), rows_layout)
+    else:
+        acc = gl.zeros((BLOCK_N // 2, 2, RUN), gl.float32, layout)
+        y_acc = gl.zeros((BLOCK_N // 2, 2, 4), gl.float32, _lanes(NUM_WARPS))
+        correction = gl.zeros((BLOCK_N // 2, 2, 1), gl.float32, layout)
+        if SCALE_AFTER:  # one group a row: its values serve every step
+            s_lo, s_hi, z_lo, z_hi = _shared_values(s_groups, z_groups, 0, 0, zero_const, HAS_ZERO, rows_layout)
+        for i in range(n_here):
+            buf = i % STAGES
+            mbarrier.wait(ready.index(buf), (i // STAGES) & 1)
+            words = w_smem.index(buf).reshape([BLOCK_N // 2, 2, RUN]).load(layout)
+            _refill(w_desc, w_smem, ready, i, first, n_here, pid_n * BLOCK_N, STAGES, XS_CHUNKS)
+            for step in gl.static_range(N_STEPS):
+                if not SCALE_AFTER:
+                    g_lo, g_hi = _group_index(first + i, step, group_size, SLOTS, SPG, STEP)
+                    s_lo, s_hi, z_lo, z_hi = _shared_values(s_groups, z_groups, g_lo - g0, g_hi - g0, zero_const, HAS_ZERO, rows_layout)
+                acc, y_acc, correction = _step(words, xs.index(i), offset_sums.index(i), x_sums.index(i), acc, y_acc, correction,
+                                               s_lo, s_hi, z_lo, z_hi, step, NUM_WARPS, BLOCK_N, BITS, STEP, SCALE_AFTER)
+        if SCALE_AFTER:
+            y = (gl.sum(acc, axis=2) * 0.25 + gl.sum(correction, axis=2)) * gl.sum(s_lo, axis=2)
+        else:
+            y = gl.convert_layout(gl.sum(y_acc, axis=2), rows_layout) * 0.25
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
     mbarrier.invalidate(values)
-    if SCALE_AFTER:
-        y = (gl.sum(acc, axis=2) * 0.25 + gl.sum(correction, axis=2)) * gl.sum(s_lo, axis=2)
-    else:
-        y = gl.convert_layout(gl.sum(y_acc, axis=2), rows_layout) * 0.25
     _store_rows(y, y_ptr + pid_m * stride_ym + rows, row_ok, partial_ptr, count_ptr, cell, pid_m, pid_n, BLOCK_N, SPLIT_K, rows_layout)
 
 
@@ -437,6 +532,7 @@ class GemvMmaConfig:
     split_k: int = 4
     maxnreg: int | None = 128  # ptxas's register cap (None: its own choice, 130-180 for W1: fewer programs per SM)
     stages: int = 0  # 0: words and group values by plain loads (any GPU); n: by TMA, n chunks ahead (Hopper: tma_fits)
+    route: bool = False  # with TMA and four groups a chunk half (W1 g128, W2 g64): the groups in MMA columns (routes)
 
 
 def default_config(pw: PackedWeight) -> GemvMmaConfig:
@@ -464,7 +560,10 @@ def tma_config(pw: PackedWeight) -> GemvMmaConfig | None:
     long or the rows outnumber K: 11.3 against 12.2, 12.1 each), W4 on 128-row tiles (8192^2 13.4
     against 14.4, 4096x14336 13.1 against 13.6; three chunks in flight gained 0.3 us at 8192^2 but lost
     3.9 at 4096x14336, where three programs a multiprocessor no longer hold the grid in one wave). The
-    register cap did not matter (W1 at 80, 104 and 128 registers within 0.1 us at 8192^2). Kept plain: one scale per row (ternary: TMA 0.1 to 1.1
+    register cap did not matter (W1 at 80, 104 and 128 registers within 0.1 us at 8192^2). Four groups a
+    chunk half (W1 g128, W2 g64) go to their own MMA columns (``route``) on 128-row tiles, except with a
+    long K: W1 8192^2 10.6 against 11.5-11.6, 4096x14336 10.2 against 11.0; W2 g64 12.3 against 13.1,
+    11.9 against 12.7; with a long K (14336x4096) 11.4-12.1 against 10.9 for W1. Kept plain: one scale per row (ternary: TMA 0.1 to 1.1
     us slower) and W4 with a long K (13.1 against 13.3)."""
     bits = lm.CODE_BITS[pw.layout]
     long_k = pw.k >= 2 * pw.n and pw.n <= 4096
@@ -472,6 +571,8 @@ def tma_config(pw: PackedWeight) -> GemvMmaConfig | None:
         return None
     if bits == 4:
         return GemvMmaConfig(block_n=128, num_warps=4, split_k=4, stages=2)
+    if routes(pw) and not long_k:
+        return GemvMmaConfig(block_n=128, num_warps=4, split_k=2 if pw.n > pw.k else 4, stages=2, route=True)
     block_n = 64 if bits == 1 or long_k or pw.n > pw.k else 128
     return GemvMmaConfig(block_n=block_n, num_warps=4, split_k=2 if pw.n > pw.k else 4, stages=2)
 
@@ -509,12 +610,16 @@ def gemv_mma(x: torch.Tensor, pw: PackedWeight, config: GemvMmaConfig | None = N
         if not tma_fits(pw, config):
             raise ValueError(f"stages={config.stages} (TMA) needs a Hopper GPU, 16-byte aligned words, scales and zero points "
                              f"and at most {MAX_GROUP_BOX} groups a split; use stages=0 here")
+        if config.route and not routes(pw):
+            raise ValueError(f"route=True needs four groups in a chunk half (group_size = {pw.chunk // 8}); got {pw.group_size}")
         w_desc, s_desc, z_desc = _descriptors(pw, words, scale, zero, config)
         _gemv_tma_kernel[grid](
             x, w_desc, s_desc, z_desc, scale, zero, y, partial, count, pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size,
-            pw.zero_const, x.stride(0), y.stride(0), STAGES=config.stages, **consts,
+            pw.zero_const, x.stride(0), y.stride(0), STAGES=config.stages, ROUTE=config.route, **consts,
         )
         return y
+    if config.route:
+        raise ValueError("route=True runs on the TMA feed only (stages > 0)")
     _gemv_mma_kernel[grid](
         x, words, scale, zero, y, partial, count, pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const,
         x.stride(0), words.stride(0), y.stride(0), **consts,
@@ -523,6 +628,11 @@ def gemv_mma(x: torch.Tensor, pw: PackedWeight, config: GemvMmaConfig | None = N
 
 
 MAX_GROUP_BOX = 64  # groups a split of the TMA GEMV reads (its box of scales: 64 x BLOCK_N fp16 = 16 KiB at 128 rows)
+
+
+def routes(pw: PackedWeight) -> bool:
+    """Four groups in each half of a chunk: the TMA GEMV can give each its own MMA columns (``route``)."""
+    return pw.n_groups > 1 and pw.group_size * 8 == pw.chunk
 
 
 def group_box(pw: PackedWeight, config: GemvMmaConfig) -> int:

@@ -11,7 +11,7 @@ import torch
 
 from qkernels import lowbit_matmul as lm
 from qkernels.gemv_mma import (
-    WINDOW, GemvMmaConfig, _by_group, config_for, default_config, gemv_mma, group_box, mma_asm, slot_constants, tma_config,
+    WINDOW, GemvMmaConfig, _by_group, config_for, default_config, gemv_mma, group_box, mma_asm, routes, slot_constants, tma_config,
 )
 from qkernels.pack import pack_weight
 
@@ -119,7 +119,7 @@ def test_dispatch_at_batch_1(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     "layout,top,group,zeros",
     [("uint4", 15, 128, "integer"), ("uint2", 3, 128, "integer"), ("uint2", 3, 128, "float"), ("uint2", 2, None, 1.0),
-     ("uint1", 1, 128, "integer"), ("uint1", 1, 128, 0.5), ("uint1", 1, None, 0.5)],
+     ("uint2", 3, 64, "float"), ("uint1", 1, 128, "integer"), ("uint1", 1, 128, 0.5), ("uint1", 1, None, 0.5)],
 )
 @pytest.mark.parametrize("n,k", [(200, 1152), (64, 4096)])
 def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: int | None, zeros: str | float, n: int, k: int) -> None:
@@ -136,6 +136,9 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     configs = [None, GemvMmaConfig(128, 8, 2), GemvMmaConfig(32, 2, 1), GemvMmaConfig(64, 4, 8, maxnreg=None)]
     if lm.is_hopper(x.device):  # the TMA feed: every chunk in flight, and a ring that refills (1 and 2 stages)
         configs += [GemvMmaConfig(128, 8, 2, stages=4), GemvMmaConfig(64, 4, 1, stages=1), GemvMmaConfig(32, 2, 2, stages=2)]
+        if routes(pw):  # four groups a chunk half in their own MMA columns
+            configs += [GemvMmaConfig(64, 4, 2, stages=2, route=True), GemvMmaConfig(128, 8, 1, stages=1, route=True),
+                        GemvMmaConfig(128, 4, 2, stages=2, route=True)]
     for config in configs:
         y = lm.gemv_mma(x, pw, config, out=torch.full((3, n), float("nan"), device="cuda", dtype=torch.float16)).float()
         assert not y.isnan().any()
@@ -143,15 +146,17 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
 
 
 def test_tma_feed_configs_and_group_boxes() -> None:
-    """Hopper's TMA feed: its configs by kind and shape (None: the plain loads), the box of group values
-    one K split reads, the group-major scales seen as ``[n_groups, n]`` (one group: rows of ``n``), and a
-    clear error where it cannot run."""
+    """Hopper's TMA feed: its configs by kind and shape (None: the plain loads; routes for four groups a
+    chunk half), the box of group values one K split reads, the group-major scales seen as ``[n_groups,
+    n]`` (one group: rows of ``n``), and clear errors where it or its routes cannot run."""
     def packed(layout: str, top: int, n: int, k: int, group: int | None):
         scale = torch.rand(n, 1 if group is None else k // group).half()
         return pack_weight(torch.randint(0, top + 1, (n, k)), scale, None, layout, group, zero_const=1.0, run=32)
 
-    assert tma_config(packed("uint1", 1, 1024, 1024, 128)) == GemvMmaConfig(64, 4, 4, stages=2)
-    assert tma_config(packed("uint1", 1, 1024, 256, 128)) == GemvMmaConfig(64, 4, 2, stages=2)  # more rows than K
+    assert tma_config(packed("uint1", 1, 1024, 1024, 128)) == GemvMmaConfig(128, 4, 4, stages=2, route=True)
+    assert tma_config(packed("uint1", 1, 1024, 256, 128)) == GemvMmaConfig(128, 4, 2, stages=2, route=True)  # more rows than K
+    assert tma_config(packed("uint1", 1, 256, 1024, 128)) == GemvMmaConfig(64, 4, 4, stages=2)  # a long K: no routes
+    assert tma_config(packed("uint2", 3, 1024, 1024, 64)) == GemvMmaConfig(128, 4, 4, stages=2, route=True)
     assert tma_config(packed("uint2", 3, 1024, 1024, 128)) == GemvMmaConfig(128, 4, 4, stages=2)
     assert tma_config(packed("uint2", 3, 256, 1024, 128)) == GemvMmaConfig(64, 4, 4, stages=2)  # a long K
     assert tma_config(packed("uint4", 15, 1024, 1024, 128)) == GemvMmaConfig(128, 4, 4, stages=2)
@@ -164,5 +169,9 @@ def test_tma_feed_configs_and_group_boxes() -> None:
     assert group_box(packed("uint4", 15, 64, 2048, 256), GemvMmaConfig(64, 4, 3)) == 4  # a group a chunk
     assert _by_group(ternary.scale) == ([1, 256], [256, 1]) and _by_group(w4.scale) == ([16, 64], [64, 1])
     assert config_for(w4) == default_config(w4)  # no Hopper GPU here: the plain loads
+    assert routes(packed("uint1", 1, 64, 1024, 128)) and routes(packed("uint2", 3, 64, 512, 64))
+    assert not routes(w4) and not routes(packed("uint2", 3, 64, 512, 128)) and not routes(ternary)
     with pytest.raises(ValueError, match="stages=2 .*Hopper"):
         gemv_mma(torch.randn(1, 2048, dtype=torch.float16), w4, GemvMmaConfig(64, 4, 2, stages=2))
+    with pytest.raises(ValueError, match="route=True runs on the TMA feed only"):
+        gemv_mma(torch.randn(1, 1024, dtype=torch.float16), packed("uint1", 1, 64, 1024, 128), GemvMmaConfig(64, 4, 2, route=True))
