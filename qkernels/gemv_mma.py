@@ -406,8 +406,7 @@ def _route_chunks(w_desc, w_smem, ready, s_smem, z_smem, xs, offset_sums, x_sums
 
 @gluon.jit
 def _gemv_tma_kernel(
-    x_ptr, w_desc, s_desc, z_desc, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
-    N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_xm, stride_ym,
+    x_ptr, w_desc, s_desc, z_desc, y_ptr, partial_ptr, count_ptr, N, K, n_chunks, group_size, zero_const, stride_xm, stride_ym,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
     STAGES: gl.constexpr, ROUTE: gl.constexpr,
@@ -417,7 +416,7 @@ def _gemv_tma_kernel(
     scales and zero points (stored group-major) in one box each, all issued before the activations are
     staged; a step reads its group values from shared memory. ``ROUTE`` (four groups a chunk half): every
     group of a chunk sums into its own MMA columns (lane ``t`` holds group ``t`` of each half), so the
-    group values are applied once a chunk, not once a step (:func:`_route_chunk`)."""
+    group values are applied once a chunk, not once a step (:func:`_route_chunks`)."""
     layout: gl.constexpr = _words_layout(NUM_WARPS)
     rows_layout: gl.constexpr = gl.SliceLayout(2, layout)
     HALF: gl.constexpr = SLOTS // 2
@@ -453,7 +452,8 @@ def _gemv_tma_kernel(
     tma.async_copy_global_to_shared(s_desc, [g0, pid_n * BLOCK_N], values, s_smem)
     if HAS_ZERO:
         tma.async_copy_global_to_shared(z_desc, [g0, pid_n * BLOCK_N], values, z_smem)
-    by_group: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])  # one group's rows as the cells [BLOCK_N // 2, 2]; rank 2: indexed views drop the group axis
+    # one group's rows as the cells [BLOCK_N // 2, 2] (a rank-2 layout: the indexed views drop the group axis)
+    by_group: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     s_groups = s_smem._reinterpret(s_desc.dtype, [GBOX, BLOCK_N // 2, 2], by_group)
     z_groups = z_smem._reinterpret(s_desc.dtype, [GBOX, BLOCK_N // 2, 2], by_group)
 
@@ -614,8 +614,8 @@ def gemv_mma(x: torch.Tensor, pw: PackedWeight, config: GemvMmaConfig | None = N
             raise ValueError(f"route=True needs four groups in a chunk half (group_size = {pw.chunk // 8}); got {pw.group_size}")
         w_desc, s_desc, z_desc = _descriptors(pw, words, scale, zero, config)
         _gemv_tma_kernel[grid](
-            x, w_desc, s_desc, z_desc, scale, zero, y, partial, count, pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size,
-            pw.zero_const, x.stride(0), y.stride(0), STAGES=config.stages, ROUTE=config.route, **consts,
+            x, w_desc, s_desc, z_desc, y, partial, count, pw.n, pw.k, n_chunks, pw.group_size, pw.zero_const, x.stride(0), y.stride(0),
+            STAGES=config.stages, ROUTE=config.route, **consts,
         )
         return y
     if config.route:
