@@ -554,17 +554,19 @@ def default_config(pw: PackedWeight) -> GemvMmaConfig:
 
 def tma_config(pw: PackedWeight) -> GemvMmaConfig | None:
     """The TMA feed's config on Hopper, or None where the plain loads were as fast. H200, steady state,
-    batch 1 (session 12, bench/results/kernel_latency_h200.md), two chunks in flight on 4 warps: W1
-    on 64-row tiles (8192^2 11.5 us against 11.8 plain, 14336x4096 10.9 against 11.5, 4096x14336 with
-    2 K splits 11.1 against 11.4), W2 on 128-row tiles (8192^2 11.5 against 12.2; 64 rows where K is
-    long or the rows outnumber K: 11.3 against 12.2, 12.1 each), W4 on 128-row tiles (8192^2 13.4
-    against 14.4, 4096x14336 13.1 against 13.6; three chunks in flight gained 0.3 us at 8192^2 but lost
-    3.9 at 4096x14336, where three programs a multiprocessor no longer hold the grid in one wave). The
-    register cap did not matter (W1 at 80, 104 and 128 registers within 0.1 us at 8192^2). Four groups a
-    chunk half (W1 g128, W2 g64) go to their own MMA columns (``route``) on 128-row tiles, except with a
-    long K: W1 8192^2 10.6 against 11.5-11.6, 4096x14336 10.2 against 11.0; W2 g64 12.3 against 13.1,
-    11.9 against 12.7; with a long K (14336x4096) 11.4-12.1 against 10.9 for W1. Kept plain: one scale per row (ternary: TMA 0.1 to 1.1
-    us slower) and W4 with a long K (13.1 against 13.3)."""
+    batch 1 (session 12, bench/results/kernel_latency_h200.md), two chunks in flight on 4 warps:
+    * four groups a chunk half (W1 g128, W2 g64): routes on 128-row tiles (W1 8192^2 10.6 us against
+      11.5-11.6 unrouted, 4096x14336 10.2 against 11.0; W2 g64 12.3 against 13.1, 11.9 against 12.7),
+      but not with a long K (14336x4096: W1 11.4-12.1 routed against 10.9);
+    * otherwise W1 on 64-row tiles (14336x4096 10.9 against 11.5 plain; 8192^2 11.5 against 11.8),
+      W2 on 128-row tiles (8192^2 11.5 against 12.2), 64 where K is long or the rows outnumber K (11.3
+      against 12.2, 12.1 each), W4 on 128-row tiles (8192^2 13.4 against 14.4, 4096x14336 13.1 against
+      13.6; three chunks in flight gained 0.3 us at 8192^2 but lost 3.9 at 4096x14336, where three
+      programs a multiprocessor no longer hold the grid in one wave); 2 K splits where the rows
+      outnumber K (W1, W2), else 4;
+    * kept plain: one scale per row (ternary: TMA 0.1 to 1.1 us slower) and W4 with a long K (13.1
+      against 13.3).
+    The register cap did not matter (W1 at 80, 104 and 128 registers within 0.1 us at 8192^2)."""
     bits = lm.CODE_BITS[pw.layout]
     long_k = pw.k >= 2 * pw.n and pw.n <= 4096
     if pw.n_groups == 1 or (bits == 4 and long_k):

@@ -58,7 +58,7 @@ was lent): the wgmma GEMM at 1024 rows, 8192^2: W4 0.89x cuBLAS, W2 0.95x, terna
 (dequant + cuBLAS 0.78-0.81x); bench/results/kernel_latency_h200.md. Session 11 (H200): the wgmma GEMM from
 9 rows, 8192^2 W4 at 16 / 64 / 1024 rows 1.73x / 1.30x / 0.97x cuBLAS fp16. Session 12 (H200): batch 1 on
 the tensor-core GEMV for every grouped kind on Hopper, TMA-fed: 8192^2 W4 13.4 us (2.87x), W2 11.4
-(3.37x), ternary 10.7 (3.61x), W1 11.5 (3.36x).
+(3.37x), ternary 10.7 (3.61x), W1 11.5 (3.36x); W1 10.6 with routes (groups in their own MMA columns).
 """
 
 from __future__ import annotations
