@@ -4,6 +4,7 @@
     python -m bench.kernel_latency --quick         # 8192^2 and 4096x14336 at batch 1, 16, 64, 1024
     python -m bench.kernel_latency --tune          # search GEMV/GEMM tile configs first, then the table
     python -m bench.kernel_latency --tune-wgmma --shapes 8192x8192 --batches 64 --kernels w4g128   # Hopper
+    python -m bench.kernel_latency --tune-gemv-mma --shapes 8192x8192 --batches 1 --kernels w1g128  # batch 1
 
 Shapes are ``in x out`` (``K x N`` of ``y[M, N] = x[M, K] @ W^T``). Each row gives the time in the
 two modes of :mod:`bench.timing`, the speedup over cuBLAS fp16 measured in the same run and mode, and
@@ -339,6 +340,50 @@ def tune_wgmma(kinds: list[str], shapes: list[tuple[int, int]], batches: list[in
     return result
 
 
+def gemv_mma_search(pw: PackedWeight, hopper: bool) -> list:
+    """Tensor-core GEMV candidates (batch 1): 64 or 128 weight rows on 4 or 8 warps, 2, 4 or 8 K splits,
+    plain loads; on Hopper also the TMA feed with 2 or 3 chunks in flight, routed where four groups share
+    a chunk half (:func:`qkernels.gemv_mma.routes`)."""
+    from qkernels import gemv_mma as gm
+
+    tiles = [(64, 4), (128, 4), (128, 8)]
+    plain = [gm.GemvMmaConfig(block_n, warps, split) for block_n, warps in tiles for split in (2, 4, 8)]
+    if not hopper:
+        return plain
+    fed = [
+        gm.GemvMmaConfig(block_n, warps, split, stages=stages, route=route)
+        for block_n, warps in tiles for split in (2, 4, 8) for stages in (2, 3) for route in sorted({False, gm.routes(pw)})
+    ]
+    return plain + [c for c in fed if gm.tma_fits(pw, c)]
+
+
+def tune_gemv_mma(kinds: list[str], shapes: list[tuple[int, int]]) -> dict:
+    """Time :func:`gemv_mma_search` and the dispatcher's own config (each once) at batch 1 for every kind the
+    tensor-core GEMV takes and shape; install each winner in ``qkernels.gemv_mma.TUNED`` for the rest of the
+    process, and return every timing by ``kind/KxN``."""
+    from qkernels import gemv_mma as gm
+
+    result: dict[str, Any] = {}
+    hopper = lm.is_hopper(torch.device("cuda"))
+    for name in (name for name in kinds if name in LOWBIT_KINDS):
+        for k, n in shapes:
+            pw = random_packed(LOWBIT_KINDS[name], n, k)
+            if not lm.gemv_mma_fits(pw, torch.float16):
+                continue
+            x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+            gm.TUNED.pop(gm.tuned_key(pw), None)
+            default = gm.config_for(pw)
+            search = gemv_mma_search(pw, hopper)
+            timed = best_of(search + ([default] if default not in search else []), lambda c: checked_steady(x, pw, "gemv_mma", c))
+            if not timed:
+                continue
+            gm.TUNED[gm.tuned_key(pw)] = timed[0][1]
+            base = next((us for us, c in timed if c == default), None)
+            result[f"{name}/{k}x{n}"] = {"default": (base, asdict(default)), "timed": [(us, asdict(c)) for us, c in timed]}
+            print(f"gemv_mma {name} {k}x{n}: best {timed[0][0]:.1f} us {timed[0][1]} | default {base} us", flush=True)
+    return result
+
+
 def tuned_summary() -> str:
     gemv = "; ".join(f"{layout}{'/groups' if grouped else ''}: {c}" for (layout, grouped), c in lm.GEMV_CONFIGS.items())
     gemv += " | fp16 pairs " + "; ".join(f"{layout}{'/groups' if grouped else ''}: {c}" for (layout, grouped), c in lm.GEMV_PAIR_CONFIGS.items())
@@ -356,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune-gemm", action="store_true", help="also search GEMM configs per batch bucket (W4)")
     parser.add_argument("--tune-wgmma", action="store_true",
                         help="Hopper: search wgmma GEMM configs for the given kernels, shapes and batches first, use the winners")
+    parser.add_argument("--tune-gemv-mma", action="store_true",
+                        help="search tensor-core GEMV configs (batch 1; TMA feed and routes on Hopper) for the given kernels and shapes first")
     parser.add_argument("--tune-paths", default=",".join(TUNE_PATHS), help=f"comma list of the kernels that --tune searches, of {','.join(TUNE_PATHS)}")
     parser.add_argument("--kernels", default=",".join(LOWBIT_KINDS), help=f"comma list of low-bit kinds; block formats: {','.join(BLOCK_KINDS)}")
     parser.add_argument("--modes", default=",".join(MODES))
@@ -389,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.json.write_text(json.dumps(tuned, indent=1))
             return 0
         header += " | " + tuned_summary()
+    if args.tune_gemv_mma:
+        tuned = tuned or {"gpu": gpu_name(), "copy_gbs": copy_gbs}
+        tuned["gemv_mma"] = tune_gemv_mma(kinds, shapes)
+        header += f" | tensor-core GEMV configs tuned for {len(tuned['gemv_mma'])} cells (kernel/shape)"
     if args.tune_wgmma:
         tuned = tuned or {"gpu": gpu_name(), "copy_gbs": copy_gbs}
         tuned["wgmma"] = tune_wgmma(kinds, shapes, batches)

@@ -579,8 +579,21 @@ def tma_config(pw: PackedWeight) -> GemvMmaConfig | None:
     return GemvMmaConfig(block_n=block_n, num_warps=4, split_k=2 if pw.n > pw.k else 4, stages=2)
 
 
+# Configs that ``python -m bench.kernel_latency --tune-gemv-mma`` timed best, by :func:`tuned_key`; they win over
+# the rules above for the rest of that process.
+TUNED: dict[tuple, GemvMmaConfig] = {}
+
+
+def tuned_key(pw: PackedWeight) -> tuple:
+    """The weight's kind and shape."""
+    return pw.layout, pw.zero is not None, pw.group_size, pw.n, pw.k
+
+
 def config_for(pw: PackedWeight) -> GemvMmaConfig:
-    """:func:`tma_config` where it applies and fits (Hopper), else :func:`default_config`."""
+    """A tuned config for this kind and shape, else :func:`tma_config` where it applies and fits (Hopper),
+    else :func:`default_config`."""
+    if tuned := TUNED.get(tuned_key(pw)):
+        return tuned
     config = tma_config(pw)
     return config if config is not None and tma_fits(pw, config) else default_config(pw)
 

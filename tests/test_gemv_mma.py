@@ -175,3 +175,27 @@ def test_tma_feed_configs_and_group_boxes() -> None:
         gemv_mma(torch.randn(1, 2048, dtype=torch.float16), w4, GemvMmaConfig(64, 4, 2, stages=2))
     with pytest.raises(ValueError, match="route=True runs on the TMA feed only"):
         gemv_mma(torch.randn(1, 1024, dtype=torch.float16), packed("uint1", 1, 64, 1024, 128), GemvMmaConfig(64, 4, 2, route=True))
+
+
+def test_tuned_configs_and_the_search_space(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``bench.kernel_latency --tune-gemv-mma`` installs is used for the same kind and shape only; its
+    search space holds valid, distinct configs: plain loads off Hopper, and on Hopper the TMA feed too,
+    routed only where four groups share a chunk half."""
+    from bench.kernel_latency import gemv_mma_search
+    from qkernels import gemv_mma as gm
+
+    def packed(layout: str, top: int, n: int, k: int, group: int):
+        return pack_weight(torch.randint(0, top + 1, (n, k)), torch.rand(n, k // group).half(), None, layout, group, zero_const=1.0, run=32)
+
+    w1, w1_other, w2 = packed("uint1", 1, 256, 2048, 128), packed("uint1", 1, 256, 1024, 128), packed("uint2", 3, 256, 2048, 128)
+    tuned = GemvMmaConfig(64, 4, 8)
+    monkeypatch.setattr(gm, "TUNED", {gm.tuned_key(w1): tuned})
+    assert config_for(w1) == tuned and config_for(w1_other) == default_config(w1_other) and config_for(w2) == default_config(w2)
+    plain = gemv_mma_search(w1, hopper=False)
+    assert plain and all(c.stages == 0 and not c.route for c in plain)
+    monkeypatch.setattr(gm, "tma_fits", lambda pw, config: True)  # (no Hopper GPU here)
+    for pw, routed in ((w1, True), (w2, False)):
+        search = gemv_mma_search(pw, hopper=True)
+        assert len(set(search)) == len(search) and set(plain) < set(search)
+        assert all(c.block_n % (16 * c.num_warps) == 0 and (c.stages > 0 or not c.route) for c in search)
+        assert any(c.route for c in search) == routed and {c.stages for c in search} == {0, 2, 3}

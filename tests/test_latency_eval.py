@@ -117,3 +117,12 @@ def test_kernel_latency_takes_tune_wgmma(capsys: pytest.CaptureFixture) -> None:
 
     assert main(["--tune-wgmma", "--shapes", "8192x8192", "--batches", "64", "--kernels", "w4g128"]) == 1
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+def test_kernel_latency_takes_tune_gemv_mma(capsys: pytest.CaptureFixture) -> None:
+    """``--tune-gemv-mma`` parses; without a GPU nothing is timed (exit code 1, said on stderr)."""
+    from bench.kernel_latency import main
+
+    assert main(["--tune-gemv-mma", "--shapes", "8192x8192", "--batches", "1", "--kernels", "w1g128"]) == 1
+    assert "no CUDA GPU" in capsys.readouterr().err
