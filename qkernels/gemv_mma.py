@@ -32,7 +32,7 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
   words come in boxes ``[BLOCK_N, 32]`` (128-byte swizzle) into a ring of ``stages`` buffers, the
   split's group-major scales and zero points in one box each, all issued before the activations are
   staged; a step reads its group values from shared memory (no exposed global-load latency). H200,
-  batch 1: 3-8% faster for grouped W1, W2 and W4 (W4 8192^2 13.0-13.4 us against 14.4); not for
+  batch 1: 3-8% faster for grouped W1, W2 and W4 (W4 8192^2 13.2-13.4 us against 14.4); not for
   ternary. Nsight Compute (W1 8192^2): a third of the time goes before the first chunk (the
   activations staged, the words streamed in), a seventh to the split-K epilogue, the rest to a loop
   whose warps issue one instruction per 10 cycles (shared-memory and MMA dependencies).
