@@ -292,6 +292,19 @@ def tune(kinds: list[str], shape: tuple[int, int], gemm_kinds: list[str], paths:
     return result
 
 
+def tune_cell(tuned: dict, key: tuple, default: Any, search: list, time_one: Callable[[Any], float | None], label: str) -> dict | None:
+    """Time ``search`` and the rules' ``default`` config (each once), install the fastest in ``tuned[key]`` and
+    return every timing; None where no candidate ran (``tuned`` is left without the key)."""
+    tuned.pop(key, None)
+    timed = best_of(search + ([default] if default not in search else []), time_one)
+    if not timed:
+        return None
+    tuned[key] = timed[0][1]
+    base = next((us for us, c in timed if c == default), None)
+    print(f"{label}: best {timed[0][0]:.1f} us {timed[0][1]} | default " + (f"{base:.1f} us" if base else "did not run"), flush=True)
+    return {"default": (base, asdict(default)), "timed": [(us, asdict(c)) for us, c in timed]}
+
+
 def wgmma_search(m: int) -> list:
     """wgmma GEMM candidates at ``m`` rows: 64 or 128 weight rows on one warpgroup, 128 on two; activation
     tiles of the batch's bucket (and 128 and 256 above 128 rows); 1, 2 or 4 K splits; at most 128 fp32
@@ -327,16 +340,10 @@ def tune_wgmma(kinds: list[str], shapes: list[tuple[int, int]], batches: list[in
                 continue
             for m in (m for m in batches if m > lm.GEMV_MAX_M):
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                gw.TUNED.pop(gw.tuned_key(m, pw), None)
-                default = gw.default_config(m, pw)
-                search = wgmma_search(m)
-                timed = best_of(search + ([default] if default not in search else []), lambda c: checked_steady(x, pw, "wgmma", c))
-                if not timed:
-                    continue
-                gw.TUNED[gw.tuned_key(m, pw)] = timed[0][1]
-                base = next((us for us, c in timed if c == default), None)
-                result[f"{name}/{k}x{n}/{m}"] = {"default": (base, asdict(default)), "timed": [(us, asdict(c)) for us, c in timed]}
-                print(f"wgmma {name} {k}x{n} M={m}: best {timed[0][0]:.1f} us {timed[0][1]} | default {base} us", flush=True)
+                timings = tune_cell(gw.TUNED, gw.tuned_key(m, pw), gw.default_config(m, pw), wgmma_search(m),
+                                    lambda c: checked_steady(x, pw, "wgmma", c), f"wgmma {name} {k}x{n} M={m}")
+                if timings:
+                    result[f"{name}/{k}x{n}/{m}"] = timings
     return result
 
 
@@ -371,16 +378,10 @@ def tune_gemv_mma(kinds: list[str], shapes: list[tuple[int, int]]) -> dict:
             if not lm.gemv_mma_fits(pw, torch.float16):
                 continue
             x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-            gm.TUNED.pop(gm.tuned_key(pw), None)
-            default = gm.config_for(pw)
-            search = gemv_mma_search(pw, hopper)
-            timed = best_of(search + ([default] if default not in search else []), lambda c: checked_steady(x, pw, "gemv_mma", c))
-            if not timed:
-                continue
-            gm.TUNED[gm.tuned_key(pw)] = timed[0][1]
-            base = next((us for us, c in timed if c == default), None)
-            result[f"{name}/{k}x{n}"] = {"default": (base, asdict(default)), "timed": [(us, asdict(c)) for us, c in timed]}
-            print(f"gemv_mma {name} {k}x{n}: best {timed[0][0]:.1f} us {timed[0][1]} | default {base} us", flush=True)
+            timings = tune_cell(gm.TUNED, gm.tuned_key(pw), gm.rule_config(pw), gemv_mma_search(pw, hopper),
+                                lambda c: checked_steady(x, pw, "gemv_mma", c), f"gemv_mma {name} {k}x{n}")
+            if timings:
+                result[f"{name}/{k}x{n}"] = timings
     return result
 
 

@@ -589,13 +589,15 @@ def tuned_key(pw: PackedWeight) -> tuple:
     return pw.layout, pw.zero is not None, pw.group_size, pw.n, pw.k
 
 
-def config_for(pw: PackedWeight) -> GemvMmaConfig:
-    """A tuned config for this kind and shape, else :func:`tma_config` where it applies and fits (Hopper),
-    else :func:`default_config`."""
-    if tuned := TUNED.get(tuned_key(pw)):
-        return tuned
+def rule_config(pw: PackedWeight) -> GemvMmaConfig:
+    """:func:`tma_config` where it applies and fits (Hopper), else :func:`default_config`."""
     config = tma_config(pw)
     return config if config is not None and tma_fits(pw, config) else default_config(pw)
+
+
+def config_for(pw: PackedWeight) -> GemvMmaConfig:
+    """A tuned config for this kind and shape, else :func:`rule_config`."""
+    return TUNED.get(tuned_key(pw)) or rule_config(pw)
 
 
 def gemv_mma(x: torch.Tensor, pw: PackedWeight, config: GemvMmaConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -126,3 +126,19 @@ def test_kernel_latency_takes_tune_gemv_mma(capsys: pytest.CaptureFixture) -> No
 
     assert main(["--tune-gemv-mma", "--shapes", "8192x8192", "--batches", "1", "--kernels", "w1g128"]) == 1
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_tune_cell_installs_the_fastest_and_times_the_default_once() -> None:
+    """The shared step of ``--tune-wgmma`` and ``--tune-gemv-mma``: the default is timed once (in or beside the
+    search), the fastest config that ran is installed, failing candidates are skipped, a stale entry goes."""
+    from bench.kernel_latency import tune_cell
+    from qkernels.gemv_mma import GemvMmaConfig
+
+    default, fast, broken = GemvMmaConfig(64, 4, 4), GemvMmaConfig(128, 4, 4), GemvMmaConfig(128, 8, 8)
+    calls: list = []
+    times = {default: 12.0, fast: 10.0, broken: None}
+    tuned = {("key",): broken}
+    result = tune_cell(tuned, ("key",), default, [fast, broken], lambda c: calls.append(c) or times[c], "cell")
+    assert tuned == {("key",): fast} and calls.count(default) == 1 and result["default"][0] == 12.0
+    assert [us for us, _ in result["timed"]] == [10.0, 12.0]
+    assert tune_cell(tuned, ("key",), broken, [], lambda c: None, "cell") is None and tuned == {}
