@@ -349,7 +349,7 @@ def tune_wgmma(kinds: list[str], shapes: list[tuple[int, int]], batches: list[in
 
 def gemv_mma_search(pw: PackedWeight, hopper: bool) -> list:
     """Tensor-core GEMV candidates (batch 1): 64 or 128 weight rows on 4 or 8 warps, 2, 4 or 8 K splits,
-    plain loads; on Hopper also the TMA feed with 2 or 3 chunks in flight, routed where four groups share
+    plain loads; on Hopper also the TMA feed with 2, 3 or 4 chunks in flight, routed where four groups share
     a chunk half (:func:`qkernels.gemv_mma.routes`)."""
     from qkernels import gemv_mma as gm
 
@@ -359,7 +359,7 @@ def gemv_mma_search(pw: PackedWeight, hopper: bool) -> list:
         return plain
     fed = [
         gm.GemvMmaConfig(block_n, warps, split, stages=stages, route=route)
-        for block_n, warps in tiles for split in (2, 4, 8) for stages in (2, 3) for route in sorted({False, gm.routes(pw)})
+        for block_n, warps in tiles for split in (2, 4, 8) for stages in (2, 3, 4) for route in sorted({False, gm.routes(pw)})
     ]
     return plain + [c for c in fed if gm.tma_fits(pw, c)]
 

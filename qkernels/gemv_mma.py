@@ -270,11 +270,23 @@ def _step(words, xs, offset_sums, x_sums, acc, y_acc, correction, s_lo, s_hi, z_
 
 
 @gluon.jit
+def _grid_dependency(WAIT: gl.constexpr):
+    """Programmatic dependent launch (Hopper, ``PDL``): ``WAIT`` False lets the next kernel's programs be
+    scheduled (their weight loads then overlap this kernel's tail); True waits until the previous kernel
+    has finished and its writes are visible: before the activations are read or anything is written."""
+    if WAIT:
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+    else:
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _gemv_mma_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
     N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_xm, stride_wn, stride_ym,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
+    PDL: gl.constexpr,
 ):
     layout: gl.constexpr = _words_layout(NUM_WARPS)
     rows_layout: gl.constexpr = gl.SliceLayout(2, layout)
@@ -297,6 +309,9 @@ def _gemv_mma_kernel(
     next_words = gl.load(w_rows + start * RUN, mask=row_ok3, other=0)
     next_values = _group_values(scale_ptr, zero_ptr, rows3, row_ok3, start, 0, n_groups, stride_sn, stride_sg, group_size,
                                 zero_const, HAS_ZERO, SLOTS, SPG, STEP)
+    if PDL:  # the weights' loads are out: wait for the previous kernel, then let the next one's programs in
+        _grid_dependency(True)
+        _grid_dependency(False)
     # the split's activations as masked B pairs, and the sums of the decode offsets, built once in shared memory
     # (row-major, no swizzle; stored whole, then read one chunk at a time through a view whose layout drops the chunk axis)
     xs = gl.allocate_shared_memory(gl.int32, [XS_CHUNKS, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
@@ -409,7 +424,7 @@ def _gemv_tma_kernel(
     x_ptr, w_desc, s_desc, z_desc, y_ptr, partial_ptr, count_ptr, N, K, n_chunks, group_size, zero_const, stride_xm, stride_ym,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
-    STAGES: gl.constexpr, ROUTE: gl.constexpr,
+    STAGES: gl.constexpr, ROUTE: gl.constexpr, PDL: gl.constexpr,
 ):
     """The GEMV with its weights fed by TMA (Hopper): the split's words come a chunk per box into a ring
     of ``STAGES`` buffers (all of them at once where the split has at most ``STAGES`` chunks), its
@@ -456,6 +471,9 @@ def _gemv_tma_kernel(
     by_group: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     s_groups = s_smem._reinterpret(s_desc.dtype, [GBOX, BLOCK_N // 2, 2], by_group)
     z_groups = z_smem._reinterpret(s_desc.dtype, [GBOX, BLOCK_N // 2, 2], by_group)
+    if PDL:  # the weights' loads are out: wait for the previous kernel, then let the next one's programs in
+        _grid_dependency(True)
+        _grid_dependency(False)
 
     if ROUTE:
         xs = gl.allocate_shared_memory(gl.int32, [XS_CHUNKS, HALF, 4, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0]))
@@ -533,6 +551,7 @@ class GemvMmaConfig:
     maxnreg: int | None = 128  # ptxas's register cap (None: its own choice, 130-180 for W1: fewer programs per SM)
     stages: int = 0  # 0: words and group values by plain loads (any GPU); n: by TMA, n chunks ahead (Hopper: tma_fits)
     route: bool = False  # with TMA and four groups a chunk half (W1 g128, W2 g64): the groups in MMA columns (routes)
+    pdl: bool = True  # from Hopper on: programmatic dependent launch (the first weights load while the previous kernel ends)
 
 
 def default_config(pw: PackedWeight) -> GemvMmaConfig:
@@ -617,10 +636,11 @@ def gemv_mma(x: torch.Tensor, pw: PackedWeight, config: GemvMmaConfig | None = N
     n_chunks = words.shape[1] // pw.run
     grid = (m, triton.cdiv(pw.n, config.block_n), config.split_k)
     partial, count = lm.split_buffers(y, grid, config.block_n)
+    pdl = config.pdl and lm.has_pdl(x.device)
     consts = dict(
         BITS=lm.CODE_BITS[pw.layout], SLOTS=pw.slots, SPG=pw.group_size // pw.run, HAS_ZERO=pw.zero is not None, BLOCK_N=config.block_n,
         SPLIT_K=config.split_k, NUM_WARPS=config.num_warps, XS_CHUNKS=triton.next_power_of_2(triton.cdiv(n_chunks, config.split_k)),
-        EVEN_K=pw.k % pw.chunk == 0, SCALE_AFTER=pw.n_groups == 1, num_warps=config.num_warps,
+        EVEN_K=pw.k % pw.chunk == 0, SCALE_AFTER=pw.n_groups == 1, PDL=pdl, num_warps=config.num_warps, launch_pdl=pdl,
         **({} if config.maxnreg is None else {'maxnreg': config.maxnreg}),
     )
     if config.stages:

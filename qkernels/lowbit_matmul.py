@@ -907,6 +907,11 @@ def is_hopper(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] == 9
 
 
+def has_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch (``griddepcontrol``): compute capability 9.0 and above."""
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def wgmma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
     """The wgmma GEMM takes fp16 activations with K a multiple of 8 (TMA's 16-byte rows) and the uint1/2/4
     layouts with a run of 32; it needs Gluon (and a Hopper GPU: :func:`is_hopper`)."""
