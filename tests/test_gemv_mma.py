@@ -199,16 +199,19 @@ def test_tma_feed_configs_and_group_boxes() -> None:
         scale = torch.rand(n, 1 if group is None else k // group).half()
         return pack_weight(torch.randint(0, top + 1, (n, k)), scale, None, layout, group, zero_const=1.0, run=32)
 
-    assert tma_config(packed("uint1", 1, 1024, 1024, 128)) == GemvMmaConfig(128, 4, 4, stages=2, route=True)
-    assert tma_config(packed("uint1", 1, 1024, 256, 128)) == GemvMmaConfig(128, 4, 2, stages=2, route=True)  # more rows than K
-    assert tma_config(packed("uint1", 1, 256, 1024, 128)) == GemvMmaConfig(64, 4, 4, stages=2)  # a long K: no routes
+    assert tma_config(packed("uint1", 1, 1024, 1024, 128)) == GemvMmaConfig(64, 4, 2, stages=2)
+    assert tma_config(packed("uint1", 1, 1024, 256, 128)) == GemvMmaConfig(128, 4, 2, stages=3, route=True)  # more rows than K
+    assert tma_config(packed("uint1", 1, 256, 1024, 128)) == GemvMmaConfig(64, 4, 4, stages=2)  # a long K
+    assert tma_config(packed("uint1", 1, 8192, 28672, 128)) == GemvMmaConfig(128, 8, 4, stages=2)  # a long K, many rows
     assert tma_config(packed("uint2", 3, 1024, 1024, 64)) == GemvMmaConfig(128, 4, 4, stages=2, route=True)
     assert tma_config(packed("uint2", 3, 1024, 1024, 128)) == GemvMmaConfig(128, 4, 4, stages=2)
-    assert tma_config(packed("uint2", 3, 256, 1024, 128)) == GemvMmaConfig(64, 4, 4, stages=2)  # a long K
-    assert tma_config(packed("uint4", 15, 1024, 1024, 128)) == GemvMmaConfig(128, 4, 4, stages=2)
-    assert tma_config(packed("uint4", 15, 256, 1024, 128)) is None  # W4 with a long K stays plain
+    assert tma_config(packed("uint2", 3, 1024, 256, 128)) == GemvMmaConfig(128, 4, 2, stages=2)
+    assert tma_config(packed("uint2", 3, 256, 1024, 128)) == GemvMmaConfig(128, 4, 8, stages=2)  # a long K
+    assert tma_config(packed("uint4", 15, 1024, 1024, 128)) == GemvMmaConfig(128, 4, 8, stages=2)
+    assert tma_config(packed("uint4", 15, 1024, 256, 128)) == GemvMmaConfig(128, 4, 4, stages=2)
+    assert tma_config(packed("uint4", 15, 256, 1024, 128)) == GemvMmaConfig(128, 4, 8, stages=4)  # a long K
     ternary = packed("uint2", 2, 256, 1024, None)
-    assert tma_config(ternary) is None
+    assert tma_config(ternary) == GemvMmaConfig(128, 4, 8, stages=2)
     w4 = packed("uint4", 15, 64, 2048, 128)  # 8 chunks of 256, 16 groups
     assert group_box(w4, GemvMmaConfig(64, 4, 3)) == 8  # 3 chunks a split: 6 groups
     assert group_box(w4, GemvMmaConfig(64, 4, 1)) == 16
