@@ -350,7 +350,8 @@ def tune_wgmma(kinds: list[str], shapes: list[tuple[int, int]], batches: list[in
 def gemv_mma_search(pw: PackedWeight, hopper: bool) -> list:
     """Tensor-core GEMV candidates (batch 1): 64 or 128 weight rows on 4 or 8 warps, 2, 4 or 8 K splits,
     plain loads; on Hopper also the TMA feed with 2, 3 or 4 chunks in flight, routed where four groups share
-    a chunk half (:func:`qkernels.gemv_mma.routes`)."""
+    a chunk half (:func:`qkernels.gemv_mma.routes`). Without programmatic dependent launch: in the timing's
+    chain of one GEMV it overlaps the calls and picked configs that were slower in a decode (session 13)."""
     from qkernels import gemv_mma as gm
 
     tiles = [(64, 4), (128, 4), (128, 8)]

@@ -43,6 +43,14 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
   once per step (:func:`_route_chunks`; 93 registers for W1 instead of 127). H200: W1 8192^2 10.6 us
   against 11.5.
 
+* Programmatic dependent launch (``pdl``, compute capability 9.0 and above; off by default): each
+  program issues its first weight loads, waits for the previous kernel (``griddepcontrol.wait``), then
+  lets the next kernel's programs in. In the kernel benchmark's CUDA graph, a chain of the same GEMV,
+  that overlap made batch 1 look up to 21% faster (H200 8192^2: W2 9.2 us against 11.6, ternary 9.8
+  against 10.6; 4096x14336 W4 10.7 against 13.1; routed W1 no faster), but a Llama-2-7B decode step got
+  slower with it (tokens/s, graph: W4 217.7 against 222.8, ternary 227.6 against 233.9, W1 205.3 against
+  209.8, W2 221.7 against 226.1; the same configs with and without, alternating; session 13).
+
 Gluon has no interpreter: off the GPU the tests check the decode constants, the offset algebra and the
 MMA operand map, on the GPU the kernel against the fp32 reference.
 """
@@ -271,9 +279,10 @@ def _step(words, xs, offset_sums, x_sums, acc, y_acc, correction, s_lo, s_hi, z_
 
 @gluon.jit
 def _grid_dependency(WAIT: gl.constexpr):
-    """Programmatic dependent launch (Hopper, ``PDL``): ``WAIT`` False lets the next kernel's programs be
-    scheduled (their weight loads then overlap this kernel's tail); True waits until the previous kernel
-    has finished and its writes are visible: before the activations are read or anything is written."""
+    """Programmatic dependent launch (``PDL``): ``WAIT`` True waits until the previous kernel has finished
+    and its writes are visible (before the activations are read or anything is written); False then lets
+    the next kernel's programs be scheduled (their weight loads overlap this kernel's work). Triggering at
+    the program's start instead let several kernels' programs pile up (H200: up to 6 us slower)."""
     if WAIT:
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
     else:
@@ -551,7 +560,7 @@ class GemvMmaConfig:
     maxnreg: int | None = 128  # ptxas's register cap (None: its own choice, 130-180 for W1: fewer programs per SM)
     stages: int = 0  # 0: words and group values by plain loads (any GPU); n: by TMA, n chunks ahead (Hopper: tma_fits)
     route: bool = False  # with TMA and four groups a chunk half (W1 g128, W2 g64): the groups in MMA columns (routes)
-    pdl: bool = True  # from Hopper on: programmatic dependent launch (the first weights load while the previous kernel ends)
+    pdl: bool = False  # from Hopper on: programmatic dependent launch (off: it slowed the decode, see the module notes)
 
 
 def default_config(pw: PackedWeight) -> GemvMmaConfig:
@@ -572,32 +581,30 @@ def default_config(pw: PackedWeight) -> GemvMmaConfig:
 
 
 def tma_config(pw: PackedWeight) -> GemvMmaConfig | None:
-    """The TMA feed's config on Hopper (None: the plain loads). From ``--tune-gemv-mma`` on an H200 with
-    programmatic dependent launch (session 13, bench/results/kernel_latency_h200.md: W1, W2, ternary and
-    W4 at 8192^2, 4096x14336, 14336x4096 and 28672x8192, 36 to 63 configs each), 128-row tiles on 4 warps,
-    two chunks in flight, and K splits by shape: 2 where the rows outnumber K, 8 where K is at least twice
-    the rows, else 4; except
-    * W4: 4 splits where the rows outnumber K (4096x14336 10.8 us against 12.2 at 2), else 8 (8192^2 11.8
-      against 13.2 at 4), and with a long K 4 chunks in flight (14336x4096 11.8 against 12.2 at 2);
-    * W1 (the rows outnumber K): routes, three chunks in flight (4096x14336 8.4 against 9.1 unrouted);
-      otherwise 64-row tiles, 2 splits at equal sides (8192^2 9.2; 10.7 routed on 4 splits), and where K
-      is long with more than 4096 rows 128-row tiles on 8 warps, 4 splits (28672x8192 27.2 against 29.3).
-    W2 g64 keeps session 12's routes (not tuned again). Where they differed, these beat the session-12 rules by 0.3 to 7.5 us (ternary 28672x8192 23.1
-    against 30.6 on the plain loads, which ternary used before)."""
+    """The TMA feed's config on Hopper, or None where the plain loads were as fast. H200, steady state,
+    batch 1 (session 12, bench/results/kernel_latency_h200.md), two chunks in flight on 4 warps:
+    * four groups a chunk half (W1 g128, W2 g64): routes on 128-row tiles (W1 8192^2 10.6 us against
+      11.5-11.6 unrouted, 4096x14336 10.2 against 11.0; W2 g64 12.3 against 13.1, 11.9 against 12.7),
+      but not with a long K (14336x4096: W1 11.4-12.1 routed against 10.9);
+    * otherwise W1 on 64-row tiles (14336x4096 10.9 against 11.5 plain; 8192^2 11.5 against 11.8),
+      W2 on 128-row tiles (8192^2 11.5 against 12.2), 64 where K is long or the rows outnumber K (11.3
+      against 12.2, 12.1 each), W4 on 128-row tiles (8192^2 13.4 against 14.4, 4096x14336 13.1 against
+      13.6; three chunks in flight gained 0.3 us at 8192^2 but lost 3.9 at 4096x14336, where three
+      programs a multiprocessor no longer hold the grid in one wave); 2 K splits where the rows
+      outnumber K (W1, W2), else 4;
+    * kept plain: one scale per row (ternary: TMA 0.1 to 1.1 us slower) and W4 with a long K (13.1
+      against 13.3).
+    The register cap did not matter (W1 at 80, 104 and 128 registers within 0.1 us at 8192^2)."""
     bits = lm.CODE_BITS[pw.layout]
-    wide, long_k = pw.n > pw.k, pw.k >= 2 * pw.n
-    split = 2 if wide else 8 if long_k else 4
+    long_k = pw.k >= 2 * pw.n and pw.n <= 4096
+    if pw.n_groups == 1 or (bits == 4 and long_k):
+        return None
     if bits == 4:
-        return GemvMmaConfig(block_n=128, num_warps=4, split_k=4 if wide else 8, stages=4 if long_k else 2)
-    if bits == 1 and pw.n_groups > 1:
-        if wide and routes(pw):
-            return GemvMmaConfig(block_n=128, num_warps=4, split_k=2, stages=3, route=True)
-        if long_k and pw.n > 4096:
-            return GemvMmaConfig(block_n=128, num_warps=8, split_k=4, stages=2)
-        return GemvMmaConfig(block_n=64, num_warps=4, split_k=4 if long_k else 2, stages=2)
-    if routes(pw) and not long_k:  # W2 g64: session 12's rule (12.3 us at 8192^2 against 13.1 unrouted), not tuned again
-        return GemvMmaConfig(block_n=128, num_warps=4, split_k=split, stages=2, route=True)
-    return GemvMmaConfig(block_n=128, num_warps=4, split_k=split, stages=2)
+        return GemvMmaConfig(block_n=128, num_warps=4, split_k=4, stages=2)
+    if routes(pw) and not long_k:
+        return GemvMmaConfig(block_n=128, num_warps=4, split_k=2 if pw.n > pw.k else 4, stages=2, route=True)
+    block_n = 64 if bits == 1 or long_k or pw.n > pw.k else 128
+    return GemvMmaConfig(block_n=block_n, num_warps=4, split_k=2 if pw.n > pw.k else 4, stages=2)
 
 
 # Configs that ``python -m bench.kernel_latency --tune-gemv-mma`` timed best, by :func:`tuned_key`; they win over
