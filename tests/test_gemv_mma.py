@@ -176,7 +176,7 @@ def test_chained_launches_wait_for_their_inputs(layout: str, top: int, group: in
         graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            chain()  # the split-K buffers of the capture stream, outside the capture
+            chain()  # compile and warm up outside the capture
         torch.cuda.current_stream().wait_stream(side)
         with torch.cuda.graph(graph):
             chain()
