@@ -282,7 +282,7 @@ def _grid_dependency(WAIT: gl.constexpr):
     """Programmatic dependent launch (``PDL``): ``WAIT`` True waits until the previous kernel has finished
     and its writes are visible (before the activations are read or anything is written); False then lets
     the next kernel's programs be scheduled (their weight loads overlap this kernel's work). Triggering at
-    the program's start instead let several kernels' programs pile up (H200: up to 6 us slower)."""
+    the program's start instead was up to 6 us slower on an H200 (more kernels' programs resident at once, presumably)."""
     if WAIT:
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
     else:
