@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 import triton
 
-from bench.timing import MODES, copies_for, copy_bandwidth_gbs, gpu_name, steady_us, time_both
+from bench.timing import MODES, copies_for, copy_bandwidth_gbs, gpu_name, steady_us, time_side_by_side
 from qkernels import lowbit_matmul as lm
 from qkernels.block_matmul import BlockWeight, block_matmul, pack_block_weight
 from qkernels.pack import PackedWeight, pack_weight
@@ -162,15 +162,18 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             io_bytes = (m * k + m * n) * 2
             nbytes, make = fp16_calls(x, n)
-            base = time_both(make, modes)
+            makers = {("fp16", "cublas"): make}
+            makers |= {(name, path): lowbit_calls(x, pw, path) for name, pw in packed.items() for path in paths_for(m, pw)}
+            makers |= {(name, "block"): block_calls(x, bw) for name, (bw, _) in blocks.items()}
+            times = time_side_by_side(makers, modes)  # steady: every kernel's graph in turn, with cuBLAS's
+            base = times[("fp16", "cublas")]
             rows.append(row(k, n, m, "fp16", "cublas", nbytes + io_bytes, base, base))
             for name, pw in packed.items():
                 for path in paths_for(m, pw):
-                    times = time_both(lowbit_calls(x, pw, path), modes)
-                    rows.append(row(k, n, m, name, path, pw.nbytes() + io_bytes, times, base, relative_error(x, pw, path)))
+                    rows.append(row(k, n, m, name, path, pw.nbytes() + io_bytes, times[(name, path)], base, relative_error(x, pw, path)))
             for name, (bw, dequantized) in blocks.items():
-                times = time_both(block_calls(x, bw), modes)
-                rows.append(row(k, n, m, name, "block", bw.nbytes() + io_bytes, times, base, block_error(x, bw, dequantized)))
+                rows.append(row(k, n, m, name, "block", bw.nbytes() + io_bytes, times[(name, "block")], base, block_error(x, bw, dequantized)))
+            del times, makers
             print(f"{k}x{n} M={m}: " + " ".join(f"{r['kernel']}/{r['path']} {r.get('steady_us', r.get('cold_us')):.1f}" for r in rows if r["K"] == k and r["N"] == n and r["M"] == m), flush=True)
             torch.cuda.empty_cache()
         del packed, blocks
@@ -307,18 +310,19 @@ def tune_cell(tuned: dict, key: tuple, default: Any, search: list, time_one: Cal
 
 def wgmma_search(m: int) -> list:
     """wgmma GEMM candidates at ``m`` rows: 64 or 128 weight rows on one warpgroup, 128 on two; activation
-    tiles of the batch's bucket (and 128 and 256 above 128 rows); 1, 2 or 4 K splits; at most 128 fp32
-    accumulators a thread (more spill)."""
+    tiles of the batch's bucket (and 128 and 256 above 128 rows); 1, 2 or 4 K splits, or (two warpgroups)
+    a split tail; at most 128 fp32 accumulators a thread (more spill)."""
     from qkernels.gemm_wgmma import GemmWgmmaConfig
 
     bucket = min(max(16, triton.next_power_of_2(m)), 256)
     block_ms = sorted({bucket} | ({128, 256} if m > 128 else set()))
     return [
-        GemmWgmmaConfig(block_n=block_n, block_m=block_m, num_warps=warps, split_k=split)
+        GemmWgmmaConfig(block_n=block_n, block_m=block_m, num_warps=warps, split_k=split, tail_split=tail)
         for block_n, warps in ((64, 4), (128, 4), (128, 8))
         for block_m in block_ms
         if block_n * block_m // (32 * warps) <= 128
         for split in (1, 2, 4)
+        for tail in ((1, 4) if split == 1 and warps == 8 else (1,))
     ]
 
 

@@ -5,6 +5,8 @@
 * ``steady``: a CUDA graph that calls the kernel once per weight copy, the copies rotating through
   at least :data:`STEADY_BYTES` so no weight is still in L2 when its turn comes again, replayed many
   times: the time per call of a kernel run back to back, as in a decode loop, without launch gaps.
+  Kernels compared with each other (:func:`time_side_by_side`) have their graphs replayed in turn, a
+  few rounds, so that clock drift over the run falls on all of them alike.
 
 No hydra imports here: the device machine runs this without the harness's config stack.
 """
@@ -63,14 +65,53 @@ def steady_us(calls: list[Callable[[], Any]], min_ms: float = 10.0, samples: int
     return statistics.median(per_call)
 
 
-def time_both(make_calls: Callable[[], list[Callable[[], Any]]], modes: tuple[str, ...] = MODES) -> dict[str, float]:
-    """``{mode: us}``; ``make_calls`` returns one call per rotating copy (cold times the first)."""
-    calls = make_calls()
-    out = {}
+def steady_interleaved(calls: dict[Any, list[Callable[[], Any]]], rounds: int = 7, min_ms: float = 5.0) -> dict[Any, float]:
+    """Median time per call (us) of each entry's CUDA graph (as :func:`steady_us`), the graphs replayed in
+    turn, ``rounds`` times: side-by-side ratios that clock and power drift over a run cannot bias (a
+    compute-bound kernel timed after another one's run can read 5-10% slow on an H200)."""
+    graphs, replays = {}, {}
+    for name, group in calls.items():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for call in group:
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        graphs[name] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[name]):
+            for call in group:
+                call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for name, graph in graphs.items():
+        graph.replay()
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        replays[name] = max(3, math.ceil(min_ms / max(start.elapsed_time(end), 1e-3)))
+    per_call: dict[Any, list[float]] = {name: [] for name in graphs}
+    for _ in range(rounds):
+        for name, graph in graphs.items():
+            start.record()
+            for _ in range(replays[name]):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            per_call[name].append(start.elapsed_time(end) * 1e3 / (replays[name] * len(calls[name])))
+    return {name: statistics.median(times) for name, times in per_call.items()}
+
+
+def time_side_by_side(makers: dict[Any, Callable[[], list[Callable[[], Any]]]], modes: tuple[str, ...] = MODES) -> dict[Any, dict[str, float]]:
+    """``{key: {mode: us}}`` for kernels to compare (each maker returns one call per rotating copy): cold
+    one after another, steady :func:`steady_interleaved`, every key's copies held at once."""
+    calls = {key: make() for key, make in makers.items()}
+    out: dict[Any, dict[str, float]] = {key: {} for key in calls}
     if "cold" in modes:
-        out["cold"] = cold_us(calls[0])
+        for key, group in calls.items():
+            out[key]["cold"] = cold_us(group[0])
     if "steady" in modes:
-        out["steady"] = steady_us(calls)
+        for key, us in steady_interleaved(calls).items():
+            out[key]["steady"] = us
     return out
 
 

@@ -23,7 +23,9 @@ consecutive K each):
 No fp16 copy of the weight is ever made (the dequant + cuBLAS fallback writes one of ``N x K``).
 Split-K as in ``lowbit_matmul`` (the last split to finish adds the partial sums in order); the partial
 sums are written and read in the accumulator's own register layout, so only the last split shuffles
-its tile (through shared memory) for the stores along N.
+its tile (through shared memory) for the stores along N. A split tail (``tail_split``, :func:`tail_tiles`)
+splits only the tiles past the last full wave: the grid is one axis, the first tiles whole, the tail's
+splits last.
 
 H200, steady state (sessions 10 and 11, bench/results/kernel_latency_h200.md): W4 8192^2 at 64 rows
 28.8 us against cuBLAS fp16's 37.3 (session 10: 46.4), at 1024 rows 188.9 against 183.2. Nsight
@@ -31,7 +33,12 @@ Compute had a quarter of the 64-row time in the split-K epilogue (partial sums s
 time along the strided axis) and the rest bound by latency with one warp per scheduler; 64-row weight
 tiles now run two programs per multiprocessor. Tried and dropped: the words by TMA through a
 shared-memory ring (slower at every batch: session 10, 64 rows W4 64 us against 47, 1024 rows 240
-against 200).
+against 200; again in session 14 on the current kernel, the ring 2 to 6 chunks deep with 128-byte
+swizzle and the refill after the first step's barrier: W4 8192^2 at 64 rows 35.8-37.0 us against 28.7,
+at 1024 rows 238-245 against 189, at 256 rows 55.6 against 57.7; so more weight bytes in flight is not
+what the 64-row kernel lacks). Split tails (session 14, H200, A/B interleaved): 4096x14336 at 1024 rows
+(448 tiles on 132 multiprocessors: three waves and 52 tiles) W4 216.4 us against 229.0, W2 199.7
+against 210.1, ternary 190.6 against 197.3, W1 190.0 against 197.6.
 
 Gluon has no interpreter: off the GPU the tests check the config rules, the argument checks and the
 dispatch, on a Hopper GPU the kernel against the fp32 reference.
@@ -39,6 +46,7 @@ dispatch, on a Hopper GPU the kernel against the fp32 reference.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -105,25 +113,36 @@ def _group_values(scale_ptr, zero_ptr, rows, row_ok, pos, n_groups, stride_sn, s
 @gluon.jit
 def _gemm_wgmma_kernel(
     x_desc, w_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
-    M, N, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_ym,
+    M, N, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_ym, n_tiles_n, n_tiles, n_full, tail_split,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPS: gl.constexpr, GAHEAD: gl.constexpr,
-    SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr,
+    SPLIT_K: gl.constexpr, SPLITS: gl.constexpr, NUM_WARPS: gl.constexpr,
 ):
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     CHUNK: gl.constexpr = SLOTS * RUN
     GSTEP: gl.constexpr = SPG if SPG < SLOTS else SLOTS  # slots from one group-value load to the next
     TILE_BYTES: gl.constexpr = x_desc.block_type.nbytes  # one box [BLOCK_M, SPS * RUN] a step
-    pid_n = gl.program_id(0)
-    pid_m = gl.program_id(1)
+    # program -> (tile, K split): the first n_full tiles in SPLIT_K splits, the rest (the tail) in tail_split,
+    # tiles fastest (as a grid (tiles along N, tiles along M, splits) would run them)
+    pid = gl.program_id(0)
+    if pid < n_full * SPLIT_K:
+        tile = pid % n_full
+        split = pid // n_full
+        splits = SPLIT_K
+    else:
+        tile = n_full + (pid - n_full * SPLIT_K) % (n_tiles - n_full)
+        split = (pid - n_full * SPLIT_K) // (n_tiles - n_full)
+        splits = tail_split
+    pid_n = tile % n_tiles_n
+    pid_m = tile // n_tiles_n
     rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout))
     row_ok = rows < N
     cols = gl.arange(0, RUN, layout=gl.SliceLayout(0, a_layout))
     w_tile = w_ptr + rows[:, None] * stride_wn + cols[None, :]
     w_ok = row_ok[:, None]
-    per_split = gl.cdiv(n_chunks, SPLIT_K)
-    first = gl.program_id(2) * per_split
+    per_split = gl.cdiv(n_chunks, splits)
+    first = split * per_split
     last = gl.minimum(first + per_split, n_chunks)
     n_steps = (last - first) * (SLOTS // SPS)
     off_m = pid_m * BLOCK_M
@@ -201,21 +220,21 @@ def _gemm_wgmma_kernel(
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
 
-    if SPLIT_K == 1:
+    if SPLITS == 1:
+        _store_tile(y_ptr, acc, M, N, off_m, pid_n * BLOCK_N, stride_ym, BLOCK_N, BLOCK_M, NUM_WARPS)
+    elif splits == 1:  # a tile of its own (the full waves with a split tail)
         _store_tile(y_ptr, acc, M, N, off_m, pid_n * BLOCK_N, stride_ym, BLOCK_N, BLOCK_M, NUM_WARPS)
     else:  # the last split to finish adds the partial sums in split order (see lowbit_matmul._store_transposed)
         # partial sums stay in the accumulator's register layout (each thread's own cells): no shuffle
         n_cell = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))[:, None]
         cell = n_cell * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))[None, :]
-        n_tiles = gl.num_programs(0) * gl.num_programs(1)
-        tile = pid_m * gl.num_programs(0) + pid_n
-        gl.store(partial_ptr + (gl.program_id(2) * n_tiles + tile).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, acc)
+        gl.store(partial_ptr + (split * n_tiles + tile).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, acc)
         gl.thread_barrier()
         arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
+        if arrived == splits - 1:
             total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
-            for split in gl.static_range(SPLIT_K):
-                total += gl.load(partial_ptr + (split * n_tiles + tile).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, cache_modifier=".cg")
+            for part in range(splits):
+                total += gl.load(partial_ptr + (part * n_tiles + tile).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, cache_modifier=".cg")
             _store_tile(y_ptr, total, M, N, off_m, pid_n * BLOCK_N, stride_ym, BLOCK_N, BLOCK_M, NUM_WARPS)
             gl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
 
@@ -241,6 +260,7 @@ class GemmWgmmaConfig:
     stages: int = 4  # pipeline steps in flight
     group_ahead: int = 2  # groups ahead that the scales and zero points are loaded (1 to 4)
     split_k: int = 1
+    tail_split: int = 1  # with split_k 1: K splits (at most this many) for the tiles past the last full wave
 
 
 def default_config(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
@@ -253,7 +273,8 @@ def default_config(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
     rows and 37.0 for 4 splits; at 16 and 32 rows 20.1 and 22.6 for 4 splits against 24.6 and 25.9 for
     2; at 256 rows 57.6 against 71.7 for 2 splits and 61.7 for 128 weight rows on two warpgroups; at
     1024 rows 186.3 against 230.6 for 64 weight rows. 4096x14336 at 64 rows: 25.6 without a split, 31.6
-    with 2; 14336x4096: 27.4 with 4, 36.2 with 2."""
+    with 2; 14336x4096: 27.4 with 4, 36.2 with 2. The two-warpgroup tiles (one program a multiprocessor)
+    split a short last wave's tiles (``tail_split``; 4096x14336 at 1024 rows 4-6% faster, session 14)."""
     if m <= 256:
         block_n, num_warps = 64, 4
         block_m = min(max(16, triton.next_power_of_2(m)), 256)
@@ -264,7 +285,9 @@ def default_config(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
     split_k = 1
     while tiles * split_k * 2 <= fill and split_k < 8 and pw.k // (pw.chunk * 2 * split_k) >= 2:
         split_k *= 2
-    return GemmWgmmaConfig(block_n=block_n, block_m=block_m, num_warps=num_warps, split_k=split_k)
+    # the two-warpgroup tiles hold a multiprocessor each: a short last wave gets its tiles' K split (tail_tiles)
+    tail_split = 4 if num_warps == 8 and split_k == 1 else 1
+    return GemmWgmmaConfig(block_n=block_n, block_m=block_m, num_warps=num_warps, split_k=split_k, tail_split=tail_split)
 
 
 # Configs that ``python -m bench.kernel_latency --tune-wgmma`` timed best, by :func:`tuned_key`; they win over
@@ -293,10 +316,27 @@ def check_config(config: GemmWgmmaConfig) -> None:
         problems.append(f"slots_per_step={config.slots_per_step} (1 or 2)")
     if config.group_ahead not in (1, 2, 3, 4):
         problems.append(f"group_ahead={config.group_ahead} (1 to 4)")
+    if config.tail_split < 1 or (config.tail_split > 1 and config.split_k > 1):
+        problems.append(f"tail_split={config.tail_split} (at least 1; above 1 only with split_k=1, got {config.split_k})")
     if config.stages < 2 or config.split_k < 1:
         problems.append(f"stages={config.stages}, split_k={config.split_k} (stages >= 2, split_k >= 1)")
     if problems:
         raise ValueError("bad GemmWgmmaConfig: " + "; ".join(problems))
+
+
+def tail_tiles(tiles: int, tail_split: int, wave: int) -> tuple[int, int]:
+    """Wave quantization: with one program a multiprocessor (``wave`` of them at once), the ``tiles % wave``
+    tiles past the last full wave leave the rest of the GPU idle for a whole tile's time. Split their K
+    ``tail_split`` ways, or fewer so that the split tail still fits in one wave; returns the tiles that keep
+    their whole K (the first ones) and the tail's split (1: no tail)."""
+    rest = tiles % wave
+    split = min(tail_split, wave // rest) if tiles > wave and rest else 1
+    return (tiles - rest, split) if split > 1 else (tiles, 1)
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def gemm_wgmma(x: torch.Tensor, pw: PackedWeight, config: GemmWgmmaConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -314,13 +354,17 @@ def gemm_wgmma(x: torch.Tensor, pw: PackedWeight, config: GemmWgmmaConfig | None
     words, _, scale, zero = lm.kernel_tensors(pw)
     box = [config.block_m, config.slots_per_step * RUN.value]
     x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), box, gl.NVMMASharedLayout.get_default_for(box, gl.float16))
-    grid = (triton.cdiv(pw.n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
-    partial, count = lm.split_buffers(y, grid, config.block_n * config.block_m)
+    tiles_n = triton.cdiv(pw.n, config.block_n)
+    tiles = tiles_n * triton.cdiv(m, config.block_m)
+    n_full, tail_split = tail_tiles(tiles, config.tail_split, sm_count(x.device))
+    splits = max(config.split_k, tail_split)
+    partial, count = lm.split_buffers(y, (tiles, 1, splits), config.block_n * config.block_m)
+    grid = (n_full * config.split_k + (tiles - n_full) * tail_split,)
     _gemm_wgmma_kernel[grid](
         x_desc, words, scale, zero, y, partial, count, m, pw.n, words.shape[1] // pw.run, pw.n_groups, *scale.stride(),
-        pw.group_size, pw.zero_const, words.stride(0), y.stride(0), BITS=lm.CODE_BITS[pw.layout], SLOTS=pw.slots,
+        pw.group_size, pw.zero_const, words.stride(0), y.stride(0), tiles_n, tiles, n_full, tail_split, BITS=lm.CODE_BITS[pw.layout], SLOTS=pw.slots,
         SPG=pw.group_size // pw.run, HAS_ZERO=pw.zero is not None, INT_ZERO=pw.zero_grid == 1.0, BLOCK_N=config.block_n, BLOCK_M=config.block_m,
-        STAGES=config.stages, SPS=config.slots_per_step, GAHEAD=config.group_ahead, SPLIT_K=config.split_k, NUM_WARPS=config.num_warps,
+        STAGES=config.stages, SPS=config.slots_per_step, GAHEAD=config.group_ahead, SPLIT_K=config.split_k, SPLITS=splits, NUM_WARPS=config.num_warps,
         num_warps=config.num_warps,
     )
     return y

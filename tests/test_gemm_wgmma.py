@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qkernels import lowbit_matmul as lm
-from qkernels.gemm_wgmma import GemmWgmmaConfig, check_config, default_config, gemm_wgmma
+from qkernels.gemm_wgmma import GemmWgmmaConfig, check_config, default_config, gemm_wgmma, tail_tiles
 from qkernels.pack import pack_weight
 
 requires_hopper = pytest.mark.skipif(not (torch.cuda.is_available() and lm.is_hopper(torch.device("cuda"))), reason="needs a Hopper GPU")
@@ -40,6 +40,18 @@ def test_config_errors_name_the_bad_values() -> None:
         check_config(GemmWgmmaConfig(block_n=64, num_warps=2))
     with pytest.raises(ValueError, match=r"group_ahead=5 \(1 to 4\)"):
         check_config(GemmWgmmaConfig(group_ahead=5))
+    with pytest.raises(ValueError, match=r"tail_split=2 \(at least 1; above 1 only with split_k=1, got 2\)"):
+        check_config(GemmWgmmaConfig(split_k=2, tail_split=2))
+
+
+def test_a_short_last_wave_gets_its_tiles_split() -> None:
+    """4096x14336 at 1024 rows on 132 multiprocessors: 448 tiles, three full waves and 52 tiles that would
+    leave 80 multiprocessors idle; split two ways they fill 104 (three ways would need a second wave)."""
+    assert tail_tiles(448, 4, 132) == (396, 2)
+    assert tail_tiles(140, 4, 132) == (132, 4)  # 8 tiles: split as far as allowed
+    assert tail_tiles(256, 4, 132) == (256, 1)  # 124 tiles: the last wave is nearly full already
+    assert tail_tiles(264, 4, 132) == (264, 1) and tail_tiles(100, 4, 132) == (100, 1)  # whole waves; less than one
+    assert tail_tiles(448, 1, 132) == (448, 1)
 
 
 def test_integer_zero_points_fold_into_the_decode() -> None:
@@ -64,7 +76,7 @@ def test_default_configs_fill_the_gpu() -> None:
     most 8) while the programs stay within 512 (up to 32 rows), 256 (up to 128) or 128, never more
     splits than K has chunk pairs."""
     big = w4(8192, 8192)
-    assert default_config(1024, big) == GemmWgmmaConfig(block_n=128, block_m=256, num_warps=8, split_k=1)
+    assert default_config(1024, big) == GemmWgmmaConfig(block_n=128, block_m=256, num_warps=8, split_k=1, tail_split=4)
     assert default_config(256, big) == GemmWgmmaConfig(block_n=64, block_m=256, num_warps=4, split_k=1)
     assert default_config(64, big) == GemmWgmmaConfig(block_n=64, block_m=64, num_warps=4, split_k=2)
     assert default_config(16, big) == GemmWgmmaConfig(block_n=64, block_m=16, num_warps=4, split_k=4)
@@ -94,6 +106,7 @@ def test_tuned_configs_win_over_the_default_for_their_kind_shape_and_bucket(monk
             check_config(config)
             assert config.block_n * config.block_m // (32 * config.num_warps) <= 128
     assert {c.block_m for c in wgmma_search(1024)} == {128, 256} and {c.block_m for c in wgmma_search(64)} == {64}
+    assert {c.tail_split for c in wgmma_search(1024) if c.num_warps == 8 and c.split_k == 1} == {1, 4}
     assert {c.block_m for c in wgmma_search(9)} == {16} and {c.split_k for c in wgmma_search(9)} == {1, 2, 4}
 
 
@@ -123,10 +136,15 @@ def test_dispatch_above_the_gemv_and_mma_rows_on_hopper(monkeypatch: pytest.Monk
     "layout,top,group,zeros",
     [("uint4", 15, 128, "integer"), ("uint2", 3, 128, "float"), ("uint2", 2, None, 1.0), ("uint1", 1, 128, "integer"), ("uint4", 15, 64, 7.5)],
 )
-def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: int | None, zeros: str | float) -> None:
+def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: int | None, zeros: str | float,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Random codes, scales and zero points, outputs poisoned with NaN, batches and rows that leave ragged
-    tiles, K padded to whole chunks, several configs and K splits: within fp16 rounding of the
-    weights (they are folded to fp16, as dequantization rounds them) of the fp32 reference."""
+    tiles, K padded to whole chunks, several configs and K splits (and, on a pretended 9-multiprocessor GPU,
+    split tails: 20 tiles at 70 rows, 76 at 300): within fp16 rounding of the weights (they are folded to
+    fp16, as dequantization rounds them) of the fp32 reference."""
+    from qkernels import gemm_wgmma as gw
+
+    monkeypatch.setattr(gw, "sm_count", lambda device: 9)
     n, k = 200, 1152
     codes = torch.randint(0, top + 1, (n, k))
     n_groups = 1 if group is None else k // group
@@ -135,7 +153,8 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     pw = pack_weight(codes, scale, zero, layout, group, zero_const=zeros if zero is None else 0.0, run=32).to("cuda")
     configs = [None, GemmWgmmaConfig(block_n=64, num_warps=4, block_m=16, slots_per_step=1, stages=2, group_ahead=4, split_k=3),
                GemmWgmmaConfig(block_n=256, block_m=64, split_k=2, group_ahead=1),
-               GemmWgmmaConfig(block_n=128, num_warps=4, block_m=128, stages=2, group_ahead=3)]
+               GemmWgmmaConfig(block_n=128, num_warps=4, block_m=128, stages=2, group_ahead=3),
+               GemmWgmmaConfig(block_n=64, num_warps=4, block_m=16, tail_split=3)]
     for m in (1, 70, 300):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ref = lm.reference_matmul(x, pw).float()

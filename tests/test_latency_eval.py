@@ -73,7 +73,8 @@ def test_latency_measurement_flow_with_stubbed_gpu_timers(tmp_path: Path, monkey
 
     monkeypatch.setattr(Latency, "skip_reason", lambda self, bundle: None)
     monkeypatch.setattr(bench.kernel_latency, "copies_for", lambda nbytes: 2)
-    monkeypatch.setattr(latency, "time_both", lambda make, modes: (make(), {mode: 2.0 for mode in modes})[1])
+    monkeypatch.setattr(latency, "time_side_by_side", lambda makers, modes: {key: (make(), {mode: 2.0 for mode in modes})[1]
+                                                                             for key, make in makers.items()})
     for name in ("synchronize", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, lambda *a: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 1e9)

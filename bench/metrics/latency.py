@@ -17,7 +17,7 @@ import torch
 
 from bench.metrics import EvalContext, EvalResult
 from bench.models import ModelBundle
-from bench.timing import gpu_name, time_both
+from bench.timing import gpu_name, time_side_by_side
 from methods.common.formats import Format, IntFormat
 
 MAX_KERNEL_BITS = 4
@@ -79,8 +79,8 @@ class Latency:
             pw = pack_int_weight(layer.weight.detach().float(), self.format)
             for m in self.batches:
                 x = torch.randn(m, k, device=bundle.device, dtype=torch.float16)
-                kernel = time_both(lowbit_calls(x, pw, "auto"), self.modes)
-                base = time_both(fp16_calls(x, n)[1], self.modes)
+                times = time_side_by_side({"kernel": lowbit_calls(x, pw, "auto"), "fp16": fp16_calls(x, n)[1]}, self.modes)
+                kernel, base = times["kernel"], times["fp16"]
                 rows.append({"in": k, "out": n, "layers": count[(k, n)], "batch": m, "path": pick_path(m, pw, x.device, x.dtype),
                              **{f"{mode}_us": kernel[mode] for mode in self.modes}, **{f"{mode}_fp16_us": base[mode] for mode in self.modes}})
                 for mode in self.modes:
