@@ -847,6 +847,7 @@ def check_inputs(x: torch.Tensor, pw: PackedWeight) -> None:
 
 
 _SPLIT_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_RETIRED_SPLIT_BUFFERS: list[torch.Tensor] = []  # outgrown, but CUDA graphs captured with them still write there
 
 
 def split_buffers(y: torch.Tensor, grid: tuple[int, int, int], tile_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -856,7 +857,10 @@ def split_buffers(y: torch.Tensor, grid: tuple[int, int, int], tile_size: int) -
     Kept per device and stream, grown on demand; the kernels leave every counter at 0, so the buffers
     serve every later launch on that stream. Streams get their own, so concurrent launches never share
     counters. ``torch.cuda.graph`` captures on a stream of its own: the first capture there allocates the
-    buffers inside the graph (one zero-fill node for the counters).
+    buffers inside the graph (one zero-fill node for the counters). Outgrown buffers are never freed: a
+    graph captured before the growth still replays into them (freeing them gave an illegal-address fault
+    when an H200 replayed such a graph, session 14); each growth at least doubles, so they add up to less
+    than the buffers in use.
     """
     n_tiles, splits = grid[0] * grid[1], grid[2]
     if splits == 1:
@@ -865,8 +869,10 @@ def split_buffers(y: torch.Tensor, grid: tuple[int, int, int], tile_size: int) -
     key = (y.device, stream)
     partial, count = _SPLIT_BUFFERS.get(key, (None, None))
     if partial is None or partial.numel() < splits * n_tiles * tile_size or count.numel() < n_tiles:
-        partial = torch.empty(max(splits * n_tiles * tile_size, 0 if partial is None else partial.numel()), device=y.device)
-        count = torch.zeros(max(n_tiles, 0 if count is None else count.numel()), device=y.device, dtype=torch.int32)
+        if partial is not None:
+            _RETIRED_SPLIT_BUFFERS.extend((partial, count))
+        partial = torch.empty(max(splits * n_tiles * tile_size, 0 if partial is None else 2 * partial.numel()), device=y.device)
+        count = torch.zeros(max(n_tiles, 0 if count is None else 2 * count.numel()), device=y.device, dtype=torch.int32)
         _SPLIT_BUFFERS[key] = partial, count
     return partial, count
 

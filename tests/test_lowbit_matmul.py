@@ -7,10 +7,12 @@ activations, and poisons the output with NaN first, so an element the kernel nev
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -130,6 +132,24 @@ def test_split_k_sums_in_the_last_split_and_resets_its_counters(path: str) -> No
         assert torch.equal(lm.PATHS[path](x, pw, config, out=poisoned((m, pw.n), x.dtype)), first)
     for _, count in lm._SPLIT_BUFFERS.values():
         assert count.abs().sum().item() == 0
+
+
+def test_outgrown_split_buffers_stay_allocated() -> None:
+    """A CUDA graph captured with the split-K buffers keeps their addresses: when a bigger launch needs bigger
+    buffers, the old ones must stay allocated (a graph replaying into freed ones faults) and the new ones at
+    least double, so that few are ever left behind."""
+    y = torch.empty(1, 8)
+    lm._SPLIT_BUFFERS.pop((y.device, 0), None)
+    partial, count = lm.split_buffers(y, (2, 3, 4), 16)
+    assert partial.numel() == 4 * 6 * 16 and count.numel() == 6 and count.abs().sum().item() == 0
+    assert lm.split_buffers(y, (1, 2, 2), 16) == (partial, count)  # smaller launches reuse them
+    old = weakref.ref(partial), weakref.ref(count)
+    bigger, bigger_count = lm.split_buffers(y, (7, 1, 4), 16)
+    del partial, count
+    gc.collect()
+    assert old[0]() is not None and old[1]() is not None
+    assert bigger.numel() == 2 * 4 * 6 * 16 and bigger_count.numel() == 12
+    lm._SPLIT_BUFFERS.pop((y.device, 0), None)
 
 
 def test_scales_in_any_layout() -> None:
