@@ -116,13 +116,13 @@ def _gemm_wgmma_kernel(
     M, N, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_ym, n_tiles_n, n_tiles, n_full, tail_split,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPS: gl.constexpr, GAHEAD: gl.constexpr,
-    SPLIT_K: gl.constexpr, SPLITS: gl.constexpr, NUM_WARPS: gl.constexpr,
+    SPLIT_K: gl.constexpr, SPLITS: gl.constexpr, NUM_WARPS: gl.constexpr, GROUP: gl.constexpr,
 ):
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     CHUNK: gl.constexpr = SLOTS * RUN
     GSTEP: gl.constexpr = SPG if SPG < SLOTS else SLOTS  # slots from one group-value load to the next
-    TILE_BYTES: gl.constexpr = x_desc.block_type.nbytes  # one box [BLOCK_M, SPS * RUN] a step
+    TILE_BYTES: gl.constexpr = x_desc.block_type.nbytes  # one box a unit: [BLOCK_M, SPS * RUN], or [GROUP, BLOCK_M, SPS * RUN]
     # program -> (tile, K split): the first n_full tiles in SPLIT_K splits, the rest (the tail) in tail_split,
     # tiles fastest (as a grid (tiles along N, tiles along M, splits) would run them)
     pid = gl.program_id(0)
@@ -148,14 +148,19 @@ def _gemm_wgmma_kernel(
     off_m = pid_m * BLOCK_M
     k0 = first * CHUNK
 
-    # a ring of STAGES steps, one activation box [BLOCK_M, SPS * RUN] each, and one mbarrier per step
-    xs = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_M, SPS * RUN], x_desc.layout)
+    # a ring of STAGES units of GROUP steps, one activation box and one mbarrier each
+    if GROUP == 1:
+        xs = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_M, SPS * RUN], x_desc.layout)
+        x_tiles = xs
+    else:  # the boxes [GROUP, BLOCK_M, SPS * RUN] seen as STAGES * GROUP step tiles (each box's tiles swizzled as 2-D ones)
+        xs = gl.allocate_shared_memory(gl.float16, [STAGES, GROUP, BLOCK_M, SPS * RUN], x_desc.layout)
+        x_tiles = xs._reinterpret(gl.float16, [STAGES * GROUP, BLOCK_M, SPS * RUN],
+                                  gl.NVMMASharedLayout(swizzle_byte_width=2 * SPS * RUN, element_bitwidth=16, rank=2))
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
     for s in gl.static_range(STAGES - 1):
-        mbarrier.expect(ready.index(s), TILE_BYTES, pred=s < n_steps)
-        tma.async_copy_global_to_shared(x_desc, [off_m, k0 + s * SPS * RUN], ready.index(s), xs.index(s), pred=s < n_steps)
+        _load_unit(x_desc, xs, ready, s, k0, off_m, n_steps, TILE_BYTES, STAGES, GROUP, SPS)
 
     next_words = gl.load(w_tile + gl.minimum(first, n_chunks - 1) * RUN, mask=w_ok, other=0)
     # the group values ahead, a shift register: (s1, z1) the next group's, (s2, z2) the one after, ...
@@ -183,7 +188,8 @@ def _gemm_wgmma_kernel(
         next_words = gl.load(w_tile + gl.minimum(chunk + 1, last - 1) * RUN, mask=w_ok, other=0)
         for part in gl.static_range(SLOTS // SPS):
             step = (chunk - first) * (SLOTS // SPS) + part
-            buf = step % STAGES
+            unit = step // GROUP  # a unit's steps are one chunk's (GROUP divides a chunk's steps)
+            buf = unit % STAGES
             for j in gl.static_range(SPS):
                 if (part * SPS + j) % GSTEP == 0:  # (static_range's variables: used inline, never assigned)
                     scale, zero = s1, z1
@@ -201,21 +207,20 @@ def _gemm_wgmma_kernel(
                         s1, z1, s2, z2, s3, z3, s4, z4 = s2, z2, s3, z3, s4, z4, new_scale, new_zero
                 a = _slot_weights(words, scale, zero, part * SPS + j, BITS, INT_ZERO)
                 if j == 0:
-                    mbarrier.wait(ready.index(buf), (step // STAGES) & 1)
+                    if part % GROUP == 0:
+                        mbarrier.wait(ready.index(buf), (unit // STAGES) & 1)
                     a0 = a
                 else:
                     a1 = a
-                acc = warpgroup_mma(a, xs.index(buf).slice(j * RUN, RUN, dim=1).permute((1, 0)), acc, is_async=True)
+                x_step = x_tiles.index(buf * GROUP + part % GROUP)
+                acc = warpgroup_mma(a, x_step.slice(j * RUN, RUN, dim=1).permute((1, 0)), acc, is_async=True)
             # the previous step's wgmmas retire (each warpgroup_mma is one group); then its buffer is refilled
             acc, held0, held1 = warpgroup_mma_wait(num_outstanding=SPS, deps=(acc, held0, held1))
             held0 = a0
             if SPS == 2:
                 held1 = a1
-            refill = step + STAGES - 1
-            again = refill < n_steps
-            mbarrier.expect(ready.index(refill % STAGES), TILE_BYTES, pred=again)
-            tma.async_copy_global_to_shared(x_desc, [off_m, k0 + refill * SPS * RUN], ready.index(refill % STAGES),
-                                            xs.index(refill % STAGES), pred=again)
+            if part % GROUP == 0:  # a unit's first step: the previous unit has retired, its buffer takes a unit ahead
+                _load_unit(x_desc, xs, ready, unit + STAGES - 1, k0, off_m, n_steps, TILE_BYTES, STAGES, GROUP, SPS)
     acc, held0, held1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, held0, held1))
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
@@ -240,6 +245,22 @@ def _gemm_wgmma_kernel(
 
 
 @gluon.jit
+def _load_unit(x_desc, xs, ready, unit, k0, off_m, n_steps, TILE_BYTES: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
+               SPS: gl.constexpr):
+    """Issue unit ``unit``'s activation box into its buffer (none past the split's last step): ``[BLOCK_M, SPS *
+    RUN]`` at K ``k0 + unit * SPS * RUN``, or (``GROUP`` > 1, the activations seen as ``[K / (SPS * RUN), M, SPS *
+    RUN]``) ``GROUP`` such tiles at once."""
+    again = unit * GROUP < n_steps
+    mbarrier.expect(ready.index(unit % STAGES), TILE_BYTES, pred=again)
+    if GROUP == 1:
+        tma.async_copy_global_to_shared(x_desc, [off_m, k0 + unit * SPS * RUN], ready.index(unit % STAGES), xs.index(unit % STAGES),
+                                        pred=again)
+    else:
+        tma.async_copy_global_to_shared(x_desc, [k0 // (SPS * RUN) + unit * GROUP, off_m, 0], ready.index(unit % STAGES),
+                                        xs.index(unit % STAGES), pred=again)
+
+
+@gluon.jit
 def _store_tile(y_ptr, acc, M, N, off_m, off_n, stride_ym, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, NUM_WARPS: gl.constexpr):
     """``acc [BLOCK_N, BLOCK_M]`` (fp32) into ``y [M, N]`` as fp16: N is contiguous in y, so the tile is
     first laid out with 8 consecutive N per thread."""
@@ -261,6 +282,7 @@ class GemmWgmmaConfig:
     group_ahead: int = 2  # groups ahead that the scales and zero points are loaded (1 to 4)
     split_k: int = 1
     tail_split: int = 1  # with split_k 1: K splits (at most this many) for the tiles past the last full wave
+    steps_per_box: int = 1  # activation steps one TMA box brings (one mbarrier wait and refill a box; stages count boxes)
 
 
 def default_config(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
@@ -318,6 +340,8 @@ def check_config(config: GemmWgmmaConfig) -> None:
         problems.append(f"group_ahead={config.group_ahead} (1 to 4)")
     if config.tail_split < 1 or (config.tail_split > 1 and config.split_k > 1):
         problems.append(f"tail_split={config.tail_split} (at least 1; above 1 only with split_k=1, got {config.split_k})")
+    if config.steps_per_box not in (1, 2, 4, 8):
+        problems.append(f"steps_per_box={config.steps_per_box} (1, 2, 4 or 8)")
     if config.stages < 2 or config.split_k < 1:
         problems.append(f"stages={config.stages}, split_k={config.split_k} (stages >= 2, split_k >= 1)")
     if problems:
@@ -352,8 +376,17 @@ def gemm_wgmma(x: torch.Tensor, pw: PackedWeight, config: GemmWgmmaConfig | None
     check_config(config)
     y = lm.output(out, (m, pw.n), x)
     words, _, scale, zero = lm.kernel_tensors(pw)
-    box = [config.block_m, config.slots_per_step * RUN.value]
-    x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), box, gl.NVMMASharedLayout.get_default_for(box, gl.float16))
+    span = config.slots_per_step * RUN.value  # K of a step
+    if config.steps_per_box == 1:
+        box = [config.block_m, span]
+        x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), box, gl.NVMMASharedLayout.get_default_for(box, gl.float16))
+    else:  # x as [K / span, M, span]: a box of steps_per_box step tiles, each laid out as the 2-D box would be
+        if pw.k % span or (pw.slots // config.slots_per_step) % config.steps_per_box:
+            raise ValueError(f"steps_per_box={config.steps_per_box} needs K a multiple of {span} (got {pw.k}) and to divide "
+                             f"the {pw.slots // config.slots_per_step} steps of a chunk; use steps_per_box=1 here")
+        box = [config.steps_per_box, config.block_m, span]
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=2 * span, element_bitwidth=16, rank=3)  # as get_default_for's 2-D one
+        x_desc = TensorDescriptor(x, [pw.k // span, m, span], [span, x.stride(0), 1], box, layout)
     tiles_n = triton.cdiv(pw.n, config.block_n)
     tiles = tiles_n * triton.cdiv(m, config.block_m)
     n_full, tail_split = tail_tiles(tiles, config.tail_split, sm_count(x.device))
@@ -365,6 +398,6 @@ def gemm_wgmma(x: torch.Tensor, pw: PackedWeight, config: GemmWgmmaConfig | None
         pw.group_size, pw.zero_const, words.stride(0), y.stride(0), tiles_n, tiles, n_full, tail_split, BITS=lm.CODE_BITS[pw.layout], SLOTS=pw.slots,
         SPG=pw.group_size // pw.run, HAS_ZERO=pw.zero is not None, INT_ZERO=pw.zero_grid == 1.0, BLOCK_N=config.block_n, BLOCK_M=config.block_m,
         STAGES=config.stages, SPS=config.slots_per_step, GAHEAD=config.group_ahead, SPLIT_K=config.split_k, SPLITS=splits, NUM_WARPS=config.num_warps,
-        num_warps=config.num_warps,
+        GROUP=config.steps_per_box, num_warps=config.num_warps,
     )
     return y

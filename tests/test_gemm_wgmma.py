@@ -42,6 +42,13 @@ def test_config_errors_name_the_bad_values() -> None:
         check_config(GemmWgmmaConfig(group_ahead=5))
     with pytest.raises(ValueError, match=r"tail_split=2 \(at least 1; above 1 only with split_k=1, got 2\)"):
         check_config(GemmWgmmaConfig(split_k=2, tail_split=2))
+    with pytest.raises(ValueError, match=r"steps_per_box=3 \(1, 2, 4 or 8\)"):
+        check_config(GemmWgmmaConfig(steps_per_box=3))
+    one_scale = pack_weight(torch.randint(0, 16, (8, 1064)), torch.rand(8, 1).half(), None, "uint4", None, run=32)
+    with pytest.raises(ValueError, match=r"steps_per_box=2 needs K a multiple of 64 \(got 1064\)"):
+        gemm_wgmma(torch.randn(16, 1064, dtype=torch.float16), one_scale, GemmWgmmaConfig(steps_per_box=2))
+    with pytest.raises(ValueError, match=r"steps_per_box=8 needs .* to divide the 4 steps of a chunk"):
+        gemm_wgmma(torch.randn(16, 1024, dtype=torch.float16), w4(8, 1024), GemmWgmmaConfig(steps_per_box=8))
 
 
 def test_a_short_last_wave_gets_its_tiles_split() -> None:
@@ -154,7 +161,9 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     configs = [None, GemmWgmmaConfig(block_n=64, num_warps=4, block_m=16, slots_per_step=1, stages=2, group_ahead=4, split_k=3),
                GemmWgmmaConfig(block_n=256, block_m=64, split_k=2, group_ahead=1),
                GemmWgmmaConfig(block_n=128, num_warps=4, block_m=128, stages=2, group_ahead=3),
-               GemmWgmmaConfig(block_n=64, num_warps=4, block_m=16, tail_split=3)]
+               GemmWgmmaConfig(block_n=64, num_warps=4, block_m=16, tail_split=3),
+               GemmWgmmaConfig(block_n=64, num_warps=4, block_m=64, stages=2, steps_per_box=4, split_k=2),
+               GemmWgmmaConfig(block_n=128, num_warps=8, block_m=32, slots_per_step=1, stages=3, steps_per_box=2)]
     for m in (1, 70, 300):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ref = lm.reference_matmul(x, pw).float()
