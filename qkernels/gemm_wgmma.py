@@ -8,7 +8,10 @@ consecutive K each):
 * The activations ``[BLOCK_M, 32 * slots_per_step]`` of a step come by TMA (one box) into a ring of
   ``STAGES`` shared-memory buffers (one mbarrier each), ``STAGES - 1`` steps ahead; rows past ``M``
   and columns past ``K`` read as zeros. Each slot's 32 columns are a ``wgmma`` B operand (K-major:
-  the permuted view).
+  the permuted view). With ``steps_per_box`` > 1 (K a multiple of the step's span) one box brings that
+  many steps' tiles (the activations seen as ``[K / span, M, span]``) and the ring counts boxes: Gluon's
+  barrier pass puts three CTA barriers around each mbarrier wait and refill, so fewer, larger boxes
+  mean fewer barriers (12 a W4 chunk at one step a box, 4 at four, in the sm_90a PTX).
 * The weights are the A operand, straight from registers: the chunk's words are loaded (a chunk
   ahead) in the A operand's register layout, so a thread holds the two neighbouring words of each
   of its K pairs. One asm block per pair gives ``(code - zero) * scale`` in fp16 (``prmt``, ``lop3``,
@@ -296,7 +299,12 @@ def default_config(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
     2; at 256 rows 57.6 against 71.7 for 2 splits and 61.7 for 128 weight rows on two warpgroups; at
     1024 rows 186.3 against 230.6 for 64 weight rows. 4096x14336 at 64 rows: 25.6 without a split, 31.6
     with 2; 14336x4096: 27.4 with 4, 36.2 with 2. The two-warpgroup tiles (one program a multiprocessor)
-    split a short last wave's tiles (``tail_split``; 4096x14336 at 1024 rows 4-6% faster, session 14)."""
+    split a short last wave's tiles (``tail_split``; 4096x14336 at 1024 rows 4-6% faster, session 14).
+    Activation tiles of at most 64 rows come four steps a box, two boxes in flight, where K allows
+    (session 14, A/B interleaved, 8192^2 at 64 rows: W4 28.9 us against 29.6, W2 26.9 against 28.9,
+    ternary 22.1 against 24.4, W1 25.2 against 27.6; W4 at 16 rows 19.8 against 20.6; 4096x14336 and
+    14336x4096 W4 at 64 rows 25.4 against 26.0 and 27.3 against 27.5; at 256 rows two-step boxes lost,
+    82.2 against 59.8, and at 128 rows four-step boxes would hold 128 KiB a program: not used there)."""
     if m <= 256:
         block_n, num_warps = 64, 4
         block_m = min(max(16, triton.next_power_of_2(m)), 256)
@@ -309,7 +317,9 @@ def default_config(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
         split_k *= 2
     # the two-warpgroup tiles hold a multiprocessor each: a short last wave gets its tiles' K split (tail_tiles)
     tail_split = 4 if num_warps == 8 and split_k == 1 else 1
-    return GemmWgmmaConfig(block_n=block_n, block_m=block_m, num_warps=num_warps, split_k=split_k, tail_split=tail_split)
+    boxed = block_m <= 64 and pw.k % (2 * RUN.value) == 0 and (pw.slots // 2) % 4 == 0  # two slots a step, four steps a box
+    return GemmWgmmaConfig(block_n=block_n, block_m=block_m, num_warps=num_warps, split_k=split_k, tail_split=tail_split,
+                           **(dict(stages=2, steps_per_box=4) if boxed else {}))
 
 
 # Configs that ``python -m bench.kernel_latency --tune-wgmma`` timed best, by :func:`tuned_key`; they win over

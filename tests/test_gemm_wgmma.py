@@ -85,8 +85,11 @@ def test_default_configs_fill_the_gpu() -> None:
     big = w4(8192, 8192)
     assert default_config(1024, big) == GemmWgmmaConfig(block_n=128, block_m=256, num_warps=8, split_k=1, tail_split=4)
     assert default_config(256, big) == GemmWgmmaConfig(block_n=64, block_m=256, num_warps=4, split_k=1)
-    assert default_config(64, big) == GemmWgmmaConfig(block_n=64, block_m=64, num_warps=4, split_k=2)
-    assert default_config(16, big) == GemmWgmmaConfig(block_n=64, block_m=16, num_warps=4, split_k=4)
+    assert default_config(128, big).steps_per_box == 1  # four-step boxes of 128 rows: 128 KiB a program
+    assert default_config(64, big) == GemmWgmmaConfig(block_n=64, block_m=64, num_warps=4, split_k=2, stages=2, steps_per_box=4)
+    assert default_config(16, big) == GemmWgmmaConfig(block_n=64, block_m=16, num_warps=4, split_k=4, stages=2, steps_per_box=4)
+    one_scale = pack_weight(torch.randint(0, 16, (8, 1064)), torch.rand(8, 1).half(), None, "uint4", None, run=32)
+    assert default_config(16, one_scale).steps_per_box == 1  # K not a multiple of the boxes' 64
     assert default_config(64, w4(4096, 14336)).split_k == 4 and default_config(64, w4(14336, 4096)).split_k == 1
     assert default_config(20, w4(256, 1024)).split_k == 2  # 1024 / (256 * 2) chunk pairs: no more
     for m in (16, 64, 128, 256, 1024):
@@ -114,6 +117,7 @@ def test_tuned_configs_win_over_the_default_for_their_kind_shape_and_bucket(monk
             assert config.block_n * config.block_m // (32 * config.num_warps) <= 128
     assert {c.block_m for c in wgmma_search(1024)} == {128, 256} and {c.block_m for c in wgmma_search(64)} == {64}
     assert {c.tail_split for c in wgmma_search(1024) if c.num_warps == 8 and c.split_k == 1} == {1, 4}
+    assert {c.steps_per_box for c in wgmma_search(64)} == {1, 4} and {c.steps_per_box for c in wgmma_search(1024)} == {1}
     assert {c.block_m for c in wgmma_search(9)} == {16} and {c.split_k for c in wgmma_search(9)} == {1, 2, 4}
 
 
