@@ -59,6 +59,9 @@ was lent): the wgmma GEMM at 1024 rows, 8192^2: W4 0.89x cuBLAS, W2 0.95x, terna
 9 rows, 8192^2 W4 at 16 / 64 / 1024 rows 1.73x / 1.30x / 0.97x cuBLAS fp16. Session 12 (H200): batch 1 on
 the tensor-core GEMV for every grouped kind on Hopper, TMA-fed: 8192^2 W4 13.4 us (2.87x), W2 11.4
 (3.37x), ternary 10.7 (3.61x), W1 11.5 (3.36x); W1 10.6 with routes (groups in their own MMA columns).
+Session 14 (H200, kernels timed side by side with cuBLAS): the wgmma GEMM at 64 rows with four-step
+activation boxes W4 1.29x, W2 1.39x, ternary 1.71x, W1 1.48x; split tails at 4096x14336 and 1024 rows
+0.775x-0.864x.
 """
 
 from __future__ import annotations
