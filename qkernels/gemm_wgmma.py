@@ -228,7 +228,7 @@ def _gemm_wgmma_kernel(
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
 
-    if SPLITS == 1:
+    if SPLITS == 1:  # (compiled without the split-K epilogue)
         _store_tile(y_ptr, acc, M, N, off_m, pid_n * BLOCK_N, stride_ym, BLOCK_N, BLOCK_M, NUM_WARPS)
     elif splits == 1:  # a tile of its own (the full waves with a split tail)
         _store_tile(y_ptr, acc, M, N, off_m, pid_n * BLOCK_N, stride_ym, BLOCK_N, BLOCK_M, NUM_WARPS)
@@ -281,7 +281,7 @@ class GemmWgmmaConfig:
     block_m: int = 256  # activation rows per program (the wgmma N): a power of two, 16 to 256
     num_warps: int = 8  # one or two warpgroups
     slots_per_step: int = 2  # activation tiles (32 K each) per pipeline step: 1 or 2
-    stages: int = 4  # pipeline steps in flight
+    stages: int = 4  # activation boxes in the ring (a box: one step, or steps_per_box steps)
     group_ahead: int = 2  # groups ahead that the scales and zero points are loaded (1 to 4)
     split_k: int = 1
     tail_split: int = 1  # with split_k 1: K splits (at most this many) for the tiles past the last full wave
