@@ -36,39 +36,14 @@ def cold_us(fn: Callable[[], Any]) -> float:
 
 def steady_us(calls: list[Callable[[], Any]], min_ms: float = 10.0, samples: int = 3) -> float:
     """Median time per call (us) of a CUDA graph holding ``calls`` in order, replayed back to back."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and warm up outside the capture
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    replays = max(3, math.ceil(min_ms / max(start.elapsed_time(end), 1e-3)))
-    per_call = []
-    for _ in range(samples):
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        per_call.append(start.elapsed_time(end) * 1e3 / (replays * len(calls)))
-    del graph
-    return statistics.median(per_call)
+    return steady_interleaved({"calls": calls}, rounds=samples, min_ms=min_ms)["calls"]
 
 
 def steady_interleaved(calls: dict[Any, list[Callable[[], Any]]], rounds: int = 7, min_ms: float = 5.0) -> dict[Any, float]:
-    """Median time per call (us) of each entry's CUDA graph (as :func:`steady_us`), the graphs replayed in
-    turn, ``rounds`` times: side-by-side ratios that clock and power drift over a run cannot bias (a
-    compute-bound kernel timed after another one's run can read 5-10% slow on an H200)."""
+    """Median time per call (us) of each entry's CUDA graph (its calls in order, captured after one pass
+    outside the capture), the graphs replayed in turn, ``rounds`` times, each long enough to take ``min_ms``:
+    side-by-side ratios that clock and power drift over a run cannot bias (a compute-bound kernel timed
+    right after another one can read 5-10% slow on an H200)."""
     graphs, replays = {}, {}
     for name, group in calls.items():
         side = torch.cuda.Stream()
