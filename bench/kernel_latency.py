@@ -5,6 +5,7 @@
     python -m bench.kernel_latency --tune          # search GEMV/GEMM tile configs first, then the table
     python -m bench.kernel_latency --tune-wgmma --shapes 8192x8192 --batches 64 --kernels w4g128   # Hopper
     python -m bench.kernel_latency --tune-gemv-mma --shapes 8192x8192 --batches 1 --kernels w1g128  # batch 1
+    python -m bench.kernel_latency --tune-gemv-mma --save-tuned --shapes 4096x4096 --batches 1   # kept for this GPU
 
 Shapes are ``in x out`` (``K x N`` of ``y[M, N] = x[M, K] @ W^T``). Each row gives the time in the
 two modes of :mod:`bench.timing` (steady: a cell's kernels and cuBLAS replayed side by side), the
@@ -295,14 +296,18 @@ def tune(kinds: list[str], shape: tuple[int, int], gemm_kinds: list[str], paths:
     return result
 
 
-def tune_cell(tuned: dict, key: tuple, default: Any, search: list, time_one: Callable[[Any], float | None], label: str) -> dict | None:
-    """Time ``search`` and the rules' ``default`` config (each once), install the fastest in ``tuned[key]`` and
-    return every timing; None where no candidate ran (``tuned`` is left without the key)."""
+def tune_cell(tuned: dict, key: tuple, default: Any, search: list, time_one: Callable[[Any], float | None], label: str,
+              winners: dict | None = None) -> dict | None:
+    """Time ``search`` and the rules' ``default`` config (each once), install the fastest in ``tuned[key]`` (and,
+    where it is not the default, in ``winners[key]`` with its time) and return every timing; None where no
+    candidate ran (``tuned`` is left without the key)."""
     tuned.pop(key, None)
     timed = best_of(search + ([default] if default not in search else []), time_one)
     if not timed:
         return None
     tuned[key] = timed[0][1]
+    if winners is not None and timed[0][1] != default:
+        winners[key] = timed[0][1], timed[0][0]
     base = next((us for us, c in timed if c == default), None)
     print(f"{label}: best {timed[0][0]:.1f} us {timed[0][1]} | default " + (f"{base:.1f} us" if base else "did not run"), flush=True)
     return {"default": (base, asdict(default)), "timed": [(us, asdict(c)) for us, c in timed]}
@@ -328,13 +333,15 @@ def wgmma_search(m: int) -> list:
     ]
 
 
-def tune_wgmma(kinds: list[str], shapes: list[tuple[int, int]], batches: list[int]) -> dict:
+def tune_wgmma(kinds: list[str], shapes: list[tuple[int, int]], batches: list[int], save: bool = False) -> dict:
     """Time :func:`wgmma_search` and the default config (each once) for every kind the wgmma GEMM takes,
     shape and batch above the GEMV's rows; install each winner in ``qkernels.gemm_wgmma.TUNED`` for the rest of the
-    process, and return every timing by ``kind/KxN/M``."""
+    process (``save``: and in this GPU's file, :mod:`qkernels.tuned`), and return every timing by ``kind/KxN/M``."""
     from qkernels import gemm_wgmma as gw
 
     result: dict[str, Any] = {}
+    winners: dict[tuple, tuple] = {}
+    tuned_keys = []
     cuda = torch.device("cuda")
     if not lm.is_hopper(cuda):
         print("--tune-wgmma: no Hopper GPU, nothing to tune", flush=True)
@@ -347,10 +354,22 @@ def tune_wgmma(kinds: list[str], shapes: list[tuple[int, int]], batches: list[in
             for m in (m for m in batches if m > lm.GEMV_MAX_M):
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 timings = tune_cell(gw.TUNED, gw.tuned_key(m, pw), gw.default_config(m, pw), wgmma_search(m),
-                                    lambda c: checked_steady(x, pw, "wgmma", c), f"wgmma {name} {k}x{n} M={m}")
+                                    lambda c: checked_steady(x, pw, "wgmma", c), f"wgmma {name} {k}x{n} M={m}", winners)
                 if timings:
                     result[f"{name}/{k}x{n}/{m}"] = timings
+                    tuned_keys.append(gw.tuned_key(m, pw))
+    if save:
+        save_winners("wgmma", winners, tuned_keys)
     return result
+
+
+def save_winners(kernel: str, winners: dict[tuple, tuple], tuned_keys: list[tuple]) -> None:
+    """Merge the winners that beat the rules into this GPU's file; drop the saved entries of the keys tuned
+    again where the rules won."""
+    from qkernels import tuned
+
+    path = tuned.save(gpu_name(), kernel, winners, drop=tuple(k for k in tuned_keys if k not in winners))
+    print(f"--save-tuned: {len(winners)} {kernel} configs that beat the rules merged into {path}", flush=True)
 
 
 def gemv_mma_search(pw: PackedWeight, hopper: bool) -> list:
@@ -371,13 +390,15 @@ def gemv_mma_search(pw: PackedWeight, hopper: bool) -> list:
     return plain + [c for c in fed if gm.tma_fits(pw, c)]
 
 
-def tune_gemv_mma(kinds: list[str], shapes: list[tuple[int, int]]) -> dict:
+def tune_gemv_mma(kinds: list[str], shapes: list[tuple[int, int]], save: bool = False) -> dict:
     """Time :func:`gemv_mma_search` and the dispatcher's own config (each once) at batch 1 for every kind the
     tensor-core GEMV takes and shape; install each winner in ``qkernels.gemv_mma.TUNED`` for the rest of the
-    process, and return every timing by ``kind/KxN``."""
+    process (``save``: and in this GPU's file, :mod:`qkernels.tuned`), and return every timing by ``kind/KxN``."""
     from qkernels import gemv_mma as gm
 
     result: dict[str, Any] = {}
+    winners: dict[tuple, tuple] = {}
+    tuned_keys = []
     hopper = lm.is_hopper(torch.device("cuda"))
     for name in (name for name in kinds if name in LOWBIT_KINDS):
         for k, n in shapes:
@@ -386,9 +407,12 @@ def tune_gemv_mma(kinds: list[str], shapes: list[tuple[int, int]]) -> dict:
                 continue
             x = torch.randn(1, k, device="cuda", dtype=torch.float16)
             timings = tune_cell(gm.TUNED, gm.tuned_key(pw), gm.rule_config(pw), gemv_mma_search(pw, hopper),
-                                lambda c: checked_steady(x, pw, "gemv_mma", c), f"gemv_mma {name} {k}x{n}")
+                                lambda c: checked_steady(x, pw, "gemv_mma", c), f"gemv_mma {name} {k}x{n}", winners)
             if timings:
                 result[f"{name}/{k}x{n}"] = timings
+                tuned_keys.append(gm.tuned_key(pw))
+    if save:
+        save_winners("gemv_mma", winners, tuned_keys)
     return result
 
 
@@ -411,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="Hopper: search wgmma GEMM configs for the given kernels, shapes and batches first, use the winners")
     parser.add_argument("--tune-gemv-mma", action="store_true",
                         help="search tensor-core GEMV configs (batch 1; TMA feed and routes on Hopper) for the given kernels and shapes first")
+    parser.add_argument("--save-tuned", action="store_true",
+                        help="with --tune-gemv-mma/--tune-wgmma: merge the configs that beat the rules into this GPU's file "
+                             "(qkernels/tuned/, or $QKERNELS_TUNED_DIR), used by every later run on this GPU model")
     parser.add_argument("--tune-paths", default=",".join(TUNE_PATHS), help=f"comma list of the kernels that --tune searches, of {','.join(TUNE_PATHS)}")
     parser.add_argument("--kernels", default=",".join(LOWBIT_KINDS), help=f"comma list of low-bit kinds; block formats: {','.join(BLOCK_KINDS)}")
     parser.add_argument("--modes", default=",".join(MODES))
@@ -422,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     tune_paths = tuple(p for p in args.tune_paths.split(",") if p)
     if bad := [p for p in tune_paths if p not in TUNE_PATHS]:
         parser.error(f"unknown --tune-paths {bad}; choose from {list(TUNE_PATHS)}")
+    if args.save_tuned and not (args.tune_gemv_mma or args.tune_wgmma):
+        parser.error("--save-tuned saves what --tune-gemv-mma or --tune-wgmma finds; give one of them")
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to time", file=sys.stderr)
         return 1
@@ -446,11 +475,11 @@ def main(argv: list[str] | None = None) -> int:
         header += " | " + tuned_summary()
     if args.tune_gemv_mma:
         tuned = tuned or {"gpu": gpu_name(), "copy_gbs": copy_gbs}
-        tuned["gemv_mma"] = tune_gemv_mma(kinds, shapes)
+        tuned["gemv_mma"] = tune_gemv_mma(kinds, shapes, args.save_tuned)
         header += f" | tensor-core GEMV configs tuned for {len(tuned['gemv_mma'])} cells (kernel/shape)"
     if args.tune_wgmma:
         tuned = tuned or {"gpu": gpu_name(), "copy_gbs": copy_gbs}
-        tuned["wgmma"] = tune_wgmma(kinds, shapes, batches)
+        tuned["wgmma"] = tune_wgmma(kinds, shapes, batches, args.save_tuned)
         header += f" | wgmma configs tuned for {len(tuned['wgmma'])} cells (kernel/shape/batch)"
     rows: list[dict] = []
     for shape_rows in measure(shapes, batches, kinds, modes):  # written after each shape: a cut run keeps its rows

@@ -60,6 +60,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from qkernels import lowbit_matmul as lm
+from qkernels import tuned
 from qkernels.pack import PackedWeight
 
 RUN = gl.constexpr(lm.GEMV_MMA_RUN)  # K per slot of a chunk: 32 words per row
@@ -323,7 +324,7 @@ def default_config(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
 
 
 # Configs that ``python -m bench.kernel_latency --tune-wgmma`` timed best, by :func:`tuned_key`; they win over
-# :func:`default_config` for the rest of that process.
+# :func:`default_config` for the rest of that process (and, saved with ``--save-tuned``, in later ones: qkernels.tuned).
 TUNED: dict[tuple, GemmWgmmaConfig] = {}
 
 
@@ -333,7 +334,10 @@ def tuned_key(m: int, pw: PackedWeight) -> tuple:
 
 
 def config_for(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
-    return TUNED.get(tuned_key(m, pw)) or default_config(m, pw)
+    """A config tuned in this process for this kind, shape and batch bucket, else one saved for this GPU model,
+    else :func:`default_config`."""
+    key = tuned_key(m, pw)
+    return TUNED.get(key) or tuned.saved("wgmma", GemmWgmmaConfig, pw.words.device).get(key) or default_config(m, pw)
 
 
 def check_config(config: GemmWgmmaConfig) -> None:

@@ -67,6 +67,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from qkernels import lowbit_matmul as lm
+from qkernels import tuned
 from qkernels.pack import PackedWeight
 
 RUN = gl.constexpr(lm.GEMV_MMA_RUN)  # words per row and chunk: 4 lanes x 8 words
@@ -608,7 +609,7 @@ def tma_config(pw: PackedWeight) -> GemvMmaConfig | None:
 
 
 # Configs that ``python -m bench.kernel_latency --tune-gemv-mma`` timed best, by :func:`tuned_key`; they win over
-# the rules above for the rest of that process.
+# the rules above for the rest of that process (and, saved with ``--save-tuned``, in later ones: qkernels.tuned).
 TUNED: dict[tuple, GemvMmaConfig] = {}
 
 
@@ -624,8 +625,15 @@ def rule_config(pw: PackedWeight) -> GemvMmaConfig:
 
 
 def config_for(pw: PackedWeight) -> GemvMmaConfig:
-    """A tuned config for this kind and shape, else :func:`rule_config`."""
-    return TUNED.get(tuned_key(pw)) or rule_config(pw)
+    """A config tuned in this process for this kind and shape, else one saved for this GPU model (where it
+    fits these weights), else :func:`rule_config`."""
+    key = tuned_key(pw)
+    if key in TUNED:
+        return TUNED[key]
+    config = tuned.saved("gemv_mma", GemvMmaConfig, pw.words.device).get(key)
+    if config is not None and (not config.stages or tma_fits(pw, config)):
+        return config
+    return rule_config(pw)
 
 
 def gemv_mma(x: torch.Tensor, pw: PackedWeight, config: GemvMmaConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

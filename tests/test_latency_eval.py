@@ -143,3 +143,29 @@ def test_tune_cell_installs_the_fastest_and_times_the_default_once() -> None:
     assert tuned == {("key",): fast} and calls.count(default) == 1 and result["default"][0] == 12.0
     assert [us for us, _ in result["timed"]] == [10.0, 12.0]
     assert tune_cell(tuned, ("key",), broken, [], lambda c: None, "cell") is None and tuned == {}
+    winners: dict = {}
+    tune_cell(tuned, ("key",), default, [fast], lambda c: times[c], "cell", winners)
+    tune_cell(tuned, ("other",), default, [fast], lambda c: {default: 9.0, fast: 10.0}[c], "cell", winners)
+    assert winners == {("key",): (fast, 10.0)}  # only configs that beat the rules' default are kept for saving
+
+
+def test_save_winners_merges_the_winners_and_drops_what_the_rules_won(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import kernel_latency
+    from qkernels import tuned
+    from qkernels.gemv_mma import GemvMmaConfig
+
+    monkeypatch.setenv("QKERNELS_TUNED_DIR", str(tmp_path))
+    monkeypatch.setattr(kernel_latency, "gpu_name", lambda: "NVIDIA Test")
+    monkeypatch.setattr(tuned, "gpu_of", lambda device: "NVIDIA Test")
+    tuned.save("NVIDIA Test", "gemv_mma", {("a",): (GemvMmaConfig(split_k=2), 1.0), ("b",): (GemvMmaConfig(split_k=8), 1.0)})
+    kernel_latency.save_winners("gemv_mma", {("c",): (GemvMmaConfig(num_warps=8, block_n=128), 2.0)}, [("b",), ("c",)])
+    assert tuned.saved("gemv_mma", GemvMmaConfig, torch.device("cpu")) == {("a",): GemvMmaConfig(split_k=2),
+                                                                           ("c",): GemvMmaConfig(num_warps=8, block_n=128)}
+
+
+def test_save_tuned_needs_a_tuner(capsys: pytest.CaptureFixture) -> None:
+    from bench.kernel_latency import main
+
+    with pytest.raises(SystemExit):
+        main(["--save-tuned"])
+    assert "--save-tuned saves what --tune-gemv-mma or --tune-wgmma finds" in capsys.readouterr().err
