@@ -15,6 +15,7 @@ lose or half-write what is there; a file that cannot be read is an error that na
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import re
@@ -25,13 +26,14 @@ from typing import Any
 import torch
 
 KERNELS = ("gemv_mma", "wgmma")  # the tables kept on disk, by the kernel whose configs they hold
-_LOADED: dict[tuple[Path, str], dict[tuple, Any]] = {}
+_LOADED: dict[tuple, dict[tuple, Any]] = {}  # (QKERNELS_TUNED_DIR, GPU model, kernel) -> table: config_for runs every call
 
 
 def tuned_dir() -> Path:
     return Path(os.environ.get("QKERNELS_TUNED_DIR") or Path(__file__).with_name("tuned"))
 
 
+@functools.cache
 def gpu_of(device: torch.device) -> str | None:
     """The GPU model whose file applies to ``device`` (None off CUDA)."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -58,8 +60,9 @@ def saved(kernel: str, config_type: type, device: torch.device) -> dict[tuple, A
     gpu = gpu_of(device)
     if gpu is None:
         return {}
-    path = path_for(gpu)
-    if (path, kernel) not in _LOADED:
+    cached = (os.environ.get("QKERNELS_TUNED_DIR"), gpu, kernel)
+    if cached not in _LOADED:
+        path = path_for(gpu)
         known = {f.name for f in fields(config_type)}
         table = {}
         for entry in _read(path).get(kernel, []):
@@ -67,8 +70,8 @@ def saved(kernel: str, config_type: type, device: torch.device) -> dict[tuple, A
                 raise ValueError(f"tuned-config file {path}: {kernel} entry {entry.get('key')} has fields "
                                  f"{sorted(set(entry['config']) - known)} that {config_type.__name__} lacks ({sorted(known)})")
             table[tuple(entry["key"])] = config_type(**entry["config"])
-        _LOADED[(path, kernel)] = table
-    return _LOADED[(path, kernel)]
+        _LOADED[cached] = table
+    return _LOADED[cached]
 
 
 def save(gpu: str, kernel: str, winners: dict[tuple, tuple[Any, float]], drop: tuple[tuple, ...] = ()) -> Path:
@@ -88,6 +91,5 @@ def save(gpu: str, kernel: str, winners: dict[tuple, tuple[Any, float]], drop: t
         part = path.with_suffix(f".json.{os.getpid()}.part")
         part.write_text(json.dumps(data, indent=1) + "\n")
         os.replace(part, path)
-    for loaded in [k for k in _LOADED if k[0] == path]:
-        del _LOADED[loaded]
+    _LOADED.clear()  # read again on next use
     return path
