@@ -84,7 +84,8 @@ def save(gpu: str, kernel: str, winners: dict[tuple, tuple[Any, float]], drop: t
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = _read(path)
-        entries = {tuple(e["key"]): e for e in data.get(kernel, []) if tuple(e["key"]) not in set(drop)}
+        dropped = set(drop)
+        entries = {tuple(e["key"]): e for e in data.get(kernel, []) if tuple(e["key"]) not in dropped}
         for key, (config, us) in winners.items():
             entries[tuple(key)] = {"key": list(key), "config": asdict(config), "us": round(us, 3)}
         data.update(gpu=gpu, **{kernel: sorted(entries.values(), key=lambda e: json.dumps(e["key"]))})
