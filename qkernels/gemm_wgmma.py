@@ -50,7 +50,7 @@ dispatch, on a Hopper GPU the kernel against the fp32 reference.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -318,9 +318,14 @@ def default_config(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
         split_k *= 2
     # the two-warpgroup tiles hold a multiprocessor each: a short last wave gets its tiles' K split (tail_tiles)
     tail_split = 4 if num_warps == 8 and split_k == 1 else 1
-    boxed = block_m <= 64 and pw.k % (2 * RUN.value) == 0 and (pw.slots // 2) % 4 == 0  # two slots a step, four steps a box
-    return GemmWgmmaConfig(block_n=block_n, block_m=block_m, num_warps=num_warps, split_k=split_k, tail_split=tail_split,
-                           **(dict(stages=2, steps_per_box=4) if boxed else {}))
+    config = GemmWgmmaConfig(block_n=block_n, block_m=block_m, num_warps=num_warps, split_k=split_k, tail_split=tail_split)
+    boxed = replace(config, stages=2, steps_per_box=4)
+    return boxed if block_m <= 64 and boxes_fit(pw, boxed) else config
+
+
+def boxes_fit(pw: PackedWeight, config: GemmWgmmaConfig) -> bool:
+    """K a multiple of a step's span, and ``steps_per_box`` dividing a chunk's steps (a box never spans chunks)."""
+    return pw.k % (config.slots_per_step * RUN.value) == 0 and (pw.slots // config.slots_per_step) % config.steps_per_box == 0
 
 
 # Configs that ``python -m bench.kernel_latency --tune-wgmma`` timed best, by :func:`tuned_key`; they win over
@@ -395,7 +400,7 @@ def gemm_wgmma(x: torch.Tensor, pw: PackedWeight, config: GemmWgmmaConfig | None
         box = [config.block_m, span]
         x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), box, gl.NVMMASharedLayout.get_default_for(box, gl.float16))
     else:  # x as [K / span, M, span]: a box of steps_per_box step tiles, each laid out as the 2-D box would be
-        if pw.k % span or (pw.slots // config.slots_per_step) % config.steps_per_box:
+        if not boxes_fit(pw, config):
             raise ValueError(f"steps_per_box={config.steps_per_box} needs K a multiple of {span} (got {pw.k}) and to divide "
                              f"the {pw.slots // config.slots_per_step} steps of a chunk; use steps_per_box=1 here")
         box = [config.steps_per_box, config.block_m, span]
