@@ -7,7 +7,9 @@ Llama block (RMSNorm, rotary q/k, grouped-query attention over a static KV cache
 ``nn.Linear`` layers for fp16 or :class:`qkernels.qlinear.QuantLinear` layers holding random packed
 codes. Decoding one token is one CUDA graph replay (embedding, every block, norm, fp16 LM head, argmax
 feeding the next step), so the numbers show the matmuls rather than Python launch overhead; the
-eager loop is timed too. Reports tokens/s, ms/token, weight bytes and peak memory.
+eager loop is timed too. With ``--compile`` the step is also compiled by ``torch.compile`` (one graph:
+the QuantLinear layers are the ``qkernels::lowbit_matmul`` operator, the code around them fused by
+Inductor) and replayed as a CUDA graph. Reports tokens/s, ms/token, weight bytes and peak memory.
 No hydra imports: this runs on the bare device machine.
 """
 
@@ -54,15 +56,15 @@ ARCHS = {
 WEIGHT_STD = 0.02
 
 
-def make_linear(kind: str, k: int, n: int) -> nn.Module:
+def make_linear(kind: str, k: int, n: int, device: str = "cuda") -> nn.Module:
     """fp16 ``nn.Linear`` or a QuantLinear of random codes whose weights have about WEIGHT_STD spread."""
     if kind == "fp16":
-        layer = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float16)
+        layer = nn.Linear(k, n, bias=False, device=device, dtype=torch.float16)
         nn.init.normal_(layer.weight, std=WEIGHT_STD)
         return layer
     spec = LOWBIT_KINDS[kind]
     code_std = (spec.top_code + 1) / math.sqrt(12)
-    pw = random_packed(spec, n, k, scale_range=(0.5 * WEIGHT_STD / code_std, 1.5 * WEIGHT_STD / code_std))
+    pw = random_packed(spec, n, k, scale_range=(0.5 * WEIGHT_STD / code_std, 1.5 * WEIGHT_STD / code_std), device=device)
     return QuantLinear(pw)
 
 
@@ -80,22 +82,22 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class Block(nn.Module):
     """One Llama decoder block for single-token decoding over a static KV cache."""
 
-    def __init__(self, arch: Arch, kind: str, max_len: int) -> None:
+    def __init__(self, arch: Arch, kind: str, max_len: int, device: str = "cuda") -> None:
         super().__init__()
         h, hd = arch.hidden, arch.head_dim
         self.arch = arch
-        self.q_proj = make_linear(kind, h, arch.heads * hd)
-        self.k_proj = make_linear(kind, h, arch.kv_heads * hd)
-        self.v_proj = make_linear(kind, h, arch.kv_heads * hd)
-        self.o_proj = make_linear(kind, arch.heads * hd, h)
-        self.gate_proj = make_linear(kind, h, arch.intermediate)
-        self.up_proj = make_linear(kind, h, arch.intermediate)
-        self.down_proj = make_linear(kind, arch.intermediate, h)
-        self.attn_norm = nn.Parameter(torch.ones(h, device="cuda", dtype=torch.float16))
-        self.mlp_norm = nn.Parameter(torch.ones(h, device="cuda", dtype=torch.float16))
+        self.q_proj = make_linear(kind, h, arch.heads * hd, device)
+        self.k_proj = make_linear(kind, h, arch.kv_heads * hd, device)
+        self.v_proj = make_linear(kind, h, arch.kv_heads * hd, device)
+        self.o_proj = make_linear(kind, arch.heads * hd, h, device)
+        self.gate_proj = make_linear(kind, h, arch.intermediate, device)
+        self.up_proj = make_linear(kind, h, arch.intermediate, device)
+        self.down_proj = make_linear(kind, arch.intermediate, h, device)
+        self.attn_norm = nn.Parameter(torch.ones(h, device=device, dtype=torch.float16))
+        self.mlp_norm = nn.Parameter(torch.ones(h, device=device, dtype=torch.float16))
         cache = (1, arch.kv_heads, max_len, hd)
-        self.register_buffer("k_cache", torch.zeros(cache, device="cuda", dtype=torch.float16))
-        self.register_buffer("v_cache", torch.zeros(cache, device="cuda", dtype=torch.float16))
+        self.register_buffer("k_cache", torch.zeros(cache, device=device, dtype=torch.float16))
+        self.register_buffer("v_cache", torch.zeros(cache, device=device, dtype=torch.float16))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         a, hd = self.arch, self.arch.head_dim
@@ -113,26 +115,26 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     """Embedding, blocks, final norm and an fp16 LM head; ``step()`` decodes the token in ``self.token``."""
 
-    def __init__(self, arch: Arch, kind: str, max_len: int) -> None:
+    def __init__(self, arch: Arch, kind: str, max_len: int, device: str = "cuda") -> None:
         super().__init__()
         self.arch, self.max_len = arch, max_len
-        self.embed = nn.Embedding(arch.vocab, arch.hidden, device="cuda", dtype=torch.float16)
+        self.embed = nn.Embedding(arch.vocab, arch.hidden, device=device, dtype=torch.float16)
         nn.init.normal_(self.embed.weight, std=WEIGHT_STD)
-        self.blocks = nn.ModuleList(Block(arch, kind, max_len) for _ in range(arch.layers))
-        self.norm = nn.Parameter(torch.ones(arch.hidden, device="cuda", dtype=torch.float16))
-        self.lm_head = make_linear("fp16", arch.hidden, arch.vocab)
-        inv_freq = 1.0 / arch.rope_theta ** (torch.arange(0, arch.head_dim, 2, device="cuda").float() / arch.head_dim)
-        angles = torch.outer(torch.arange(max_len, device="cuda").float(), inv_freq)
+        self.blocks = nn.ModuleList(Block(arch, kind, max_len, device) for _ in range(arch.layers))
+        self.norm = nn.Parameter(torch.ones(arch.hidden, device=device, dtype=torch.float16))
+        self.lm_head = make_linear("fp16", arch.hidden, arch.vocab, device)
+        inv_freq = 1.0 / arch.rope_theta ** (torch.arange(0, arch.head_dim, 2, device=device).float() / arch.head_dim)
+        angles = torch.outer(torch.arange(max_len, device=device).float(), inv_freq)
         self.register_buffer("cos", torch.cat((angles, angles), -1).cos().half())
         self.register_buffer("sin", torch.cat((angles, angles), -1).sin().half())
-        self.register_buffer("token", torch.zeros(1, 1, dtype=torch.long, device="cuda"))
-        self.register_buffer("pos", torch.zeros(1, dtype=torch.long, device="cuda"))
+        self.register_buffer("token", torch.zeros(1, 1, dtype=torch.long, device=device))
+        self.register_buffer("pos", torch.zeros(1, dtype=torch.long, device=device))
 
     @torch.no_grad()
     def step(self) -> None:
         """Decode one token: read ``token`` at ``pos``, write the argmax back to ``token``, advance ``pos``."""
         cos, sin = self.cos[self.pos].view(1, 1, 1, -1), self.sin[self.pos].view(1, 1, 1, -1)
-        visible = (torch.arange(self.max_len, device="cuda") <= self.pos).view(1, 1, 1, -1)
+        visible = (torch.arange(self.max_len, device=self.pos.device) <= self.pos).view(1, 1, 1, -1)
         x = self.embed(self.token)
         for block in self.blocks:
             x = block(x, self.pos, cos, sin, visible)
@@ -157,8 +159,35 @@ def tokens_per_s(run_tokens: Callable[[int], None], tokens: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def measure(arch: Arch, kind: str, tokens: int) -> dict:
-    """tokens/s eager and with the step in a CUDA graph, for one weight kind; peak memory of the graph run."""
+def capture(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    """``step`` as a CUDA graph (run once on a side stream first, as capture needs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
+def greedy_tokens(model: Decoder, replay: Callable[[], None], tokens: int) -> list[int]:
+    """The tokens that ``replay`` (one decode step) writes after ``model.reset()`` under seed 0."""
+    torch.manual_seed(0)
+    model.reset()
+    out = []
+    for _ in range(tokens):
+        replay()
+        out.append(int(model.token))
+    return out
+
+
+def measure(arch: Arch, kind: str, tokens: int, compile: bool = False) -> dict:
+    """tokens/s eager and with the step in a CUDA graph, for one weight kind; with ``compile``, also the step
+    compiled by ``torch.compile`` (Inductor fuses the norms, rotary and residual code; the low-bit matmuls stay
+    the project's kernels, through the ``qkernels::lowbit_matmul`` operator) in a CUDA graph, with its compile
+    time and how many of the first greedy tokens match the uncompiled graph's. Peak memory over the whole run."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = Decoder(arch, kind, max_len=2 * tokens + 8).eval()
@@ -167,35 +196,50 @@ def measure(arch: Arch, kind: str, tokens: int) -> dict:
         model.step()
     model.reset()
     eager = tokens_per_s(lambda n: [model.step() for _ in range(n)], tokens)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        model.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        model.step()
+    graph = capture(model.step)
     model.reset()
     graphed = tokens_per_s(lambda n: [graph.replay() for _ in range(n)], tokens)
     out = {
         "kind": kind, "tokens": tokens, "tokens_per_s_graph": graphed, "ms_per_token_graph": 1e3 / graphed,
         "tokens_per_s_eager": eager, "weight_gb": weight_bytes(model) / 1e9,
-        "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
     }
+    if compile:
+        check = min(tokens, 32)
+        reference = greedy_tokens(model, graph.replay, check)
+        step = torch.compile(model.step, fullgraph=True)
+        start = time.perf_counter()
+        model.reset()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        out["compile_s"] = time.perf_counter() - start
+        compiled_graph = capture(step)
+        model.reset()
+        out["tokens_per_s_compiled"] = tokens_per_s(lambda n: [compiled_graph.replay() for _ in range(n)], tokens)
+        out["ms_per_token_compiled"] = 1e3 / out["tokens_per_s_compiled"]
+        out["compiled_tokens_match"] = f"{sum(a == b for a, b in zip(reference, greedy_tokens(model, compiled_graph.replay, check)))}/{check}"
+        del compiled_graph
+    out["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     del graph, model
     torch.cuda.empty_cache()
     return out
 
 
 def markdown(rows: list[dict]) -> str:
-    base = rows[0]["tokens_per_s_graph"] if rows and rows[0]["kind"] == "fp16" else None
-    lines = ["| weights | tokens/s (graph) | ms/token | x fp16 | tokens/s (eager) | weights GB | peak GB |", "|---|---|---|---|---|---|---|"]
+    base = {key: rows[0].get(key) if rows and rows[0]["kind"] == "fp16" else None for key in ("tokens_per_s_graph", "tokens_per_s_compiled")}
+    ratio = lambda r, key: f"{r[key] / base[key]:.2f}" if base[key] and key in r else "-"  # noqa: E731
+    compiled = any("tokens_per_s_compiled" in r for r in rows)
+    head = "| weights | tokens/s (graph) | ms/token | x fp16 | tokens/s (eager) |"
+    if compiled:
+        head += " tokens/s (compiled graph) | ms/token | x fp16 | compile s | tokens as uncompiled |"
+    lines = [head + " weights GB | peak GB |", "|---" * (head.count("|") + 1) + "|"]
     for r in rows:
-        ratio = f"{r['tokens_per_s_graph'] / base:.2f}" if base else "-"
-        lines.append(
-            f"| {r['kind']} | {r['tokens_per_s_graph']:.1f} | {r['ms_per_token_graph']:.2f} | {ratio} | "
-            f"{r['tokens_per_s_eager']:.1f} | {r['weight_gb']:.2f} | {r['peak_gb']:.2f} |"
-        )
+        line = (f"| {r['kind']} | {r['tokens_per_s_graph']:.1f} | {r['ms_per_token_graph']:.2f} | {ratio(r, 'tokens_per_s_graph')} | "
+                f"{r['tokens_per_s_eager']:.1f} |")
+        if compiled:
+            line += (f" {r['tokens_per_s_compiled']:.1f} | {r['ms_per_token_compiled']:.2f} | {ratio(r, 'tokens_per_s_compiled')} | "
+                     f"{r['compile_s']:.0f} | {r['compiled_tokens_match']} |")
+        lines.append(line + f" {r['weight_gb']:.2f} | {r['peak_gb']:.2f} |")
     return "\n".join(lines)
 
 
@@ -204,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="llama2-7b", choices=sorted(ARCHS))
     parser.add_argument("--kinds", default="fp16,w4g128,w3g128,w2g128,ternary2,w1g128")
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--compile", action="store_true", help="also time the step compiled by torch.compile (in a CUDA graph)")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -212,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     torch.manual_seed(0)
     arch = ARCHS[args.arch]
-    rows = [measure(arch, kind, args.tokens) for kind in args.kinds.split(",")]
+    rows = [measure(arch, kind, args.tokens, args.compile) for kind in args.kinds.split(",")]
     header = f"GPU: {gpu_name()} | {args.arch} {asdict(arch)} | batch 1, {args.tokens} tokens after a 1-token prompt"
     table = header + "\n\n" + markdown(rows)
     print(table, flush=True)

@@ -69,13 +69,13 @@ BLOCK_KINDS = {  # MX/NV block-format weights (qkernels/block_matmul.py)
 }
 
 
-def random_packed(kind: LowBitKind, n: int, k: int, scale_range: tuple[float, float] = (0.01, 0.03)) -> PackedWeight:
+def random_packed(kind: LowBitKind, n: int, k: int, scale_range: tuple[float, float] = (0.01, 0.03), device: str = "cuda") -> PackedWeight:
     """Random codes, fp16 scales uniform in ``scale_range`` and (asymmetric kinds) random zero points."""
-    codes = torch.randint(0, kind.top_code + 1, (n, k), device="cuda")
+    codes = torch.randint(0, kind.top_code + 1, (n, k), device=device)
     n_groups = 1 if kind.group is None else k // kind.group
     low, high = scale_range
-    scale = (torch.rand(n, n_groups, device="cuda") * (high - low) + low).half()
-    zero = torch.randint(0, kind.top_code + 1, (n, n_groups), device="cuda").half() if kind.asym else None
+    scale = (torch.rand(n, n_groups, device=device) * (high - low) + low).half()
+    zero = torch.randint(0, kind.top_code + 1, (n, n_groups), device=device).half() if kind.asym else None
     return pack_weight(codes, scale, zero, kind.layout, kind.group, zero_const=kind.zero_const)
 
 

@@ -6,6 +6,11 @@ forward runs the kernel that :func:`qkernels.lowbit_matmul.pick_path` picks for 
 it runs the plain-torch reference, so a swapped model gives the fake-quant model's outputs on any
 machine. :func:`quantize_linear_layers` swaps a model bundle's quantizable layers, and
 :func:`restore_linear_layers` puts the originals back.
+
+Under ``torch.compile`` the matmul is the custom operator ``torch.ops.qkernels.lowbit_matmul`` (the
+packed weight as its tensors and fields), opaque to Dynamo: a model holding QuantLinear layers compiles
+in one graph, Inductor fuses the code around the layers and the kernels run as they do eagerly. Eager
+calls skip the operator's dispatch and call :func:`qkernels.lowbit_matmul.lowbit_matmul` directly.
 """
 
 from __future__ import annotations
@@ -23,6 +28,30 @@ if TYPE_CHECKING:
     from bench.models import ModelBundle
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op(
+    "qkernels::lowbit_matmul", mutates_args=(),
+    schema="(Tensor x, Tensor words, Tensor? high, Tensor scale, Tensor? zero, str layout, float zero_const, int n, int k, "
+           "int run, int group_size, float zero_grid, str path) -> Tensor",
+)
+def lowbit_matmul_op(x, words, high, scale, zero, layout, zero_const, n, k, run, group_size, zero_grid, path):
+    """:func:`~qkernels.lowbit_matmul.lowbit_matmul` with the packed weight spelled out, for ``torch.compile``."""
+    pw = PackedWeight(layout, words, high, scale, zero, zero_const, n, k, run, group_size, zero_grid)
+    return lowbit_matmul(x, pw, path)
+
+
+@lowbit_matmul_op.register_fake
+def _(x, words, high, scale, zero, layout, zero_const, n, k, run, group_size, zero_grid, path):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def packed_matmul(x: torch.Tensor, pw: PackedWeight, path: str = "auto") -> torch.Tensor:
+    """``x @ W^T``: through the custom operator while ``torch.compile`` traces, else directly."""
+    if torch.compiler.is_compiling():
+        return lowbit_matmul_op(x, pw.words, pw.high, pw.scale, pw.zero, pw.layout, float(pw.zero_const), pw.n, pw.k, pw.run,
+                                pw.group_size, float(pw.zero_grid), path)
+    return lowbit_matmul(x, pw, path)
 
 
 class QuantLinear(nn.Module):
@@ -54,7 +83,7 @@ class QuantLinear(nn.Module):
         dtype = x.dtype
         if x.is_cuda and dtype not in KERNEL_DTYPES:  # the kernels take fp16/bf16 activations
             x = x.to(torch.float16)
-        y = lowbit_matmul(x, self.packed, self.path).to(dtype)
+        y = packed_matmul(x, self.packed, self.path).to(dtype)
         return y if self.bias is None else y + self.bias.to(dtype)
 
     def extra_repr(self) -> str:

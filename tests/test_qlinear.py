@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from bench.models import ModelBundle, find_blocks  # noqa: E402
-from qkernels.qlinear import QuantLinear, pack_int_weight, quantize_linear_layers, restore_linear_layers  # noqa: E402
+from qkernels.qlinear import QuantLinear, lowbit_matmul_op, pack_int_weight, quantize_linear_layers, restore_linear_layers  # noqa: E402
 from qkernels.pack import dequantize_packed  # noqa: E402
 from methods.common.formats import FormatError, IntFormat  # noqa: E402
 
@@ -81,3 +81,52 @@ def test_swapped_layer_runs_the_triton_gemv_through_the_interpreter() -> None:
     x = torch.randn(2, 256, dtype=torch.float16, device=q.words.device)
     ref = x.float() @ fmt.fake_quant(linear.weight.detach().float()).t().to(x.device)
     assert torch.allclose(q(x).float(), ref, atol=2e-2, rtol=1e-2)
+
+
+def test_lowbit_matmul_operator_passes_opcheck() -> None:
+    """The custom operator's schema, fake (meta) implementation and dispatch agree with its eager results."""
+    q = QuantLinear.from_linear(nn.Linear(96, 24, bias=False), IntFormat(bits=3, group_size=32, symmetric=False))
+    pw = q.packed
+    for x in (torch.randn(3, 96), torch.randn(2, 5, 96)):
+        torch.library.opcheck(lowbit_matmul_op, (x, pw.words, pw.high, pw.scale, pw.zero, pw.layout, float(pw.zero_const), pw.n, pw.k,
+                                                 pw.run, pw.group_size, float(pw.zero_grid), "auto"))
+
+
+def test_swapped_model_compiles_in_one_graph_with_the_operator(tiny_bundle: ModelBundle) -> None:
+    """torch.compile(fullgraph=True) of a model holding QuantLinear layers: no graph break, every layer one
+    call of the operator (not traced into the kernels' Python), the same logits as eagerly."""
+    quantize_linear_layers(tiny_bundle, IntFormat(bits=4, group_size=32))
+    ids = torch.randint(0, 512, (1, 12))
+    calls = []
+
+    def backend(gm, example_inputs):
+        calls.extend(n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.qkernels.lowbit_matmul.default)
+        return gm.forward
+
+    with torch.no_grad():
+        eager = tiny_bundle.model(ids).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(tiny_bundle.model, fullgraph=True, backend=backend)(ids).logits
+    assert len(calls) == len(tiny_bundle.layers) == 14
+    assert torch.equal(compiled, eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Inductor's GPU code and the kernels)")
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_compiled_layers_run_the_kernels_as_eagerly_on_the_gpu(rows: int) -> None:
+    """Inductor around QuantLinear layers (norm, activation, residual fused) gives the eager outputs."""
+    torch.manual_seed(0)
+    fmt = IntFormat(bits=4, group_size=128)
+    up = QuantLinear.from_linear(nn.Linear(1024, 2048, bias=False), fmt).cuda()
+    down = QuantLinear.from_linear(nn.Linear(2048, 1024, bias=True), fmt).cuda()
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        h = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5).half()
+        return x + down(torch.nn.functional.silu(up(h)))
+
+    x = torch.randn(rows, 1024, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        eager = block(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(block, fullgraph=True)(x)
+    assert torch.allclose(compiled.float(), eager.float(), atol=2e-2, rtol=1e-2)
