@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.decode_latency import Arch, Decoder, markdown
+from bench.decode_latency import Arch, Decoder, compare_steps, markdown
 from qkernels.qlinear import QuantLinear
 
 ARCH = Arch(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=100)
@@ -29,17 +29,30 @@ def test_compiled_decode_step_is_one_graph_and_decodes_the_same_tokens() -> None
     compiled = decode(model, torch.compile(model.step, fullgraph=True, backend="aot_eager"), 6)
     assert compiled == eager
     assert len(set(eager)) > 1 or eager[0] != 0  # the decode moved: not a stuck all-zero run
+    assert compare_steps(model, model.step, model.step, 4) == (0.0, 4)
+
+
+def test_compare_steps_sees_a_wrong_step() -> None:
+    torch.manual_seed(0)
+    model = Decoder(ARCH, "fp16", max_len=16, device="cpu").eval()
+
+    def wrong() -> None:  # the right token, but logits off by 10% of their range
+        model.step()
+        model.logits.add_(0.1 * model.logits.abs().max())
+
+    worst, agree = compare_steps(model, wrong, model.step, 3)
+    assert 0.05 < worst < 0.2 and agree == 3
 
 
 def test_markdown_puts_the_compiled_columns_beside_the_graph_ones() -> None:
     rows = [
         dict(kind="fp16", tokens_per_s_graph=100.0, ms_per_token_graph=10.0, tokens_per_s_eager=50.0, weight_gb=1.0, peak_gb=1.5,
-             tokens_per_s_compiled=200.0, ms_per_token_compiled=5.0, compile_s=30.0, compiled_tokens_match="32/32"),
+             tokens_per_s_compiled=200.0, ms_per_token_compiled=5.0, compile_s=30.0, compiled_logits_rel_diff=0.0, compiled_argmax_agree="32/32"),
         dict(kind="w4g128", tokens_per_s_graph=150.0, ms_per_token_graph=6.67, tokens_per_s_eager=40.0, weight_gb=0.3, peak_gb=0.6,
-             tokens_per_s_compiled=500.0, ms_per_token_compiled=2.0, compile_s=20.0, compiled_tokens_match="31/32"),
+             tokens_per_s_compiled=500.0, ms_per_token_compiled=2.0, compile_s=20.0, compiled_logits_rel_diff=1.5e-3, compiled_argmax_agree="31/32"),
     ]
     lines = markdown(rows).splitlines()
     assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
-    assert "| w4g128 | 150.0 | 6.67 | 1.50 | 40.0 | 500.0 | 2.00 | 2.50 | 20 | 31/32 | 0.30 | 0.60 |" == lines[3]
+    assert "| w4g128 | 150.0 | 6.67 | 1.50 | 40.0 | 500.0 | 2.00 | 2.50 | 20 | 1.5e-03 | 31/32 | 0.30 | 0.60 |" == lines[3]
     plain = markdown([{k: v for k, v in r.items() if "compile" not in k} for r in rows]).splitlines()
     assert plain[3] == "| w4g128 | 150.0 | 6.67 | 1.50 | 40.0 | 0.30 | 0.60 |"
