@@ -340,9 +340,11 @@ def tuned_key(m: int, pw: PackedWeight) -> tuple:
 
 def config_for(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
     """A config tuned in this process for this kind, shape and batch bucket, else one saved for this GPU model,
-    else :func:`default_config`."""
+    else :func:`default_config` (those two looked up once per weight and batch)."""
     key = tuned_key(m, pw)
-    return TUNED.get(key) or tuned.saved("wgmma", GemmWgmmaConfig, pw.words.device).get(key) or default_config(m, pw)
+    if key in TUNED:
+        return TUNED[key]
+    return pw.memo(("wgmma_config", m, tuned.stamp(pw.words.device)), lambda: tuned.saved("wgmma", GemmWgmmaConfig, pw.words.device).get(key) or default_config(m, pw))
 
 
 def check_config(config: GemmWgmmaConfig) -> None:

@@ -293,7 +293,7 @@ def _grid_dependency(WAIT: gl.constexpr):
 @gluon.jit
 def _gemv_mma_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
-    N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_xm, stride_wn, stride_ym,
+    N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_xm, stride_ym,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
     PDL: gl.constexpr,
@@ -626,10 +626,14 @@ def rule_config(pw: PackedWeight) -> GemvMmaConfig:
 
 def config_for(pw: PackedWeight) -> GemvMmaConfig:
     """A config tuned in this process for this kind and shape, else one saved for this GPU model (where it
-    fits these weights), else :func:`rule_config`."""
+    fits these weights), else :func:`rule_config` (those two looked up once per weight)."""
     key = tuned_key(pw)
     if key in TUNED:
         return TUNED[key]
+    return pw.memo(("gemv_mma_config", tuned.stamp(pw.words.device)), lambda: _saved_or_rule(pw, key))
+
+
+def _saved_or_rule(pw: PackedWeight, key: tuple) -> GemvMmaConfig:
     config = tuned.saved("gemv_mma", GemvMmaConfig, pw.words.device).get(key)
     if config is not None and (not config.stages or tma_fits(pw, config)):
         return config
@@ -642,18 +646,27 @@ def gemv_mma(x: torch.Tensor, pw: PackedWeight, config: GemvMmaConfig | None = N
         raise ValueError(f"gemv_mma takes fp16 activations and layouts {lm.PAIR_LAYOUTS} with run {lm.GEMV_MMA_RUN}; "
                          f"got {x.dtype}, {pw.layout}, run {pw.run}")
     config = config or config_for(pw)
-    if config.block_n % (16 * config.num_warps):
-        raise ValueError(f"block_n must be a multiple of 16 * num_warps = {16 * config.num_warps}, got {config.block_n}")
+    kernel, weights, sizes, consts = pw.memo(("gemv_mma", config), lambda: _launch_plan(pw, config))
     lm.check_inputs(x, pw)
     m = x.shape[0]
     if m > lm.GEMV_MAX_M:
         raise ValueError(f"gemv_mma takes at most {lm.GEMV_MAX_M} rows, got {m}; use mma or gemm")
     y = lm.output(out, (m, pw.n), x)
-    words, _, scale, zero = lm.kernel_tensors(pw)
-    n_chunks = words.shape[1] // pw.run
     grid = (m, triton.cdiv(pw.n, config.block_n), config.split_k)
     partial, count = lm.split_buffers(y, grid, config.block_n)
-    pdl = config.pdl and lm.has_pdl(x.device)
+    kernel[grid](x, *weights, y, partial, count, *sizes, x.stride(0), y.stride(0), **consts)
+    return y
+
+
+def _launch_plan(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
+    """What a launch with ``config`` takes besides the activations and outputs, checked once per weight
+    (:meth:`PackedWeight.memo`): the kernel, its weight arguments (TMA descriptors, or the tensors), sizes
+    and compile-time constants."""
+    if config.block_n % (16 * config.num_warps):
+        raise ValueError(f"block_n must be a multiple of 16 * num_warps = {16 * config.num_warps}, got {config.block_n}")
+    words, _, scale, zero = lm.kernel_tensors(pw)
+    n_chunks = words.shape[1] // pw.run
+    pdl = config.pdl and lm.has_pdl(words.device)
     consts = dict(
         BITS=lm.CODE_BITS[pw.layout], SLOTS=pw.slots, SPG=pw.group_size // pw.run, HAS_ZERO=pw.zero is not None, BLOCK_N=config.block_n,
         SPLIT_K=config.split_k, NUM_WARPS=config.num_warps, XS_CHUNKS=triton.next_power_of_2(triton.cdiv(n_chunks, config.split_k)),
@@ -666,19 +679,12 @@ def gemv_mma(x: torch.Tensor, pw: PackedWeight, config: GemvMmaConfig | None = N
                              f"and at most {MAX_GROUP_BOX} groups a split; use stages=0 here")
         if config.route and not routes(pw):
             raise ValueError(f"route=True needs four groups in a chunk half (group_size = {pw.chunk // 8}); got {pw.group_size}")
-        w_desc, s_desc, z_desc = _descriptors(pw, words, scale, zero, config)
-        _gemv_tma_kernel[grid](
-            x, w_desc, s_desc, z_desc, y, partial, count, pw.n, pw.k, n_chunks, pw.group_size, pw.zero_const, x.stride(0), y.stride(0),
-            STAGES=config.stages, ROUTE=config.route, **consts,
-        )
-        return y
+        sizes = (pw.n, pw.k, n_chunks, pw.group_size, pw.zero_const)
+        return _gemv_tma_kernel, _descriptors(pw, words, scale, zero, config), sizes, dict(STAGES=config.stages, ROUTE=config.route, **consts)
     if config.route:
         raise ValueError("route=True runs on the TMA feed only (stages > 0)")
-    _gemv_mma_kernel[grid](
-        x, words, scale, zero, y, partial, count, pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const,
-        x.stride(0), words.stride(0), y.stride(0), **consts,
-    )
-    return y
+    sizes = (pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const, words.stride(0))
+    return _gemv_mma_kernel, (words, scale, zero), sizes, consts
 
 
 MAX_GROUP_BOX = 64  # groups a split of the TMA GEMV reads (its box of scales: 64 x BLOCK_N fp16 = 16 KiB at 128 rows)

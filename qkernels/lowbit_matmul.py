@@ -1131,7 +1131,8 @@ def lowbit_matmul(x: torch.Tensor, pw: PackedWeight, path: str = "auto") -> torc
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     if path == "auto":
-        path = pick_path(x2.shape[0], pw, x.device, x.dtype)
+        m = x2.shape[0]
+        path = pw.memo(("path", m, x.device, x.dtype), lambda: pick_path(m, pw, x.device, x.dtype))
     if path not in PATHS:
         raise ValueError(f"path={path!r} is not valid; choose 'auto' or one of {sorted(PATHS)}")
     return PATHS[path](x2, pw).reshape(*lead, pw.n)

@@ -25,7 +25,8 @@ so padded codes never contribute.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -65,6 +66,8 @@ class PackedWeight:
     run: int
     group_size: int
     zero_grid: float = 0.0  # 1.0: every zero point is an integer; 1/16: on that grid (within +-64); 0: neither or unknown
+    # launch plans (configs, TMA descriptors, paths) built for these tensors: see memo(); QuantLinear keeps one across calls
+    plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def slots(self) -> int:
@@ -82,6 +85,23 @@ class PackedWeight:
     @property
     def n_groups(self) -> int:
         return self.scale.shape[1]
+
+    def memo(self, what: Any, build: Callable[[], Any]) -> Any:
+        """``build()`` once for these tensors (addresses, shapes, strides, dtypes) and fields, then from ``plans``: the
+        Python work of a launch (config rules, alignment checks, TMA descriptors) is done once per weight, not per
+        call. An entry is a function of its key, or holds the tensors it was built from (TMA descriptors do): while it
+        lives their memory is never handed to other tensors, so another weight never matches its key. Values rewritten
+        in place are seen (plans hold tensors, not values), except zero points in other strides than the scales, which
+        a plan holds as a copy in the scales' strides (``lowbit_matmul.kernel_tensors``)."""
+        key = (what, self._tensors_key())
+        if key not in self.plans:
+            self.plans[key] = build()
+        return self.plans[key]
+
+    def _tensors_key(self) -> tuple:
+        spec = lambda t: None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)  # noqa: E731
+        return (self.layout, spec(self.words), spec(self.high), spec(self.scale), spec(self.zero), self.zero_const, self.n, self.k,
+                self.run, self.group_size, self.zero_grid)
 
     def nbytes(self) -> int:
         """Bytes a matmul reads for the weight: codes, scales and zeros."""

@@ -66,12 +66,17 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", pw.scale)
         self.register_buffer("zero", pw.zero)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.plans: dict = {}  # the kernels' launch plans for these buffers (PackedWeight.memo), dropped when they move
+
+    def _apply(self, fn, recurse=True):
+        self.plans = {}
+        return super()._apply(fn, recurse)
 
     @property
     def packed(self) -> PackedWeight:
         return PackedWeight(
             self.layout, self.words, self.high, self.scale, self.zero, self.zero_const,
-            self.out_features, self.in_features, self.run, self.group_size, self.zero_grid,
+            self.out_features, self.in_features, self.run, self.group_size, self.zero_grid, self.plans,
         )
 
     @classmethod

@@ -27,6 +27,7 @@ import torch
 
 KERNELS = ("gemv_mma", "wgmma")  # the tables kept on disk, by the kernel whose configs they hold
 _LOADED: dict[tuple, dict[tuple, Any]] = {}  # (QKERNELS_TUNED_DIR, GPU model, kernel) -> table: config_for runs every call
+_SAVES = [0]  # save() calls in this process
 
 
 def tuned_dir() -> Path:
@@ -37,6 +38,12 @@ def tuned_dir() -> Path:
 def gpu_of(device: torch.device) -> str | None:
     """The GPU model whose file applies to ``device`` (None off CUDA)."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+def stamp(device: torch.device) -> tuple:
+    """Changes whenever :func:`saved` may answer differently for ``device`` (another directory or GPU model, a
+    save): part of the key under which a weight keeps the config it looked up (``PackedWeight.memo``)."""
+    return os.environ.get("QKERNELS_TUNED_DIR"), gpu_of(device), _SAVES[0]
 
 
 def path_for(gpu: str) -> Path:
@@ -93,4 +100,5 @@ def save(gpu: str, kernel: str, winners: dict[tuple, tuple[Any, float]], drop: t
         part.write_text(json.dumps(data, indent=1) + "\n")
         os.replace(part, path)
     _LOADED.clear()  # read again on next use
+    _SAVES[0] += 1
     return path

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 from bench.models import ModelBundle, find_blocks  # noqa: E402
 from qkernels.qlinear import QuantLinear, lowbit_matmul_op, pack_int_weight, quantize_linear_layers, restore_linear_layers  # noqa: E402
-from qkernels.pack import dequantize_packed  # noqa: E402
+from qkernels.pack import PackedWeight, dequantize_packed  # noqa: E402
 from methods.common.formats import FormatError, IntFormat  # noqa: E402
 
 
@@ -130,3 +130,19 @@ def test_compiled_layers_run_the_kernels_as_eagerly_on_the_gpu(rows: int) -> Non
         torch._dynamo.reset()
         compiled = torch.compile(block, fullgraph=True)(x)
     assert torch.allclose(compiled.float(), eager.float(), atol=2e-2, rtol=1e-2)
+
+
+def test_launch_plans_are_built_once_per_weight_and_dropped_when_the_buffers_move() -> None:
+    q = QuantLinear.from_linear(nn.Linear(64, 16, bias=False), IntFormat(bits=2, group_size=32))
+    builds = []
+    build = lambda: builds.append(1) or len(builds)  # noqa: E731
+    assert q.packed.memo("plan", build) == 1 and q.packed.memo("plan", build) == 1  # a new PackedWeight each forward, one plan
+    assert q.packed.memo("other", build) == 2
+    pw = q.packed
+    moved = PackedWeight(**{**pw.__dict__, "words": pw.words.clone()})  # other tensors, the same plans dict
+    assert moved.memo("plan", build) == 3 and pw.memo("plan", build) == 1
+    q.to(torch.float64)  # buffers replaced: plans dropped
+    assert q.plans == {} and q.packed.memo("plan", build) == 4
+    x = torch.randn(3, 64)
+    q.float()(x)
+    assert any(key[0][0] == "path" for key in q.plans)  # lowbit_matmul kept the path it picked
