@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.kernel_latency import LOWBIT_KINDS, random_packed
-from bench.timing import gpu_name
+from bench.timing import capture, gpu_name
 from qkernels.qlinear import QuantLinear
 
 
@@ -159,19 +159,6 @@ def tokens_per_s(run_tokens: Callable[[int], None], tokens: int) -> float:
     run_tokens(tokens)
     torch.cuda.synchronize()
     return tokens / (time.perf_counter() - start)
-
-
-def capture(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
-    """``step`` as a CUDA graph (run once on a side stream first, as capture needs)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
 
 
 def compare_steps(model: Decoder, step: Callable[[], None], other: Callable[[], None], tokens: int) -> tuple[float, int]:

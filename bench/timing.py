@@ -39,23 +39,27 @@ def steady_us(calls: list[Callable[[], Any]], min_ms: float = 10.0, samples: int
     return steady_interleaved({"calls": calls}, rounds=samples, min_ms=min_ms)["calls"]
 
 
+def capture(fn: Callable[[], Any]) -> torch.cuda.CUDAGraph:
+    """``fn`` as a CUDA graph, run once on a side stream first (as capture needs: lazy allocations and compiles
+    happen outside it)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def steady_interleaved(calls: dict[Any, list[Callable[[], Any]]], rounds: int = 7, min_ms: float = 5.0) -> dict[Any, float]:
     """Median time per call (us) of each entry's CUDA graph (its calls in order, captured after one pass
     outside the capture), the graphs replayed in turn, ``rounds`` times, each long enough to take ``min_ms``:
     side-by-side ratios that clock and power drift over a run cannot bias (a compute-bound kernel timed
     right after another one can read 5-10% slow on an H200)."""
-    graphs, replays = {}, {}
-    for name, group in calls.items():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for call in group:
-                call()
-        torch.cuda.current_stream().wait_stream(side)
-        graphs[name] = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graphs[name]):
-            for call in group:
-                call()
+    replays = {}
+    graphs = {name: capture(lambda group=group: [call() for call in group]) for name, group in calls.items()}
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for name, graph in graphs.items():
         graph.replay()

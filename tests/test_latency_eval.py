@@ -78,14 +78,56 @@ def test_latency_measurement_flow_with_stubbed_gpu_timers(tmp_path: Path, monkey
     for name in ("synchronize", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, lambda *a: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 1e9)
+    monkeypatch.setattr(latency, "compiled_decode_tokens_per_s", lambda model, prompt, tokens: 5.0)
     bundle = cpu_bundle
     evaluator = composed_latency()
     evaluator.decode_tokens = 2
     result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k"))
     assert result.metrics["latency/layers_steady_speedup/b16"] == 1.0
     assert result.metrics["latency/decode_peak_memory_gb"] == 1.0
+    assert result.metrics["latency/decode_compiled_tokens_per_s"] == result.metrics["latency/decode_compiled_tokens_per_s_unquantized"] == 5.0
+    assert result.metrics["latency/decode_tokens_per_s"] > 0 and result.protocol["latency"]["decode"]["loops"] == ["eager", "compiled"]
+
+    def cannot_compile(model, prompt, tokens):
+        raise RuntimeError("Unsupported: a graph break\nmore detail")
+
+    monkeypatch.setattr(latency, "compiled_decode_tokens_per_s", cannot_compile)
+    decode = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k")).protocol["latency"]["decode"]
+    assert decode["failed_loops"] == {"compiled": "RuntimeError: Unsupported: a graph break"}  # recorded; eager still timed
+    assert decode["tokens_per_s"] > 0 and "compiled_tokens_per_s" not in decode
     assert {row["in"] for row in result.protocol["latency"]["layer_shapes"]} == {256, 512}
     assert not any(type(m).__name__ == "QuantLinear" for m in bundle.model.modules())
+
+
+def test_decode_loops_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"\['graph'\]; choose from \['eager', 'compiled'\]"):
+        Latency(format=IntFormat(bits=4, group_size=128), decode_loops=["eager", "graph"])
+
+
+def test_compiled_step_decodes_as_the_eager_loop_with_quantlinear_layers(cpu_bundle: ModelBundle) -> None:
+    """The compiled loop's step (static KV cache, one graph with the qkernels operator) gives the eager loop's
+    greedy tokens; Inductor is swapped for aot_eager to keep the test short."""
+    from bench.metrics.latency import compiled_step
+    from qkernels.qlinear import quantize_linear_layers, restore_linear_layers
+
+    prompt = torch.randint(0, 512, (1, 6))
+    originals = quantize_linear_layers(cpu_bundle, IntFormat(bits=4, group_size=128))
+    try:
+        with torch.no_grad():
+            out = cpu_bundle.model(prompt, use_cache=True)
+            past, token, eager = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+            for _ in range(4):
+                eager.append(int(token))
+                out = cpu_bundle.model(token, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            step, token, pos = compiled_step(cpu_bundle.model, prompt, 4, backend="aot_eager")
+            compiled = []
+            for _ in range(4):
+                compiled.append(int(token))
+                step()
+    finally:
+        restore_linear_layers(cpu_bundle, originals)
+    assert compiled == eager and int(pos) == 6 + 4
 
 
 @pytest.mark.gpu
@@ -96,7 +138,8 @@ def test_latency_on_gpu_times_layers_and_decode(tmp_path: Path) -> None:
     evaluator.modes, evaluator.decode_tokens = ("steady",), 4
     result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k"))
     assert result.metrics["latency/layers_steady_us/b1"] > 0
-    assert result.metrics["latency/decode_tokens_per_s"] > 0
+    assert result.metrics["latency/decode_tokens_per_s"] > 0 and result.metrics["latency/decode_compiled_tokens_per_s"] > 0
+    assert "failed_loops" not in result.protocol["latency"]["decode"]
     assert result.protocol["latency"]["gpu"] != "none"
     assert not any(type(m).__name__ == "QuantLinear" for m in bundle.model.modules())
 

@@ -3,24 +3,27 @@
 On a CUDA device: each distinct layer shape is packed once from the cell's (already quantized)
 weights and timed on the kernels next to cuBLAS fp16 at the same shape, in the modes of
 :mod:`bench.timing`; then every quantizable layer is swapped for a
-:class:`~qkernels.qlinear.QuantLinear` and a short greedy decode is timed (tokens/s and peak memory),
-and the original layers are put back so later evaluators see the model unchanged. Elsewhere the
+:class:`~qkernels.qlinear.QuantLinear` and a short greedy decode is timed (tokens/s and peak memory)
+in each of ``decode_loops``: ``eager`` (Python between the kernels), ``compiled`` (a static KV cache, the
+step compiled by ``torch.compile`` and replayed as a CUDA graph), and the original layers are put back
+so later evaluators see the model unchanged. Elsewhere the
 result is recorded as skipped, not failed: metrics ``{}`` and ``protocol["latency"]["skipped"]``.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from bench.metrics import EvalContext, EvalResult
 from bench.models import ModelBundle
-from bench.timing import gpu_name, time_side_by_side
+from bench.timing import capture, gpu_name, time_side_by_side
 from methods.common.formats import Format, IntFormat
 
 MAX_KERNEL_BITS = 4
+DECODE_LOOPS = ("eager", "compiled")  # compiled: a static KV cache, the step compiled by torch.compile, replayed as a CUDA graph
 
 
 class Latency:
@@ -31,12 +34,17 @@ class Latency:
         batches: tuple[int, ...] | list[int] = (1, 16),
         decode_tokens: int = 32,
         prompt_tokens: int = 8,
+        decode_loops: tuple[str, ...] | list[str] = ("eager",),
     ) -> None:
         self.format = format
         self.modes = tuple(modes)
         self.batches = tuple(batches)
         self.decode_tokens = decode_tokens
         self.prompt_tokens = prompt_tokens
+        self.decode_loops = tuple(decode_loops)
+        unknown = [loop for loop in self.decode_loops if loop not in DECODE_LOOPS]
+        if unknown or not self.decode_loops:
+            raise ValueError(f"decode_loops={list(self.decode_loops)}: {unknown or 'none given'}; choose from {list(DECODE_LOOPS)}")
 
     def __call__(self, bundle: ModelBundle, ctx: EvalContext) -> EvalResult:
         reason = self.skip_reason(bundle)
@@ -93,21 +101,41 @@ class Latency:
 
     @torch.no_grad()
     def time_decode(self, bundle: ModelBundle) -> dict[str, Any]:
-        """Greedy decode (eager, batch 1) with the model as configured and with QuantLinear layers."""
+        """Greedy decode (batch 1) with the model as configured and with QuantLinear layers, in each of
+        ``decode_loops``: ``tokens_per_s`` and ``tokens_per_s_unquantized`` for the eager loop, the same keys
+        prefixed ``compiled_`` for the compiled one."""
         from qkernels.qlinear import quantize_linear_layers, restore_linear_layers
 
         vocab = int(bundle.model.config.vocab_size)
         prompt = torch.randint(0, vocab, (1, self.prompt_tokens), device=bundle.device)
-        result: dict[str, Any] = {"tokens": self.decode_tokens, "prompt_tokens": self.prompt_tokens, "loop": "eager",
+        result: dict[str, Any] = {"tokens": self.decode_tokens, "prompt_tokens": self.prompt_tokens, "loops": list(self.decode_loops),
                                   "model_dtype": str(next(bundle.model.parameters()).dtype)}
-        result["tokens_per_s_unquantized"] = decode_tokens_per_s(bundle.model, prompt, self.decode_tokens)
+        loops = {"eager": ("", decode_tokens_per_s), "compiled": ("compiled_", compiled_decode_tokens_per_s)}
+        failed: dict[str, str] = {}
+
+        def run(loop: str, suffix: str) -> None:  # a loop that cannot run this model is recorded, the others still run
+            if loop in failed:
+                return
+            prefix, measure = loops[loop]
+            try:
+                result[f"{prefix}tokens_per_s{suffix}"] = measure(bundle.model, prompt, self.decode_tokens)
+            except Exception as err:  # noqa: BLE001 (torch.compile raises many kinds; the message is kept)
+                if loop == "eager":
+                    raise
+                failed[loop] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+        for loop in self.decode_loops:
+            run(loop, "_unquantized")
         originals = quantize_linear_layers(bundle, self.format)
         try:
             torch.cuda.reset_peak_memory_stats(bundle.device)
-            result["tokens_per_s"] = decode_tokens_per_s(bundle.model, prompt, self.decode_tokens)
+            for loop in self.decode_loops:
+                run(loop, "")
             result["peak_memory_gb"] = torch.cuda.max_memory_allocated(bundle.device) / 1e9
         finally:
             restore_linear_layers(bundle, originals)
+        if failed:
+            result["failed_loops"] = failed
         return result
 
 
@@ -125,3 +153,42 @@ def decode_tokens_per_s(model: torch.nn.Module, prompt: torch.Tensor, tokens: in
     torch.cuda.synchronize(prompt.device)
     return tokens / (time.perf_counter() - start)
 
+
+WARM_STEPS = 3  # compiled steps run before capture (the compile, then the allocator and autotuning settle)
+
+
+def compiled_step(model: torch.nn.Module, prompt: torch.Tensor, tokens: int,
+                  backend: str = "inductor") -> tuple[Callable[[], None], torch.Tensor, torch.Tensor]:
+    """The prompt prefilled into a static KV cache (room for ``tokens`` more and the warm-up), and one greedy
+    decode step compiled by ``torch.compile(fullgraph=True)``: it reads ``token`` at ``pos``, writes the argmax
+    back to ``token`` and advances ``pos`` (QuantLinear layers are the ``qkernels::lowbit_matmul`` operator).
+    Dynamo's caches are reset first: every call compiles another model, and a cell would otherwise meet
+    Dynamo's recompile limit after a few cells in one process (then it runs the step uncompiled)."""
+    from transformers import StaticCache
+
+    torch.compiler.reset()
+    length = prompt.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=length + tokens + WARM_STEPS + 2)
+    out = model(prompt, past_key_values=cache, use_cache=True, cache_position=torch.arange(length, device=prompt.device))
+    token, pos = out.logits[:, -1:].argmax(-1), torch.tensor([length], device=prompt.device)
+
+    def step() -> None:
+        token.copy_(model(token, past_key_values=cache, use_cache=True, cache_position=pos).logits[:, -1:].argmax(-1))
+        pos.add_(1)
+
+    return torch.compile(step, fullgraph=True, backend=backend), token, pos
+
+
+def compiled_decode_tokens_per_s(model: torch.nn.Module, prompt: torch.Tensor, tokens: int) -> float:
+    """Tokens per second of :func:`compiled_step` replayed as a CUDA graph (no Python between kernels: what a
+    serving stack would see), after :data:`WARM_STEPS` untimed steps."""
+    step, _, _ = compiled_step(model, prompt, tokens)
+    for _ in range(WARM_STEPS):
+        step()
+    graph = capture(step)
+    torch.cuda.synchronize(prompt.device)
+    start = time.perf_counter()
+    for _ in range(tokens):
+        graph.replay()
+    torch.cuda.synchronize(prompt.device)
+    return tokens / (time.perf_counter() - start)
