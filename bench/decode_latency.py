@@ -222,7 +222,8 @@ def measure(arch: Arch, kind: str, tokens: int, compile: bool = False) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    base = {key: rows[0].get(key) if rows and rows[0]["kind"] == "fp16" else None for key in ("tokens_per_s_graph", "tokens_per_s_compiled")}
+    fp16 = rows[0] if rows and rows[0]["kind"] == "fp16" else {}
+    base = {key: fp16.get(key) for key in ("tokens_per_s_graph", "tokens_per_s_compiled")}
     ratio = lambda r, key: f"{r[key] / base[key]:.2f}" if base[key] and key in r else "-"  # noqa: E731
     compiled = any("tokens_per_s_compiled" in r for r in rows)
     head = "| weights | tokens/s (graph) | ms/token | x fp16 | tokens/s (eager) |"

@@ -344,7 +344,9 @@ def config_for(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
     key = tuned_key(m, pw)
     if key in TUNED:
         return TUNED[key]
-    return pw.memo(("wgmma_config", m, tuned.stamp(pw.words.device)), lambda: tuned.saved("wgmma", GemmWgmmaConfig, pw.words.device).get(key) or default_config(m, pw))
+    device = pw.words.device
+    return pw.memo(("wgmma_config", m, tuned.stamp(device)),
+                   lambda: tuned.saved("wgmma", GemmWgmmaConfig, device).get(key) or default_config(m, pw))
 
 
 def check_config(config: GemmWgmmaConfig) -> None:

@@ -680,7 +680,8 @@ def _launch_plan(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
         if config.route and not routes(pw):
             raise ValueError(f"route=True needs four groups in a chunk half (group_size = {pw.chunk // 8}); got {pw.group_size}")
         sizes = (pw.n, pw.k, n_chunks, pw.group_size, pw.zero_const)
-        return _gemv_tma_kernel, _descriptors(pw, words, scale, zero, config), sizes, dict(STAGES=config.stages, ROUTE=config.route, **consts)
+        consts.update(STAGES=config.stages, ROUTE=config.route)
+        return _gemv_tma_kernel, _descriptors(pw, words, scale, zero, config), sizes, consts
     if config.route:
         raise ValueError("route=True runs on the TMA feed only (stages > 0)")
     sizes = (pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const, words.stride(0))

@@ -39,6 +39,7 @@ STORED_BITS = {"uint1": 1.0, "uint2": 2.0, "uint3": 3.0, "uint4": 4.0, "ternary5
 RUN_CHOICES = {"ternary5": (256, 128, 64, 32, 16)}
 WORD_RUN_CHOICES = (32, 16, 8, 4, 2, 1)
 TERNARY5_POWERS = (1, 3, 9, 27, 81)
+MAX_PLANS = 64  # launch plans a weight keeps (PackedWeight.memo); all dropped when a new one would pass this
 
 
 class PackError(ValueError):
@@ -95,6 +96,8 @@ class PackedWeight:
         a plan holds as a copy in the scales' strides (``lowbit_matmul.kernel_tensors``)."""
         key = (what, self._tensors_key())
         if key not in self.plans:
+            if len(self.plans) >= MAX_PLANS:  # (batch sizes are part of some keys: a long run meets many)
+                self.plans.clear()
             self.plans[key] = build()
         return self.plans[key]
 

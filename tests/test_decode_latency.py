@@ -47,9 +47,11 @@ def test_compare_steps_sees_a_wrong_step() -> None:
 def test_markdown_puts_the_compiled_columns_beside_the_graph_ones() -> None:
     rows = [
         dict(kind="fp16", tokens_per_s_graph=100.0, ms_per_token_graph=10.0, tokens_per_s_eager=50.0, weight_gb=1.0, peak_gb=1.5,
-             tokens_per_s_compiled=200.0, ms_per_token_compiled=5.0, compile_s=30.0, compiled_logits_rel_diff=0.0, compiled_argmax_agree="32/32"),
+             tokens_per_s_compiled=200.0, ms_per_token_compiled=5.0, compile_s=30.0, compiled_logits_rel_diff=0.0,
+             compiled_argmax_agree="32/32"),
         dict(kind="w4g128", tokens_per_s_graph=150.0, ms_per_token_graph=6.67, tokens_per_s_eager=40.0, weight_gb=0.3, peak_gb=0.6,
-             tokens_per_s_compiled=500.0, ms_per_token_compiled=2.0, compile_s=20.0, compiled_logits_rel_diff=1.5e-3, compiled_argmax_agree="31/32"),
+             tokens_per_s_compiled=500.0, ms_per_token_compiled=2.0, compile_s=20.0, compiled_logits_rel_diff=1.5e-3,
+             compiled_argmax_agree="31/32"),
     ]
     lines = markdown(rows).splitlines()
     assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|")

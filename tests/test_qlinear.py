@@ -146,3 +146,13 @@ def test_launch_plans_are_built_once_per_weight_and_dropped_when_the_buffers_mov
     x = torch.randn(3, 64)
     q.float()(x)
     assert any(key[0][0] == "path" for key in q.plans)  # lowbit_matmul kept the path it picked
+
+
+def test_launch_plans_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import qkernels.pack
+
+    monkeypatch.setattr(qkernels.pack, "MAX_PLANS", 4)
+    pw = QuantLinear.from_linear(nn.Linear(64, 16, bias=False), IntFormat(bits=2, group_size=32)).packed
+    for m in range(10):
+        assert pw.memo(("path", m), lambda m=m: m) == m
+    assert 1 <= len(pw.plans) <= 4 and pw.memo(("path", 9), lambda: -1) == 9
