@@ -33,8 +33,8 @@ def copies_for(nbytes: int) -> int:
 def cold_us(fn: Callable[[], Any]) -> float:
     """Median time (us) of ``fn`` after an L2 flush, ``fn`` replayed from a CUDA graph. Launched directly, a call
     whose host-side work outlasts the flush has that work timed as GPU time: cold figures up to session 14 were
-    launched so, and may hold it (session 9, H100: W2 on the pair GEMV 45.7 us cold against 14.3 steady, when a
-    call to the TMA GEMV spent about 300 us on the host, measured in session 15)."""
+    launched so, and may hold it (session 9, H100: W2 on the pair GEMV 45.7 us cold against 14.3 steady; in
+    session 15 a call of the TMA GEMV took about 300 us of host work before launch plans were kept)."""
     from triton.testing import do_bench
 
     graph = capture(fn)
