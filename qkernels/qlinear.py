@@ -9,8 +9,10 @@ machine. :func:`quantize_linear_layers` swaps a model bundle's quantizable layer
 
 Under ``torch.compile`` the matmul is the custom operator ``torch.ops.qkernels.lowbit_matmul`` (the
 packed weight as its tensors and fields), opaque to Dynamo: a model holding QuantLinear layers compiles
-in one graph, Inductor fuses the code around the layers and the kernels run as they do eagerly. Eager
-calls skip the operator's dispatch and call :func:`qkernels.lowbit_matmul.lowbit_matmul` directly.
+in one graph, Inductor fuses the code around the layers and the kernels run as they do eagerly. The
+operator's backward gives the gradient of the activations (the weights stay frozen), so gradients flow
+through QuantLinear layers on every device, e.g. to adapters or earlier layers. Eager calls that need no
+gradient skip the operator's dispatch and call :func:`qkernels.lowbit_matmul.lowbit_matmul` directly.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from qkernels.lowbit_matmul import lowbit_matmul
-from qkernels.pack import PackedWeight, layout_for_bits, pack_weight
+from qkernels.pack import PackedWeight, dequantize_packed, layout_for_bits, pack_weight
 from methods.common.formats import FormatError, IntFormat
 
 if TYPE_CHECKING:
@@ -46,9 +48,27 @@ def _(x, words, high, scale, zero, layout, zero_const, n, k, run, group_size, ze
     return x.new_empty((*x.shape[:-1], n))
 
 
+def _keep_weight(ctx, inputs, output) -> None:
+    x, words, high, scale, zero, *fields, _path = inputs
+    ctx.save_for_backward(words, high, scale, zero)
+    ctx.fields, ctx.x_dtype = fields, x.dtype
+
+
+def _grad_x(ctx, grad):
+    """``dL/dx = dL/dy @ W`` with W dequantized in fp32 (the weights are frozen codes: no gradient of their own)."""
+    words, high, scale, zero = ctx.saved_tensors
+    layout, *rest = ctx.fields
+    weight = dequantize_packed(PackedWeight(layout, words, high, scale, zero, *rest), torch.float32)
+    return (grad.float() @ weight).to(ctx.x_dtype), *[None] * 12
+
+
+lowbit_matmul_op.register_autograd(_grad_x, setup_context=_keep_weight)
+
+
 def packed_matmul(x: torch.Tensor, pw: PackedWeight, path: str = "auto") -> torch.Tensor:
-    """``x @ W^T``: through the custom operator while ``torch.compile`` traces, else directly."""
-    if torch.compiler.is_compiling():
+    """``x @ W^T``: through the custom operator while ``torch.compile`` traces or when ``x`` needs a gradient (the
+    kernels have no backward of their own; the operator's gives ``dL/dx``), else directly."""
+    if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
         return lowbit_matmul_op(x, pw.words, pw.high, pw.scale, pw.zero, pw.layout, float(pw.zero_const), pw.n, pw.k, pw.run,
                                 pw.group_size, float(pw.zero_grid), path)
     return lowbit_matmul(x, pw, path)

@@ -156,3 +156,43 @@ def test_launch_plans_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for m in range(10):
         assert pw.memo(("path", m), lambda m=m: m) == m
     assert 1 <= len(pw.plans) <= 4 and pw.memo(("path", 9), lambda: -1) == 9
+
+
+def test_gradients_flow_through_quant_linear_to_the_activations() -> None:
+    """dL/dx through the operator's backward (the kernels have none): the fake-quant layer's gradient, eagerly,
+    under torch.compile, and in opcheck's autograd checks; no gradient without requires_grad."""
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 24, bias=True)
+    fmt = IntFormat(bits=3, group_size=32, symmetric=False)
+    q = QuantLinear.from_linear(linear, fmt)
+    fake = nn.Linear(96, 24, bias=True)
+    with torch.no_grad():
+        fake.weight.copy_(fmt.fake_quant(linear.weight)), fake.bias.copy_(linear.bias)
+    x = torch.randn(2, 5, 96, requires_grad=True)
+    upstream = torch.randn(2, 5, 24)
+    (fake(x) * upstream).sum().backward()
+    expected, x.grad = x.grad.clone(), None
+    (q(x) * upstream).sum().backward()
+    assert torch.allclose(x.grad, expected, atol=1e-5)
+    x.grad = None
+    torch._dynamo.reset()
+    (torch.compile(q, fullgraph=True, backend="aot_eager")(x) * upstream).sum().backward()
+    assert torch.allclose(x.grad, expected, atol=1e-5)
+    pw = q.packed
+    torch.library.opcheck(lowbit_matmul_op, (x, pw.words, pw.high, pw.scale, pw.zero, pw.layout, float(pw.zero_const), pw.n, pw.k,
+                                             pw.run, pw.group_size, float(pw.zero_grid), "auto"))
+    assert not q(x.detach()).requires_grad and not any(t.requires_grad for t in q.buffers())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the kernels' forward)")
+def test_gradients_flow_through_the_kernels_on_the_gpu() -> None:
+    torch.manual_seed(0)
+    fmt = IntFormat(bits=4, group_size=128)
+    linear = nn.Linear(1024, 512, bias=False).cuda()
+    q = QuantLinear.from_linear(linear, fmt).cuda()
+    weight = fmt.fake_quant(linear.weight.detach().float())
+    for rows in (1, 16):
+        x = torch.randn(rows, 1024, device="cuda", dtype=torch.float16, requires_grad=True)
+        upstream = torch.randn(rows, 512, device="cuda", dtype=torch.float16)
+        (q(x).float() * upstream.float()).sum().backward()
+        assert torch.allclose(x.grad.float(), upstream.float() @ weight, atol=2e-2, rtol=1e-2)
