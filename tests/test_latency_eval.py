@@ -79,6 +79,8 @@ def test_latency_measurement_flow_with_stubbed_gpu_timers(tmp_path: Path, monkey
         monkeypatch.setattr(torch.cuda, name, lambda *a: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 1e9)
     monkeypatch.setattr(latency, "compiled_decode_tokens_per_s", lambda model, prompt, tokens: 5.0)
+    prompts = []
+    monkeypatch.setattr(latency, "prefill_ms", lambda model, prompt: prompts.append(prompt.shape) or 3.0)
     bundle = cpu_bundle
     evaluator = composed_latency()
     evaluator.decode_tokens = 2
@@ -88,6 +90,8 @@ def test_latency_measurement_flow_with_stubbed_gpu_timers(tmp_path: Path, monkey
     metrics = result.metrics
     assert metrics["latency/decode_compiled_tokens_per_s"] == metrics["latency/decode_compiled_tokens_per_s_unquantized"] == 5.0
     assert result.metrics["latency/decode_tokens_per_s"] > 0 and result.protocol["latency"]["decode"]["loops"] == ["eager", "compiled"]
+    assert metrics["latency/prefill_ms"] == metrics["latency/prefill_ms_unquantized"] == 3.0
+    assert prompts == [(1, 256)] * 2 and result.protocol["latency"]["decode"]["prefill_tokens"] == 256  # 512 capped at the positions
 
     def cannot_compile(model, prompt, tokens):
         raise RuntimeError("Unsupported: a graph break\nmore detail")
@@ -140,7 +144,7 @@ def test_latency_on_gpu_times_layers_and_decode(tmp_path: Path) -> None:
     result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k"))
     assert result.metrics["latency/layers_steady_us/b1"] > 0
     assert result.metrics["latency/decode_tokens_per_s"] > 0 and result.metrics["latency/decode_compiled_tokens_per_s"] > 0
-    assert "failed_loops" not in result.protocol["latency"]["decode"]
+    assert "failed_loops" not in result.protocol["latency"]["decode"] and result.metrics["latency/prefill_ms"] > 0
     assert result.protocol["latency"]["gpu"] != "none"
     assert not any(type(m).__name__ == "QuantLinear" for m in bundle.model.modules())
 

@@ -5,13 +5,15 @@ weights and timed on the kernels next to cuBLAS fp16 at the same shape, in the m
 :mod:`bench.timing`; then every quantizable layer is swapped for a
 :class:`~qkernels.qlinear.QuantLinear` and a short greedy decode is timed (tokens/s and peak memory)
 in each of ``decode_loops``: ``eager`` (Python between the kernels), ``compiled`` (a static KV cache, the
-step compiled by ``torch.compile`` and replayed as a CUDA graph), and the original layers are put back
-so later evaluators see the model unchanged. Elsewhere the
+step compiled by ``torch.compile`` and replayed as a CUDA graph), and with ``prefill_tokens`` one forward
+over a prompt that long (time to first token: the GEMM paths); the original layers are put back so later
+evaluators see the model unchanged. Elsewhere the
 result is recorded as skipped, not failed: metrics ``{}`` and ``protocol["latency"]["skipped"]``.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any, Callable
 
@@ -35,6 +37,7 @@ class Latency:
         decode_tokens: int = 32,
         prompt_tokens: int = 8,
         decode_loops: tuple[str, ...] | list[str] = ("eager",),
+        prefill_tokens: int = 0,
     ) -> None:
         self.format = format
         self.modes = tuple(modes)
@@ -42,6 +45,7 @@ class Latency:
         self.decode_tokens = decode_tokens
         self.prompt_tokens = prompt_tokens
         self.decode_loops = tuple(decode_loops)
+        self.prefill_tokens = prefill_tokens
         unknown = [loop for loop in self.decode_loops if loop not in DECODE_LOOPS]
         if unknown or not self.decode_loops:
             raise ValueError(f"decode_loops={list(self.decode_loops)}: {unknown or 'none given'}; choose from {list(DECODE_LOOPS)}")
@@ -57,8 +61,9 @@ class Latency:
             "gpu": gpu_name(), "modes": list(self.modes), "batches": list(self.batches), "format": self.format.describe(),
             "layer_shapes": per_shape, "decode": decode, "baseline": "cuBLAS fp16 at the same shapes, same process",
         }
-        return EvalResult({**layers, **{f"latency/decode_{k}": v for k, v in decode.items() if isinstance(v, float)}},
-                          {"latency": protocol}, time.perf_counter() - start)
+        metrics = {f"latency/{k if k.startswith('prefill_') else 'decode_' + k}": v
+                   for k, v in decode.items() if isinstance(v, float)}
+        return EvalResult({**layers, **metrics}, {"latency": protocol}, time.perf_counter() - start)
 
     def skip_reason(self, bundle: ModelBundle) -> str | None:
         if bundle.device.type != "cuda":
@@ -103,7 +108,8 @@ class Latency:
     def time_decode(self, bundle: ModelBundle) -> dict[str, Any]:
         """Greedy decode (batch 1) with the model as configured and with QuantLinear layers, in each of
         ``decode_loops``: ``tokens_per_s`` and ``tokens_per_s_unquantized`` for the eager loop, the same keys
-        prefixed ``compiled_`` for the compiled one."""
+        prefixed ``compiled_`` for the compiled one; with ``prefill_tokens``, ``prefill_ms`` and
+        ``prefill_ms_unquantized``: one forward over a prompt that long (the GEMM paths)."""
         from qkernels.qlinear import quantize_linear_layers, restore_linear_layers
 
         vocab = int(bundle.model.config.vocab_size)
@@ -124,11 +130,19 @@ class Latency:
                     raise
                 failed[loop] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
+        long_prompt = None
+        if self.prefill_tokens:
+            length = min(self.prefill_tokens, int(getattr(bundle.model.config, "max_position_embeddings", self.prefill_tokens)))
+            long_prompt = torch.randint(0, vocab, (1, length), device=bundle.device)
+            result["prefill_tokens"] = length
+            result["prefill_ms_unquantized"] = prefill_ms(bundle.model, long_prompt)
         for loop in self.decode_loops:
             run(loop, "_unquantized")
         originals = quantize_linear_layers(bundle, self.format)
         try:
             torch.cuda.reset_peak_memory_stats(bundle.device)
+            if long_prompt is not None:
+                result["prefill_ms"] = prefill_ms(bundle.model, long_prompt)
             for loop in self.decode_loops:
                 run(loop, "")
             result["peak_memory_gb"] = torch.cuda.max_memory_allocated(bundle.device) / 1e9
@@ -152,6 +166,23 @@ def decode_tokens_per_s(model: torch.nn.Module, prompt: torch.Tensor, tokens: in
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     torch.cuda.synchronize(prompt.device)
     return tokens / (time.perf_counter() - start)
+
+
+PREFILL_REPS = 5
+
+
+def prefill_ms(model: torch.nn.Module, prompt: torch.Tensor) -> float:
+    """Median milliseconds (CUDA events) of one forward over ``prompt`` without a cache, after one untimed run."""
+    model(prompt, use_cache=False)
+    times = []
+    for _ in range(PREFILL_REPS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model(prompt, use_cache=False)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 WARM_STEPS = 3  # compiled steps run before capture (the compile, then the allocator and autotuning settle)
