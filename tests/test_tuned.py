@@ -12,7 +12,7 @@ import torch
 from qkernels import gemm_wgmma as gw
 from qkernels import gemv_mma as gm
 from qkernels import tuned
-from qkernels.pack import pack_weight
+from qkernels.pack import PackedWeight, pack_weight
 
 GPU = "NVIDIA Test GPU 80GB"
 
@@ -102,3 +102,18 @@ def test_parallel_savers_lose_nothing(store: Path) -> None:
     keys = {tuple(e["key"]) for e in json.loads(tuned.path_for(GPU).read_text())["gemv_mma"]}
     assert keys == {("uint2", True, 128, i, 1024) for i in range(20)}
     assert not list(store.glob("*.part"))
+
+
+def test_the_shipped_h200_table_loads_and_fits_its_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """qkernels/tuned/nvidia_h200.json (measured winners, bench/results/kernel_latency_h200_session14_probes.json):
+    every entry reads as a config, a W4 TMA config whose scale box fits its shape."""
+    monkeypatch.delenv("QKERNELS_TUNED_DIR", raising=False)
+    monkeypatch.setattr(tuned, "gpu_of", lambda device: "NVIDIA H200")
+    table = tuned.saved("gemv_mma", gm.GemvMmaConfig, torch.device("cpu"))
+    assert set(table) == {("uint4", True, 128, 8192, 8192), ("uint4", True, 128, 16384, 16384)}
+    for (layout, _, group, n, k), config in table.items():
+        groups = torch.ones(1, k // group, dtype=torch.float16).expand(n, -1)  # the shapes only (no n x k tensors)
+        words = torch.zeros(1, k // 8, dtype=torch.int32).expand(n, -1)  # 8 codes a word, 32 words a chunk row
+        pw = PackedWeight(layout, words, None, groups, groups, 0.0, n, k, 32, group)
+        assert gm.tuned_key(pw) == (layout, True, group, n, k)
+        assert config.stages == 3 and gm.group_box(pw, config) <= gm.MAX_GROUP_BOX
