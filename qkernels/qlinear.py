@@ -92,6 +92,9 @@ class QuantLinear(nn.Module):
         self.plans = {}
         return super()._apply(fn, recurse)
 
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "plans": {}}  # copies and pickles hold no plans (nor the tensors in them)
+
     @property
     def packed(self) -> PackedWeight:
         return PackedWeight(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -146,6 +147,8 @@ def test_launch_plans_are_built_once_per_weight_and_dropped_when_the_buffers_mov
     x = torch.randn(3, 64)
     q.float()(x)
     assert any(key[0][0] == "path" for key in q.plans)  # lowbit_matmul kept the path it picked
+    copied = copy.deepcopy(q)
+    assert copied.plans == {} and q.plans and torch.equal(copied(x), q(x))
 
 
 def test_launch_plans_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
