@@ -84,9 +84,11 @@ def test_swapped_layer_runs_the_triton_gemv_through_the_interpreter() -> None:
     assert torch.allclose(q(x).float(), ref, atol=2e-2, rtol=1e-2)
 
 
-def test_lowbit_matmul_operator_passes_opcheck() -> None:
+@pytest.mark.parametrize("fmt", [IntFormat(bits=3, group_size=32, symmetric=False), IntFormat(bits=4, group_size="channel", symmetric=True),
+                                 IntFormat(bits=1, group_size=32)], ids=["w3-asym-g32 (high plane)", "w4-sym-channel (no zeros)", "w1-g32"])
+def test_lowbit_matmul_operator_passes_opcheck(fmt: IntFormat) -> None:
     """The custom operator's schema, fake (meta) implementation and dispatch agree with its eager results."""
-    q = QuantLinear.from_linear(nn.Linear(96, 24, bias=False), IntFormat(bits=3, group_size=32, symmetric=False))
+    q = QuantLinear.from_linear(nn.Linear(96, 24, bias=False), fmt)
     pw = q.packed
     for x in (torch.randn(3, 96), torch.randn(2, 5, 96)):
         torch.library.opcheck(lowbit_matmul_op, (x, pw.words, pw.high, pw.scale, pw.zero, pw.layout, float(pw.zero_const), pw.n, pw.k,
