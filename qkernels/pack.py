@@ -191,6 +191,25 @@ def pack_weight(
 ZERO_GRIDS = (1.0, 1 / 16)
 
 
+def concat_packed(weights: list[PackedWeight]) -> PackedWeight:
+    """Weights that read the same input, stacked along N (rows are packed independently): one matmul instead of
+    several, e.g. a block's q, k and v projections. They must share the layout, K, run, group size and zero
+    handling; the scales are stored group-major again."""
+    first = weights[0]
+    fields = lambda pw: (pw.layout, pw.k, pw.run, pw.group_size, pw.zero is None, pw.zero_const, pw.scale.dtype)  # noqa: E731
+    different = [i for i, pw in enumerate(weights) if fields(pw) != fields(first)]
+    if different:
+        raise PackError(f"concat_packed needs the same (layout, k, run, group_size, no zeros, zero_const, scale dtype) for every "
+                        f"weight; weight 0 has {fields(first)}, weight {different[0]} has {fields(weights[different[0]])}")
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+    zero = cat([pw.zero for pw in weights])
+    return PackedWeight(
+        first.layout, cat([pw.words for pw in weights]), cat([pw.high for pw in weights]),
+        group_major(cat([pw.scale for pw in weights])), None if zero is None else group_major(zero), first.zero_const,
+        sum(pw.n for pw in weights), first.k, first.run, first.group_size, min(pw.zero_grid for pw in weights),
+    )
+
+
 def zero_grid(zero: torch.Tensor | None, zero_const: float) -> float:
     """The coarsest grid of :data:`ZERO_GRIDS` that holds every zero point (within +-64), else 0.0.
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from qkernels.lowbit_matmul import lowbit_matmul
-from qkernels.pack import PackedWeight, dequantize_packed, layout_for_bits, pack_weight
+from qkernels.pack import PackedWeight, concat_packed, dequantize_packed, layout_for_bits, pack_weight
 from methods.common.formats import FormatError, IntFormat
 
 if TYPE_CHECKING:
@@ -101,6 +101,15 @@ class QuantLinear(nn.Module):
             self.layout, self.words, self.high, self.scale, self.zero, self.zero_const,
             self.out_features, self.in_features, self.run, self.group_size, self.zero_grid, self.plans,
         )
+
+    @classmethod
+    def concat(cls, layers: list[QuantLinear]) -> QuantLinear:
+        """One layer for several that read the same input (outputs side by side, in order): one kernel launch
+        instead of several (``qkernels.pack.concat_packed``); biases concatenated (zeros where a layer has none)."""
+        biases = [layer.bias for layer in layers]
+        bias = None if all(b is None for b in biases) else torch.cat([
+            b if b is not None else torch.zeros(layer.out_features, device=layer.words.device) for b, layer in zip(biases, layers)])
+        return cls(concat_packed([layer.packed for layer in layers]), bias, layers[0].path)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: IntFormat, path: str = "auto") -> QuantLinear:

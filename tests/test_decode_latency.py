@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import nn
 
-from bench.decode_latency import Arch, Decoder, compare_steps, markdown
+from bench.decode_latency import Arch, Block, Decoder, compare_steps, markdown
 from qkernels.qlinear import QuantLinear
 
 ARCH = Arch(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=100)
@@ -58,3 +60,20 @@ def test_markdown_puts_the_compiled_columns_beside_the_graph_ones() -> None:
     assert "| w4g128 | 150.0 | 6.67 | 1.50 | 40.0 | 500.0 | 2.00 | 2.50 | 20 | 1.5e-03 | 31/32 | 0.30 | 0.60 |" == lines[3]
     plain = markdown([{k: v for k, v in r.items() if "compile" not in k} for r in rows]).splitlines()
     assert plain[3] == "| w4g128 | 150.0 | 6.67 | 1.50 | 40.0 | 0.30 | 0.60 |"
+
+
+@pytest.mark.parametrize("kind", ["fp16", "w4g128", "ternary2"])
+def test_fused_projections_give_the_separate_layers_outputs(kind: str) -> None:
+    torch.manual_seed(0)
+    block = Block(ARCH, kind, max_len=8, device="cpu")
+    x = torch.randn(1, 1, ARCH.hidden, dtype=torch.float16)
+    pos = torch.tensor([0])
+    cos, sin = torch.ones(1, 1, 1, ARCH.head_dim, dtype=torch.float16), torch.zeros(1, 1, 1, ARCH.head_dim, dtype=torch.float16)
+    visible = (torch.arange(8) <= 0).view(1, 1, 1, -1)
+    with torch.no_grad():
+        separate = block(x, pos, cos, sin, visible)
+        cache = block.k_cache.clone()
+        block.fuse_projections()
+        fused = block(x, pos, cos, sin, visible)
+    assert not hasattr(block, "q_proj") and sum(1 for m in block.modules() if isinstance(m, (nn.Linear, QuantLinear))) == 4
+    assert torch.allclose(fused.float(), separate.float(), atol=1e-3) and torch.allclose(block.k_cache, cache, atol=1e-3)

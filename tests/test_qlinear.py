@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 from bench.models import ModelBundle, find_blocks  # noqa: E402
 from qkernels.qlinear import QuantLinear, lowbit_matmul_op, pack_int_weight, quantize_linear_layers, restore_linear_layers  # noqa: E402
-from qkernels.pack import PackedWeight, dequantize_packed  # noqa: E402
+from qkernels.pack import PackError, PackedWeight, dequantize_packed  # noqa: E402
 from methods.common.formats import FormatError, IntFormat  # noqa: E402
 
 
@@ -201,3 +201,16 @@ def test_gradients_flow_through_the_kernels_on_the_gpu() -> None:
         upstream = torch.randn(rows, 512, device="cuda", dtype=torch.float16)
         (q(x).float() * upstream.float()).sum().backward()
         assert torch.allclose(x.grad.float(), upstream.float() @ weight, atol=2e-2, rtol=1e-2)
+
+
+def test_concatenated_layers_give_each_layers_outputs_side_by_side() -> None:
+    torch.manual_seed(0)
+    fmt = IntFormat(bits=3, group_size=32, symmetric=False)
+    layers = [QuantLinear.from_linear(nn.Linear(96, n, bias=bias), fmt) for n, bias in ((24, True), (8, False), (16, True))]
+    fused = QuantLinear.concat(layers)
+    x = torch.randn(5, 96)
+    assert fused.out_features == 48 and fused.packed.scale.stride() == (1, 48)  # scales group-major again
+    assert torch.allclose(fused(x), torch.cat([layer(x) for layer in layers], dim=-1), atol=1e-5)
+    other = QuantLinear.from_linear(nn.Linear(96, 8), IntFormat(bits=2, group_size=32))
+    with pytest.raises(PackError, match="weight 1 has .'uint2'"):
+        QuantLinear.concat([layers[0], other])
