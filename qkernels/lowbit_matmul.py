@@ -132,6 +132,9 @@ GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # best of bench.kernel_lat
     ("uint1", True): GemvConfig(block_n=64, num_warps=4, split_k=2),
 }
 PAIR_LAYOUTS = ("uint1", "uint2", "uint4")  # 16 bits hold a whole number of slots
+# uint3 on the fp16-pair GEMV (both planes, _pair_fma3): right in the interpreter and in an emulation of its PTX,
+# not yet timed on a GPU, so W3 stays on the fp32 GEMV until it is (session 15)
+PAIR_GEMV_UINT3 = False
 GEMV_MMA_RUN = 32  # the tensor-core GEMV's words per row and chunk (qkernels/gemv_mma.py)
 # Batch 1 on the tensor-core GEMV (qkernels/gemv_mma.py) for these (layout, grouped) keys: H100, steady state,
 # seven layer shapes (session 9, bench/results/kernel_latency_h100.md): faster than the fp16-pair GEMV at all
@@ -466,6 +469,50 @@ def pair_constants(slot: int, bits: int, integer_zeros: bool) -> dict[str, int]:
     return dict(p=p, shift=bits * slot - p, mask=(((1 << bits) - 1) << p) * 0x10001, mul=((11 - p) << 10) * 0x10001)
 
 
+def pair3_constants(slot: int) -> dict[str, int]:
+    """The integer constants of ``_pair_fma3``'s asm (the same expressions), for tests that emulate it."""
+    return dict(shift_lo=2 * slot - 4, mask_lo=(3 << 4) * 0x10001, shift_hi=slot - 6, mask_hi=(1 << 6) * 0x10001, mul=(7 << 10) * 0x10001)
+
+
+@triton.jit
+def _spread_high(high):
+    """uint3's high plane (already shifted to the chunk: slot ``s`` at bit ``s``) with slots 8-15 moved up 8
+    bits, so that slot ``s`` and slot ``s + 8`` sit 16 bits apart like the low plane's pairs."""
+    return (high & 0xFF) | ((high & 0xFF00) << 8)
+
+
+@triton.jit
+def _pair_fma3(words, high, x_pair, neg_zero, acc, SLOT: tl.constexpr, FIRST: tl.constexpr, INTERPRET: tl.constexpr):
+    """``_pair_fma`` for uint3 (``P`` = 4): the low plane's two bits of slots ``SLOT`` and ``SLOT + 8`` to bits
+    4-5 of their halves, the spread high plane's bit (:func:`_spread_high`) to bit 6, one ``lop3`` each, so the
+    pair reads ``1024 + 16 * code``; then the same two fmas (``neg_zero`` is the P = 4 pair)."""
+    if INTERPRET:
+        out = tl.zeros_like(acc)
+        for HIGH in tl.static_range(2):
+            code = ((words >> (2 * SLOT + 16 * HIGH)) & 3) | (((high >> (SLOT + 16 * HIGH)) & 1) << 2)
+            total = (code.to(tl.float16) * 0.0625 + _half(neg_zero, HIGH) + 4.0) * _half(x_pair, HIGH) + _half(acc, HIGH)
+            out |= _half_bits(total) << (16 * HIGH)
+        return out
+    SHIFT_LO: tl.constexpr = 2 * SLOT - 4
+    SHIFT_HI: tl.constexpr = SLOT - 6
+    LO_OP: tl.constexpr = "shr.u32" if SHIFT_LO >= 0 else "shl.b32"
+    HI_OP: tl.constexpr = "shr.u32" if SHIFT_HI >= 0 else "shl.b32"
+    ADD_PRODUCT: tl.constexpr = "mul.rn.f16x2 $0, d, $3;" if FIRST else "fma.rn.f16x2 $0, d, $3, $5;"
+    return tl.inline_asm_elementwise(
+        asm=f"""{{
+        .reg .b32 t, u, v, d, m;
+        {LO_OP} t, $1, {SHIFT_LO if SHIFT_LO >= 0 else -SHIFT_LO};
+        lop3.b32 v, t, {(3 << 4) * 0x10001}, 0x64006400, 0xea;
+        {HI_OP} u, $2, {SHIFT_HI if SHIFT_HI >= 0 else -SHIFT_HI};
+        lop3.b32 v, u, {(1 << 6) * 0x10001}, v, 0xea;
+        mov.b32 m, {(7 << 10) * 0x10001};
+        fma.rn.f16x2 d, v, m, $4;
+        {ADD_PRODUCT}
+        }}""",
+        constraints="=r,r,r,r,r,r", args=[words, high, x_pair, neg_zero, acc], dtype=tl.int32, is_pure=True, pack=1,
+    )
+
+
 @triton.jit
 def _x_pair(x_row, k, HALF_RUNS: tl.constexpr, K, EVEN_K: tl.constexpr):
     """Activations ``k`` and ``k + HALF_RUNS`` as fp16 pair bits ``[1, RUN]``."""
@@ -500,6 +547,13 @@ def _pair_words(w_ptr, offs_n, offs_r, mask_n, chunk, stride_wn, RUN: tl.constex
 
 
 @triton.jit
+def _pair_high(hi_ptr, offs_n, offs_r, mask_n, chunk, stride_hn, RUN: tl.constexpr, EVEN_N: tl.constexpr):
+    """uint3's high plane for one low-plane chunk (one high-plane chunk spans two), spread (:func:`_spread_high`)."""
+    high = _pair_words(hi_ptr, offs_n, offs_r, mask_n, chunk // 2, stride_hn, RUN, EVEN_N)
+    return _spread_high(high >> ((chunk % 2) * 16))
+
+
+@triton.jit
 def _quad_groups(scale_ptr, zero_ptr, offs_n, mask_n, chunk, QUAD_INDEX: tl.constexpr, n_groups, stride_sn, stride_sg, group_size, zero_const,
                  HAS_ZERO: tl.constexpr, CHUNK: tl.constexpr, RUN: tl.constexpr, QUAD: tl.constexpr, HALF: tl.constexpr,
                  SLOTS_PER_GROUP: tl.constexpr, GROUPS_IN_CHUNK: tl.constexpr):
@@ -520,9 +574,9 @@ def _quad_groups(scale_ptr, zero_ptr, offs_n, mask_n, chunk, QUAD_INDEX: tl.cons
 
 @triton.jit
 def _gemv_pairs_kernel(
-    x_ptr, w_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
+    x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
     M, N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const,
-    stride_xm, stride_wn, stride_ym,
+    stride_xm, stride_wn, stride_hn, stride_ym,
     BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr, SLOTS_PER_GROUP: tl.constexpr, GROUPS_IN_CHUNK: tl.constexpr,
     HAS_ZERO: tl.constexpr, INTEGER_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr, INTERPRET: tl.constexpr,
@@ -537,7 +591,8 @@ def _gemv_pairs_kernel(
     with its two groups' scales (the 1/16 is undone once, on the row sums at the end). Every load of
     the next step (the chunk's words and activation pairs, the quad's scales and zero points) is
     issued a step ahead: waiting on the activations' loads was the largest stall in an Nsight Compute
-    profile (H100, W4 8192^2, session 7).
+    profile (H100, W4 8192^2, session 7). uint3 (``BITS`` 3) also loads its high plane and builds each pair
+    from both planes (:func:`_pair_fma3`, always ``P`` = 4).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -553,6 +608,9 @@ def _gemv_pairs_kernel(
     acc = tl.zeros((BLOCK_N, RUN), dtype=tl.float32)
     start = tl.minimum(first, n_chunks - 1)
     next_words = _pair_words(w_ptr, offs_n, offs_r, mask_n, start, stride_wn, RUN, EVEN_N)
+    next_high = next_words
+    if BITS == 3:
+        next_high = _pair_high(hi_ptr, offs_n, offs_r, mask_n, start, stride_hn, RUN, EVEN_N)
     next_x = _chunk_x_pairs(x_row, start, offs_r, K, CHUNK, RUN, HALF, EVEN_K)
     next_s_lo, next_s_hi, next_z_lo, next_z_hi = _quad_groups(
         scale_ptr, zero_ptr, offs_n, mask_n, start, 0, n_groups, stride_sn, stride_sg, group_size, zero_const, HAS_ZERO, CHUNK, RUN, QUAD, HALF, SLOTS_PER_GROUP, GROUPS_IN_CHUNK)
@@ -560,6 +618,9 @@ def _gemv_pairs_kernel(
         words = next_words
         following = tl.minimum(chunk + 1, last - 1)
         next_words = _pair_words(w_ptr, offs_n, offs_r, mask_n, following, stride_wn, RUN, EVEN_N)
+        high = next_high
+        if BITS == 3:
+            next_high = _pair_high(hi_ptr, offs_n, offs_r, mask_n, following, stride_hn, RUN, EVEN_N)
         x_pairs = next_x
         next_x = _chunk_x_pairs(x_row, following, offs_r, K, CHUNK, RUN, HALF, EVEN_K)
         for quad in tl.static_range(QUADS):
@@ -583,7 +644,9 @@ def _gemv_pairs_kernel(
             sums = tl.zeros((BLOCK_N, RUN), dtype=tl.int32)  # fp16 pairs: zero bits are +0.0
             for slot in tl.static_range(quad * QUAD, (quad + 1) * QUAD):
                 x_pair = tl.broadcast_to(x_pairs[slot], (BLOCK_N, RUN))
-                if INTEGER_ZEROS and (BITS * slot) % 8 < 4:  # _pair_fma's P is 0
+                if BITS == 3:
+                    sums = _pair_fma3(words, high, x_pair, neg_zero_4, sums, slot, slot == quad * QUAD, INTERPRET)
+                elif INTEGER_ZEROS and (BITS * slot) % 8 < 4:  # _pair_fma's P is 0
                     sums = _pair_fma(words, x_pair, neg_zero_0, sums, slot, BITS, INTEGER_ZEROS, slot == quad * QUAD, INTERPRET)
                 else:
                     sums = _pair_fma(words, x_pair, neg_zero_4, sums, slot, BITS, INTEGER_ZEROS, slot == quad * QUAD, INTERPRET)
@@ -881,10 +944,11 @@ def split_buffers(y: torch.Tensor, grid: tuple[int, int, int], tile_size: int) -
 
 
 def pairs_fit(pw: PackedWeight, dtype: torch.dtype) -> bool:
-    """The fp16-pair GEMV takes fp16 activations, the uint1/2/4 layouts (slot pairs 16 bits apart), fp16
-    scales (it moves them as fp16 pairs) and zero points that fp16 subtracts exactly (``pw.zero_grid``:
-    integers or sixteenths)."""
-    return dtype == torch.float16 and pw.layout in PAIR_LAYOUTS and pw.scale.dtype == torch.float16 and pw.zero_grid > 0
+    """The fp16-pair GEMV takes fp16 activations, the uint1/2/4 layouts (slot pairs 16 bits apart; uint3 too
+    where :data:`PAIR_GEMV_UINT3`), fp16 scales (it moves them as fp16 pairs) and zero points that fp16
+    subtracts exactly (``pw.zero_grid``: integers or sixteenths)."""
+    layouts = PAIR_LAYOUTS + (("uint3",) if PAIR_GEMV_UINT3 else ())
+    return dtype == torch.float16 and pw.layout in layouts and pw.scale.dtype == torch.float16 and pw.zero_grid > 0
 
 
 def _has_gluon() -> bool:
@@ -969,10 +1033,10 @@ def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, ou
     buffers = split_buffers(y, grid, config.block_n)
     shared = dict(BLOCK_N=config.block_n, SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages)
     if pairs:
-        words, _, scale, zero = tensors
+        words, high, scale, zero = tensors
         _gemv_pairs_kernel[grid](
-            x, words, scale, zero, y, *buffers, m, pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const,
-            x.stride(0), words.stride(0), y.stride(0), BITS=consts["BITS"], SLOTS=pw.slots, RUN=pw.run,
+            x, words, high, scale, zero, y, *buffers, m, pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const,
+            x.stride(0), words.stride(0), high.stride(0), y.stride(0), BITS=consts["BITS"], SLOTS=pw.slots, RUN=pw.run,
             SLOTS_PER_GROUP=consts["SLOTS_PER_GROUP"], GROUPS_IN_CHUNK=pw.chunk % pw.group_size == 0, HAS_ZERO=consts["HAS_ZERO"], INTEGER_ZEROS=pw.zero_grid == 1.0, EVEN_K=pw.k % pw.chunk == 0,
             EVEN_N=pw.n % config.block_n == 0,
             INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", **shared,

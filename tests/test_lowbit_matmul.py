@@ -197,6 +197,50 @@ def test_pair_decode_constants_give_code_minus_zero(bits: int, integer_zeros: bo
         assert np.array_equal(high.astype(np.float64), (code(slot + half_slots) - zero) / 16), slot
 
 
+@pytest.mark.parametrize("integer_zeros", [True, False])
+def test_uint3_pair_decode_constants_give_code_minus_zero(integer_zeros: bool) -> None:
+    """``_pair_fma3``'s PTX emulated on random words: the low plane shifted and masked (lop3 0xEA), the spread high
+    plane shifted and or-ed in by a second lop3, then the fma by ``2**-8`` plus the P = 4 neg-zero pair: every slot
+    pair gives ``(code - zero) / 16`` for slots ``s`` and ``s + 8``, exactly."""
+    rng = np.random.default_rng(3)
+    words = rng.integers(0, 2**32, size=4096, dtype=np.uint64)
+    raw_high = rng.integers(0, 2**32, size=4096, dtype=np.uint64)
+    for odd in (0, 1):  # which half of the high-plane word this chunk reads
+        chunk_high = raw_high >> np.uint64(16 * odd)  # (the kernel's arithmetic shift smears sign bits above bit 15: masked)
+        spread = (chunk_high & np.uint64(0xFF)) | ((chunk_high & np.uint64(0xFF00)) << np.uint64(8))
+        zero = rng.integers(0, 8, size=4096) + (0 if integer_zeros else rng.integers(0, 16, size=4096) / 16)
+        neg_zero = (-4.0 - zero / 16).astype(np.float16).astype(np.float64)
+        for slot in range(8):
+            c = lm.pair3_constants(slot)
+            shifted = lambda w, by: w >> np.uint64(by) if by >= 0 else (w << np.uint64(-by)) & np.uint64(0xFFFFFFFF)  # noqa: E731
+            v = (shifted(words, c["shift_lo"]) & np.uint64(c["mask_lo"])) | np.uint64(0x64006400)
+            v = (shifted(spread, c["shift_hi"]) & np.uint64(c["mask_hi"])) | v
+            mul = np.array(c["mul"] & 0xFFFF, dtype=np.uint16).view(np.float16).astype(np.float64)
+            for half, s in ((0, slot), (1, slot + 8)):
+                value = np.array((v >> np.uint64(16 * half)) & np.uint64(0xFFFF), dtype=np.uint16).view(np.float16).astype(np.float64)
+                code = ((words >> np.uint64(2 * s)) & np.uint64(3)) | (((chunk_high >> np.uint64(s)) & np.uint64(1)) << np.uint64(2))
+                assert np.array_equal((value * mul + neg_zero).astype(np.float16).astype(np.float64), (code - zero) / 16), (odd, slot, half)
+
+
+@pytest.mark.parametrize("asym", [True, False])
+def test_gemv_pairs_takes_uint3_on_both_planes(asym: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With :data:`PAIR_GEMV_UINT3` the fp16-pair GEMV runs uint3 (low and high plane, the high plane's even and odd
+    chunks, a ragged K and N, split-K), with integer zero points or the symmetric 3.5 on the 1/16 grid."""
+    monkeypatch.setattr(lm, "PAIR_GEMV_UINT3", True)
+    n, k, group = 70, 1024 + 128, 128  # 2.25 chunks of 512 codes: the high plane's second half is read, the last chunk is partial
+    codes = torch.randint(0, 8, (n, k))
+    scale = (torch.rand(n, k // group) * 0.004 + 0.001).half()
+    zero = torch.randint(0, 8, scale.shape).half() if asym else None
+    pw = pack_weight(codes, scale, zero, "uint3", group, zero_const=3.5, run=32).to(DEVICE)
+    assert lm.pairs_fit(pw, torch.float16) and pw.run == 32 and pw.k_pad == 2048
+    x = torch.randn(3, k, dtype=torch.float16, device=DEVICE) * 100
+    ref = lm.reference_matmul(x, pw)
+    for config in [lm.GemvConfig(block_n=32, split_k=1), lm.GemvConfig(block_n=16, split_k=3)]:
+        assert rel_err(lm.gemv(x, pw, config, out=poisoned((3, n), x.dtype)), ref) < 2e-3, config
+    monkeypatch.setattr(lm, "PAIR_GEMV_UINT3", False)
+    assert not lm.pairs_fit(pw, torch.float16)  # off until timed: the fp32 GEMV
+
+
 def test_zero_grid_says_which_zero_points_fp16_subtracts_exactly() -> None:
     codes, scale = torch.randint(0, 16, (4, 128)), torch.rand(4, 1).half() + 0.5
     assert pack_weight(codes, scale, torch.tensor([[3.0], [0.0], [15.0], [7.0]]), "uint4", None).zero_grid == 1.0
