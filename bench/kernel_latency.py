@@ -101,7 +101,7 @@ def lowbit_calls(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = Non
     out = torch.empty(x.shape[0], pw.n, device=x.device, dtype=x.dtype)
 
     def call(p: PackedWeight) -> Callable[[], Any]:
-        if path in ("gemv", "gemv_mma", "mma", "gemm", "wgmma"):
+        if path in ("gemv", "gemv_fp32", "gemv_mma", "mma", "gemm", "wgmma"):
             return lambda: lm.PATHS[path](x, p, config, out=out)
         return lambda: lm.lowbit_matmul(x, p, path)
 
@@ -130,12 +130,13 @@ def block_error(x: torch.Tensor, bw: BlockWeight, dequantized: torch.Tensor) -> 
 
 def paths_for(m: int, pw: PackedWeight) -> list[str]:
     """The path the dispatcher picks; beside it, at batch 1, the other kernels that fit (fp16-pair or fp32
-    GEMV, tensor-core GEMV, MMA); above it the MMA kernel (to ``MMA_MAX_M`` rows) and the wgmma GEMM
-    where they fit, and from batch 256 on the dequant + cuBLAS fallback."""
+    GEMV, the fp32 one too where the pair one fits, tensor-core GEMV, MMA); above it the MMA kernel (to
+    ``MMA_MAX_M`` rows) and the wgmma GEMM where they fit, and from batch 256 on the dequant + cuBLAS fallback."""
     cuda = torch.device("cuda")
     auto = lm.pick_path(m, pw, cuda)
     if m == 1:
-        fits = {"gemv": True, "gemv_mma": lm.gemv_mma_fits(pw, torch.float16), "mma": lm.mma_fits(pw, torch.float16)}
+        fits = {"gemv": True, "gemv_fp32": lm.pairs_fit(pw, torch.float16), "gemv_mma": lm.gemv_mma_fits(pw, torch.float16),
+                "mma": lm.mma_fits(pw, torch.float16)}
     else:
         fits = {"mma": m <= lm.MMA_MAX_M and lm.mma_fits(pw, torch.float16),
                 "wgmma": lm.is_hopper(cuda) and lm.wgmma_fits(pw, torch.float16), "dequant": m >= 256}
@@ -440,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(qkernels/tuned/, or $QKERNELS_TUNED_DIR), used by every later run on this GPU model")
     parser.add_argument("--tune-paths", default=",".join(TUNE_PATHS), help=f"comma list of the kernels that --tune searches, of {','.join(TUNE_PATHS)}")
     parser.add_argument("--kernels", default=",".join(LOWBIT_KINDS), help=f"comma list of low-bit kinds; block formats: {','.join(BLOCK_KINDS)}")
+    parser.add_argument("--pair-uint3", action="store_true",
+                        help="W3 on the fp16-pair GEMV (qkernels.lowbit_matmul.PAIR_GEMV_UINT3), beside the fp32 one at batch 1")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--shapes", default=None, help="comma list of INxOUT, e.g. 8192x8192")
     parser.add_argument("--batches", default=None, help="comma list of batch sizes")
@@ -454,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to time", file=sys.stderr)
         return 1
+    lm.PAIR_GEMV_UINT3 = lm.PAIR_GEMV_UINT3 or args.pair_uint3
     kinds = [k for k in args.kernels.split(",") if k]
     unknown = [k for k in kinds if k not in LOWBIT_KINDS and k not in BLOCK_KINDS]
     if unknown:

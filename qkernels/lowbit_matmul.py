@@ -1017,14 +1017,18 @@ def wgmma(x: torch.Tensor, pw: PackedWeight, config=None, out: torch.Tensor | No
     return run(x, pw, config, out)
 
 
-def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, out: torch.Tensor | None = None,
+         pairs: bool | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T`` for small M (at most :data:`GEMV_MAX_M` rows), into ``out`` if given: the
-    fp16-pair kernel where it fits (:func:`pairs_fit`), else the fp32 one."""
+    fp16-pair kernel where it fits (:func:`pairs_fit`), else (or with ``pairs=False``) the fp32 one."""
     check_inputs(x, pw)
     m = x.shape[0]
     if m > GEMV_MAX_M:
         raise ValueError(f"gemv takes at most {GEMV_MAX_M} rows, got {m}; use gemm")
-    pairs = pairs_fit(pw, x.dtype)
+    fits = pairs_fit(pw, x.dtype)
+    if pairs and not fits:
+        raise ValueError(f"pairs=True: the fp16-pair GEMV does not fit {pw.layout} weights here (see pairs_fit)")
+    pairs = fits if pairs is None else pairs
     config = config or (GEMV_PAIR_CONFIGS if pairs else GEMV_CONFIGS).get(gemv_key(pw), GemvConfig())
     y = output(out, (m, pw.n), x)
     tensors, consts = _kernel_args(pw)
@@ -1185,7 +1189,8 @@ def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype
     return "dequant"
 
 
-PATHS = {"gemv": gemv, "gemv_mma": gemv_mma, "mma": mma, "gemm": gemm, "wgmma": wgmma, "dequant": dequant_matmul, "torch": reference_matmul}
+PATHS = {"gemv": gemv, "gemv_fp32": functools.partial(gemv, pairs=False), "gemv_mma": gemv_mma, "mma": mma, "gemm": gemm, "wgmma": wgmma,
+         "dequant": dequant_matmul, "torch": reference_matmul}
 
 
 def lowbit_matmul(x: torch.Tensor, pw: PackedWeight, path: str = "auto") -> torch.Tensor:

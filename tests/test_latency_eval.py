@@ -217,3 +217,18 @@ def test_save_tuned_needs_a_tuner(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         main(["--save-tuned"])
     assert "--save-tuned saves what --tune-gemv-mma or --tune-wgmma finds" in capsys.readouterr().err
+
+
+def test_kernel_table_times_the_fp32_gemv_beside_the_pair_one_at_batch_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.kernel_latency import paths_for
+    from qkernels import lowbit_matmul as lm
+    from qkernels.pack import pack_weight
+
+    def packed(layout: str, top: int):
+        return pack_weight(torch.randint(0, top + 1, (64, 1024)), torch.rand(64, 8).half(), torch.randint(0, top + 1, (64, 8)).half(),
+                           layout, 128)
+
+    assert "gemv_fp32" in paths_for(1, packed("uint2", 3)) and "gemv_fp32" not in paths_for(16, packed("uint2", 3))
+    assert "gemv_fp32" not in paths_for(1, packed("uint3", 7))  # uint3 is on the fp32 GEMV already
+    monkeypatch.setattr(lm, "PAIR_GEMV_UINT3", True)  # what --pair-uint3 sets
+    assert paths_for(1, packed("uint3", 7))[:2] == ["gemv", "gemv_fp32"]

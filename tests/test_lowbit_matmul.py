@@ -454,3 +454,20 @@ def test_kernels_on_gpu_at_layer_size(layout: str, dtype: torch.dtype) -> None:
             out = lm.PATHS[path](x, pw, out=poisoned((m, pw.n), dtype))
             assert rel_err(out, ref) < tol, (path, m)
     assert rel_err(lm.dequant_matmul(x, pw), ref) < tol
+
+
+def test_gemv_fp32_path_runs_the_fp32_gemv_where_the_pair_one_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``gemv_fp32`` (the kernel table's comparison path) forces the fp32 GEMV: the pair kernel is never called."""
+    pw, _ = random_weight("uint2", 40, 256, 64, asym=True)
+    assert lm.pairs_fit(pw, torch.float16)
+    x = torch.randn(2, 256, dtype=torch.float16, device=DEVICE)
+
+    def no_pairs(*args, **kwargs):
+        raise AssertionError("the pair GEMV ran")
+
+    monkeypatch.setattr(lm._gemv_pairs_kernel, "run", no_pairs)
+    assert rel_err(lm.lowbit_matmul(x, pw, "gemv_fp32"), lm.reference_matmul(x, pw)) < 2e-3
+    with pytest.raises(AssertionError, match="the pair GEMV ran"):
+        lm.lowbit_matmul(x, pw, "gemv")
+    with pytest.raises(ValueError, match="pairs=True"):
+        lm.gemv(x, random_weight("uint3", 40, 256, 64, asym=True)[0], pairs=True)
