@@ -346,7 +346,7 @@ def config_for(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
         return TUNED[key]
     device = pw.words.device
     return pw.memo(("wgmma_config", m, tuned.stamp(device)),
-                   lambda: tuned.saved("wgmma", GemmWgmmaConfig, device).get(key) or default_config(m, pw))
+                   lambda: tuned.saved("wgmma", GemmWgmmaConfig, device).get(key) or default_config(m, pw), shared=True)
 
 
 def check_config(config: GemmWgmmaConfig) -> None:

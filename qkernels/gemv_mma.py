@@ -630,7 +630,7 @@ def config_for(pw: PackedWeight) -> GemvMmaConfig:
     key = tuned_key(pw)
     if key in TUNED:
         return TUNED[key]
-    return pw.memo(("gemv_mma_config", tuned.stamp(pw.words.device)), lambda: _saved_or_rule(pw, key))
+    return pw.memo(("gemv_mma_config", tuned.stamp(pw.words.device)), lambda: _saved_or_rule(pw, key), shared=True)
 
 
 def _saved_or_rule(pw: PackedWeight, key: tuple) -> GemvMmaConfig:
@@ -646,7 +646,8 @@ def gemv_mma(x: torch.Tensor, pw: PackedWeight, config: GemvMmaConfig | None = N
         raise ValueError(f"gemv_mma takes fp16 activations and layouts {lm.PAIR_LAYOUTS} with run {lm.GEMV_MMA_RUN}; "
                          f"got {x.dtype}, {pw.layout}, run {pw.run}")
     config = config or config_for(pw)
-    kernel, weights, sizes, consts = pw.memo(("gemv_mma", config), lambda: _launch_plan(pw, config))
+    kernel, sizes, consts = pw.memo(("gemv_mma", config), lambda: _launch_spec(pw, config), shared=True)
+    weights = pw.memo(("gemv_mma_weights", config), lambda: _weight_args(pw, config))
     lm.check_inputs(x, pw)
     m = x.shape[0]
     if m > lm.GEMV_MAX_M:
@@ -658,10 +659,15 @@ def gemv_mma(x: torch.Tensor, pw: PackedWeight, config: GemvMmaConfig | None = N
     return y
 
 
-def _launch_plan(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
-    """What a launch with ``config`` takes besides the activations and outputs, checked once per weight
-    (:meth:`PackedWeight.memo`): the kernel, its weight arguments (TMA descriptors, or the tensors), sizes
-    and compile-time constants."""
+def _weight_args(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
+    """The kernel's weight arguments: TMA descriptors, or the tensors (kept per weight: they hold its tensors)."""
+    words, _, scale, zero = lm.kernel_tensors(pw)
+    return _descriptors(pw, words, scale, zero, config) if config.stages else (words, scale, zero)
+
+
+def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
+    """What a launch with ``config`` takes besides the tensors, checked once per weight shape and address
+    (:meth:`PackedWeight.memo`, shared: it holds no tensor): the kernel, sizes and compile-time constants."""
     if config.block_n % (16 * config.num_warps):
         raise ValueError(f"block_n must be a multiple of 16 * num_warps = {16 * config.num_warps}, got {config.block_n}")
     words, _, scale, zero = lm.kernel_tensors(pw)
@@ -681,11 +687,11 @@ def _launch_plan(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
             raise ValueError(f"route=True needs four groups in a chunk half (group_size = {pw.chunk // 8}); got {pw.group_size}")
         sizes = (pw.n, pw.k, n_chunks, pw.group_size, pw.zero_const)
         consts.update(STAGES=config.stages, ROUTE=config.route)
-        return _gemv_tma_kernel, _descriptors(pw, words, scale, zero, config), sizes, consts
+        return _gemv_tma_kernel, sizes, consts
     if config.route:
         raise ValueError("route=True runs on the TMA feed only (stages > 0)")
     sizes = (pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const, words.stride(0))
-    return _gemv_mma_kernel, (words, scale, zero), sizes, consts
+    return _gemv_mma_kernel, sizes, consts
 
 
 MAX_GROUP_BOX = 64  # groups a split of the TMA GEMV reads (its box of scales: 64 x BLOCK_N fp16 = 16 KiB at 128 rows)

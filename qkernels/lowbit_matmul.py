@@ -1201,7 +1201,7 @@ def lowbit_matmul(x: torch.Tensor, pw: PackedWeight, path: str = "auto") -> torc
         x2 = x2.contiguous()
     if path == "auto":
         m = x2.shape[0]
-        path = pw.memo(("path", m, x.device, x.dtype), lambda: pick_path(m, pw, x.device, x.dtype))
+        path = pw.memo(("path", m, x.device, x.dtype), lambda: pick_path(m, pw, x.device, x.dtype), shared=True)
     if path not in PATHS:
         raise ValueError(f"path={path!r} is not valid; choose 'auto' or one of {sorted(PATHS)}")
     return PATHS[path](x2, pw).reshape(*lead, pw.n)

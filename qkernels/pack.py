@@ -25,6 +25,7 @@ so padded codes never contribute.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -40,6 +41,14 @@ RUN_CHOICES = {"ternary5": (256, 128, 64, 32, 16)}
 WORD_RUN_CHOICES = (32, 16, 8, 4, 2, 1)
 TERNARY5_POWERS = (1, 3, 9, 27, 81)
 MAX_PLANS = 64  # launch plans a weight keeps (PackedWeight.memo); all dropped when a new one would pass this
+MAX_SHARED_PLANS = 4096  # plans that hold no tensor, kept across PackedWeights (least recently used dropped first)
+_SHARED_PLANS: OrderedDict = OrderedDict()
+
+
+def clear_shared_plans() -> None:
+    """Forget the shared plans (``PackedWeight.memo(shared=True)``): after changing a dispatch rule in a running
+    process (tests that patch one), weights at the addresses of earlier ones must not get the old rule's answer."""
+    _SHARED_PLANS.clear()
 
 
 class PackError(ValueError):
@@ -87,19 +96,33 @@ class PackedWeight:
     def n_groups(self) -> int:
         return self.scale.shape[1]
 
-    def memo(self, what: Any, build: Callable[[], Any]) -> Any:
+    def memo(self, what: Any, build: Callable[[], Any], shared: bool = False) -> Any:
         """``build()`` once for these tensors (addresses, shapes, strides, dtypes) and fields, then from ``plans``: the
         Python work of a launch (config rules, alignment checks, TMA descriptors) is done once per weight, not per
         call. An entry is a function of its key, or holds the tensors it was built from (TMA descriptors do): while it
         lives their memory is never handed to other tensors, so another weight never matches its key. Values rewritten
         in place are seen (plans hold tensors, not values), except zero points in other strides than the scales, which
-        a plan holds as a copy in the scales' strides (``lowbit_matmul.kernel_tensors``)."""
+        a plan holds as a copy in the scales' strides (``lowbit_matmul.kernel_tensors``).
+
+        ``shared``: the value holds no tensor (a function of the key alone), so it is also kept across PackedWeights,
+        in a table of at most :data:`MAX_SHARED_PLANS`: the custom operator (``qkernels.qlinear``) builds a new
+        PackedWeight, with empty ``plans``, every call."""
         key = (what, self._tensors_key())
-        if key not in self.plans:
-            if len(self.plans) >= MAX_PLANS:  # (batch sizes are part of some keys: a long run meets many)
-                self.plans.clear()
-            self.plans[key] = build()
-        return self.plans[key]
+        if key in self.plans:
+            return self.plans[key]
+        if shared and key in _SHARED_PLANS:
+            _SHARED_PLANS.move_to_end(key)
+            value = _SHARED_PLANS[key]
+        else:
+            value = build()
+            if shared:
+                _SHARED_PLANS[key] = value
+                while len(_SHARED_PLANS) > MAX_SHARED_PLANS:
+                    _SHARED_PLANS.popitem(last=False)
+        if len(self.plans) >= MAX_PLANS:  # (batch sizes are part of some keys: a long run meets many)
+            self.plans.clear()
+        self.plans[key] = value
+        return value
 
     def _tensors_key(self) -> tuple:
         spec = lambda t: None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)  # noqa: E731

@@ -33,6 +33,16 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.fixture(autouse=True)
+def fresh_shared_plans():
+    """Tests patch dispatch rules: no test sees launch plans that another one's rules made."""
+    from qkernels.pack import clear_shared_plans
+
+    clear_shared_plans()
+    yield
+    clear_shared_plans()
+
+
 @pytest.fixture
 def store_path(tmp_path: Path) -> Path:
     return tmp_path / "results.sqlite"

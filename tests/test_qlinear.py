@@ -214,3 +214,18 @@ def test_concatenated_layers_give_each_layers_outputs_side_by_side() -> None:
     other = QuantLinear.from_linear(nn.Linear(96, 8), IntFormat(bits=2, group_size=32))
     with pytest.raises(PackError, match="weight 1 has .'uint2'"):
         QuantLinear.concat([layers[0], other])
+
+
+def test_shared_plans_serve_the_operators_fresh_packed_weights() -> None:
+    """The custom operator builds a new PackedWeight every call: plans that hold no tensor come from the shared
+    table (built once per weight), the per-weight ones are built again."""
+    q = QuantLinear.from_linear(nn.Linear(64, 16, bias=False), IntFormat(bits=2, group_size=32))
+    builds = []
+    for _ in range(3):
+        pw = PackedWeight(**{**q.packed.__dict__, "plans": {}})  # as lowbit_matmul_op makes it
+        pw.memo("spec", lambda: builds.append("spec"), shared=True)
+        pw.memo("descriptors", lambda: builds.append("descriptors"))
+    assert builds == ["spec", "descriptors", "descriptors", "descriptors"]
+    other = QuantLinear.from_linear(nn.Linear(64, 16, bias=False), IntFormat(bits=2, group_size=32)).packed
+    other.memo("spec", lambda: builds.append("other spec"), shared=True)  # other tensors: built for them
+    assert builds[-1] == "other spec"
