@@ -276,12 +276,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
+    unknown = [k for k in kinds if k != "fp16" and k not in LOWBIT_KINDS]
+    if unknown or not kinds:
+        parser.error(f"--kinds {unknown or 'none given'}; choose from {['fp16', *LOWBIT_KINDS]}")
+    if args.tokens < 1:
+        parser.error(f"--tokens {args.tokens}; give at least 1")
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to time", file=sys.stderr)
         return 1
     torch.manual_seed(0)
     arch = ARCHS[args.arch]
-    rows = [measure(arch, kind, args.tokens, args.compile, args.fuse) for kind in args.kinds.split(",")]
+    rows = [measure(arch, kind, args.tokens, args.compile, args.fuse) for kind in kinds]
     header = (f"GPU: {gpu_name()} | {args.arch} {asdict(arch)} | batch 1, {args.tokens} tokens after a 1-token prompt"
               + (" | q/k/v and gate/up fused" if args.fuse else ""))
     table = header + "\n\n" + markdown(rows)

@@ -77,3 +77,15 @@ def test_fused_projections_give_the_separate_layers_outputs(kind: str) -> None:
         fused = block(x, pos, cos, sin, visible)
     assert not hasattr(block, "q_proj") and sum(1 for m in block.modules() if isinstance(m, (nn.Linear, QuantLinear))) == 4
     assert torch.allclose(fused.float(), separate.float(), atol=1e-3) and torch.allclose(block.k_cache, cache, atol=1e-3)
+
+
+def test_bad_kinds_and_token_counts_are_named_with_the_choices(capsys: pytest.CaptureFixture) -> None:
+    from bench.decode_latency import main
+
+    with pytest.raises(SystemExit):
+        main(["--kinds", "fp16,w5g128"])
+    err = capsys.readouterr().err
+    assert "['w5g128']" in err and "'w4g128'" in err and "'fp16'" in err
+    with pytest.raises(SystemExit):
+        main(["--tokens", "0"])
+    assert "--tokens 0" in capsys.readouterr().err

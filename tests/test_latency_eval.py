@@ -104,9 +104,11 @@ def test_latency_measurement_flow_with_stubbed_gpu_timers(tmp_path: Path, monkey
     assert not any(type(m).__name__ == "QuantLinear" for m in bundle.model.modules())
 
 
-def test_decode_loops_are_checked() -> None:
+def test_decode_loops_and_token_counts_are_checked() -> None:
     with pytest.raises(ValueError, match=r"\['graph'\]; choose from \['eager', 'compiled'\]"):
         Latency(format=IntFormat(bits=4, group_size=128), decode_loops=["eager", "graph"])
+    with pytest.raises(ValueError, match=r"\{'prefill_tokens': -1\}"):
+        Latency(format=IntFormat(bits=4, group_size=128), prefill_tokens=-1)
 
 
 def test_compiled_step_decodes_as_the_eager_loop_with_quantlinear_layers(cpu_bundle: ModelBundle) -> None:

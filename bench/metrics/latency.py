@@ -49,6 +49,10 @@ class Latency:
         unknown = [loop for loop in self.decode_loops if loop not in DECODE_LOOPS]
         if unknown or not self.decode_loops:
             raise ValueError(f"decode_loops={list(self.decode_loops)}: {unknown or 'none given'}; choose from {list(DECODE_LOOPS)}")
+        counts = {"decode_tokens": (decode_tokens, 1), "prompt_tokens": (prompt_tokens, 1), "prefill_tokens": (prefill_tokens, 0)}
+        bad = {name: value for name, (value, least) in counts.items() if value < least}
+        if bad:
+            raise ValueError(f"{bad}: decode_tokens and prompt_tokens take at least 1, prefill_tokens at least 0 (0: no prefill)")
 
     def __call__(self, bundle: ModelBundle, ctx: EvalContext) -> EvalResult:
         reason = self.skip_reason(bundle)
