@@ -100,6 +100,57 @@ def _slot_weights(words, scale, zero, SLOT: gl.constexpr, BITS: gl.constexpr, IN
     )
 
 
+def slot3_decode_constants(slot: int) -> dict[str, int]:
+    """The integer constants of ``_slot_weights3``'s asm (the same expressions), for tests that emulate it: the
+    low plane's byte and mask (bit ``P`` of it), the high plane's byte, its bit's mask and the shift that takes it
+    to bit ``P + 2`` (left if positive), and the fp16 ``2**-P`` pair."""
+    byte_lo, p = divmod(2 * slot, 8)
+    byte_hi, p_hi = divmod(slot, 8)
+    return dict(p=p, select_lo=byte_lo | ((4 + byte_lo) << 8), mask_lo=(3 << p) * 0x10001, select_hi=byte_hi | ((4 + byte_hi) << 8),
+                mask_hi=(1 << p_hi) * 0x10001, shift=p + 2 - p_hi, mul=((15 - p) << 10) * 0x10001)
+
+
+@gluon.jit
+def _slot_weights3(words, high, scale, zero, SLOT: gl.constexpr, INT_ZERO: gl.constexpr):
+    """:func:`_slot_weights` for uint3: the low plane (``words``, two bits a code) as there, the high plane
+    (``high``, the uint1 words shifted to this chunk's half: slot ``s`` at bit ``s``) by a second ``prmt``, an
+    ``and`` that keeps the slot's bit, a shift to bit ``P + 2`` and an ``or``, so the pair reads ``2**10 + code *
+    2**P`` for the 3-bit code; then the same fma and scaling (constants: :func:`slot3_decode_constants`)."""
+    BYTE_LO: gl.constexpr = (2 * SLOT) // 8
+    P: gl.constexpr = (2 * SLOT) % 8
+    BYTE_HI: gl.constexpr = SLOT // 8
+    P_HI: gl.constexpr = SLOT % 8
+    SHIFT: gl.constexpr = P + 2 - P_HI
+    MUL: gl.constexpr = ((15 - P) << 10) * 0x10001  # fp16 2**-P, twice
+    if SHIFT > 0:
+        move: gl.constexpr = f"shl.b32 h, h, {SHIFT};"
+    elif SHIFT < 0:
+        move: gl.constexpr = f"shr.u32 h, h, {-SHIFT};"
+    else:
+        move: gl.constexpr = ""
+    if INT_ZERO:
+        addend = -(zero + (1 << (10 - P)))
+        body: gl.constexpr = "fma.rn.f16x2 u, u, m, $5;"
+    else:
+        addend = zero
+        body: gl.constexpr = f"mov.b32 a, {(0x8000 | ((25 - P) << 10)) * 0x10001};\n fma.rn.f16x2 u, u, m, a;\n sub.rn.f16x2 u, u, $5;"
+    return gl.inline_asm_elementwise(
+        asm=f"""{{
+        .reg .b32 u, h, m, a;
+        prmt.b32 u, $1, $2, {BYTE_LO | ((4 + BYTE_LO) << 8)};
+        lop3.b32 u, u, {(3 << P) * 0x10001}, 0x64006400, 0xea;
+        prmt.b32 h, $3, $4, {BYTE_HI | ((4 + BYTE_HI) << 8)};
+        and.b32 h, h, {(1 << P_HI) * 0x10001};
+        {move}
+        or.b32 u, u, h;
+        mov.b32 m, {MUL};
+        {body}
+        mul.rn.f16x2 $0, u, $6;
+        }}""",
+        constraints="=r,r,r,r,r,r,r", args=[words, high, addend, scale], dtype=gl.float16, is_pure=False, pack=2,
+    )
+
+
 @gluon.jit
 def _group_values(scale_ptr, zero_ptr, rows, row_ok, pos, n_groups, stride_sn, stride_sg, group_size, zero_const,
                   HAS_ZERO: gl.constexpr):
@@ -116,8 +167,9 @@ def _group_values(scale_ptr, zero_ptr, rows, row_ok, pos, n_groups, stride_sn, s
 
 @gluon.jit
 def _gemm_wgmma_kernel(
-    x_desc, w_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
-    M, N, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_ym, n_tiles_n, n_tiles, n_full, tail_split,
+    x_desc, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
+    M, N, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_hn, stride_ym, n_tiles_n, n_tiles, n_full,
+    tail_split,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPS: gl.constexpr, GAHEAD: gl.constexpr,
     SPLIT_K: gl.constexpr, SPLITS: gl.constexpr, NUM_WARPS: gl.constexpr, GROUP: gl.constexpr,
@@ -144,6 +196,7 @@ def _gemm_wgmma_kernel(
     row_ok = rows < N
     cols = gl.arange(0, RUN, layout=gl.SliceLayout(0, a_layout))
     w_tile = w_ptr + rows[:, None] * stride_wn + cols[None, :]
+    h_tile = hi_ptr + rows[:, None] * stride_hn + cols[None, :]  # uint3's high plane (BITS 3): a chunk of it spans two
     w_ok = row_ok[:, None]
     per_split = gl.cdiv(n_chunks, splits)
     first = split * per_split
@@ -167,6 +220,9 @@ def _gemm_wgmma_kernel(
         _load_unit(x_desc, xs, ready, s, k0, off_m, n_steps, TILE_BYTES, STAGES, GROUP, SPS)
 
     next_words = gl.load(w_tile + gl.minimum(first, n_chunks - 1) * RUN, mask=w_ok, other=0)
+    next_high = next_words
+    if BITS == 3:
+        next_high = _high_words(h_tile, w_ok, gl.minimum(first, n_chunks - 1))
     # the group values ahead, a shift register: (s1, z1) the next group's, (s2, z2) the one after, ...
     # GAHEAD of them are live (the rest are copies, dropped by the compiler)
     s1, z1 = _group_values(scale_ptr, zero_ptr, rows, row_ok, k0, n_groups, stride_sn, stride_sg, group_size, zero_const, HAS_ZERO)
@@ -190,6 +246,9 @@ def _gemm_wgmma_kernel(
     for chunk in range(first, last):
         words = next_words
         next_words = gl.load(w_tile + gl.minimum(chunk + 1, last - 1) * RUN, mask=w_ok, other=0)
+        high = next_high
+        if BITS == 3:
+            next_high = _high_words(h_tile, w_ok, gl.minimum(chunk + 1, last - 1))
         for part in gl.static_range(SLOTS // SPS):
             step = (chunk - first) * (SLOTS // SPS) + part
             unit = step // GROUP  # a unit's steps are one chunk's (GROUP divides a chunk's steps)
@@ -209,7 +268,10 @@ def _gemm_wgmma_kernel(
                         s1, z1, s2, z2, s3, z3 = s2, z2, s3, z3, new_scale, new_zero
                     else:
                         s1, z1, s2, z2, s3, z3, s4, z4 = s2, z2, s3, z3, s4, z4, new_scale, new_zero
-                a = _slot_weights(words, scale, zero, part * SPS + j, BITS, INT_ZERO)
+                if BITS == 3:
+                    a = _slot_weights3(words, high, scale, zero, part * SPS + j, INT_ZERO)
+                else:
+                    a = _slot_weights(words, scale, zero, part * SPS + j, BITS, INT_ZERO)
                 if j == 0:
                     if part % GROUP == 0:
                         mbarrier.wait(ready.index(buf), (unit // STAGES) & 1)
@@ -246,6 +308,13 @@ def _gemm_wgmma_kernel(
                 total += gl.load(partial_ptr + (part * n_tiles + tile).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, cache_modifier=".cg")
             _store_tile(y_ptr, total, M, N, off_m, pid_n * BLOCK_N, stride_ym, BLOCK_N, BLOCK_M, NUM_WARPS)
             gl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@gluon.jit
+def _high_words(h_tile, w_ok, chunk):
+    """uint3's high-plane words for low-plane chunk ``chunk``: high-plane chunk ``chunk // 2``, shifted so that this
+    chunk's 16 slots are bits 0-15."""
+    return gl.load(h_tile + (chunk // 2) * RUN, mask=w_ok, other=0) >> ((chunk % 2) * 16)
 
 
 @gluon.jit
@@ -398,7 +467,7 @@ def gemm_wgmma(x: torch.Tensor, pw: PackedWeight, config: GemmWgmmaConfig | None
     config = config or config_for(m, pw)
     check_config(config)
     y = lm.output(out, (m, pw.n), x)
-    words, _, scale, zero = lm.kernel_tensors(pw)
+    words, high, scale, zero = lm.kernel_tensors(pw)
     span = config.slots_per_step * RUN.value  # K of a step
     if config.steps_per_box == 1:
         box = [config.block_m, span]
@@ -417,8 +486,8 @@ def gemm_wgmma(x: torch.Tensor, pw: PackedWeight, config: GemmWgmmaConfig | None
     partial, count = lm.split_buffers(y, (tiles, 1, splits), config.block_n * config.block_m)
     grid = (n_full * config.split_k + (tiles - n_full) * tail_split,)
     _gemm_wgmma_kernel[grid](
-        x_desc, words, scale, zero, y, partial, count, m, pw.n, words.shape[1] // pw.run, pw.n_groups, *scale.stride(),
-        pw.group_size, pw.zero_const, words.stride(0), y.stride(0), tiles_n, tiles, n_full, tail_split, BITS=lm.CODE_BITS[pw.layout], SLOTS=pw.slots,
+        x_desc, words, high, scale, zero, y, partial, count, m, pw.n, words.shape[1] // pw.run, pw.n_groups, *scale.stride(),
+        pw.group_size, pw.zero_const, words.stride(0), high.stride(0), y.stride(0), tiles_n, tiles, n_full, tail_split, BITS=lm.CODE_BITS[pw.layout], SLOTS=pw.slots,
         SPG=pw.group_size // pw.run, HAS_ZERO=pw.zero is not None, INT_ZERO=pw.zero_grid == 1.0, BLOCK_N=config.block_n, BLOCK_M=config.block_m,
         STAGES=config.stages, SPS=config.slots_per_step, GAHEAD=config.group_ahead, SPLIT_K=config.split_k, SPLITS=splits, NUM_WARPS=config.num_warps,
         GROUP=config.steps_per_box, num_warps=config.num_warps,

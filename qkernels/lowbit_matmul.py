@@ -135,6 +135,8 @@ PAIR_LAYOUTS = ("uint1", "uint2", "uint4")  # 16 bits hold a whole number of slo
 # uint3 on the fp16-pair GEMV (both planes, _pair_fma3): right in the interpreter and in an emulation of its PTX,
 # not yet timed on a GPU, so W3 stays on the fp32 GEMV until it is (session 15)
 PAIR_GEMV_UINT3 = False
+# uint3 on the wgmma GEMM (both planes, gemm_wgmma._slot_weights3): its PTX emulated in numpy, not yet run on a GPU
+WGMMA_UINT3 = False
 GEMV_MMA_RUN = 32  # the tensor-core GEMV's words per row and chunk (qkernels/gemv_mma.py)
 # Batch 1 on the tensor-core GEMV (qkernels/gemv_mma.py) for these (layout, grouped) keys: H100, steady state,
 # seven layer shapes (session 9, bench/results/kernel_latency_h100.md): faster than the fp16-pair GEMV at all
@@ -988,7 +990,8 @@ def has_pdl(device: torch.device) -> bool:
 def wgmma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
     """The wgmma GEMM takes fp16 activations with K a multiple of 8 (TMA's 16-byte rows) and the uint1/2/4
     layouts with a run of 32; it needs Gluon (and a Hopper GPU: :func:`is_hopper`)."""
-    return HAS_GLUON and dtype == torch.float16 and pw.layout in PAIR_LAYOUTS and pw.run == GEMV_MMA_RUN and pw.k % 8 == 0
+    layouts = PAIR_LAYOUTS + (("uint3",) if WGMMA_UINT3 else ())
+    return HAS_GLUON and dtype == torch.float16 and pw.layout in layouts and pw.run == GEMV_MMA_RUN and pw.k % 8 == 0
 
 
 # The wgmma GEMM on an H200 (session 10, steady state, bench/results/kernel_latency_h200.md; 8192^2, 4096x14336,

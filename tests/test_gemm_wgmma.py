@@ -3,11 +3,12 @@ dispatch on CPU (Gluon has no interpreter), the kernel against the fp32 referenc
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from qkernels import lowbit_matmul as lm
-from qkernels.gemm_wgmma import GemmWgmmaConfig, check_config, default_config, gemm_wgmma, tail_tiles
+from qkernels.gemm_wgmma import GemmWgmmaConfig, check_config, default_config, gemm_wgmma, slot3_decode_constants, tail_tiles
 from qkernels.pack import pack_weight
 
 requires_hopper = pytest.mark.skipif(not (torch.cuda.is_available() and lm.is_hopper(torch.device("cuda"))), reason="needs a Hopper GPU")
@@ -28,6 +29,40 @@ def test_rejects_what_it_cannot_take() -> None:
     assert not lm.wgmma_fits(w4(8, 256), torch.bfloat16) and not lm.wgmma_fits(w4(8, 256, run=16), torch.float16)
     with pytest.raises(ValueError, match="bfloat16"):
         gemm_wgmma(torch.randn(64, 256, dtype=torch.bfloat16), w4(8, 256))
+
+
+@pytest.mark.parametrize("integer_zeros", [True, False])
+def test_uint3_slot_decode_constants_give_code_minus_zero(integer_zeros: bool) -> None:
+    """``_slot_weights3``'s PTX emulated on random words (prmt in its default mode, lop3 0xEA, and, shift, or, then
+    the fma and sub in float64 with fp16 rounding): for every slot and both neighbouring words, ``code - zero``
+    exactly, the code's low two bits from the low plane and its top bit from the (chunk-shifted) high plane."""
+    rng = np.random.default_rng(7)
+    lo_a, lo_b, hi_a, hi_b = (rng.integers(0, 2**32, size=4096, dtype=np.uint64) for _ in range(4))
+    zero = rng.integers(0, 8, size=4096) + (0 if integer_zeros else rng.integers(0, 16, size=4096) / 16)
+
+    def prmt(a, b, select):
+        pool = [(a >> np.uint64(8 * i)) & np.uint64(0xFF) for i in range(4)] + [(b >> np.uint64(8 * i)) & np.uint64(0xFF) for i in range(4)]
+        return sum(pool[(select >> (4 * i)) & 0x7] << np.uint64(8 * i) for i in range(4))
+
+    half = lambda v, at: np.array((v >> np.uint64(at)) & np.uint64(0xFFFF), dtype=np.uint16).view(np.float16).astype(np.float64)  # noqa: E731
+    for odd in (0, 1):  # the high-plane word's half this chunk reads (the kernel shifts it down first; arithmetic: upper bytes unused)
+        ha, hb = hi_a >> np.uint64(16 * odd), hi_b >> np.uint64(16 * odd)
+        for slot in range(16):
+            c = slot3_decode_constants(slot)
+            u = (prmt(lo_a, lo_b, c["select_lo"]) & np.uint64(c["mask_lo"])) | np.uint64(0x64006400)
+            h = prmt(ha, hb, c["select_hi"]) & np.uint64(c["mask_hi"])
+            h = (h << np.uint64(c["shift"])) if c["shift"] >= 0 else (h >> np.uint64(-c["shift"]))
+            u = (u | h) & np.uint64(0xFFFFFFFF)
+            mul = half(np.uint64(c["mul"]), 0)
+            base = 2.0 ** (10 - c["p"])
+            for word, (lo, hi) in enumerate(((lo_a, ha), (lo_b, hb))):
+                code = ((lo >> np.uint64(2 * slot)) & np.uint64(3)) | (((hi >> np.uint64(slot)) & np.uint64(1)) << np.uint64(2))
+                if integer_zeros:  # fma by 2**-P with -(zero + 2**(10 - P)), both exact in fp16
+                    value = (half(u, 16 * word) * mul - (zero + base)).astype(np.float16)
+                else:  # fma with -2**(10 - P), then sub the zero point
+                    value = ((half(u, 16 * word) * mul - base).astype(np.float16).astype(np.float64) - zero).astype(np.float16)
+                expected = (code.astype(np.float64) - zero).astype(np.float16)
+                assert np.array_equal(value, expected), (odd, slot, word)
 
 
 def test_config_errors_name_the_bad_values() -> None:
@@ -145,7 +180,8 @@ def test_dispatch_above_the_gemv_and_mma_rows_on_hopper(monkeypatch: pytest.Monk
 @requires_hopper
 @pytest.mark.parametrize(
     "layout,top,group,zeros",
-    [("uint4", 15, 128, "integer"), ("uint2", 3, 128, "float"), ("uint2", 2, None, 1.0), ("uint1", 1, 128, "integer"), ("uint4", 15, 64, 7.5)],
+    [("uint4", 15, 128, "integer"), ("uint2", 3, 128, "float"), ("uint2", 2, None, 1.0), ("uint1", 1, 128, "integer"), ("uint4", 15, 64, 7.5),
+     ("uint3", 7, 128, "integer"), ("uint3", 7, 128, 3.5)],
 )
 def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: int | None, zeros: str | float,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,6 +192,7 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     from qkernels import gemm_wgmma as gw
 
     monkeypatch.setattr(gw, "sm_count", lambda device: 9)
+    monkeypatch.setattr(lm, "WGMMA_UINT3", True)  # (off in the dispatcher until timed)
     n, k = 200, 1152
     codes = torch.randint(0, top + 1, (n, k))
     n_groups = 1 if group is None else k // group
