@@ -66,6 +66,25 @@ from qkernels.pack import PackedWeight
 RUN = gl.constexpr(lm.GEMV_MMA_RUN)  # K per slot of a chunk: 32 words per row
 
 
+@gluon.constexpr_function
+def _zero_off(p, int_zero, operand):
+    """The asm that takes ``2**(10 - P)`` and the zero point off the decoded pair ``u`` (times ``m = 2**-P``):
+    one fma with integer zero points (operand ``$operand`` holds ``-(zero + 2**(10 - P))``, exact in fp16), else
+    an fma by the constant ``-2**(10 - P)`` and a ``sub`` of the zero points (operand ``$operand``)."""
+    if int_zero:
+        return f"fma.rn.f16x2 u, u, m, ${operand};"
+    return f"mov.b32 a, {(0x8000 | ((25 - p) << 10)) * 0x10001};\n fma.rn.f16x2 u, u, m, a;\n sub.rn.f16x2 u, u, ${operand};"
+
+
+@gluon.jit
+def _zero_addend(zero, P: gl.constexpr, INT_ZERO: gl.constexpr):
+    """The operand :func:`_zero_off` takes: ``-(zero + 2**(10 - P))`` ``[BLOCK_N, 1]`` fp16 (per slot: P varies), or
+    the zero points themselves."""
+    if INT_ZERO:
+        return -(zero + (1 << (10 - P)))
+    return zero
+
+
 @gluon.jit
 def _slot_weights(words, scale, zero, SLOT: gl.constexpr, BITS: gl.constexpr, INT_ZERO: gl.constexpr):
     """Slot ``SLOT`` of the words tile as fp16 weights ``(code - zero) * scale``, in one asm block per
@@ -81,12 +100,8 @@ def _slot_weights(words, scale, zero, SLOT: gl.constexpr, BITS: gl.constexpr, IN
     SELECT: gl.constexpr = BYTE | ((4 + BYTE) << 8)
     MASK: gl.constexpr = (((1 << BITS) - 1) << P) * 0x10001
     MUL: gl.constexpr = ((15 - P) << 10) * 0x10001  # fp16 2**-P, twice
-    if INT_ZERO:
-        addend = -(zero + (1 << (10 - P)))  # [BLOCK_N, 1] fp16, per slot: P varies
-        body: gl.constexpr = "fma.rn.f16x2 u, u, m, $3;"
-    else:
-        addend = zero
-        body: gl.constexpr = f"mov.b32 a, {(0x8000 | ((25 - P) << 10)) * 0x10001};\n fma.rn.f16x2 u, u, m, a;\n sub.rn.f16x2 u, u, $3;"
+    addend = _zero_addend(zero, P, INT_ZERO)
+    body: gl.constexpr = _zero_off(P, INT_ZERO, 3)
     return gl.inline_asm_elementwise(
         asm=f"""{{
         .reg .b32 u, m, a;
@@ -128,12 +143,8 @@ def _slot_weights3(words, high, scale, zero, SLOT: gl.constexpr, INT_ZERO: gl.co
         move: gl.constexpr = f"shr.u32 h, h, {-SHIFT};"
     else:
         move: gl.constexpr = ""
-    if INT_ZERO:
-        addend = -(zero + (1 << (10 - P)))
-        body: gl.constexpr = "fma.rn.f16x2 u, u, m, $5;"
-    else:
-        addend = zero
-        body: gl.constexpr = f"mov.b32 a, {(0x8000 | ((25 - P) << 10)) * 0x10001};\n fma.rn.f16x2 u, u, m, a;\n sub.rn.f16x2 u, u, $5;"
+    addend = _zero_addend(zero, P, INT_ZERO)
+    body: gl.constexpr = _zero_off(P, INT_ZERO, 5)
     return gl.inline_asm_elementwise(
         asm=f"""{{
         .reg .b32 u, h, m, a;
