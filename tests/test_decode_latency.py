@@ -22,10 +22,11 @@ def decode(model: Decoder, step, tokens: int) -> list[int]:
     return out
 
 
-def test_compiled_decode_step_is_one_graph_and_decodes_the_same_tokens() -> None:
+@pytest.mark.parametrize("fuse", [False, True])
+def test_compiled_decode_step_is_one_graph_and_decodes_the_same_tokens(fuse: bool) -> None:
     torch.manual_seed(0)
-    model = Decoder(ARCH, "w2g128", max_len=16, device="cpu").eval()
-    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 7 * ARCH.layers
+    model = Decoder(ARCH, "w2g128", max_len=16, device="cpu", fuse=fuse).eval()
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == (4 if fuse else 7) * ARCH.layers
     eager = decode(model, model.step, 6)
     torch._dynamo.reset()
     compiled = decode(model, torch.compile(model.step, fullgraph=True, backend="aot_eager"), 6)
