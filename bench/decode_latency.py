@@ -226,6 +226,8 @@ def measure(arch: Arch, kind: str, tokens: int, compile: bool = False, fuse: boo
         "tokens_per_s_eager": eager, "weight_gb": weight_bytes(model) / 1e9,
     }
     if compile:
+        # every kind compiles Decoder.step again: past Dynamo's recompile limit it would run uncompiled, unnoticed
+        torch.compiler.reset()
         step = torch.compile(model.step, fullgraph=True)
         start = time.perf_counter()
         model.reset()
