@@ -441,10 +441,6 @@ def main(argv: list[str] | None = None) -> int:
                              "(qkernels/tuned/, or $QKERNELS_TUNED_DIR), used by every later run on this GPU model")
     parser.add_argument("--tune-paths", default=",".join(TUNE_PATHS), help=f"comma list of the kernels that --tune searches, of {','.join(TUNE_PATHS)}")
     parser.add_argument("--kernels", default=",".join(LOWBIT_KINDS), help=f"comma list of low-bit kinds; block formats: {','.join(BLOCK_KINDS)}")
-    parser.add_argument("--pair-uint3", action="store_true",
-                        help="W3 on the fp16-pair GEMV (qkernels.lowbit_matmul.PAIR_GEMV_UINT3), beside the fp32 one at batch 1")
-    parser.add_argument("--wgmma-uint3", action="store_true",
-                        help="W3 on the wgmma GEMM from 9 rows (qkernels.lowbit_matmul.WGMMA_UINT3), beside the others")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--shapes", default=None, help="comma list of INxOUT, e.g. 8192x8192")
     parser.add_argument("--batches", default=None, help="comma list of batch sizes")
@@ -459,8 +455,6 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to time", file=sys.stderr)
         return 1
-    lm.PAIR_GEMV_UINT3 = lm.PAIR_GEMV_UINT3 or args.pair_uint3
-    lm.WGMMA_UINT3 = lm.WGMMA_UINT3 or args.wgmma_uint3
     kinds = [k for k in args.kernels.split(",") if k]
     unknown = [k for k in kinds if k not in LOWBIT_KINDS and k not in BLOCK_KINDS]
     if unknown:

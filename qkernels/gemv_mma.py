@@ -572,7 +572,7 @@ def default_config(pw: PackedWeight) -> GemvMmaConfig:
     (4096x14336 and 8192x28672): 2 K splits of 64-row tiles (W1 11.7 and 35.0 against 13.3 and 36.0
     at 4 splits), for ternary-like weights (one scale per row, fewer registers) 128-row tiles on 4
     warps (10.6 and 31.3 against 12.6 and 34.4)."""
-    if pw.k >= 2 * pw.n and pw.n <= 4096:
+    if lm.long_k(pw):
         return GemvMmaConfig(block_n=64, num_warps=4, split_k=8)
     if pw.n <= pw.k:
         return GemvMmaConfig(block_n=128, num_warps=8, split_k=4)
@@ -597,7 +597,7 @@ def tma_config(pw: PackedWeight) -> GemvMmaConfig | None:
       against 13.3).
     The register cap did not matter (W1 at 80, 104 and 128 registers within 0.1 us at 8192^2)."""
     bits = lm.CODE_BITS[pw.layout]
-    long_k = pw.k >= 2 * pw.n and pw.n <= 4096
+    long_k = lm.long_k(pw)
     if pw.n_groups == 1 or (bits == 4 and long_k):
         return None
     if bits == 4:
@@ -676,7 +676,7 @@ def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     consts = dict(
         BITS=lm.CODE_BITS[pw.layout], SLOTS=pw.slots, SPG=pw.group_size // pw.run, HAS_ZERO=pw.zero is not None, BLOCK_N=config.block_n,
         SPLIT_K=config.split_k, NUM_WARPS=config.num_warps, XS_CHUNKS=triton.next_power_of_2(triton.cdiv(n_chunks, config.split_k)),
-        EVEN_K=pw.k % pw.chunk == 0, SCALE_AFTER=pw.n_groups == 1, PDL=pdl, num_warps=config.num_warps, launch_pdl=pdl,
+        EVEN_K=pw.k == pw.k_pad, SCALE_AFTER=pw.n_groups == 1, PDL=pdl, num_warps=config.num_warps, launch_pdl=pdl,
         **({} if config.maxnreg is None else {'maxnreg': config.maxnreg}),
     )
     if config.stages:

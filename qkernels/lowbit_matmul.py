@@ -132,11 +132,14 @@ GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # best of bench.kernel_lat
     ("uint1", True): GemvConfig(block_n=64, num_warps=4, split_k=2),
 }
 PAIR_LAYOUTS = ("uint1", "uint2", "uint4")  # 16 bits hold a whole number of slots
-# uint3 on the fp16-pair GEMV (both planes, _pair_fma3): right in the interpreter and in an emulation of its PTX,
-# not yet timed on a GPU, so W3 stays on the fp32 GEMV until it is (session 15)
-PAIR_GEMV_UINT3 = False
-# uint3 on the wgmma GEMM (both planes, gemm_wgmma._slot_weights3): its PTX emulated in numpy, not yet run on a GPU
-WGMMA_UINT3 = False
+# uint3 (a two-bit plane and a one-bit plane) on the fp16-pair GEMV (_pair_fma3) and on the wgmma GEMM
+# (gemm_wgmma._slot_weights3), each plane as its own pairs. H200, steady state, W3 g128 (session 16,
+# bench/results/kernel_latency_h200.md): batch 1 20.4 us at 8192^2 against 29.1 on the fp32 GEMV, 18.3 against
+# 29.3 at 14336x4096, 21.5 against 25.9 at 4096x14336; 16 and 64 rows on the wgmma GEMM 1.06x-1.22x of cuBLAS
+# (the Triton MMA kernel has no uint3 branch), 128 and 256 rows 0.58x-0.92x against 0.42x-0.52x for dequant +
+# cuBLAS, which wins at 1024 rows (8192^2: 242.7 us against 261.9).
+PAIR_GEMV_LAYOUTS = PAIR_LAYOUTS + ("uint3",)
+WGMMA_LAYOUTS = PAIR_LAYOUTS + ("uint3",)
 GEMV_MMA_RUN = 32  # the tensor-core GEMV's words per row and chunk (qkernels/gemv_mma.py)
 # Batch 1 on the tensor-core GEMV (qkernels/gemv_mma.py) for these (layout, grouped) keys: H100, steady state,
 # seven layer shapes (session 9, bench/results/kernel_latency_h100.md): faster than the fp16-pair GEMV at all
@@ -148,11 +151,16 @@ GEMV_MMA_RUN = 32  # the tensor-core GEMV's words per row and chunk (qkernels/ge
 GEMV_MMA_KEYS = {("uint1", True), ("uint2", True), ("uint2", False)}
 
 
+def long_k(pw: PackedWeight) -> bool:
+    """A long K: at least twice the rows, and at most 4096 rows (14336x4096 among the benchmark's shapes), where
+    the batch-1 kernels want more K splits."""
+    return pw.k >= 2 * pw.n and pw.n <= 4096
+
+
 def gemv_mma_preferred(pw: PackedWeight, hopper: bool = False) -> bool:
     """Batch 1 goes to the tensor-core GEMV for :data:`GEMV_MMA_KEYS`, and for grouped W4 on a Hopper GPU
-    or elsewhere with a long K and at most 4096 rows (the shape rule under which it won on the H100)."""
-    long_k = pw.k >= 2 * pw.n and pw.n <= 4096
-    return gemv_key(pw) in GEMV_MMA_KEYS or (gemv_key(pw) == ("uint4", True) and (hopper or long_k))
+    or elsewhere with a long K (the shape rule under which it won on the H100)."""
+    return gemv_key(pw) in GEMV_MMA_KEYS or (gemv_key(pw) == ("uint4", True) and (hopper or long_k(pw)))
 
 
 GEMV_PAIR_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # the fp16-pair GEMV: bench.kernel_latency --tune, H100, 8192^2 (session 7)
@@ -160,6 +168,10 @@ GEMV_PAIR_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # the fp16-pair GEMV:
     ("uint2", True): GemvConfig(block_n=128, num_warps=4, split_k=4, num_stages=1),
     ("uint2", False): GemvConfig(block_n=64, num_warps=4, split_k=4, num_stages=2),
     ("uint1", True): GemvConfig(block_n=64, num_warps=4, split_k=2, num_stages=2),
+    ("uint3", True): GemvConfig(block_n=64, num_warps=4, split_k=2, num_stages=2),  # H200, session 16: 20.4 us at 8192^2
+}
+GEMV_PAIR_LONG_K_CONFIGS = {  # the same, with K >= 2N and N <= 4096 (:func:`long_k`)
+    ("uint3", True): GemvConfig(block_n=64, num_warps=4, split_k=4, num_stages=2),  # 14336x4096: 18.3 us against 26.1
 }
 MMA_CONFIGS: dict[tuple[str, bool], MmaConfig] = {  # H100, 8192^2, batch 16 (session 3 search; grouped W2 and W1 session 6)
     ("uint4", True): MmaConfig(block_n=64, num_warps=4, split_k=4, num_stages=3),
@@ -946,11 +958,10 @@ def split_buffers(y: torch.Tensor, grid: tuple[int, int, int], tile_size: int) -
 
 
 def pairs_fit(pw: PackedWeight, dtype: torch.dtype) -> bool:
-    """The fp16-pair GEMV takes fp16 activations, the uint1/2/4 layouts (slot pairs 16 bits apart; uint3 too
-    where :data:`PAIR_GEMV_UINT3`), fp16 scales (it moves them as fp16 pairs) and zero points that fp16
+    """The fp16-pair GEMV takes fp16 activations, the uint1/2/4 layouts (slot pairs 16 bits apart) and uint3
+    (each plane as its own pairs), fp16 scales (it moves them as fp16 pairs) and zero points that fp16
     subtracts exactly (``pw.zero_grid``: integers or sixteenths)."""
-    layouts = PAIR_LAYOUTS + (("uint3",) if PAIR_GEMV_UINT3 else ())
-    return dtype == torch.float16 and pw.layout in layouts and pw.scale.dtype == torch.float16 and pw.zero_grid > 0
+    return dtype == torch.float16 and pw.layout in PAIR_GEMV_LAYOUTS and pw.scale.dtype == torch.float16 and pw.zero_grid > 0
 
 
 def _has_gluon() -> bool:
@@ -988,10 +999,9 @@ def has_pdl(device: torch.device) -> bool:
 
 
 def wgmma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
-    """The wgmma GEMM takes fp16 activations with K a multiple of 8 (TMA's 16-byte rows) and the uint1/2/4
+    """The wgmma GEMM takes fp16 activations with K a multiple of 8 (TMA's 16-byte rows) and the uint1/2/3/4
     layouts with a run of 32; it needs Gluon (and a Hopper GPU: :func:`is_hopper`)."""
-    layouts = PAIR_LAYOUTS + (("uint3",) if WGMMA_UINT3 else ())
-    return HAS_GLUON and dtype == torch.float16 and pw.layout in layouts and pw.run == GEMV_MMA_RUN and pw.k % 8 == 0
+    return HAS_GLUON and dtype == torch.float16 and pw.layout in WGMMA_LAYOUTS and pw.run == GEMV_MMA_RUN and pw.k % 8 == 0
 
 
 # The wgmma GEMM on an H200 (session 10, steady state, bench/results/kernel_latency_h200.md; 8192^2, 4096x14336,
@@ -1005,11 +1015,14 @@ def wgmma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
 # on Hopper the wgmma GEMM takes every fitting key from WGMMA_MIN_M rows (below 9 rows it was not timed).
 WGMMA_MIN_M = 9
 WGMMA_MIN_K_ABOVE_256 = {("uint4", True): 8192}  # above 256 rows, these keys need this K for the wgmma GEMM
+WGMMA_MAX_M = {"uint3": 256}  # and these layouts stop here (W3 at 1024 rows: dequant + cuBLAS won at three shapes)
 
 
 def wgmma_preferred(m: int, pw: PackedWeight) -> bool:
-    """The shape rule under which the wgmma GEMM won (above): a short K at more than 256 rows keeps
-    dequant + cuBLAS for grouped W4."""
+    """The shape rules under which the wgmma GEMM won (above): a short K at more than 256 rows keeps
+    dequant + cuBLAS for grouped W4, and more than 256 rows for W3."""
+    if m > WGMMA_MAX_M.get(pw.layout, m):
+        return False
     return m <= 256 or pw.k >= WGMMA_MIN_K_ABOVE_256.get(gemv_key(pw), 0)
 
 
@@ -1032,6 +1045,8 @@ def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, ou
     if pairs and not fits:
         raise ValueError(f"pairs=True: the fp16-pair GEMV does not fit {pw.layout} weights here (see pairs_fit)")
     pairs = fits if pairs is None else pairs
+    if config is None and pairs and long_k(pw):
+        config = GEMV_PAIR_LONG_K_CONFIGS.get(gemv_key(pw))
     config = config or (GEMV_PAIR_CONFIGS if pairs else GEMV_CONFIGS).get(gemv_key(pw), GemvConfig())
     y = output(out, (m, pw.n), x)
     tensors, consts = _kernel_args(pw)
@@ -1044,7 +1059,7 @@ def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, ou
         _gemv_pairs_kernel[grid](
             x, words, high, scale, zero, y, *buffers, m, pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const,
             x.stride(0), words.stride(0), high.stride(0), y.stride(0), BITS=consts["BITS"], SLOTS=pw.slots, RUN=pw.run,
-            SLOTS_PER_GROUP=consts["SLOTS_PER_GROUP"], GROUPS_IN_CHUNK=pw.chunk % pw.group_size == 0, HAS_ZERO=consts["HAS_ZERO"], INTEGER_ZEROS=pw.zero_grid == 1.0, EVEN_K=pw.k % pw.chunk == 0,
+            SLOTS_PER_GROUP=consts["SLOTS_PER_GROUP"], GROUPS_IN_CHUNK=pw.chunk % pw.group_size == 0, HAS_ZERO=consts["HAS_ZERO"], INTEGER_ZEROS=pw.zero_grid == 1.0, EVEN_K=pw.k == pw.k_pad,
             EVEN_N=pw.n % config.block_n == 0,
             INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", **shared,
         )

@@ -21,9 +21,9 @@ def w4(n: int, k: int, run: int = 32):
 
 def test_rejects_what_it_cannot_take() -> None:
     codes = torch.randint(0, 8, (8, 256))
-    uint3 = pack_weight(codes, torch.rand(8, 2).half(), None, "uint3", 128, zero_const=3.5)
-    assert not lm.wgmma_fits(uint3, torch.float16)
-    with pytest.raises(ValueError, match="uint3"):
+    uint3 = pack_weight(codes, torch.rand(8, 2).half(), None, "uint3", 128, zero_const=3.5)  # a run of 8 (K = 256)
+    assert uint3.run == 8 and not lm.wgmma_fits(uint3, torch.float16)
+    with pytest.raises(ValueError, match="run 8"):
         gemm_wgmma(torch.randn(64, 256, dtype=torch.float16), uint3)
     assert lm.wgmma_fits(w4(8, 256), torch.float16)
     assert not lm.wgmma_fits(w4(8, 256), torch.bfloat16) and not lm.wgmma_fits(w4(8, 256, run=16), torch.float16)
@@ -158,7 +158,7 @@ def test_tuned_configs_win_over_the_default_for_their_kind_shape_and_bucket(monk
 
 def test_dispatch_above_the_gemv_and_mma_rows_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a Hopper GPU the wgmma GEMM takes what the GEMV and the MMA kernel leave (from 9 rows) where
-    it fits, but grouped W4 with K < 8192 above 256 rows; bf16, uint3 and other GPUs keep the GEMM,
+    it fits, but grouped W4 with K < 8192 and W3 above 256 rows; bf16 and other GPUs keep the GEMM,
     the MMA kernel to 128 rows and dequant + cuBLAS."""
     cuda = torch.device("cuda")
     pw, long_k = w4(256, 1024), w4(64, 8192)
@@ -174,7 +174,8 @@ def test_dispatch_above_the_gemv_and_mma_rows_on_hopper(monkeypatch: pytest.Monk
     assert [lm.pick_path(m, w1, cuda) for m in (8, 9, 1024)] == ["mma", "wgmma", "wgmma"]
     assert [lm.pick_path(m, ternary, cuda) for m in (8, 9, 1024)] == ["mma", "wgmma", "wgmma"]
     assert [lm.pick_path(m, pw, cuda, torch.bfloat16) for m in (9, 1024)] == ["gemm", "dequant"]
-    assert lm.pick_path(1024, uint3, cuda) == "dequant" and lm.pick_path(1024, pw, torch.device("cpu")) == "torch"
+    assert [lm.pick_path(m, uint3, cuda) for m in (1, 8, 9, 256, 257, 1024)] == ["gemv", "gemv", "wgmma", "wgmma", "dequant", "dequant"]
+    assert lm.pick_path(1024, pw, torch.device("cpu")) == "torch"
 
 
 @requires_hopper
@@ -192,7 +193,6 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     from qkernels import gemm_wgmma as gw
 
     monkeypatch.setattr(gw, "sm_count", lambda device: 9)
-    monkeypatch.setattr(lm, "WGMMA_UINT3", True)  # (off in the dispatcher until timed)
     n, k = 200, 1152
     codes = torch.randint(0, top + 1, (n, k))
     n_groups = 1 if group is None else k // group

@@ -221,9 +221,8 @@ def test_save_tuned_needs_a_tuner(capsys: pytest.CaptureFixture) -> None:
     assert "--save-tuned saves what --tune-gemv-mma or --tune-wgmma finds" in capsys.readouterr().err
 
 
-def test_kernel_table_times_the_fp32_gemv_beside_the_pair_one_at_batch_1(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernel_table_times_the_fp32_gemv_beside_the_pair_one_at_batch_1() -> None:
     from bench.kernel_latency import paths_for
-    from qkernels import lowbit_matmul as lm
     from qkernels.pack import pack_weight
 
     def packed(layout: str, top: int):
@@ -231,6 +230,4 @@ def test_kernel_table_times_the_fp32_gemv_beside_the_pair_one_at_batch_1(monkeyp
                            layout, 128)
 
     assert "gemv_fp32" in paths_for(1, packed("uint2", 3)) and "gemv_fp32" not in paths_for(16, packed("uint2", 3))
-    assert "gemv_fp32" not in paths_for(1, packed("uint3", 7))  # uint3 is on the fp32 GEMV already
-    monkeypatch.setattr(lm, "PAIR_GEMV_UINT3", True)  # what --pair-uint3 sets
     assert paths_for(1, packed("uint3", 7))[:2] == ["gemv", "gemv_fp32"]

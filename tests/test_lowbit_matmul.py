@@ -222,23 +222,22 @@ def test_uint3_pair_decode_constants_give_code_minus_zero(integer_zeros: bool) -
                 assert np.array_equal((value * mul + neg_zero).astype(np.float16).astype(np.float64), (code - zero) / 16), (odd, slot, half)
 
 
-@pytest.mark.parametrize("asym", [True, False])
-def test_gemv_pairs_takes_uint3_on_both_planes(asym: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With :data:`PAIR_GEMV_UINT3` the fp16-pair GEMV runs uint3 (low and high plane, the high plane's even and odd
-    chunks, a ragged K and N, split-K), with integer zero points or the symmetric 3.5 on the 1/16 grid."""
-    monkeypatch.setattr(lm, "PAIR_GEMV_UINT3", True)
-    n, k, group = 70, 1024 + 128, 128  # 2.25 chunks of 512 codes: the high plane's second half is read, the last chunk is partial
+@pytest.mark.parametrize("asym,run", [(True, 32), (False, 32), (True, 8)])
+def test_gemv_pairs_takes_uint3_on_both_planes(asym: bool, run: int) -> None:
+    """The fp16-pair GEMV runs uint3 (low and high plane, the high plane's even and odd chunks, a ragged K and N,
+    split-K), with integer zero points or the symmetric 3.5 on the 1/16 grid, at the run of real shapes (32) and
+    a short one."""
+    n, k, group = 70, 1024 + 128, 128  # at run 32 2.25 chunks of 512 codes: the high plane's second half is read, the last chunk is partial
     codes = torch.randint(0, 8, (n, k))
     scale = (torch.rand(n, k // group) * 0.004 + 0.001).half()
     zero = torch.randint(0, 8, scale.shape).half() if asym else None
-    pw = pack_weight(codes, scale, zero, "uint3", group, zero_const=3.5, run=32).to(DEVICE)
-    assert lm.pairs_fit(pw, torch.float16) and pw.run == 32 and pw.k_pad == 2048
+    pw = pack_weight(codes, scale, zero, "uint3", group, zero_const=3.5, run=run).to(DEVICE)
+    assert lm.pairs_fit(pw, torch.float16) and pw.run == run
     x = torch.randn(3, k, dtype=torch.float16, device=DEVICE) * 100
     ref = lm.reference_matmul(x, pw)
     for config in [lm.GemvConfig(block_n=32, split_k=1), lm.GemvConfig(block_n=16, split_k=3)]:
         assert rel_err(lm.gemv(x, pw, config, out=poisoned((3, n), x.dtype)), ref) < 2e-3, config
-    monkeypatch.setattr(lm, "PAIR_GEMV_UINT3", False)
-    assert not lm.pairs_fit(pw, torch.float16)  # off until timed: the fp32 GEMV
+    assert rel_err(lm.gemv(x, pw, lm.GemvConfig(block_n=32), pairs=False), ref) < 2e-3  # the fp32 GEMV agrees
 
 
 def test_zero_grid_says_which_zero_points_fp16_subtracts_exactly() -> None:
@@ -470,4 +469,4 @@ def test_gemv_fp32_path_runs_the_fp32_gemv_where_the_pair_one_fits(monkeypatch: 
     with pytest.raises(AssertionError, match="the pair GEMV ran"):
         lm.lowbit_matmul(x, pw, "gemv")
     with pytest.raises(ValueError, match="pairs=True"):
-        lm.gemv(x, random_weight("uint3", 40, 256, 64, asym=True)[0], pairs=True)
+        lm.gemv(x, replace(pw, zero_grid=0.0), pairs=True)  # zero points fp16 cannot subtract exactly
