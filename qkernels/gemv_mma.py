@@ -121,6 +121,42 @@ def _decode_slot(words, S: gl.constexpr, BITS: gl.constexpr):
                                      is_pure=True, pack=1)
 
 
+def slot3_constants(slot: int) -> dict[str, int]:
+    """uint3's slot pair ``slot`` (slots ``slot`` and ``slot + 8``), every pair at ``P`` = 4 (offset 64; the
+    code's three bits at mantissa bits 4-6): the low plane's shift and mask, the spread high plane's
+    (:func:`_spread_high`: slot ``s`` at bit ``s``, slot ``s + 8`` at bit ``s + 16``) shift and mask, and the
+    exponent (the same expressions as ``_decode_slot3``)."""
+    return dict(shift_lo=2 * slot - 4, mask_lo=(3 << 4) * 0x10001, shift_hi=slot - 6, mask_hi=(1 << 6) * 0x10001,
+                exp=((25 - 4) << 10) * 0x10001, offset=64)
+
+
+@gluon.jit
+def _spread_high(high, chunk):
+    """uint3's high plane for low chunk ``chunk`` (a high chunk covers two: its low or high 16 bits), with
+    slots 8-15 moved up 8 bits, so slot ``s`` and ``s + 8`` sit 16 bits apart like the low plane's pair."""
+    high = high >> ((chunk % 2) * 16)  # arithmetic: the bits it smears in are masked off
+    return (high & 0xFF) | ((high & 0xFF00) << 8)
+
+
+@gluon.jit
+def _decode_slot3(words, high, S: gl.constexpr):
+    """uint3's slot pair ``S`` as an fp16 pair ``64 + code``: the low plane's two bits to mantissa bits 4-5,
+    the spread high plane's bit to bit 6, one shift and one ``lop3`` a plane (:func:`slot3_constants`)."""
+    SHIFT_LO: gl.constexpr = 2 * S - 4
+    SHIFT_HI: gl.constexpr = S - 6
+    LO_OP: gl.constexpr = "shr.u32" if SHIFT_LO >= 0 else "shl.b32"
+    HI_OP: gl.constexpr = "shr.u32" if SHIFT_HI >= 0 else "shl.b32"
+    return gl.inline_asm_elementwise(
+        asm=f"""{{
+        .reg .b32 t, u;
+        {LO_OP} t, $1, {SHIFT_LO if SHIFT_LO >= 0 else -SHIFT_LO};
+        lop3.b32 t, t, {(3 << 4) * 0x10001}, {((25 - 4) << 10) * 0x10001}, 0xea;
+        {HI_OP} u, $2, {SHIFT_HI if SHIFT_HI >= 0 else -SHIFT_HI};
+        lop3.b32 $0, u, {(1 << 6) * 0x10001}, t, 0xea;
+        }}""",
+        constraints="=r,r,r", args=[words, high], dtype=gl.int32, is_pure=True, pack=1)
+
+
 @gluon.jit
 def _group_index(chunk, STEP_I: gl.constexpr, group_size, SLOTS: gl.constexpr, SPG: gl.constexpr, STEP: gl.constexpr):
     """The groups that step ``STEP_I`` of ``chunk`` reads: its low slots' and its high slots'."""
@@ -209,8 +245,11 @@ def _stage(x_row, k0, n_here, K, xs, offset_sums, x_sums, NUM_WARPS: gl.constexp
     k = k0 + c * CHUNK + (step * STEP + half * HALF) * RUN + i
     ok = c < n_here if EVEN_K else (c < n_here) & (k < K)
     x = gl.load(x_row + k, mask=ok, other=0.0).to(gl.float32)
-    offset = (1 << (WIN - (BITS * (step * STEP + i // RUN)) % WIN)).to(gl.float32)  # 2**(10 - P) of the slot
-    offset_sums.store(gl.sum(x * offset, axis=3))
+    if BITS == 3:  # every slot at P = 4
+        offset_sums.store(gl.sum(x * 64.0, axis=3))
+    else:
+        offset = (1 << (WIN - (BITS * (step * STEP + i // RUN)) % WIN)).to(gl.float32)  # 2**(10 - P) of the slot
+        offset_sums.store(gl.sum(x * offset, axis=3))
     x_sums.store(gl.sum(x, axis=3))
 
 
@@ -244,10 +283,11 @@ def _lanes(num_warps):
 
 
 @gluon.jit
-def _step(words, xs, offset_sums, x_sums, acc, y_acc, correction, s_lo, s_hi, z_lo, z_hi, STEP_I: gl.constexpr, NUM_WARPS: gl.constexpr,
-          BLOCK_N: gl.constexpr, BITS: gl.constexpr, STEP: gl.constexpr, SCALE_AFTER: gl.constexpr):
+def _step(words, high, xs, offset_sums, x_sums, acc, y_acc, correction, s_lo, s_hi, z_lo, z_hi, STEP_I: gl.constexpr,
+          NUM_WARPS: gl.constexpr, BLOCK_N: gl.constexpr, BITS: gl.constexpr, STEP: gl.constexpr, SCALE_AFTER: gl.constexpr):
     """Step ``STEP_I`` of one chunk (``STEP`` slot pairs that read the same two groups, scales ``s_lo``,
-    ``s_hi`` and zero points ``z_lo``, ``z_hi`` in fp32): its MMAs on the chunk's ``words``, activation
+    ``s_hi`` and zero points ``z_lo``, ``z_hi`` in fp32): its MMAs on the chunk's ``words`` (uint3: and its
+    spread ``high`` plane; other layouts ignore it), activation
     pairs ``xs`` and offset and activation sums; the group-scaled row sums added to ``y_acc``, or with
     one scale per row (``SCALE_AFTER``) the sums left in ``acc`` and the offsets in ``correction``."""
     layout: gl.constexpr = _words_layout(NUM_WARPS)
@@ -269,7 +309,10 @@ def _step(words, xs, offset_sums, x_sums, acc, y_acc, correction, s_lo, s_hi, z_
         acc = gl.where(cols % 8 < 2, gl.where(cols % 2 == 0, fix_lo, fix_hi), 0.0)
     for j in gl.static_range(STEP):
         b = xs.slice(STEP_I * STEP + j, 1).load(layout)
-        a = _decode_slot(words, STEP_I * STEP + j, BITS)
+        if BITS == 3:
+            a = _decode_slot3(words, high, STEP_I * STEP + j)
+        else:
+            a = _decode_slot(words, STEP_I * STEP + j, BITS)
         acc = gl.inline_asm_elementwise(asm=MMA_ASM, constraints=MMA_CONSTRAINTS, args=[a, b, acc],
                                         dtype=gl.float32, is_pure=True, pack=16)
     if not SCALE_AFTER:
@@ -292,8 +335,8 @@ def _grid_dependency(WAIT: gl.constexpr):
 
 @gluon.jit
 def _gemv_mma_kernel(
-    x_ptr, w_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
-    N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_xm, stride_ym,
+    x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
+    N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_hn, stride_xm, stride_ym,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
     PDL: gl.constexpr,
@@ -315,8 +358,12 @@ def _gemv_mma_kernel(
     last = gl.minimum(first + per_split, n_chunks)
     rows3, row_ok3 = rows[:, :, None], row_ok[:, :, None]
     w_rows = w_ptr + rows3 * stride_wn + cols
+    h_rows = hi_ptr + rows3 * stride_hn + cols  # uint3's high plane: a word covers two chunks
     start = gl.minimum(first, n_chunks - 1)
     next_words = gl.load(w_rows + start * RUN, mask=row_ok3, other=0)
+    next_high = next_words
+    if BITS == 3:
+        next_high = gl.load(h_rows + start // 2 * RUN, mask=row_ok3, other=0)
     next_values = _group_values(scale_ptr, zero_ptr, rows3, row_ok3, start, 0, n_groups, stride_sn, stride_sg, group_size,
                                 zero_const, HAS_ZERO, SLOTS, SPG, STEP)
     if PDL:  # the weights' loads are out: wait for the previous kernel, then let the next one's programs in
@@ -340,6 +387,10 @@ def _gemv_mma_kernel(
         words = next_words
         following = gl.minimum(chunk + 1, last - 1)
         next_words = gl.load(w_rows + following * RUN, mask=row_ok3, other=0)
+        high = next_high
+        if BITS == 3:
+            high = _spread_high(high, chunk)
+            next_high = gl.load(h_rows + following // 2 * RUN, mask=row_ok3, other=0)
         for step in gl.static_range(N_STEPS):
             if not SCALE_AFTER:  # with one group per row, its values (loaded before the loop) serve every step
                 s_lo, s_hi, z_lo, z_hi = next_values
@@ -349,7 +400,7 @@ def _gemv_mma_kernel(
                 else:
                     next_values = _group_values(scale_ptr, zero_ptr, rows3, row_ok3, following, 0, n_groups, stride_sn,
                                                 stride_sg, group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
-            acc, y_acc, correction = _step(words, xs.index(chunk - first), offset_sums.index(chunk - first), x_sums.index(chunk - first),
+            acc, y_acc, correction = _step(words, high, xs.index(chunk - first), offset_sums.index(chunk - first), x_sums.index(chunk - first),
                                            acc, y_acc, correction, s_lo, s_hi, z_lo, z_hi, step, NUM_WARPS, BLOCK_N, BITS, STEP, SCALE_AFTER)
     # every lane t holds the same columns: a row's sum over the thread's words and the 4 lanes is 4 y
     if SCALE_AFTER:
@@ -521,7 +572,7 @@ def _gemv_tma_kernel(
                 if not SCALE_AFTER:
                     g_lo, g_hi = _group_index(first + i, step, group_size, SLOTS, SPG, STEP)
                     s_lo, s_hi, z_lo, z_hi = _shared_values(s_groups, z_groups, g_lo - g0, g_hi - g0, zero_const, HAS_ZERO, rows_layout)
-                acc, y_acc, correction = _step(words, xs.index(i), offset_sums.index(i), x_sums.index(i), acc, y_acc, correction,
+                acc, y_acc, correction = _step(words, words, xs.index(i), offset_sums.index(i), x_sums.index(i), acc, y_acc, correction,
                                                s_lo, s_hi, z_lo, z_hi, step, NUM_WARPS, BLOCK_N, BITS, STEP, SCALE_AFTER)
         if SCALE_AFTER:
             y = (gl.sum(acc, axis=2) * 0.25 + gl.sum(correction, axis=2)) * gl.sum(s_lo, axis=2)
@@ -598,7 +649,7 @@ def tma_config(pw: PackedWeight) -> GemvMmaConfig | None:
     The register cap did not matter (W1 at 80, 104 and 128 registers within 0.1 us at 8192^2)."""
     bits = lm.CODE_BITS[pw.layout]
     long_k = lm.long_k(pw)
-    if pw.n_groups == 1 or (bits == 4 and long_k):
+    if pw.n_groups == 1 or (bits == 4 and long_k) or bits == 3:  # uint3: plain loads only (its high plane)
         return None
     if bits == 4:
         return GemvMmaConfig(block_n=128, num_warps=4, split_k=4, stages=2)
@@ -643,7 +694,7 @@ def _saved_or_rule(pw: PackedWeight, key: tuple) -> GemvMmaConfig:
 def gemv_mma(x: torch.Tensor, pw: PackedWeight, config: GemvMmaConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T`` for a few rows (at most ``GEMV_MAX_M``), into ``out`` if given."""
     if not lm.gemv_mma_fits(pw, x.dtype):
-        raise ValueError(f"gemv_mma takes fp16 activations and layouts {lm.PAIR_LAYOUTS} with run {lm.GEMV_MMA_RUN}; "
+        raise ValueError(f"gemv_mma takes fp16 activations and layouts {lm.GEMV_MMA_LAYOUTS} with run {lm.GEMV_MMA_RUN}; "
                          f"got {x.dtype}, {pw.layout}, run {pw.run}")
     config = config or config_for(pw)
     kernel, sizes, consts = pw.memo(("gemv_mma", config), lambda: _launch_spec(pw, config), shared=True)
@@ -661,8 +712,8 @@ def gemv_mma(x: torch.Tensor, pw: PackedWeight, config: GemvMmaConfig | None = N
 
 def _weight_args(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     """The kernel's weight arguments: TMA descriptors, or the tensors (kept per weight: they hold its tensors)."""
-    words, _, scale, zero = lm.kernel_tensors(pw)
-    return _descriptors(pw, words, scale, zero, config) if config.stages else (words, scale, zero)
+    words, high, scale, zero = lm.kernel_tensors(pw)
+    return _descriptors(pw, words, scale, zero, config) if config.stages else (words, high, scale, zero)
 
 
 def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
@@ -670,7 +721,7 @@ def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     (:meth:`PackedWeight.memo`, shared: it holds no tensor): the kernel, sizes and compile-time constants."""
     if config.block_n % (16 * config.num_warps):
         raise ValueError(f"block_n must be a multiple of 16 * num_warps = {16 * config.num_warps}, got {config.block_n}")
-    words, _, scale, zero = lm.kernel_tensors(pw)
+    words, high, scale, zero = lm.kernel_tensors(pw)
     n_chunks = words.shape[1] // pw.run
     pdl = config.pdl and lm.has_pdl(words.device)
     consts = dict(
@@ -681,8 +732,8 @@ def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     )
     if config.stages:
         if not tma_fits(pw, config):
-            raise ValueError(f"stages={config.stages} (TMA) needs a Hopper GPU, 16-byte aligned words, scales and zero points "
-                             f"and at most {MAX_GROUP_BOX} groups a split; use stages=0 here")
+            raise ValueError(f"stages={config.stages} (TMA) needs a Hopper GPU, 16-byte aligned words, scales and zero points, "
+                             f"at most {MAX_GROUP_BOX} groups a split and one plane of words (not uint3); use stages=0 here")
         if config.route and not routes(pw):
             raise ValueError(f"route=True needs four groups in a chunk half (group_size = {pw.chunk // 8}); got {pw.group_size}")
         sizes = (pw.n, pw.k, n_chunks, pw.group_size, pw.zero_const)
@@ -690,7 +741,7 @@ def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
         return _gemv_tma_kernel, sizes, consts
     if config.route:
         raise ValueError("route=True runs on the TMA feed only (stages > 0)")
-    sizes = (pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const, words.stride(0))
+    sizes = (pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const, words.stride(0), high.stride(0))
     return _gemv_mma_kernel, sizes, consts
 
 
@@ -714,7 +765,7 @@ def group_box(pw: PackedWeight, config: GemvMmaConfig) -> int:
 def tma_fits(pw: PackedWeight, config: GemvMmaConfig) -> bool:
     """The TMA GEMV runs on Hopper with 16-byte aligned rows of words and of the group-major scales and
     zero points, at most :data:`MAX_GROUP_BOX` groups a split."""
-    if not lm.is_hopper(pw.words.device):
+    if not lm.is_hopper(pw.words.device) or pw.high is not None:
         return False
     words, _, scale, zero = lm.kernel_tensors(pw)
     aligned = lambda t, strides: t.data_ptr() % 16 == 0 and strides[1] == 1 and strides[0] * t.element_size() % 16 == 0  # noqa: E731

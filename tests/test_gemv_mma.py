@@ -11,7 +11,8 @@ import torch
 
 from qkernels import lowbit_matmul as lm
 from qkernels.gemv_mma import (
-    WINDOW, GemvMmaConfig, _by_group, config_for, default_config, gemv_mma, group_box, mma_asm, routes, slot_constants, tma_config,
+    WINDOW, GemvMmaConfig, _by_group, config_for, default_config, gemv_mma, group_box, mma_asm, routes, slot3_constants, slot_constants,
+    tma_config,
 )
 from qkernels.pack import pack_weight
 
@@ -40,6 +41,26 @@ def test_slot_pairs_decode_to_offset_plus_code_exactly(bits: int) -> None:
             assert torch.equal(half_value(v >> (16 * half)), c["offset"] + code.float()), (s, half)
         shifts.add(c["shift"])
     assert len(shifts) == 16 // WINDOW[bits]  # one shift per window of a half word
+
+
+def test_uint3_slot_pairs_decode_to_64_plus_code_exactly() -> None:
+    """``_decode_slot3`` on packed uint3 (the low plane's word, the high plane's word for two chunks, spread as in
+    ``_spread_high``), emulated: per half the fp16 ``64 + code`` of slot ``s`` and ``s + 8`` of either chunk."""
+    torch.manual_seed(3)
+    codes = torch.randint(0, 8, (4, 2 * 16 * lm.GEMV_MMA_RUN))  # two chunks of 512 codes: one high chunk
+    pw = pack_weight(codes, torch.rand(4, 8).half(), None, "uint3", 128, zero_const=3.5, run=lm.GEMV_MMA_RUN)
+    run = lm.GEMV_MMA_RUN
+    for chunk in range(2):
+        words = pw.words[:, chunk * run:(chunk + 1) * run].long() & 0xFFFFFFFF
+        high = (pw.high[:, :run].long() & 0xFFFFFFFF) >> (16 * chunk)
+        spread = (high & 0xFF) | ((high & 0xFF00) << 8)
+        for s in range(8):
+            c = slot3_constants(s)
+            shift = lambda v, n: v >> n if n >= 0 else (v << -n) & 0xFFFFFFFF  # noqa: E731
+            v = (shift(words, c["shift_lo"]) & c["mask_lo"] | c["exp"]) | (shift(spread, c["shift_hi"]) & c["mask_hi"])
+            for half, slot in ((0, s), (1, s + 8)):
+                code = codes[:, chunk * 512 + slot * run:chunk * 512 + (slot + 1) * run].float()
+                assert torch.equal(half_value(v >> (16 * half)), c["offset"] + code), (chunk, s, half)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
@@ -78,10 +99,11 @@ def test_mma_operand_map() -> None:
 def test_rejects_what_it_cannot_take() -> None:
     codes = torch.randint(0, 8, (8, 256))
     scale = torch.rand(8, 2).half()
-    uint3 = pack_weight(codes, scale, None, "uint3", 128, zero_const=3.5)
+    uint3 = pack_weight(codes, scale, None, "uint3", 128, zero_const=3.5)  # a run of 8 (K = 256)
     assert not lm.gemv_mma_fits(uint3, torch.float16)
-    with pytest.raises(ValueError, match="uint3"):
+    with pytest.raises(ValueError, match="run 8"):
         gemv_mma(torch.randn(1, 256, dtype=torch.float16), uint3)
+    assert lm.gemv_mma_fits(pack_weight(codes, scale, None, "uint3", 128, zero_const=3.5, run=32), torch.float16)
     half_zeros = pack_weight(codes % 4, scale, None, "uint2", 128, zero_const=1.5, run=32)
     assert lm.gemv_mma_fits(half_zeros, torch.float16)  # any zero point: they come off in fp32
     assert not lm.gemv_mma_fits(pack_weight(codes % 4, scale, None, "uint2", 128, zero_const=1.5, run=16), torch.float16)
@@ -119,7 +141,8 @@ def test_dispatch_at_batch_1(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     "layout,top,group,zeros",
     [("uint4", 15, 128, "integer"), ("uint2", 3, 128, "integer"), ("uint2", 3, 128, "float"), ("uint2", 2, None, 1.0),
-     ("uint2", 3, 64, "float"), ("uint1", 1, 128, "integer"), ("uint1", 1, 128, 0.5), ("uint1", 1, None, 0.5)],
+     ("uint2", 3, 64, "float"), ("uint1", 1, 128, "integer"), ("uint1", 1, 128, 0.5), ("uint1", 1, None, 0.5),
+     ("uint3", 7, 128, "integer"), ("uint3", 7, 128, 3.5), ("uint3", 7, None, 3.5)],
 )
 @pytest.mark.parametrize("n,k", [(200, 1152), (64, 4096)])
 def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: int | None, zeros: str | float, n: int, k: int) -> None:
@@ -134,7 +157,7 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     x = torch.randn(3, k, device="cuda", dtype=torch.float16)
     ref = lm.reference_matmul(x, pw).float()
     configs = [None, GemvMmaConfig(128, 8, 2), GemvMmaConfig(32, 2, 1), GemvMmaConfig(64, 4, 8, maxnreg=None), GemvMmaConfig(pdl=True)]
-    if lm.is_hopper(x.device):  # the TMA feed: every chunk in flight, and a ring that refills (1 and 2 stages)
+    if lm.is_hopper(x.device) and pw.high is None:  # the TMA feed: every chunk in flight, and a ring that refills (1 and 2 stages)
         configs += [GemvMmaConfig(128, 8, 2, stages=4), GemvMmaConfig(64, 4, 1, stages=1), GemvMmaConfig(32, 2, 2, stages=2)]
         if routes(pw):  # four groups a chunk half in their own MMA columns
             configs += [GemvMmaConfig(64, 4, 2, stages=2, route=True), GemvMmaConfig(128, 8, 1, stages=1, route=True),
