@@ -622,9 +622,13 @@ def default_config(pw: PackedWeight) -> GemvMmaConfig:
     the best of three configs for W1, W2 and ternary at 8192^2 and 28672x8192). More rows than K
     (4096x14336 and 8192x28672): 2 K splits of 64-row tiles (W1 11.7 and 35.0 against 13.3 and 36.0
     at 4 splits), for ternary-like weights (one scale per row, fewer registers) 128-row tiles on 4
-    warps (10.6 and 31.3 against 12.6 and 34.4)."""
+    warps (10.6 and 31.3 against 12.6 and 34.4). W3 (H200, session 16): 4 K splits of 64-row tiles
+    but for a long K (8192^2 17.6 us against 17.9 for 128-row tiles; 4096x14336 17.0 against 17.6 at
+    2 splits; 28672x8192 51.2 against 52.4; 8192x28672 51.0 against 50.8)."""
     if lm.long_k(pw):
         return GemvMmaConfig(block_n=64, num_warps=4, split_k=8)
+    if lm.CODE_BITS[pw.layout] == 3:
+        return GemvMmaConfig(block_n=64, num_warps=4, split_k=4)
     if pw.n <= pw.k:
         return GemvMmaConfig(block_n=128, num_warps=8, split_k=4)
     if pw.n_groups == 1:

@@ -149,7 +149,9 @@ GEMV_MMA_RUN = 32  # the tensor-core GEMV's words per row and chunk (qkernels/ge
 # 16.0 against 19.2); elsewhere it tied or lost (28672x8192: 66.0 against 52.3) and keeps the pair GEMV.
 # On Hopper GPUs grouped W4 takes it at every shape: on an H200 (session 12, with its TMA feed) it beat the pair
 # GEMV at all seven (8192^2: 13.3 us against 15.9; 28672x8192: 40.8 against 43.8; 8192x28672: 38.1 against 48.8).
-GEMV_MMA_KEYS = {("uint1", True), ("uint2", True), ("uint2", False)}
+# Grouped W3 too (H200, session 16, its plain-load branch against the pair GEMV; us): 8192^2 17.6 against 20.3,
+# 14336x4096 17.2 against 18.3, 4096x14336 17.0 against 21.4, 8192x28672 51.0 against 66.5, 28672x8192 51.2 against 59.9.
+GEMV_MMA_KEYS = {("uint1", True), ("uint2", True), ("uint2", False), ("uint3", True)}
 
 
 def long_k(pw: PackedWeight) -> bool:

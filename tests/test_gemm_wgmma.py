@@ -174,7 +174,7 @@ def test_dispatch_above_the_gemv_and_mma_rows_on_hopper(monkeypatch: pytest.Monk
     assert [lm.pick_path(m, w1, cuda) for m in (8, 9, 1024)] == ["mma", "wgmma", "wgmma"]
     assert [lm.pick_path(m, ternary, cuda) for m in (8, 9, 1024)] == ["mma", "wgmma", "wgmma"]
     assert [lm.pick_path(m, pw, cuda, torch.bfloat16) for m in (9, 1024)] == ["gemm", "dequant"]
-    assert [lm.pick_path(m, uint3, cuda) for m in (1, 8, 9, 256, 257, 1024)] == ["gemv", "gemv", "wgmma", "wgmma", "dequant", "dequant"]
+    assert [lm.pick_path(m, uint3, cuda) for m in (2, 8, 9, 256, 257, 1024)] == ["gemv", "gemv", "wgmma", "wgmma", "dequant", "dequant"]
     assert lm.pick_path(1024, pw, torch.device("cpu")) == "torch"
 
 

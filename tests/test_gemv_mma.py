@@ -123,10 +123,13 @@ def test_dispatch_at_batch_1(monkeypatch: pytest.MonkeyPatch) -> None:
     w4_long_k = pack_weight(codes * 15, torch.rand(64, 8).half(), torch.randint(0, 16, (64, 8)).half(), "uint4", 128, run=32)
     w4 = pack_weight(torch.randint(0, 16, (256, 256)), torch.rand(256, 2).half(), torch.randint(0, 16, (256, 2)).half(), "uint4", 128, run=32)
     w2 = pack_weight(codes * 3, torch.rand(64, 8).half(), None, "uint2", 128, zero_const=1.5, run=32)
+    w3 = pack_weight(codes * 7, torch.rand(64, 8).half(), None, "uint3", 128, zero_const=3.5, run=32)
     monkeypatch.setattr(lm, "is_hopper", lambda device: False)
-    assert [lm.pick_path(1, w, cuda) for w in (w1, w2, ternary, w4_long_k, w4)] == ["gemv_mma"] * 4 + ["gemv"]
+    assert [lm.pick_path(1, w, cuda) for w in (w1, w2, w3, ternary, w4_long_k, w4)] == ["gemv_mma"] * 5 + ["gemv"]
     monkeypatch.setattr(lm, "is_hopper", lambda device: True)
-    assert [lm.pick_path(1, w, cuda) for w in (w1, w2, ternary, w4_long_k, w4)] == ["gemv_mma"] * 5
+    assert [lm.pick_path(1, w, cuda) for w in (w1, w2, w3, ternary, w4_long_k, w4)] == ["gemv_mma"] * 6
+    assert tma_config(w3) is None  # uint3: plain loads (its high plane)
+    assert default_config(w3) == GemvMmaConfig(64, 4, 8) and default_config(replace(w3, n=1024)) == GemvMmaConfig(64, 4, 4)  # long K
     monkeypatch.undo()
     assert lm.pick_path(2, w1, cuda) != "gemv_mma" and lm.pick_path(1, w1, cuda, torch.bfloat16) != "gemv_mma"
     square = pack_weight(torch.randint(0, 2, (1024, 1024)), torch.rand(1024, 8).half(), None, "uint1", 128, zero_const=1.0)
