@@ -1,6 +1,6 @@
-"""Batch-1 GEMV on ``mma.sync`` tensor cores (Gluon): the dispatcher's path for grouped W1 and W2 and ternary.
+"""Batch-1 GEMV on ``mma.sync`` tensor cores (Gluon): the dispatcher's path for grouped W1, W2 and W3 and ternary.
 
-For fp16 activations and the ``uint1``/``uint2``/``uint4`` layouts with a run of 32, any scales and zero
+For fp16 activations and the ``uint1``/``uint2``/``uint3``/``uint4`` layouts with a run of 32, any scales and zero
 points (:func:`qkernels.lowbit_matmul.gemv_mma_fits`); one program per activation row, like the
 fp16-pair GEMV. H100, steady state, batch 1 (session 9, bench/results/kernel_latency_h100.md): faster
 than the fp16-pair GEMV for grouped W1 and W2 and for ternary; for grouped W4 only with a long K and
@@ -42,6 +42,12 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
   ``t`` of each half) and the group values, offsets and zero points are applied once a chunk instead of
   once per step (:func:`_route_chunks`; 93 registers for W1 instead of 127). H200: W1 8192^2 10.6 us
   against 11.5.
+
+* uint3 (a two-bit plane and a one-bit plane whose chunks cover two of the low plane's): every slot pair at
+  ``P = 4`` (offset 64), the low plane's two bits and the high plane's bit (slots 8-15 moved up 8 bits
+  once a chunk, :func:`_spread_high`) each placed by one shift and one ``lop3`` (:func:`_decode_slot3`);
+  plain loads only (no TMA feed for the second plane). H200, batch 1 (session 16): 8192^2 17.7 us against
+  20.1 on the fp16-pair GEMV and 28.8 on the fp32 one; W4 on its TMA feed takes 13.2.
 
 * Programmatic dependent launch (``pdl``, compute capability 9.0 and above; off by default): each
   program issues its first weight loads, waits for the previous kernel (``griddepcontrol.wait``), then
