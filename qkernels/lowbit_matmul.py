@@ -998,6 +998,13 @@ def is_hopper(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] == 9
 
 
+@functools.lru_cache(maxsize=None)
+def before_ampere(device: torch.device) -> bool:
+    """A CUDA GPU older than Ampere (compute capability below 8.0: V100, T4), which has no ``mma.sync`` of
+    shape m16n8k16, the tensor-core GEMV's instruction."""
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] < 8
+
+
 def has_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch (``griddepcontrol``): compute capability 9.0 and above."""
     return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 9
@@ -1190,7 +1197,7 @@ def reference_matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 
 def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype = torch.float16) -> str:
     """``torch`` off CUDA; else by batch: ``gemv_mma`` at batch 1 where :func:`gemv_mma_preferred` and it
-    fits; ``mma`` where it fits and was faster on the H100 (batch 1 only for :data:`MMA_AT_BATCH_1`
+    fits (not :func:`before_ampere`); ``mma`` where it fits and was faster on the H100 (batch 1 only for :data:`MMA_AT_BATCH_1`
     where the fp16-pair GEMV does not fit, above 16 rows only for :data:`MMA_AUTO_ROWS`; where the wgmma
     GEMM runs, below :data:`WGMMA_MIN_M` rows), ``gemv`` for a few rows; above those, on a Hopper GPU, ``wgmma``
     where it fits and :func:`wgmma_preferred`; elsewhere ``gemm`` for mid batches, ``dequant`` beyond."""
@@ -1198,7 +1205,7 @@ def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype
         return "torch"
     wgmma_ok = is_hopper(device) and wgmma_fits(pw, dtype) and wgmma_preferred(m, pw)
     rows = WGMMA_MIN_M - 1 if wgmma_ok else MMA_AUTO_ROWS.get(gemv_key(pw), MMA_AUTO_MAX_M)
-    if m == 1 and gemv_mma_preferred(pw, is_hopper(device)) and gemv_mma_fits(pw, dtype):
+    if m == 1 and gemv_mma_preferred(pw, is_hopper(device)) and gemv_mma_fits(pw, dtype) and not before_ampere(device):
         return "gemv_mma"
     mma_at_1 = gemv_key(pw) in MMA_AT_BATCH_1 and not pairs_fit(pw, dtype)
     if mma_fits(pw, dtype) and m <= rows and (m > 1 or mma_at_1):

@@ -26,7 +26,7 @@ so padded codes never contribute.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -231,6 +231,15 @@ def concat_packed(weights: list[PackedWeight]) -> PackedWeight:
         group_major(cat([pw.scale for pw in weights])), None if zero is None else group_major(zero), first.zero_const,
         sum(pw.n for pw in weights), first.k, first.run, first.group_size, min(pw.zero_grid for pw in weights),
     )
+
+
+def slice_rows(pw: PackedWeight, start: int, stop: int) -> PackedWeight:
+    """Rows ``start:stop`` of a packed weight (views: rows are packed independently), e.g. to dequantize a large
+    weight a block of rows at a time."""
+    if not 0 <= start < stop <= pw.n:
+        raise ValueError(f"rows {start}:{stop} are not a non-empty range within the weight's {pw.n} rows")
+    rows = lambda t: None if t is None else t[start:stop]  # noqa: E731
+    return replace(pw, words=rows(pw.words), high=rows(pw.high), scale=rows(pw.scale), zero=rows(pw.zero), n=stop - start, plans={})
 
 
 def zero_grid(zero: torch.Tensor | None, zero_const: float) -> float:

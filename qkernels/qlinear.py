@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from qkernels.lowbit_matmul import lowbit_matmul
-from qkernels.pack import PackedWeight, concat_packed, dequantize_packed, layout_for_bits, pack_weight
+from qkernels.pack import PackedWeight, concat_packed, dequantize_packed, layout_for_bits, pack_weight, slice_rows
 from methods.common.formats import FormatError, IntFormat
 
 if TYPE_CHECKING:
@@ -54,12 +54,23 @@ def _keep_weight(ctx, inputs, output) -> None:
     ctx.fields, ctx.x_dtype = fields, x.dtype
 
 
+GRAD_BLOCK_ELEMENTS = 1 << 22  # weights dequantized at a time in the backward (fp32, with int64 code temporaries)
+
+
 def _grad_x(ctx, grad):
-    """``dL/dx = dL/dy @ W`` with W dequantized in fp32 (the weights are frozen codes: no gradient of their own)."""
+    """``dL/dx = dL/dy @ W`` with W dequantized in fp32 (the weights are frozen codes: no gradient of their own), a
+    block of rows at a time, so a large layer's backward holds :data:`GRAD_BLOCK_ELEMENTS` weights, not all of them."""
     words, high, scale, zero = ctx.saved_tensors
     layout, *rest = ctx.fields
-    weight = dequantize_packed(PackedWeight(layout, words, high, scale, zero, *rest), torch.float32)
-    return (grad.float() @ weight).to(ctx.x_dtype), *[None] * 12
+    pw = PackedWeight(layout, words, high, scale, zero, *rest)
+    grad = grad.float()
+    step = max(1, GRAD_BLOCK_ELEMENTS // pw.k)
+    grad_x = None
+    for start in range(0, pw.n, step):
+        stop = min(start + step, pw.n)
+        part = grad[..., start:stop] @ dequantize_packed(slice_rows(pw, start, stop), torch.float32)
+        grad_x = part if grad_x is None else grad_x.add_(part)
+    return grad_x.to(ctx.x_dtype), *[None] * 12
 
 
 lowbit_matmul_op.register_autograd(_grad_x, setup_context=_keep_weight)

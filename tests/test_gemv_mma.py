@@ -130,6 +130,8 @@ def test_dispatch_at_batch_1(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [lm.pick_path(1, w, cuda) for w in (w1, w2, w3, ternary, w4_long_k, w4)] == ["gemv_mma"] * 6
     assert tma_config(w3) is None  # uint3: plain loads (its high plane)
     assert default_config(w3) == GemvMmaConfig(64, 4, 8) and default_config(replace(w3, n=1024)) == GemvMmaConfig(64, 4, 4)  # long K
+    monkeypatch.setattr(lm, "before_ampere", lambda device: True)  # a V100 or T4: no m16n8k16 mma.sync
+    assert [lm.pick_path(1, w, cuda) for w in (w1, w2, w3, ternary, w4)] == ["gemv", "gemv", "gemv", "gemv", "gemv"]
     monkeypatch.undo()
     assert lm.pick_path(2, w1, cuda) != "gemv_mma" and lm.pick_path(1, w1, cuda, torch.bfloat16) != "gemv_mma"
     square = pack_weight(torch.randint(0, 2, (1024, 1024)), torch.rand(1024, 8).half(), None, "uint1", 128, zero_const=1.0)

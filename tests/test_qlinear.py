@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
 
 from bench.models import ModelBundle, find_blocks  # noqa: E402
 from qkernels.qlinear import QuantLinear, lowbit_matmul_op, pack_int_weight, quantize_linear_layers, restore_linear_layers  # noqa: E402
-from qkernels.pack import PackError, PackedWeight, dequantize_packed  # noqa: E402
+from qkernels import qlinear as qlinear_module  # noqa: E402
+from qkernels.pack import PackError, PackedWeight, dequantize_packed, slice_rows  # noqa: E402
 from methods.common.formats import FormatError, IntFormat  # noqa: E402
 
 
@@ -187,6 +188,25 @@ def test_gradients_flow_through_quant_linear_to_the_activations() -> None:
     torch.library.opcheck(lowbit_matmul_op, (x, pw.words, pw.high, pw.scale, pw.zero, pw.layout, float(pw.zero_const), pw.n, pw.k,
                                              pw.run, pw.group_size, float(pw.zero_grid), "auto"))
     assert not q(x.detach()).requires_grad and not any(t.requires_grad for t in q.buffers())
+
+
+def test_the_backward_dequantizes_a_block_of_rows_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With blocks of 5 rows (24 = 5 + 5 + 5 + 5 + 4) the gradient is the one-block gradient, and no block
+    dequantizes more than its rows."""
+    torch.manual_seed(1)
+    q = QuantLinear.from_linear(nn.Linear(96, 24), IntFormat(bits=3, group_size=32, symmetric=False))
+    x = torch.randn(3, 96, requires_grad=True)
+    upstream = torch.randn(3, 24)
+    (q(x) * upstream).sum().backward()
+    whole, x.grad = x.grad.clone(), None
+    sizes = []
+    dequantize = qlinear_module.dequantize_packed
+    monkeypatch.setattr(qlinear_module, "dequantize_packed", lambda pw, dtype: sizes.append(pw.n) or dequantize(pw, dtype))
+    monkeypatch.setattr(qlinear_module, "GRAD_BLOCK_ELEMENTS", 5 * 96)
+    (q(x) * upstream).sum().backward()
+    assert sizes == [5, 5, 5, 5, 4] and torch.allclose(x.grad, whole, atol=1e-5)
+    with pytest.raises(ValueError, match="rows 20:30"):
+        slice_rows(q.packed, 20, 30)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the kernels' forward)")
