@@ -45,9 +45,11 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
 
 * uint3 (a two-bit plane and a one-bit plane whose chunks cover two of the low plane's): every slot pair at
   ``P = 4`` (offset 64), the low plane's two bits and the high plane's bit (slots 8-15 moved up 8 bits
-  once a chunk, :func:`_spread_high`) each placed by one shift and one ``lop3`` (:func:`_decode_slot3`);
-  plain loads only (no TMA feed for the second plane). H200, batch 1 (session 16): 8192^2 17.7 us against
-  20.1 on the fp16-pair GEMV and 28.8 on the fp32 one; W4 on its TMA feed takes 13.2.
+  once a chunk, :func:`_spread_high`) each placed by one shift and one ``lop3`` (:func:`_decode_slot3`).
+  H200, batch 1 (session 16), plain loads: 8192^2 17.7 us against 20.1 on the fp16-pair GEMV and 28.8 on
+  the fp32 one; W4 on its TMA feed takes 13.2. The TMA feed also takes uint3 (each chunk's high-plane words
+  in a second ring beside its words: ``stages > 0``), written in session 16 without a GPU: not yet run,
+  so :func:`tma_config` keeps uint3 on the plain loads.
 
 * Programmatic dependent launch (``pdl``, compute capability 9.0 and above; off by default): each
   program issues its first weight loads, waits for the previous kernel (``griddepcontrol.wait``), then
@@ -431,15 +433,25 @@ def _shared_values(s_groups, z_groups, lo, hi, zero_const, HAS_ZERO: gl.constexp
 
 
 @gluon.jit
-def _refill(w_desc, w_smem, ready, i, first, n_here, row0, STAGES: gl.constexpr, XS_CHUNKS: gl.constexpr):
+def _fetch(w_desc, h_desc, w_smem, h_smem, ready, buf, chunk, row0, pred, BITS: gl.constexpr):
+    """Chunk ``chunk``'s words into buffer ``buf`` by TMA, and for uint3 (``BITS`` 3) its high plane's words
+    (a high chunk covers two chunks: ``chunk // 2``), both arriving on ``ready[buf]``."""
+    nbytes: gl.constexpr = w_desc.block_type.nbytes + (h_desc.block_type.nbytes if BITS == 3 else 0)
+    mbarrier.expect(ready.index(buf), nbytes, pred=pred)
+    tma.async_copy_global_to_shared(w_desc, [row0, chunk * RUN], ready.index(buf), w_smem.index(buf), pred=pred)
+    if BITS == 3:
+        tma.async_copy_global_to_shared(h_desc, [row0, chunk // 2 * RUN], ready.index(buf), h_smem.index(buf), pred=pred)
+
+
+@gluon.jit
+def _refill(w_desc, h_desc, w_smem, h_smem, ready, i, first, n_here, row0, STAGES: gl.constexpr, XS_CHUNKS: gl.constexpr,
+            BITS: gl.constexpr):
     """Once chunk ``i``'s words are in registers: where the split has more chunks than buffers, every warp
     is past its read, then chunk ``i + STAGES`` goes into the freed buffer."""
     if STAGES < XS_CHUNKS:
         gl.thread_barrier()
         refill = i + STAGES
-        buf = i % STAGES
-        mbarrier.expect(ready.index(buf), w_desc.block_type.nbytes, pred=refill < n_here)
-        tma.async_copy_global_to_shared(w_desc, [row0, (first + refill) * RUN], ready.index(buf), w_smem.index(buf), pred=refill < n_here)
+        _fetch(w_desc, h_desc, w_smem, h_smem, ready, i % STAGES, first + refill, row0, refill < n_here, BITS)
 
 
 @gluon.jit
@@ -466,7 +478,7 @@ def _route_chunks(w_desc, w_smem, ready, s_smem, z_smem, xs, offset_sums, x_sums
         buf = i % STAGES
         mbarrier.wait(ready.index(buf), (i // STAGES) & 1)
         words = w_smem.index(buf).reshape([P, 4, 2, RUN]).load(words4)
-        _refill(w_desc, w_smem, ready, i, first, n_here, row0, STAGES, XS_CHUNKS)
+        _refill(w_desc, w_desc, w_smem, w_smem, ready, i, first, n_here, row0, STAGES, XS_CHUNKS, BITS)
         acc = gl.zeros([P, 4, 2, RUN], gl.float32, words4)
         for s in gl.static_range(HALF):
             b = xs.index(i).slice(s, 1).load(words4)
@@ -488,7 +500,7 @@ def _route_chunks(w_desc, w_smem, ready, s_smem, z_smem, xs, offset_sums, x_sums
 
 @gluon.jit
 def _gemv_tma_kernel(
-    x_ptr, w_desc, s_desc, z_desc, y_ptr, partial_ptr, count_ptr, N, K, n_chunks, group_size, zero_const, stride_xm, stride_ym,
+    x_ptr, w_desc, h_desc, s_desc, z_desc, y_ptr, partial_ptr, count_ptr, N, K, n_chunks, group_size, zero_const, stride_xm, stride_ym,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
     STAGES: gl.constexpr, ROUTE: gl.constexpr, PDL: gl.constexpr,
@@ -518,12 +530,15 @@ def _gemv_tma_kernel(
 
     # the words: chunk i of the split in buffer i % STAGES, STAGES chunks ahead
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, RUN], w_desc.layout)
+    if BITS == 3:  # and the high plane's words of each chunk beside them
+        h_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, RUN], h_desc.layout)
+    else:
+        h_smem = w_smem
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
     for i in gl.static_range(STAGES):
-        mbarrier.expect(ready.index(i), w_desc.block_type.nbytes, pred=i < n_here)
-        tma.async_copy_global_to_shared(w_desc, [pid_n * BLOCK_N, (first + i) * RUN], ready.index(i), w_smem.index(i), pred=i < n_here)
+        _fetch(w_desc, h_desc, w_smem, h_smem, ready, i, first + i, pid_n * BLOCK_N, i < n_here, BITS)
     # the split's scales and zero points [GBOX, BLOCK_N], groups g0 .. g0 + GBOX - 1
     g0 = first * CHUNK // group_size
     values = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -573,12 +588,15 @@ def _gemv_tma_kernel(
             buf = i % STAGES
             mbarrier.wait(ready.index(buf), (i // STAGES) & 1)
             words = w_smem.index(buf).reshape([BLOCK_N // 2, 2, RUN]).load(layout)
-            _refill(w_desc, w_smem, ready, i, first, n_here, pid_n * BLOCK_N, STAGES, XS_CHUNKS)
+            high = words
+            if BITS == 3:
+                high = _spread_high(h_smem.index(buf).reshape([BLOCK_N // 2, 2, RUN]).load(layout), first + i)
+            _refill(w_desc, h_desc, w_smem, h_smem, ready, i, first, n_here, pid_n * BLOCK_N, STAGES, XS_CHUNKS, BITS)
             for step in gl.static_range(N_STEPS):
                 if not SCALE_AFTER:
                     g_lo, g_hi = _group_index(first + i, step, group_size, SLOTS, SPG, STEP)
                     s_lo, s_hi, z_lo, z_hi = _shared_values(s_groups, z_groups, g_lo - g0, g_hi - g0, zero_const, HAS_ZERO, rows_layout)
-                acc, y_acc, correction = _step(words, words, xs.index(i), offset_sums.index(i), x_sums.index(i), acc, y_acc, correction,
+                acc, y_acc, correction = _step(words, high, xs.index(i), offset_sums.index(i), x_sums.index(i), acc, y_acc, correction,
                                                s_lo, s_hi, z_lo, z_hi, step, NUM_WARPS, BLOCK_N, BITS, STEP, SCALE_AFTER)
         if SCALE_AFTER:
             y = (gl.sum(acc, axis=2) * 0.25 + gl.sum(correction, axis=2)) * gl.sum(s_lo, axis=2)
@@ -659,7 +677,7 @@ def tma_config(pw: PackedWeight) -> GemvMmaConfig | None:
     The register cap did not matter (W1 at 80, 104 and 128 registers within 0.1 us at 8192^2)."""
     bits = lm.CODE_BITS[pw.layout]
     long_k = lm.long_k(pw)
-    if pw.n_groups == 1 or (bits == 4 and long_k) or bits == 3:  # uint3: plain loads only (its high plane)
+    if pw.n_groups == 1 or (bits == 4 and long_k) or bits == 3:  # uint3: its TMA feed (both planes) not yet timed
         return None
     if bits == 4:
         return GemvMmaConfig(block_n=128, num_warps=4, split_k=4, stages=2)
@@ -742,10 +760,11 @@ def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     )
     if config.stages:
         if not tma_fits(pw, config):
-            raise ValueError(f"stages={config.stages} (TMA) needs a Hopper GPU, 16-byte aligned words, scales and zero points, "
-                             f"at most {MAX_GROUP_BOX} groups a split and one plane of words (not uint3); use stages=0 here")
-        if config.route and not routes(pw):
-            raise ValueError(f"route=True needs four groups in a chunk half (group_size = {pw.chunk // 8}); got {pw.group_size}")
+            raise ValueError(f"stages={config.stages} (TMA) needs a Hopper GPU, 16-byte aligned words, scales and zero points "
+                             f"and at most {MAX_GROUP_BOX} groups a split; use stages=0 here")
+        if config.route and (not routes(pw) or pw.high is not None):
+            raise ValueError(f"route=True needs one plane of words (not uint3) and four groups in a chunk half (group_size = "
+                             f"{pw.chunk // 8}); got {pw.layout} with group_size {pw.group_size}")
         sizes = (pw.n, pw.k, n_chunks, pw.group_size, pw.zero_const)
         consts.update(STAGES=config.stages, ROUTE=config.route)
         return _gemv_tma_kernel, sizes, consts
@@ -773,14 +792,14 @@ def group_box(pw: PackedWeight, config: GemvMmaConfig) -> int:
 
 
 def tma_fits(pw: PackedWeight, config: GemvMmaConfig) -> bool:
-    """The TMA GEMV runs on Hopper with 16-byte aligned rows of words and of the group-major scales and
-    zero points, at most :data:`MAX_GROUP_BOX` groups a split."""
-    if not lm.is_hopper(pw.words.device) or pw.high is not None:
+    """The TMA GEMV runs on Hopper with 16-byte aligned rows of words (both planes for uint3) and of the
+    group-major scales and zero points, at most :data:`MAX_GROUP_BOX` groups a split."""
+    if not lm.is_hopper(pw.words.device):
         return False
-    words, _, scale, zero = lm.kernel_tensors(pw)
+    words, high, scale, zero = lm.kernel_tensors(pw)
     aligned = lambda t, strides: t.data_ptr() % 16 == 0 and strides[1] == 1 and strides[0] * t.element_size() % 16 == 0  # noqa: E731
-    return (aligned(words, words.stride()) and aligned(scale, _by_group(scale)[1]) and aligned(zero, _by_group(zero)[1])
-            and group_box(pw, config) <= MAX_GROUP_BOX)
+    return (aligned(words, words.stride()) and aligned(high, high.stride()) and aligned(scale, _by_group(scale)[1])
+            and aligned(zero, _by_group(zero)[1]) and group_box(pw, config) <= MAX_GROUP_BOX)
 
 
 def _by_group(t: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -793,10 +812,11 @@ def _descriptors(pw: PackedWeight, words: torch.Tensor, scale: torch.Tensor, zer
     """TMA descriptors: the words in boxes of ``[block_n, 32]`` (128-byte swizzle), the group-major scales and
     zero points ``[n_groups, N]`` in boxes of ``[group_box, block_n]``."""
     w_box = [config.block_n, RUN.value]
-    w_desc = TensorDescriptor(words, list(words.shape), list(words.stride()), w_box,
-                              gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2))
+    w_layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+    w_desc = TensorDescriptor(words, list(words.shape), list(words.stride()), w_box, w_layout)
+    h_desc = w_desc if pw.high is None else TensorDescriptor(pw.high, list(pw.high.shape), list(pw.high.stride()), w_box, w_layout)
     s_box = [group_box(pw, config), config.block_n]
     s_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * scale.element_size(), rank=2)
     s_desc = TensorDescriptor(scale, *_by_group(scale), s_box, s_layout)
     z_desc = TensorDescriptor(zero, *_by_group(zero), s_box, s_layout)
-    return w_desc, s_desc, z_desc
+    return w_desc, h_desc, s_desc, z_desc

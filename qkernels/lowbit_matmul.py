@@ -142,7 +142,7 @@ PAIR_LAYOUTS = ("uint1", "uint2", "uint4")  # 16 bits hold a whole number of slo
 # cuBLAS, which wins at 1024 rows (8192^2: 242.7 us against 261.9).
 PAIR_GEMV_LAYOUTS = PAIR_LAYOUTS + ("uint3",)
 WGMMA_LAYOUTS = PAIR_LAYOUTS + ("uint3",)
-GEMV_MMA_LAYOUTS = PAIR_LAYOUTS + ("uint3",)  # uint3 on its plain loads (no TMA feed for the high plane)
+GEMV_MMA_LAYOUTS = PAIR_LAYOUTS + ("uint3",)
 GEMV_MMA_RUN = 32  # the tensor-core GEMV's words per row and chunk (qkernels/gemv_mma.py)
 # Batch 1 on the tensor-core GEMV (qkernels/gemv_mma.py) for these (layout, grouped) keys: H100, steady state,
 # seven layer shapes (session 9, bench/results/kernel_latency_h100.md): faster than the fp16-pair GEMV at all

@@ -128,7 +128,7 @@ def test_dispatch_at_batch_1(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [lm.pick_path(1, w, cuda) for w in (w1, w2, w3, ternary, w4_long_k, w4)] == ["gemv_mma"] * 5 + ["gemv"]
     monkeypatch.setattr(lm, "is_hopper", lambda device: True)
     assert [lm.pick_path(1, w, cuda) for w in (w1, w2, w3, ternary, w4_long_k, w4)] == ["gemv_mma"] * 6
-    assert tma_config(w3) is None  # uint3: plain loads (its high plane)
+    assert tma_config(w3) is None  # uint3: plain loads (its TMA feed not yet timed)
     assert default_config(w3) == GemvMmaConfig(64, 4, 8) and default_config(replace(w3, n=1024)) == GemvMmaConfig(64, 4, 4)  # long K
     monkeypatch.setattr(lm, "before_ampere", lambda device: True)  # a V100 or T4: no m16n8k16 mma.sync
     assert [lm.pick_path(1, w, cuda) for w in (w1, w2, w3, ternary, w4)] == ["gemv", "gemv", "gemv", "gemv", "gemv"]
@@ -162,7 +162,7 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     x = torch.randn(3, k, device="cuda", dtype=torch.float16)
     ref = lm.reference_matmul(x, pw).float()
     configs = [None, GemvMmaConfig(128, 8, 2), GemvMmaConfig(32, 2, 1), GemvMmaConfig(64, 4, 8, maxnreg=None), GemvMmaConfig(pdl=True)]
-    if lm.is_hopper(x.device) and pw.high is None:  # the TMA feed: every chunk in flight, and a ring that refills (1 and 2 stages)
+    if lm.is_hopper(x.device):  # the TMA feed: every chunk in flight, and a ring that refills (1 and 2 stages)
         configs += [GemvMmaConfig(128, 8, 2, stages=4), GemvMmaConfig(64, 4, 1, stages=1), GemvMmaConfig(32, 2, 2, stages=2)]
         if routes(pw):  # four groups a chunk half in their own MMA columns
             configs += [GemvMmaConfig(64, 4, 2, stages=2, route=True), GemvMmaConfig(128, 8, 1, stages=1, route=True),
