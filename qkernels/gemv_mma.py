@@ -762,7 +762,7 @@ def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
         if not tma_fits(pw, config):
             raise ValueError(f"stages={config.stages} (TMA) needs a Hopper GPU, 16-byte aligned words, scales and zero points "
                              f"and at most {MAX_GROUP_BOX} groups a split; use stages=0 here")
-        if config.route and (not routes(pw) or pw.high is not None):
+        if config.route and not routes(pw):
             raise ValueError(f"route=True needs one plane of words (not uint3) and four groups in a chunk half (group_size = "
                              f"{pw.chunk // 8}); got {pw.layout} with group_size {pw.group_size}")
         sizes = (pw.n, pw.k, n_chunks, pw.group_size, pw.zero_const)
@@ -778,8 +778,9 @@ MAX_GROUP_BOX = 64  # groups a split of the TMA GEMV reads (its box of scales: 6
 
 
 def routes(pw: PackedWeight) -> bool:
-    """Four groups in each half of a chunk: the TMA GEMV can give each its own MMA columns (``route``)."""
-    return pw.n_groups > 1 and pw.group_size * 8 == pw.chunk
+    """Four groups in each half of a chunk, one plane of words: the TMA GEMV can give each group its own MMA
+    columns (``route``)."""
+    return pw.n_groups > 1 and pw.group_size * 8 == pw.chunk and pw.high is None
 
 
 def group_box(pw: PackedWeight, config: GemvMmaConfig) -> int:

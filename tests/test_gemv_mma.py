@@ -11,7 +11,7 @@ import torch
 
 from qkernels import lowbit_matmul as lm
 from qkernels.gemv_mma import (
-    WINDOW, GemvMmaConfig, _by_group, config_for, default_config, gemv_mma, group_box, mma_asm, routes, slot3_constants, slot_constants,
+    WINDOW, GemvMmaConfig, _by_group, _descriptors, config_for, default_config, gemv_mma, group_box, mma_asm, routes, slot3_constants, slot_constants,
     tma_config,
 )
 from qkernels.pack import pack_weight
@@ -129,6 +129,8 @@ def test_dispatch_at_batch_1(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lm, "is_hopper", lambda device: True)
     assert [lm.pick_path(1, w, cuda) for w in (w1, w2, w3, ternary, w4_long_k, w4)] == ["gemv_mma"] * 6
     assert tma_config(w3) is None  # uint3: plain loads (its TMA feed not yet timed)
+    w3_g64 = pack_weight(codes * 7, torch.rand(64, 16).half(), None, "uint3", 64, zero_const=3.5, run=32)
+    assert w3_g64.group_size * 8 == w3_g64.chunk and not routes(w3_g64)  # four groups a chunk half, but two planes
     assert default_config(w3) == GemvMmaConfig(64, 4, 8) and default_config(replace(w3, n=1024)) == GemvMmaConfig(64, 4, 4)  # long K
     monkeypatch.setattr(lm, "before_ampere", lambda device: True)  # a V100 or T4: no m16n8k16 mma.sync
     assert [lm.pick_path(1, w, cuda) for w in (w1, w2, w3, ternary, w4)] == ["gemv", "gemv", "gemv", "gemv", "gemv"]
@@ -247,6 +249,11 @@ def test_tma_feed_configs_and_group_boxes() -> None:
     assert not routes(w4) and not routes(packed("uint2", 3, 64, 512, 128)) and not routes(ternary)
     with pytest.raises(ValueError, match="stages=2 .*Hopper"):
         gemv_mma(torch.randn(1, 2048, dtype=torch.float16), w4, GemvMmaConfig(64, 4, 2, stages=2))
+    w3 = packed("uint3", 7, 64, 2048, 128)  # two planes: the high plane's words in boxes of their own, the same shape
+    w_desc, h_desc, _, _ = _descriptors(w3, w3.words, w3.scale, w3.scale, GemvMmaConfig(64, 4, 4, stages=2))
+    assert h_desc.base is w3.high and h_desc.block_shape == w_desc.block_shape == [64, 32] and h_desc.shape == [64, 64]
+    one_plane = _descriptors(w4, w4.words, w4.scale, w4.scale, GemvMmaConfig(64, 4, 4, stages=2))
+    assert one_plane[1] is one_plane[0]  # the words' descriptor stands in for the high plane's
     with pytest.raises(ValueError, match="route=True runs on the TMA feed only"):
         gemv_mma(torch.randn(1, 1024, dtype=torch.float16), packed("uint1", 1, 64, 1024, 128), GemvMmaConfig(64, 4, 2, route=True))
 
