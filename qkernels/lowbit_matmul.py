@@ -120,7 +120,10 @@ MMA_FOLD_MIN_M = 16  # above this many rows the MMA kernel folds scales and zero
 # 91.2 / 92.2 at 8192^2 against dequant + cuBLAS 113-120 at 128 (cuBLAS 50.4-50.9).
 MMA_AUTO_ROWS: dict[tuple[str, bool], int] = {("uint4", True): 128, ("uint2", True): 128, ("uint2", False): 128}
 MMA_SHARED_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (the H100 has 227 KiB)
-MMA_LAYOUTS = ("uint1", "uint2", "uint4")
+MMA_LAYOUTS = ("uint1", "uint2", "uint3", "uint4")
+# The dispatcher's: uint3 on the MMA kernel (_slot3_fp16, session 16) is right in the interpreter but not yet timed
+# on a GPU, so W3 keeps the pair GEMV at 2-8 rows and the wgmma GEMM or the GEMM above (path="mma" runs it)
+MMA_AUTO_LAYOUTS = ("uint1", "uint2", "uint4")
 # H100 (session 6): above 64 rows the GEMM's 128-row tiles took 214-250 us at 96 and 128 rows (8192^2) against
 # dequant + cuBLAS 113-120 at 128 rows, every kind; at 64 rows the GEMM won (83-85 vs 118).
 DEQUANT_MIN_M = 65
@@ -788,6 +791,16 @@ def _slot_fp16(words, SLOT: tl.constexpr, BITS: tl.constexpr, INTERPRET: tl.cons
     )
 
 
+def slot3_decode_constants(slot: int) -> dict[str, int]:
+    """The constants of ``_slot3_fp16``'s asm for uint3 slot ``slot`` (the same expressions): the low plane's as
+    for two-bit codes (:func:`slot_decode_constants`), the high plane's byte selector, its left shift (negative:
+    right) from bit ``slot % 8`` of its byte to bit ``P + 2``, and its mask."""
+    low = slot_decode_constants(slot, 2)
+    p = (2 * slot) % 8
+    byte_h, bit_h = divmod(slot, 8)
+    return dict(low, select_h=byte_h | ((4 + byte_h) << 8), shift_h=p + 2 - bit_h, mask_h=(1 << (p + 2)) * 0x10001)
+
+
 def slot_decode_constants(slot: int, bits: int) -> dict[str, int]:
     """The integer constants of ``_slot_fp16``'s asm (the same expressions), for tests that emulate it."""
     byte, p = divmod(slot * bits, 8)
@@ -798,10 +811,41 @@ def slot_decode_constants(slot: int, bits: int) -> dict[str, int]:
 
 
 @triton.jit
+def _slot3_fp16(words, high, SLOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """uint3's slot ``SLOT`` as fp16 codes: ``_slot_fp16``'s decode of the low plane (two bits at ``P``) with the
+    high plane's bit (``high`` already shifted to the chunk: slot ``s`` at bit ``s``) put at ``P + 2`` by a
+    second ``prmt``, a shift and a ``lop3`` (:func:`slot3_decode_constants`), before the same fma."""
+    BYTE: tl.constexpr = (SLOT * 2) // 8
+    P: tl.constexpr = (SLOT * 2) % 8
+    SELECT: tl.constexpr = BYTE | ((4 + BYTE) << 8)
+    SELECT_H: tl.constexpr = (SLOT // 8) | ((4 + SLOT // 8) << 8)
+    SHIFT_H: tl.constexpr = P + 2 - SLOT % 8
+    SHIFT_OP: tl.constexpr = "shl.b32" if SHIFT_H >= 0 else "shr.u32"
+    MUL: tl.constexpr = ((15 - P) << 10) * 0x10001
+    ADD: tl.constexpr = (0x8000 | ((25 - P) << 10)) * 0x10001
+    if INTERPRET:
+        return (((words >> (SLOT * 2)) & 3) | (((high >> SLOT) & 1) << 2)).to(tl.float16)
+    return tl.inline_asm_elementwise(
+        asm=f"""{{
+        .reg .b32 t, u, h, m, a;
+        prmt.b32 t, $1, $2, {SELECT};
+        lop3.b32 u, t, {(3 << P) * 0x10001}, 0x64006400, 0xea;
+        prmt.b32 h, $3, $4, {SELECT_H};
+        {SHIFT_OP} h, h, {SHIFT_H if SHIFT_H >= 0 else -SHIFT_H};
+        lop3.b32 u, h, {(1 << (P + 2)) * 0x10001}, u, 0xea;
+        mov.b32 m, {MUL};
+        mov.b32 a, {ADD};
+        fma.rn.f16x2 $0, u, m, a;
+        }}""",
+        constraints="=r,r,r,r,r", args=[words, high], dtype=tl.float16, is_pure=True, pack=2,
+    )
+
+
+@triton.jit
 def _mma_kernel(
-    x_ptr, w_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
+    x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
     M, N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const,
-    stride_xm, stride_wn, stride_ym,
+    stride_xm, stride_wn, stride_hn, stride_ym,
     BITS: tl.constexpr, SLOTS: tl.constexpr, RUN: tl.constexpr, SLOTS_PER_GROUP: tl.constexpr,
     HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
     FOLD: tl.constexpr, INTERPRET: tl.constexpr,
@@ -830,6 +874,10 @@ def _mma_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for chunk in range(first, last):
         words = tl.load(w_ptr + offs_n[:, None] * stride_wn + chunk * RUN + offs_r[None, :], mask=mask_n[:, None], other=0)
+        high = words
+        if BITS == 3:  # a high-plane word covers two chunks: this chunk's slots to bits 0-15
+            high = tl.load(hi_ptr + offs_n[:, None] * stride_hn + chunk // 2 * RUN + offs_r[None, :], mask=mask_n[:, None], other=0)
+            high = high >> ((chunk % 2) * 16)
         part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         scale = tl.zeros((BLOCK_N,), dtype=tl.float16)
@@ -837,7 +885,10 @@ def _mma_kernel(
         for slot in tl.static_range(SLOTS):
             k = chunk * CHUNK + slot * RUN + offs_r
             x_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None], mask=mask_m[None, :] & (k[:, None] < K), other=0.0)
-            codes = _slot_fp16(words, slot, BITS, INTERPRET)
+            if BITS == 3:
+                codes = _slot3_fp16(words, high, slot, INTERPRET)
+            else:
+                codes = _slot_fp16(words, slot, BITS, INTERPRET)
             if FOLD:
                 if slot % SLOTS_PER_GROUP == 0:  # a group starts here
                     scale32, zero32 = _load_group(scale_ptr, zero_ptr, offs_n, mask_n, (chunk * CHUNK + slot * RUN) // group_size, n_groups, stride_sn, stride_sg, zero_const, HAS_ZERO)
@@ -1130,14 +1181,14 @@ def gemm(x: torch.Tensor, pw: PackedWeight, config: GemmConfig | None = None, ou
 
 
 def mma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
-    """The MMA kernel takes fp16 activations and the uint1/2/4 layouts with a run of at least 16."""
+    """The MMA kernel takes fp16 activations and the uint1/2/3/4 layouts with a run of at least 16."""
     return dtype == torch.float16 and pw.layout in MMA_LAYOUTS and pw.run >= GEMM_MIN_RUN
 
 
 def mma_stages(pw: PackedWeight, block_m: int, config: MmaConfig) -> int:
     """Pipeline stages that fit :data:`MMA_SHARED_BUDGET`: a stage holds one chunk's words and the
     activation tile of every slot (W1 at 64 rows: 128 KiB a stage, so one stage)."""
-    stage_bytes = pw.slots * pw.run * block_m * 2 + config.block_n * pw.run * 4
+    stage_bytes = pw.slots * pw.run * block_m * 2 + config.block_n * pw.run * 4 * (1 if pw.high is None else 2)
     return max(1, min(config.num_stages, MMA_SHARED_BUDGET // stage_bytes))
 
 
@@ -1157,11 +1208,11 @@ def mma(x: torch.Tensor, pw: PackedWeight, config: MmaConfig | None = None, out:
     block_m = max(16, min(MMA_MAX_BLOCK_M, triton.next_power_of_2(m)))
     config = replace(config, num_stages=mma_stages(pw, block_m, config))
     y = output(out, (m, pw.n), x)
-    words, _, scale, zero = kernel_tensors(pw)
+    words, high, scale, zero = kernel_tensors(pw)
     grid = (triton.cdiv(pw.n, config.block_n), triton.cdiv(m, block_m), config.split_k)
     _mma_kernel[grid](
-        x, words, scale, zero, y, *split_buffers(y, grid, config.block_n * block_m), m, pw.n, pw.k, words.shape[1] // pw.run, pw.n_groups, *scale.stride(),
-        pw.group_size, pw.zero_const, x.stride(0), words.stride(0), y.stride(0),
+        x, words, high, scale, zero, y, *split_buffers(y, grid, config.block_n * block_m), m, pw.n, pw.k, words.shape[1] // pw.run, pw.n_groups,
+        *scale.stride(), pw.group_size, pw.zero_const, x.stride(0), words.stride(0), high.stride(0), y.stride(0),
         BITS=CODE_BITS[pw.layout], SLOTS=pw.slots, RUN=pw.run, SLOTS_PER_GROUP=min(pw.slots, pw.group_size // pw.run),
         HAS_ZERO=pw.zero is not None, BLOCK_N=config.block_n, BLOCK_M=block_m, SPLIT_K=config.split_k, FOLD=fold,
         INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=config.num_warps, num_stages=config.num_stages,
@@ -1208,7 +1259,7 @@ def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype
     if m == 1 and gemv_mma_preferred(pw, is_hopper(device)) and gemv_mma_fits(pw, dtype) and not before_ampere(device):
         return "gemv_mma"
     mma_at_1 = gemv_key(pw) in MMA_AT_BATCH_1 and not pairs_fit(pw, dtype)
-    if mma_fits(pw, dtype) and m <= rows and (m > 1 or mma_at_1):
+    if mma_fits(pw, dtype) and pw.layout in MMA_AUTO_LAYOUTS and m <= rows and (m > 1 or mma_at_1):
         return "mma"
     if m <= GEMV_MAX_M:
         return "gemv"

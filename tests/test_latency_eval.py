@@ -230,5 +230,5 @@ def test_kernel_table_times_the_fp32_gemv_beside_the_pair_one_at_batch_1() -> No
                            layout, 128)
 
     assert "gemv_fp32" in paths_for(1, packed("uint2", 3)) and "gemv_fp32" not in paths_for(16, packed("uint2", 3))
-    assert paths_for(2, packed("uint3", 7)) == ["gemv"]  # batch 2: the pair GEMV alone
+    assert paths_for(2, packed("uint3", 7)) == ["gemv", "mma"]  # the MMA kernel timed beside the dispatcher's pair GEMV
     assert {"gemv", "gemv_fp32"} <= set(paths_for(1, packed("uint3", 7)))

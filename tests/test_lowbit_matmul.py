@@ -304,6 +304,27 @@ def test_slot_decode_constants_give_the_codes(bits: int) -> None:
         assert np.array_equal(low, code(a)) and np.array_equal(high, code(b)), slot
 
 
+def test_uint3_slot_decode_constants_give_the_codes() -> None:
+    """``_slot3_fp16``'s PTX emulated (two prmt, a shift, two lop3 0xEA, fma.rn.f16x2) on random words of both
+    planes, the high plane already shifted to its chunk: every slot's halves are words a's and b's 3-bit codes."""
+    rng = np.random.default_rng(3)
+    a, b, ha, hb = (rng.integers(0, 2**32, size=4096, dtype=np.uint64) for _ in range(4))
+    prmt = lambda x, y, select: sum(  # noqa: E731
+        np.stack([(x >> np.uint64(8 * i)) & np.uint64(0xFF) for i in range(4)] + [(y >> np.uint64(8 * i)) & np.uint64(0xFF) for i in range(4)])
+        [(select >> (4 * i)) & 0x7].astype(np.uint64) << np.uint64(8 * i) for i in range(4))
+    for slot in range(16):
+        c = lm.slot3_decode_constants(slot)
+        u = (prmt(a, b, c["select"]) & np.uint64(c["mask"])) | np.uint64(0x64006400)
+        h = prmt(ha, hb, c["select_h"])
+        h = (h << np.uint64(c["shift_h"])) & np.uint64(0xFFFFFFFF) if c["shift_h"] >= 0 else h >> np.uint64(-c["shift_h"])
+        u = u | (h & np.uint64(c["mask_h"]))
+        for shift, (w, hw) in ((0, (a, ha)), (16, (b, hb))):
+            half = lambda v: np.array((v >> np.uint64(shift)) & np.uint64(0xFFFF), dtype=np.uint16).view(np.float16).astype(np.float64)  # noqa: E731
+            got = (half(u) * half(np.uint64(c["mul"])) + half(np.uint64(c["add"]))).astype(np.float16)
+            code = ((w >> np.uint64(2 * slot)) & np.uint64(3)) | (((hw >> np.uint64(slot)) & np.uint64(1)) << np.uint64(2))
+            assert np.array_equal(got, code.astype(np.float16)), (slot, shift)
+
+
 @pytest.mark.parametrize("layout", lm.MMA_LAYOUTS)
 @pytest.mark.parametrize("group,asym", [(32, True), (None, False)])
 def test_mma_matches_reference(layout: str, group: int | None, asym: bool) -> None:
@@ -323,14 +344,14 @@ from triton.compiler import ASTSource
 from qkernels import lowbit_matmul as lm
 from qkernels.pack import pack_weight
 import torch
-names = ["x_ptr", "w_ptr", "scale_ptr", "zero_ptr", "y_ptr", "partial_ptr", "count_ptr", "M", "N", "K", "n_chunks", "n_groups", "stride_sn",
-         "stride_sg", "group_size", "zero_const", "stride_xm", "stride_wn", "stride_ym"]
-types = ["*fp16", "*i32", "*fp16", "*fp16", "*fp16", "*fp32", "*i32"] + ["i32"] * 8 + ["fp32", "i32", "i32", "i32"]
+names = ["x_ptr", "w_ptr", "hi_ptr", "scale_ptr", "zero_ptr", "y_ptr", "partial_ptr", "count_ptr", "M", "N", "K", "n_chunks", "n_groups",
+         "stride_sn", "stride_sg", "group_size", "zero_const", "stride_xm", "stride_wn", "stride_hn", "stride_ym"]
+types = ["*fp16", "*i32", "*i32", "*fp16", "*fp16", "*fp16", "*fp32", "*i32"] + ["i32"] * 8 + ["fp32", "i32", "i32", "i32", "i32"]
 shared = {}
 for layout in lm.MMA_LAYOUTS:
     bits = lm.CODE_BITS[layout]
     pw = pack_weight(torch.zeros(8, 4096, dtype=torch.int64), torch.ones(8, 32), torch.zeros(8, 32), layout, 128, run=32)
-    config = lm.MMA_FOLD_CONFIGS[lm.gemv_key(pw)]  # above 16 rows the kernel folds
+    config = lm.MMA_FOLD_CONFIGS.get(lm.gemv_key(pw), lm.MmaConfig())  # above 16 rows the kernel folds
     consts = dict(BITS=bits, SLOTS=pw.slots, RUN=pw.run, SLOTS_PER_GROUP=4, HAS_ZERO=True, BLOCK_N=config.block_n,
                   BLOCK_M=64, SPLIT_K=config.split_k, FOLD=True, INTERPRET=False)
     consts["stride_sn"] = 1  # scales are group-major; the launch specializes a stride of 1
@@ -362,8 +383,8 @@ def test_mma_fits_shared_memory_at_64_rows() -> None:
 
 
 def test_mma_refuses_what_it_cannot_run() -> None:
-    pw, _ = random_weight("uint3", n=8, k=256, group=128, asym=True, run=16)
-    with pytest.raises(ValueError, match="uint3"):
+    pw, _ = random_weight("uint3", n=8, k=256, group=128, asym=True, run=8)
+    with pytest.raises(ValueError, match="run >= 16"):
         lm.mma(torch.randn(2, pw.k, dtype=torch.float16, device=DEVICE), pw)
     pw, _ = random_weight("uint4", n=8, k=256, group=128, asym=True, run=16)
     with pytest.raises(ValueError, match="bfloat16"):
