@@ -11,21 +11,22 @@ the weights decoded in registers, in Gluon), where it fits (:func:`wgmma_fits`).
   program takes one activation row, ``BLOCK_N`` weight rows and one K split, a chunk (a cache line per
   row) per step, the next step's loads issued before this step's arithmetic. Two kernels:
 
-  - **fp16 pairs** (fp16 activations, ``uint1``/``uint2``/``uint4``, zero points that fp16 subtracts
-    exactly: :func:`pairs_fit`). Slot ``s`` and slot ``s + SLOTS/2`` of a word sit 16 bits apart, so
+  - **fp16 pairs** (fp16 activations, ``uint1``/``uint2``/``uint3``/``uint4``, zero points that fp16
+    subtracts exactly: :func:`pairs_fit`; uint3 builds each pair from both planes, :func:`_pair_fma3`). Slot ``s`` and slot ``s + SLOTS/2`` of a word sit 16 bits apart, so
     one ``lop3`` drops both codes into the mantissas of an fp16 pair of 1024s, one ``fma.rn.f16x2``
     takes off the offset and the zero point and divides by 16 (``(code - zero) / 16``, exact) and one
     more multiplies by the activation pair and adds: 1.5 instructions per code plus a shift shared by
     two pairs. A quad of pairs stays inside one scale group per half and sums at most 16 products in
     fp16; the 1/16 keeps the sums finite (W4: activations below about 17000). Then its two groups'
     scales take the sums into fp32.
-  - **fp32** (bf16, ``uint3``, ``ternary5``, other zero points): a code placed in the top mantissa
+  - **fp32** (bf16, ``ternary5``, other zero points): a code placed in the top mantissa
     bits of 1.0 reads as ``1 + code / 2**b`` (one shift and one mask-or, no int->float conversion),
     one FMA; the scale is applied once per group to the tile of partial sums, the offset and zero
     point once per group with the group's activation sum:
     ``sum_k (q_k - z) x_k = 2**b * (sum_k v_k x_k - sum_k x_k) - z * sum_k x_k``.
-* **MMA** (fp16 activations, ``uint1``/``uint2``/``uint4``, ``M <= MMA_MAX_M``; picked up to
-  ``MMA_AUTO_MAX_M`` rows, or ``MMA_AUTO_ROWS``; below ``WGMMA_MIN_M`` where the wgmma GEMM runs): tensor
+* **MMA** (fp16 activations, ``uint1``/``uint2``/``uint3``/``uint4``, ``M <= MMA_MAX_M``; picked for
+  :data:`MMA_AUTO_LAYOUTS` up to ``MMA_AUTO_MAX_M`` rows, or ``MMA_AUTO_ROWS``; below ``WGMMA_MIN_M`` where
+  the wgmma GEMM runs; uint3's high plane by a second ``prmt``, :func:`_slot3_fp16`): tensor
   cores for small batches, the batch padded to 16. One ``prmt`` gathers a byte of two neighbouring words,
   one ``lop3`` drops two codes into the mantissas of ``1024.0`` (fp16x2), one ``fma.f16x2`` takes off 1024
   and the bit position: per two codes three instructions, no int->float conversion. Each slot of a chunk is
