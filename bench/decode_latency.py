@@ -250,16 +250,18 @@ def measure(arch: Arch, kind: str, tokens: int, compile: bool = False, fuse: boo
 
 
 def markdown(rows: list[dict]) -> str:
-    fp16 = rows[0] if rows and rows[0]["kind"] == "fp16" else {}
-    base = {key: fp16.get(key) for key in ("tokens_per_s_graph", "tokens_per_s_compiled")}
-    ratio = lambda r, key: f"{r[key] / base[key]:.2f}" if base[key] and key in r else "-"  # noqa: E731
+    """The rows as a table; the "x fp16" columns against the fp16 row of the same projections (fused or not)."""
+    fp16 = {r.get("fused", False): r for r in rows if r["kind"] == "fp16"}
+    ratio = lambda r, key: (f"{r[key] / base[key]:.2f}" if (base := fp16.get(r.get("fused", False), {})).get(key) and key in r  # noqa: E731
+                            else "-")
     compiled = any("tokens_per_s_compiled" in r for r in rows)
     head = "| weights | tokens/s (graph) | ms/token | x fp16 | tokens/s (eager) |"
     if compiled:
         head += " tokens/s (compiled graph) | ms/token | x fp16 | compile s | logits diff | argmax as uncompiled |"
     lines = [head + " weights GB | peak GB |", "|---" * (head.count("|") + 1) + "|"]
     for r in rows:
-        line = (f"| {r['kind']} | {r['tokens_per_s_graph']:.1f} | {r['ms_per_token_graph']:.2f} | {ratio(r, 'tokens_per_s_graph')} | "
+        label = r["kind"] + (" fused" if r.get("fused") else "")
+        line = (f"| {label} | {r['tokens_per_s_graph']:.1f} | {r['ms_per_token_graph']:.2f} | {ratio(r, 'tokens_per_s_graph')} | "
                 f"{r['tokens_per_s_eager']:.1f} |")
         if compiled:
             line += (f" {r['tokens_per_s_compiled']:.1f} | {r['ms_per_token_compiled']:.2f} | {ratio(r, 'tokens_per_s_compiled')} | "
@@ -268,13 +270,18 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+FUSE_MODES = {"no": (False,), "yes": (True,), "both": (False, True)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="llama2-7b", choices=sorted(ARCHS))
     parser.add_argument("--kinds", default="fp16,w4g128,w3g128,w2g128,ternary2,w1g128")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--compile", action="store_true", help="also time the step compiled by torch.compile (in a CUDA graph)")
-    parser.add_argument("--fuse", action="store_true", help="q/k/v and gate/up projections as one layer each (fp16 and low-bit alike)")
+    parser.add_argument("--fuse", nargs="?", const="yes", default="no", choices=list(FUSE_MODES),
+                        help="q/k/v and gate/up projections as one layer each (fp16 and low-bit alike); both: every kind "
+                             "unfused, then fused, in one process")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -289,9 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     torch.manual_seed(0)
     arch = ARCHS[args.arch]
-    rows = [measure(arch, kind, args.tokens, args.compile, args.fuse) for kind in kinds]
+    rows = [measure(arch, kind, args.tokens, args.compile, fuse) for kind in kinds for fuse in FUSE_MODES[args.fuse]]
     header = (f"GPU: {gpu_name()} | {args.arch} {asdict(arch)} | batch 1, {args.tokens} tokens after a 1-token prompt"
-              + (" | q/k/v and gate/up fused" if args.fuse else ""))
+              + {"no": "", "yes": " | q/k/v and gate/up fused", "both": " | each kind unfused, then fused"}[args.fuse])
     table = header + "\n\n" + markdown(rows)
     print(table, flush=True)
     if args.out:

@@ -61,6 +61,10 @@ def test_markdown_puts_the_compiled_columns_beside_the_graph_ones() -> None:
     assert "| w4g128 | 150.0 | 6.67 | 1.50 | 40.0 | 500.0 | 2.00 | 2.50 | 20 | 1.5e-03 | 31/32 | 0.30 | 0.60 |" == lines[3]
     plain = markdown([{k: v for k, v in r.items() if "compile" not in k} for r in rows]).splitlines()
     assert plain[3] == "| w4g128 | 150.0 | 6.67 | 1.50 | 40.0 | 0.30 | 0.60 |"
+    fused = [dict(r, fused=True, tokens_per_s_graph=2 * r["tokens_per_s_graph"]) for r in rows]  # --fuse both: against fused fp16
+    both = markdown([rows[0], fused[0], rows[1], fused[1]]).splitlines()
+    assert both[3].startswith("| fp16 fused | 200.0 | 10.00 | 1.00 |") and both[4].startswith("| w4g128 | 150.0 | 6.67 | 1.50 |")
+    assert both[5].startswith("| w4g128 fused | 300.0 | 6.67 | 1.50 |")
 
 
 @pytest.mark.parametrize("kind", ["fp16", "w4g128", "ternary2"])
@@ -90,3 +94,6 @@ def test_bad_kinds_and_token_counts_are_named_with_the_choices(capsys: pytest.Ca
     with pytest.raises(SystemExit):
         main(["--tokens", "0"])
     assert "--tokens 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--fuse", "sometimes"])
+    assert "'sometimes'" in (err := capsys.readouterr().err) and "'both'" in err
