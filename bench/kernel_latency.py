@@ -10,7 +10,9 @@
 Shapes are ``in x out`` (``K x N`` of ``y[M, N] = x[M, K] @ W^T``). Each row gives the time in the
 two modes of :mod:`bench.timing` (steady: a cell's kernels and cuBLAS replayed side by side), the
 speedup over cuBLAS fp16 measured in the same run and mode, and the achieved bandwidth (weight +
-activation + output bytes over time) against a device copy measured in the same run. Weights are random codes (never zeros) with random scales and zero points; the
+activation + output bytes over time) against a device copy measured in the same run. At batch 1 each kind also
+gets a ``read floor`` row: a kernel that only streams as many bytes as its packed weight
+(:mod:`bench.read_floor`), timed beside the others. Weights are random codes (never zeros) with random scales and zero points; the
 MX/NV block kinds (``--kernels mxfp4,nvfp4,...``) quantize a random weight with their format.
 No hydra imports: this runs on the bare device machine.
 """
@@ -27,6 +29,7 @@ from typing import Any, Callable, Iterator
 import torch
 import triton
 
+from bench.read_floor import read_calls
 from bench.timing import MODES, copies_for, copy_bandwidth_gbs, gpu_name, steady_us, time_side_by_side
 from qkernels import lowbit_matmul as lm
 from qkernels.block_matmul import BlockWeight, block_matmul, pack_block_weight
@@ -167,12 +170,18 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
             makers = {("fp16", "cublas"): make}
             makers |= {(name, path): lowbit_calls(x, pw, path) for name, pw in packed.items() for path in paths_for(m, pw)}
             makers |= {(name, "block"): block_calls(x, bw) for name, (bw, _) in blocks.items()}
+            floors = {"fp16": nbytes} | {name: pw.nbytes() for name, pw in packed.items()} if m == 1 else {}
+            makers |= {(name, "read floor"): read_calls(size, x.device, copies_for(size)) for name, size in floors.items()}
             times = time_side_by_side(makers, modes)  # steady: every kernel's graph in turn, with cuBLAS's
             base = times[("fp16", "cublas")]
             rows.append(row(k, n, m, "fp16", "cublas", nbytes + io_bytes, base, base))
+            if floors:
+                rows.append(row(k, n, m, "fp16", "read floor", nbytes, times[("fp16", "read floor")], base))
             for name, pw in packed.items():
                 for path in paths_for(m, pw):
                     rows.append(row(k, n, m, name, path, pw.nbytes() + io_bytes, times[(name, path)], base, relative_error(x, pw, path)))
+                if name in floors:  # the same bytes streamed by a kernel that does nothing else
+                    rows.append(row(k, n, m, name, "read floor", floors[name], times[(name, "read floor")], base))
             for name, (bw, dequantized) in blocks.items():
                 rows.append(row(k, n, m, name, "block", bw.nbytes() + io_bytes, times[(name, "block")], base, block_error(x, bw, dequantized)))
             del times, makers
