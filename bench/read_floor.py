@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 2048  # int32 words a program reads per step (16 KiB in flight per program a step)
+BLOCK = 4096  # int32 words a program reads per step (16 KiB in flight per program a step)
 PROGRAMS_PER_SM = 4
 
 
@@ -49,11 +49,12 @@ def read_xor(src: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
 
 def read_calls(nbytes: int, device: torch.device, copies: int):
     """A maker for :func:`bench.timing.time_side_by_side`: one call per buffer of ``nbytes`` (rounded up to whole
-    words), ``copies`` of them to rotate through."""
+    steps of :data:`BLOCK` words, so the loads are unmasked 16-byte vectors), ``copies`` of them to rotate through."""
     out = torch.empty(programs(device), dtype=torch.int32, device=device)
+    n_words = -(-nbytes // (4 * BLOCK)) * BLOCK
 
     def make() -> list:
-        buffers = [torch.randint(-(2**31), 2**31 - 1, (-(-nbytes // 4),), dtype=torch.int32, device=device) for _ in range(copies)]
+        buffers = [torch.randint(-(2**31), 2**31 - 1, (n_words,), dtype=torch.int32, device=device) for _ in range(copies)]
         return [lambda b=b: read_xor(b, out) for b in buffers]
 
     return make
