@@ -12,7 +12,8 @@ the weights decoded in registers, in Gluon), where it fits (:func:`wgmma_fits`).
   row) per step, the next step's loads issued before this step's arithmetic. Two kernels:
 
   - **fp16 pairs** (fp16 activations, ``uint1``/``uint2``/``uint3``/``uint4``, zero points that fp16
-    subtracts exactly: :func:`pairs_fit`; uint3 builds each pair from both planes, :func:`_pair_fma3`). Slot ``s`` and slot ``s + SLOTS/2`` of a word sit 16 bits apart, so
+    subtracts exactly: :func:`pairs_fit`; uint3 builds each pair from both planes, :func:`_pair_fma3`).
+    Slot ``s`` and slot ``s + SLOTS/2`` of a word sit 16 bits apart, so
     one ``lop3`` drops both codes into the mantissas of an fp16 pair of 1024s, one ``fma.rn.f16x2``
     takes off the offset and the zero point and divides by 16 (``(code - zero) / 16``, exact) and one
     more multiplies by the activation pair and adds: 1.5 instructions per code plus a shift shared by
@@ -140,10 +141,11 @@ GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # best of bench.kernel_lat
 PAIR_LAYOUTS = ("uint1", "uint2", "uint4")  # 16 bits hold a whole number of slots
 # uint3 (a two-bit plane and a one-bit plane) on the fp16-pair GEMV (_pair_fma3) and on the wgmma GEMM
 # (gemm_wgmma._slot_weights3), each plane as its own pairs. H200, steady state, W3 g128 (session 16,
-# bench/results/kernel_latency_h200.md): batch 1 20.4 us at 8192^2 against 29.1 on the fp32 GEMV, 18.3 against
-# 29.3 at 14336x4096, 21.5 against 25.9 at 4096x14336; 16 and 64 rows on the wgmma GEMM 1.06x-1.22x of cuBLAS
-# (the Triton MMA kernel has no uint3 branch), 128 and 256 rows 0.58x-0.92x against 0.42x-0.52x for dequant +
-# cuBLAS, which wins at 1024 rows (8192^2: 242.7 us against 261.9).
+# bench/results/kernel_latency_h200.md): the pair GEMV at batch 1 20.4 us at 8192^2 against 29.1 on the fp32 GEMV,
+# 18.3 against 29.3 at 14336x4096, 21.5 against 25.9 at 4096x14336 (the tensor-core GEMV beat both: GEMV_MMA_KEYS);
+# 16 and 64 rows on the wgmma GEMM 1.07x-1.45x of cuBLAS (4096^2 at 64 rows 0.82x; the Triton MMA kernel's uint3
+# branch is not yet timed), 128 and 256 rows 0.58x-0.92x against 0.42x-0.54x for dequant + cuBLAS (but 4096^2 at
+# 256 rows: 30.2 us against 27.1), which wins at 1024 rows (8192^2: 242.7 us against 261.9).
 PAIR_GEMV_LAYOUTS = PAIR_LAYOUTS + ("uint3",)
 WGMMA_LAYOUTS = PAIR_LAYOUTS + ("uint3",)
 GEMV_MMA_LAYOUTS = PAIR_LAYOUTS + ("uint3",)
