@@ -88,6 +88,7 @@ def test_the_run_is_the_fast_kernels_32_where_it_pads_k_little() -> None:
     least-padding run: W3 and grouped W2 at Llama-2's K = 11008 (2.3%), not at K = 1536 (33%); ternary5 keeps
     the least padding."""
     assert choose_run("uint3", 11008, 128) == 32 and choose_run("uint2", 11008, 64) == 32 and choose_run("uint4", 11008, 128) == 32
+    assert choose_run("uint1", 11008, 128) == 32 and choose_run("uint2", 11008, None) == 32  # were 8 and 16
     assert choose_run("uint3", 1536, 128) == 16 and choose_run("uint3", 256, 128) == 8
     assert choose_run("ternary5", 1024, None) == 16  # 16 codes of padding, where a run of 256 would pad 256
 
