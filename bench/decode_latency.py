@@ -252,8 +252,11 @@ def measure(arch: Arch, kind: str, tokens: int, compile: bool = False, fuse: boo
 def markdown(rows: list[dict]) -> str:
     """The rows as a table; the "x fp16" columns against the fp16 row of the same projections (fused or not)."""
     fp16 = {r.get("fused", False): r for r in rows if r["kind"] == "fp16"}
-    ratio = lambda r, key: (f"{r[key] / base[key]:.2f}" if (base := fp16.get(r.get("fused", False), {})).get(key) and key in r  # noqa: E731
-                            else "-")
+
+    def ratio(r: dict, key: str) -> str:
+        base = fp16.get(r.get("fused", False), {})
+        return f"{r[key] / base[key]:.2f}" if base.get(key) and key in r else "-"
+
     compiled = any("tokens_per_s_compiled" in r for r in rows)
     head = "| weights | tokens/s (graph) | ms/token | x fp16 | tokens/s (eager) |"
     if compiled:

@@ -10,10 +10,10 @@
 Shapes are ``in x out`` (``K x N`` of ``y[M, N] = x[M, K] @ W^T``). Each row gives the time in the
 two modes of :mod:`bench.timing` (steady: a cell's kernels and cuBLAS replayed side by side), the
 speedup over cuBLAS fp16 measured in the same run and mode, and the achieved bandwidth (weight +
-activation + output bytes over time) against a device copy measured in the same run. At batch 1 each kind also
-gets a ``read floor`` row: a kernel that only streams as many bytes as its packed weight
-(:mod:`bench.read_floor`), timed beside the others. Weights are random codes (never zeros) with random scales and zero points; the
-MX/NV block kinds (``--kernels mxfp4,nvfp4,...``) quantize a random weight with their format.
+activation + output bytes over time) against a device copy measured in the same run. At batch 1 each kind
+also gets a ``read floor`` row: a kernel that only streams as many bytes as its packed weight
+(:mod:`bench.read_floor`), timed beside the others. Weights are random codes (never zeros) with random
+scales and zero points; the MX/NV block kinds (``--kernels mxfp4,nvfp4,...``) quantize a random weight with their format.
 No hydra imports: this runs on the bare device machine.
 """
 

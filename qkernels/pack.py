@@ -168,10 +168,10 @@ RUN_PADDING_SLACK = 1 / 16  # padding of K a longer run may add beyond the least
 
 def choose_run(layout: str, k: int, group_size: int | None) -> int:
     """The longest run that fits the groups and pads ``k`` at most :data:`RUN_PADDING_SLACK` of ``k`` more than
-    the least-padding run (ternary5: no slack): the tensor-core GEMV and the wgmma GEMM take a run of 32 only, and they are faster
-    than the kernels that take shorter runs by more than that (e.g. W1, W2 and W3 at Llama-2's K = 11008: a
-    run of 32 pads 256 codes, 2.3%, where a run of 8 or 16 pads none; W3 at batch 1, H200, 8192^2: 17.7 us on
-    the tensor-core GEMV against 20.1 on the pair GEMV)."""
+    the least-padding run (ternary5: no slack). The tensor-core GEMV and the wgmma GEMM take a run of 32 only,
+    and they beat the kernels that take shorter runs by more than that: W1, W2 and W3 at Llama-2's K = 11008
+    pad 256 codes (2.3%) at a run of 32 and none at 8 or 16; W3 at batch 1 (H200, 8192^2) takes 17.7 us on the
+    tensor-core GEMV against 20.1 on the pair GEMV."""
     choices = RUN_CHOICES.get(layout, WORD_RUN_CHOICES)
     fitting = [r for r in choices if run_fits_groups(layout, r, group_size)]
     if not fitting:
