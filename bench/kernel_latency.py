@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 import torch
 import triton
 
+from bench.int_kinds import INT_KINDS, int_calls, int_error, int_weight
 from bench.read_floor import read_calls
 from bench.timing import MODES, copies_for, copy_bandwidth_gbs, gpu_name, steady_us, time_side_by_side
 from qkernels import lowbit_matmul as lm
@@ -163,6 +164,7 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
             weight = torch.randn(n, k, device="cuda") * 0.02
             fmt = BLOCK_KINDS[name]
             blocks[name] = (pack_block_weight(weight, fmt), fmt.dequantize(fmt.quantize(weight)).float())
+        ints = {name: int_weight(INT_KINDS[name], n, k) for name in kinds if name in INT_KINDS}
         for m in batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             io_bytes = (m * k + m * n) * 2
@@ -170,6 +172,7 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
             makers = {("fp16", "cublas"): make}
             makers |= {(name, path): lowbit_calls(x, pw, path) for name, pw in packed.items() for path in paths_for(m, pw)}
             makers |= {(name, "block"): block_calls(x, bw) for name, (bw, _) in blocks.items()}
+            makers |= {(name, "int"): int_calls(x, w) for name, w in ints.items()}
             floors = {"fp16": nbytes} | {name: pw.nbytes() for name, pw in packed.items()} if m == 1 else {}
             makers |= {(name, "read floor"): read_calls(size, x.device, copies_for(size)) for name, size in floors.items()}
             times = time_side_by_side(makers, modes)  # steady: every kernel's graph in turn, with cuBLAS's
@@ -184,10 +187,12 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
                     rows.append(row(k, n, m, name, "read floor", floors[name], times[(name, "read floor")], base))
             for name, (bw, dequantized) in blocks.items():
                 rows.append(row(k, n, m, name, "block", bw.nbytes() + io_bytes, times[(name, "block")], base, block_error(x, bw, dequantized)))
+            for name, w in ints.items():
+                rows.append(row(k, n, m, name, "int", w.nbytes() + io_bytes, times[(name, "int")], base, int_error(x, w)))
             del times, makers
             print(f"{k}x{n} M={m}: " + " ".join(f"{r['kernel']}/{r['path']} {r.get('steady_us', r.get('cold_us')):.1f}" for r in rows if r["K"] == k and r["N"] == n and r["M"] == m), flush=True)
             torch.cuda.empty_cache()
-        del packed, blocks
+        del packed, blocks, ints
         torch.cuda.empty_cache()
         yield rows
 
@@ -449,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --tune-gemv-mma/--tune-wgmma: merge the configs that beat the rules into this GPU's file "
                              "(qkernels/tuned/, or $QKERNELS_TUNED_DIR), used by every later run on this GPU model")
     parser.add_argument("--tune-paths", default=",".join(TUNE_PATHS), help=f"comma list of the kernels that --tune searches, of {','.join(TUNE_PATHS)}")
-    parser.add_argument("--kernels", default=",".join(LOWBIT_KINDS), help=f"comma list of low-bit kinds; block formats: {','.join(BLOCK_KINDS)}")
+    parser.add_argument("--kernels", default=",".join(LOWBIT_KINDS),
+                        help=f"comma list of low-bit kinds; block formats: {','.join(BLOCK_KINDS)}; activation-quantized: {','.join(INT_KINDS)}")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--shapes", default=None, help="comma list of INxOUT, e.g. 8192x8192")
     parser.add_argument("--batches", default=None, help="comma list of batch sizes")
@@ -461,13 +467,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown --tune-paths {bad}; choose from {list(TUNE_PATHS)}")
     if args.save_tuned and not (args.tune_gemv_mma or args.tune_wgmma):
         parser.error("--save-tuned saves what --tune-gemv-mma or --tune-wgmma finds; give one of them")
+    kinds = [k for k in args.kernels.split(",") if k]
+    unknown = [k for k in kinds if k not in LOWBIT_KINDS and k not in BLOCK_KINDS and k not in INT_KINDS]
+    if unknown:
+        parser.error(f"unknown kernels {unknown}; choose from {list(LOWBIT_KINDS) + list(BLOCK_KINDS) + list(INT_KINDS)}")
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to time", file=sys.stderr)
         return 1
-    kinds = [k for k in args.kernels.split(",") if k]
-    unknown = [k for k in kinds if k not in LOWBIT_KINDS and k not in BLOCK_KINDS]
-    if unknown:
-        parser.error(f"unknown kernels {unknown}; choose from {list(LOWBIT_KINDS) + list(BLOCK_KINDS)}")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else (QUICK_SHAPES if args.quick else SHAPES)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else (QUICK_BATCHES if args.quick else BATCHES)
     modes = tuple(m for m in args.modes.split(",") if m)

@@ -230,7 +230,8 @@ def _bitplane_kernel(
 
 def bitplane_int_matmul(a_codes: torch.Tensor, a_bits: int, bw: BitplaneWeight, block_n: int = 32, block_m: int = 16) -> torch.Tensor:
     """Integer ``a_codes [M, K] @ codes^T`` (int32 ``[M, N]``) from binary planes of both operands."""
-    if int(a_codes.max()) >= 2**a_bits:
+    capturing = a_codes.is_cuda and torch.cuda.is_current_stream_capturing()  # (the check reads a value back: not in a graph)
+    if not capturing and int(a_codes.max()) >= 2**a_bits:
         raise ValueError(f"activation codes must lie in 0..{2**a_bits - 1}")
     m = a_codes.shape[0]
     y = torch.empty((m, bw.n), device=a_codes.device, dtype=torch.int32)

@@ -1,0 +1,35 @@
+"""The activation-quantized kinds of the kernel table (bench/int_kinds.py): each matmul within rounding of its
+float64 reference on random codes, copies that are copies, and unknown kinds named with the choices."""
+
+import os
+
+import pytest
+import torch
+
+from bench import int_kinds
+from bench.int_kinds import INT_KINDS, int_calls, int_error, int_matmul, int_weight, quantize_activations
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+@pytest.mark.parametrize("name", list(INT_KINDS))
+def test_each_kind_matches_its_reference_and_its_copies(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    w = int_weight(INT_KINDS[name], 40, 256, device=DEVICE)
+    x = torch.randn(5, 256, device=DEVICE, dtype=torch.float16)
+    assert int_error(x, w) < 2e-3
+    copy = w.clone()
+    acts = quantize_activations(w.kind, x)
+    assert torch.equal(int_matmul(copy, acts), int_matmul(w, acts)) and copy.nbytes() == w.nbytes() > 0
+    monkeypatch.setattr(int_kinds, "copies_for", lambda nbytes: 3)  # (a rotation of 300 MB of these would be 30000 copies)
+    calls = int_calls(x, w)()
+    assert len(calls) == 3 and torch.equal(calls[2](), calls[0]())
+
+
+def test_unknown_kernels_are_named_with_the_choices(capsys: pytest.CaptureFixture) -> None:
+    from bench.kernel_latency import main
+
+    with pytest.raises(SystemExit):
+        main(["--kernels", "w4g128,w3a3"])
+    err = capsys.readouterr().err
+    assert "['w3a3']" in err and "'w8a8'" in err and "'w4g128'" in err
