@@ -188,7 +188,8 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
             for name, (bw, dequantized) in blocks.items():
                 rows.append(row(k, n, m, name, "block", bw.nbytes() + io_bytes, times[(name, "block")], base, block_error(x, bw, dequantized)))
             for name, w in ints.items():
-                rows.append(row(k, n, m, name, "int", w.nbytes() + io_bytes, times[(name, "int")], base, int_error(x, w)))
+                int_io = m * k + m * n * 2  # one byte an activation code
+                rows.append(row(k, n, m, name, "int", w.nbytes() + int_io, times[(name, "int")], base, int_error(x, w)))
             del times, makers
             print(f"{k}x{n} M={m}: " + " ".join(f"{r['kernel']}/{r['path']} {r.get('steady_us', r.get('cold_us')):.1f}" for r in rows if r["K"] == k and r["N"] == n and r["M"] == m), flush=True)
             torch.cuda.empty_cache()
