@@ -33,7 +33,7 @@ from bench.int_kinds import INT_KINDS, int_calls, int_error, int_weight
 from bench.read_floor import read_calls
 from bench.timing import MODES, copies_for, copy_bandwidth_gbs, gpu_name, steady_us, time_side_by_side
 from qkernels import lowbit_matmul as lm
-from qkernels.block_matmul import BlockWeight, block_matmul, pack_block_weight
+from qkernels.block_matmul import BLOCK_GEMV_MAX_M, BlockWeight, block_gemv, block_matmul, pack_block_weight
 from qkernels.pack import PackedWeight, pack_weight
 from qkernels.quant import PackedTensor
 from methods.common.microscaling import MxFormat, NvFormat
@@ -115,21 +115,29 @@ def lowbit_calls(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = Non
     return make
 
 
-def block_calls(x: torch.Tensor, bw: BlockWeight) -> Callable[[], list]:
-    """The block-format matmul over rotating copies of the packed weight."""
+BLOCK_PATHS = {"block": block_matmul, "block gemv": block_gemv}  # the tensor-core dots; the GEMV for a few rows
+
+
+def block_paths(m: int) -> list[str]:
+    return ["block", "block gemv"] if m <= BLOCK_GEMV_MAX_M else ["block"]
+
+
+def block_calls(x: torch.Tensor, bw: BlockWeight, path: str = "block") -> Callable[[], list]:
+    """A block-format matmul (:data:`BLOCK_PATHS`) over rotating copies of the packed weight."""
     out = torch.empty(x.shape[0], bw.n, device=x.device, dtype=x.dtype)
+    matmul = BLOCK_PATHS[path]
 
     def make() -> list:
         copy = lambda: replace(bw, packed=PackedTensor(bw.packed.codes.clone(), bw.packed.scale.clone(), None, bw.packed.tensor_scale))  # noqa: E731
         weights = [bw] + [copy() for _ in range(copies_for(bw.nbytes()) - 1)]
-        return [lambda b=b: block_matmul(x, b, out=out) for b in weights]
+        return [lambda b=b: matmul(x, b, out=out) for b in weights]
 
     return make
 
 
-def block_error(x: torch.Tensor, bw: BlockWeight, dequantized: torch.Tensor) -> float:
+def block_error(x: torch.Tensor, bw: BlockWeight, dequantized: torch.Tensor, path: str = "block") -> float:
     ref = x.float() @ dequantized.t()
-    return ((block_matmul(x, bw).float() - ref).norm() / ref.norm()).item()
+    return ((BLOCK_PATHS[path](x, bw).float() - ref).norm() / ref.norm()).item()
 
 
 def paths_for(m: int, pw: PackedWeight) -> list[str]:
@@ -171,7 +179,7 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
             nbytes, make = fp16_calls(x, n)
             makers = {("fp16", "cublas"): make}
             makers |= {(name, path): lowbit_calls(x, pw, path) for name, pw in packed.items() for path in paths_for(m, pw)}
-            makers |= {(name, "block"): block_calls(x, bw) for name, (bw, _) in blocks.items()}
+            makers |= {(name, path): block_calls(x, bw, path) for name, (bw, _) in blocks.items() for path in block_paths(m)}
             makers |= {(name, "int"): int_calls(x, w) for name, w in ints.items()}
             floors = {"fp16": nbytes} | {name: pw.nbytes() for name, pw in packed.items()} if m == 1 else {}
             makers |= {(name, "read floor"): read_calls(size, x.device, copies_for(size)) for name, size in floors.items()}
@@ -186,7 +194,8 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
                 if name in floors:  # the same bytes streamed by a kernel that does nothing else
                     rows.append(row(k, n, m, name, "read floor", floors[name], times[(name, "read floor")], base))
             for name, (bw, dequantized) in blocks.items():
-                rows.append(row(k, n, m, name, "block", bw.nbytes() + io_bytes, times[(name, "block")], base, block_error(x, bw, dequantized)))
+                for path in block_paths(m):
+                    rows.append(row(k, n, m, name, path, bw.nbytes() + io_bytes, times[(name, path)], base, block_error(x, bw, dequantized, path)))
             for name, w in ints.items():
                 int_io = m * k + m * n * 2  # one byte an activation code
                 rows.append(row(k, n, m, name, "int", w.nbytes() + int_io, times[(name, "int")], base, int_error(x, w)))

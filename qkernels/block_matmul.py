@@ -18,7 +18,10 @@ K is split over programs like the packed kernels' split-K (the last split adds t
 
 Status (H100, 8192^2, steady state; bench/results/kernel_latency_h100.md, session 4): correct on the GPU
 (tests/test_block_matmul.py passes there; relative error 2.1e-4 at 8192^2), but slower than cuBLAS fp16:
-batch 1 MXINT8 54.5 us (0.88x), MXFP4 113.9 (0.42x), NVFP4 136.8 (0.35x).
+batch 1 MXINT8 54.5 us (0.88x), MXFP4 113.9 (0.42x), NVFP4 136.8 (0.35x): its dots pad a batch of one to 16
+rows. :func:`block_gemv` (session 16) is a GEMV for a few rows instead: one activation row a program, the
+elements decoded to fp32 and multiplied on CUDA cores, each block's sum times its scale; right in the
+interpreter, not yet timed on a GPU (``bench.kernel_latency`` times it beside the dot kernel up to 8 rows).
 """
 
 from __future__ import annotations
@@ -173,6 +176,94 @@ def _block_matmul_kernel(
     _store_transposed(y_ptr, tl.trans(acc * tensor_scale), offs_m, offs_n, mask_m, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
 
 
+@triton.jit
+def _block_gemv_kernel(
+    x_ptr, codes_ptr, scales_ptr, code_values_ptr, scale_values_ptr, y_ptr, partial_ptr, count_ptr,
+    M, N, K, n_blocks, tensor_scale, stride_xm, stride_cn, stride_sn, stride_ym,
+    BLOCK: tl.constexpr, NIBBLES: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr, DECODE: tl.constexpr,
+    ELEM_BITS: tl.constexpr, MAN_BITS: tl.constexpr, VALUE_SCALE: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """Program ``(m, n, k)``: activation row ``m``, ``BLOCK_N`` weight rows, one K split in steps of ``STEP``
+    elements: the step's elements decoded to fp32 (:func:`_element_values`), multiplied by the activations and
+    summed per block, each block's sum times its scale (MX: E8M0; NV: E4M3, and the tensor scale at the end)."""
+    BLOCKS: tl.constexpr = STEP // BLOCK
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, STEP)
+    offs_b = tl.arange(0, BLOCKS)
+    stored = n_blocks * BLOCK  # elements a row stores (K padded to whole blocks)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    first, last = _split_range(tl.cdiv(stored, STEP), SPLIT_K)
+    for step in range(first, last):
+        k0 = step * STEP
+        k = k0 + offs_k
+        if NIBBLES:  # byte j holds elements 2j (low nibble) and 2j + 1
+            offs_h = tl.arange(0, STEP // 2)
+            in_bytes = mask_n[:, None] & (k0 + 2 * offs_h[None, :] < stored)
+            pairs = tl.load(codes_ptr + offs_n[:, None] * stride_cn + k0 // 2 + offs_h[None, :], mask=in_bytes, other=0).to(tl.int32)
+            codes = tl.reshape(tl.join(pairs & 15, pairs >> 4), (BLOCK_N, STEP))
+        else:
+            codes = tl.load(codes_ptr + offs_n[:, None] * stride_cn + k[None, :], mask=mask_n[:, None] & (k[None, :] < stored),
+                            other=0).to(tl.int32)
+        x = tl.load(x_ptr + pid_m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        w = _element_values(codes, code_values_ptr, DECODE, ELEM_BITS, MAN_BITS, VALUE_SCALE)
+        sums = tl.sum(tl.reshape(w * x[None, :], (BLOCK_N, BLOCKS, BLOCK)), axis=2)
+        blk = k0 // BLOCK + offs_b
+        scale_bytes = tl.load(scales_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=mask_n[:, None] & (blk[None, :] < n_blocks),
+                              other=0).to(tl.int32)
+        acc += tl.sum(sums * tl.load(scale_values_ptr + scale_bytes), axis=1)
+    offs_m = pid_m + tl.arange(0, 1)
+    _store_transposed(y_ptr, (acc * tensor_scale)[:, None], offs_m, offs_n, offs_m < M, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
+
+
+@dataclass(frozen=True)
+class BlockGemvConfig:
+    block_n: int = 32
+    step: int = 128  # elements a row reads per step: 64 bytes of 4-bit codes (a multiple of 32, the MX block)
+    num_warps: int = 4
+    split_k: int | None = None  # None: :func:`block_split_k`
+
+
+BLOCK_GEMV_MAX_M = 8
+
+
+def block_gemv(x: torch.Tensor, bw: BlockWeight, config: BlockGemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ W^T`` for a few activation rows (at most :data:`BLOCK_GEMV_MAX_M`) on CUDA cores."""
+    config = config or BlockGemvConfig()
+    x, y = _checked(x, bw, out)
+    m = x.shape[0]
+    if m > BLOCK_GEMV_MAX_M:
+        raise ValueError(f"block_gemv takes at most {BLOCK_GEMV_MAX_M} activation rows, got {m}; use block_matmul")
+    if config.step % 32 or config.step & (config.step - 1):
+        raise ValueError(f"step must be a power of two and a multiple of 32 (whole MX and NV blocks), got {config.step}")
+    codes, scales = bw.packed.codes, bw.packed.scale
+    tiles = triton.cdiv(bw.n, config.block_n) * m
+    grid = (m, triton.cdiv(bw.n, config.block_n), config.split_k or block_split_k(bw, tiles))
+    _block_gemv_kernel[grid](
+        x, codes, scales, bw.code_values, bw.scale_values, y, *split_buffers(y, grid, config.block_n),
+        m, bw.n, bw.k, scales.shape[1], bw.tensor_scale, x.stride(0), codes.stride(0), scales.stride(0), y.stride(0),
+        BLOCK=bw.block, NIBBLES=bw.nibbles, STEP=config.step, BLOCK_N=config.block_n, SPLIT_K=grid[2], num_warps=config.num_warps,
+        **element_decode(bw.fmt),
+    )
+    return y
+
+
+def _checked(x: torch.Tensor, bw: BlockWeight, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (contiguous along K) and the output, after the checks every block matmul makes."""
+    if x.dim() != 2 or x.shape[1] != bw.k:
+        raise ValueError(f"x must be [M, {bw.k}], got {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"block matmuls take fp16 or bf16 activations, got {x.dtype}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    m = x.shape[0]
+    y = out if out is not None else torch.empty((m, bw.n), device=x.device, dtype=x.dtype)
+    if tuple(y.shape) != (m, bw.n) or y.dtype != x.dtype or y.stride(1) != 1:
+        raise ValueError(f"out must be {x.dtype} {(m, bw.n)} and contiguous along N, got {y.dtype} {tuple(y.shape)}")
+    return x, y
+
+
 def block_split_k(bw: BlockWeight, tiles: int) -> int:
     """K splits that give the GPU about two programs per SM (132 on the H100), at most 8 and at least
     four 32-deep steps each (untuned)."""
@@ -183,15 +274,8 @@ def block_split_k(bw: BlockWeight, tiles: int) -> int:
 def block_matmul(x: torch.Tensor, bw: BlockWeight, block_n: int = 64, num_warps: int = 4, out: torch.Tensor | None = None,
                  split_k: int | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T`` for a block-format weight (fp16/bf16 activations, output in x's dtype)."""
-    if x.dim() != 2 or x.shape[1] != bw.k:
-        raise ValueError(f"x must be [M, {bw.k}], got {tuple(x.shape)}")
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"block_matmul takes fp16 or bf16 activations, got {x.dtype}")
-    x = x if x.stride(1) == 1 else x.contiguous()
+    x, y = _checked(x, bw, out)
     m = x.shape[0]
-    y = out if out is not None else torch.empty((m, bw.n), device=x.device, dtype=x.dtype)
-    if tuple(y.shape) != (m, bw.n) or y.dtype != x.dtype or y.stride(1) != 1:
-        raise ValueError(f"out must be {x.dtype} {(m, bw.n)} and contiguous along N, got {y.dtype} {tuple(y.shape)}")
     codes, scales = bw.packed.codes, bw.packed.scale
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     tiles = triton.cdiv(bw.n, block_n) * triton.cdiv(m, block_m)
