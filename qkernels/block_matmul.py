@@ -88,6 +88,16 @@ def pack_block_weight(weight: torch.Tensor, fmt: BlockFormat) -> BlockWeight:
     return BlockWeight(fmt, packed, weight.shape[0], weight.shape[1], code_values, scale_values(fmt, device), tensor_scale)
 
 
+def dequantize_block(bw: BlockWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Plain-torch definition of the weight ``[n, k]``: every element's value times its block's scale (NV: and the
+    tensor scale), from the packed storage the kernels read."""
+    codes = bw.packed.codes.long()
+    if bw.nibbles:  # byte j holds elements 2j (low nibble) and 2j + 1
+        codes = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(bw.n, -1)
+    values = bw.code_values[codes] * bw.scale_values[bw.packed.scale.long()].repeat_interleave(bw.block, dim=1)[:, : codes.shape[1]]
+    return (values[:, : bw.k] * bw.tensor_scale).to(dtype)
+
+
 def element_decode(fmt: BlockFormat) -> dict:
     """How the kernel turns element codes into values (constexprs): ``fp`` puts the code's exponent and
     mantissa bits into an fp16 bit pattern and rescales by ``2**(15 - bias)`` (exact: the element's exponent

@@ -22,9 +22,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from qkernels.block_matmul import BLOCK_GEMV_MAX_M, BlockWeight, block_gemv, block_matmul, dequantize_block, pack_block_weight
 from qkernels.lowbit_matmul import lowbit_matmul
 from qkernels.pack import PackedWeight, concat_packed, dequantize_packed, layout_for_bits, pack_weight, slice_rows
+from qkernels.quant import PackedTensor
 from methods.common.formats import FormatError, IntFormat
+from methods.common.microscaling import MxFormat, NvFormat
 
 if TYPE_CHECKING:
     from bench.models import ModelBundle
@@ -153,22 +156,67 @@ def pack_int_weight(weight: torch.Tensor, fmt: IntFormat) -> PackedWeight:
     return pack_weight(codes, scale, zero, layout_for_bits(fmt.bits), group, zero_const=-fmt.qmin)
 
 
+class BlockLinear(nn.Module):
+    """``y = x @ W^T + b`` with W stored in an MX or NV block format (:mod:`qkernels.block_matmul`): on a GPU the
+    block GEMV for up to ``BLOCK_GEMV_MAX_M`` rows and the tensor-core dot kernel above; elsewhere the
+    dequantized weight (:func:`~qkernels.block_matmul.dequantize_block`), the fake-quant layer's outputs."""
+
+    def __init__(self, bw: BlockWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.fmt, self.in_features, self.out_features, self.tensor_scale = bw.fmt, bw.k, bw.n, bw.tensor_scale
+        self.register_buffer("codes", bw.packed.codes)
+        self.register_buffer("block_scale", bw.packed.scale)
+        self.register_buffer("code_values", bw.code_values)
+        self.register_buffer("scale_values", bw.scale_values)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @property
+    def packed(self) -> BlockWeight:
+        tensor_scale = None if isinstance(self.fmt, MxFormat) else torch.tensor(self.tensor_scale)
+        return BlockWeight(self.fmt, PackedTensor(self.codes, self.block_scale, None, tensor_scale), self.out_features, self.in_features,
+                           self.code_values, self.scale_values, self.tensor_scale)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: MxFormat | NvFormat) -> BlockLinear:
+        """Quantize ``linear.weight`` with ``fmt`` (blocks along the input features) and keep its packed storage."""
+        return cls(pack_block_weight(linear.weight.detach().float(), fmt), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype, lead = x.dtype, x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.is_cuda:
+            x2 = x2 if x2.dtype in KERNEL_DTYPES else x2.to(torch.float16)
+            matmul = block_gemv if x2.shape[0] <= BLOCK_GEMV_MAX_M else block_matmul
+            y = matmul(x2, self.packed)
+        else:
+            y = x2.float() @ dequantize_block(self.packed).t()
+        y = y.to(dtype).reshape(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.name}"
+
+
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 @torch.no_grad()
-def quantize_linear_layers(bundle: ModelBundle, fmt: IntFormat, path: str = "auto") -> dict[str, nn.Linear]:
-    """Swap every quantizable layer of ``bundle`` for a QuantLinear of its current weight; return the originals.
+def quantize_linear_layers(bundle: ModelBundle, fmt: IntFormat | MxFormat | NvFormat, path: str = "auto") -> dict[str, nn.Linear]:
+    """Swap every quantizable layer of ``bundle`` for a QuantLinear of its current weight (a BlockLinear for the
+    MX and NV formats); return the originals.
 
     On pristine weights this gives RTN's codes exactly. On weights a method already fake-quantized,
     min-max re-quantization finds the same grid except where rounding at a group's edge shifts it by
     a step: right for timing, not for exact accuracy (build from the method's own codes for that).
     """
+    if not isinstance(fmt, (IntFormat, MxFormat, NvFormat)):
+        raise FormatError(f"quantized layers run the int, MX and NV formats; got {fmt.describe()}")
     originals = {}
     for name, layer in bundle.layers.items():
-        replace_module(bundle.model, name, QuantLinear.from_linear(layer, fmt, path))
+        block = isinstance(fmt, (MxFormat, NvFormat))
+        replace_module(bundle.model, name, BlockLinear.from_linear(layer, fmt) if block else QuantLinear.from_linear(layer, fmt, path))
         originals[name] = layer
     return originals
 

@@ -19,6 +19,7 @@ from bench.metrics import EvalContext  # noqa: E402
 from bench.metrics.latency import Latency  # noqa: E402
 from bench.models import ModelBundle, find_blocks  # noqa: E402
 from methods.common.formats import IntFormat  # noqa: E402
+from methods.common.microscaling import MxFormat, NvFormat  # noqa: E402
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -64,6 +65,7 @@ def test_latency_skips_formats_without_kernels(cpu_bundle: ModelBundle) -> None:
     bundle_on_gpu = type("B", (), {"device": torch.device("cuda")})()
     assert "no packed kernel" in evaluator.skip_reason(bundle_on_gpu)
     assert evaluator.skip_reason(bundle) == "no GPU"
+    assert Latency(format=NvFormat("e2m1")).skip_reason(bundle_on_gpu) is None  # the block kernels
 
 
 def test_latency_measurement_flow_with_stubbed_gpu_timers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_bundle: ModelBundle) -> None:
@@ -103,6 +105,13 @@ def test_latency_measurement_flow_with_stubbed_gpu_timers(tmp_path: Path, monkey
     assert {row["in"] for row in result.protocol["latency"]["layer_shapes"]} == {256, 512}
     assert not any(type(m).__name__ == "QuantLinear" for m in bundle.model.modules())
 
+    evaluator.format = MxFormat("e2m1")  # an MX cell: its layers on the block kernels, its decode with BlockLinear layers
+    monkeypatch.setattr(latency, "compiled_decode_tokens_per_s", lambda model, prompt, tokens: 5.0)
+    result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k"))
+    assert {(row["batch"], row["path"]) for row in result.protocol["latency"]["layer_shapes"]} == {(1, "block gemv"), (16, "block")}
+    assert result.metrics["latency/decode_tokens_per_s"] > 0 and result.protocol["latency"]["format"] == MxFormat("e2m1").describe()
+    assert not any(type(m).__name__ == "BlockLinear" for m in bundle.model.modules())
+
 
 def test_decode_loops_and_token_counts_are_checked() -> None:
     with pytest.raises(ValueError, match=r"\['graph'\]; choose from \['eager', 'compiled'\]"):
@@ -139,16 +148,22 @@ def test_compiled_step_decodes_as_the_eager_loop_with_quantlinear_layers(cpu_bun
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_latency_on_gpu_times_layers_and_decode(tmp_path: Path) -> None:
+@pytest.mark.parametrize("block_format", [None, NvFormat("e2m1")], ids=["int", "nvfp4"])
+def test_latency_on_gpu_times_layers_and_decode(tmp_path: Path, block_format) -> None:
     bundle = tiny_bundle("cuda")
     evaluator = composed_latency()
     evaluator.modes, evaluator.decode_tokens = ("steady",), 4
+    evaluator.format = block_format or evaluator.format
     result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k"))
     assert result.metrics["latency/layers_steady_us/b1"] > 0
-    assert result.metrics["latency/decode_tokens_per_s"] > 0 and result.metrics["latency/decode_compiled_tokens_per_s"] > 0
-    assert "failed_loops" not in result.protocol["latency"]["decode"] and result.metrics["latency/prefill_ms"] > 0
+    assert result.metrics["latency/decode_tokens_per_s"] > 0 and result.metrics["latency/prefill_ms"] > 0
+    decode = result.protocol["latency"]["decode"]
+    if block_format is None:  # QuantLinear is a custom operator under torch.compile; BlockLinear's kernels are not (yet)
+        assert "failed_loops" not in decode and result.metrics["latency/decode_compiled_tokens_per_s"] > 0
+    else:  # its compiled loop may break the graph: then it is recorded, not raised
+        assert ("compiled_tokens_per_s" in decode) != ("compiled" in decode.get("failed_loops", {}))
     assert result.protocol["latency"]["gpu"] != "none"
-    assert not any(type(m).__name__ == "QuantLinear" for m in bundle.model.modules())
+    assert not any(type(m).__name__ in ("QuantLinear", "BlockLinear") for m in bundle.model.modules())
 
 
 def test_kernel_latency_rejects_unknown_tune_paths(capsys: pytest.CaptureFixture) -> None:

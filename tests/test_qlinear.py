@@ -13,10 +13,12 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from bench.models import ModelBundle, find_blocks  # noqa: E402
-from qkernels.qlinear import QuantLinear, lowbit_matmul_op, pack_int_weight, quantize_linear_layers, restore_linear_layers  # noqa: E402
+from qkernels.qlinear import BlockLinear, QuantLinear, lowbit_matmul_op, pack_int_weight, quantize_linear_layers, restore_linear_layers  # noqa: E402
 from qkernels import qlinear as qlinear_module  # noqa: E402
 from qkernels.pack import PackError, PackedWeight, dequantize_packed, slice_rows  # noqa: E402
 from methods.common.formats import FormatError, IntFormat  # noqa: E402
+from methods.common.binary_formats import BinaryFormat  # noqa: E402
+from methods.common.microscaling import MxFormat, NvFormat  # noqa: E402
 
 
 @pytest.fixture
@@ -73,6 +75,35 @@ def test_swapped_tiny_model_matches_fake_quant_model(tiny_bundle) -> None:
             layer.weight.copy_(fmt.fake_quant(layer.weight))
         fake = bundle.model(ids).logits
     assert torch.allclose(swapped, fake, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", [MxFormat("e2m1"), NvFormat("e2m1"), MxFormat("int8")], ids=lambda f: f.name)
+def test_block_format_layers_match_the_fake_quant_model(tiny_bundle, fmt) -> None:
+    """MX and NV formats swap in BlockLinear (packed codes and block scales); the model's logits are the
+    fake-quantized model's, and the originals come back."""
+    bundle = tiny_bundle
+    ids = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        originals = quantize_linear_layers(bundle, fmt)
+        swapped_layers = [m for m in bundle.model.modules() if isinstance(m, BlockLinear)]
+        assert len(swapped_layers) == len(bundle.layers) and swapped_layers[0].codes.dtype == torch.uint8
+        swapped = bundle.model(ids).logits
+        restore_linear_layers(bundle, originals)
+        assert not any(isinstance(m, BlockLinear) for m in bundle.model.modules())
+        for layer in bundle.layers.values():
+            layer.weight.copy_(fmt.dequantize(fmt.quantize(layer.weight.float())).to(layer.weight.dtype))
+        fake = bundle.model(ids).logits
+    assert torch.allclose(swapped, fake, atol=1e-4, rtol=1e-4)
+
+
+def test_block_linear_keeps_bias_and_refuses_other_formats(tiny_bundle) -> None:
+    linear = nn.Linear(64, 16)
+    layer = BlockLinear.from_linear(linear, NvFormat("e2m1"))
+    x = torch.randn(2, 3, 64)
+    expected = x @ NvFormat("e2m1").dequantize(NvFormat("e2m1").quantize(linear.weight.detach())).t() + linear.bias.detach()
+    assert layer(x).shape == (2, 3, 16) and torch.allclose(layer(x), expected, atol=1e-4)
+    with pytest.raises(FormatError, match="int, MX and NV"):
+        quantize_linear_layers(tiny_bundle, BinaryFormat())
 
 
 def test_swapped_layer_runs_the_triton_gemv_through_the_interpreter() -> None:

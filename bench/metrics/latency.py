@@ -3,7 +3,8 @@
 On a CUDA device: each distinct layer shape is packed once from the cell's (already quantized)
 weights and timed on the kernels next to cuBLAS fp16 at the same shape, in the modes of
 :mod:`bench.timing`; then every quantizable layer is swapped for a
-:class:`~qkernels.qlinear.QuantLinear` and a short greedy decode is timed (tokens/s and peak memory)
+:class:`~qkernels.qlinear.QuantLinear` (MX and NV formats: a :class:`~qkernels.qlinear.BlockLinear`) and a
+short greedy decode is timed (tokens/s and peak memory)
 in each of ``decode_loops``: ``eager`` (Python between the kernels), ``compiled`` (a static KV cache, the
 step compiled by ``torch.compile`` and replayed as a CUDA graph), and with ``prefill_tokens`` one forward
 over a prompt that long (time to first token: the GEMM paths); the original layers are put back so later
@@ -23,6 +24,7 @@ from bench.metrics import EvalContext, EvalResult
 from bench.models import ModelBundle
 from bench.timing import capture, gpu_name, time_side_by_side
 from methods.common.formats import Format, IntFormat
+from methods.common.microscaling import MxFormat, NvFormat
 
 MAX_KERNEL_BITS = 4
 DECODE_LOOPS = ("eager", "compiled")  # compiled: a static KV cache, the step compiled by torch.compile, replayed as a CUDA graph
@@ -72,17 +74,22 @@ class Latency:
     def skip_reason(self, bundle: ModelBundle) -> str | None:
         if bundle.device.type != "cuda":
             return "no GPU"
+        if isinstance(self.format, (MxFormat, NvFormat)):
+            return None
         if not isinstance(self.format, IntFormat) or self.format.bits > MAX_KERNEL_BITS:
             name = self.format.describe() if self.format is not None else "none"
-            return f"format {name} has no packed kernel (int, 1..{MAX_KERNEL_BITS} bits)"
+            return f"format {name} has no packed kernel (int, 1..{MAX_KERNEL_BITS} bits; MX and NV formats)"
         return None
 
     @torch.no_grad()
     def time_layers(self, bundle: ModelBundle) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Per distinct (in, out) shape: kernel and fp16 times; metrics sum them over all layers."""
-        from bench.kernel_latency import fp16_calls, lowbit_calls
+        from bench.kernel_latency import block_calls, fp16_calls, lowbit_calls
+        from qkernels.block_matmul import BLOCK_GEMV_MAX_M, pack_block_weight
         from qkernels.lowbit_matmul import pick_path
         from qkernels.qlinear import pack_int_weight
+
+        block = isinstance(self.format, (MxFormat, NvFormat))  # BlockLinear's kernels: the block GEMV for a few rows
 
         count: dict[tuple[int, int], int] = {}
         first: dict[tuple[int, int], torch.nn.Linear] = {}
@@ -93,12 +100,18 @@ class Latency:
         totals: dict[str, float] = {}
         rows = []
         for (k, n), layer in first.items():
-            pw = pack_int_weight(layer.weight.detach().float(), self.format)
+            weight = layer.weight.detach().float()
+            packed = pack_block_weight(weight, self.format) if block else pack_int_weight(weight, self.format)
             for m in self.batches:
                 x = torch.randn(m, k, device=bundle.device, dtype=torch.float16)
-                times = time_side_by_side({"kernel": lowbit_calls(x, pw, "auto"), "fp16": fp16_calls(x, n)[1]}, self.modes)
+                if block:
+                    path = "block gemv" if m <= BLOCK_GEMV_MAX_M else "block"
+                    calls = block_calls(x, packed, path)
+                else:
+                    path, calls = pick_path(m, packed, x.device, x.dtype), lowbit_calls(x, packed, "auto")
+                times = time_side_by_side({"kernel": calls, "fp16": fp16_calls(x, n)[1]}, self.modes)
                 kernel, base = times["kernel"], times["fp16"]
-                rows.append({"in": k, "out": n, "layers": count[(k, n)], "batch": m, "path": pick_path(m, pw, x.device, x.dtype),
+                rows.append({"in": k, "out": n, "layers": count[(k, n)], "batch": m, "path": path,
                              **{f"{mode}_us": kernel[mode] for mode in self.modes}, **{f"{mode}_fp16_us": base[mode] for mode in self.modes}})
                 for mode in self.modes:
                     key = f"latency/layers_{mode}_us/b{m}"
