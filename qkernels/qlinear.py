@@ -13,6 +13,10 @@ in one graph, Inductor fuses the code around the layers and the kernels run as t
 operator's backward gives the gradient of the activations (the weights stay frozen), so gradients flow
 through QuantLinear layers on every device, e.g. to adapters or earlier layers. Eager calls that need no
 gradient skip the operator's dispatch and call :func:`qkernels.lowbit_matmul.lowbit_matmul` directly.
+
+``BlockLinear`` does the same for the MX and NV block formats (:mod:`qkernels.block_matmul`: the block GEMV
+for a few rows, the tensor-core dot kernel above); it has no custom operator yet, so under ``torch.compile``
+its kernels are traced as they are (a graph break is possible), and no backward of its own on the GPU.
 """
 
 from __future__ import annotations
