@@ -16,7 +16,8 @@ gradient skip the operator's dispatch and call :func:`qkernels.lowbit_matmul.low
 
 ``BlockLinear`` does the same for the MX and NV block formats (:mod:`qkernels.block_matmul`: the block GEMV
 for a few rows, the tensor-core dot kernel above); it has no custom operator yet, so under ``torch.compile``
-its kernels are traced as they are (a graph break is possible), and no backward of its own on the GPU.
+its kernels are traced as they are (a graph break is possible); activations that need a gradient take the
+dequantized weight, whose matmul autograd differentiates.
 """
 
 from __future__ import annotations
@@ -162,8 +163,9 @@ def pack_int_weight(weight: torch.Tensor, fmt: IntFormat) -> PackedWeight:
 
 class BlockLinear(nn.Module):
     """``y = x @ W^T + b`` with W stored in an MX or NV block format (:mod:`qkernels.block_matmul`): on a GPU the
-    block GEMV for up to ``BLOCK_GEMV_MAX_M`` rows and the tensor-core dot kernel above; elsewhere the
-    dequantized weight (:func:`~qkernels.block_matmul.dequantize_block`), the fake-quant layer's outputs."""
+    block GEMV for up to ``BLOCK_GEMV_MAX_M`` rows and the tensor-core dot kernel above; elsewhere, and for
+    activations that need a gradient, the dequantized weight (:func:`~qkernels.block_matmul.dequantize_block`),
+    the fake-quant layer's outputs."""
 
     def __init__(self, bw: BlockWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -188,7 +190,7 @@ class BlockLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype, lead = x.dtype, x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.is_cuda:
+        if x2.is_cuda and not (x2.requires_grad and torch.is_grad_enabled()):  # the kernels have no backward
             x2 = x2 if x2.dtype in KERNEL_DTYPES else x2.to(torch.float16)
             matmul = block_gemv if x2.shape[0] <= BLOCK_GEMV_MAX_M else block_matmul
             y = matmul(x2, self.packed)

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 from bench.models import ModelBundle, find_blocks  # noqa: E402
 from qkernels.qlinear import BlockLinear, QuantLinear, lowbit_matmul_op, pack_int_weight, quantize_linear_layers, restore_linear_layers  # noqa: E402
 from qkernels import qlinear as qlinear_module  # noqa: E402
+from qkernels.block_matmul import dequantize_block  # noqa: E402
 from qkernels.pack import PackError, PackedWeight, dequantize_packed, slice_rows  # noqa: E402
 from methods.common.formats import FormatError, IntFormat  # noqa: E402
 from methods.common.binary_formats import BinaryFormat  # noqa: E402
@@ -102,6 +103,9 @@ def test_block_linear_keeps_bias_and_refuses_other_formats(tiny_bundle) -> None:
     x = torch.randn(2, 3, 64)
     expected = x @ NvFormat("e2m1").dequantize(NvFormat("e2m1").quantize(linear.weight.detach())).t() + linear.bias.detach()
     assert layer(x).shape == (2, 3, 16) and torch.allclose(layer(x), expected, atol=1e-4)
+    x.requires_grad_(True)
+    layer(x).sum().backward()  # the dequantized weight's gradient: the column sums of W
+    assert torch.allclose(x.grad, dequantize_block(layer.packed).sum(0).expand_as(x), atol=1e-4)
     with pytest.raises(FormatError, match="int, MX and NV"):
         quantize_linear_layers(tiny_bundle, BinaryFormat())
 
