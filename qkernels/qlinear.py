@@ -15,9 +15,7 @@ through QuantLinear layers on every device, e.g. to adapters or earlier layers. 
 gradient skip the operator's dispatch and call :func:`qkernels.lowbit_matmul.lowbit_matmul` directly.
 
 ``BlockLinear`` does the same for the MX and NV block formats (:mod:`qkernels.block_matmul`: the block GEMV
-for a few rows, the tensor-core dot kernel above); it has no custom operator yet, so under ``torch.compile``
-its kernels are traced as they are (a graph break is possible); activations that need a gradient take the
-dequantized weight, whose matmul autograd differentiates.
+for a few rows, the tensor-core dot kernel above), through the operator ``torch.ops.qkernels.block_matmul``.
 """
 
 from __future__ import annotations
@@ -65,19 +63,25 @@ def _keep_weight(ctx, inputs, output) -> None:
 GRAD_BLOCK_ELEMENTS = 1 << 22  # weights dequantized at a time in the backward (fp32, with int64 code temporaries)
 
 
+def grad_through_rows(grad: torch.Tensor, n: int, k: int, weight_rows) -> torch.Tensor:
+    """``dL/dx = dL/dy @ W`` (fp32) with ``weight_rows(start, stop)`` giving rows of W dequantized in fp32, a block
+    of rows at a time, so a large layer's backward holds :data:`GRAD_BLOCK_ELEMENTS` weights, not all of them."""
+    grad = grad.float()
+    step = max(1, GRAD_BLOCK_ELEMENTS // k)
+    grad_x = None
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        part = grad[..., start:stop] @ weight_rows(start, stop)
+        grad_x = part if grad_x is None else grad_x.add_(part)
+    return grad_x
+
+
 def _grad_x(ctx, grad):
-    """``dL/dx = dL/dy @ W`` with W dequantized in fp32 (the weights are frozen codes: no gradient of their own), a
-    block of rows at a time, so a large layer's backward holds :data:`GRAD_BLOCK_ELEMENTS` weights, not all of them."""
+    """dL/dx through the packed weight (the weights are frozen codes: no gradient of their own)."""
     words, high, scale, zero = ctx.saved_tensors
     layout, *rest = ctx.fields
     pw = PackedWeight(layout, words, high, scale, zero, *rest)
-    grad = grad.float()
-    step = max(1, GRAD_BLOCK_ELEMENTS // pw.k)
-    grad_x = None
-    for start in range(0, pw.n, step):
-        stop = min(start + step, pw.n)
-        part = grad[..., start:stop] @ dequantize_packed(slice_rows(pw, start, stop), torch.float32)
-        grad_x = part if grad_x is None else grad_x.add_(part)
+    grad_x = grad_through_rows(grad, pw.n, pw.k, lambda start, stop: dequantize_packed(slice_rows(pw, start, stop), torch.float32))
     return grad_x.to(ctx.x_dtype), *[None] * 12
 
 
@@ -161,11 +165,66 @@ def pack_int_weight(weight: torch.Tensor, fmt: IntFormat) -> PackedWeight:
     return pack_weight(codes, scale, zero, layout_for_bits(fmt.bits), group, zero_const=-fmt.qmin)
 
 
+@torch.library.custom_op(
+    "qkernels::block_matmul", mutates_args=(),
+    schema="(Tensor x, Tensor codes, Tensor block_scale, Tensor code_values, Tensor scale_values, str family, str element, int n, "
+           "int k, float tensor_scale) -> Tensor",
+)
+def block_matmul_op(x, codes, block_scale, code_values, scale_values, family, element, n, k, tensor_scale):
+    """:func:`block_forward` with the block weight spelled out (``family`` "mx" or "nv"), for ``torch.compile``."""
+    bw = _block_weight(codes, block_scale, code_values, scale_values, family, element, n, k, tensor_scale)
+    return block_forward(x.reshape(-1, k), bw).reshape(*x.shape[:-1], n)
+
+
+@block_matmul_op.register_fake
+def _(x, codes, block_scale, code_values, scale_values, family, element, n, k, tensor_scale):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _keep_block_weight(ctx, inputs, output) -> None:
+    x, codes, block_scale, code_values, scale_values, *fields = inputs
+    ctx.save_for_backward(codes, block_scale, code_values, scale_values)
+    ctx.fields, ctx.x_dtype = fields, x.dtype
+
+
+def _block_grad_x(ctx, grad):
+    """dL/dx through the block weight, dequantized a block of rows at a time."""
+    codes, block_scale, code_values, scale_values = ctx.saved_tensors
+    family, element, n, k, tensor_scale = ctx.fields
+
+    def weight_rows(start: int, stop: int) -> torch.Tensor:
+        rows = _block_weight(codes[start:stop], block_scale[start:stop], code_values, scale_values, family, element, stop - start, k,
+                             tensor_scale)
+        return dequantize_block(rows)
+
+    return grad_through_rows(grad, n, k, weight_rows).to(ctx.x_dtype), *[None] * 9
+
+
+block_matmul_op.register_autograd(_block_grad_x, setup_context=_keep_block_weight)
+
+
+def _block_weight(codes, block_scale, code_values, scale_values, family: str, element: str, n: int, k: int,
+                  tensor_scale: float) -> BlockWeight:
+    fmt = MxFormat(element) if family == "mx" else NvFormat(element)
+    packed = PackedTensor(codes, block_scale, None, None if family == "mx" else torch.tensor(tensor_scale))
+    return BlockWeight(fmt, packed, n, k, code_values, scale_values, tensor_scale)
+
+
+def block_forward(x2: torch.Tensor, bw: BlockWeight) -> torch.Tensor:
+    """``x2 [M, K] @ W^T`` in x2's dtype: on a GPU the block GEMV for up to ``BLOCK_GEMV_MAX_M`` rows and the
+    tensor-core dot kernel above (fp16 or bf16 activations; others in fp16), elsewhere the dequantized weight."""
+    if not x2.is_cuda:
+        return (x2.float() @ dequantize_block(bw).t()).to(x2.dtype)
+    xk = x2 if x2.dtype in KERNEL_DTYPES else x2.to(torch.float16)
+    return (block_gemv if xk.shape[0] <= BLOCK_GEMV_MAX_M else block_matmul)(xk, bw).to(x2.dtype)
+
+
 class BlockLinear(nn.Module):
     """``y = x @ W^T + b`` with W stored in an MX or NV block format (:mod:`qkernels.block_matmul`): on a GPU the
-    block GEMV for up to ``BLOCK_GEMV_MAX_M`` rows and the tensor-core dot kernel above; elsewhere, and for
-    activations that need a gradient, the dequantized weight (:func:`~qkernels.block_matmul.dequantize_block`),
-    the fake-quant layer's outputs."""
+    block GEMV for up to ``BLOCK_GEMV_MAX_M`` rows and the tensor-core dot kernel above; elsewhere the dequantized
+    weight (:func:`~qkernels.block_matmul.dequantize_block`), the fake-quant layer's outputs. Through the custom
+    operator ``torch.ops.qkernels.block_matmul`` while ``torch.compile`` traces or the activations need a
+    gradient (its backward: the dequantized weight, a block of rows at a time)."""
 
     def __init__(self, bw: BlockWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -188,16 +247,13 @@ class BlockLinear(nn.Module):
         return cls(pack_block_weight(linear.weight.detach().float(), fmt), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype, lead = x.dtype, x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if x2.is_cuda and not (x2.requires_grad and torch.is_grad_enabled()):  # the kernels have no backward
-            x2 = x2 if x2.dtype in KERNEL_DTYPES else x2.to(torch.float16)
-            matmul = block_gemv if x2.shape[0] <= BLOCK_GEMV_MAX_M else block_matmul
-            y = matmul(x2, self.packed)
+        if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+            family = "mx" if isinstance(self.fmt, MxFormat) else "nv"
+            y = block_matmul_op(x, self.codes, self.block_scale, self.code_values, self.scale_values, family, self.fmt.element,
+                                self.out_features, self.in_features, float(self.tensor_scale))
         else:
-            y = x2.float() @ dequantize_block(self.packed).t()
-        y = y.to(dtype).reshape(*lead, self.out_features)
-        return y if self.bias is None else y + self.bias.to(dtype)
+            y = block_forward(x.reshape(-1, self.in_features), self.packed).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.name}"

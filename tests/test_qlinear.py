@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from bench.models import ModelBundle, find_blocks  # noqa: E402
-from qkernels.qlinear import BlockLinear, QuantLinear, lowbit_matmul_op, pack_int_weight, quantize_linear_layers, restore_linear_layers  # noqa: E402
+from qkernels.qlinear import BlockLinear, QuantLinear, block_matmul_op, lowbit_matmul_op, pack_int_weight, quantize_linear_layers, restore_linear_layers  # noqa: E402
 from qkernels import qlinear as qlinear_module  # noqa: E402
 from qkernels.block_matmul import dequantize_block  # noqa: E402
 from qkernels.pack import PackError, PackedWeight, dequantize_packed, slice_rows  # noqa: E402
@@ -108,6 +108,23 @@ def test_block_linear_keeps_bias_and_refuses_other_formats(tiny_bundle) -> None:
     assert torch.allclose(x.grad, dequantize_block(layer.packed).sum(0).expand_as(x), atol=1e-4)
     with pytest.raises(FormatError, match="int, MX and NV"):
         quantize_linear_layers(tiny_bundle, BinaryFormat())
+
+
+def test_block_linear_compiles_in_one_graph_and_its_gradient_comes_a_block_of_rows_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torch.compile (fullgraph) BlockLinear is the operator ``qkernels::block_matmul``: the eager outputs; its
+    backward, in blocks of 5 rows, the dequantized weight's gradient; opcheck's checks of the operator pass."""
+    torch.manual_seed(2)
+    layer = BlockLinear.from_linear(nn.Linear(64, 24), MxFormat("e2m1"))
+    x = torch.randn(2, 3, 64)
+    torch._dynamo.reset()
+    assert torch.allclose(torch.compile(layer, fullgraph=True, backend="aot_eager")(x), layer(x), atol=1e-5)
+    monkeypatch.setattr(qlinear_module, "GRAD_BLOCK_ELEMENTS", 5 * 64)
+    x.requires_grad_(True)
+    upstream = torch.randn(2, 3, 24)
+    (layer(x) * upstream).sum().backward()
+    assert torch.allclose(x.grad, upstream @ dequantize_block(layer.packed), atol=1e-4)
+    torch.library.opcheck(block_matmul_op, (x, layer.codes, layer.block_scale, layer.code_values, layer.scale_values, "mx", "e2m1", 24,
+                                            64, 1.0))
 
 
 def test_swapped_layer_runs_the_triton_gemv_through_the_interpreter() -> None:
