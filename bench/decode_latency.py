@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.kernel_latency import LOWBIT_KINDS, random_packed
+from bench.kernel_latency import BLOCK_KINDS, LOWBIT_KINDS, random_packed
 from bench.timing import capture, gpu_name
-from qkernels.qlinear import QuantLinear
+from qkernels.qlinear import BlockLinear, QuantLinear
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,12 @@ WEIGHT_STD = 0.02
 
 
 def make_linear(kind: str, k: int, n: int, device: str = "cuda") -> nn.Module:
-    """fp16 ``nn.Linear`` or a QuantLinear of random codes whose weights have about WEIGHT_STD spread."""
-    if kind == "fp16":
+    """fp16 ``nn.Linear``, a QuantLinear of random codes whose weights have about WEIGHT_STD spread, or (the MX/NV
+    kinds of ``bench.kernel_latency``) a BlockLinear of a random fp16 weight quantized to that format."""
+    if kind in ("fp16", *BLOCK_KINDS):
         layer = nn.Linear(k, n, bias=False, device=device, dtype=torch.float16)
         nn.init.normal_(layer.weight, std=WEIGHT_STD)
-        return layer
+        return layer if kind == "fp16" else BlockLinear.from_linear(layer, BLOCK_KINDS[kind])
     spec = LOWBIT_KINDS[kind]
     code_std = (spec.top_code + 1) / math.sqrt(12)
     pw = random_packed(spec, n, k, scale_range=(0.5 * WEIGHT_STD / code_std, 1.5 * WEIGHT_STD / code_std), device=device)
@@ -103,8 +104,8 @@ class Block(nn.Module):
     def fuse_projections(self) -> None:
         """q, k, v as one layer and gate, up as one (as serving engines run them): 4 matmuls a block instead of 7."""
         def fused(layers: list[nn.Module]) -> nn.Module:
-            if isinstance(layers[0], QuantLinear):
-                return QuantLinear.concat(layers)
+            if isinstance(layers[0], (QuantLinear, BlockLinear)):
+                return type(layers[0]).concat(layers)
             merged = nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers), bias=False,
                                device=layers[0].weight.device, dtype=layers[0].weight.dtype)
             merged.weight.copy_(torch.cat([layer.weight for layer in layers]))
@@ -289,9 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
-    unknown = [k for k in kinds if k != "fp16" and k not in LOWBIT_KINDS]
+    unknown = [k for k in kinds if k != "fp16" and k not in LOWBIT_KINDS and k not in BLOCK_KINDS]
     if unknown or not kinds:
-        parser.error(f"--kinds {unknown or 'none given'}; choose from {['fp16', *LOWBIT_KINDS]}")
+        parser.error(f"--kinds {unknown or 'none given'}; choose from {['fp16', *LOWBIT_KINDS, *BLOCK_KINDS]}")
     if args.tokens < 1:
         parser.error(f"--tokens {args.tokens}; give at least 1")
     if not torch.cuda.is_available():

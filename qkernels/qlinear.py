@@ -242,6 +242,27 @@ class BlockLinear(nn.Module):
                            self.code_values, self.scale_values, self.tensor_scale)
 
     @classmethod
+    def concat(cls, layers: list[BlockLinear]) -> BlockLinear:
+        """One layer for several that read the same input (outputs side by side): rows are quantized
+        independently, so their codes and block scales stack; NV layers must share their tensor scale."""
+        first = layers[0]
+        different = [i for i, layer in enumerate(layers) if (layer.fmt, layer.in_features, layer.tensor_scale) != (first.fmt, first.in_features,
+                                                                                                               first.tensor_scale)]
+        if different:
+            i = different[0]
+            raise ValueError(f"BlockLinear.concat needs one format, K and tensor scale; layer 0 has {first.fmt.name}, K={first.in_features}, "
+                             f"tensor scale {first.tensor_scale}, layer {i} has {layers[i].fmt.name}, K={layers[i].in_features}, "
+                             f"tensor scale {layers[i].tensor_scale} (NV layers: fuse the weights before quantizing)")
+        packed = PackedTensor(torch.cat([layer.codes for layer in layers]), torch.cat([layer.block_scale for layer in layers]), None,
+                              first.packed.packed.tensor_scale)
+        bw = BlockWeight(first.fmt, packed, sum(layer.out_features for layer in layers), first.in_features, first.code_values,
+                         first.scale_values, first.tensor_scale)
+        biases = [layer.bias for layer in layers]
+        bias = None if all(b is None for b in biases) else torch.cat([
+            b if b is not None else torch.zeros(layer.out_features, device=layer.codes.device) for b, layer in zip(biases, layers)])
+        return cls(bw, bias)
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: MxFormat | NvFormat) -> BlockLinear:
         """Quantize ``linear.weight`` with ``fmt`` (blocks along the input features) and keep its packed storage."""
         return cls(pack_block_weight(linear.weight.detach().float(), fmt), linear.bias)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bench.decode_latency import Arch, Block, Decoder, compare_steps, markdown
-from qkernels.qlinear import QuantLinear
+from qkernels.qlinear import BlockLinear, QuantLinear
 
 ARCH = Arch(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=100)
 
@@ -33,6 +33,23 @@ def test_compiled_decode_step_is_one_graph_and_decodes_the_same_tokens(fuse: boo
     assert compiled == eager
     assert len(set(eager)) > 1 or eager[0] != 0  # the decode moved: not a stuck all-zero run
     assert compare_steps(model, model.step, model.step, 4) == (0.0, 4)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_block_format_decoder_compiles_in_one_graph_and_decodes_the_same_tokens(fuse: bool) -> None:
+    """MXFP4 layers (BlockLinear, the qkernels::block_matmul operator): one graph, the eager tokens."""
+    torch.manual_seed(0)
+    model = Decoder(ARCH, "mxfp4", max_len=16, device="cpu", fuse=fuse).eval()
+    assert sum(isinstance(m, BlockLinear) for m in model.modules()) == (4 if fuse else 7) * ARCH.layers
+    eager = decode(model, model.step, 4)
+    torch._dynamo.reset()
+    assert decode(model, torch.compile(model.step, fullgraph=True, backend="aot_eager"), 4) == eager
+
+
+def test_nv_layers_fuse_only_with_one_tensor_scale() -> None:
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="tensor scale"):
+        Decoder(ARCH, "nvfp4", max_len=8, device="cpu", fuse=True)
 
 
 def test_compare_steps_sees_a_wrong_step() -> None:

@@ -127,6 +127,17 @@ def test_block_linear_compiles_in_one_graph_and_its_gradient_comes_a_block_of_ro
                                             64, 1.0))
 
 
+def test_concatenated_block_layers_give_each_layers_outputs_side_by_side() -> None:
+    torch.manual_seed(3)
+    layers = [BlockLinear.from_linear(nn.Linear(64, n, bias=bias), MxFormat("e2m1")) for n, bias in ((24, True), (8, False))]
+    x = torch.randn(5, 64)
+    fused = BlockLinear.concat(layers)
+    assert fused.out_features == 32 and torch.allclose(fused(x), torch.cat([layer(x) for layer in layers], dim=-1), atol=1e-5)
+    nv = [BlockLinear.from_linear(nn.Linear(64, 8), NvFormat("e2m1")) for _ in range(2)]
+    with pytest.raises(ValueError, match="tensor scale"):
+        BlockLinear.concat(nv)
+
+
 def test_swapped_layer_runs_the_triton_gemv_through_the_interpreter() -> None:
     """The kernel path (forced; on CPU through the interpreter) agrees with the fake-quant layer."""
     linear = nn.Linear(256, 40, bias=False).half()
