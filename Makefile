@@ -23,6 +23,7 @@ install: $(BIN)/python
 run: install
 	$(BIN)/python run.py -m method=fp,rtn
 	$(BIN)/python -m reports.leaderboard
+	$(BIN)/python -m reports.plots
 
 # The full perplexity protocol (every window of both evaluation texts).
 run-full: install
@@ -36,3 +37,4 @@ test-slow: install
 
 leaderboard:
 	$(BIN)/python -m reports.leaderboard
+	$(BIN)/python -m reports.plots
