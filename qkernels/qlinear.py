@@ -129,10 +129,7 @@ class QuantLinear(nn.Module):
     def concat(cls, layers: list[QuantLinear]) -> QuantLinear:
         """One layer for several that read the same input (outputs side by side, in order): one kernel launch
         instead of several (``qkernels.pack.concat_packed``); biases concatenated (zeros where a layer has none)."""
-        biases = [layer.bias for layer in layers]
-        bias = None if all(b is None for b in biases) else torch.cat([
-            b if b is not None else torch.zeros(layer.out_features, device=layer.words.device) for b, layer in zip(biases, layers)])
-        return cls(concat_packed([layer.packed for layer in layers]), bias, layers[0].path)
+        return cls(concat_packed([layer.packed for layer in layers]), concat_biases(layers), layers[0].path)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: IntFormat, path: str = "auto") -> QuantLinear:
@@ -148,6 +145,14 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, group_size={self.group_size}"
+
+
+def concat_biases(layers: list[nn.Module]) -> torch.Tensor | None:
+    """The layers' biases side by side (zeros where a layer has none), or None where none has one."""
+    if all(layer.bias is None for layer in layers):
+        return None
+    return torch.cat([layer.bias if layer.bias is not None else torch.zeros(layer.out_features, device=next(layer.buffers()).device)
+                      for layer in layers])
 
 
 def pack_int_weight(weight: torch.Tensor, fmt: IntFormat) -> PackedWeight:
@@ -246,21 +251,15 @@ class BlockLinear(nn.Module):
         """One layer for several that read the same input (outputs side by side): rows are quantized
         independently, so their codes and block scales stack; NV layers must share their tensor scale."""
         first = layers[0]
-        different = [i for i, layer in enumerate(layers) if (layer.fmt, layer.in_features, layer.tensor_scale) != (first.fmt, first.in_features,
-                                                                                                               first.tensor_scale)]
-        if different:
-            i = different[0]
-            raise ValueError(f"BlockLinear.concat needs one format, K and tensor scale; layer 0 has {first.fmt.name}, K={first.in_features}, "
-                             f"tensor scale {first.tensor_scale}, layer {i} has {layers[i].fmt.name}, K={layers[i].in_features}, "
-                             f"tensor scale {layers[i].tensor_scale} (NV layers: fuse the weights before quantizing)")
+        fields = lambda layer: (layer.fmt.name, layer.in_features, layer.tensor_scale)  # noqa: E731
+        if different := [i for i, layer in enumerate(layers) if fields(layer) != fields(first)]:
+            raise ValueError(f"BlockLinear.concat needs one (format, K, tensor scale); layer 0 has {fields(first)}, layer {different[0]} has "
+                             f"{fields(layers[different[0]])} (NV layers: fuse the weights before quantizing)")
         packed = PackedTensor(torch.cat([layer.codes for layer in layers]), torch.cat([layer.block_scale for layer in layers]), None,
                               first.packed.packed.tensor_scale)
         bw = BlockWeight(first.fmt, packed, sum(layer.out_features for layer in layers), first.in_features, first.code_values,
                          first.scale_values, first.tensor_scale)
-        biases = [layer.bias for layer in layers]
-        bias = None if all(b is None for b in biases) else torch.cat([
-            b if b is not None else torch.zeros(layer.out_features, device=layer.codes.device) for b, layer in zip(biases, layers)])
-        return cls(bw, bias)
+        return cls(bw, concat_biases(layers))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: MxFormat | NvFormat) -> BlockLinear:
