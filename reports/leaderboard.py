@@ -79,21 +79,32 @@ def write_reports(table: pd.DataFrame, notes: list[str], metric: str, out: Path)
     return paths
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_selection_args(parser: argparse.ArgumentParser) -> None:
+    """The store and the cells to read from it (``--store``, ``--model``, ``--method``, ``--sweep``)."""
     parser.add_argument("--store", default="results/results.sqlite")
-    parser.add_argument("--metric", default="ppl/wiki", help="a metric, or a pattern such as 'zeroshot/*' for a wide table")
     parser.add_argument("--model", nargs="*", help="keep only these models")
     parser.add_argument("--method", nargs="*", help="keep only these methods")
     parser.add_argument("--sweep", nargs="*", help="keep only these sweeps")
-    parser.add_argument("--out", default="results/leaderboard")
-    args = parser.parse_args(argv)
+
+
+def selected_frame(parser: argparse.ArgumentParser, args: argparse.Namespace) -> pd.DataFrame:
+    """The finished cells that :func:`add_selection_args`' options select; a parser error where there are none."""
     if not Path(args.store).is_file():
         parser.error(f"no results store at {args.store!r}; run a sweep first or pass --store")
     filters = {k: v for k, v in {"model": args.model, "method": args.method, "sweep": args.sweep}.items() if v}
     frame = ResultStore(args.store).frame(**filters)
     if frame.empty:
         parser.error(f"no finished cells in {args.store!r} match {filters or 'the store'}")
+    return frame
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_selection_args(parser)
+    parser.add_argument("--metric", default="ppl/wiki", help="a metric, or a pattern such as 'zeroshot/*' for a wide table")
+    parser.add_argument("--out", default="results/leaderboard")
+    args = parser.parse_args(argv)
+    frame = selected_frame(parser, args)
     try:
         table = leaderboard(frame, args.metric)
     except ConfigError as err:

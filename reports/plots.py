@@ -22,8 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bench.errors import ConfigError  # noqa: E402
-from bench.store import ResultStore  # noqa: E402
-from reports.leaderboard import setting_label  # noqa: E402
+from reports.leaderboard import add_selection_args, selected_frame, setting_label  # noqa: E402
 
 COLUMNS = ("bits_per_weight", "bits", "act_bits")
 LOWER_IS_BETTER = ("ppl", "bits", "_us", "_ms", "memory", "_gb", "fid")  # name fragments; anything else: higher
@@ -84,21 +83,15 @@ def plot(pts: pd.DataFrame, x: str, y: str, x_better: str, y_better: str, out: P
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", default="results/results.sqlite")
+    add_selection_args(parser)
     parser.add_argument("--x", default="bits_per_weight")
     parser.add_argument("--y", default="ppl/wiki")
     parser.add_argument("--x-better", choices=("lower", "higher"), help="default: read from the name")
     parser.add_argument("--y-better", choices=("lower", "higher"), help="default: read from the name")
     parser.add_argument("--log-y", action="store_true")
-    parser.add_argument("--model", nargs="*", help="keep only these models")
-    parser.add_argument("--method", nargs="*", help="keep only these methods")
-    parser.add_argument("--sweep", nargs="*", help="keep only these sweeps")
     parser.add_argument("--out", default="results/plots")
     args = parser.parse_args(argv)
-    if not Path(args.store).is_file():
-        parser.error(f"no results store at {args.store!r}; run a sweep first or pass --store")
-    filters = {k: v for k, v in {"model": args.model, "method": args.method, "sweep": args.sweep}.items() if v}
-    frame = ResultStore(args.store).frame(**filters)
+    frame = selected_frame(parser, args)
     try:
         pts = points(frame, args.x, args.y)
     except ConfigError as err:

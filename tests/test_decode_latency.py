@@ -22,28 +22,20 @@ def decode(model: Decoder, step, tokens: int) -> list[int]:
     return out
 
 
+@pytest.mark.parametrize("kind,layer_type", [("w2g128", QuantLinear), ("mxfp4", BlockLinear)])
 @pytest.mark.parametrize("fuse", [False, True])
-def test_compiled_decode_step_is_one_graph_and_decodes_the_same_tokens(fuse: bool) -> None:
+def test_compiled_decode_step_is_one_graph_and_decodes_the_same_tokens(kind: str, layer_type: type, fuse: bool) -> None:
+    """Packed low-bit and MX layers (the qkernels::lowbit_matmul and qkernels::block_matmul operators): one graph,
+    the eager tokens, fused or not."""
     torch.manual_seed(0)
-    model = Decoder(ARCH, "w2g128", max_len=16, device="cpu", fuse=fuse).eval()
-    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == (4 if fuse else 7) * ARCH.layers
+    model = Decoder(ARCH, kind, max_len=16, device="cpu", fuse=fuse).eval()
+    assert sum(isinstance(m, layer_type) for m in model.modules()) == (4 if fuse else 7) * ARCH.layers
     eager = decode(model, model.step, 6)
     torch._dynamo.reset()
     compiled = decode(model, torch.compile(model.step, fullgraph=True, backend="aot_eager"), 6)
     assert compiled == eager
     assert len(set(eager)) > 1 or eager[0] != 0  # the decode moved: not a stuck all-zero run
     assert compare_steps(model, model.step, model.step, 4) == (0.0, 4)
-
-
-@pytest.mark.parametrize("fuse", [False, True])
-def test_block_format_decoder_compiles_in_one_graph_and_decodes_the_same_tokens(fuse: bool) -> None:
-    """MXFP4 layers (BlockLinear, the qkernels::block_matmul operator): one graph, the eager tokens."""
-    torch.manual_seed(0)
-    model = Decoder(ARCH, "mxfp4", max_len=16, device="cpu", fuse=fuse).eval()
-    assert sum(isinstance(m, BlockLinear) for m in model.modules()) == (4 if fuse else 7) * ARCH.layers
-    eager = decode(model, model.step, 4)
-    torch._dynamo.reset()
-    assert decode(model, torch.compile(model.step, fullgraph=True, backend="aot_eager"), 4) == eager
 
 
 def test_nv_layers_fuse_only_with_one_tensor_scale() -> None:
