@@ -4,12 +4,13 @@
 
 Real checkpoints cannot reach the GPU machine, so the model is built here with random weights: the
 Llama block (RMSNorm, rotary q/k, grouped-query attention over a static KV cache, SwiGLU MLP) with
-``nn.Linear`` layers for fp16 or :class:`qkernels.qlinear.QuantLinear` layers holding random packed
-codes. Decoding one token is one CUDA graph replay (embedding, every block, norm, fp16 LM head, argmax
+``nn.Linear`` layers for fp16, :class:`qkernels.qlinear.QuantLinear` layers holding random packed
+codes, or for the MX/NV kinds (``mxfp4``, ``nvfp4``, ...) :class:`qkernels.qlinear.BlockLinear` layers of
+random weights quantized to the format. Decoding one token is one CUDA graph replay (embedding, every block, norm, fp16 LM head, argmax
 feeding the next step), so the numbers show the matmuls rather than Python launch overhead; the
 eager loop is timed too. With ``--compile`` the step is also compiled by ``torch.compile`` (one graph:
-the QuantLinear layers are the ``qkernels::lowbit_matmul`` operator, the code around them fused by
-Inductor) and replayed as a CUDA graph. Reports tokens/s, ms/token, weight bytes and peak memory.
+the QuantLinear and BlockLinear layers are the ``qkernels::lowbit_matmul`` and ``qkernels::block_matmul``
+operators, the code around them fused by Inductor) and replayed as a CUDA graph. Reports tokens/s, ms/token, weight bytes and peak memory.
 No hydra imports: this runs on the bare device machine.
 """
 
