@@ -33,7 +33,7 @@ from bench.int_kinds import INT_KINDS, int_calls, int_error, int_weight
 from bench.read_floor import read_calls
 from bench.timing import MODES, copies_for, copy_bandwidth_gbs, gpu_name, steady_us, time_side_by_side
 from qkernels import lowbit_matmul as lm
-from qkernels.block_matmul import BLOCK_GEMV_MAX_M, BlockWeight, block_gemv, block_matmul, pack_block_weight
+from qkernels.block_matmul import BLOCK_GEMV_MAX_M, BLOCK_PATHS, BlockWeight, pack_block_weight
 from qkernels.pack import PackedWeight, pack_weight
 from qkernels.quant import PackedTensor
 from methods.common.microscaling import MxFormat, NvFormat
@@ -115,10 +115,8 @@ def lowbit_calls(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = Non
     return make
 
 
-BLOCK_PATHS = {"block": block_matmul, "block gemv": block_gemv}  # the tensor-core dots; the GEMV for a few rows
-
-
 def block_paths(m: int) -> list[str]:
+    """The dot kernel, and beside it the block GEMV where it takes the batch."""
     return ["block", "block gemv"] if m <= BLOCK_GEMV_MAX_M else ["block"]
 
 

@@ -239,6 +239,12 @@ class BlockGemvConfig:
 BLOCK_GEMV_MAX_M = 8
 
 
+def pick_block_path(m: int) -> str:
+    """``"block gemv"`` for up to :data:`BLOCK_GEMV_MAX_M` activation rows, else ``"block"`` (the dot kernel, which
+    pads the batch to 16 rows): the path BlockLinear takes and ``eval=latency`` times (:data:`BLOCK_PATHS`)."""
+    return "block gemv" if m <= BLOCK_GEMV_MAX_M else "block"
+
+
 def block_gemv(x: torch.Tensor, bw: BlockWeight, config: BlockGemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T`` for a few activation rows (at most :data:`BLOCK_GEMV_MAX_M`) on CUDA cores."""
     config = config or BlockGemvConfig()
@@ -297,3 +303,6 @@ def block_matmul(x: torch.Tensor, bw: BlockWeight, block_n: int = 64, num_warps:
         INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps, SPLIT_K=grid[2], **element_decode(bw.fmt),
     )
     return y
+
+
+BLOCK_PATHS = {"block": block_matmul, "block gemv": block_gemv}  # the tensor-core dots; the GEMV for a few rows

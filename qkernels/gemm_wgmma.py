@@ -470,7 +470,7 @@ def gemm_wgmma(x: torch.Tensor, pw: PackedWeight, config: GemmWgmmaConfig | None
     """``x [M, K] @ W^T`` on wgmma tensor cores, into ``out`` if given."""
     lm.check_inputs(x, pw)
     if not lm.wgmma_fits(pw, x.dtype):
-        raise ValueError(f"gemm_wgmma takes fp16 activations, K a multiple of 8 and layouts {lm.WGMMA_LAYOUTS} with run "
+        raise ValueError(f"gemm_wgmma takes fp16 activations, K a multiple of 8 and layouts {lm.UINT_LAYOUTS} with run "
                          f"{RUN.value}; got {x.dtype}, K={pw.k}, {pw.layout}, run {pw.run}")
     if x.data_ptr() % 16 or x.stride(0) % 8:  # TMA reads 16-byte aligned rows
         x = x.clone(memory_format=torch.contiguous_format)

@@ -722,7 +722,7 @@ def _saved_or_rule(pw: PackedWeight, key: tuple) -> GemvMmaConfig:
 def gemv_mma(x: torch.Tensor, pw: PackedWeight, config: GemvMmaConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T`` for a few rows (at most ``GEMV_MAX_M``), into ``out`` if given."""
     if not lm.gemv_mma_fits(pw, x.dtype):
-        raise ValueError(f"gemv_mma takes fp16 activations and layouts {lm.GEMV_MMA_LAYOUTS} with run {lm.GEMV_MMA_RUN}; "
+        raise ValueError(f"gemv_mma takes fp16 activations and layouts {lm.UINT_LAYOUTS} with run {lm.GEMV_MMA_RUN}; "
                          f"got {x.dtype}, {pw.layout}, run {pw.run}")
     config = config or config_for(pw)
     kernel, sizes, consts = pw.memo(("gemv_mma", config), lambda: _launch_spec(pw, config), shared=True)

@@ -122,9 +122,9 @@ MMA_FOLD_MIN_M = 16  # above this many rows the MMA kernel folds scales and zero
 # 91.2 / 92.2 at 8192^2 against dequant + cuBLAS 113-120 at 128 (cuBLAS 50.4-50.9).
 MMA_AUTO_ROWS: dict[tuple[str, bool], int] = {("uint4", True): 128, ("uint2", True): 128, ("uint2", False): 128}
 MMA_SHARED_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (the H100 has 227 KiB)
-MMA_LAYOUTS = ("uint1", "uint2", "uint3", "uint4")
-# The dispatcher's: uint3 on the MMA kernel (_slot3_fp16, session 16) is right in the interpreter but not yet timed
-# on a GPU, so W3 keeps the pair GEMV at 2-8 rows and the wgmma GEMM or the GEMM above (path="mma" runs it)
+# The layouts the dispatcher sends to the MMA kernel (which takes all of UINT_LAYOUTS): its uint3 branch (_slot3_fp16,
+# session 16) is right in the interpreter but not yet timed on a GPU, so W3 keeps the pair GEMV at 2-8 rows and the
+# wgmma GEMM or the GEMM above (path="mma" runs it)
 MMA_AUTO_LAYOUTS = ("uint1", "uint2", "uint4")
 # H100 (session 6): above 64 rows the GEMM's 128-row tiles took 214-250 us at 96 and 128 rows (8192^2) against
 # dequant + cuBLAS 113-120 at 128 rows, every kind; at 64 rows the GEMM won (83-85 vs 118).
@@ -138,17 +138,15 @@ GEMV_CONFIGS: dict[tuple[str, bool], GemvConfig] = {  # best of bench.kernel_lat
     ("uint2", False): GemvConfig(block_n=128, num_warps=8, split_k=4),
     ("uint1", True): GemvConfig(block_n=64, num_warps=4, split_k=2),
 }
-PAIR_LAYOUTS = ("uint1", "uint2", "uint4")  # 16 bits hold a whole number of slots
-# uint3 (a two-bit plane and a one-bit plane) on the fp16-pair GEMV (_pair_fma3) and on the wgmma GEMM
-# (gemm_wgmma._slot_weights3), each plane as its own pairs. H200, steady state, W3 g128 (session 16,
+# The layouts of the fp16-pair GEMV, the tensor-core GEMV, the MMA kernel and the wgmma GEMM: uint3 (a two-bit plane
+# and a one-bit plane) as two planes of pairs (_pair_fma3, gemv_mma._decode_slot3, _slot3_fp16,
+# gemm_wgmma._slot_weights3). H200, steady state, W3 g128 (session 16,
 # bench/results/kernel_latency_h200.md): the pair GEMV at batch 1 20.4 us at 8192^2 against 29.1 on the fp32 GEMV,
 # 18.3 against 29.3 at 14336x4096, 21.5 against 25.9 at 4096x14336 (the tensor-core GEMV beat both: GEMV_MMA_KEYS);
 # 16 and 64 rows on the wgmma GEMM 1.07x-1.45x of cuBLAS (4096^2 at 64 rows 0.82x; the Triton MMA kernel's uint3
 # branch is not yet timed), 128 and 256 rows 0.58x-0.92x against 0.42x-0.54x for dequant + cuBLAS (but 4096^2 at
 # 256 rows: 30.2 us against 27.1), which wins at 1024 rows (8192^2: 242.7 us against 261.9).
-PAIR_GEMV_LAYOUTS = PAIR_LAYOUTS + ("uint3",)
-WGMMA_LAYOUTS = PAIR_LAYOUTS + ("uint3",)
-GEMV_MMA_LAYOUTS = PAIR_LAYOUTS + ("uint3",)
+UINT_LAYOUTS = ("uint1", "uint2", "uint3", "uint4")
 GEMV_MMA_RUN = 32  # the tensor-core GEMV's words per row and chunk (qkernels/gemv_mma.py)
 # Batch 1 on the tensor-core GEMV (qkernels/gemv_mma.py) for these (layout, grouped) keys: H100, steady state,
 # seven layer shapes (session 9, bench/results/kernel_latency_h100.md): faster than the fp16-pair GEMV at all
@@ -1020,7 +1018,7 @@ def pairs_fit(pw: PackedWeight, dtype: torch.dtype) -> bool:
     """The fp16-pair GEMV takes fp16 activations, the uint1/2/4 layouts (slot pairs 16 bits apart) and uint3
     (each plane as its own pairs), fp16 scales (it moves them as fp16 pairs) and zero points that fp16
     subtracts exactly (``pw.zero_grid``: integers or sixteenths)."""
-    return dtype == torch.float16 and pw.layout in PAIR_GEMV_LAYOUTS and pw.scale.dtype == torch.float16 and pw.zero_grid > 0
+    return dtype == torch.float16 and pw.layout in UINT_LAYOUTS and pw.scale.dtype == torch.float16 and pw.zero_grid > 0
 
 
 def _has_gluon() -> bool:
@@ -1036,7 +1034,7 @@ HAS_GLUON = _has_gluon()  # the tensor-core GEMV is written in Gluon (Triton >= 
 def gemv_mma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
     """The tensor-core GEMV takes fp16 activations and the uint1/2/3/4 layouts with a run of 32 (any scales
     and zero points: it applies them in fp32); it needs Gluon."""
-    return HAS_GLUON and dtype == torch.float16 and pw.layout in GEMV_MMA_LAYOUTS and pw.run == GEMV_MMA_RUN
+    return HAS_GLUON and dtype == torch.float16 and pw.layout in UINT_LAYOUTS and pw.run == GEMV_MMA_RUN
 
 
 def gemv_mma(x: torch.Tensor, pw: PackedWeight, config=None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -1067,7 +1065,7 @@ def has_pdl(device: torch.device) -> bool:
 def wgmma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
     """The wgmma GEMM takes fp16 activations with K a multiple of 8 (TMA's 16-byte rows) and the uint1/2/3/4
     layouts with a run of 32; it needs Gluon (and a Hopper GPU: :func:`is_hopper`)."""
-    return HAS_GLUON and dtype == torch.float16 and pw.layout in WGMMA_LAYOUTS and pw.run == GEMV_MMA_RUN and pw.k % 8 == 0
+    return HAS_GLUON and dtype == torch.float16 and pw.layout in UINT_LAYOUTS and pw.run == GEMV_MMA_RUN and pw.k % 8 == 0
 
 
 # The wgmma GEMM on an H200 (session 10, steady state, bench/results/kernel_latency_h200.md; 8192^2, 4096x14336,
@@ -1185,7 +1183,7 @@ def gemm(x: torch.Tensor, pw: PackedWeight, config: GemmConfig | None = None, ou
 
 def mma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
     """The MMA kernel takes fp16 activations and the uint1/2/3/4 layouts with a run of at least 16."""
-    return dtype == torch.float16 and pw.layout in MMA_LAYOUTS and pw.run >= GEMM_MIN_RUN
+    return dtype == torch.float16 and pw.layout in UINT_LAYOUTS and pw.run >= GEMM_MIN_RUN
 
 
 def mma_stages(pw: PackedWeight, block_m: int, config: MmaConfig) -> int:
@@ -1200,7 +1198,7 @@ def mma(x: torch.Tensor, pw: PackedWeight, config: MmaConfig | None = None, out:
     check_inputs(x, pw)
     if not mma_fits(pw, x.dtype):
         raise ValueError(
-            f"mma takes fp16 activations and layouts {MMA_LAYOUTS} with a run >= {GEMM_MIN_RUN}; "
+            f"mma takes fp16 activations and layouts {UINT_LAYOUTS} with a run >= {GEMM_MIN_RUN}; "
             f"got {x.dtype}, {pw.layout}, run {pw.run}: use gemm"
         )
     m = x.shape[0]

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from qkernels.block_matmul import BLOCK_GEMV_MAX_M, BlockWeight, block_gemv, block_matmul, dequantize_block, pack_block_weight
+from qkernels.block_matmul import BLOCK_PATHS, BlockWeight, dequantize_block, pack_block_weight, pick_block_path
 from qkernels.lowbit_matmul import lowbit_matmul
 from qkernels.pack import PackedWeight, concat_packed, dequantize_packed, layout_for_bits, pack_weight, slice_rows
 from qkernels.quant import PackedTensor
@@ -177,7 +177,7 @@ def pack_int_weight(weight: torch.Tensor, fmt: IntFormat) -> PackedWeight:
 )
 def block_matmul_op(x, codes, block_scale, code_values, scale_values, family, element, n, k, tensor_scale):
     """:func:`block_forward` with the block weight spelled out (``family`` "mx" or "nv"), for ``torch.compile``."""
-    bw = _block_weight(codes, block_scale, code_values, scale_values, family, element, n, k, tensor_scale)
+    bw = _block_weight(_block_format(family, element), codes, block_scale, code_values, scale_values, n, k, tensor_scale)
     return block_forward(x.reshape(-1, k), bw).reshape(*x.shape[:-1], n)
 
 
@@ -196,11 +196,11 @@ def _block_grad_x(ctx, grad):
     """dL/dx through the block weight, dequantized a block of rows at a time."""
     codes, block_scale, code_values, scale_values = ctx.saved_tensors
     family, element, n, k, tensor_scale = ctx.fields
+    fmt = _block_format(family, element)
 
     def weight_rows(start: int, stop: int) -> torch.Tensor:
-        rows = _block_weight(codes[start:stop], block_scale[start:stop], code_values, scale_values, family, element, stop - start, k,
-                             tensor_scale)
-        return dequantize_block(rows)
+        return dequantize_block(_block_weight(fmt, codes[start:stop], block_scale[start:stop], code_values, scale_values, stop - start, k,
+                                              tensor_scale))
 
     return grad_through_rows(grad, n, k, weight_rows).to(ctx.x_dtype), *[None] * 9
 
@@ -208,20 +208,23 @@ def _block_grad_x(ctx, grad):
 block_matmul_op.register_autograd(_block_grad_x, setup_context=_keep_block_weight)
 
 
-def _block_weight(codes, block_scale, code_values, scale_values, family: str, element: str, n: int, k: int,
-                  tensor_scale: float) -> BlockWeight:
-    fmt = MxFormat(element) if family == "mx" else NvFormat(element)
-    packed = PackedTensor(codes, block_scale, None, None if family == "mx" else torch.tensor(tensor_scale))
-    return BlockWeight(fmt, packed, n, k, code_values, scale_values, tensor_scale)
+def _block_format(family: str, element: str) -> MxFormat | NvFormat:
+    return MxFormat(element) if family == "mx" else NvFormat(element)
+
+
+def _block_weight(fmt: MxFormat | NvFormat, codes: torch.Tensor, block_scale: torch.Tensor, code_values: torch.Tensor,
+                  scale_values: torch.Tensor, n: int, k: int, tensor_scale: float) -> BlockWeight:
+    """The block weight of a layer's tensors (the kernels and ``dequantize_block`` read the tensor scale as the float)."""
+    return BlockWeight(fmt, PackedTensor(codes, block_scale), n, k, code_values, scale_values, tensor_scale)
 
 
 def block_forward(x2: torch.Tensor, bw: BlockWeight) -> torch.Tensor:
-    """``x2 [M, K] @ W^T`` in x2's dtype: on a GPU the block GEMV for up to ``BLOCK_GEMV_MAX_M`` rows and the
-    tensor-core dot kernel above (fp16 or bf16 activations; others in fp16), elsewhere the dequantized weight."""
+    """``x2 [M, K] @ W^T`` in x2's dtype: on a GPU the path :func:`~qkernels.block_matmul.pick_block_path` picks
+    (fp16 or bf16 activations; others in fp16), elsewhere the dequantized weight."""
     if not x2.is_cuda:
         return (x2.float() @ dequantize_block(bw).t()).to(x2.dtype)
     xk = x2 if x2.dtype in KERNEL_DTYPES else x2.to(torch.float16)
-    return (block_gemv if xk.shape[0] <= BLOCK_GEMV_MAX_M else block_matmul)(xk, bw).to(x2.dtype)
+    return BLOCK_PATHS[pick_block_path(xk.shape[0])](xk, bw).to(x2.dtype)
 
 
 class BlockLinear(nn.Module):
@@ -242,9 +245,8 @@ class BlockLinear(nn.Module):
 
     @property
     def packed(self) -> BlockWeight:
-        tensor_scale = None if isinstance(self.fmt, MxFormat) else torch.tensor(self.tensor_scale)
-        return BlockWeight(self.fmt, PackedTensor(self.codes, self.block_scale, None, tensor_scale), self.out_features, self.in_features,
-                           self.code_values, self.scale_values, self.tensor_scale)
+        return _block_weight(self.fmt, self.codes, self.block_scale, self.code_values, self.scale_values, self.out_features,
+                             self.in_features, self.tensor_scale)
 
     @classmethod
     def concat(cls, layers: list[BlockLinear]) -> BlockLinear:
@@ -255,10 +257,9 @@ class BlockLinear(nn.Module):
         if different := [i for i, layer in enumerate(layers) if fields(layer) != fields(first)]:
             raise ValueError(f"BlockLinear.concat needs one (format, K, tensor scale); layer 0 has {fields(first)}, layer {different[0]} has "
                              f"{fields(layers[different[0]])} (NV layers: fuse the weights before quantizing)")
-        packed = PackedTensor(torch.cat([layer.codes for layer in layers]), torch.cat([layer.block_scale for layer in layers]), None,
-                              first.packed.packed.tensor_scale)
-        bw = BlockWeight(first.fmt, packed, sum(layer.out_features for layer in layers), first.in_features, first.code_values,
-                         first.scale_values, first.tensor_scale)
+        bw = _block_weight(first.fmt, torch.cat([layer.codes for layer in layers]), torch.cat([layer.block_scale for layer in layers]),
+                           first.code_values, first.scale_values, sum(layer.out_features for layer in layers), first.in_features,
+                           first.tensor_scale)
         return cls(bw, concat_biases(layers))
 
     @classmethod

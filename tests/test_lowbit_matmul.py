@@ -336,7 +336,7 @@ def test_uint3_slot_decode_constants_give_the_codes() -> None:
             assert np.array_equal(got, code.astype(np.float16)), (slot, shift)
 
 
-@pytest.mark.parametrize("layout", lm.MMA_LAYOUTS)
+@pytest.mark.parametrize("layout", lm.UINT_LAYOUTS)
 @pytest.mark.parametrize("group,asym", [(32, True), (None, False)])
 def test_mma_matches_reference(layout: str, group: int | None, asym: bool) -> None:
     pw, _ = random_weight(layout, n=37, k=224, group=group, asym=asym, run=16)
@@ -359,7 +359,7 @@ names = ["x_ptr", "w_ptr", "hi_ptr", "scale_ptr", "zero_ptr", "y_ptr", "partial_
          "stride_sn", "stride_sg", "group_size", "zero_const", "stride_xm", "stride_wn", "stride_hn", "stride_ym"]
 types = ["*fp16", "*i32", "*i32", "*fp16", "*fp16", "*fp16", "*fp32", "*i32"] + ["i32"] * 8 + ["fp32", "i32", "i32", "i32", "i32"]
 shared = {}
-for layout in lm.MMA_LAYOUTS:
+for layout in lm.UINT_LAYOUTS:
     bits = lm.CODE_BITS[layout]
     pw = pack_weight(torch.zeros(8, 4096, dtype=torch.int64), torch.ones(8, 32), torch.zeros(8, 32), layout, 128, run=32)
     config = lm.MMA_FOLD_CONFIGS.get(lm.gemv_key(pw), lm.MmaConfig())  # above 16 rows the kernel folds
@@ -389,7 +389,7 @@ def test_mma_fits_shared_memory_at_64_rows() -> None:
             pytest.skip("no ptxas for this platform")
         raise AssertionError(done.stderr[-2000:])
     shared = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(shared) == set(lm.MMA_LAYOUTS)
+    assert set(shared) == set(lm.UINT_LAYOUTS)
     assert all(nbytes <= 227 * 1024 for nbytes in shared.values()), shared
 
 

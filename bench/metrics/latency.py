@@ -85,11 +85,11 @@ class Latency:
     def time_layers(self, bundle: ModelBundle) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Per distinct (in, out) shape: kernel and fp16 times; metrics sum them over all layers."""
         from bench.kernel_latency import block_calls, fp16_calls, lowbit_calls
-        from qkernels.block_matmul import BLOCK_GEMV_MAX_M, pack_block_weight
+        from qkernels.block_matmul import pack_block_weight, pick_block_path
         from qkernels.lowbit_matmul import pick_path
         from qkernels.qlinear import pack_int_weight
 
-        block = isinstance(self.format, (MxFormat, NvFormat))  # BlockLinear's kernels: the block GEMV for a few rows
+        block = isinstance(self.format, (MxFormat, NvFormat))  # BlockLinear's kernels
 
         count: dict[tuple[int, int], int] = {}
         first: dict[tuple[int, int], torch.nn.Linear] = {}
@@ -105,7 +105,7 @@ class Latency:
             for m in self.batches:
                 x = torch.randn(m, k, device=bundle.device, dtype=torch.float16)
                 if block:
-                    path = "block gemv" if m <= BLOCK_GEMV_MAX_M else "block"
+                    path = pick_block_path(m)
                     calls = block_calls(x, packed, path)
                 else:
                     path, calls = pick_path(m, packed, x.device, x.dtype), lowbit_calls(x, packed, "auto")
