@@ -233,8 +233,9 @@ def test_save_tuned_needs_a_tuner(capsys: pytest.CaptureFixture) -> None:
     assert "--save-tuned saves what --tune-gemv-mma or --tune-wgmma finds" in capsys.readouterr().err
 
 
-def test_kernel_table_times_the_fp32_gemv_beside_the_pair_one_at_batch_1() -> None:
+def test_kernel_table_times_the_fp32_gemv_beside_the_pair_one_at_batch_1(monkeypatch: pytest.MonkeyPatch) -> None:
     from bench.kernel_latency import paths_for
+    from qkernels import lowbit_matmul as lm
     from qkernels.pack import pack_weight
 
     def packed(layout: str, top: int):
@@ -242,5 +243,8 @@ def test_kernel_table_times_the_fp32_gemv_beside_the_pair_one_at_batch_1() -> No
                            layout, 128)
 
     assert "gemv_fp32" in paths_for(1, packed("uint2", 3)) and "gemv_fp32" not in paths_for(16, packed("uint2", 3))
+    monkeypatch.setattr(lm, "is_hopper", lambda device: False)
     assert paths_for(2, packed("uint3", 7)) == ["gemv", "mma"]  # the MMA kernel timed beside the dispatcher's pair GEMV
+    monkeypatch.setattr(lm, "is_hopper", lambda device: True)
+    assert paths_for(2, packed("uint3", 7)) == ["gemv", "mma", "wgmma"]  # and on Hopper the wgmma GEMM
     assert {"gemv", "gemv_fp32"} <= set(paths_for(1, packed("uint3", 7)))

@@ -449,7 +449,9 @@ def test_lowbit_matmul_keeps_leading_dims_and_uses_torch_off_gpu() -> None:
         lm.lowbit_matmul(x, pw, path="fast")
 
 
-def test_pick_path_by_batch() -> None:
+def test_pick_path_by_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rules off Hopper (no wgmma GEMM; test_gemm_wgmma checks Hopper's), on any machine."""
+    monkeypatch.setattr(lm, "is_hopper", lambda device: False)
     pw, _ = random_weight("uint4", n=256, k=256, group=128, asym=False, device="cpu")  # square: W4 keeps the pair GEMV at batch 1
     cuda = torch.device("cuda")
     assert lm.pick_path(4, pw, torch.device("cpu")) == "torch"
