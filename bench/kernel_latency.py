@@ -33,7 +33,7 @@ from bench.int_kinds import INT_KINDS, int_calls, int_error, int_weight
 from bench.read_floor import read_calls
 from bench.timing import MODES, copies_for, copy_bandwidth_gbs, gpu_name, steady_us, time_side_by_side
 from qkernels import lowbit_matmul as lm
-from qkernels.block_matmul import BLOCK_GEMV_MAX_M, BLOCK_PATHS, BlockWeight, pack_block_weight
+from qkernels.block_matmul import BLOCK_GEMV_MAX_M, BLOCK_PATHS, BlockWeight, pack_block_weight, pick_block_path
 from qkernels.pack import PackedWeight, pack_weight
 from qkernels.quant import PackedTensor
 from methods.common.microscaling import MxFormat, NvFormat
@@ -116,8 +116,11 @@ def lowbit_calls(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = Non
 
 
 def block_paths(m: int) -> list[str]:
-    """The dot kernel, and beside it the block GEMV where it takes the batch."""
-    return ["block", "block gemv"] if m <= BLOCK_GEMV_MAX_M else ["block"]
+    """The path BlockLinear takes (:func:`~qkernels.block_matmul.pick_block_path`), and beside it the others that take
+    the batch: the block GEMV to ``BLOCK_GEMV_MAX_M`` rows, the dot kernel, dequantize + cuBLAS from 16 rows."""
+    fits = {"block gemv": m <= BLOCK_GEMV_MAX_M, "block": True, "block dequant": m >= 16}
+    auto = pick_block_path(m)
+    return [auto] + [path for path, ok in fits.items() if ok and path != auto]
 
 
 def block_calls(x: torch.Tensor, bw: BlockWeight, path: str = "block") -> Callable[[], list]:

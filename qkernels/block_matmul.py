@@ -27,7 +27,7 @@ interpreter, not yet timed on a GPU (``bench.kernel_latency`` times it beside th
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -52,6 +52,7 @@ class BlockWeight:
     code_values: torch.Tensor  # float32 [2**element_bits]: the value of every element code
     scale_values: torch.Tensor  # float32 [256]: the value of every scale byte (E8M0 or E4M3)
     tensor_scale: float = 1.0  # NV's FP32 tensor scale, read once at packing (no device sync per call)
+    prescaled: bool = True  # every element times its block scale is exact in fp16 and bf16 (:func:`scaled_exact`)
 
     @property
     def block(self) -> int:
@@ -85,7 +86,26 @@ def pack_block_weight(weight: torch.Tensor, fmt: BlockFormat) -> BlockWeight:
     device = weight.device
     code_values = fmt.elem.decode(torch.arange(2**fmt.element_bits, device=device)).float()
     tensor_scale = 1.0 if packed.tensor_scale is None else float(packed.tensor_scale)
-    return BlockWeight(fmt, packed, weight.shape[0], weight.shape[1], code_values, scale_values(fmt, device), tensor_scale)
+    bw = BlockWeight(fmt, packed, weight.shape[0], weight.shape[1], code_values, scale_values(fmt, device), tensor_scale)
+    bw.prescaled = isinstance(fmt, NvFormat) or scaled_exact(bw)
+    return bw
+
+
+def scaled_exact(bw: BlockWeight, rows: int = 4096) -> bool:
+    """Whether every element times its block scale (before NV's tensor scale) is exact in fp16 and in bf16, so the
+    dot kernel may scale the weights before its dots. NV's always are (E4M3 times an FP4/INT4 element: at most 4
+    significant bits, magnitudes 2^-10..2688); MX's are unless a block scale leaves fp16's range (2^-24..65504
+    for the scaled grid), which real weights' scales do not. Checked at packing, ``rows`` rows at a time."""
+    unscaled = replace(bw, tensor_scale=1.0)
+    for start in range(0, bw.n, rows):
+        part = replace(unscaled, packed=PackedTensor(bw.packed.codes[start:start + rows], bw.packed.scale[start:start + rows]),
+                       n=min(rows, bw.n - start))
+        w = dequantize_block(part)
+        finite = w.isfinite()
+        for dtype in (torch.float16, torch.bfloat16):
+            if not torch.equal(w.to(dtype).float()[finite], w[finite]):
+                return False
+    return True
 
 
 def dequantize_block(bw: BlockWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -99,150 +119,236 @@ def dequantize_block(bw: BlockWeight, dtype: torch.dtype = torch.float32) -> tor
 
 
 def element_decode(fmt: BlockFormat) -> dict:
-    """How the kernel turns element codes into values (constexprs): ``fp`` puts the code's exponent and
-    mantissa bits into an fp16 bit pattern and rescales by ``2**(15 - bias)`` (exact: the element's exponent
-    field fits fp16's), ``int`` reads two's complement through ``0x6400 | code``, ``table`` looks values up."""
+    """How the kernels turn element codes into values (constexprs), two codes 16 bits apart at a time (a word's
+    elements ``p`` and ``p + per_word / 2``). ``fp`` puts the code's exponent and mantissa bits into an fp16 bit
+    pattern (``2**(bias - 15)`` times the value, exactly: the element's exponent field fits fp16's); ``int`` reads
+    two's complement through ``0x6400 | code ^ half`` (the value plus ``1024 + half``, times ``2**frac_bits``);
+    ``table`` looks the codes' values up. ``VALUE_SCALE`` turns the decoded numbers into values (the kernels fold
+    it into the block scale or the output)."""
     elem = fmt.elem
     if isinstance(elem, IntElement):
-        return dict(DECODE="int", ELEM_BITS=elem.bits, MAN_BITS=0, VALUE_SCALE=2.0**-elem.frac_bits)
+        return dict(DECODE="int", ELEM_BITS=elem.bits, MAN_BITS=0), 2.0**-elem.frac_bits
     if elem.exp_bits <= 5 and elem.man_bits <= 10:
-        return dict(DECODE="fp", ELEM_BITS=elem.bits, MAN_BITS=elem.man_bits, VALUE_SCALE=2.0 ** (15 - elem.bias))
-    return dict(DECODE="table", ELEM_BITS=elem.bits, MAN_BITS=elem.man_bits, VALUE_SCALE=1.0)
+        return dict(DECODE="fp", ELEM_BITS=elem.bits, MAN_BITS=elem.man_bits), 2.0 ** (15 - elem.bias)
+    return dict(DECODE="table", ELEM_BITS=elem.bits, MAN_BITS=elem.man_bits), 1.0
 
 
 @triton.jit
-def _element_values(codes, code_values_ptr, DECODE: tl.constexpr, ELEM_BITS: tl.constexpr, MAN_BITS: tl.constexpr,
-                    VALUE_SCALE: tl.constexpr):
-    """fp32 values of int32 element codes (see :func:`element_decode`)."""
+def _fp16_halves(pair):
+    """The two fp16 numbers of int32 bit patterns (low half, high half), as fp32."""
+    lo = pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _element_pair(t, code_values_ptr, DECODE: tl.constexpr, ELEM_BITS: tl.constexpr, MAN_BITS: tl.constexpr):
+    """The decoded elements at bits ``0`` and ``16`` of int32 ``t`` (fp32, before ``VALUE_SCALE``; see
+    :func:`element_decode`): a pair of codes costs a few 32-bit operations and two conversions."""
+    MAG: tl.constexpr = ((1 << (ELEM_BITS - 1)) - 1) * 0x10001
+    SIGN: tl.constexpr = (1 << (ELEM_BITS - 1)) * 0x10001
     if DECODE == "fp":
-        sign = (codes >> (ELEM_BITS - 1)) & 1
-        magnitude = codes & ((1 << (ELEM_BITS - 1)) - 1)
-        bits = (magnitude << (10 - MAN_BITS)) | (sign << 15)
-        return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * VALUE_SCALE
+        return _fp16_halves(((t & MAG) << (10 - MAN_BITS)) | ((t & SIGN) << (16 - ELEM_BITS)))
     elif DECODE == "int":
         HALF: tl.constexpr = 1 << (ELEM_BITS - 1)
-        offset = ((codes ^ HALF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + HALF + value
-        return (offset.to(tl.float32) - (1024.0 + HALF)) * VALUE_SCALE
+        lo, hi = _fp16_halves(((t & (MAG | SIGN)) ^ SIGN) | 0x64006400)
+        return lo - (1024.0 + HALF), hi - (1024.0 + HALF)
     else:
-        return tl.load(code_values_ptr + codes)
+        CODE: tl.constexpr = (1 << ELEM_BITS) - 1
+        return tl.load(code_values_ptr + (t & CODE)), tl.load(code_values_ptr + ((t >> 16) & CODE))
+
+
+@triton.jit
+def _scale_values(scale_bytes, MX: tl.constexpr):
+    """fp32 values of scale bytes (int32): E8M0 ``2**(b - 127)`` (255: NaN) for MX, E4M3 for NV (finite codes)."""
+    if MX:
+        bits = tl.where(scale_bytes == 0, 0x400000, scale_bytes << 23)
+        return tl.where(scale_bytes == 255, 0x7FC00000, bits).to(tl.float32, bitcast=True)
+    else:  # the E4M3 bits in an fp16 pattern read 2**-8 times the value (subnormals too)
+        bits = ((scale_bytes & 0x7F) << 7) | ((scale_bytes & 0x80) << 8)
+        return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+
+
+@triton.jit
+def _word_scales(scales_ptr, offs_n, words, mask, stride_sn, BLOCK: tl.constexpr, PER_WORD: tl.constexpr, MX: tl.constexpr):
+    """The block scale of every word of a ``[BLOCK_N, WORDS]`` tile (a word never straddles two blocks)."""
+    block = words * PER_WORD // BLOCK
+    scale_bytes = tl.load(scales_ptr + offs_n[:, None] * stride_sn + block[None, :], mask=mask, other=0).to(tl.int32)
+    return _scale_values(scale_bytes, MX)
+
+
+@triton.jit
+def _decoded_tile(packed, scale, code_values_ptr, PER_WORD: tl.constexpr, DECODE: tl.constexpr, ELEM_BITS: tl.constexpr,
+                  MAN_BITS: tl.constexpr):
+    """``[BLOCK_N, WORDS]`` words as ``[BLOCK_N, WORDS * PER_WORD]`` decoded elements (fp32) times ``scale`` (per
+    word): pairs ``(p, p + PER_WORD / 2)`` joined so that the reshape puts every element in its K order."""
+    SHIFT: tl.constexpr = 32 // PER_WORD
+    lo0, hi0 = _element_pair(packed, code_values_ptr, DECODE, ELEM_BITS, MAN_BITS)
+    lo1, hi1 = _element_pair(packed >> SHIFT, code_values_ptr, DECODE, ELEM_BITS, MAN_BITS)
+    pair0 = tl.join(lo0 * scale, hi0 * scale)  # [..., j]: element 2j (4 a word) or 4j (8 a word)
+    pair1 = tl.join(lo1 * scale, hi1 * scale)
+    if PER_WORD == 4:
+        tile = tl.join(pair0, pair1)  # [..., j, h]: element 2j + h
+    else:
+        lo2, hi2 = _element_pair(packed >> (2 * SHIFT), code_values_ptr, DECODE, ELEM_BITS, MAN_BITS)
+        lo3, hi3 = _element_pair(packed >> (3 * SHIFT), code_values_ptr, DECODE, ELEM_BITS, MAN_BITS)
+        even = tl.join(pair0, tl.join(lo2 * scale, hi2 * scale))  # [..., j, i]: element 4j + 2i
+        odd = tl.join(pair1, tl.join(lo3 * scale, hi3 * scale))
+        tile = tl.join(even, odd)  # [..., j, i, h]: element 4j + 2i + h
+    return tl.reshape(tile, (packed.shape[0], packed.shape[1] * PER_WORD))
 
 
 @triton.jit
 def _block_matmul_kernel(
-    x_ptr, codes_ptr, scales_ptr, code_values_ptr, scale_values_ptr, y_ptr, partial_ptr, count_ptr,
-    M, N, K, n_blocks, tensor_scale, stride_xm, stride_cn, stride_sn, stride_ym,
-    BLOCK: tl.constexpr, NIBBLES: tl.constexpr, SCALED_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, DECODE: tl.constexpr, ELEM_BITS: tl.constexpr,
-    MAN_BITS: tl.constexpr, VALUE_SCALE: tl.constexpr, SPLIT_K: tl.constexpr,
+    x_ptr, words_ptr, scales_ptr, code_values_ptr, y_ptr, partial_ptr, count_ptr,
+    M, N, K, n_words, out_scale, value_scale, stride_xm, stride_wn, stride_sn, stride_ym,
+    BLOCK: tl.constexpr, PER_WORD: tl.constexpr, MX: tl.constexpr, SCALED_WEIGHTS: tl.constexpr, STEP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, DECODE: tl.constexpr, ELEM_BITS: tl.constexpr,
+    MAN_BITS: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """Program ``(n, m, k)``: ``BLOCK_N`` weight rows, ``BLOCK_M`` activation rows, one K split in steps of
-    32 (the splits are added up as in :mod:`qkernels.lowbit_matmul`).
+    ``STEP`` elements, one tensor-core dot each (the splits are added up as in :mod:`qkernels.lowbit_matmul`).
 
-    MX (blocks of 32): a step is one block, its scale multiplies the dot result. NV (blocks of 16,
-    ``SCALED_WEIGHTS``): a step is two blocks, each element is multiplied by its E4M3 block scale
-    before the dot (exact in fp16 and bf16: at most 7 significant bits, magnitudes 2^-10..3584).
+    ``SCALED_WEIGHTS``: the elements are multiplied by their block scale (and ``value_scale``) before the dot,
+    exact in the activations' dtype (NV always; MX where :attr:`BlockWeight.prescaled`). Otherwise (MX) a step is
+    one block of 32 and its scale multiplies the fp32 dot result.
     """
-    STEP: tl.constexpr = 32
+    WORDS: tl.constexpr = STEP // PER_WORD
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, WORDS)
     offs_k = tl.arange(0, STEP)
     mask_m = offs_m < M
     mask_n = offs_n < N
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    first, last = _split_range(tl.cdiv(n_blocks * BLOCK, STEP), SPLIT_K)
+    first, last = _split_range(tl.cdiv(n_words, WORDS), SPLIT_K)
     for step in range(first, last):
-        k0 = step * STEP
-        k = k0 + offs_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k[None, :] < K), other=0.0)
-        if NIBBLES:  # byte j holds elements 2j (low nibble) and 2j + 1
-            offs_h = tl.arange(0, STEP // 2)
-            in_bytes = mask_n[:, None] & (k0 + 2 * offs_h[None, :] < n_blocks * BLOCK)
-            pairs = tl.load(codes_ptr + offs_n[:, None] * stride_cn + k0 // 2 + offs_h[None, :], mask=in_bytes, other=0)
-            pairs = pairs.to(tl.int32)
-            codes = tl.reshape(tl.join(pairs & 15, pairs >> 4), (BLOCK_N, STEP))
+        words = step * WORDS + offs_w
+        in_row = mask_n[:, None] & (words[None, :] < n_words)
+        packed = tl.load(words_ptr + offs_n[:, None] * stride_wn + words[None, :], mask=in_row, other=0)
+        scale = _word_scales(scales_ptr, offs_n, words, in_row, stride_sn, BLOCK, PER_WORD, MX)
+        if SCALED_WEIGHTS:
+            w = _decoded_tile(packed, scale * value_scale, code_values_ptr, PER_WORD, DECODE, ELEM_BITS, MAN_BITS)
         else:
-            in_row = mask_n[:, None] & (k[None, :] < n_blocks * BLOCK)  # never past a row's stored blocks
-            codes = tl.load(codes_ptr + offs_n[:, None] * stride_cn + k[None, :], mask=in_row, other=0).to(tl.int32)
-        w = _element_values(codes, code_values_ptr, DECODE, ELEM_BITS, MAN_BITS, VALUE_SCALE)  # exact in fp16/bf16
-        if SCALED_WEIGHTS:  # the step's two blocks: the first scale for its first 16 elements
-            blk = k0 // BLOCK
-            byte_a = tl.load(scales_ptr + offs_n * stride_sn + blk, mask=mask_n, other=0).to(tl.int32)
-            second = blk + 1 + 0 * offs_n < n_blocks  # a tensor: the interpreter cannot and a mask with a bool
-            byte_b = tl.load(scales_ptr + offs_n * stride_sn + blk + 1, mask=mask_n & second, other=0).to(tl.int32)
-            scale = tl.where(offs_k[None, :] < BLOCK, tl.load(scale_values_ptr + byte_a)[:, None], tl.load(scale_values_ptr + byte_b)[:, None])
-            w = w * scale
+            w = _decoded_tile(packed, tl.full(scale.shape, 1.0, tl.float32), code_values_ptr, PER_WORD, DECODE, ELEM_BITS, MAN_BITS)
+        k = step * STEP + offs_k
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k[None, :] < K), other=0.0)
         if INTERPRET and dtype == tl.bfloat16:  # the interpreter's bf16 dot reads raw bits as integers
             part = tl.dot(x.to(tl.float32), tl.trans(w))
         else:
             part = tl.dot(x, tl.trans(w.to(dtype)))
         if SCALED_WEIGHTS:
             acc += part
-        else:
-            scale_byte = tl.load(scales_ptr + offs_n * stride_sn + k0 // BLOCK, mask=mask_n, other=0).to(tl.int32)
-            acc += part * tl.load(scale_values_ptr + scale_byte)[None, :]
-    _store_transposed(y_ptr, tl.trans(acc * tensor_scale), offs_m, offs_n, mask_m, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
+        else:  # one block a step: every word of the step has its scale
+            acc += part * (tl.max(scale, axis=1) * value_scale)[None, :]
+    _store_transposed(y_ptr, tl.trans(acc * out_scale), offs_m, offs_n, mask_m, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
 
 
 @triton.jit
 def _block_gemv_kernel(
-    x_ptr, codes_ptr, scales_ptr, code_values_ptr, scale_values_ptr, y_ptr, partial_ptr, count_ptr,
-    M, N, K, n_blocks, tensor_scale, stride_xm, stride_cn, stride_sn, stride_ym,
-    BLOCK: tl.constexpr, NIBBLES: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr, DECODE: tl.constexpr,
-    ELEM_BITS: tl.constexpr, MAN_BITS: tl.constexpr, VALUE_SCALE: tl.constexpr, SPLIT_K: tl.constexpr,
+    x_ptr, words_ptr, scales_ptr, code_values_ptr, y_ptr, partial_ptr, count_ptr,
+    M, N, K, n_words, out_scale, stride_xm, stride_wn, stride_sn, stride_ym,
+    BLOCK: tl.constexpr, PER_WORD: tl.constexpr, MX: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr,
+    DECODE: tl.constexpr, ELEM_BITS: tl.constexpr, MAN_BITS: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """Program ``(m, n, k)``: activation row ``m``, ``BLOCK_N`` weight rows, one K split in steps of ``STEP``
-    elements: the step's elements decoded to fp32 (:func:`_element_values`), multiplied by the activations and
-    summed per block, each block's sum times its scale (MX: E8M0; NV: E4M3, and the tensor scale at the end)."""
-    BLOCKS: tl.constexpr = STEP // BLOCK
+    """Program ``(m, n, k)``: activation row ``m``, ``BLOCK_N`` weight rows, one K split in steps of ``WORDS``
+    words a row, the next step's words loaded a step ahead. Each word's elements are decoded two at a time
+    (:func:`_element_pair`) and multiplied by their activations into fp32 sums per word position, which take the
+    word's block scale; the sums are added up at the end. No reshapes or joins: every tensor keeps the layout of
+    the words' tile."""
+    HALF_WORD: tl.constexpr = PER_WORD // 2
+    SHIFT: tl.constexpr = 32 // PER_WORD
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    offs_k = tl.arange(0, STEP)
-    offs_b = tl.arange(0, BLOCKS)
-    stored = n_blocks * BLOCK  # elements a row stores (K padded to whole blocks)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    first, last = _split_range(tl.cdiv(stored, STEP), SPLIT_K)
+    offs_w = tl.arange(0, WORDS)
+    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    first, last = _split_range(tl.cdiv(n_words, WORDS), SPLIT_K)
+    words = first * WORDS + offs_w
+    in_row = mask_n[:, None] & (words[None, :] < last * WORDS) & (words[None, :] < n_words)
+    next_packed = tl.load(words_ptr + offs_n[:, None] * stride_wn + words[None, :], mask=in_row, other=0)
     for step in range(first, last):
-        k0 = step * STEP
-        k = k0 + offs_k
-        if NIBBLES:  # byte j holds elements 2j (low nibble) and 2j + 1
-            offs_h = tl.arange(0, STEP // 2)
-            in_bytes = mask_n[:, None] & (k0 + 2 * offs_h[None, :] < stored)
-            pairs = tl.load(codes_ptr + offs_n[:, None] * stride_cn + k0 // 2 + offs_h[None, :], mask=in_bytes, other=0).to(tl.int32)
-            codes = tl.reshape(tl.join(pairs & 15, pairs >> 4), (BLOCK_N, STEP))
-        else:
-            codes = tl.load(codes_ptr + offs_n[:, None] * stride_cn + k[None, :], mask=mask_n[:, None] & (k[None, :] < stored),
-                            other=0).to(tl.int32)
-        x = tl.load(x_ptr + pid_m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-        w = _element_values(codes, code_values_ptr, DECODE, ELEM_BITS, MAN_BITS, VALUE_SCALE)
-        sums = tl.sum(tl.reshape(w * x[None, :], (BLOCK_N, BLOCKS, BLOCK)), axis=2)
-        blk = k0 // BLOCK + offs_b
-        scale_bytes = tl.load(scales_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=mask_n[:, None] & (blk[None, :] < n_blocks),
-                              other=0).to(tl.int32)
-        acc += tl.sum(sums * tl.load(scale_values_ptr + scale_bytes), axis=1)
+        packed = next_packed  # the next step's words are loaded before this step's decode (a step ahead)
+        words = step * WORDS + offs_w
+        in_row = mask_n[:, None] & (words[None, :] < n_words)
+        ahead = words + WORDS
+        next_packed = tl.load(words_ptr + offs_n[:, None] * stride_wn + ahead[None, :],
+                              mask=mask_n[:, None] & (ahead[None, :] < last * WORDS) & (ahead[None, :] < n_words), other=0)
+        part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        for p in tl.static_range(HALF_WORD):
+            lo, hi = _element_pair(packed >> (p * SHIFT), code_values_ptr, DECODE, ELEM_BITS, MAN_BITS)
+            k_lo = words * PER_WORD + p
+            x_lo = tl.load(x_ptr + pid_m * stride_xm + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptr + pid_m * stride_xm + k_lo + HALF_WORD, mask=k_lo + HALF_WORD < K, other=0.0).to(tl.float32)
+            part += lo * x_lo[None, :] + hi * x_hi[None, :]
+        acc += part * _word_scales(scales_ptr, offs_n, words, in_row, stride_sn, BLOCK, PER_WORD, MX)
     offs_m = pid_m + tl.arange(0, 1)
-    _store_transposed(y_ptr, (acc * tensor_scale)[:, None], offs_m, offs_n, offs_m < M, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
+    y = tl.sum(acc, axis=1) * out_scale
+    _store_transposed(y_ptr, y[:, None], offs_m, offs_n, offs_m < M, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
+
+
+@triton.jit
+def _block_dequant_kernel(
+    words_ptr, scales_ptr, code_values_ptr, w_ptr, N, K, n_words, out_scale, value_scale, stride_wn, stride_sn, stride_on,
+    BLOCK: tl.constexpr, PER_WORD: tl.constexpr, MX: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr,
+    DECODE: tl.constexpr, ELEM_BITS: tl.constexpr, MAN_BITS: tl.constexpr,
+):
+    """Program ``(n, k)``: the ``[BLOCK_N, WORDS * PER_WORD]`` tile of the dequantized weight, in the output's dtype:
+    each element times its block scale (exact in fp32), times NV's tensor scale, rounded once."""
+    STEP: tl.constexpr = WORDS * PER_WORD
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    words = tl.program_id(1) * WORDS + tl.arange(0, WORDS)
+    in_row = (offs_n < N)[:, None] & (words[None, :] < n_words)
+    packed = tl.load(words_ptr + offs_n[:, None] * stride_wn + words[None, :], mask=in_row, other=0)
+    scale = _word_scales(scales_ptr, offs_n, words, in_row, stride_sn, BLOCK, PER_WORD, MX) * value_scale
+    w = _decoded_tile(packed, scale, code_values_ptr, PER_WORD, DECODE, ELEM_BITS, MAN_BITS) * out_scale
+    k = tl.program_id(1) * STEP + tl.arange(0, STEP)
+    mask = (offs_n < N)[:, None] & (k[None, :] < K)
+    tl.store(w_ptr + offs_n[:, None] * stride_on + k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def packed_words(bw: BlockWeight) -> torch.Tensor:
+    """The codes as int32 words (``[n, bytes / 4]``, elements little-endian: 8 nibbles or 4 bytes a word); every
+    format's row holds whole blocks of at least 8 bytes."""
+    codes = bw.packed.codes
+    if not codes.is_contiguous() or codes.storage_offset() % 4:
+        codes = codes.contiguous()
+    return codes.view(torch.int32)
+
+
+def _launch_args(bw: BlockWeight) -> tuple[dict, float, float]:
+    """The kernels' format constexprs, and the factors of the output (NV's tensor scale) and of every decoded value."""
+    decode, value_scale = element_decode(bw.fmt)
+    per_word = 8 if bw.nibbles else 4
+    constexprs = dict(BLOCK=bw.block, PER_WORD=per_word, MX=isinstance(bw.fmt, MxFormat), **decode)
+    return constexprs, bw.tensor_scale, value_scale
 
 
 @dataclass(frozen=True)
 class BlockGemvConfig:
-    block_n: int = 32
-    step: int = 128  # elements a row reads per step: 64 bytes of 4-bit codes (a multiple of 32, the MX block)
+    block_n: int = 16
+    words: int = 32  # int32 words a row reads per step: 128 bytes (256 4-bit elements)
     num_warps: int = 4
     split_k: int | None = None  # None: :func:`block_split_k`
 
 
-BLOCK_GEMV_MAX_M = 8
+BLOCK_GEMV_MAX_M = 8  # the most rows block_gemv takes (one program a row: the dispatcher gives it batch 1 only)
+BLOCK_DOT_MAX_M = 64  # above: dequantize + cuBLAS
 
 
 def pick_block_path(m: int) -> str:
-    """``"block gemv"`` for up to :data:`BLOCK_GEMV_MAX_M` activation rows, else ``"block"`` (the dot kernel, which
-    pads the batch to 16 rows): the path BlockLinear takes and ``eval=latency`` times (:data:`BLOCK_PATHS`)."""
-    return "block gemv" if m <= BLOCK_GEMV_MAX_M else "block"
+    """``"block gemv"`` at batch 1, ``"block"`` (the dot kernel, which pads the batch to 16 rows) to
+    :data:`BLOCK_DOT_MAX_M` rows, ``"block dequant"`` above: the path BlockLinear takes and ``eval=latency`` times
+    (:data:`BLOCK_PATHS`). H200, steady state, MXFP4/NVFP4 8192^2 and 4096x14336 (session 17): the GEMV 0.65x of
+    cuBLAS fp16 at batch 1 but 0.2x at 4 rows (it reads the weight once a row), the dot kernel 0.41x-0.52x to 64
+    rows, dequant + cuBLAS 0.48x at 256 and 0.78x-0.83x at 1024 rows (the dot kernel 0.16x-0.17x there)."""
+    if m == 1:
+        return "block gemv"
+    return "block" if m <= BLOCK_DOT_MAX_M else "block dequant"
 
 
 def block_gemv(x: torch.Tensor, bw: BlockWeight, config: BlockGemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -252,18 +358,37 @@ def block_gemv(x: torch.Tensor, bw: BlockWeight, config: BlockGemvConfig | None 
     m = x.shape[0]
     if m > BLOCK_GEMV_MAX_M:
         raise ValueError(f"block_gemv takes at most {BLOCK_GEMV_MAX_M} activation rows, got {m}; use block_matmul")
-    if config.step % 32 or config.step & (config.step - 1):
-        raise ValueError(f"step must be a power of two and a multiple of 32 (whole MX and NV blocks), got {config.step}")
-    codes, scales = bw.packed.codes, bw.packed.scale
+    if config.words < 1 or config.words & (config.words - 1):
+        raise ValueError(f"words (a row's words a step) must be a power of two, got {config.words}")
+    words = packed_words(bw)
+    constexprs, out_scale, value_scale = _launch_args(bw)
     tiles = triton.cdiv(bw.n, config.block_n) * m
     grid = (m, triton.cdiv(bw.n, config.block_n), config.split_k or block_split_k(bw, tiles))
     _block_gemv_kernel[grid](
-        x, codes, scales, bw.code_values, bw.scale_values, y, *split_buffers(y, grid, config.block_n),
-        m, bw.n, bw.k, scales.shape[1], bw.tensor_scale, x.stride(0), codes.stride(0), scales.stride(0), y.stride(0),
-        BLOCK=bw.block, NIBBLES=bw.nibbles, STEP=config.step, BLOCK_N=config.block_n, SPLIT_K=grid[2], num_warps=config.num_warps,
-        **element_decode(bw.fmt),
+        x, words, bw.packed.scale, bw.code_values, y, *split_buffers(y, grid, config.block_n),
+        m, bw.n, bw.k, words.shape[1], out_scale * value_scale, x.stride(0), words.stride(0), bw.packed.scale.stride(0), y.stride(0),
+        WORDS=config.words, BLOCK_N=config.block_n, SPLIT_K=grid[2], num_warps=config.num_warps, **constexprs,
     )
     return y
+
+
+def block_dequantize(bw: BlockWeight, dtype: torch.dtype = torch.float16, block_n: int = 32, words: int = 32) -> torch.Tensor:
+    """The weight ``[n, k]`` in ``dtype`` by the Triton dequant kernel (each value rounded once from its exact fp32)."""
+    packed = packed_words(bw)
+    constexprs, out_scale, value_scale = _launch_args(bw)
+    w = torch.empty((bw.n, bw.k), dtype=dtype, device=packed.device)
+    step = words * constexprs["PER_WORD"]
+    _block_dequant_kernel[(triton.cdiv(bw.n, block_n), triton.cdiv(bw.k, step))](
+        packed, bw.packed.scale, bw.code_values, w, bw.n, bw.k, packed.shape[1], out_scale, value_scale, packed.stride(0),
+        bw.packed.scale.stride(0), w.stride(0), WORDS=words, BLOCK_N=block_n, **constexprs,
+    )
+    return w
+
+
+def block_dequant_matmul(x: torch.Tensor, bw: BlockWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The fallback for large batches: the weight dequantized into x's dtype (:func:`block_dequantize`), then cuBLAS."""
+    x, y = _checked(x, bw, out)
+    return torch.matmul(x, block_dequantize(bw, x.dtype).t(), out=y)
 
 
 def _checked(x: torch.Tensor, bw: BlockWeight, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,21 +413,27 @@ def block_split_k(bw: BlockWeight, tiles: int) -> int:
 
 
 def block_matmul(x: torch.Tensor, bw: BlockWeight, block_n: int = 64, num_warps: int = 4, out: torch.Tensor | None = None,
-                 split_k: int | None = None) -> torch.Tensor:
-    """``x [M, K] @ W^T`` for a block-format weight (fp16/bf16 activations, output in x's dtype)."""
+                 split_k: int | None = None, step: int = 128) -> torch.Tensor:
+    """``x [M, K] @ W^T`` for a block-format weight (fp16/bf16 activations, output in x's dtype): steps of ``step``
+    elements with pre-scaled weights where :attr:`BlockWeight.prescaled`, else (MX) one block of 32 a step."""
     x, y = _checked(x, bw, out)
     m = x.shape[0]
-    codes, scales = bw.packed.codes, bw.packed.scale
+    words = packed_words(bw)
+    constexprs, out_scale, value_scale = _launch_args(bw)
+    scaled = bw.prescaled
+    step = step if scaled else bw.block
+    if step % 32 or step & (step - 1):
+        raise ValueError(f"step must be a power of two and a multiple of 32 (whole MX and NV blocks), got {step}")
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     tiles = triton.cdiv(bw.n, block_n) * triton.cdiv(m, block_m)
     grid = (triton.cdiv(bw.n, block_n), triton.cdiv(m, block_m), split_k or block_split_k(bw, tiles))
     _block_matmul_kernel[grid](
-        x, codes, scales, bw.code_values, bw.scale_values, y, *split_buffers(y, grid, block_n * block_m),
-        m, bw.n, bw.k, scales.shape[1], bw.tensor_scale, x.stride(0), codes.stride(0), scales.stride(0), y.stride(0),
-        BLOCK=bw.block, NIBBLES=bw.nibbles, SCALED_WEIGHTS=isinstance(bw.fmt, NvFormat), BLOCK_M=block_m, BLOCK_N=block_n,
-        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps, SPLIT_K=grid[2], **element_decode(bw.fmt),
+        x, words, bw.packed.scale, bw.code_values, y, *split_buffers(y, grid, block_n * block_m),
+        m, bw.n, bw.k, words.shape[1], out_scale, value_scale, x.stride(0), words.stride(0), bw.packed.scale.stride(0), y.stride(0),
+        SCALED_WEIGHTS=scaled, STEP=step, BLOCK_M=block_m, BLOCK_N=block_n, INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
+        num_warps=num_warps, SPLIT_K=grid[2], **constexprs,
     )
     return y
 
 
-BLOCK_PATHS = {"block": block_matmul, "block gemv": block_gemv}  # the tensor-core dots; the GEMV for a few rows
+BLOCK_PATHS = {"block": block_matmul, "block gemv": block_gemv, "block dequant": block_dequant_matmul}

@@ -173,16 +173,16 @@ def pack_int_weight(weight: torch.Tensor, fmt: IntFormat) -> PackedWeight:
 @torch.library.custom_op(
     "qkernels::block_matmul", mutates_args=(),
     schema="(Tensor x, Tensor codes, Tensor block_scale, Tensor code_values, Tensor scale_values, str family, str element, int n, "
-           "int k, float tensor_scale) -> Tensor",
+           "int k, float tensor_scale, bool prescaled) -> Tensor",
 )
-def block_matmul_op(x, codes, block_scale, code_values, scale_values, family, element, n, k, tensor_scale):
+def block_matmul_op(x, codes, block_scale, code_values, scale_values, family, element, n, k, tensor_scale, prescaled):
     """:func:`block_forward` with the block weight spelled out (``family`` "mx" or "nv"), for ``torch.compile``."""
-    bw = _block_weight(_block_format(family, element), codes, block_scale, code_values, scale_values, n, k, tensor_scale)
+    bw = _block_weight(_block_format(family, element), codes, block_scale, code_values, scale_values, n, k, tensor_scale, prescaled)
     return block_forward(x.reshape(-1, k), bw).reshape(*x.shape[:-1], n)
 
 
 @block_matmul_op.register_fake
-def _(x, codes, block_scale, code_values, scale_values, family, element, n, k, tensor_scale):
+def _(x, codes, block_scale, code_values, scale_values, family, element, n, k, tensor_scale, prescaled):
     return x.new_empty((*x.shape[:-1], n))
 
 
@@ -195,14 +195,14 @@ def _keep_block_weight(ctx, inputs, output) -> None:
 def _block_grad_x(ctx, grad):
     """dL/dx through the block weight, dequantized a block of rows at a time."""
     codes, block_scale, code_values, scale_values = ctx.saved_tensors
-    family, element, n, k, tensor_scale = ctx.fields
+    family, element, n, k, tensor_scale, prescaled = ctx.fields
     fmt = _block_format(family, element)
 
     def weight_rows(start: int, stop: int) -> torch.Tensor:
         return dequantize_block(_block_weight(fmt, codes[start:stop], block_scale[start:stop], code_values, scale_values, stop - start, k,
-                                              tensor_scale))
+                                              tensor_scale, prescaled))
 
-    return grad_through_rows(grad, n, k, weight_rows).to(ctx.x_dtype), *[None] * 9
+    return grad_through_rows(grad, n, k, weight_rows).to(ctx.x_dtype), *[None] * 10
 
 
 block_matmul_op.register_autograd(_block_grad_x, setup_context=_keep_block_weight)
@@ -213,9 +213,9 @@ def _block_format(family: str, element: str) -> MxFormat | NvFormat:
 
 
 def _block_weight(fmt: MxFormat | NvFormat, codes: torch.Tensor, block_scale: torch.Tensor, code_values: torch.Tensor,
-                  scale_values: torch.Tensor, n: int, k: int, tensor_scale: float) -> BlockWeight:
+                  scale_values: torch.Tensor, n: int, k: int, tensor_scale: float, prescaled: bool) -> BlockWeight:
     """The block weight of a layer's tensors (the kernels and ``dequantize_block`` read the tensor scale as the float)."""
-    return BlockWeight(fmt, PackedTensor(codes, block_scale), n, k, code_values, scale_values, tensor_scale)
+    return BlockWeight(fmt, PackedTensor(codes, block_scale), n, k, code_values, scale_values, tensor_scale, prescaled)
 
 
 def block_forward(x2: torch.Tensor, bw: BlockWeight) -> torch.Tensor:
@@ -229,7 +229,8 @@ def block_forward(x2: torch.Tensor, bw: BlockWeight) -> torch.Tensor:
 
 class BlockLinear(nn.Module):
     """``y = x @ W^T + b`` with W stored in an MX or NV block format (:mod:`qkernels.block_matmul`): on a GPU the
-    block GEMV for up to ``BLOCK_GEMV_MAX_M`` rows and the tensor-core dot kernel above; elsewhere the dequantized
+    block GEMV for up to ``BLOCK_GEMV_MAX_M`` rows, the tensor-core dot kernel to ``BLOCK_DOT_MAX_M``, dequantize +
+    cuBLAS above; elsewhere the dequantized
     weight (:func:`~qkernels.block_matmul.dequantize_block`), the fake-quant layer's outputs. Through the custom
     operator ``torch.ops.qkernels.block_matmul`` while ``torch.compile`` traces or the activations need a
     gradient (its backward: the dequantized weight, a block of rows at a time)."""
@@ -237,6 +238,7 @@ class BlockLinear(nn.Module):
     def __init__(self, bw: BlockWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.fmt, self.in_features, self.out_features, self.tensor_scale = bw.fmt, bw.k, bw.n, bw.tensor_scale
+        self.prescaled = bw.prescaled  # the dot kernel may scale the weights before its dots (set at packing)
         self.register_buffer("codes", bw.packed.codes)
         self.register_buffer("block_scale", bw.packed.scale)
         self.register_buffer("code_values", bw.code_values)
@@ -246,7 +248,7 @@ class BlockLinear(nn.Module):
     @property
     def packed(self) -> BlockWeight:
         return _block_weight(self.fmt, self.codes, self.block_scale, self.code_values, self.scale_values, self.out_features,
-                             self.in_features, self.tensor_scale)
+                             self.in_features, self.tensor_scale, self.prescaled)
 
     @classmethod
     def concat(cls, layers: list[BlockLinear]) -> BlockLinear:
@@ -259,7 +261,7 @@ class BlockLinear(nn.Module):
                              f"{fields(layers[different[0]])} (NV layers: fuse the weights before quantizing)")
         bw = _block_weight(first.fmt, torch.cat([layer.codes for layer in layers]), torch.cat([layer.block_scale for layer in layers]),
                            first.code_values, first.scale_values, sum(layer.out_features for layer in layers), first.in_features,
-                           first.tensor_scale)
+                           first.tensor_scale, all(layer.prescaled for layer in layers))
         return cls(bw, concat_biases(layers))
 
     @classmethod
@@ -271,7 +273,7 @@ class BlockLinear(nn.Module):
         if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
             family = "mx" if isinstance(self.fmt, MxFormat) else "nv"
             y = block_matmul_op(x, self.codes, self.block_scale, self.code_values, self.scale_values, family, self.fmt.element,
-                                self.out_features, self.in_features, float(self.tensor_scale))
+                                self.out_features, self.in_features, float(self.tensor_scale), self.prescaled)
         else:
             y = block_forward(x.reshape(-1, self.in_features), self.packed).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)

@@ -10,7 +10,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from qkernels.block_matmul import BlockGemvConfig, block_gemv, block_matmul, pack_block_weight  # noqa: E402
+from qkernels.block_matmul import (BLOCK_DOT_MAX_M, BLOCK_GEMV_MAX_M, BlockGemvConfig, block_dequant_matmul, block_dequantize, block_gemv,  # noqa: E402
+                                   block_matmul, dequantize_block, pack_block_weight, pick_block_path, scaled_exact)
 from methods.common.formats import IntFormat  # noqa: E402
 from methods.common.microscaling import MxFormat, NvFormat  # noqa: E402
 
@@ -21,30 +22,67 @@ FORMATS = [MxFormat(element) for element in ("e2m1", "int8", "e4m3", "e5m2", "e2
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_block_matmul_matches_the_dequantized_weight(fmt, dtype: torch.dtype) -> None:
-    """Ragged K (200 = whole blocks + 8), several decades of weight magnitude, batches 1, 5 and 33."""
+    """Ragged K (200 = whole blocks + 8), several decades of weight magnitude, batches 1, 5 and 33; MX weights so
+    small that their scaled grid falls below fp16's (not :func:`scaled_exact`: the dot takes one block a step and
+    scales its result), against large activations."""
     generator = torch.Generator().manual_seed(fmt.element_bits)
     weight = torch.randn(37, 200, generator=generator) * torch.logspace(-2, 0, 200)
+    for scale in (1.0, 1e-7) if isinstance(fmt, MxFormat) else (1.0,):
+        bw = pack_block_weight((weight * scale).to(DEVICE), fmt)
+        assert scale == 1.0 or not bw.prescaled  # (MXFP8 E5M2's grid reaches 2^-16 of a block's scale: below fp16's at 1.0 too)
+        dequantized = fmt.dequantize(fmt.quantize(weight * scale)).float().to(DEVICE)
+        assert dequantized.abs().sum() > 0
+        for m, split_k, step in ((1, 3, 32), (5, 1, 64), (33, None, 128)):  # 200: 7 steps of 32 (splits of 3, 3, 1 steps), 4 of 64
+            x = (torch.randn(m, 200, generator=generator) / scale**0.5).to(DEVICE, dtype)
+            out = block_matmul(x, bw, block_n=32, out=torch.full((m, 37), float("nan"), dtype=dtype, device=DEVICE), split_k=split_k, step=step)
+            assert not out.isnan().any(), "some outputs were never written"
+            ref = x.float() @ dequantized.t()
+            error = ((out.float() - ref).norm() / ref.norm()).item()
+            assert error < (2e-3 if dtype == torch.float16 else 1e-2), (m, scale, error)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_block_dequantize_gives_the_weight_and_the_fallback_its_product(fmt) -> None:
+    """The dequant kernel writes the fp32 dequantized weight rounded once to fp16/bf16 (ragged N and K, tiles that
+    leave rows and columns out); the fallback (it, then cuBLAS) multiplies by it."""
+    generator = torch.Generator().manual_seed(fmt.element_bits + 2)
+    weight = torch.randn(37, 200, generator=generator) * torch.logspace(-2, 0, 200)
     bw = pack_block_weight(weight.to(DEVICE), fmt)
-    dequantized = fmt.dequantize(fmt.quantize(weight)).float().to(DEVICE)
-    assert dequantized.abs().sum() > 0
-    for m, split_k in ((1, 3), (5, 1), (33, None)):  # 200 = 7 steps of 32: splits of 3, 3 and 1 steps
-        x = torch.randn(m, 200, generator=generator).to(DEVICE, dtype)
-        out = block_matmul(x, bw, block_n=32, out=torch.full((m, 37), float("nan"), dtype=dtype, device=DEVICE), split_k=split_k)
-        assert not out.isnan().any(), "some outputs were never written"
-        ref = x.float() @ dequantized.t()
-        error = ((out.float() - ref).norm() / ref.norm()).item()
-        assert error < (2e-3 if dtype == torch.float16 else 1e-2), (m, error)
+    exact = dequantize_block(bw)
+    assert torch.equal(exact, fmt.dequantize(fmt.quantize(weight)).float().to(DEVICE) * 1.0) or not isinstance(fmt, MxFormat)
+    for dtype in (torch.float16, torch.bfloat16):
+        for block_n, words in ((16, 4), (32, 32)):
+            out = block_dequantize(bw, dtype, block_n, words)
+            if dtype == torch.bfloat16 and DEVICE == "cpu":  # the interpreter truncates fp32 to bf16: within one bf16 step
+                assert torch.allclose(out.float(), exact, rtol=2**-7, atol=0), (block_n, words)
+            else:
+                assert torch.equal(out, exact.to(dtype)), (dtype, block_n, words)
+    x = torch.randn(130, 200, generator=generator).to(DEVICE, torch.float16)
+    out = block_dequant_matmul(x, bw, out=torch.full((130, 37), float("nan"), dtype=torch.float16, device=DEVICE))
+    assert torch.allclose(out.float(), (x.float() @ exact.half().float().t()), rtol=1e-2, atol=1e-2)
+
+
+def test_scaled_exact_and_the_paths_by_batch() -> None:
+    small = pack_block_weight(torch.randn(8, 64, device=DEVICE), MxFormat("e2m1"))
+    assert small.prescaled and scaled_exact(small)
+    assert not pack_block_weight(torch.randn(8, 64, device=DEVICE) * 1e6, MxFormat("e2m1")).prescaled  # 6 * 2^17 > 65504
+    assert not pack_block_weight(torch.randn(8, 64, device=DEVICE) * 1e-7, MxFormat("e2m1")).prescaled  # 2^-26 steps < fp16's 2^-24
+    assert not pack_block_weight(torch.randn(8, 64, device=DEVICE) * 1e-7, MxFormat("int8")).prescaled  # 2^-30 steps < fp16's 2^-24
+    assert pack_block_weight(torch.randn(8, 64, device=DEVICE) * 1e6, NvFormat("e2m1")).prescaled  # the tensor scale takes the range
+    assert [pick_block_path(m) for m in (1, 2, BLOCK_GEMV_MAX_M + 1, BLOCK_DOT_MAX_M, BLOCK_DOT_MAX_M + 1)] == [
+        "block gemv", "block", "block", "block", "block dequant"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 def test_block_gemv_matches_the_dequantized_weight(fmt) -> None:
     """The GEMV for a few rows: ragged K (200 = 6 MX blocks + 8, 12 NV blocks + 8) and N (37), several decades of
-    weight magnitude, 1, 3 and 8 rows, steps of one and two MX blocks, K splits that leave a split empty."""
+    weight magnitude, 1, 3 and 8 rows, steps of 4, 8 and 32 words (half an MX block of 8-bit elements to 8 of
+    4-bit ones), K splits that leave a split empty."""
     generator = torch.Generator().manual_seed(fmt.element_bits + 1)
     weight = torch.randn(37, 200, generator=generator) * torch.logspace(-2, 0, 200)
     bw = pack_block_weight(weight.to(DEVICE), fmt)
     dequantized = fmt.dequantize(fmt.quantize(weight)).float().to(DEVICE)
-    for m, config in ((1, BlockGemvConfig(block_n=16, step=32, split_k=3)), (3, BlockGemvConfig(step=64, split_k=5)), (8, BlockGemvConfig())):
+    for m, config in ((1, BlockGemvConfig(block_n=16, words=4, split_k=3)), (3, BlockGemvConfig(words=8, split_k=5)), (8, BlockGemvConfig())):
         x = torch.randn(m, 200, generator=generator).to(DEVICE, torch.float16)
         out = block_gemv(x, bw, config, out=torch.full((m, 37), float("nan"), dtype=torch.float16, device=DEVICE))
         assert not out.isnan().any(), "some outputs were never written"
@@ -56,8 +94,8 @@ def test_block_gemv_refuses_what_it_cannot_run() -> None:
     bw = pack_block_weight(torch.randn(8, 64, device=DEVICE), NvFormat("e2m1"))
     with pytest.raises(ValueError, match="at most 8"):
         block_gemv(torch.randn(9, 64, dtype=torch.float16, device=DEVICE), bw)
-    with pytest.raises(ValueError, match="step must be"):
-        block_gemv(torch.randn(1, 64, dtype=torch.float16, device=DEVICE), bw, BlockGemvConfig(step=48))
+    with pytest.raises(ValueError, match="words .* must be a power of two, got 12"):
+        block_gemv(torch.randn(1, 64, dtype=torch.float16, device=DEVICE), bw, BlockGemvConfig(words=12))
     with pytest.raises(ValueError, match="float32"):
         block_gemv(torch.randn(1, 64, device=DEVICE), bw)
 
@@ -68,5 +106,7 @@ def test_block_matmul_refuses_bad_inputs() -> None:
         block_matmul(torch.randn(2, 32, dtype=torch.float16, device=DEVICE), bw)
     with pytest.raises(ValueError, match="float32"):
         block_matmul(torch.randn(2, 64, device=DEVICE), bw)
+    with pytest.raises(ValueError, match="step must be .* got 48"):
+        block_matmul(torch.randn(2, 64, dtype=torch.float16, device=DEVICE), bw, step=48)
     with pytest.raises(TypeError, match="IntFormat"):
         pack_block_weight(torch.randn(8, 64), IntFormat(bits=4))

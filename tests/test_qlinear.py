@@ -124,7 +124,7 @@ def test_block_linear_compiles_in_one_graph_and_its_gradient_comes_a_block_of_ro
     (layer(x) * upstream).sum().backward()
     assert torch.allclose(x.grad, upstream @ dequantize_block(layer.packed), atol=1e-4)
     torch.library.opcheck(block_matmul_op, (x, layer.codes, layer.block_scale, layer.code_values, layer.scale_values, "mx", "e2m1", 24,
-                                            64, 1.0))
+                                            64, 1.0, layer.prescaled))
 
 
 def test_concatenated_block_layers_give_each_layers_outputs_side_by_side() -> None:
