@@ -5,23 +5,30 @@ NVINT4 (blocks of 16, E4M3 scales and an FP32 tensor scale). The weight is store
 quantization, the packed layout of :mod:`qkernels.quant` (4-bit codes two to a byte, others one byte,
 one scale byte per block), so what a format run measures is what this kernel reads.
 
-K goes in steps of 32, one tensor-core dot each: every element grid is exact in fp16 and bf16 (at most 8
-significant bits, range 2^-16..57344), so the dot is exact up to fp32 accumulation. MX: a step is one
-block, and its E8M0 scale multiplies the ``[BLOCK_M, BLOCK_N]`` dot result in fp32 (a scaled element could
-leave fp16's range). NV: a step is two blocks of 16, and the elements are multiplied by their E4M3 block
-scale before the dot (still exact); the tensor scale multiplies the output. Element codes are decoded
-with bit shifts (fp elements: exponent and mantissa moved into an fp16 bit pattern, then a power-of-two
-rescale) or ``0x6400 | code`` (int elements); scale bytes through a 256-entry table built from E8M0/E4M3's
-own decode, once per block and row.
+Every kernel reads the codes as int32 words (8 nibbles or 4 bytes) and decodes two codes 16 bits apart at once
+(:func:`_element_pair`): fp elements' exponent and mantissa bits moved into fp16 bit patterns (exact: the element's
+exponent field fits fp16's; a power of two, folded into the scales, rescales them), int elements through
+``0x6400 | code ^ half``; scale bytes by bit operations too (E8M0 into an fp32 exponent, E4M3 into an fp16 pattern),
+so no kernel gathers from a table (formats whose elements fp16 cannot hold would; none of the MX/NV ones).
+
+* :func:`block_gemv` (batch 1): one activation row a program, each word's elements times their activations into
+  fp32 sums per word position on CUDA cores, which take the word's block scale; the next step's words are loaded
+  a step ahead.
+* :func:`block_matmul` (to :data:`BLOCK_DOT_MAX_M` rows): a tensor-core dot per step of 128 elements (64 for 8-bit
+  elements), the elements multiplied by their block scale before the dot where that is exact in the activations'
+  dtype (NV always: E4M3 times an FP4/INT4 element; MX where :func:`scaled_exact` found it so at packing, true of
+  real weights' MXFP4 scales), else (MX) one block of 32 a step and its E8M0 scale on the fp32 dot result. NV's
+  tensor scale multiplies the output.
+* :func:`block_dequant_matmul` (above): the weight dequantized into the activations' dtype, then cuBLAS.
 
 K is split over programs like the packed kernels' split-K (the last split adds the partials).
 
-Status (H100, 8192^2, steady state; bench/results/kernel_latency_h100.md, session 4): correct on the GPU
-(tests/test_block_matmul.py passes there; relative error 2.1e-4 at 8192^2), but slower than cuBLAS fp16:
-batch 1 MXINT8 54.5 us (0.88x), MXFP4 113.9 (0.42x), NVFP4 136.8 (0.35x): its dots pad a batch of one to 16
-rows. :func:`block_gemv` (session 16) is a GEMV for a few rows instead: one activation row a program, the
-elements decoded to fp32 and multiplied on CUDA cores, each block's sum times its scale; right in the
-interpreter, not yet timed on a GPU (``bench.kernel_latency`` times it beside the dot kernel up to 8 rows).
+Status (H200, steady state, bench/results/kernel_latency_h200.md, session 17): right on the GPU
+(tests/test_block_matmul.py), but slower than cuBLAS fp16 at every batch: MXFP4/NVFP4 8192^2 at batch 1 53-63 us
+(0.6x-0.73x; the dot kernel 74 us, session 16's 116-138), 16 rows 0.45x, 64 rows 0.39x, 256 rows 0.47x (dequant +
+cuBLAS; the dot kernel 0.14x, session 16's 0.08x), 1024 rows 0.77x-0.80x. The GEMV streams 4-bit weights at a fifth
+of the copy rate: it is bound by its decode and multiply on CUDA cores, not its bytes (a tensor-core GEMV for
+these formats, like :mod:`qkernels.gemv_mma` for the int layouts, is what would change that).
 """
 
 from __future__ import annotations
@@ -331,7 +338,7 @@ def _launch_args(bw: BlockWeight) -> tuple[dict, float, float]:
 @dataclass(frozen=True)
 class BlockGemvConfig:
     block_n: int = 16
-    words: int = 32  # int32 words a row reads per step: 128 bytes (256 4-bit elements)
+    words: int = 16  # int32 words a row reads per step: 64 bytes (128 4-bit elements)
     num_warps: int = 4
     split_k: int | None = None  # None: :func:`block_split_k`
 
@@ -363,7 +370,7 @@ def block_gemv(x: torch.Tensor, bw: BlockWeight, config: BlockGemvConfig | None 
     words = packed_words(bw)
     constexprs, out_scale, value_scale = _launch_args(bw)
     tiles = triton.cdiv(bw.n, config.block_n) * m
-    grid = (m, triton.cdiv(bw.n, config.block_n), config.split_k or block_split_k(bw, tiles))
+    grid = (m, triton.cdiv(bw.n, config.block_n), config.split_k or block_split_k(bw, tiles, programs=528))
     _block_gemv_kernel[grid](
         x, words, bw.packed.scale, bw.code_values, y, *split_buffers(y, grid, config.block_n),
         m, bw.n, bw.k, words.shape[1], out_scale * value_scale, x.stride(0), words.stride(0), bw.packed.scale.stride(0), y.stride(0),
@@ -405,23 +412,25 @@ def _checked(x: torch.Tensor, bw: BlockWeight, out: torch.Tensor | None) -> tupl
     return x, y
 
 
-def block_split_k(bw: BlockWeight, tiles: int) -> int:
-    """K splits that give the GPU about two programs per SM (132 on the H100), at most 8 and at least
-    four 32-deep steps each (untuned)."""
+def block_split_k(bw: BlockWeight, tiles: int, programs: int = 264) -> int:
+    """K splits that give the GPU about ``programs`` programs (two per SM of an H100 for the dot kernel; the GEMV
+    asks for four: H200, MXFP4/NVFP4 8192^2 at batch 1, 16-row tiles, 53 us with 2 splits against 58 with none),
+    at most 8 and at least four 32-deep steps each."""
     steps = triton.cdiv(bw.k, 32)
-    return max(1, min(8, triton.cdiv(264, tiles), steps // 4))
+    return max(1, min(8, triton.cdiv(programs, tiles), steps // 4))
 
 
 def block_matmul(x: torch.Tensor, bw: BlockWeight, block_n: int = 64, num_warps: int = 4, out: torch.Tensor | None = None,
-                 split_k: int | None = None, step: int = 128) -> torch.Tensor:
+                 split_k: int | None = None, step: int | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T`` for a block-format weight (fp16/bf16 activations, output in x's dtype): steps of ``step``
-    elements with pre-scaled weights where :attr:`BlockWeight.prescaled`, else (MX) one block of 32 a step."""
+    elements (default 128 for 4-bit elements, 64 for wider ones: H200, MXINT8 8192^2 at batch 1 93 us against 196
+    with 128) with pre-scaled weights where :attr:`BlockWeight.prescaled`, else (MX) one block of 32 a step."""
     x, y = _checked(x, bw, out)
     m = x.shape[0]
     words = packed_words(bw)
     constexprs, out_scale, value_scale = _launch_args(bw)
     scaled = bw.prescaled
-    step = step if scaled else bw.block
+    step = (step or (128 if bw.nibbles else 64)) if scaled else bw.block
     if step % 32 or step & (step - 1):
         raise ValueError(f"step must be a power of two and a multiple of 32 (whole MX and NV blocks), got {step}")
     block_m = min(64, max(16, triton.next_power_of_2(m)))

@@ -48,8 +48,9 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
   once a chunk, :func:`_spread_high`) each placed by one shift and one ``lop3`` (:func:`_decode_slot3`).
   H200, batch 1 (session 16), plain loads: 8192^2 17.7 us against 20.1 on the fp16-pair GEMV and 28.8 on
   the fp32 one; W4 on its TMA feed takes 13.2. The TMA feed also takes uint3 (each chunk's high-plane words
-  in a second ring beside its words: ``stages > 0``), written in session 16 without a GPU: not yet run,
-  so :func:`tma_config` keeps uint3 on the plain loads.
+  in a second ring beside its words: ``stages > 0``): right on the H200 (session 17, the ragged tests) and
+  faster there (8192^2 16.1 us, 14336x4096 15.1 against 17.7 and 17.1 plain), so :func:`tma_config` gives it
+  to W3.
 
 * Programmatic dependent launch (``pdl``, compute capability 9.0 and above; off by default): each
   program issues its first weight loads, waits for the previous kernel (``griddepcontrol.wait``), then
@@ -674,11 +675,15 @@ def tma_config(pw: PackedWeight) -> GemvMmaConfig | None:
       outnumber K (W1, W2), else 4;
     * kept plain: one scale per row (ternary: TMA 0.1 to 1.1 us slower) and W4 with a long K (13.1
       against 13.3).
-    The register cap did not matter (W1 at 80, 104 and 128 registers within 0.1 us at 8192^2)."""
+    The register cap did not matter (W1 at 80, 104 and 128 registers within 0.1 us at 8192^2).
+    * W3 (session 17, ``--tune-gemv-mma`` over plain and TMA configs, two shapes): TMA on 64-row tiles, 2 K splits
+      (8192^2 16.1 us against 17.7 on the plain loads' rule), 4 with a long K (14336x4096 15.1 against 17.1)."""
     bits = lm.CODE_BITS[pw.layout]
     long_k = lm.long_k(pw)
-    if pw.n_groups == 1 or (bits == 4 and long_k) or bits == 3:  # uint3: its TMA feed (both planes) not yet timed
+    if pw.n_groups == 1 or (bits == 4 and long_k):
         return None
+    if bits == 3:
+        return GemvMmaConfig(block_n=64, num_warps=4, split_k=4 if long_k else 2, stages=2)
     if bits == 4:
         return GemvMmaConfig(block_n=128, num_warps=4, split_k=4, stages=2)
     if routes(pw) and not long_k:

@@ -128,7 +128,8 @@ def test_dispatch_at_batch_1(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [lm.pick_path(1, w, cuda) for w in (w1, w2, w3, ternary, w4_long_k, w4)] == ["gemv_mma"] * 5 + ["gemv"]
     monkeypatch.setattr(lm, "is_hopper", lambda device: True)
     assert [lm.pick_path(1, w, cuda) for w in (w1, w2, w3, ternary, w4_long_k, w4)] == ["gemv_mma"] * 6
-    assert tma_config(w3) is None  # uint3: plain loads (its TMA feed not yet timed)
+    assert tma_config(w3) == GemvMmaConfig(64, 4, 4, stages=2)  # uint3 on TMA, 4 splits for this long K (1024 x 64)
+    assert tma_config(replace(w3, n=1024)).split_k == 2
     w3_g64 = pack_weight(codes * 7, torch.rand(64, 16).half(), None, "uint3", 64, zero_const=3.5, run=32)
     assert w3_g64.group_size * 8 == w3_g64.chunk and not routes(w3_g64)  # four groups a chunk half, but two planes
     assert default_config(w3) == GemvMmaConfig(64, 4, 8) and default_config(replace(w3, n=1024)) == GemvMmaConfig(64, 4, 4)  # long K
