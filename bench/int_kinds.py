@@ -76,12 +76,21 @@ def quantize_activations(kind: IntKind, x: torch.Tensor) -> tuple:
     return im.quantize_rows_int8(x)
 
 
-def int_matmul(w: IntWeight, acts: tuple) -> torch.Tensor:
+def int_paths(kind: IntKind, m: int, k: int, n: int) -> list[str]:
+    """The table's paths for a kind: W8A8's dispatcher path first, then its other one (``int triton`` / ``int
+    cublas``); one Triton kernel (``int``) for the others."""
+    if kind.bitplane or kind.w_bits != 8:
+        return ["int"]
+    auto = "int " + im.int8_path(m, k, n, torch.device("cuda"))
+    return [auto] + [f"int {path}" for path in im.INT8_PATHS if f"int {path}" != auto]
+
+
+def int_matmul(w: IntWeight, acts: tuple, path: str = "int") -> torch.Tensor:
     if w.kind.bitplane:
         codes, scale, zero = acts
         return im.bitplane_matmul(codes, w.kind.a_bits, scale, zero, w.weight)
     if w.kind.w_bits == 8:
-        return im.int8_matmul(acts[0], acts[1], w.weight, w.scale)
+        return im.int8_matmul(acts[0], acts[1], w.weight, w.scale, path="auto" if path == "int" else path.removeprefix("int "))
     return im.w4a8_matmul(acts[0], acts[1], w.weight)
 
 
@@ -94,20 +103,20 @@ def int_reference(w: IntWeight, acts: tuple) -> torch.Tensor:
     return im.w4a8_reference(acts[0], acts[1], w.weight)
 
 
-def int_calls(x: torch.Tensor, w: IntWeight) -> Callable[[], list]:
-    """A maker for :func:`bench.timing.time_side_by_side`: the matmul over rotating copies of the weight, on
-    activations quantized once."""
+def int_calls(x: torch.Tensor, w: IntWeight, path: str = "int") -> Callable[[], list]:
+    """A maker for :func:`bench.timing.time_side_by_side`: the matmul (on ``path``, :func:`int_paths`) over rotating
+    copies of the weight, on activations quantized once."""
     acts = quantize_activations(w.kind, x)
 
     def make() -> list:
         weights = [w] + [w.clone() for _ in range(copies_for(w.nbytes()) - 1)]
-        return [lambda c=c: int_matmul(c, acts) for c in weights]
+        return [lambda c=c: int_matmul(c, acts, path) for c in weights]
 
     return make
 
 
-def int_error(x: torch.Tensor, w: IntWeight) -> float:
+def int_error(x: torch.Tensor, w: IntWeight, path: str = "int") -> float:
     """Relative error of the matmul against its float64 reference, on the same quantized activations."""
     acts = quantize_activations(w.kind, x)
     ref = int_reference(w, acts)
-    return ((int_matmul(w, acts).double() - ref).norm() / ref.norm()).item()
+    return ((int_matmul(w, acts, path).double() - ref).norm() / ref.norm()).item()

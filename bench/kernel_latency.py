@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 import torch
 import triton
 
-from bench.int_kinds import INT_KINDS, int_calls, int_error, int_weight
+from bench.int_kinds import INT_KINDS, int_calls, int_error, int_paths, int_weight
 from bench.read_floor import read_calls
 from bench.timing import MODES, copies_for, copy_bandwidth_gbs, gpu_name, steady_us, time_side_by_side
 from qkernels import lowbit_matmul as lm
@@ -181,7 +181,7 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
             makers = {("fp16", "cublas"): make}
             makers |= {(name, path): lowbit_calls(x, pw, path) for name, pw in packed.items() for path in paths_for(m, pw)}
             makers |= {(name, path): block_calls(x, bw, path) for name, (bw, _) in blocks.items() for path in block_paths(m)}
-            makers |= {(name, "int"): int_calls(x, w) for name, w in ints.items()}
+            makers |= {(name, path): int_calls(x, w, path) for name, w in ints.items() for path in int_paths(w.kind, m, k, n)}
             floors = {"fp16": nbytes} | {name: pw.nbytes() for name, pw in packed.items()} if m == 1 else {}
             makers |= {(name, "read floor"): read_calls(size, x.device, copies_for(size)) for name, size in floors.items()}
             times = time_side_by_side(makers, modes)  # steady: every kernel's graph in turn, with cuBLAS's
@@ -199,7 +199,8 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
                     rows.append(row(k, n, m, name, path, bw.nbytes() + io_bytes, times[(name, path)], base, block_error(x, bw, dequantized, path)))
             for name, w in ints.items():
                 int_io = m * k + m * n * 2  # one byte an activation code
-                rows.append(row(k, n, m, name, "int", w.nbytes() + int_io, times[(name, "int")], base, int_error(x, w)))
+                for path in int_paths(w.kind, m, k, n):
+                    rows.append(row(k, n, m, name, path, w.nbytes() + int_io, times[(name, path)], base, int_error(x, w, path)))
             del times, makers
             print(f"{k}x{n} M={m}: " + " ".join(f"{r['kernel']}/{r['path']} {r.get('steady_us', r.get('cold_us')):.1f}" for r in rows if r["K"] == k and r["N"] == n and r["M"] == m), flush=True)
             torch.cuda.empty_cache()

@@ -1,7 +1,10 @@
 """Matmuls for activation-quantized methods: W8A8 INT8, W4A8, and ABQ-style bit-plane WpAq.
 
 * **W8A8**: int8 activations (one scale per token) times int8 weights (one scale per output
-  channel), int32 accumulation on tensor cores, scales applied once in the epilogue.
+  channel), int32 accumulation on tensor cores, scales applied once in the epilogue: a Triton kernel
+  (16-row tiles and K splits for a few rows), from 17 rows cuBLASLt's int8 GEMM (``torch._int_mm``) and a
+  scaling kernel. H200 (session 17, the old single-config Triton kernel): 0.50x-0.67x of cuBLAS fp16 at
+  8192^2; the split-K config and the cuBLAS path not yet timed.
 * **W4A8**: packed 4-bit weights (:mod:`qkernels.pack` ``uint4``, per-group scales, integer zero
   points) times int8 activations. Each step takes a K range inside one weight group, so
   ``code - zero`` is an exact int8 operand and the group's scale multiplies the int32 partial sum.
@@ -9,9 +12,11 @@
   planes, ``W = sum_i 2^i W_i`` and ``A = sum_j 2^j A_j``; the integer product is
   ``sum_ij 2^(i+j) A_j W_i^T``, a sum of binary matmuls combined with shifts, so any (p, q) pair runs
   on one kernel. ABQ runs the binary matmuls on 1-bit tensor cores (``mma ... .b1.and.popc``), which
-  Triton cannot emit; here each binary matmul is an int8 tensor-core dot of 0/1 tiles (exact, not
-  faster than int8). Zero points are removed afterwards with row and column code sums:
-  ``(A - za)(W - zw)^T = AW^T - zw*rowsum(A) - za*rowsum(W) + K*za*zw``.
+  Triton cannot emit (and Hopper does not speed up); here each is an int8 tensor-core dot, where a 0/1
+  operand costs what a 7-bit one does, so by default the activations go in 7-bit digits (one digit up to
+  7 bits: ``p`` dots a step, binary weight planes times the activation codes) and ``a_digit=1`` runs ABQ's
+  ``p * q`` binary-by-binary dots. Zero points are removed in the epilogue (float64) with row and column
+  code sums: ``(A - za)(W - zw)^T = AW^T - zw*rowsum(A) - za*rowsum(W) + K*za*zw``.
 
 Each kernel has a plain-torch reference (``*_reference``) computed exactly in float64.
 """
@@ -24,11 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qkernels.lowbit_matmul import _codes_of_slots, _load_chunk, gemm_sub_slots, kernel_tensors
+from qkernels.lowbit_matmul import _codes_of_slots, _load_chunk, _split_range, _store_transposed, gemm_sub_slots, kernel_tensors, split_buffers
 from qkernels.pack import PackedWeight, pack_uint, padded_width
-
-INT8_BLOCK = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64)
-
 
 # ----------------------------------------------------------------------------- activation quantization
 
@@ -56,9 +58,11 @@ def quantize_rows_asym(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
 
 @triton.jit
 def _int8_gemm_kernel(
-    a_ptr, b_ptr, sa_ptr, sb_ptr, y_ptr, M, N, K, stride_am, stride_bn, stride_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr, b_ptr, sa_ptr, sb_ptr, y_ptr, partial_ptr, count_ptr, M, N, K, stride_am, stride_bn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
+    """Program ``(m, n, k)``: an int32 ``[BLOCK_M, BLOCK_N]`` tile over one K split, scaled in fp32 (the splits'
+    scaled partials added up in split order as in :mod:`qkernels.lowbit_matmul`)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -67,28 +71,77 @@ def _int8_gemm_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
+    first, last = _split_range(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    for step in range(first, last):
+        k = step * BLOCK_K + offs_k
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + k[None, :], mask=mask_m[:, None] & (k[None, :] < K), other=0)
         b = tl.load(b_ptr + offs_n[None, :] * stride_bn + k[:, None], mask=mask_n[None, :] & (k[:, None] < K), other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
     sb = tl.load(sb_ptr + offs_n, mask=mask_n, other=0.0)
     y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _store_transposed(y_ptr, tl.trans(y), offs_m, offs_n, mask_m, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
+
+
+@triton.jit
+def _scale_int32_kernel(acc_ptr, sa_ptr, sb_ptr, y_ptr, M, N, stride_am, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``y = acc * sa[:, None] * sb[None, :]`` in y's dtype: the epilogue of the cuBLAS path."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    acc = tl.load(acc_ptr + offs_m[:, None] * stride_am + offs_n[None, :], mask=mask, other=0)
+    sa = tl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0)
+    sb = tl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)
+    y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+INT8_PATHS = ("triton", "cublas")
+INT8_CUBLAS_MIN_M = 17  # cuBLAS int8 (torch._int_mm) from this many rows (its CUDA kernel asked for more than 16)
+
+
+def int8_path(m: int, k: int, n: int, device: torch.device) -> str:
+    """``cublas`` (cuBLASLt's int8 GEMM, then a scaling kernel) on a GPU from :data:`INT8_CUBLAS_MIN_M` rows where
+    K and N are multiples of 8 (its alignment); else ``triton`` (split-K for few rows)."""
+    aligned = k % 8 == 0 and n % 8 == 0
+    return "cublas" if device.type == "cuda" and m >= INT8_CUBLAS_MIN_M and aligned else "triton"
+
+
+def int8_config(m: int, n: int, k: int, device: torch.device) -> dict:
+    """Tiles and K splits of the Triton kernel: 16-row tiles and splits for about two programs per SM for a few
+    rows (a GEMV-like grid), 64 x 64 tiles above (untuned)."""
+    if m <= 16:
+        block_n, block_k = 64, 128
+        tiles = triton.cdiv(n, block_n)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        split = max(1, min(8, triton.cdiv(2 * sms, tiles), triton.cdiv(k, 4 * block_k)))
+        return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1)
 
 
 def int8_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                out_dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``(a [M, K] int8 * a_scale[:, None]) @ (b [N, K] int8 * b_scale[:, None])^T`` with int32 accumulation."""
+                out_dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None, path: str = "auto") -> torch.Tensor:
+    """``(a [M, K] int8 * a_scale[:, None]) @ (b [N, K] int8 * b_scale[:, None])^T`` with int32 accumulation, on the
+    path :func:`int8_path` picks (or the one named: ``triton`` or ``cublas``)."""
     m, k = a.shape
     n = b.shape[0]
     if a.dtype != torch.int8 or b.dtype != torch.int8 or b.shape[1] != k:
         raise ValueError(f"need int8 a [M, K] and b [N, K]; got {a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
+    if path == "auto":
+        path = int8_path(m, k, n, a.device)
+    if path not in INT8_PATHS:
+        raise ValueError(f"path={path!r} is not valid; choose 'auto' or one of {list(INT8_PATHS)}")
     y = out if out is not None else torch.empty((m, n), device=a.device, dtype=out_dtype)
-    grid = (triton.cdiv(m, INT8_BLOCK["BLOCK_M"]), triton.cdiv(n, INT8_BLOCK["BLOCK_N"]))
-    _int8_gemm_kernel[grid](a, b, a_scale.float().contiguous(), b_scale.float().contiguous(), y, m, n, k,
-                            a.stride(0), b.stride(0), y.stride(0), **INT8_BLOCK)
+    sa, sb = a_scale.float().contiguous(), b_scale.float().contiguous()
+    if path == "cublas":
+        acc = torch._int_mm(a, b.t())
+        grid = (triton.cdiv(m, 32), triton.cdiv(n, 128))
+        _scale_int32_kernel[grid](acc, sa, sb, y, m, n, acc.stride(0), y.stride(0), BLOCK_M=32, BLOCK_N=128)
+        return y
+    config = int8_config(m, n, k, a.device)
+    grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
+    _int8_gemm_kernel[grid](a, b, sa, sb, y, *split_buffers(y, grid, config["BLOCK_M"] * config["BLOCK_N"]), m, n, k,
+                            a.stride(0), b.stride(0), y.stride(0), **config)
     return y
 
 
@@ -198,15 +251,19 @@ def pack_bitplanes(codes: torch.Tensor, bits: int, scale: torch.Tensor, zero: to
 
 @triton.jit
 def _bitplane_kernel(
-    a_ptr, w_ptr, y_ptr, M, N, K, n_chunks, stride_am, stride_wp, stride_wn, stride_ym,
-    W_BITS: tl.constexpr, A_BITS: tl.constexpr, RUN: tl.constexpr, SUB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    a_ptr, w_ptr, y_ptr, sa_ptr, za_ptr, sw_ptr, zw_ptr, wsum_ptr, M, N, K, n_chunks, stride_am, stride_wp, stride_wn, stride_ym,
+    W_BITS: tl.constexpr, A_BITS: tl.constexpr, A_DIGIT: tl.constexpr, RUN: tl.constexpr, SUB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr,
 ):
-    """Integer ``W A^T`` as ``sum_ij 2^(i+j) W_i A_j^T`` over binary planes (0/1 int8 tensor-core dots)."""
+    """Integer ``W A^T`` as ``sum_ij 2^(i + D j) W_i A_j^T`` over the weight's binary planes ``W_i`` and the
+    activations' ``D``-bit digits ``A_j`` (``D = A_DIGIT``; 1: binary planes too), each an int8 tensor-core dot.
+    ``SCALED``: the zero points and scales applied in float64 in the epilogue (the activations' code sums are
+    counted on the way), the output in y's dtype; else the int32 sums."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     BLOCK_K: tl.constexpr = SUB * RUN
     STEPS_PER_CHUNK: tl.constexpr = 32 // SUB
+    DIGITS: tl.constexpr = (A_BITS + A_DIGIT - 1) // A_DIGIT
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, RUN)
@@ -214,45 +271,69 @@ def _bitplane_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    a_sum = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for step in range(0, n_chunks * STEPS_PER_CHUNK):
         chunk = step // STEPS_PER_CHUNK
         first = (step % STEPS_PER_CHUNK) * SUB
         k = chunk * (32 * RUN) + first * RUN + offs_k
         a_codes = tl.load(a_ptr + offs_m[None, :] * stride_am + k[:, None], mask=mask_m[None, :] & (k[:, None] < K), other=0).to(tl.int32)
+        a_sum += tl.sum(a_codes, axis=0)
         for i in tl.static_range(W_BITS):
             words, _ = _load_chunk(w_ptr + i * stride_wp, w_ptr, offs_n, offs_r, mask_n, chunk, stride_wn, stride_wn, "uint1", RUN)
             w_plane = tl.reshape(_codes_of_slots(words, words, first + tl.arange(0, SUB), "uint1", 1).to(tl.int8), (BLOCK_N, BLOCK_K))
-            for j in tl.static_range(A_BITS):
-                a_plane = ((a_codes >> j) & 1).to(tl.int8)
-                acc += tl.dot(w_plane, a_plane, out_dtype=tl.int32) << (i + j)
-    tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc, mask=mask_n[:, None] & mask_m[None, :])
+            for j in tl.static_range(DIGITS):
+                a_digit = ((a_codes >> (j * A_DIGIT)) & ((1 << A_DIGIT) - 1)).to(tl.int8)
+                acc += tl.dot(w_plane, a_digit, out_dtype=tl.int32) << (i + j * A_DIGIT)
+    y = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    mask = mask_n[:, None] & mask_m[None, :]
+    if SCALED:  # (A - za)(W - zw)^T = AW^T - zw * rowsum(A) - za * rowsum(W) + K * za * zw, then the scales
+        za = tl.load(za_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float64)
+        sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float64)
+        zw = tl.load(zw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float64)
+        sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float64)
+        w_sum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float64)
+        centered = (acc.to(tl.float64) - zw[:, None] * a_sum.to(tl.float64)[None, :] - w_sum[:, None] * za[None, :]
+                    + K * (zw[:, None] * za[None, :]))
+        tl.store(y, (centered * sw[:, None] * sa[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(y, acc, mask=mask)
 
 
-def bitplane_int_matmul(a_codes: torch.Tensor, a_bits: int, bw: BitplaneWeight, block_n: int = 32, block_m: int = 16) -> torch.Tensor:
-    """Integer ``a_codes [M, K] @ codes^T`` (int32 ``[M, N]``) from binary planes of both operands."""
+def _bitplane_launch(a_codes: torch.Tensor, a_bits: int, bw: BitplaneWeight, y: torch.Tensor, scales: tuple | None, a_digit: int) -> torch.Tensor:
+    if a_digit not in range(1, 8):
+        raise ValueError(f"a_digit (activation bits a dot takes) must be 1..7 (int8 operands), got {a_digit}")
     capturing = a_codes.is_cuda and torch.cuda.is_current_stream_capturing()  # (the check reads a value back: not in a graph)
     if not capturing and int(a_codes.max()) >= 2**a_bits:
         raise ValueError(f"activation codes must lie in 0..{2**a_bits - 1}")
     m = a_codes.shape[0]
-    y = torch.empty((m, bw.n), device=a_codes.device, dtype=torch.int32)
-    sub = 128 // bw.run if bw.run <= 128 else 1
+    block_n, block_m = 64, 16 if m <= 16 else 64
     grid = (triton.cdiv(bw.n, block_n), triton.cdiv(m, block_m))
+    sa, za = scales if scales is not None else (y, y)
     _bitplane_kernel[grid](
-        a_codes, bw.planes, y, m, bw.n, bw.k, bw.planes.shape[2] // bw.run,
+        a_codes, bw.planes, y, sa, za, bw.scale, bw.zero, bw.code_sum, m, bw.n, bw.k, bw.planes.shape[2] // bw.run,
         a_codes.stride(0), bw.planes.stride(0), bw.planes.stride(1), y.stride(0),
-        W_BITS=bw.bits, A_BITS=a_bits, RUN=bw.run, SUB=min(sub, 32), BLOCK_M=block_m, BLOCK_N=block_n,
+        W_BITS=bw.bits, A_BITS=a_bits, A_DIGIT=a_digit, RUN=bw.run, SUB=min(128 // bw.run if bw.run <= 128 else 1, 32),
+        BLOCK_M=block_m, BLOCK_N=block_n, SCALED=scales is not None,
     )
     return y
 
 
+A_DIGIT = 7  # activation bits a dot takes by default: int8 tensor cores multiply 7-bit digits as fast as bits
+
+
+def bitplane_int_matmul(a_codes: torch.Tensor, a_bits: int, bw: BitplaneWeight, a_digit: int = A_DIGIT) -> torch.Tensor:
+    """Integer ``a_codes [M, K] @ codes^T`` (int32 ``[M, N]``) from the weight's binary planes and the activations'
+    ``a_digit``-bit digits (``a_digit=1``: ABQ-LLM's binary planes of both operands)."""
+    y = torch.empty((a_codes.shape[0], bw.n), device=a_codes.device, dtype=torch.int32)
+    return _bitplane_launch(a_codes, a_bits, bw, y, None, a_digit)
+
+
 def bitplane_matmul(a_codes: torch.Tensor, a_bits: int, a_scale: torch.Tensor, a_zero: torch.Tensor, bw: BitplaneWeight,
-                    out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """``((A - za) * sa) @ ((W - zw) * sw)^T`` for per-token (A) and per-channel (W) scales and zero points."""
-    core = bitplane_int_matmul(a_codes, a_bits, bw).double()
-    a_sum = a_codes.double().sum(dim=1, keepdim=True)
-    za, zw = a_zero.double()[:, None], bw.zero.double()[None, :]
-    centered = core - zw * a_sum - za * bw.code_sum.double()[None, :] + bw.k * za * zw
-    return (centered * a_scale.double()[:, None] * bw.scale.double()[None, :]).to(out_dtype)
+                    out_dtype: torch.dtype = torch.float16, a_digit: int = A_DIGIT) -> torch.Tensor:
+    """``((A - za) * sa) @ ((W - zw) * sw)^T`` for per-token (A) and per-channel (W) scales and zero points, the
+    zero points and scales applied in float64 in the kernel's epilogue."""
+    y = torch.empty((a_codes.shape[0], bw.n), device=a_codes.device, dtype=out_dtype)
+    return _bitplane_launch(a_codes, a_bits, bw, y, (a_scale.float().contiguous(), a_zero.float().contiguous()), a_digit)
 
 
 def bitplane_reference(a_codes: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor, w_codes: torch.Tensor, bw: BitplaneWeight) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench import int_kinds
-from bench.int_kinds import INT_KINDS, int_calls, int_error, int_matmul, int_weight, quantize_activations
+from bench.int_kinds import INT_KINDS, int_calls, int_error, int_matmul, int_paths, int_weight, quantize_activations
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
@@ -24,6 +24,15 @@ def test_each_kind_matches_its_reference_and_its_copies(name: str, monkeypatch: 
     monkeypatch.setattr(int_kinds, "copies_for", lambda nbytes: 3)  # (a rotation of 300 MB of these would be 30000 copies)
     calls = int_calls(x, w)()
     assert len(calls) == 3 and torch.equal(calls[2](), calls[0]())
+
+
+def test_w8a8_is_timed_on_both_paths_and_matches_on_each() -> None:
+    torch.manual_seed(1)
+    w = int_weight(INT_KINDS["w8a8"], 40, 256, device=DEVICE)
+    x = torch.randn(20, 256, device=DEVICE, dtype=torch.float16)
+    assert int_paths(w.kind, 20, 256, 40) == ["int cublas", "int triton"] and int_paths(w.kind, 4, 256, 40) == ["int triton", "int cublas"]
+    assert int_paths(INT_KINDS["w4a8"], 20, 256, 40) == ["int"]
+    assert all(int_error(x, w, path) < 2e-3 for path in int_paths(w.kind, 20, 256, 40))
 
 
 def test_unknown_kernels_are_named_with_the_choices(capsys: pytest.CaptureFixture) -> None:

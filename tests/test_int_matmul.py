@@ -28,12 +28,26 @@ def test_quantize_rows_int8_round_trip() -> None:
     assert (q.float() * scale[:, None] - x).abs().max() <= scale.max() / 2 + 1e-6
 
 
-def test_int8_matmul_matches_reference_on_ragged_shapes() -> None:
-    a, sa = im.quantize_rows_int8(torch.randn(19, 100))
-    b, sb = im.quantize_rows_int8(torch.randn(70, 100))
+@pytest.mark.parametrize("m,k,path", [(19, 100, "triton"), (5, 1000, "triton"), (24, 1000, "cublas"), (3, 1000, "auto")])
+def test_int8_matmul_matches_reference_on_ragged_shapes(m: int, k: int, path: str) -> None:
+    """The Triton kernel on 64-row tiles and on 16-row tiles with K splits (two at K = 1000), cuBLAS's int8 GEMM
+    (torch._int_mm; on the CPU its CPU kernel) with the scaling kernel."""
+    a, sa = im.quantize_rows_int8(torch.randn(m, k))
+    b, sb = im.quantize_rows_int8(torch.randn(72, k))
     a, sa, b, sb = (t.to(DEVICE) for t in (a, sa, b, sb))
-    out = im.int8_matmul(a, sa, b, sb, torch.float32, out=torch.full((19, 70), float("nan"), device=DEVICE))
+    if path == "triton" and m <= 16:
+        assert im.int8_config(m, 72, k, a.device)["SPLIT_K"] == 2
+    out = im.int8_matmul(a, sa, b, sb, torch.float32, out=torch.full((m, 72), float("nan"), device=DEVICE), path=path)
     assert rel_err(out, im.int8_matmul_reference(a, sa, b, sb)) < 1e-6
+
+
+def test_int8_paths_by_batch_and_a_bad_path() -> None:
+    cuda = torch.device("cuda")
+    assert [im.int8_path(m, 4096, 4096, cuda) for m in (1, 16, 17, 256)] == ["triton", "triton", "cublas", "cublas"]
+    assert im.int8_path(256, 4100, 4096, cuda) == "triton" and im.int8_path(256, 4096, 4096, torch.device("cpu")) == "triton"
+    a = torch.zeros(2, 64, dtype=torch.int8, device=DEVICE)
+    with pytest.raises(ValueError, match="path='cutlass' is not valid; choose 'auto' or one of \\['triton', 'cublas'\\]"):
+        im.int8_matmul(a, torch.ones(2, device=DEVICE), a, torch.ones(2, device=DEVICE), path="cutlass")
 
 
 @pytest.mark.parametrize("asym", [True, False])
@@ -48,15 +62,28 @@ def test_w4a8_matches_reference(asym: bool) -> None:
     assert rel_err(im.w4a8_matmul(a, sa, pw, torch.float32, block_n=32, block_m=16), im.w4a8_reference(a, sa, pw)) < 1e-6
 
 
-@pytest.mark.parametrize("w_bits,a_bits", [(2, 2), (3, 4), (1, 8)])
-def test_bitplane_matmul_is_exact_for_any_precision_pair(w_bits: int, a_bits: int) -> None:
-    n, k, m = 33, 200, 5
+@pytest.mark.parametrize("w_bits,a_bits,a_digit", [(2, 2, 7), (3, 4, 1), (1, 8, 7), (4, 8, 3), (2, 5, 2)])
+@pytest.mark.parametrize("m", [5, 21])
+def test_bitplane_matmul_is_exact_for_any_precision_pair(w_bits: int, a_bits: int, a_digit: int, m: int) -> None:
+    """Binary weight planes times activation digits of 1 (ABQ's binary planes), 2, 3 or 7 bits (8-bit codes: two
+    digits), on 16- and 64-row tiles: the integer sums exact; the scaled output within float64 rounding."""
+    n, k = 33, 200
     w_codes = torch.randint(0, 2**w_bits, (n, k))
     bw = im.pack_bitplanes(w_codes, w_bits, torch.rand(n) + 0.5, torch.randint(0, 2**w_bits, (n,)).float())
     a_codes, a_scale, a_zero = im.quantize_rows_asym(torch.randn(m, k), a_bits)
     bw_dev = im.BitplaneWeight(bw.planes.to(DEVICE), *(t.to(DEVICE) for t in (bw.scale, bw.zero, bw.code_sum)), bw.bits, bw.n, bw.k, bw.run)
     a_dev = a_codes.to(DEVICE)
-    core = im.bitplane_int_matmul(a_dev, a_bits, bw_dev).cpu()
+    core = im.bitplane_int_matmul(a_dev, a_bits, bw_dev, a_digit).cpu()
     assert torch.equal(core.long(), a_codes.long() @ w_codes.t())  # the binary-plane sum is exact
-    out = im.bitplane_matmul(a_dev, a_bits, a_scale.to(DEVICE), a_zero.to(DEVICE), bw_dev, torch.float64).cpu()
+    out = im.bitplane_matmul(a_dev, a_bits, a_scale.to(DEVICE), a_zero.to(DEVICE), bw_dev, torch.float64, a_digit).cpu()
     assert rel_err(out, im.bitplane_reference(a_codes, a_scale, a_zero, w_codes, bw)) < 1e-9
+
+
+def test_bitplane_refuses_bad_digits_and_codes() -> None:
+    bw = im.pack_bitplanes(torch.randint(0, 4, (8, 64)), 2, torch.rand(8) + 0.5, torch.zeros(8))
+    bw = im.BitplaneWeight(bw.planes.to(DEVICE), *(t.to(DEVICE) for t in (bw.scale, bw.zero, bw.code_sum)), bw.bits, bw.n, bw.k, bw.run)
+    codes = torch.randint(0, 4, (2, 64), device=DEVICE, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="a_digit .* must be 1..7 .* got 8"):
+        im.bitplane_int_matmul(codes, 2, bw, a_digit=8)
+    with pytest.raises(ValueError, match="activation codes must lie in 0..1"):
+        im.bitplane_int_matmul(codes, 1, bw)
