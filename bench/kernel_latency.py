@@ -20,6 +20,7 @@ No hydra imports: this runs on the bare device machine.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -33,9 +34,11 @@ from bench.int_kinds import INT_KINDS, int_calls, int_error, int_paths, int_weig
 from bench.read_floor import read_calls
 from bench.timing import MODES, copies_for, copy_bandwidth_gbs, gpu_name, steady_us, time_side_by_side
 from qkernels import lowbit_matmul as lm
+from qkernels.act_linear import ActQuantLinear
 from qkernels.block_matmul import BLOCK_GEMV_MAX_M, BLOCK_PATHS, BlockWeight, pack_block_weight, pick_block_path
 from qkernels.pack import PackedWeight, pack_weight
 from qkernels.quant import PackedTensor
+from methods.common.formats import IntFormat
 from methods.common.microscaling import MxFormat, NvFormat
 
 SHAPES = [(8192, 8192), (4096, 4096), (16384, 16384), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192)]
@@ -132,6 +135,19 @@ def block_calls(x: torch.Tensor, bw: BlockWeight, path: str = "block") -> Callab
         copy = lambda: replace(bw, packed=PackedTensor(bw.packed.codes.clone(), bw.packed.scale.clone(), None, bw.packed.tensor_scale))  # noqa: E731
         weights = [bw] + [copy() for _ in range(copies_for(bw.nbytes()) - 1)]
         return [lambda b=b: matmul(x, b, out=out) for b in weights]
+
+    return make
+
+
+def act_calls(x: torch.Tensor, weight: torch.Tensor, weight_fmt: IntFormat, act_fmt: IntFormat) -> Callable[[], list]:
+    """An activation-quantized layer (:class:`~qkernels.act_linear.ActQuantLinear`: the activations quantized, then
+    its kernel) over rotating copies of the layer."""
+
+    def make() -> list:
+        first = ActQuantLinear(weight, weight_fmt, act_fmt)
+        nbytes = sum(buffer.numel() * buffer.element_size() for buffer in first.buffers())
+        layers = [first] + [copy.deepcopy(first) for _ in range(copies_for(nbytes) - 1)]
+        return [lambda layer=layer: layer.matmul(x, kernels=True) for layer in layers]
 
     return make
 

@@ -88,7 +88,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         quantize_peak = peak_memory(device)
 
         metrics, protocol, forward_s = {}, {}, 0.0
-        ctx = EvalContext(cache_dir=cache_dir, cell_key=key)
+        ctx = EvalContext(cache_dir=cache_dir, cell_key=key, spec=spec)
         with timed(timings, "eval"):
             for evaluator in evaluators.values():
                 result = evaluator(bundle, ctx)

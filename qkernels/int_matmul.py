@@ -58,11 +58,12 @@ def quantize_rows_asym(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
 
 @triton.jit
 def _int8_gemm_kernel(
-    a_ptr, b_ptr, sa_ptr, sb_ptr, y_ptr, partial_ptr, count_ptr, M, N, K, stride_am, stride_bn, stride_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    a_ptr, b_ptr, sa_ptr, sb_ptr, off_ptr, bsum_ptr, y_ptr, partial_ptr, count_ptr, M, N, K, stride_am, stride_bn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, OFFSET: tl.constexpr,
 ):
     """Program ``(m, n, k)``: an int32 ``[BLOCK_M, BLOCK_N]`` tile over one K split, scaled in fp32 (the splits'
-    scaled partials added up in split order as in :mod:`qkernels.lowbit_matmul`)."""
+    scaled partials added up in split order as in :mod:`qkernels.lowbit_matmul`); ``OFFSET``: plus the row offset
+    times the weight row's code sum (the first split only)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -79,20 +80,31 @@ def _int8_gemm_kernel(
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
     sb = tl.load(sb_ptr + offs_n, mask=mask_n, other=0.0)
-    y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    total = acc.to(tl.float32)
+    if OFFSET:
+        off = tl.load(off_ptr + offs_m, mask=mask_m, other=0.0)
+        b_sum = tl.load(bsum_ptr + offs_n, mask=mask_n, other=0.0)
+        total += tl.where(tl.program_id(2) == 0, off[:, None] * b_sum[None, :], 0.0)
+    y = total * sa[:, None] * sb[None, :]
     _store_transposed(y_ptr, tl.trans(y), offs_m, offs_n, mask_m, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
 
 
 @triton.jit
-def _scale_int32_kernel(acc_ptr, sa_ptr, sb_ptr, y_ptr, M, N, stride_am, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``y = acc * sa[:, None] * sb[None, :]`` in y's dtype: the epilogue of the cuBLAS path."""
+def _scale_int32_kernel(acc_ptr, sa_ptr, sb_ptr, off_ptr, bsum_ptr, y_ptr, M, N, stride_am, stride_ym, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, OFFSET: tl.constexpr):
+    """``y = (acc + off[:, None] * b_sum[None, :]) * sa[:, None] * sb[None, :]`` in y's dtype (``OFFSET``; else
+    without the offset term): the epilogue of the cuBLAS path."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     acc = tl.load(acc_ptr + offs_m[:, None] * stride_am + offs_n[None, :], mask=mask, other=0)
     sa = tl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0)
     sb = tl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)
-    y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    total = acc.to(tl.float32)
+    if OFFSET:
+        off = tl.load(off_ptr + offs_m, mask=offs_m < M, other=0.0)
+        total += off[:, None] * tl.load(bsum_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    y = total * sa[:, None] * sb[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -120,9 +132,12 @@ def int8_config(m: int, n: int, k: int, device: torch.device) -> dict:
 
 
 def int8_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                out_dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None, path: str = "auto") -> torch.Tensor:
-    """``(a [M, K] int8 * a_scale[:, None]) @ (b [N, K] int8 * b_scale[:, None])^T`` with int32 accumulation, on the
-    path :func:`int8_path` picks (or the one named: ``triton`` or ``cublas``)."""
+                out_dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None, path: str = "auto",
+                a_offset: torch.Tensor | None = None, b_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """``((a [M, K] int8 + a_offset[:, None]) * a_scale[:, None]) @ (b [N, K] int8 * b_scale[:, None])^T`` with int32
+    accumulation, on the path :func:`int8_path` picks (or the one named: ``triton`` or ``cublas``). The offset
+    (asymmetric activations: ``128 - zero`` for codes stored shifted by -128) is applied in the epilogue as
+    ``a_offset * b_sum``, ``b_sum`` the weight rows' code sums."""
     m, k = a.shape
     n = b.shape[0]
     if a.dtype != torch.int8 or b.dtype != torch.int8 or b.shape[1] != k:
@@ -131,17 +146,21 @@ def int8_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
         path = int8_path(m, k, n, a.device)
     if path not in INT8_PATHS:
         raise ValueError(f"path={path!r} is not valid; choose 'auto' or one of {list(INT8_PATHS)}")
+    if (a_offset is None) != (b_sum is None):
+        raise ValueError("a_offset and b_sum go together (the offset term is a_offset * b_sum)")
     y = out if out is not None else torch.empty((m, n), device=a.device, dtype=out_dtype)
     sa, sb = a_scale.float().contiguous(), b_scale.float().contiguous()
+    offset = a_offset is not None
+    off, b_sum = (a_offset.float().contiguous(), b_sum.float().contiguous()) if offset else (sa, sb)
     if path == "cublas":
         acc = torch._int_mm(a, b.t())
         grid = (triton.cdiv(m, 32), triton.cdiv(n, 128))
-        _scale_int32_kernel[grid](acc, sa, sb, y, m, n, acc.stride(0), y.stride(0), BLOCK_M=32, BLOCK_N=128)
+        _scale_int32_kernel[grid](acc, sa, sb, off, b_sum, y, m, n, acc.stride(0), y.stride(0), BLOCK_M=32, BLOCK_N=128, OFFSET=offset)
         return y
     config = int8_config(m, n, k, a.device)
     grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
-    _int8_gemm_kernel[grid](a, b, sa, sb, y, *split_buffers(y, grid, config["BLOCK_M"] * config["BLOCK_N"]), m, n, k,
-                            a.stride(0), b.stride(0), y.stride(0), **config)
+    _int8_gemm_kernel[grid](a, b, sa, sb, off, b_sum, y, *split_buffers(y, grid, config["BLOCK_M"] * config["BLOCK_N"]), m, n, k,
+                            a.stride(0), b.stride(0), y.stride(0), OFFSET=offset, **config)
     return y
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from qkernels.act_linear import ActQuantLinear
 from qkernels.block_matmul import BLOCK_PATHS, BlockWeight, dequantize_block, pack_block_weight, pick_block_path
 from qkernels.lowbit_matmul import lowbit_matmul
 from qkernels.pack import PackedWeight, concat_packed, dequantize_packed, layout_for_bits, pack_weight, slice_rows
@@ -288,9 +289,11 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def quantize_linear_layers(bundle: ModelBundle, fmt: IntFormat | MxFormat | NvFormat, path: str = "auto") -> dict[str, nn.Linear]:
+def quantize_linear_layers(bundle: ModelBundle, fmt: IntFormat | MxFormat | NvFormat, path: str = "auto",
+                           act_fmt: IntFormat | None = None) -> dict[str, nn.Linear]:
     """Swap every quantizable layer of ``bundle`` for a QuantLinear of its current weight (a BlockLinear for the
-    MX and NV formats); return the originals.
+    MX and NV formats; with ``act_fmt``, activations quantized too, an :class:`~qkernels.act_linear.ActQuantLinear`);
+    return the originals.
 
     On pristine weights this gives RTN's codes exactly. On weights a method already fake-quantized,
     min-max re-quantization finds the same grid except where rounding at a group's edge shifts it by
@@ -300,8 +303,13 @@ def quantize_linear_layers(bundle: ModelBundle, fmt: IntFormat | MxFormat | NvFo
         raise FormatError(f"quantized layers run the int, MX and NV formats; got {fmt.describe()}")
     originals = {}
     for name, layer in bundle.layers.items():
-        block = isinstance(fmt, (MxFormat, NvFormat))
-        replace_module(bundle.model, name, BlockLinear.from_linear(layer, fmt) if block else QuantLinear.from_linear(layer, fmt, path))
+        if act_fmt is not None:
+            swapped = ActQuantLinear.from_linear(layer, fmt, act_fmt)
+        elif isinstance(fmt, (MxFormat, NvFormat)):
+            swapped = BlockLinear.from_linear(layer, fmt)
+        else:
+            swapped = QuantLinear.from_linear(layer, fmt, path)
+        replace_module(bundle.model, name, swapped)
         originals[name] = layer
     return originals
 

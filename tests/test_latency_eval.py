@@ -19,6 +19,7 @@ from bench.metrics import EvalContext  # noqa: E402
 from bench.metrics.latency import Latency  # noqa: E402
 from bench.models import ModelBundle, find_blocks  # noqa: E402
 from methods.common.formats import IntFormat  # noqa: E402
+from methods.common.method import QuantSpec  # noqa: E402
 from methods.common.microscaling import MxFormat, NvFormat  # noqa: E402
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -73,7 +74,7 @@ def test_latency_measurement_flow_with_stubbed_gpu_timers(tmp_path: Path, monkey
     import bench.kernel_latency
     import bench.metrics.latency as latency
 
-    monkeypatch.setattr(Latency, "skip_reason", lambda self, bundle: None)
+    monkeypatch.setattr(Latency, "skip_reason", lambda self, bundle, act=None: None)
     monkeypatch.setattr(bench.kernel_latency, "copies_for", lambda nbytes: 2)
     monkeypatch.setattr(latency, "time_side_by_side", lambda makers, modes: {key: (make(), {mode: 2.0 for mode in modes})[1]
                                                                              for key, make in makers.items()})
@@ -111,6 +112,20 @@ def test_latency_measurement_flow_with_stubbed_gpu_timers(tmp_path: Path, monkey
     assert {(row["batch"], row["path"]) for row in result.protocol["latency"]["layer_shapes"]} == {(1, "block gemv"), (16, "block")}
     assert result.metrics["latency/decode_tokens_per_s"] > 0 and result.protocol["latency"]["format"] == MxFormat("e2m1").describe()
     assert not any(type(m).__name__ == "BlockLinear" for m in bundle.model.modules())
+
+    # a W8A8 cell (per-channel int8 weights, dynamic per-token int8 activations): the W8A8 kernel with its activation
+    # quantization timed, the decode with ActQuantLinear layers; a grouped-weight A8 cell: the weight-only kernels
+    w8 = IntFormat(bits=8, group_size="channel", symmetric=True)
+    spec = QuantSpec(weight=w8, act=IntFormat(bits=8, group_size="token"))
+    evaluator.format = w8
+    result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k", spec=spec))
+    assert {(row["batch"], row["path"]) for row in result.protocol["latency"]["layer_shapes"]} == {(1, "w8a8"), (16, "w8a8")}
+    assert result.protocol["latency"]["activations"] == "int8-asym-gtoken (w8a8 kernel)" and result.metrics["latency/decode_tokens_per_s"] > 0
+    assert not any(type(m).__name__ == "ActQuantLinear" for m in bundle.model.modules())
+    evaluator.format = IntFormat(bits=4, group_size=128)
+    result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k", spec=QuantSpec(weight=evaluator.format, act=spec.act)))
+    assert result.protocol["latency"]["activations"].startswith("fp16 in the timed kernels: activation-quantized kernels take 1..8-bit weights")
+    assert {row["path"] for row in result.protocol["latency"]["layer_shapes"]} == {"torch"}  # (the CPU's path for the packed weight)
 
 
 def test_decode_loops_and_token_counts_are_checked() -> None:
@@ -161,6 +176,23 @@ def test_latency_on_gpu_times_layers_and_decode(tmp_path: Path, block_format) ->
     assert "failed_loops" not in decode and result.metrics["latency/decode_compiled_tokens_per_s"] > 0
     assert result.protocol["latency"]["gpu"] != "none"
     assert not any(type(m).__name__ in ("QuantLinear", "BlockLinear") for m in bundle.model.modules())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (4, 4)], ids=["w8a8", "w4a4-bitplane"])
+def test_latency_on_gpu_runs_activation_quantized_cells(tmp_path: Path, w_bits: int, a_bits: int) -> None:
+    """Per-channel weights and per-token activations: the layers and the eager decode on the activation-quantized
+    kernels (the compiled loop may fail: ActQuantLinear is no custom operator; a failure is recorded, not raised)."""
+    bundle = tiny_bundle("cuda")
+    evaluator = composed_latency()
+    evaluator.modes, evaluator.decode_tokens = ("steady",), 4
+    evaluator.format = IntFormat(bits=w_bits, group_size="channel", symmetric=w_bits == 8)
+    spec = QuantSpec(weight=evaluator.format, act=IntFormat(bits=a_bits, group_size="token"))
+    result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k", spec=spec))
+    assert result.metrics["latency/layers_steady_us/b1"] > 0 and result.metrics["latency/decode_tokens_per_s"] > 0
+    assert result.protocol["latency"]["activations"].endswith("kernel)")
+    assert not any(type(m).__name__ == "ActQuantLinear" for m in bundle.model.modules())
 
 
 def test_kernel_latency_rejects_unknown_tune_paths(capsys: pytest.CaptureFixture) -> None:

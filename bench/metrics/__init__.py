@@ -8,14 +8,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from bench.models import ModelBundle
+    from methods.common.method import QuantSpec
 
 
 @dataclass
 class EvalContext:
-    """What an evaluator may need beyond the model: where caches live and which cell it measures."""
+    """What an evaluator may need beyond the model: where caches live, which cell it measures, and what the cell
+    quantized (its formats; None where a caller has none)."""
 
     cache_dir: Path
     cell_key: str
+    spec: QuantSpec | None = None
 
 
 @dataclass

@@ -3,8 +3,11 @@
 On a CUDA device: each distinct layer shape is packed once from the cell's (already quantized)
 weights and timed on the kernels next to cuBLAS fp16 at the same shape, in the modes of
 :mod:`bench.timing`; then every quantizable layer is swapped for a
-:class:`~qkernels.qlinear.QuantLinear` (MX and NV formats: a :class:`~qkernels.qlinear.BlockLinear`) and a
-short greedy decode is timed (tokens/s and peak memory)
+:class:`~qkernels.qlinear.QuantLinear` (MX and NV formats: a :class:`~qkernels.qlinear.BlockLinear`; cells that
+quantize activations dynamically per token, with per-channel int weights up to 8 bits: an
+:class:`~qkernels.act_linear.ActQuantLinear`, its activations quantized and multiplied by the W8A8 or bit-plane
+kernel, the record's ``activations`` says which; other activation-quantized cells time the weight-only kernels,
+and the record says so) and a short greedy decode is timed (tokens/s and peak memory)
 in each of ``decode_loops``: ``eager`` (Python between the kernels), ``compiled`` (a static KV cache, the
 step compiled by ``torch.compile`` and replayed as a CUDA graph), and with ``prefill_tokens`` one forward
 over a prompt that long (time to first token: the GEMM paths); the original layers are put back so later
@@ -23,7 +26,7 @@ import torch
 from bench.metrics import EvalContext, EvalResult
 from bench.models import ModelBundle
 from bench.timing import capture, gpu_name, time_side_by_side
-from methods.common.formats import Format, IntFormat
+from methods.common.formats import Format, FormatError, IntFormat
 from methods.common.microscaling import MxFormat, NvFormat
 
 MAX_KERNEL_BITS = 4
@@ -57,24 +60,46 @@ class Latency:
             raise ValueError(f"{bad}: decode_tokens and prompt_tokens take at least 1, prefill_tokens at least 0 (0: no prefill)")
 
     def __call__(self, bundle: ModelBundle, ctx: EvalContext) -> EvalResult:
-        reason = self.skip_reason(bundle)
+        act, activations = self.activation_kernel(ctx)
+        reason = self.skip_reason(bundle, act)
         if reason:
             return EvalResult({}, {"latency": {"skipped": reason, "device": str(bundle.device)}})
         start = time.perf_counter()
-        layers, per_shape = self.time_layers(bundle)
-        decode = self.time_decode(bundle)
+        layers, per_shape = self.time_layers(bundle, act)
+        decode = self.time_decode(bundle, act)
         protocol = {
             "gpu": gpu_name(), "modes": list(self.modes), "batches": list(self.batches), "format": self.format.describe(),
-            "layer_shapes": per_shape, "decode": decode, "baseline": "cuBLAS fp16 at the same shapes, same process",
+            "activations": activations, "layer_shapes": per_shape, "decode": decode,
+            "baseline": "cuBLAS fp16 at the same shapes, same process",
         }
         metrics = {f"latency/{k if k.startswith('prefill_') else 'decode_' + k}": v
                    for k, v in decode.items() if isinstance(v, float)}
         return EvalResult({**layers, **metrics}, {"latency": protocol}, time.perf_counter() - start)
 
-    def skip_reason(self, bundle: ModelBundle) -> str | None:
+    def activation_kernel(self, ctx: EvalContext) -> tuple[IntFormat | None, str]:
+        """The cell's activation format where an activation-quantized kernel runs it with the weights
+        (:func:`~qkernels.act_linear.act_kernel`: per-channel int weights and dynamic per-token int activations up to
+        8 bits), and what the record says about the activations: their format, or why the weight-only kernels (fp16
+        activations) are what is timed."""
+        from qkernels.act_linear import act_kernel
+
+        spec = ctx.spec
+        if spec is None or spec.act is None:
+            return None, "fp16 (the cell does not quantize activations)"
+        settings = spec.act_quant
+        if settings.static is not None or settings.clip_ratio != 1.0:
+            return None, (f"fp16 in the timed kernels: {spec.act.describe()} with static={settings.static}, clip_ratio="
+                          f"{settings.clip_ratio} has no kernel here (dynamic min-max only)")
+        try:
+            kernel = act_kernel(self.format, spec.act)
+        except FormatError as err:
+            return None, f"fp16 in the timed kernels: {err}"
+        return spec.act, f"{spec.act.describe()} ({kernel} kernel)"
+
+    def skip_reason(self, bundle: ModelBundle, act: IntFormat | None = None) -> str | None:
         if bundle.device.type != "cuda":
             return "no GPU"
-        if isinstance(self.format, (MxFormat, NvFormat)):
+        if act is not None or isinstance(self.format, (MxFormat, NvFormat)):
             return None
         if not isinstance(self.format, IntFormat) or self.format.bits > MAX_KERNEL_BITS:
             name = self.format.describe() if self.format is not None else "none"
@@ -82,9 +107,11 @@ class Latency:
         return None
 
     @torch.no_grad()
-    def time_layers(self, bundle: ModelBundle) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """Per distinct (in, out) shape: kernel and fp16 times; metrics sum them over all layers."""
-        from bench.kernel_latency import block_calls, fp16_calls, lowbit_calls
+    def time_layers(self, bundle: ModelBundle, act: IntFormat | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Per distinct (in, out) shape: kernel and fp16 times (with ``act``, the activation-quantized layer: its
+        activations quantized and multiplied); metrics sum them over all layers."""
+        from bench.kernel_latency import act_calls, block_calls, fp16_calls, lowbit_calls
+        from qkernels.act_linear import act_kernel
         from qkernels.block_matmul import pack_block_weight, pick_block_path
         from qkernels.lowbit_matmul import pick_path
         from qkernels.qlinear import pack_int_weight
@@ -101,10 +128,13 @@ class Latency:
         rows = []
         for (k, n), layer in first.items():
             weight = layer.weight.detach().float()
-            packed = pack_block_weight(weight, self.format) if block else pack_int_weight(weight, self.format)
+            if act is None:
+                packed = pack_block_weight(weight, self.format) if block else pack_int_weight(weight, self.format)
             for m in self.batches:
                 x = torch.randn(m, k, device=bundle.device, dtype=torch.float16)
-                if block:
+                if act is not None:
+                    path, calls = act_kernel(self.format, act), act_calls(x, weight, self.format, act)
+                elif block:
                     path = pick_block_path(m)
                     calls = block_calls(x, packed, path)
                 else:
@@ -122,7 +152,7 @@ class Latency:
         return totals, rows
 
     @torch.no_grad()
-    def time_decode(self, bundle: ModelBundle) -> dict[str, Any]:
+    def time_decode(self, bundle: ModelBundle, act: IntFormat | None = None) -> dict[str, Any]:
         """Greedy decode (batch 1) with the model as configured and with QuantLinear layers, in each of
         ``decode_loops``: ``tokens_per_s`` and ``tokens_per_s_unquantized`` for the eager loop, the same keys
         prefixed ``compiled_`` for the compiled one; with ``prefill_tokens``, ``prefill_ms`` and
@@ -155,7 +185,7 @@ class Latency:
             result["prefill_ms_unquantized"] = prefill_ms(bundle.model, long_prompt)
         for loop in self.decode_loops:
             run(loop, "_unquantized")
-        originals = quantize_linear_layers(bundle, self.format)
+        originals = quantize_linear_layers(bundle, self.format, act_fmt=act)
         try:
             torch.cuda.reset_peak_memory_stats(bundle.device)
             if long_prompt is not None:

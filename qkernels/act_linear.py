@@ -1,0 +1,147 @@
+"""``ActQuantLinear``: a linear layer with integer weights *and* integer activations, on the activation-quantized
+kernels of :mod:`qkernels.int_matmul` (W8A8 and ABQ-LLM's bit-plane WpAq).
+
+Built from a layer's weight, the cell's weight format (an :class:`~methods.common.formats.IntFormat` with one
+scale per output channel) and its activation format (an ``IntFormat`` with one scale per token, dynamic: scales
+from each call, min-max), so a swapped model computes what the fake-quant model computes. The kernel:
+
+* ``w8a8``: 8-bit symmetric weights and 8-bit activations: :func:`~qkernels.int_matmul.int8_matmul` (a Triton
+  kernel for a few rows, cuBLASLt's int8 GEMM above). Asymmetric activation codes are stored shifted by -128
+  (int8) and the offset ``128 - zero`` comes back in the epilogue with the weight rows' code sums.
+* ``bitplane``: any other pair of 1..8-bit weights and 1..8-bit activations: the weight's binary planes times the
+  activations' digits (:func:`~qkernels.int_matmul.bitplane_matmul`), zero points and scales in its epilogue.
+  Symmetric codes are shifted to unsigned ones with the zero point ``2^(bits - 1)`` (exact).
+
+On CUDA the activations are quantized by :func:`qkernels.quant.int_quantize` (2, 4 and 8 bits; other widths by the
+format's own torch code), then the kernel runs; elsewhere the layer computes the fake-quant product in fp32
+(the format's quantize and dequantize), the same numbers. Grouped weights and static or clipped activation
+ranges have no kernel here (:func:`act_kernel` names why).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qkernels import int_matmul as im
+from qkernels.pack import unpack_uint
+from qkernels.quant import PACKABLE_BITS, int_quantize
+from methods.common.formats import FormatError, IntFormat
+
+ACT_KERNELS = ("w8a8", "bitplane")
+
+
+def act_kernel(weight_fmt: object, act_fmt: object) -> str:
+    """The kernel for this pair of formats (:data:`ACT_KERNELS`), or a :class:`FormatError` that says why none fits."""
+    if not isinstance(weight_fmt, IntFormat) or not isinstance(act_fmt, IntFormat):
+        raise FormatError(f"activation-quantized kernels take int weights and int activations; got {_name(weight_fmt)} and {_name(act_fmt)}")
+    if weight_fmt.group_size != "channel" or weight_fmt.bits > 8 or weight_fmt.clip != "minmax":
+        raise FormatError(f"activation-quantized kernels take 1..8-bit weights with one min-max scale per output channel; got "
+                          f"{weight_fmt.describe()} (grouped weights keep the weight-only kernels)")
+    if act_fmt.group_size != "token" or act_fmt.bits > 8 or act_fmt.clip != "minmax":
+        raise FormatError(f"activation-quantized kernels take 1..8-bit activations with one min-max scale per token; got {act_fmt.describe()}")
+    return "w8a8" if weight_fmt.bits == 8 and weight_fmt.symmetric and act_fmt.bits == 8 else "bitplane"
+
+
+def _name(fmt: object) -> str:
+    return fmt.describe() if hasattr(fmt, "describe") else type(fmt).__name__
+
+
+@dataclass
+class TokenCodes:
+    """Activation codes of a ``[M, K]`` input, one scale and zero point per row (``zero`` None: symmetric)."""
+
+    codes: torch.Tensor  # [M, K], int32 or uint8: unsigned for asymmetric formats, two's complement values for symmetric
+    scale: torch.Tensor  # fp32 [M]
+    zero: torch.Tensor | None  # fp32 [M]
+
+
+def quantize_tokens(x2: torch.Tensor, fmt: IntFormat, kernel: bool | None = None) -> TokenCodes:
+    """``x2 [M, K]`` quantized per row with ``fmt`` (dynamic min-max): the Triton kernel (``kernel``; default: on CUDA)
+    for 2, 4 and 8 bits (codes unpacked to a byte each), else the format's own quantize; the same codes either way."""
+    if (x2.is_cuda if kernel is None else kernel) and fmt.bits in PACKABLE_BITS:
+        packed = int_quantize(x2, fmt)
+        per_byte = 8 // fmt.bits
+        shifts = torch.arange(per_byte, device=x2.device, dtype=torch.uint8) * fmt.bits
+        codes = ((packed.codes[:, :, None] >> shifts) & (2**fmt.bits - 1)).reshape(x2.shape[0], -1)
+        if fmt.symmetric:  # two's complement in bits -> signed values
+            codes = codes.to(torch.int32) - ((codes >> (fmt.bits - 1)).to(torch.int32) << fmt.bits)
+        zero = None if packed.zero is None else packed.zero.float().reshape(-1)
+        return TokenCodes(codes, packed.scale.float().reshape(-1), zero)
+    q = fmt.quantize(x2)
+    zero = None if q.zero is None else q.zero.reshape(-1)
+    return TokenCodes(q.codes.reshape(x2.shape), q.scale.float().reshape(-1), zero)
+
+
+class ActQuantLinear(nn.Module):
+    """``y = x @ W^T + b`` with W and x integer-quantized (see the module notes); the weight kept as codes."""
+
+    use_kernels: bool | None = None  # None: the kernels on CUDA, the fake-quant product elsewhere; True: the kernels anywhere
+
+    def __init__(self, weight: torch.Tensor, weight_fmt: IntFormat, act_fmt: IntFormat, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.kernel = act_kernel(weight_fmt, act_fmt)
+        self.weight_fmt, self.act_fmt = weight_fmt, act_fmt
+        self.out_features, self.in_features = weight.shape
+        q = weight_fmt.quantize(weight.detach().float())
+        codes = q.codes.reshape(weight.shape)
+        scale = q.scale.float().reshape(-1)
+        zero = q.zero.float().reshape(-1) if q.zero is not None else torch.zeros_like(scale)
+        if self.kernel == "w8a8":
+            self.register_buffer("codes", codes.to(torch.int8))
+            self.register_buffer("planes", None)
+        else:  # unsigned codes for the binary planes: symmetric ones shifted by 2^(bits - 1)
+            half = 2 ** (weight_fmt.bits - 1) if weight_fmt.symmetric else 0
+            bw = im.pack_bitplanes((codes + half).to(torch.int64), weight_fmt.bits, scale, zero + half)
+            self.register_buffer("codes", None)
+            self.register_buffer("planes", bw.planes)
+            self.run = bw.run
+            zero = zero + half
+            codes = codes + half
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.register_buffer("code_sum", codes.float().sum(dim=1))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight_fmt: IntFormat, act_fmt: IntFormat) -> ActQuantLinear:
+        return cls(linear.weight, weight_fmt, act_fmt, linear.bias)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """fp32 ``[out, in]``: the codes' values, what the fake-quant layer multiplies by."""
+        if self.kernel == "w8a8":
+            return self.codes.float() * self.scale[:, None]
+        planes = (unpack_uint(self.planes[i], 1, self.run)[:, : self.in_features].float() * 2.0**i for i in range(self.weight_fmt.bits))
+        return (sum(planes) - self.zero[:, None]) * self.scale[:, None]
+
+    def bitplane_weight(self) -> im.BitplaneWeight:
+        return im.BitplaneWeight(self.planes, self.scale, self.zero, self.code_sum, self.weight_fmt.bits, self.out_features,
+                                 self.in_features, self.run)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        y = self.matmul(x2, kernels=x2.is_cuda if self.use_kernels is None else self.use_kernels)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def matmul(self, x2: torch.Tensor, kernels: bool) -> torch.Tensor:
+        """``x2 [M, K]`` times the weight, both quantized: on the kernels (``kernels``; any device under the Triton
+        interpreter) or as the fake-quant product in fp32."""
+        if not kernels:
+            return self.act_fmt.fake_quant(x2.float()) @ self.dequantized_weight().t()
+        out_dtype = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+        tokens = quantize_tokens(x2, self.act_fmt, kernel=True)
+        if self.kernel == "w8a8":
+            if tokens.zero is None:
+                return im.int8_matmul(tokens.codes.to(torch.int8), tokens.scale, self.codes, self.scale, out_dtype)
+            shifted = (tokens.codes.to(torch.int32) - 128).to(torch.int8)
+            return im.int8_matmul(shifted, tokens.scale, self.codes, self.scale, out_dtype, a_offset=128 - tokens.zero, b_sum=self.code_sum)
+        half = 2 ** (self.act_fmt.bits - 1)
+        codes, zero = (tokens.codes, tokens.zero) if tokens.zero is not None else (tokens.codes + half, torch.full_like(tokens.scale, half))
+        return im.bitplane_matmul(codes.to(torch.uint8), self.act_fmt.bits, tokens.scale, zero, self.bitplane_weight(), out_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}, weights="
+                f"{self.weight_fmt.describe()}, activations={self.act_fmt.describe()}")

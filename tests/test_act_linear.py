@@ -1,0 +1,99 @@
+"""ActQuantLinear: integer weights and activations on the W8A8 and bit-plane kernels (Triton interpreter on CPU),
+against the fake-quant product; a swapped tiny model against the fake-quant model."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from qkernels.act_linear import ActQuantLinear, act_kernel, quantize_tokens  # noqa: E402
+from methods.common.formats import FormatError, IntFormat  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def weights(bits: int, symmetric: bool) -> IntFormat:
+    return IntFormat(bits=bits, group_size="channel", symmetric=symmetric)
+
+
+def tokens(bits: int, symmetric: bool) -> IntFormat:
+    return IntFormat(bits=bits, group_size="token", symmetric=symmetric)
+
+
+def test_the_kernel_for_each_pair_and_why_none_fits() -> None:
+    assert act_kernel(weights(8, True), tokens(8, False)) == "w8a8" and act_kernel(weights(8, True), tokens(8, True)) == "w8a8"
+    assert act_kernel(weights(8, False), tokens(8, False)) == "bitplane" and act_kernel(weights(4, False), tokens(4, False)) == "bitplane"
+    with pytest.raises(FormatError, match="one min-max scale per output channel; got int4-asym-g128"):
+        act_kernel(IntFormat(bits=4, group_size=128), tokens(8, True))
+    with pytest.raises(FormatError, match="1..8-bit activations with one min-max scale per token; got int16-asym-gtoken"):
+        act_kernel(weights(4, False), tokens(16, False))
+    with pytest.raises(FormatError, match="int weights and int activations"):
+        act_kernel(weights(4, False), None)
+
+
+@pytest.mark.parametrize("a_bits", [2, 4, 8, 6])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_token_codes_from_the_kernel_are_the_formats(a_bits: int, symmetric: bool) -> None:
+    """The Triton quantizer's codes (unpacked; symmetric ones as signed values), scales and zero points are the
+    format's own (6 bits: the format's code on both sides)."""
+    fmt = tokens(a_bits, symmetric)
+    x = (torch.randn(5, 96) * torch.logspace(-1, 1, 96)).to(DEVICE)
+    fast, plain = quantize_tokens(x, fmt, kernel=True), quantize_tokens(x, fmt, kernel=False)
+    assert torch.equal(fast.codes.long(), plain.codes.long()) and torch.equal(fast.scale, plain.scale)
+    assert (fast.zero is None) == symmetric and (symmetric or torch.equal(fast.zero, plain.zero))
+
+
+@pytest.mark.parametrize("w_bits,w_sym,a_bits,a_sym", [(8, True, 8, False), (8, True, 8, True), (4, False, 4, False), (2, True, 8, True),
+                                                        (3, False, 6, False), (8, False, 4, True)])
+@pytest.mark.parametrize("m", [3, 20])
+def test_kernels_give_the_fake_quant_product(w_bits: int, w_sym: bool, a_bits: int, a_sym: bool, m: int) -> None:
+    """Both kernels (W8A8 on its Triton and, from 17 rows, cuBLAS paths; bit-plane otherwise) against the fake-quant
+    product: the input quantized per token, the weight per channel, multiplied in fp32."""
+    torch.manual_seed(w_bits * 10 + a_bits)
+    linear = nn.Linear(136, 40).to(DEVICE)
+    wf, af = weights(w_bits, w_sym), tokens(a_bits, a_sym)
+    layer = ActQuantLinear.from_linear(linear, wf, af)
+    x = torch.randn(2, m, 136, device=DEVICE)
+    expected = af.fake_quant(x) @ wf.fake_quant(linear.weight.detach()).t() + linear.bias.detach()
+    assert torch.allclose(layer.dequantized_weight(), wf.fake_quant(linear.weight.detach()), atol=1e-6)
+    plain = layer.matmul(x.reshape(-1, 136), kernels=False) + linear.bias.detach()
+    fast = layer.matmul(x.reshape(-1, 136), kernels=True) + linear.bias.detach()
+    assert torch.allclose(plain.reshape(expected.shape), expected, atol=1e-5)
+    assert ((fast.reshape(expected.shape) - expected).norm() / expected.norm()).item() < 1e-5, layer.kernel
+    assert torch.allclose(layer(x), expected, atol=1e-4) and "kernel=" in repr(layer)
+
+
+def test_a_swapped_tiny_model_gives_the_fake_quant_models_logits() -> None:
+    """RTN-style W8A8 (8-bit symmetric per-channel weights, 8-bit asymmetric per-token activations) on a tiny Llama:
+    every linear layer swapped for an ActQuantLinear gives the logits of the model with fake-quantized weights and
+    fake-quantized layer inputs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    wf, af = weights(8, True), tokens(8, False)
+    fake = copy.deepcopy(model)
+    for block in fake.model.layers:
+        for linear in (m for m in block.modules() if isinstance(m, nn.Linear)):
+            linear.weight.data = wf.fake_quant(linear.weight.data)
+            linear.register_forward_pre_hook(lambda _m, args: (af.fake_quant(args[0]), *args[1:]))
+    for block in model.model.layers:
+        for name, linear in [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]:
+            parent, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, child, ActQuantLinear.from_linear(linear, wf, af))
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        expected = fake(ids).logits
+        assert torch.allclose(model(ids).logits, expected, atol=1e-4)
+        for layer in (m for m in model.modules() if isinstance(m, ActQuantLinear)):
+            layer.use_kernels = True  # the W8A8 kernel (the interpreter on a CPU)
+        assert torch.allclose(model(ids).logits, expected, atol=1e-3)
