@@ -8,14 +8,19 @@ from each call, min-max), so a swapped model computes what the fake-quant model 
 * ``w8a8``: 8-bit symmetric weights and 8-bit activations: :func:`~qkernels.int_matmul.int8_matmul` (a Triton
   kernel for a few rows, cuBLASLt's int8 GEMM above). Asymmetric activation codes are stored shifted by -128
   (int8) and the offset ``128 - zero`` comes back in the epilogue with the weight rows' code sums.
+* ``w4a8``: 4-bit grouped weights (packed ``uint4``, integer zero points) and 8-bit activations:
+  :func:`~qkernels.int_matmul.w4a8_matmul`, asymmetric activations by the same offset (times the dequantized weight
+  rows' sums).
 * ``bitplane``: any other pair of 1..8-bit weights and 1..8-bit activations: the weight's binary planes times the
   activations' digits (:func:`~qkernels.int_matmul.bitplane_matmul`), zero points and scales in its epilogue.
   Symmetric codes are shifted to unsigned ones with the zero point ``2^(bits - 1)`` (exact).
 
 On CUDA the activations are quantized by :func:`qkernels.quant.int_quantize` (2, 4 and 8 bits; other widths by the
 format's own torch code), then the kernel runs; elsewhere the layer computes the fake-quant product in fp32
-(the format's quantize and dequantize), the same numbers. Grouped weights and static or clipped activation
-ranges have no kernel here (:func:`act_kernel` names why).
+(the format's quantize and dequantize), the same numbers. Grouped weights other than 4-bit ones with 8-bit
+activations, and static or clipped activation ranges, have no kernel here (:func:`act_kernel` names why). There is
+no custom operator: ``torch.compile`` traces into the layer (the bit-plane kernel's range check reads a value back,
+so a compiled decode of bit-plane layers fails; eval=latency records that and times the eager loop).
 """
 
 from __future__ import annotations
@@ -26,22 +31,25 @@ import torch
 from torch import nn
 
 from qkernels import int_matmul as im
-from qkernels.pack import unpack_uint
+from qkernels.pack import dequantize_packed, unpack_uint
+from qkernels.qlinear import QuantLinear, pack_int_weight
 from qkernels.quant import PACKABLE_BITS, int_quantize
 from methods.common.formats import FormatError, IntFormat
 
-ACT_KERNELS = ("w8a8", "bitplane")
+ACT_KERNELS = ("w8a8", "w4a8", "bitplane")
 
 
 def act_kernel(weight_fmt: object, act_fmt: object) -> str:
     """The kernel for this pair of formats (:data:`ACT_KERNELS`), or a :class:`FormatError` that says why none fits."""
     if not isinstance(weight_fmt, IntFormat) or not isinstance(act_fmt, IntFormat):
         raise FormatError(f"activation-quantized kernels take int weights and int activations; got {_name(weight_fmt)} and {_name(act_fmt)}")
-    if weight_fmt.group_size != "channel" or weight_fmt.bits > 8 or weight_fmt.clip != "minmax":
-        raise FormatError(f"activation-quantized kernels take 1..8-bit weights with one min-max scale per output channel; got "
-                          f"{weight_fmt.describe()} (grouped weights keep the weight-only kernels)")
     if act_fmt.group_size != "token" or act_fmt.bits > 8 or act_fmt.clip != "minmax":
         raise FormatError(f"activation-quantized kernels take 1..8-bit activations with one min-max scale per token; got {act_fmt.describe()}")
+    if weight_fmt.clip == "minmax" and isinstance(weight_fmt.group_size, int) and weight_fmt.bits == 4 and act_fmt.bits == 8:
+        return "w4a8"
+    if weight_fmt.group_size != "channel" or weight_fmt.bits > 8 or weight_fmt.clip != "minmax":
+        raise FormatError(f"activation-quantized kernels take 1..8-bit weights with one min-max scale per output channel, or 4-bit "
+                          f"grouped ones with 8-bit activations; got {weight_fmt.describe()} with {act_fmt.describe()}")
     return "w8a8" if weight_fmt.bits == 8 and weight_fmt.symmetric and act_fmt.bits == 8 else "bitplane"
 
 
@@ -85,6 +93,12 @@ class ActQuantLinear(nn.Module):
         self.kernel = act_kernel(weight_fmt, act_fmt)
         self.weight_fmt, self.act_fmt = weight_fmt, act_fmt
         self.out_features, self.in_features = weight.shape
+        if self.kernel == "w4a8":  # the packed uint4 weight of a QuantLinear (its buffers move with the layer)
+            self.grouped = QuantLinear(pack_int_weight(weight.detach().float(), weight_fmt))
+            im.w4a8_sub_slots(self.grouped.packed)  # the weight fits the kernel (else a ValueError naming why)
+            self.register_buffer("code_sum", dequantize_packed(self.grouped.packed).sum(dim=1))  # the offset's weight sums
+            self.register_buffer("bias", None if bias is None else bias.detach().clone())
+            return
         q = weight_fmt.quantize(weight.detach().float())
         codes = q.codes.reshape(weight.shape)
         scale = q.scale.float().reshape(-1)
@@ -113,6 +127,8 @@ class ActQuantLinear(nn.Module):
         """fp32 ``[out, in]``: the codes' values, what the fake-quant layer multiplies by."""
         if self.kernel == "w8a8":
             return self.codes.float() * self.scale[:, None]
+        if self.kernel == "w4a8":
+            return dequantize_packed(self.grouped.packed)
         planes = (unpack_uint(self.planes[i], 1, self.run)[:, : self.in_features].float() * 2.0**i for i in range(self.weight_fmt.bits))
         return (sum(planes) - self.zero[:, None]) * self.scale[:, None]
 
@@ -133,11 +149,14 @@ class ActQuantLinear(nn.Module):
             return self.act_fmt.fake_quant(x2.float()) @ self.dequantized_weight().t()
         out_dtype = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
         tokens = quantize_tokens(x2, self.act_fmt, kernel=True)
-        if self.kernel == "w8a8":
+        if self.kernel in ("w8a8", "w4a8"):  # int8 activations; asymmetric codes shifted by -128, the offset in the epilogue
             if tokens.zero is None:
-                return im.int8_matmul(tokens.codes.to(torch.int8), tokens.scale, self.codes, self.scale, out_dtype)
-            shifted = (tokens.codes.to(torch.int32) - 128).to(torch.int8)
-            return im.int8_matmul(shifted, tokens.scale, self.codes, self.scale, out_dtype, a_offset=128 - tokens.zero, b_sum=self.code_sum)
+                a, offset, sums = tokens.codes.to(torch.int8), None, None
+            else:
+                a, offset, sums = (tokens.codes.to(torch.int32) - 128).to(torch.int8), 128 - tokens.zero, self.code_sum
+            if self.kernel == "w4a8":
+                return im.w4a8_matmul(a, tokens.scale, self.grouped.packed, out_dtype, a_offset=offset, w_sum=sums)
+            return im.int8_matmul(a, tokens.scale, self.codes, self.scale, out_dtype, a_offset=offset, b_sum=sums)
         half = 2 ** (self.act_fmt.bits - 1)
         codes, zero = (tokens.codes, tokens.zero) if tokens.zero is not None else (tokens.codes + half, torch.full_like(tokens.scale, half))
         return im.bitplane_matmul(codes.to(torch.uint8), self.act_fmt.bits, tokens.scale, zero, self.bitplane_weight(), out_dtype)

@@ -173,12 +173,13 @@ def int8_matmul_reference(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tenso
 
 @triton.jit
 def _w4a8_kernel(
-    a_ptr, sa_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr,
+    a_ptr, sa_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, off_ptr, wsum_ptr, y_ptr,
     M, N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_am, stride_wn, stride_ym,
     SLOTS: tl.constexpr, RUN: tl.constexpr, HAS_ZERO: tl.constexpr, SUB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET: tl.constexpr,
 ):
-    """``y^T = W a^T`` in int32 per step (one group), scaled per group into an fp32 accumulator."""
+    """``y^T = W a^T`` in int32 per step (one group), scaled per group into an fp32 accumulator; ``OFFSET``: plus
+    the activation row's offset times the dequantized weight row's sum."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     BLOCK_K: tl.constexpr = SUB * RUN
@@ -206,13 +207,16 @@ def _w4a8_kernel(
         a_t = tl.load(a_ptr + offs_m[None, :] * stride_am + k[:, None], mask=mask_m[None, :] & (k[:, None] < K), other=0)
         acc += tl.dot(w, a_t, out_dtype=tl.int32).to(tl.float32) * scale[:, None]
     sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
+    if OFFSET:
+        off = tl.load(off_ptr + offs_m, mask=mask_m, other=0.0)
+        acc += tl.load(wsum_ptr + offs_n, mask=mask_n, other=0.0)[:, None] * off[None, :]
     y = acc * sa[None, :]
     tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], y.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
 
-def w4a8_matmul(a: torch.Tensor, a_scale: torch.Tensor, pw: PackedWeight, out_dtype: torch.dtype = torch.float16,
-                block_n: int = 64, block_m: int = 32) -> torch.Tensor:
-    """int8 activations ``a [M, K]`` (scale per token) times a ``uint4`` packed weight with integer zeros."""
+def w4a8_sub_slots(pw: PackedWeight) -> int:
+    """Slots a W4A8 step takes (one group's K range, at least 16 codes); a ValueError naming why the weight does
+    not fit the kernel."""
     if pw.layout != "uint4":
         raise ValueError(f"w4a8 takes the uint4 layout, got {pw.layout}")
     sub = gemm_sub_slots(pw, min(128, pw.group_size))
@@ -220,15 +224,27 @@ def w4a8_matmul(a: torch.Tensor, a_scale: torch.Tensor, pw: PackedWeight, out_dt
         raise ValueError(f"w4a8 needs steps of >= 16 codes inside one group (run {pw.run}, group {pw.group_size})")
     if pw.zero_const != int(pw.zero_const):
         raise ValueError(f"w4a8 needs integer zero points, got {pw.zero_const}")
+    return sub
+
+
+def w4a8_matmul(a: torch.Tensor, a_scale: torch.Tensor, pw: PackedWeight, out_dtype: torch.dtype = torch.float16,
+                block_n: int = 64, block_m: int = 32, a_offset: torch.Tensor | None = None, w_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 activations ``a [M, K]`` (scale per token; plus ``a_offset`` per token, applied as ``a_offset`` times
+    ``w_sum``, the dequantized weight rows' sums) times a ``uint4`` packed weight with integer zeros."""
+    sub = w4a8_sub_slots(pw)
+    if (a_offset is None) != (w_sum is None):
+        raise ValueError("a_offset and w_sum go together (the offset term is a_offset * w_sum)")
     m = a.shape[0]
     y = torch.empty((m, pw.n), device=a.device, dtype=out_dtype)
     _, _, scale, zero = kernel_tensors(pw)
+    sa = a_scale.float().contiguous()
+    off, w_sum = (a_offset.float().contiguous(), w_sum.float().contiguous()) if a_offset is not None else (sa, sa)
     grid = (triton.cdiv(pw.n, block_n), triton.cdiv(m, block_m))
     _w4a8_kernel[grid](
-        a, a_scale.float().contiguous(), pw.words, pw.words, scale, zero, y,
+        a, sa, pw.words, pw.words, scale, zero, off, w_sum, y,
         m, pw.n, pw.k, pw.words.shape[1] // pw.run, pw.n_groups, *pw.scale.stride(), pw.group_size, int(pw.zero_const),
         a.stride(0), pw.words.stride(0), y.stride(0),
-        SLOTS=pw.slots, RUN=pw.run, HAS_ZERO=pw.zero is not None, SUB=sub, BLOCK_M=block_m, BLOCK_N=block_n,
+        SLOTS=pw.slots, RUN=pw.run, HAS_ZERO=pw.zero is not None, SUB=sub, BLOCK_M=block_m, BLOCK_N=block_n, OFFSET=a_offset is not None,
     )
     return y
 

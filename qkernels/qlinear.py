@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from qkernels.act_linear import ActQuantLinear
 from qkernels.block_matmul import BLOCK_PATHS, BlockWeight, dequantize_block, pack_block_weight, pick_block_path
 from qkernels.lowbit_matmul import lowbit_matmul
 from qkernels.pack import PackedWeight, concat_packed, dequantize_packed, layout_for_bits, pack_weight, slice_rows
@@ -301,6 +300,8 @@ def quantize_linear_layers(bundle: ModelBundle, fmt: IntFormat | MxFormat | NvFo
     """
     if not isinstance(fmt, (IntFormat, MxFormat, NvFormat)):
         raise FormatError(f"quantized layers run the int, MX and NV formats; got {fmt.describe()}")
+    from qkernels.act_linear import ActQuantLinear  # (it builds on QuantLinear)
+
     originals = {}
     for name, layer in bundle.layers.items():
         if act_fmt is not None:

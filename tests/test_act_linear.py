@@ -30,8 +30,11 @@ def tokens(bits: int, symmetric: bool) -> IntFormat:
 def test_the_kernel_for_each_pair_and_why_none_fits() -> None:
     assert act_kernel(weights(8, True), tokens(8, False)) == "w8a8" and act_kernel(weights(8, True), tokens(8, True)) == "w8a8"
     assert act_kernel(weights(8, False), tokens(8, False)) == "bitplane" and act_kernel(weights(4, False), tokens(4, False)) == "bitplane"
-    with pytest.raises(FormatError, match="one min-max scale per output channel; got int4-asym-g128"):
-        act_kernel(IntFormat(bits=4, group_size=128), tokens(8, True))
+    assert act_kernel(IntFormat(bits=4, group_size=128), tokens(8, True)) == "w4a8"
+    with pytest.raises(FormatError, match="one min-max scale per output channel, or 4-bit grouped ones with 8-bit activations; got int4-asym-g128"):
+        act_kernel(IntFormat(bits=4, group_size=128), tokens(4, False))
+    with pytest.raises(FormatError, match="got int2-asym-g64"):
+        act_kernel(IntFormat(bits=2, group_size=64), tokens(8, False))
     with pytest.raises(FormatError, match="1..8-bit activations with one min-max scale per token; got int16-asym-gtoken"):
         act_kernel(weights(4, False), tokens(16, False))
     with pytest.raises(FormatError, match="int weights and int activations"):
@@ -50,21 +53,24 @@ def test_token_codes_from_the_kernel_are_the_formats(a_bits: int, symmetric: boo
     assert (fast.zero is None) == symmetric and (symmetric or torch.equal(fast.zero, plain.zero))
 
 
-@pytest.mark.parametrize("w_bits,w_sym,a_bits,a_sym", [(8, True, 8, False), (8, True, 8, True), (4, False, 4, False), (2, True, 8, True),
-                                                        (3, False, 6, False), (8, False, 4, True)])
+@pytest.mark.parametrize("w_bits,w_sym,a_bits,a_sym,group", [(8, True, 8, False, None), (8, True, 8, True, None), (4, False, 4, False, None),
+                                                              (2, True, 8, True, None), (3, False, 6, False, None), (8, False, 4, True, None),
+                                                              (4, False, 8, False, 32), (4, True, 8, True, 64)])
 @pytest.mark.parametrize("m", [3, 20])
-def test_kernels_give_the_fake_quant_product(w_bits: int, w_sym: bool, a_bits: int, a_sym: bool, m: int) -> None:
-    """Both kernels (W8A8 on its Triton and, from 17 rows, cuBLAS paths; bit-plane otherwise) against the fake-quant
-    product: the input quantized per token, the weight per channel, multiplied in fp32."""
+def test_kernels_give_the_fake_quant_product(w_bits: int, w_sym: bool, a_bits: int, a_sym: bool, group: int | None, m: int) -> None:
+    """Every kernel (W8A8 on its Triton and, from 17 rows, cuBLAS paths; W4A8 for grouped 4-bit weights; bit-plane
+    otherwise) against the fake-quant product: the input quantized per token, the weight per channel or group,
+    multiplied in fp32."""
     torch.manual_seed(w_bits * 10 + a_bits)
-    linear = nn.Linear(136, 40).to(DEVICE)
-    wf, af = weights(w_bits, w_sym), tokens(a_bits, a_sym)
+    linear = nn.Linear(192, 40).to(DEVICE)
+    wf = weights(w_bits, w_sym) if group is None else IntFormat(bits=w_bits, group_size=group, symmetric=w_sym)
+    af = tokens(a_bits, a_sym)
     layer = ActQuantLinear.from_linear(linear, wf, af)
-    x = torch.randn(2, m, 136, device=DEVICE)
+    x = torch.randn(2, m, 192, device=DEVICE)
     expected = af.fake_quant(x) @ wf.fake_quant(linear.weight.detach()).t() + linear.bias.detach()
     assert torch.allclose(layer.dequantized_weight(), wf.fake_quant(linear.weight.detach()), atol=1e-6)
-    plain = layer.matmul(x.reshape(-1, 136), kernels=False) + linear.bias.detach()
-    fast = layer.matmul(x.reshape(-1, 136), kernels=True) + linear.bias.detach()
+    plain = layer.matmul(x.reshape(-1, 192), kernels=False) + linear.bias.detach()
+    fast = layer.matmul(x.reshape(-1, 192), kernels=True) + linear.bias.detach()
     assert torch.allclose(plain.reshape(expected.shape), expected, atol=1e-5)
     assert ((fast.reshape(expected.shape) - expected).norm() / expected.norm()).item() < 1e-5, layer.kernel
     assert torch.allclose(layer(x), expected, atol=1e-4) and "kernel=" in repr(layer)
