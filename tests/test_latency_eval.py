@@ -114,7 +114,7 @@ def test_latency_measurement_flow_with_stubbed_gpu_timers(tmp_path: Path, monkey
     assert not any(type(m).__name__ == "BlockLinear" for m in bundle.model.modules())
 
     # a W8A8 cell (per-channel int8 weights, dynamic per-token int8 activations): the W8A8 kernel with its activation
-    # quantization timed, the decode with ActQuantLinear layers; a grouped-weight A8 cell: the weight-only kernels
+    # quantization timed, the decode with ActQuantLinear layers; W4 g128 A8: the W4A8 kernel; W2 g128 A8: weight-only
     w8 = IntFormat(bits=8, group_size="channel", symmetric=True)
     spec = QuantSpec(weight=w8, act=IntFormat(bits=8, group_size="token"))
     evaluator.format = w8
@@ -122,7 +122,10 @@ def test_latency_measurement_flow_with_stubbed_gpu_timers(tmp_path: Path, monkey
     assert {(row["batch"], row["path"]) for row in result.protocol["latency"]["layer_shapes"]} == {(1, "w8a8"), (16, "w8a8")}
     assert result.protocol["latency"]["activations"] == "int8-asym-gtoken (w8a8 kernel)" and result.metrics["latency/decode_tokens_per_s"] > 0
     assert not any(type(m).__name__ == "ActQuantLinear" for m in bundle.model.modules())
-    evaluator.format = IntFormat(bits=4, group_size=128)
+    evaluator.format = IntFormat(bits=4, group_size=128)  # W4A8: its kernel
+    result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k", spec=QuantSpec(weight=evaluator.format, act=spec.act)))
+    assert {row["path"] for row in result.protocol["latency"]["layer_shapes"]} == {"w4a8"}
+    evaluator.format = IntFormat(bits=2, group_size=128)  # W2 g128 A8: no kernel, so the weight-only one, and the record says so
     result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k", spec=QuantSpec(weight=evaluator.format, act=spec.act)))
     assert result.protocol["latency"]["activations"].startswith("fp16 in the timed kernels: activation-quantized kernels take 1..8-bit weights")
     assert {row["path"] for row in result.protocol["latency"]["layer_shapes"]} == {"torch"}  # (the CPU's path for the packed weight)
