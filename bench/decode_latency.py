@@ -5,8 +5,10 @@
 Real checkpoints cannot reach the GPU machine, so the model is built here with random weights: the
 Llama block (RMSNorm, rotary q/k, grouped-query attention over a static KV cache, SwiGLU MLP) with
 ``nn.Linear`` layers for fp16, :class:`qkernels.qlinear.QuantLinear` layers holding random packed
-codes, or for the MX/NV kinds (``mxfp4``, ``nvfp4``, ...) :class:`qkernels.qlinear.BlockLinear` layers of
-random weights quantized to the format. Decoding one token is one CUDA graph replay (embedding, every block, norm, fp16 LM head, argmax
+codes, for the MX/NV kinds (``mxfp4``, ``nvfp4``, ...) :class:`qkernels.qlinear.BlockLinear` layers of
+random weights quantized to the format, and for the activation-quantized kinds (``w8a8``, ``w4a8g128``,
+``w4a4``) :class:`qkernels.act_linear.ActQuantLinear` layers (each token's activations quantized, then the
+W8A8, W4A8 or bit-plane kernel). Decoding one token is one CUDA graph replay (embedding, every block, norm, fp16 LM head, argmax
 feeding the next step), so the numbers show the matmuls rather than Python launch overhead; the
 eager loop is timed too. With ``--compile`` the step is also compiled by ``torch.compile`` (one graph:
 the QuantLinear and BlockLinear layers are the ``qkernels::lowbit_matmul`` and ``qkernels::block_matmul``
@@ -31,7 +33,9 @@ from torch import nn
 
 from bench.kernel_latency import BLOCK_KINDS, LOWBIT_KINDS, random_packed
 from bench.timing import capture, gpu_name
+from qkernels.act_linear import ActQuantLinear
 from qkernels.qlinear import BlockLinear, QuantLinear
+from methods.common.formats import IntFormat
 
 
 @dataclass(frozen=True)
@@ -55,14 +59,24 @@ ARCHS = {
     "tiny": Arch(256, 512, 2, 4, 2, 1000),
 }
 WEIGHT_STD = 0.02
+TOKENS8 = IntFormat(bits=8, group_size="token")  # dynamic per-token asymmetric activations, the harness's act_format=int_token
+ACT_KINDS = {  # integer weights and activations (qkernels.act_linear): W8A8, W4A8 on grouped weights, ABQ's bit-plane W4A4
+    "w8a8": (IntFormat(bits=8, group_size="channel", symmetric=True), TOKENS8),
+    "w4a8g128": (IntFormat(bits=4, group_size=128), TOKENS8),
+    "w4a4": (IntFormat(bits=4, group_size="channel"), IntFormat(bits=4, group_size="token")),
+}
+KINDS = ["fp16", *LOWBIT_KINDS, *BLOCK_KINDS, *ACT_KINDS]
 
 
 def make_linear(kind: str, k: int, n: int, device: str = "cuda") -> nn.Module:
-    """fp16 ``nn.Linear``, a QuantLinear of random codes whose weights have about WEIGHT_STD spread, or (the MX/NV
-    kinds of ``bench.kernel_latency``) a BlockLinear of a random fp16 weight quantized to that format."""
-    if kind in ("fp16", *BLOCK_KINDS):
+    """fp16 ``nn.Linear``, a QuantLinear of random codes whose weights have about WEIGHT_STD spread, or a random fp16
+    weight quantized to a format: a BlockLinear for the MX/NV kinds of ``bench.kernel_latency``, an ActQuantLinear
+    for :data:`ACT_KINDS`."""
+    if kind in ("fp16", *BLOCK_KINDS, *ACT_KINDS):
         layer = nn.Linear(k, n, bias=False, device=device, dtype=torch.float16)
         nn.init.normal_(layer.weight, std=WEIGHT_STD)
+        if kind in ACT_KINDS:
+            return ActQuantLinear.from_linear(layer, *ACT_KINDS[kind])
         return layer if kind == "fp16" else BlockLinear.from_linear(layer, BLOCK_KINDS[kind])
     spec = LOWBIT_KINDS[kind]
     code_std = (spec.top_code + 1) / math.sqrt(12)
@@ -105,7 +119,7 @@ class Block(nn.Module):
     def fuse_projections(self) -> None:
         """q, k, v as one layer and gate, up as one (as serving engines run them): 4 matmuls a block instead of 7."""
         def fused(layers: list[nn.Module]) -> nn.Module:
-            if isinstance(layers[0], (QuantLinear, BlockLinear)):
+            if isinstance(layers[0], (QuantLinear, BlockLinear, ActQuantLinear)):
                 return type(layers[0]).concat(layers)
             merged = nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers), bias=False,
                                device=layers[0].weight.device, dtype=layers[0].weight.dtype)
@@ -233,8 +247,14 @@ def measure(arch: Arch, kind: str, tokens: int, compile: bool = False, fuse: boo
         step = torch.compile(model.step, fullgraph=True)
         start = time.perf_counter()
         model.reset()
-        for _ in range(3):
-            step()
+        try:
+            for _ in range(3):
+                step()
+        except Exception as err:  # noqa: BLE001 (ActQuantLinear is no custom operator: Dynamo may not trace it; recorded)
+            out["compile_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            print(f"{kind}: torch.compile failed ({out['compile_error']}); its compiled columns are left empty", file=sys.stderr)
+            compile = False
+    if compile:
         torch.cuda.synchronize()
         out["compile_s"] = time.perf_counter() - start
         compiled_graph = capture(step)
@@ -268,7 +288,9 @@ def markdown(rows: list[dict]) -> str:
         label = r["kind"] + (" fused" if r.get("fused") else "")
         line = (f"| {label} | {r['tokens_per_s_graph']:.1f} | {r['ms_per_token_graph']:.2f} | {ratio(r, 'tokens_per_s_graph')} | "
                 f"{r['tokens_per_s_eager']:.1f} |")
-        if compiled:
+        if compiled and "tokens_per_s_compiled" not in r:  # this kind did not compile (its row says why in compile_error)
+            line += " - | - | - | - | - | - |"
+        elif compiled:
             line += (f" {r['tokens_per_s_compiled']:.1f} | {r['ms_per_token_compiled']:.2f} | {ratio(r, 'tokens_per_s_compiled')} | "
                      f"{r['compile_s']:.0f} | {r['compiled_logits_rel_diff']:.1e} | {r['compiled_argmax_agree']} |")
         lines.append(line + f" {r['weight_gb']:.2f} | {r['peak_gb']:.2f} |")
@@ -291,9 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
-    unknown = [k for k in kinds if k != "fp16" and k not in LOWBIT_KINDS and k not in BLOCK_KINDS]
+    unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
-        parser.error(f"--kinds {unknown or 'none given'}; choose from {['fp16', *LOWBIT_KINDS, *BLOCK_KINDS]}")
+        parser.error(f"--kinds {unknown or 'none given'}; choose from {KINDS}")
     if args.tokens < 1:
         parser.error(f"--tokens {args.tokens}; give at least 1")
     if not torch.cuda.is_available():

@@ -25,6 +25,7 @@ so a compiled decode of bit-plane layers fails; eval=latency records that and ti
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ from torch import nn
 
 from qkernels import int_matmul as im
 from qkernels.pack import dequantize_packed, unpack_uint
-from qkernels.qlinear import QuantLinear, pack_int_weight
+from qkernels.qlinear import QuantLinear, concat_biases, pack_int_weight
 from qkernels.quant import PACKABLE_BITS, int_quantize
 from methods.common.formats import FormatError, IntFormat
 
@@ -122,6 +123,25 @@ class ActQuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_fmt: IntFormat, act_fmt: IntFormat) -> ActQuantLinear:
         return cls(linear.weight, weight_fmt, act_fmt, linear.bias)
+
+    @classmethod
+    def concat(cls, layers: list[ActQuantLinear]) -> ActQuantLinear:
+        """One layer for several that read the same input (outputs side by side): their weights' rows (and groups)
+        are quantized independently, so codes, planes, scales and sums stack as they are."""
+        first = layers[0]
+        fields = lambda layer: (layer.kernel, layer.weight_fmt, layer.act_fmt, layer.in_features)  # noqa: E731
+        if different := [i for i, layer in enumerate(layers) if fields(layer) != fields(first)]:
+            raise ValueError(f"ActQuantLinear.concat needs one (kernel, formats, K); layer 0 has {fields(first)}, layer {different[0]} has "
+                             f"{fields(layers[different[0]])}")
+        merged = copy.deepcopy(first)
+        merged.out_features = sum(layer.out_features for layer in layers)
+        for name, buffer in first.named_buffers(recurse=False):
+            if buffer is not None and name != "bias":
+                setattr(merged, name, torch.cat([getattr(layer, name) for layer in layers], dim=1 if name == "planes" else 0))
+        if first.kernel == "w4a8":
+            merged.grouped = QuantLinear.concat([layer.grouped for layer in layers])
+        merged.bias = concat_biases(layers)
+        return merged
 
     def dequantized_weight(self) -> torch.Tensor:
         """fp32 ``[out, in]``: the codes' values, what the fake-quant layer multiplies by."""

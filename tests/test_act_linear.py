@@ -103,3 +103,22 @@ def test_a_swapped_tiny_model_gives_the_fake_quant_models_logits() -> None:
         for layer in (m for m in model.modules() if isinstance(m, ActQuantLinear)):
             layer.use_kernels = True  # the W8A8 kernel (the interpreter on a CPU)
         assert torch.allclose(model(ids).logits, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("w_bits,group,a_bits", [(8, None, 8), (4, 64, 8), (3, None, 4)], ids=["w8a8", "w4a8", "bitplane"])
+def test_concat_gives_the_layers_outputs_side_by_side(w_bits: int, group: int | None, a_bits: int) -> None:
+    """Fused projections (q/k/v): the kernels' outputs of the concatenated layer are the layers' outputs, biases too;
+    layers of other formats are refused."""
+    torch.manual_seed(3)
+    wf = IntFormat(bits=w_bits, group_size=group or "channel", symmetric=w_bits == 8)
+    af = tokens(a_bits, False)
+    layers = [ActQuantLinear.from_linear(nn.Linear(128, n, bias=n != 24).to(DEVICE), wf, af) for n in (40, 24, 24)]
+    fused = ActQuantLinear.concat(layers)
+    x = torch.randn(5, 128, device=DEVICE)
+    fused.use_kernels = True
+    for layer in layers:
+        layer.use_kernels = True
+    assert fused.out_features == 88 and torch.allclose(fused(x), torch.cat([layer(x) for layer in layers], dim=-1), atol=1e-5)
+    other = ActQuantLinear.from_linear(nn.Linear(128, 8).to(DEVICE), wf, tokens(a_bits, True))
+    with pytest.raises(ValueError, match="one \\(kernel, formats, K\\); layer 0 has"):
+        ActQuantLinear.concat([layers[0], other])

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from bench.decode_latency import Arch, Block, Decoder, compare_steps, markdown
+from qkernels.act_linear import ActQuantLinear
 from qkernels.qlinear import BlockLinear, QuantLinear
 
 ARCH = Arch(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=100)
@@ -22,7 +23,7 @@ def decode(model: Decoder, step, tokens: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("kind,layer_type", [("w2g128", QuantLinear), ("mxfp4", BlockLinear)])
+@pytest.mark.parametrize("kind,layer_type", [("w2g128", QuantLinear), ("mxfp4", BlockLinear), ("w8a8", ActQuantLinear)])
 @pytest.mark.parametrize("fuse", [False, True])
 def test_compiled_decode_step_is_one_graph_and_decodes_the_same_tokens(kind: str, layer_type: type, fuse: bool) -> None:
     """Packed low-bit and MX layers (the qkernels::lowbit_matmul and qkernels::block_matmul operators): one graph,
@@ -76,7 +77,7 @@ def test_markdown_puts_the_compiled_columns_beside_the_graph_ones() -> None:
     assert both[5].startswith("| w4g128 fused | 300.0 | 6.67 | 1.50 |")
 
 
-@pytest.mark.parametrize("kind", ["fp16", "w4g128", "ternary2"])
+@pytest.mark.parametrize("kind", ["fp16", "w4g128", "ternary2", "w8a8", "w4a8g128", "w4a4"])
 def test_fused_projections_give_the_separate_layers_outputs(kind: str) -> None:
     torch.manual_seed(0)
     block = Block(ARCH, kind, max_len=8, device="cpu")
@@ -89,7 +90,7 @@ def test_fused_projections_give_the_separate_layers_outputs(kind: str) -> None:
         cache = block.k_cache.clone()
         block.fuse_projections()
         fused = block(x, pos, cos, sin, visible)
-    assert not hasattr(block, "q_proj") and sum(1 for m in block.modules() if isinstance(m, (nn.Linear, QuantLinear))) == 4
+    assert not hasattr(block, "q_proj") and sum(1 for m in block.children() if isinstance(m, (nn.Linear, QuantLinear, ActQuantLinear))) == 4
     assert torch.allclose(fused.float(), separate.float(), atol=1e-3) and torch.allclose(block.k_cache, cache, atol=1e-3)
 
 
