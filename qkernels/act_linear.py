@@ -94,31 +94,36 @@ class ActQuantLinear(nn.Module):
         self.kernel = act_kernel(weight_fmt, act_fmt)
         self.weight_fmt, self.act_fmt = weight_fmt, act_fmt
         self.out_features, self.in_features = weight.shape
-        if self.kernel == "w4a8":  # the packed uint4 weight of a QuantLinear (its buffers move with the layer)
-            self.grouped = QuantLinear(pack_int_weight(weight.detach().float(), weight_fmt))
-            im.w4a8_sub_slots(self.grouped.packed)  # the weight fits the kernel (else a ValueError naming why)
-            self.register_buffer("code_sum", dequantize_packed(self.grouped.packed).sum(dim=1))  # the offset's weight sums
-            self.register_buffer("bias", None if bias is None else bias.detach().clone())
-            return
-        q = weight_fmt.quantize(weight.detach().float())
-        codes = q.codes.reshape(weight.shape)
+        if self.kernel == "w4a8":
+            self._keep_grouped(weight.detach().float())
+        else:
+            self._keep_per_channel(weight.detach().float())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def _keep_grouped(self, weight: torch.Tensor) -> None:
+        """W4A8: the packed ``uint4`` weight of a QuantLinear (its buffers move with the layer), and the dequantized
+        rows' sums (the asymmetric activations' offset term)."""
+        self.grouped = QuantLinear(pack_int_weight(weight, self.weight_fmt))
+        im.w4a8_sub_slots(self.grouped.packed)  # the weight fits the kernel (else a ValueError naming why)
+        self.register_buffer("code_sum", dequantize_packed(self.grouped.packed).sum(dim=1))
+
+    def _keep_per_channel(self, weight: torch.Tensor) -> None:
+        """W8A8: the int8 codes; bit-plane: the binary planes of unsigned codes (symmetric ones shifted by
+        ``2^(bits - 1)``, their zero point with them). Both: fp32 scales, zero points and code sums per row."""
+        q = self.weight_fmt.quantize(weight)
         scale = q.scale.float().reshape(-1)
-        zero = q.zero.float().reshape(-1) if q.zero is not None else torch.zeros_like(scale)
-        if self.kernel == "w8a8":
+        half = 2 ** (self.weight_fmt.bits - 1) if self.kernel == "bitplane" and self.weight_fmt.symmetric else 0
+        codes = q.codes.reshape(weight.shape) + half
+        zero = (q.zero.float().reshape(-1) if q.zero is not None else torch.zeros_like(scale)) + half
+        if self.kernel == "w8a8":  # symmetric weights: int8 as they are
             self.register_buffer("codes", codes.to(torch.int8))
-            self.register_buffer("planes", None)
-        else:  # unsigned codes for the binary planes: symmetric ones shifted by 2^(bits - 1)
-            half = 2 ** (weight_fmt.bits - 1) if weight_fmt.symmetric else 0
-            bw = im.pack_bitplanes((codes + half).to(torch.int64), weight_fmt.bits, scale, zero + half)
-            self.register_buffer("codes", None)
+        else:
+            bw = im.pack_bitplanes(codes.to(torch.int64), self.weight_fmt.bits, scale, zero)
             self.register_buffer("planes", bw.planes)
             self.run = bw.run
-            zero = zero + half
-            codes = codes + half
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
         self.register_buffer("code_sum", codes.float().sum(dim=1))
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_fmt: IntFormat, act_fmt: IntFormat) -> ActQuantLinear:
@@ -136,7 +141,7 @@ class ActQuantLinear(nn.Module):
         merged = copy.deepcopy(first)
         merged.out_features = sum(layer.out_features for layer in layers)
         for name, buffer in first.named_buffers(recurse=False):
-            if buffer is not None and name != "bias":
+            if name != "bias":
                 setattr(merged, name, torch.cat([getattr(layer, name) for layer in layers], dim=1 if name == "planes" else 0))
         if first.kernel == "w4a8":
             merged.grouped = QuantLinear.concat([layer.grouped for layer in layers])

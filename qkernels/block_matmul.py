@@ -125,7 +125,7 @@ def dequantize_block(bw: BlockWeight, dtype: torch.dtype = torch.float32) -> tor
     return (values[:, : bw.k] * bw.tensor_scale).to(dtype)
 
 
-def element_decode(fmt: BlockFormat) -> dict:
+def element_decode(fmt: BlockFormat) -> tuple[dict, float]:
     """How the kernels turn element codes into values (constexprs), two codes 16 bits apart at a time (a word's
     elements ``p`` and ``p + per_word / 2``). ``fp`` puts the code's exponent and mantissa bits into an fp16 bit
     pattern (``2**(bias - 15)`` times the value, exactly: the element's exponent field fits fp16's); ``int`` reads
