@@ -77,12 +77,13 @@ def quantize_activations(kind: IntKind, x: torch.Tensor) -> tuple:
 
 
 def int_paths(kind: IntKind, m: int, k: int, n: int) -> list[str]:
-    """The table's paths for a kind: W8A8's dispatcher path first, then its other one (``int triton`` / ``int
-    cublas``); one Triton kernel (``int``) for the others."""
+    """The table's paths for a kind: W8A8's dispatcher path first, then from 17 rows (cuBLAS's int8 GEMM asked for
+    more than 16 in older releases) the other one (``int triton`` / ``int cublas``); one Triton kernel (``int``)
+    for the others."""
     if kind.bitplane or kind.w_bits != 8:
         return ["int"]
-    auto = "int " + im.int8_path(m, k, n, torch.device("cuda"))
-    return [auto] + [f"int {path}" for path in im.INT8_PATHS if f"int {path}" != auto]
+    auto = im.int8_path(m, k, n, torch.device("cuda"))
+    return [f"int {auto}"] + (["int triton"] if auto == "cublas" else [])
 
 
 def int_matmul(w: IntWeight, acts: tuple, path: str = "int") -> torch.Tensor:

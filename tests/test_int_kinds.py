@@ -30,7 +30,7 @@ def test_w8a8_is_timed_on_both_paths_and_matches_on_each() -> None:
     torch.manual_seed(1)
     w = int_weight(INT_KINDS["w8a8"], 40, 256, device=DEVICE)
     x = torch.randn(20, 256, device=DEVICE, dtype=torch.float16)
-    assert int_paths(w.kind, 20, 256, 40) == ["int cublas", "int triton"] and int_paths(w.kind, 4, 256, 40) == ["int triton", "int cublas"]
+    assert int_paths(w.kind, 20, 256, 40) == ["int cublas", "int triton"] and int_paths(w.kind, 4, 256, 40) == ["int triton"]
     assert int_paths(INT_KINDS["w4a8"], 20, 256, 40) == ["int"]
     assert all(int_error(x, w, path) < 2e-3 for path in int_paths(w.kind, 20, 256, 40))
 
