@@ -250,7 +250,7 @@ def measure(arch: Arch, kind: str, tokens: int, compile: bool = False, fuse: boo
         try:
             for _ in range(3):
                 step()
-        except Exception as err:  # noqa: BLE001 (ActQuantLinear is no custom operator: Dynamo may not trace it; recorded)
+        except Exception as err:  # noqa: BLE001 (a kind whose layers Dynamo cannot trace: recorded, the other kinds still run)
             out["compile_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             print(f"{kind}: torch.compile failed ({out['compile_error']}); its compiled columns are left empty", file=sys.stderr)
             compile = False

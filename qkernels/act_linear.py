@@ -18,9 +18,10 @@ from each call, min-max), so a swapped model computes what the fake-quant model 
 On CUDA the activations are quantized by :func:`qkernels.quant.int_quantize` (2, 4 and 8 bits; other widths by the
 format's own torch code), then the kernel runs; elsewhere the layer computes the fake-quant product in fp32
 (the format's quantize and dequantize), the same numbers. Grouped weights other than 4-bit ones with 8-bit
-activations, and static or clipped activation ranges, have no kernel here (:func:`act_kernel` names why). There is
-no custom operator: ``torch.compile`` traces into the layer (the bit-plane kernel's range check reads a value back,
-so a compiled decode of bit-plane layers fails; eval=latency records that and times the eager loop).
+activations, and static or clipped activation ranges, have no kernel here (:func:`act_kernel` names why). Under
+``torch.compile`` the layer is the custom operator ``torch.ops.qkernels.act_quant_matmul`` (the weight's tensors
+and fields spelled out), so a model of these layers compiles in one graph; the operator has no backward (the
+kernels are for inference; on a CPU the eager layer's fake-quant product has gradients).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from qkernels import int_matmul as im
-from qkernels.pack import dequantize_packed, unpack_uint
+from qkernels.pack import PackedWeight, dequantize_packed, unpack_uint
 from qkernels.qlinear import QuantLinear, concat_biases, pack_int_weight
 from qkernels.quant import PACKABLE_BITS, int_quantize
 from methods.common.formats import FormatError, IntFormat
@@ -148,44 +149,125 @@ class ActQuantLinear(nn.Module):
         merged.bias = concat_biases(layers)
         return merged
 
+    @property
+    def state(self) -> ActWeight:
+        """What the kernels read of this layer (:class:`ActWeight`), over its buffers."""
+        packed = self.grouped.packed if self.kernel == "w4a8" else None
+        tensors = {name: getattr(self, name, None) for name in ("codes", "planes", "scale", "zero")}
+        return ActWeight(self.kernel, self.act_fmt, self.out_features, self.in_features, self.weight_fmt.bits, self.code_sum,
+                         run=getattr(self, "run", 0), packed=packed, **tensors)
+
     def dequantized_weight(self) -> torch.Tensor:
         """fp32 ``[out, in]``: the codes' values, what the fake-quant layer multiplies by."""
-        if self.kernel == "w8a8":
-            return self.codes.float() * self.scale[:, None]
-        if self.kernel == "w4a8":
-            return dequantize_packed(self.grouped.packed)
-        planes = (unpack_uint(self.planes[i], 1, self.run)[:, : self.in_features].float() * 2.0**i for i in range(self.weight_fmt.bits))
-        return (sum(planes) - self.zero[:, None]) * self.scale[:, None]
-
-    def bitplane_weight(self) -> im.BitplaneWeight:
-        return im.BitplaneWeight(self.planes, self.scale, self.zero, self.code_sum, self.weight_fmt.bits, self.out_features,
-                                 self.in_features, self.run)
+        return self.state.dequantized()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        y = self.matmul(x2, kernels=x2.is_cuda if self.use_kernels is None else self.use_kernels)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if torch.compiler.is_compiling():
+            y = act_quant_matmul_op(x, *op_tensors(self.state), *op_fields(self.state))
+        else:
+            x2 = x.reshape(-1, self.in_features)
+            y = self.matmul(x2, kernels=x2.is_cuda if self.use_kernels is None else self.use_kernels)
+            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def matmul(self, x2: torch.Tensor, kernels: bool) -> torch.Tensor:
         """``x2 [M, K]`` times the weight, both quantized: on the kernels (``kernels``; any device under the Triton
         interpreter) or as the fake-quant product in fp32."""
-        if not kernels:
-            return self.act_fmt.fake_quant(x2.float()) @ self.dequantized_weight().t()
-        out_dtype = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-        tokens = quantize_tokens(x2, self.act_fmt, kernel=True)
-        if self.kernel in ("w8a8", "w4a8"):  # int8 activations; asymmetric codes shifted by -128, the offset in the epilogue
-            if tokens.zero is None:
-                a, offset, sums = tokens.codes.to(torch.int8), None, None
-            else:
-                a, offset, sums = (tokens.codes.to(torch.int32) - 128).to(torch.int8), 128 - tokens.zero, self.code_sum
-            if self.kernel == "w4a8":
-                return im.w4a8_matmul(a, tokens.scale, self.grouped.packed, out_dtype, a_offset=offset, w_sum=sums)
-            return im.int8_matmul(a, tokens.scale, self.codes, self.scale, out_dtype, a_offset=offset, b_sum=sums)
-        half = 2 ** (self.act_fmt.bits - 1)
-        codes, zero = (tokens.codes, tokens.zero) if tokens.zero is not None else (tokens.codes + half, torch.full_like(tokens.scale, half))
-        return im.bitplane_matmul(codes.to(torch.uint8), self.act_fmt.bits, tokens.scale, zero, self.bitplane_weight(), out_dtype)
+        return act_matmul(x2, self.state, kernels)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}, weights="
                 f"{self.weight_fmt.describe()}, activations={self.act_fmt.describe()}")
+
+
+@dataclass
+class ActWeight:
+    """What the kernels read of an :class:`ActQuantLinear`: its kernel, the activations' format, the weight's sizes
+    and tensors (W8A8: int8 ``codes``; bit-plane: ``planes`` of ``run``; both: per-row ``scale``, ``zero``; W4A8:
+    the ``packed`` uint4 weight) and the rows' ``code_sum`` (the offset terms)."""
+
+    kernel: str
+    act_fmt: IntFormat
+    n: int
+    k: int
+    w_bits: int
+    code_sum: torch.Tensor
+    codes: torch.Tensor | None = None
+    planes: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    run: int = 0
+    packed: PackedWeight | None = None
+
+    def dequantized(self) -> torch.Tensor:
+        """fp32 ``[n, k]``: the codes' values."""
+        if self.kernel == "w8a8":
+            return self.codes.float() * self.scale[:, None]
+        if self.kernel == "w4a8":
+            return dequantize_packed(self.packed)
+        planes = (unpack_uint(self.planes[i], 1, self.run)[:, : self.k].float() * 2.0**i for i in range(self.w_bits))
+        return (sum(planes) - self.zero[:, None]) * self.scale[:, None]
+
+    def bitplanes(self) -> im.BitplaneWeight:
+        return im.BitplaneWeight(self.planes, self.scale, self.zero, self.code_sum, self.w_bits, self.n, self.k, self.run)
+
+
+def act_matmul(x2: torch.Tensor, aw: ActWeight, kernels: bool) -> torch.Tensor:
+    """``x2 [M, K]`` times the weight, both quantized: the activations quantized per token, then the layer's kernel
+    (``kernels``; any device under the Triton interpreter), or the fake-quant product in fp32."""
+    if not kernels:
+        return aw.act_fmt.fake_quant(x2.float()) @ aw.dequantized().t()
+    out_dtype = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    tokens = quantize_tokens(x2, aw.act_fmt, kernel=True)
+    if aw.kernel in ("w8a8", "w4a8"):  # int8 activations; asymmetric codes shifted by -128, the offset in the epilogue
+        if tokens.zero is None:
+            a, offset, sums = tokens.codes.to(torch.int8), None, None
+        else:
+            a, offset, sums = (tokens.codes.to(torch.int32) - 128).to(torch.int8), 128 - tokens.zero, aw.code_sum
+        if aw.kernel == "w4a8":
+            return im.w4a8_matmul(a, tokens.scale, aw.packed, out_dtype, a_offset=offset, w_sum=sums)
+        return im.int8_matmul(a, tokens.scale, aw.codes, aw.scale, out_dtype, a_offset=offset, b_sum=sums)
+    half = 2 ** (aw.act_fmt.bits - 1)
+    codes, zero = (tokens.codes, tokens.zero) if tokens.zero is not None else (tokens.codes + half, torch.full_like(tokens.scale, half))
+    return im.bitplane_matmul(codes.to(torch.uint8), aw.act_fmt.bits, tokens.scale, zero, aw.bitplanes(), out_dtype)
+
+
+# ----------------------------------------------------------------------------- the operator torch.compile sees
+
+
+def op_tensors(aw: ActWeight) -> tuple:
+    """The weight's tensors as the operator takes them (absent ones None)."""
+    pw = aw.packed
+    return (aw.code_sum, aw.codes, aw.planes, aw.scale, aw.zero, *((pw.words, pw.high, pw.scale, pw.zero) if pw is not None else (None,) * 4))
+
+
+def op_fields(aw: ActWeight) -> tuple:
+    """The weight's and the activations' fields as the operator takes them."""
+    pw, fmt = aw.packed, aw.act_fmt
+    grouped = (pw.run, pw.group_size, float(pw.zero_const), float(pw.zero_grid)) if pw is not None else (0, 0, 0.0, 0.0)
+    return (aw.kernel, aw.w_bits, fmt.bits, fmt.symmetric, fmt.scale_bits, aw.n, aw.k, aw.run, *grouped)
+
+
+@torch.library.custom_op(
+    "qkernels::act_quant_matmul", mutates_args=(),
+    schema="(Tensor x, Tensor code_sum, Tensor? codes, Tensor? planes, Tensor? scale, Tensor? zero, Tensor? words, Tensor? high, "
+           "Tensor? group_scale, Tensor? group_zero, str kernel, int w_bits, int a_bits, bool a_symmetric, int a_scale_bits, int n, "
+           "int k, int run, int group_run, int group_size, float zero_const, float zero_grid) -> Tensor",
+)
+def act_quant_matmul_op(x, code_sum, codes, planes, scale, zero, words, high, group_scale, group_zero, kernel, w_bits, a_bits,
+                        a_symmetric, a_scale_bits, n, k, run, group_run, group_size, zero_const, zero_grid):
+    """:func:`act_matmul` with the weight spelled out (the kernels on CUDA, the fake-quant product elsewhere), for
+    ``torch.compile``: Dynamo sees one operator, not the kernels' Python."""
+    act_fmt = IntFormat(bits=a_bits, group_size="token", symmetric=a_symmetric, scale_bits=a_scale_bits)
+    packed = None
+    if words is not None:
+        packed = PackedWeight("uint4", words, high, group_scale, group_zero, zero_const, n, k, group_run, group_size, zero_grid)
+    aw = ActWeight(kernel, act_fmt, n, k, w_bits, code_sum, codes, planes, scale, zero, run, packed)
+    x2 = x.reshape(-1, k)
+    return act_matmul(x2, aw, kernels=x.is_cuda).to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+@act_quant_matmul_op.register_fake
+def _(x, code_sum, codes, planes, scale, zero, words, high, group_scale, group_zero, kernel, w_bits, a_bits, a_symmetric, a_scale_bits,
+      n, k, run, group_run, group_size, zero_const, zero_grid):
+    return x.new_empty((*x.shape[:-1], n))

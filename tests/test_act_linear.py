@@ -122,3 +122,20 @@ def test_concat_gives_the_layers_outputs_side_by_side(w_bits: int, group: int | 
     other = ActQuantLinear.from_linear(nn.Linear(128, 8).to(DEVICE), wf, tokens(a_bits, True))
     with pytest.raises(ValueError, match="one \\(kernel, formats, K\\); layer 0 has"):
         ActQuantLinear.concat([layers[0], other])
+
+
+@pytest.mark.parametrize("w_bits,group,a_bits", [(8, None, 8), (4, 64, 8), (3, None, 4)], ids=["w8a8", "w4a8", "bitplane"])
+def test_the_operator_compiles_in_one_graph_and_passes_opcheck(w_bits: int, group: int | None, a_bits: int) -> None:
+    """Under torch.compile (fullgraph) the layer is the operator ``qkernels::act_quant_matmul``: the eager outputs;
+    opcheck's checks of its schema, fake implementation and dispatch pass."""
+    from qkernels.act_linear import act_quant_matmul_op, op_fields, op_tensors
+
+    torch.manual_seed(4)
+    wf = IntFormat(bits=w_bits, group_size=group or "channel", symmetric=w_bits == 8)
+    layer = ActQuantLinear.from_linear(nn.Linear(128, 24), wf, tokens(a_bits, False))
+    x = torch.randn(2, 3, 128)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(x), layer(x), atol=1e-6)
+    torch.library.opcheck(act_quant_matmul_op, (x, *op_tensors(layer.state), *op_fields(layer.state)),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
