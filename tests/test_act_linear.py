@@ -1,4 +1,4 @@
-"""ActQuantLinear: integer weights and activations on the W8A8 and bit-plane kernels (Triton interpreter on CPU),
+"""ActQuantLinear: integer weights and activations on the W8A8, W4A8 and bit-plane kernels (Triton interpreter on CPU),
 against the fake-quant product; a swapped tiny model against the fake-quant model."""
 
 from __future__ import annotations
