@@ -15,7 +15,8 @@ through QuantLinear layers on every device, e.g. to adapters or earlier layers. 
 gradient skip the operator's dispatch and call :func:`qkernels.lowbit_matmul.lowbit_matmul` directly.
 
 ``BlockLinear`` does the same for the MX and NV block formats (:mod:`qkernels.block_matmul`: the block GEMV
-for a few rows, the tensor-core dot kernel above), through the operator ``torch.ops.qkernels.block_matmul``.
+at batch 1, the tensor-core dot kernel to 64 rows, dequantize + cuBLAS above), through the operator
+``torch.ops.qkernels.block_matmul``.
 """
 
 from __future__ import annotations
@@ -229,8 +230,8 @@ def block_forward(x2: torch.Tensor, bw: BlockWeight) -> torch.Tensor:
 
 class BlockLinear(nn.Module):
     """``y = x @ W^T + b`` with W stored in an MX or NV block format (:mod:`qkernels.block_matmul`): on a GPU the
-    block GEMV for up to ``BLOCK_GEMV_MAX_M`` rows, the tensor-core dot kernel to ``BLOCK_DOT_MAX_M``, dequantize +
-    cuBLAS above; elsewhere the dequantized
+    block GEMV at batch 1, the tensor-core dot kernel to ``BLOCK_DOT_MAX_M`` rows, dequantize + cuBLAS above
+    (:func:`~qkernels.block_matmul.pick_block_path`); elsewhere the dequantized
     weight (:func:`~qkernels.block_matmul.dequantize_block`), the fake-quant layer's outputs. Through the custom
     operator ``torch.ops.qkernels.block_matmul`` while ``torch.compile`` traces or the activations need a
     gradient (its backward: the dequantized weight, a block of rows at a time)."""
