@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qkernels.lowbit_matmul import _codes_of_slots, _load_chunk, _split_range, _store_transposed, gemm_sub_slots, kernel_tensors, split_buffers
+from qkernels.lowbit_matmul import (_codes_of_slots, _load_chunk, _split_range, _store_transposed, before_ampere, gemm_sub_slots, kernel_tensors,
+                                    split_buffers)
 from qkernels.pack import PackedWeight, pack_uint, padded_width
 
 # ----------------------------------------------------------------------------- activation quantization
@@ -113,10 +114,12 @@ INT8_CUBLAS_MIN_M = 17  # cuBLAS int8 (torch._int_mm) from this many rows (its C
 
 
 def int8_path(m: int, k: int, n: int, device: torch.device) -> str:
-    """``cublas`` (cuBLASLt's int8 GEMM, then a scaling kernel) on a GPU from :data:`INT8_CUBLAS_MIN_M` rows where
-    K and N are multiples of 8 (its alignment); else ``triton`` (split-K for few rows)."""
+    """``cublas`` (cuBLASLt's int8 GEMM, then a scaling kernel) on an Ampere or later GPU from
+    :data:`INT8_CUBLAS_MIN_M` rows where K and N are multiples of 8 (its alignment); else ``triton`` (split-K for
+    few rows)."""
     aligned = k % 8 == 0 and n % 8 == 0
-    return "cublas" if device.type == "cuda" and m >= INT8_CUBLAS_MIN_M and aligned else "triton"
+    gpu = device.type == "cuda" and not before_ampere(device)
+    return "cublas" if gpu and m >= INT8_CUBLAS_MIN_M and aligned else "triton"
 
 
 def int8_config(m: int, n: int, k: int, device: torch.device) -> dict:

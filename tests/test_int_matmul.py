@@ -57,10 +57,14 @@ def test_int8_matmul_takes_asymmetric_activations_by_an_offset(m: int, path: str
         im.int8_matmul(dev(shifted), dev(a_scale), dev(b), dev(b_scale), a_offset=dev(128 - a_zero))
 
 
-def test_int8_paths_by_batch_and_a_bad_path() -> None:
+def test_int8_paths_by_batch_and_a_bad_path(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = torch.device("cuda")
+    monkeypatch.setattr(im, "before_ampere", lambda device: False)
     assert [im.int8_path(m, 4096, 4096, cuda) for m in (1, 16, 17, 256)] == ["triton", "triton", "cublas", "cublas"]
     assert im.int8_path(256, 4100, 4096, cuda) == "triton" and im.int8_path(256, 4096, 4096, torch.device("cpu")) == "triton"
+    monkeypatch.setattr(im, "before_ampere", lambda device: True)  # a V100 or T4: the Triton kernel
+    assert im.int8_path(256, 4096, 4096, cuda) == "triton"
+    monkeypatch.undo()
     a = torch.zeros(2, 64, dtype=torch.int8, device=DEVICE)
     with pytest.raises(ValueError, match="path='cutlass' is not valid; choose 'auto' or one of \\['triton', 'cublas'\\]"):
         im.int8_matmul(a, torch.ones(2, device=DEVICE), a, torch.ones(2, device=DEVICE), path="cutlass")
