@@ -70,8 +70,10 @@ class TokenCodes:
 
 def quantize_tokens(x2: torch.Tensor, fmt: IntFormat, kernel: bool | None = None) -> TokenCodes:
     """``x2 [M, K]`` quantized per row with ``fmt`` (dynamic min-max): the Triton kernel (``kernel``; default: on CUDA)
-    for 2, 4 and 8 bits (codes unpacked to a byte each), else the format's own quantize; the same codes either way."""
-    if (x2.is_cuda if kernel is None else kernel) and fmt.bits in PACKABLE_BITS:
+    for 2, 4 and 8 bits where a row fills whole bytes (codes unpacked to a byte each), else the format's own
+    quantize; the same codes either way."""
+    packable = fmt.bits in PACKABLE_BITS and x2.shape[1] * fmt.bits % 8 == 0  # the kernel packs whole bytes a row
+    if (x2.is_cuda if kernel is None else kernel) and packable:
         packed = int_quantize(x2, fmt)
         per_byte = 8 // fmt.bits
         shifts = torch.arange(per_byte, device=x2.device, dtype=torch.uint8) * fmt.bits
