@@ -15,8 +15,8 @@ from each call, min-max), so a swapped model computes what the fake-quant model 
   activations' digits (:func:`~qkernels.int_matmul.bitplane_matmul`), zero points and scales in its epilogue.
   Symmetric codes are shifted to unsigned ones with the zero point ``2^(bits - 1)`` (exact).
 
-On CUDA the activations are quantized by :func:`qkernels.quant.int_quantize` (2, 4 and 8 bits; other widths by the
-format's own torch code), then the kernel runs; elsewhere the layer computes the fake-quant product in fp32
+On CUDA the activations are quantized by :func:`qkernels.quant.int_quantize_codes` (a code a byte, fp32 scales and
+zero points: what the matmuls read), then the kernel runs; elsewhere the layer computes the fake-quant product in fp32
 (the format's quantize and dequantize), the same numbers. Grouped weights other than 4-bit ones with 8-bit
 activations, and static or clipped activation ranges, have no kernel here (:func:`act_kernel` names why). Under
 ``torch.compile`` the layer is the custom operator ``torch.ops.qkernels.act_quant_matmul`` (the weight's tensors
@@ -35,7 +35,7 @@ from torch import nn
 from qkernels import int_matmul as im
 from qkernels.pack import PackedWeight, dequantize_packed, unpack_uint
 from qkernels.qlinear import QuantLinear, concat_biases, pack_int_weight
-from qkernels.quant import PACKABLE_BITS, int_quantize
+from qkernels.quant import int_quantize_codes
 from methods.common.formats import FormatError, IntFormat
 
 ACT_KERNELS = ("w8a8", "w4a8", "bitplane")
@@ -61,30 +61,24 @@ def _name(fmt: object) -> str:
 
 @dataclass
 class TokenCodes:
-    """Activation codes of a ``[M, K]`` input, one scale and zero point per row (``zero`` None: symmetric)."""
+    """Activation codes of a ``[M, K]`` input a byte each (asymmetric: uint8 codes; symmetric: int8 values), one fp32
+    scale and zero point per row (``zero`` None: symmetric)."""
 
-    codes: torch.Tensor  # [M, K], int32 or uint8: unsigned for asymmetric formats, two's complement values for symmetric
+    codes: torch.Tensor
     scale: torch.Tensor  # fp32 [M]
     zero: torch.Tensor | None  # fp32 [M]
 
 
 def quantize_tokens(x2: torch.Tensor, fmt: IntFormat, kernel: bool | None = None) -> TokenCodes:
     """``x2 [M, K]`` quantized per row with ``fmt`` (dynamic min-max): the Triton kernel (``kernel``; default: on CUDA)
-    for 2, 4 and 8 bits where a row fills whole bytes (codes unpacked to a byte each), else the format's own
-    quantize; the same codes either way."""
-    packable = fmt.bits in PACKABLE_BITS and x2.shape[1] * fmt.bits % 8 == 0  # the kernel packs whole bytes a row
-    if (x2.is_cuda if kernel is None else kernel) and packable:
-        packed = int_quantize(x2, fmt)
-        per_byte = 8 // fmt.bits
-        shifts = torch.arange(per_byte, device=x2.device, dtype=torch.uint8) * fmt.bits
-        codes = ((packed.codes[:, :, None] >> shifts) & (2**fmt.bits - 1)).reshape(x2.shape[0], -1)
-        if fmt.symmetric:  # two's complement in bits -> signed values
-            codes = codes.to(torch.int32) - ((codes >> (fmt.bits - 1)).to(torch.int32) << fmt.bits)
-        zero = None if packed.zero is None else packed.zero.float().reshape(-1)
-        return TokenCodes(codes, packed.scale.float().reshape(-1), zero)
+    writing a code a byte and fp32 scales (:func:`~qkernels.quant.int_quantize_codes`: what the matmuls read, no
+    conversions), else the format's own quantize; the same codes either way."""
+    if x2.is_cuda if kernel is None else kernel:
+        q = int_quantize_codes(x2, fmt)
+        return TokenCodes(q.codes, q.scale.reshape(-1), None if q.zero is None else q.zero.reshape(-1))
     q = fmt.quantize(x2)
-    zero = None if q.zero is None else q.zero.reshape(-1)
-    return TokenCodes(q.codes.reshape(x2.shape), q.scale.float().reshape(-1), zero)
+    codes = q.codes.reshape(x2.shape).to(torch.int8 if fmt.symmetric else torch.uint8)
+    return TokenCodes(codes, q.scale.float().reshape(-1), None if q.zero is None else q.zero.float().reshape(-1))
 
 
 class ActQuantLinear(nn.Module):
@@ -221,17 +215,20 @@ def act_matmul(x2: torch.Tensor, aw: ActWeight, kernels: bool) -> torch.Tensor:
         return aw.act_fmt.fake_quant(x2.float()) @ aw.dequantized().t()
     out_dtype = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
     tokens = quantize_tokens(x2, aw.act_fmt, kernel=True)
-    if aw.kernel in ("w8a8", "w4a8"):  # int8 activations; asymmetric codes shifted by -128, the offset in the epilogue
+    if aw.kernel in ("w8a8", "w4a8"):  # int8 activations; asymmetric codes shifted by -128 (xor), the offset in the epilogue
         if tokens.zero is None:
-            a, offset, sums = tokens.codes.to(torch.int8), None, None
+            a, offset, sums = tokens.codes, None, None
         else:
-            a, offset, sums = (tokens.codes.to(torch.int32) - 128).to(torch.int8), 128 - tokens.zero, aw.code_sum
+            a, offset, sums = (tokens.codes ^ 128).view(torch.int8), 128 - tokens.zero, aw.code_sum
         if aw.kernel == "w4a8":
             return im.w4a8_matmul(a, tokens.scale, aw.packed, out_dtype, a_offset=offset, w_sum=sums)
         return im.int8_matmul(a, tokens.scale, aw.codes, aw.scale, out_dtype, a_offset=offset, b_sum=sums)
-    half = 2 ** (aw.act_fmt.bits - 1)
-    codes, zero = (tokens.codes, tokens.zero) if tokens.zero is not None else (tokens.codes + half, torch.full_like(tokens.scale, half))
-    return im.bitplane_matmul(codes.to(torch.uint8), aw.act_fmt.bits, tokens.scale, zero, aw.bitplanes(), out_dtype)
+    if tokens.zero is not None:
+        codes, zero = tokens.codes, tokens.zero
+    else:  # signed values -> unsigned codes v + 2^(bits - 1): the value's low bits with the top one flipped
+        half = 2 ** (aw.act_fmt.bits - 1)
+        codes, zero = (tokens.codes.view(torch.uint8) & (2 * half - 1)) ^ half, torch.full_like(tokens.scale, half)
+    return im.bitplane_matmul(codes, aw.act_fmt.bits, tokens.scale, zero, aw.bitplanes(), out_dtype)
 
 
 # ----------------------------------------------------------------------------- the operator torch.compile sees

@@ -326,7 +326,7 @@ def _int_group_kernel(
     x_ptr, out_ptr, codes_ptr, scales_ptr, zeros_ptr, total_groups,
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, TILE: tl.constexpr, SYMMETRIC: tl.constexpr,
     QMIN: tl.constexpr, QMAX: tl.constexpr, BITS: tl.constexpr, FP16_SCALE: tl.constexpr, FP16_TINY: tl.constexpr,
-    FAKE: tl.constexpr, SOFT_BF16: tl.constexpr,
+    FAKE: tl.constexpr, SOFT_BF16: tl.constexpr, UNPACKED: tl.constexpr,
 ):
     g = tl.program_id(0) * TILE + tl.arange(0, TILE)
     j = tl.arange(0, GROUP_P2)
@@ -354,14 +354,17 @@ def _int_group_kernel(
         out = (q - zero[:, None]) * tl.where(bad, float("nan"), scale)[:, None]
         _store_rounded(out_ptr, offs, mask, out, SOFT_BF16)
     else:
-        codes = tl.where(bad[:, None], 0, q.to(tl.int32) & (2**BITS - 1))
-        packed = _pack(codes, TILE, GROUP_P2, BITS)
-        pj = tl.arange(0, GROUP_P2 * BITS // 8)
-        pmask = (g < total_groups)[:, None] & (pj < GROUP * BITS // 8)[None, :]
-        tl.store(codes_ptr + g[:, None] * (GROUP * BITS // 8) + pj[None, :], packed, mask=pmask)
+        if UNPACKED:  # a code a byte: asymmetric codes unsigned, symmetric ones their signed values
+            tl.store(codes_ptr + offs, tl.where(bad[:, None], 0.0, q).to(codes_ptr.dtype.element_ty), mask=mask)
+        else:
+            codes = tl.where(bad[:, None], 0, q.to(tl.int32) & (2**BITS - 1))
+            packed = _pack(codes, TILE, GROUP_P2, BITS)
+            pj = tl.arange(0, GROUP_P2 * BITS // 8)
+            pmask = (g < total_groups)[:, None] & (pj < GROUP * BITS // 8)[None, :]
+            tl.store(codes_ptr + g[:, None] * (GROUP * BITS // 8) + pj[None, :], packed, mask=pmask)
         tl.store(scales_ptr + g, tl.where(bad, float("nan"), scale).to(scales_ptr.dtype.element_ty), mask=g < total_groups)
         if not SYMMETRIC:
-            tl.store(zeros_ptr + g, tl.where(bad, 0.0, zero).to(tl.uint8), mask=g < total_groups)
+            tl.store(zeros_ptr + g, tl.where(bad, 0.0, zero).to(zeros_ptr.dtype.element_ty), mask=g < total_groups)
 
 
 def _int_group(fmt: IntFormat, width: int) -> int:
@@ -374,26 +377,29 @@ def _int_group(fmt: IntFormat, width: int) -> int:
     return width
 
 
-def _launch_int(x: torch.Tensor, fmt: IntFormat, fake: bool, elems_per_program: int, num_warps: int):
+def _launch_int(x: torch.Tensor, fmt: IntFormat, fake: bool, elems_per_program: int, num_warps: int, unpacked: bool = False):
     if fmt.clip != "minmax":
         raise FormatError(f"the int kernel computes min-max scales; clip={fmt.clip!r} is not supported (use the format's quantize)")
     rows = _rows2d(x)
     group = _int_group(fmt, rows.shape[-1])
     group_p2 = triton.next_power_of_2(group)
     total = rows.numel() // group
-    if not fake and (fmt.bits not in PACKABLE_BITS or group * fmt.bits % 8):
+    if not fake and not unpacked and (fmt.bits not in PACKABLE_BITS or group * fmt.bits % 8):
         raise FormatError(f"the packing kernel stores {PACKABLE_BITS}-bit codes in whole bytes per group; got bits={fmt.bits}, group {group}")
+    if unpacked and fmt.bits > 8:
+        raise FormatError(f"codes a byte each take at most 8 bits; got bits={fmt.bits}")
     device = x.device
     out = torch.empty_like(rows) if fake else rows.new_empty(0)
-    codes = torch.empty(0 if fake else rows.numel() * fmt.bits // 8, dtype=torch.uint8, device=device)
-    scale_dtype = torch.float16 if fmt.scale_bits == 16 else torch.float32
+    code_dtype = (torch.int8 if fmt.symmetric else torch.uint8) if unpacked else torch.uint8
+    codes = torch.empty(0 if fake else rows.numel() * (8 if unpacked else fmt.bits) // 8, dtype=code_dtype, device=device)
+    scale_dtype = torch.float16 if fmt.scale_bits == 16 and not unpacked else torch.float32
     scales = torch.empty(0 if fake else total, dtype=scale_dtype, device=device)
-    zeros = torch.empty(0 if fake or fmt.symmetric else total, dtype=torch.uint8, device=device)
+    zeros = torch.empty(0 if fake or fmt.symmetric else total, dtype=torch.float32 if unpacked else torch.uint8, device=device)
     tile = _tile(elems_per_program, group_p2)
     _int_group_kernel[(triton.cdiv(total, tile),)](
         rows, out, codes, scales, zeros, total,
         GROUP=group, GROUP_P2=group_p2, TILE=tile, SYMMETRIC=fmt.symmetric, QMIN=fmt.qmin, QMAX=fmt.qmax,
-        BITS=fmt.bits, FP16_SCALE=fmt.scale_bits == 16, FP16_TINY=FP16_TINY, FAKE=fake, SOFT_BF16=_soft_bf16(x),
+        BITS=fmt.bits, FP16_SCALE=fmt.scale_bits == 16, FP16_TINY=FP16_TINY, FAKE=fake, SOFT_BF16=_soft_bf16(x), UNPACKED=unpacked,
         num_warps=num_warps, enable_fp_fusion=False,
     )
     if fake:
@@ -412,6 +418,15 @@ def int_quantize(x: torch.Tensor, fmt: IntFormat, elems_per_program: int = DEFAU
                  num_warps: int = DEFAULT_NUM_WARPS) -> PackedTensor:
     """Packed INT codes (2, 4 or 8 bits), scales and zero points; reference: :func:`int_quantize_reference`."""
     _, codes, scales, zeros = _launch_int(x, fmt, False, elems_per_program, num_warps)
+    return PackedTensor(codes, scales, None if fmt.symmetric else zeros)
+
+
+def int_quantize_codes(x: torch.Tensor, fmt: IntFormat, elems_per_program: int = DEFAULT_ELEMS_PER_PROGRAM,
+                       num_warps: int = DEFAULT_NUM_WARPS) -> PackedTensor:
+    """INT codes (1 to 8 bits) a byte each, ``[rows, width]``: uint8 codes for asymmetric formats, int8 values for
+    symmetric ones; fp32 scales and zero points ``[rows, groups]`` (the stored fp16 scales, exactly), what the
+    integer matmuls read without a conversion. The codes of :meth:`IntFormat.quantize`."""
+    _, codes, scales, zeros = _launch_int(x, fmt, False, elems_per_program, num_warps, unpacked=True)
     return PackedTensor(codes, scales, None if fmt.symmetric else zeros)
 
 

@@ -44,13 +44,14 @@ def test_the_kernel_for_each_pair_and_why_none_fits() -> None:
 @pytest.mark.parametrize("a_bits", [2, 4, 8, 6])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_token_codes_from_the_kernel_are_the_formats(a_bits: int, symmetric: bool) -> None:
-    """The Triton quantizer's codes (unpacked; symmetric ones as signed values), scales and zero points are the
-    format's own (6 bits: the format's code on both sides)."""
+    """The Triton quantizer's codes (a byte each: uint8 codes, or int8 values for symmetric formats), scales and zero
+    points are the format's own, at any width (6 bits) and any K (35)."""
     fmt = tokens(a_bits, symmetric)
-    for k in (96, 35):  # 35 4-bit codes do not fill whole bytes: the format's code
+    for k in (96, 35):
         x = (torch.randn(5, k) * torch.logspace(-1, 1, k)).to(DEVICE)
         fast, plain = quantize_tokens(x, fmt, kernel=True), quantize_tokens(x, fmt, kernel=False)
-        assert torch.equal(fast.codes.long(), plain.codes.long()) and torch.equal(fast.scale, plain.scale)
+        assert fast.codes.dtype == plain.codes.dtype == (torch.int8 if symmetric else torch.uint8)
+        assert torch.equal(fast.codes, plain.codes) and torch.equal(fast.scale, plain.scale)
         assert (fast.zero is None) == symmetric and (symmetric or torch.equal(fast.zero, plain.zero))
 
 

@@ -123,6 +123,11 @@ def test_int_kernels_are_bit_exact(fmt, dtype):
         assert same_bits(packed.codes, expected.codes) and same_bits(packed.scale, expected.scale)
         assert (packed.zero is None) == (expected.zero is None)
         assert packed.zero is None or same_bits(packed.zero, expected.zero)
+    unpacked, q = quant.int_quantize_codes(x, fmt, SMALL), fmt.quantize(x)  # a code a byte (any bits), fp32 scales and zeros
+    assert unpacked.codes.dtype == (torch.int8 if fmt.symmetric else torch.uint8)
+    assert torch.equal(unpacked.codes.long(), q.codes.reshape(x.shape).long())
+    exact = lambda a, b: torch.allclose(a, b.float().reshape(a.shape), rtol=0, atol=0, equal_nan=True)  # noqa: E731 (NaN: non-finite groups)
+    assert exact(unpacked.scale, q.scale) and (unpacked.zero is None) == fmt.symmetric and (fmt.symmetric or exact(unpacked.zero, q.zero))
 
 
 def test_finite_amax_ignores_nan_and_inf():
