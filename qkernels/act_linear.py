@@ -6,11 +6,10 @@ scale per output channel) and its activation format (an ``IntFormat`` with one s
 from each call, min-max), so a swapped model computes what the fake-quant model computes. The kernel:
 
 * ``w8a8``: 8-bit symmetric weights and 8-bit activations: :func:`~qkernels.int_matmul.int8_matmul` (a Triton
-  kernel for a few rows, cuBLASLt's int8 GEMM above). Asymmetric activation codes are stored shifted by -128
-  (int8) and the offset ``128 - zero`` comes back in the epilogue with the weight rows' code sums.
+  kernel for a few rows, cuBLASLt's int8 GEMM above). Asymmetric activation codes are read as ``code - 128``
+  (int8) and ``128 - zero`` comes back in the epilogue with the weight rows' code sums.
 * ``w4a8``: 4-bit grouped weights (packed ``uint4``, integer zero points) and 8-bit activations:
-  :func:`~qkernels.int_matmul.w4a8_matmul`, asymmetric activations by the same offset (times the dequantized weight
-  rows' sums).
+  :func:`~qkernels.int_matmul.w4a8_matmul`, asymmetric activations the same way (the dequantized weight rows' sums).
 * ``bitplane``: any other pair of 1..8-bit weights and 1..8-bit activations: the weight's binary planes times the
   activations' digits (:func:`~qkernels.int_matmul.bitplane_matmul`), zero points and scales in its epilogue.
   Symmetric codes are shifted to unsigned ones with the zero point ``2^(bits - 1)`` (exact).
@@ -215,14 +214,11 @@ def act_matmul(x2: torch.Tensor, aw: ActWeight, kernels: bool) -> torch.Tensor:
         return aw.act_fmt.fake_quant(x2.float()) @ aw.dequantized().t()
     out_dtype = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
     tokens = quantize_tokens(x2, aw.act_fmt, kernel=True)
-    if aw.kernel in ("w8a8", "w4a8"):  # int8 activations; asymmetric codes shifted by -128 (xor), the offset in the epilogue
-        if tokens.zero is None:
-            a, offset, sums = tokens.codes, None, None
-        else:
-            a, offset, sums = (tokens.codes ^ 128).view(torch.int8), 128 - tokens.zero, aw.code_sum
+    if aw.kernel in ("w8a8", "w4a8"):  # 8-bit activations: int8 values, or uint8 codes with zero points
+        sums = None if tokens.zero is None else aw.code_sum
         if aw.kernel == "w4a8":
-            return im.w4a8_matmul(a, tokens.scale, aw.packed, out_dtype, a_offset=offset, w_sum=sums)
-        return im.int8_matmul(a, tokens.scale, aw.codes, aw.scale, out_dtype, a_offset=offset, b_sum=sums)
+            return im.w4a8_matmul(tokens.codes, tokens.scale, aw.packed, out_dtype, a_zero=tokens.zero, w_sum=sums)
+        return im.int8_matmul(tokens.codes, tokens.scale, aw.codes, aw.scale, out_dtype, a_zero=tokens.zero, b_sum=sums)
     if tokens.zero is not None:
         codes, zero = tokens.codes, tokens.zero
     else:  # signed values -> unsigned codes v + 2^(bits - 1): the value's low bits with the top one flipped

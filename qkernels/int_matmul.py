@@ -59,12 +59,13 @@ def quantize_rows_asym(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
 
 @triton.jit
 def _int8_gemm_kernel(
-    a_ptr, b_ptr, sa_ptr, sb_ptr, off_ptr, bsum_ptr, y_ptr, partial_ptr, count_ptr, M, N, K, stride_am, stride_bn, stride_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, OFFSET: tl.constexpr,
+    a_ptr, b_ptr, sa_ptr, sb_ptr, za_ptr, bsum_ptr, y_ptr, partial_ptr, count_ptr, M, N, K, stride_am, stride_bn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, A_ZERO: tl.constexpr,
 ):
     """Program ``(m, n, k)``: an int32 ``[BLOCK_M, BLOCK_N]`` tile over one K split, scaled in fp32 (the splits'
-    scaled partials added up in split order as in :mod:`qkernels.lowbit_matmul`); ``OFFSET``: plus the row offset
-    times the weight row's code sum (the first split only)."""
+    scaled partials added up in split order as in :mod:`qkernels.lowbit_matmul`). ``A_ZERO``: the activations are
+    uint8 codes with zero points, read as ``code - 128`` (int8; xor) and ``(128 - zero) * b_sum`` added to the
+    first split's sums."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -76,14 +77,14 @@ def _int8_gemm_kernel(
     first, last = _split_range(tl.cdiv(K, BLOCK_K), SPLIT_K)
     for step in range(first, last):
         k = step * BLOCK_K + offs_k
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + k[None, :], mask=mask_m[:, None] & (k[None, :] < K), other=0)
+        a = _int8_operand(a_ptr + offs_m[:, None] * stride_am + k[None, :], mask_m[:, None] & (k[None, :] < K), A_ZERO)
         b = tl.load(b_ptr + offs_n[None, :] * stride_bn + k[:, None], mask=mask_n[None, :] & (k[:, None] < K), other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
     sb = tl.load(sb_ptr + offs_n, mask=mask_n, other=0.0)
     total = acc.to(tl.float32)
-    if OFFSET:
-        off = tl.load(off_ptr + offs_m, mask=mask_m, other=0.0)
+    if A_ZERO:
+        off = 128.0 - tl.load(za_ptr + offs_m, mask=mask_m, other=0.0)
         b_sum = tl.load(bsum_ptr + offs_n, mask=mask_n, other=0.0)
         total += tl.where(tl.program_id(2) == 0, off[:, None] * b_sum[None, :], 0.0)
     y = total * sa[:, None] * sb[None, :]
@@ -91,10 +92,21 @@ def _int8_gemm_kernel(
 
 
 @triton.jit
-def _scale_int32_kernel(acc_ptr, sa_ptr, sb_ptr, off_ptr, bsum_ptr, y_ptr, M, N, stride_am, stride_ym, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, OFFSET: tl.constexpr):
-    """``y = (acc + off[:, None] * b_sum[None, :]) * sa[:, None] * sb[None, :]`` in y's dtype (``OFFSET``; else
-    without the offset term): the epilogue of the cuBLAS path."""
+def _int8_operand(ptrs, mask, A_ZERO: tl.constexpr):
+    """An int8 activation tile: int8 values as stored, or (``A_ZERO``) uint8 codes less 128, by an xor (masked
+    elements read 128, so they come out 0)."""
+    if A_ZERO:
+        a = (tl.load(ptrs, mask=mask, other=128) ^ 128).to(tl.int8, bitcast=True)
+    else:
+        a = tl.load(ptrs, mask=mask, other=0)
+    return a
+
+
+@triton.jit
+def _scale_int32_kernel(acc_ptr, sa_ptr, sb_ptr, za_ptr, bsum_ptr, y_ptr, M, N, stride_am, stride_ym, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, A_ZERO: tl.constexpr):
+    """``y = (acc + (128 - za)[:, None] * b_sum[None, :]) * sa[:, None] * sb[None, :]`` in y's dtype (``A_ZERO``; else
+    without the zero-point term): the epilogue of the cuBLAS path."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
@@ -102,8 +114,8 @@ def _scale_int32_kernel(acc_ptr, sa_ptr, sb_ptr, off_ptr, bsum_ptr, y_ptr, M, N,
     sa = tl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0)
     sb = tl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)
     total = acc.to(tl.float32)
-    if OFFSET:
-        off = tl.load(off_ptr + offs_m, mask=offs_m < M, other=0.0)
+    if A_ZERO:
+        off = 128.0 - tl.load(za_ptr + offs_m, mask=offs_m < M, other=0.0)
         total += off[:, None] * tl.load(bsum_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
     y = total * sa[:, None] * sb[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -136,34 +148,37 @@ def int8_config(m: int, n: int, k: int, device: torch.device) -> dict:
 
 def int8_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                 out_dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None, path: str = "auto",
-                a_offset: torch.Tensor | None = None, b_sum: torch.Tensor | None = None) -> torch.Tensor:
-    """``((a [M, K] int8 + a_offset[:, None]) * a_scale[:, None]) @ (b [N, K] int8 * b_scale[:, None])^T`` with int32
-    accumulation, on the path :func:`int8_path` picks (or the one named: ``triton`` or ``cublas``). The offset
-    (asymmetric activations: ``128 - zero`` for codes stored shifted by -128) is applied in the epilogue as
-    ``a_offset * b_sum``, ``b_sum`` the weight rows' code sums."""
+                a_zero: torch.Tensor | None = None, b_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """``((a [M, K] - a_zero[:, None]) * a_scale[:, None]) @ (b [N, K] int8 * b_scale[:, None])^T`` with int32
+    accumulation, on the path :func:`int8_path` picks (or the one named: ``triton`` or ``cublas``). ``a`` is int8
+    (symmetric activations), or uint8 codes with their zero points ``a_zero`` (asymmetric): the matmul reads them
+    as ``code - 128`` (int8) and adds ``(128 - a_zero) * b_sum`` in the epilogue, ``b_sum`` the weight rows' code
+    sums (computed once, with the weight)."""
     m, k = a.shape
     n = b.shape[0]
-    if a.dtype != torch.int8 or b.dtype != torch.int8 or b.shape[1] != k:
-        raise ValueError(f"need int8 a [M, K] and b [N, K]; got {a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
+    a_dtype = torch.int8 if a_zero is None else torch.uint8
+    if a.dtype != a_dtype or b.dtype != torch.int8 or b.shape[1] != k:
+        raise ValueError(f"need {a_dtype} a [M, K] ({'with' if a_zero is not None else 'without'} a_zero) and int8 b [N, K]; got "
+                         f"{a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
     if path == "auto":
         path = int8_path(m, k, n, a.device)
     if path not in INT8_PATHS:
         raise ValueError(f"path={path!r} is not valid; choose 'auto' or one of {list(INT8_PATHS)}")
-    if (a_offset is None) != (b_sum is None):
-        raise ValueError("a_offset and b_sum go together (the offset term is a_offset * b_sum)")
+    if (a_zero is None) != (b_sum is None):
+        raise ValueError("a_zero and b_sum go together (the zero points' term is (128 - a_zero) * b_sum)")
     y = out if out is not None else torch.empty((m, n), device=a.device, dtype=out_dtype)
     sa, sb = a_scale.float().contiguous(), b_scale.float().contiguous()
-    offset = a_offset is not None
-    off, b_sum = (a_offset.float().contiguous(), b_sum.float().contiguous()) if offset else (sa, sb)
+    asymmetric = a_zero is not None
+    za, b_sum = (a_zero.float().contiguous(), b_sum.float().contiguous()) if asymmetric else (sa, sb)
     if path == "cublas":
-        acc = torch._int_mm(a, b.t())
+        acc = torch._int_mm((a ^ 128).view(torch.int8) if asymmetric else a, b.t())
         grid = (triton.cdiv(m, 32), triton.cdiv(n, 128))
-        _scale_int32_kernel[grid](acc, sa, sb, off, b_sum, y, m, n, acc.stride(0), y.stride(0), BLOCK_M=32, BLOCK_N=128, OFFSET=offset)
+        _scale_int32_kernel[grid](acc, sa, sb, za, b_sum, y, m, n, acc.stride(0), y.stride(0), BLOCK_M=32, BLOCK_N=128, A_ZERO=asymmetric)
         return y
     config = int8_config(m, n, k, a.device)
     grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
-    _int8_gemm_kernel[grid](a, b, sa, sb, off, b_sum, y, *split_buffers(y, grid, config["BLOCK_M"] * config["BLOCK_N"]), m, n, k,
-                            a.stride(0), b.stride(0), y.stride(0), OFFSET=offset, **config)
+    _int8_gemm_kernel[grid](a, b, sa, sb, za, b_sum, y, *split_buffers(y, grid, config["BLOCK_M"] * config["BLOCK_N"]), m, n, k,
+                            a.stride(0), b.stride(0), y.stride(0), A_ZERO=asymmetric, **config)
     return y
 
 
@@ -176,13 +191,13 @@ def int8_matmul_reference(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tenso
 
 @triton.jit
 def _w4a8_kernel(
-    a_ptr, sa_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, off_ptr, wsum_ptr, y_ptr,
+    a_ptr, sa_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, za_ptr, wsum_ptr, y_ptr,
     M, N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_am, stride_wn, stride_ym,
     SLOTS: tl.constexpr, RUN: tl.constexpr, HAS_ZERO: tl.constexpr, SUB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, A_ZERO: tl.constexpr,
 ):
-    """``y^T = W a^T`` in int32 per step (one group), scaled per group into an fp32 accumulator; ``OFFSET``: plus
-    the activation row's offset times the dequantized weight row's sum."""
+    """``y^T = W a^T`` in int32 per step (one group), scaled per group into an fp32 accumulator; ``A_ZERO``: uint8
+    activation codes read as ``code - 128`` and ``(128 - zero)`` times the dequantized weight row's sum added."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     BLOCK_K: tl.constexpr = SUB * RUN
@@ -207,11 +222,11 @@ def _w4a8_kernel(
         else:
             zero = tl.zeros_like(offs_n) + zero_const
         w = tl.reshape((codes - zero[:, None, None]).to(tl.int8), (BLOCK_N, BLOCK_K))
-        a_t = tl.load(a_ptr + offs_m[None, :] * stride_am + k[:, None], mask=mask_m[None, :] & (k[:, None] < K), other=0)
+        a_t = _int8_operand(a_ptr + offs_m[None, :] * stride_am + k[:, None], mask_m[None, :] & (k[:, None] < K), A_ZERO)
         acc += tl.dot(w, a_t, out_dtype=tl.int32).to(tl.float32) * scale[:, None]
     sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
-    if OFFSET:
-        off = tl.load(off_ptr + offs_m, mask=mask_m, other=0.0)
+    if A_ZERO:
+        off = 128.0 - tl.load(za_ptr + offs_m, mask=mask_m, other=0.0)
         acc += tl.load(wsum_ptr + offs_n, mask=mask_n, other=0.0)[:, None] * off[None, :]
     y = acc * sa[None, :]
     tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], y.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
@@ -231,23 +246,26 @@ def w4a8_sub_slots(pw: PackedWeight) -> int:
 
 
 def w4a8_matmul(a: torch.Tensor, a_scale: torch.Tensor, pw: PackedWeight, out_dtype: torch.dtype = torch.float16,
-                block_n: int = 64, block_m: int = 32, a_offset: torch.Tensor | None = None, w_sum: torch.Tensor | None = None) -> torch.Tensor:
-    """int8 activations ``a [M, K]`` (scale per token; plus ``a_offset`` per token, applied as ``a_offset`` times
-    ``w_sum``, the dequantized weight rows' sums) times a ``uint4`` packed weight with integer zeros."""
+                block_n: int = 64, block_m: int = 32, a_zero: torch.Tensor | None = None, w_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """8-bit activations ``a [M, K]`` (scale per token: int8 values, or uint8 codes with zero points ``a_zero``, then
+    ``w_sum``, the dequantized weight rows' sums, takes the zero points' term as in :func:`int8_matmul`) times a
+    ``uint4`` packed weight with integer zeros."""
     sub = w4a8_sub_slots(pw)
-    if (a_offset is None) != (w_sum is None):
-        raise ValueError("a_offset and w_sum go together (the offset term is a_offset * w_sum)")
+    if (a_zero is None) != (w_sum is None):
+        raise ValueError("a_zero and w_sum go together (the zero points' term is (128 - a_zero) * w_sum)")
+    if a.dtype != (torch.int8 if a_zero is None else torch.uint8):
+        raise ValueError(f"w4a8 takes int8 activations, or uint8 codes with a_zero; got {a.dtype} ({'with' if a_zero is not None else 'without'} a_zero)")
     m = a.shape[0]
     y = torch.empty((m, pw.n), device=a.device, dtype=out_dtype)
     _, _, scale, zero = kernel_tensors(pw)
     sa = a_scale.float().contiguous()
-    off, w_sum = (a_offset.float().contiguous(), w_sum.float().contiguous()) if a_offset is not None else (sa, sa)
+    za, w_sum = (a_zero.float().contiguous(), w_sum.float().contiguous()) if a_zero is not None else (sa, sa)
     grid = (triton.cdiv(pw.n, block_n), triton.cdiv(m, block_m))
     _w4a8_kernel[grid](
-        a, sa, pw.words, pw.words, scale, zero, off, w_sum, y,
+        a, sa, pw.words, pw.words, scale, zero, za, w_sum, y,
         m, pw.n, pw.k, pw.words.shape[1] // pw.run, pw.n_groups, *pw.scale.stride(), pw.group_size, int(pw.zero_const),
         a.stride(0), pw.words.stride(0), y.stride(0),
-        SLOTS=pw.slots, RUN=pw.run, HAS_ZERO=pw.zero is not None, SUB=sub, BLOCK_M=block_m, BLOCK_N=block_n, OFFSET=a_offset is not None,
+        SLOTS=pw.slots, RUN=pw.run, HAS_ZERO=pw.zero is not None, SUB=sub, BLOCK_M=block_m, BLOCK_N=block_n, A_ZERO=a_zero is not None,
     )
     return y
 

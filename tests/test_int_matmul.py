@@ -42,19 +42,20 @@ def test_int8_matmul_matches_reference_on_ragged_shapes(m: int, k: int, path: st
 
 
 @pytest.mark.parametrize("m,path", [(5, "triton"), (40, "triton"), (24, "cublas")])
-def test_int8_matmul_takes_asymmetric_activations_by_an_offset(m: int, path: str) -> None:
-    """Unsigned 8-bit codes with zero points, stored shifted by -128 (int8): the offset ``128 - zero`` times the
-    weight rows' code sums makes the product of the centred codes (split-K: the offset counted once)."""
+def test_int8_matmul_takes_asymmetric_activations_with_zero_points(m: int, path: str) -> None:
+    """Unsigned 8-bit codes with zero points (K = 1000: a ragged last step): read as ``code - 128`` and ``(128 - zero)``
+    times the weight rows' code sums added, the product of the centred codes (split-K: the term counted once)."""
     codes, a_scale, a_zero = im.quantize_rows_asym(torch.randn(m, 1000) + 0.7, 8)
     b, b_scale = im.quantize_rows_int8(torch.randn(72, 1000))
-    shifted = (codes.int() - 128).to(torch.int8)
     ref = ((codes.double() - a_zero.double()[:, None]) * a_scale.double()[:, None]) @ (b.double() * b_scale.double()[:, None]).t()
     dev = lambda t: t.to(DEVICE)  # noqa: E731
-    out = im.int8_matmul(dev(shifted), dev(a_scale), dev(b), dev(b_scale), torch.float32, path=path, a_offset=dev(128 - a_zero),
+    out = im.int8_matmul(dev(codes), dev(a_scale), dev(b), dev(b_scale), torch.float32, path=path, a_zero=dev(a_zero),
                          b_sum=dev(b.float().sum(dim=1)))
     assert rel_err(out, ref.to(DEVICE)) < 1e-6
-    with pytest.raises(ValueError, match="a_offset and b_sum go together"):
-        im.int8_matmul(dev(shifted), dev(a_scale), dev(b), dev(b_scale), a_offset=dev(128 - a_zero))
+    with pytest.raises(ValueError, match="a_zero and b_sum go together"):
+        im.int8_matmul(dev(codes), dev(a_scale), dev(b), dev(b_scale), a_zero=dev(a_zero))
+    with pytest.raises(ValueError, match="need torch.int8 a .* got torch.uint8"):
+        im.int8_matmul(dev(codes), dev(a_scale), dev(b), dev(b_scale))
 
 
 def test_int8_paths_by_batch_and_a_bad_path(monkeypatch: pytest.MonkeyPatch) -> None:

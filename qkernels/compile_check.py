@@ -1,0 +1,145 @@
+"""Compile the project's Triton kernels for a GPU target on a machine without one.
+
+    python -m qkernels.compile_check              # sm_90 (Hopper), every kernel and config below
+    python -m qkernels.compile_check --arch 80    # Ampere
+
+The Triton interpreter (the CPU tests) runs a kernel's Python, not its code generator: a kernel can pass every
+interpreter test and still fail to compile (session 17: an ``if`` on a constexpr whose branches returned int8
+and uint8). Compiling for the target needs no GPU (the Triton wheel ships ``ptxas``), so this catches those
+errors, and reports each kernel's registers and spills where ``cuobjdump`` is there to read them. Run it in a
+fresh process: with ``TRITON_INTERPRET=1`` set, ``triton.jit`` makes interpreter functions that do not compile.
+The Gluon kernels (:mod:`qkernels.gemv_mma`, :mod:`qkernels.gemm_wgmma`) are not covered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+@dataclass
+class Case:
+    """One kernel and config: argument types beyond the defaults (pointers ``*fp32``, other scalars ``i32``) and
+    every constexpr's value."""
+
+    name: str
+    kernel: Any
+    types: dict[str, str] = field(default_factory=dict)
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+
+
+def signature(case: Case) -> dict[str, str]:
+    """The kernel's signature: ``constexpr`` for its constexprs, else the case's type or the default."""
+    parameters = inspect.signature(case.kernel.fn).parameters  # (a JITFunction's, or an interpreter function's)
+    names = list(parameters)
+    constexprs = [name for name, p in parameters.items() if "constexpr" in str(p.annotation)]
+    if missing := [name for name in constexprs if name not in case.constexprs]:
+        raise ValueError(f"{case.name}: no value for the constexprs {missing}")
+    if unknown := sorted(set(case.types) - set(names)):
+        raise ValueError(f"{case.name}: {unknown} are not arguments of {case.kernel.__name__}")
+    return {name: "constexpr" if name in case.constexprs else case.types.get(name, "*fp32" if name.endswith("_ptr") else "i32")
+            for name in names}
+
+
+def cases() -> list[Case]:
+    """The kernels and configs the dispatchers and the tests launch (a representative config of each)."""
+    from qkernels import block_matmul as bm
+    from qkernels import int_matmul as im
+    from qkernels import quant
+    from bench.read_floor import _read_kernel
+
+    out: list[Case] = []
+    for a_zero, (block_m, block_k, split) in ((True, (16, 128, 3)), (False, (64, 64, 1))):
+        out.append(Case(f"int8 gemm {block_m}x64x{block_k} split {split} zero {a_zero}", im._int8_gemm_kernel,
+                        {"a_ptr": "*u8" if a_zero else "*i8", "b_ptr": "*i8", "y_ptr": "*fp16", "count_ptr": "*i32"},
+                        dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=split, A_ZERO=a_zero)))
+    out.append(Case("int8 scaling", im._scale_int32_kernel, {"acc_ptr": "*i32", "y_ptr": "*fp16"}, dict(BLOCK_M=32, BLOCK_N=128, A_ZERO=True)))
+    for a_zero in (True, False):
+        out.append(Case(f"w4a8 zero {a_zero}", im._w4a8_kernel,
+                        {"a_ptr": "*u8" if a_zero else "*i8", "w_ptr": "*i32", "hi_ptr": "*i32", "scale_ptr": "*fp16", "zero_ptr": "*fp16",
+                         "y_ptr": "*fp16"},
+                        dict(SLOTS=8, RUN=32, HAS_ZERO=True, SUB=4, BLOCK_M=32, BLOCK_N=64, A_ZERO=a_zero)))
+    for scaled, a_digit, block_m in ((True, 7, 16), (False, 1, 64)):
+        out.append(Case(f"bit-plane W4A4 digits {a_digit} rows {block_m} scaled {scaled}", im._bitplane_kernel,
+                        {"a_ptr": "*u8", "w_ptr": "*i32", "y_ptr": "*fp16" if scaled else "*i32"},
+                        dict(W_BITS=4, A_BITS=4, A_DIGIT=a_digit, RUN=16, SUB=8, BLOCK_M=block_m, BLOCK_N=64, SCALED=scaled)))
+    for symmetric in (True, False):
+        out.append(Case(f"int quantize a code a byte, symmetric {symmetric}", quant._int_group_kernel,
+                        {"x_ptr": "*fp16", "out_ptr": "*fp16", "codes_ptr": "*i8" if symmetric else "*u8"},
+                        dict(GROUP=4096, GROUP_P2=4096, TILE=1, SYMMETRIC=symmetric, QMIN=-128 if symmetric else 0, QMAX=127 if symmetric else 255,
+                             BITS=8, FP16_SCALE=True, FP16_TINY=quant.FP16_TINY, FAKE=False, SOFT_BF16=False, UNPACKED=True)))
+    block_types = {"x_ptr": "*fp16", "words_ptr": "*i32", "scales_ptr": "*u8", "y_ptr": "*fp16", "count_ptr": "*i32", "out_scale": "fp32",
+                   "value_scale": "fp32"}
+    fp4 = dict(DECODE="fp", ELEM_BITS=4, MAN_BITS=1)
+    int8 = dict(DECODE="int", ELEM_BITS=8, MAN_BITS=0)
+    for label, per_word, mx, decode in (("MXFP4", 8, True, fp4), ("MXINT8", 4, True, int8), ("NVFP4", 8, False, fp4)):
+        block = 32 if mx else 16
+        gemv_types = {k: v for k, v in block_types.items() if k != "value_scale"}
+        out.append(Case(f"block gemv {label}", bm._block_gemv_kernel, gemv_types,
+                        dict(BLOCK=block, PER_WORD=per_word, MX=mx, WORDS=16, BLOCK_N=16, SPLIT_K=2, **decode)))
+        for scaled in (True, False) if mx else (True,):
+            step = (128 if per_word == 8 else 64) if scaled else 32
+            out.append(Case(f"block dot {label} step {step}", bm._block_matmul_kernel, block_types,
+                            dict(BLOCK=block, PER_WORD=per_word, MX=mx, SCALED_WEIGHTS=scaled, STEP=step, BLOCK_M=16, BLOCK_N=64,
+                                 INTERPRET=False, SPLIT_K=2, **decode)))
+        out.append(Case(f"block dequant {label}", bm._block_dequant_kernel, {"words_ptr": "*i32", "scales_ptr": "*u8", "w_ptr": "*fp16",
+                                                                              "out_scale": "fp32", "value_scale": "fp32"},
+                        dict(BLOCK=block, PER_WORD=per_word, MX=mx, WORDS=32, BLOCK_N=32, **decode)))
+    out.append(Case("read floor", _read_kernel, {"src_ptr": "*i32", "out_ptr": "*i32"}, dict(BLOCK=4096)))
+    return out
+
+
+def resources(cubin: bytes) -> str:
+    """``cuobjdump -res-usage`` of a cubin (registers, stack = spills), if the Triton wheel's cuobjdump is there."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool) and not (tool := shutil.which("cuobjdump") or ""):
+        return "(no cuobjdump)"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    line = next((line.strip() for line in usage.splitlines() if "REG:" in line), "")
+    return " ".join(part for part in line.split() if part.split(":")[0] in ("REG", "STACK", "SHARED", "LOCAL"))
+
+
+def compile_case(case: Case, arch: int) -> str:
+    """Compile one case for ``sm_<arch>``; its resource line (a CompilationError propagates)."""
+    source = ASTSource(case.kernel, signature(case), constexprs=case.constexprs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=case.num_warps))
+    return resources(kernel.asm["cubin"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 80, 89, 90")
+    parser.add_argument("--only", default="", help="cases whose name contains this")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("TRITON_INTERPRET=1 is set: triton.jit makes interpreter functions, which do not compile; unset it", file=sys.stderr)
+        return 2
+    failed = []
+    for case in (c for c in cases() if args.only in c.name):
+        try:
+            print(f"{case.name}: {compile_case(case, args.arch)}", flush=True)
+        except Exception as err:  # noqa: BLE001 (every failure is reported, the other cases still compile)
+            failed.append(case.name)
+            print(f"{case.name}: FAILED {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}", flush=True)
+    if failed:
+        print(f"{len(failed)} failed: {failed}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
