@@ -98,6 +98,39 @@ def cases() -> list[Case]:
                                                                               "out_scale": "fp32", "value_scale": "fp32"},
                         dict(BLOCK=block, PER_WORD=per_word, MX=mx, WORDS=32, BLOCK_N=32, **decode)))
     out.append(Case("read floor", _read_kernel, {"src_ptr": "*i32", "out_ptr": "*i32"}, dict(BLOCK=4096)))
+    return out + lowbit_cases()
+
+
+def lowbit_cases() -> list[Case]:
+    """The packed int kernels of :mod:`qkernels.lowbit_matmul` (fp32 and fp16-pair GEMV, MMA, GEMM, dequant) for
+    grouped W1 to W4 with zero points, their constexprs from a small packed weight of each layout."""
+    import torch
+
+    from qkernels import lowbit_matmul as lm
+    from qkernels.pack import CODE_BITS, pack_weight
+
+    types = {"x_ptr": "*fp16", "w_ptr": "*i32", "hi_ptr": "*i32", "scale_ptr": "*fp16", "zero_ptr": "*fp16", "y_ptr": "*fp16",
+             "count_ptr": "*i32", "zero_const": "fp32"}
+    out = []
+    for layout in lm.UINT_LAYOUTS:
+        top = 2 ** CODE_BITS[layout] - 1
+        pw = pack_weight(torch.randint(0, top + 1, (64, 1024)), torch.rand(64, 8).half(), torch.randint(0, top + 1, (64, 8)).half(), layout, 128,
+                         run=32)
+        _, consts = lm._kernel_args(pw)
+        pair = {name: consts[name] for name in ("BITS", "SLOTS", "RUN", "SLOTS_PER_GROUP", "HAS_ZERO")}
+        out += [
+            Case(f"{layout} fp32 GEMV", lm._gemv_kernel, types, dict(consts, BLOCK_N=32, SPLIT_K=2)),
+            Case(f"{layout} MMA", lm._mma_kernel, types, dict(pair, BLOCK_N=64, BLOCK_M=16, SPLIT_K=2, FOLD=layout == "uint4", INTERPRET=False)),
+            Case(f"{layout} GEMM", lm._gemm_kernel, types, dict(consts, BLOCK_M=64, BLOCK_N=64, SUB=lm.gemm_sub_slots(pw, 64), SPLIT_K=1,
+                                                                 INTERPRET=False)),
+            Case(f"{layout} dequant", lm._dequant_kernel, {k: v for k, v in types.items() if k in ("w_ptr", "hi_ptr", "scale_ptr", "zero_ptr",
+                                                                                                 "zero_const")} | {"out_ptr": "*fp16"},
+                 dict(consts, MATH_DTYPE=lm.math_dtype(torch.float16), BLOCK_N=32)),
+        ]
+        if lm.pairs_fit(pw, torch.float16):
+            out.append(Case(f"{layout} fp16-pair GEMV", lm._gemv_pairs_kernel, types,
+                            dict(pair, GROUPS_IN_CHUNK=pw.chunk % pw.group_size == 0, INTEGER_ZEROS=True, BLOCK_N=64, SPLIT_K=2, EVEN_K=True,
+                                 EVEN_N=True, INTERPRET=False)))
     return out
 
 
