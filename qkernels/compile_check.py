@@ -54,11 +54,12 @@ def signature(case: Case) -> dict[str, str]:
 
 
 def cases() -> list[Case]:
-    """The kernels and configs the dispatchers and the tests launch (a representative config of each)."""
+    """Every Triton kernel of the project (a representative config of each, several where constexprs pick code)."""
     from qkernels import block_matmul as bm
     from qkernels import int_matmul as im
     from qkernels import quant
     from bench.read_floor import _read_kernel
+    from methods.common.microscaling import MxFormat, NvFormat
 
     out: list[Case] = []
     for a_zero, (block_m, block_k, split) in ((True, (16, 128, 3)), (False, (64, 64, 1))):
@@ -80,6 +81,15 @@ def cases() -> list[Case]:
                         {"x_ptr": "*fp16", "out_ptr": "*fp16", "codes_ptr": "*i8" if symmetric else "*u8"},
                         dict(GROUP=4096, GROUP_P2=4096, TILE=1, SYMMETRIC=symmetric, QMIN=-128 if symmetric else 0, QMAX=127 if symmetric else 255,
                              BITS=8, FP16_SCALE=True, FP16_TINY=quant.FP16_TINY, FAKE=False, SOFT_BF16=False, UNPACKED=True)))
+    out.append(Case("int fake quant g128", quant._int_group_kernel, {"x_ptr": "*fp16", "out_ptr": "*fp16", "codes_ptr": "*u8"},
+                    dict(GROUP=128, GROUP_P2=128, TILE=32, SYMMETRIC=False, QMIN=0, QMAX=15, BITS=4, FP16_SCALE=True,
+                         FP16_TINY=quant.FP16_TINY, FAKE=True, SOFT_BF16=False, UNPACKED=False)))
+    out.append(Case("finite amax", quant._finite_amax_kernel, {"x_ptr": "*fp16"}, dict(BLOCK=16384)))
+    for fmt, fake in ((MxFormat("e2m1"), True), (MxFormat("e2m1"), False), (NvFormat("e2m1"), False), (MxFormat("int8"), False)):
+        out.append(Case(f"{fmt.name} {'fake quant' if fake else 'quantize'}", quant._block_kernel,
+                        {"x_ptr": "*fp16", "out_ptr": "*fp16", "codes_ptr": "*u8", "scales_ptr": "*u8"},
+                        dict(BLOCK=fmt.BLOCK, TILE=64, RAGGED=False, NV=isinstance(fmt, NvFormat), FAKE=fake, SOFT_BF16=False,
+                             **quant._element_constants(fmt.elem))))
     block_types = {"x_ptr": "*fp16", "words_ptr": "*i32", "scales_ptr": "*u8", "y_ptr": "*fp16", "count_ptr": "*i32", "out_scale": "fp32",
                    "value_scale": "fp32"}
     fp4 = dict(DECODE="fp", ELEM_BITS=4, MAN_BITS=1)
