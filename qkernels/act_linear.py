@@ -1,5 +1,5 @@
 """``ActQuantLinear``: a linear layer with integer weights *and* integer activations, on the activation-quantized
-kernels of :mod:`qkernels.int_matmul` (W8A8 and ABQ-LLM's bit-plane WpAq).
+kernels of :mod:`qkernels.int_matmul` (W8A8, W4A8 and ABQ-LLM's bit-plane WpAq).
 
 Built from a layer's weight, the cell's weight format (an :class:`~methods.common.formats.IntFormat` with one
 scale per output channel) and its activation format (an ``IntFormat`` with one scale per token, dynamic: scales
