@@ -8,7 +8,8 @@ interpreter test and still fail to compile (session 17: an ``if`` on a constexpr
 and uint8). Compiling for the target needs no GPU (the Triton wheel ships ``ptxas``), so this catches those
 errors, and reports each kernel's registers and spills where ``cuobjdump`` is there to read them. Run it in a
 fresh process: with ``TRITON_INTERPRET=1`` set, ``triton.jit`` makes interpreter functions that do not compile.
-The Gluon kernels (:mod:`qkernels.gemv_mma`, :mod:`qkernels.gemm_wgmma`) are not covered.
+The Gluon kernels (:mod:`qkernels.gemv_mma`, :mod:`qkernels.gemm_wgmma`) are compiled for sm_90 whatever ``--arch``
+says (they are Hopper kernels; the GEMV's ``mma.sync`` would also run on Ampere).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class Case:
     types: dict[str, str] = field(default_factory=dict)
     constexprs: dict[str, Any] = field(default_factory=dict)
     num_warps: int = 4
+    gluon: bool = False  # a Gluon kernel (its own AST source)
+    options: dict[str, Any] = field(default_factory=dict)  # more compile options (maxnreg)
 
 
 def signature(case: Case) -> dict[str, str]:
@@ -108,7 +111,7 @@ def cases() -> list[Case]:
                                                                               "out_scale": "fp32", "value_scale": "fp32"},
                         dict(BLOCK=block, PER_WORD=per_word, MX=mx, WORDS=32, BLOCK_N=32, **decode)))
     out.append(Case("read floor", _read_kernel, {"src_ptr": "*i32", "out_ptr": "*i32"}, dict(BLOCK=4096)))
-    return out + lowbit_cases()
+    return out + lowbit_cases() + gluon_cases()
 
 
 def lowbit_cases() -> list[Case]:
@@ -144,6 +147,54 @@ def lowbit_cases() -> list[Case]:
     return out
 
 
+def gluon_cases() -> list[Case]:
+    """The Gluon kernels (sm_90 only): the tensor-core GEMV on plain loads (W1, W3) and on its TMA feed (W4, routed W1,
+    W3), the wgmma GEMM (W4, W3), their constants from a packed weight as the launchers build them."""
+    import torch
+    from triton.runtime.jit import mangle_type
+
+    from qkernels import gemm_wgmma as gw
+    from qkernels import gemv_mma as gm
+    from qkernels import lowbit_matmul as lm
+    from qkernels.pack import CODE_BITS, pack_weight
+
+    def packed(layout: str, n: int) -> Any:
+        top = 2 ** CODE_BITS[layout] - 1
+        return pack_weight(torch.randint(0, top + 1, (n, 4096)), torch.rand(n, 32).half(), torch.randint(0, top + 1, (n, 32)).half(), layout,
+                           128, run=32)
+
+    def types(kernel: Any, consts: dict, values: list) -> dict[str, str]:
+        names = [name for name in inspect.signature(kernel.fn).parameters if name not in consts]
+        dtypes = {torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
+        return {name: dtypes[v.dtype] if isinstance(v, torch.Tensor) else "fp32" if isinstance(v, float) else "i32" if isinstance(v, int)
+                else mangle_type(v) for name, v in zip(names, values)}
+
+    out = []
+    y, partial, count = torch.empty(1, 256).half(), torch.empty(16), torch.zeros(16, dtype=torch.int32)
+    for layout, config in (("uint1", gm.GemvMmaConfig(64, 4, 2)), ("uint3", gm.GemvMmaConfig(64, 4, 4)), ("uint4", gm.GemvMmaConfig(128, 4, 4, stages=2)),
+                           ("uint1", gm.GemvMmaConfig(128, 4, 2, stages=2, route=True)), ("uint3", gm.GemvMmaConfig(64, 4, 2, stages=2))):
+        pw = packed(layout, 256)
+        kernel, sizes, consts = gm.launch_constants(pw, config)
+        words, high, scale, zero = lm.kernel_tensors(pw)
+        weights = gm._descriptors(pw, words, scale, zero, config) if config.stages else (words, high, scale, zero)
+        options = {name: consts.pop(name) for name in ("num_warps", "launch_pdl", "maxnreg") if name in consts}
+        values = [torch.empty(1, pw.k).half(), *weights, y, partial, count, *sizes, pw.k, pw.n]
+        out.append(Case(f"{layout} tensor-core GEMV{' TMA' if config.stages else ''}{' routed' if config.route else ''}", kernel,
+                        types(kernel, consts, values), consts, options["num_warps"], gluon=True, options={"maxnreg": options.get("maxnreg")}))
+    for layout in ("uint4", "uint3"):
+        pw = packed(layout, 512)
+        config = gw.GemmWgmmaConfig(block_n=64, block_m=64, num_warps=4)
+        consts = gw.launch_constants(pw, config, config.split_k)
+        num_warps = consts.pop("num_warps")
+        x = torch.empty(64, pw.k).half()
+        words, high, scale, zero = lm.kernel_tensors(pw)
+        values = [gw.x_descriptor(x, pw, config), words, high, scale, zero, torch.empty(64, pw.n).half(), partial, count, 64, pw.n,
+                  words.shape[1] // pw.run, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const, words.stride(0), high.stride(0), pw.n,
+                  8, 8, 8, 1]
+        out.append(Case(f"{layout} wgmma GEMM", gw._gemm_wgmma_kernel, types(gw._gemm_wgmma_kernel, consts, values), consts, num_warps, gluon=True))
+    return out
+
+
 def resources(cubin: bytes) -> str:
     """``cuobjdump -res-usage`` of a cubin (registers, stack = spills), if the Triton wheel's cuobjdump is there."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -158,9 +209,15 @@ def resources(cubin: bytes) -> str:
 
 
 def compile_case(case: Case, arch: int) -> str:
-    """Compile one case for ``sm_<arch>``; its resource line (a CompilationError propagates)."""
-    source = ASTSource(case.kernel, signature(case), constexprs=case.constexprs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=case.num_warps))
+    """Compile one case for ``sm_<arch>`` (Gluon: sm_90); its resource line (a CompilationError propagates)."""
+    if case.gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        source = GluonASTSource(case.kernel, signature(case), constexprs=case.constexprs)
+    else:
+        source = ASTSource(case.kernel, signature(case), constexprs=case.constexprs)
+    target = GPUTarget("cuda", 90 if case.gluon else arch, 32)
+    kernel = triton.compile(source, target=target, options=dict(num_warps=case.num_warps, **case.options))
     return resources(kernel.asm["cubin"])
 
 
@@ -186,3 +243,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

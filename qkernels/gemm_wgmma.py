@@ -56,11 +56,12 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from qkernels import lowbit_matmul as lm
 from qkernels import tuned
+from qkernels.gluon_compat import async_load, barrier, reinterpret
 from qkernels.pack import PackedWeight
 
 RUN = gl.constexpr(lm.GEMV_MMA_RUN)  # K per slot of a chunk: 32 words per row
@@ -222,7 +223,7 @@ def _gemm_wgmma_kernel(
         x_tiles = xs
     else:  # the boxes [GROUP, BLOCK_M, SPS * RUN] seen as STAGES * GROUP step tiles (each box's tiles swizzled as 2-D ones)
         xs = gl.allocate_shared_memory(gl.float16, [STAGES, GROUP, BLOCK_M, SPS * RUN], x_desc.layout)
-        x_tiles = xs._reinterpret(gl.float16, [STAGES * GROUP, BLOCK_M, SPS * RUN],
+        x_tiles = reinterpret(xs, gl.float16, [STAGES * GROUP, BLOCK_M, SPS * RUN],
                                   gl.NVMMASharedLayout(swizzle_byte_width=2 * SPS * RUN, element_bitwidth=16, rank=2))
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
@@ -311,7 +312,7 @@ def _gemm_wgmma_kernel(
         n_cell = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))[:, None]
         cell = n_cell * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))[None, :]
         gl.store(partial_ptr + (split * n_tiles + tile).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, acc)
-        gl.thread_barrier()
+        barrier()
         arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == splits - 1:
             total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
@@ -337,10 +338,10 @@ def _load_unit(x_desc, xs, ready, unit, k0, off_m, n_steps, TILE_BYTES: gl.const
     again = unit * GROUP < n_steps
     mbarrier.expect(ready.index(unit % STAGES), TILE_BYTES, pred=again)
     if GROUP == 1:
-        tma.async_copy_global_to_shared(x_desc, [off_m, k0 + unit * SPS * RUN], ready.index(unit % STAGES), xs.index(unit % STAGES),
+        async_load(x_desc, [off_m, k0 + unit * SPS * RUN], ready.index(unit % STAGES), xs.index(unit % STAGES),
                                         pred=again)
     else:
-        tma.async_copy_global_to_shared(x_desc, [k0 // (SPS * RUN) + unit * GROUP, off_m, 0], ready.index(unit % STAGES),
+        async_load(x_desc, [k0 // (SPS * RUN) + unit * GROUP, off_m, 0], ready.index(unit % STAGES),
                                         xs.index(unit % STAGES), pred=again)
 
 
@@ -479,17 +480,9 @@ def gemm_wgmma(x: torch.Tensor, pw: PackedWeight, config: GemmWgmmaConfig | None
     check_config(config)
     y = lm.output(out, (m, pw.n), x)
     words, high, scale, zero = lm.kernel_tensors(pw)
-    span = config.slots_per_step * RUN.value  # K of a step
-    if config.steps_per_box == 1:
-        box = [config.block_m, span]
-        x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), box, gl.NVMMASharedLayout.get_default_for(box, gl.float16))
-    else:  # x as [K / span, M, span]: a box of steps_per_box step tiles, each laid out as the 2-D box would be
-        if not boxes_fit(pw, config):
-            raise ValueError(f"steps_per_box={config.steps_per_box} needs K a multiple of {span} (got {pw.k}) and to divide "
-                             f"the {pw.slots // config.slots_per_step} steps of a chunk; use steps_per_box=1 here")
-        box = [config.steps_per_box, config.block_m, span]
-        layout = gl.NVMMASharedLayout(swizzle_byte_width=2 * span, element_bitwidth=16, rank=3)  # as get_default_for's 2-D one
-        x_desc = TensorDescriptor(x, [pw.k // span, m, span], [span, x.stride(0), 1], box, layout)
+    if config.steps_per_box > 1 and not boxes_fit(pw, config):
+        raise ValueError(f"steps_per_box={config.steps_per_box} needs K a multiple of {config.slots_per_step * RUN.value} (got {pw.k}) "
+                         f"and to divide the {pw.slots // config.slots_per_step} steps of a chunk; use steps_per_box=1 here")
     tiles_n = triton.cdiv(pw.n, config.block_n)
     tiles = tiles_n * triton.cdiv(m, config.block_m)
     n_full, tail_split = tail_tiles(tiles, config.tail_split, sm_count(x.device))
@@ -497,10 +490,30 @@ def gemm_wgmma(x: torch.Tensor, pw: PackedWeight, config: GemmWgmmaConfig | None
     partial, count = lm.split_buffers(y, (tiles, 1, splits), config.block_n * config.block_m)
     grid = (n_full * config.split_k + (tiles - n_full) * tail_split,)
     _gemm_wgmma_kernel[grid](
-        x_desc, words, high, scale, zero, y, partial, count, m, pw.n, words.shape[1] // pw.run, pw.n_groups, *scale.stride(),
-        pw.group_size, pw.zero_const, words.stride(0), high.stride(0), y.stride(0), tiles_n, tiles, n_full, tail_split, BITS=lm.CODE_BITS[pw.layout], SLOTS=pw.slots,
-        SPG=pw.group_size // pw.run, HAS_ZERO=pw.zero is not None, INT_ZERO=pw.zero_grid == 1.0, BLOCK_N=config.block_n, BLOCK_M=config.block_m,
-        STAGES=config.stages, SPS=config.slots_per_step, GAHEAD=config.group_ahead, SPLIT_K=config.split_k, SPLITS=splits, NUM_WARPS=config.num_warps,
-        GROUP=config.steps_per_box, num_warps=config.num_warps,
+        x_descriptor(x, pw, config), words, high, scale, zero, y, partial, count, m, pw.n, words.shape[1] // pw.run, pw.n_groups,
+        *scale.stride(), pw.group_size, pw.zero_const, words.stride(0), high.stride(0), y.stride(0), tiles_n, tiles, n_full, tail_split,
+        **launch_constants(pw, config, splits),
     )
     return y
+
+
+def x_descriptor(x: torch.Tensor, pw: PackedWeight, config: GemmWgmmaConfig) -> TensorDescriptor:
+    """The activations' TMA descriptor: boxes ``[BLOCK_M, span]`` of a step's K span, or with ``steps_per_box`` > 1 x
+    seen as ``[K / span, M, span]`` and boxes of that many step tiles, each laid out as the 2-D box would be."""
+    span = config.slots_per_step * RUN.value  # K of a step
+    if config.steps_per_box == 1:
+        box = [config.block_m, span]
+        return TensorDescriptor(x, list(x.shape), list(x.stride()), box, gl.NVMMASharedLayout.get_default_for(box, gl.float16))
+    box = [config.steps_per_box, config.block_m, span]
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=2 * span, element_bitwidth=16, rank=3)  # as get_default_for's 2-D one
+    return TensorDescriptor(x, [pw.k // span, x.shape[0], span], [span, x.stride(0), 1], box, layout)
+
+
+def launch_constants(pw: PackedWeight, config: GemmWgmmaConfig, splits: int) -> dict:
+    """The kernel's compile-time constants (and warps) for ``config`` with ``splits`` K splits of the tail tiles
+    (also what :mod:`qkernels.compile_check` compiles without a GPU)."""
+    return dict(
+        BITS=lm.CODE_BITS[pw.layout], SLOTS=pw.slots, SPG=pw.group_size // pw.run, HAS_ZERO=pw.zero is not None, INT_ZERO=pw.zero_grid == 1.0,
+        BLOCK_N=config.block_n, BLOCK_M=config.block_m, STAGES=config.stages, SPS=config.slots_per_step, GAHEAD=config.group_ahead,
+        SPLIT_K=config.split_k, SPLITS=splits, NUM_WARPS=config.num_warps, GROUP=config.steps_per_box, num_warps=config.num_warps,
+    )

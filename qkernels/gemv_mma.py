@@ -72,11 +72,12 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from qkernels import lowbit_matmul as lm
 from qkernels import tuned
+from qkernels.gluon_compat import async_load, barrier, reinterpret
 from qkernels.pack import PackedWeight
 
 RUN = gl.constexpr(lm.GEMV_MMA_RUN)  # words per row and chunk: 4 lanes x 8 words
@@ -384,10 +385,10 @@ def _gemv_mma_kernel(
     offset_sums = gl.allocate_shared_memory(gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
     x_sums = gl.allocate_shared_memory(gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
     _stage(x_ptr + pid_m * stride_xm, first * CHUNK, last - first, K, xs, offset_sums, x_sums, NUM_WARPS, BITS, SLOTS, STEP, XS_CHUNKS, EVEN_K)
-    xs = xs._reinterpret(gl.int32, [XS_CHUNKS, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
-    offset_sums = offset_sums._reinterpret(gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    x_sums = x_sums._reinterpret(gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    gl.thread_barrier()
+    xs = reinterpret(xs, gl.int32, [XS_CHUNKS, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    offset_sums = reinterpret(offset_sums, gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    x_sums = reinterpret(x_sums, gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    barrier()
     acc = gl.zeros((BLOCK_N // 2, 2, RUN), gl.float32, layout)
     y_acc = gl.zeros((BLOCK_N // 2, 2, 4), gl.float32, _lanes(NUM_WARPS))
     s_lo, s_hi, z_lo, z_hi = next_values
@@ -439,9 +440,9 @@ def _fetch(w_desc, h_desc, w_smem, h_smem, ready, buf, chunk, row0, pred, BITS: 
     (a high chunk covers two chunks: ``chunk // 2``), both arriving on ``ready[buf]``."""
     nbytes: gl.constexpr = w_desc.block_type.nbytes + (h_desc.block_type.nbytes if BITS == 3 else 0)
     mbarrier.expect(ready.index(buf), nbytes, pred=pred)
-    tma.async_copy_global_to_shared(w_desc, [row0, chunk * RUN], ready.index(buf), w_smem.index(buf), pred=pred)
+    async_load(w_desc, [row0, chunk * RUN], ready.index(buf), w_smem.index(buf), pred=pred)
     if BITS == 3:
-        tma.async_copy_global_to_shared(h_desc, [row0, chunk // 2 * RUN], ready.index(buf), h_smem.index(buf), pred=pred)
+        async_load(h_desc, [row0, chunk // 2 * RUN], ready.index(buf), h_smem.index(buf), pred=pred)
 
 
 @gluon.jit
@@ -450,7 +451,7 @@ def _refill(w_desc, h_desc, w_smem, h_smem, ready, i, first, n_here, row0, STAGE
     """Once chunk ``i``'s words are in registers: where the split has more chunks than buffers, every warp
     is past its read, then chunk ``i + STAGES`` goes into the freed buffer."""
     if STAGES < XS_CHUNKS:
-        gl.thread_barrier()
+        barrier()
         refill = i + STAGES
         _fetch(w_desc, h_desc, w_smem, h_smem, ready, i % STAGES, first + refill, row0, refill < n_here, BITS)
 
@@ -472,8 +473,8 @@ def _route_chunks(w_desc, w_smem, ready, s_smem, z_smem, xs, offset_sums, x_sums
     GBOX: gl.constexpr = s_smem.shape[0]
     # the box's groups by chunk [GBOX // 8, half, t, P, q, parity] (the box starts at the split's first chunk)
     by_chunk: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0])
-    s_chunks = s_smem._reinterpret(s_smem.dtype, [GBOX // 8, 2, 4, P, 4, 2], by_chunk)
-    z_chunks = z_smem._reinterpret(z_smem.dtype, [GBOX // 8, 2, 4, P, 4, 2], by_chunk)
+    s_chunks = reinterpret(s_smem, s_smem.dtype, [GBOX // 8, 2, 4, P, 4, 2], by_chunk)
+    z_chunks = reinterpret(z_smem, z_smem.dtype, [GBOX // 8, 2, 4, P, 4, 2], by_chunk)
     y_acc = gl.zeros([P, 4, 2, 4, 2], gl.float32, cols)
     for i in range(n_here):
         buf = i % STAGES
@@ -547,13 +548,13 @@ def _gemv_tma_kernel(
     s_smem = gl.allocate_shared_memory(s_desc.dtype, [GBOX, BLOCK_N], s_desc.layout)
     z_smem = gl.allocate_shared_memory(s_desc.dtype, [GBOX, BLOCK_N], s_desc.layout)
     mbarrier.expect(values, s_desc.block_type.nbytes * (2 if HAS_ZERO else 1))
-    tma.async_copy_global_to_shared(s_desc, [g0, pid_n * BLOCK_N], values, s_smem)
+    async_load(s_desc, [g0, pid_n * BLOCK_N], values, s_smem)
     if HAS_ZERO:
-        tma.async_copy_global_to_shared(z_desc, [g0, pid_n * BLOCK_N], values, z_smem)
+        async_load(z_desc, [g0, pid_n * BLOCK_N], values, z_smem)
     # one group's rows as the cells [BLOCK_N // 2, 2] (a rank-2 layout: the indexed views drop the group axis)
     by_group: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    s_groups = s_smem._reinterpret(s_desc.dtype, [GBOX, BLOCK_N // 2, 2], by_group)
-    z_groups = z_smem._reinterpret(s_desc.dtype, [GBOX, BLOCK_N // 2, 2], by_group)
+    s_groups = reinterpret(s_smem, s_desc.dtype, [GBOX, BLOCK_N // 2, 2], by_group)
+    z_groups = reinterpret(z_smem, s_desc.dtype, [GBOX, BLOCK_N // 2, 2], by_group)
     if PDL:  # the weights' loads are out: wait for the previous kernel, then let the next one's programs in
         _grid_dependency(True)
         _grid_dependency(False)
@@ -567,12 +568,12 @@ def _gemv_tma_kernel(
     _stage(x_ptr + pid_m * stride_xm, first * CHUNK, n_here, K, xs, offset_sums, x_sums, NUM_WARPS, BITS, SLOTS, STEP, XS_CHUNKS, EVEN_K,
            ROUTE)
     if ROUTE:
-        xs = xs._reinterpret(gl.int32, [XS_CHUNKS, HALF, 4, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
+        xs = reinterpret(xs, gl.int32, [XS_CHUNKS, HALF, 4, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     else:
-        xs = xs._reinterpret(gl.int32, [XS_CHUNKS, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
-    offset_sums = offset_sums._reinterpret(gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    x_sums = x_sums._reinterpret(gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    gl.thread_barrier()
+        xs = reinterpret(xs, gl.int32, [XS_CHUNKS, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    offset_sums = reinterpret(offset_sums, gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    x_sums = reinterpret(x_sums, gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    barrier()
 
     mbarrier.wait(values, 0)
     if ROUTE:
@@ -619,7 +620,7 @@ def _store_rows(y, y_row, row_ok, partial_ptr, count_ptr, cell, pid_m, pid_n, BL
         n_tiles = gl.num_programs(0) * gl.num_programs(1)
         tile = pid_m * gl.num_programs(1) + pid_n
         gl.store(partial_ptr + (gl.program_id(2) * n_tiles + tile) * BLOCK_N + cell, y)
-        gl.thread_barrier()
+        barrier()
         arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
             total = gl.zeros((BLOCK_N // 2, 2), gl.float32, rows_layout)
@@ -754,9 +755,22 @@ def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     (:meth:`PackedWeight.memo`, shared: it holds no tensor): the kernel, sizes and compile-time constants."""
     if config.block_n % (16 * config.num_warps):
         raise ValueError(f"block_n must be a multiple of 16 * num_warps = {16 * config.num_warps}, got {config.block_n}")
+    if config.stages and not tma_fits(pw, config):
+        raise ValueError(f"stages={config.stages} (TMA) needs a Hopper GPU, 16-byte aligned words, scales and zero points "
+                         f"and at most {MAX_GROUP_BOX} groups a split; use stages=0 here")
+    if config.route and not config.stages:
+        raise ValueError("route=True runs on the TMA feed only (stages > 0)")
+    if config.route and not routes(pw):
+        raise ValueError(f"route=True needs one plane of words (not uint3) and four groups in a chunk half (group_size = "
+                         f"{pw.chunk // 8}); got {pw.layout} with group_size {pw.group_size}")
+    return launch_constants(pw, config, pdl=config.pdl and lm.has_pdl(pw.words.device))
+
+
+def launch_constants(pw: PackedWeight, config: GemvMmaConfig, pdl: bool = False) -> tuple:
+    """The kernel (plain loads or TMA), its sizes and compile-time constants for ``config`` (no device checks: also
+    what :mod:`qkernels.compile_check` compiles without a GPU)."""
     words, high, scale, zero = lm.kernel_tensors(pw)
     n_chunks = words.shape[1] // pw.run
-    pdl = config.pdl and lm.has_pdl(words.device)
     consts = dict(
         BITS=lm.CODE_BITS[pw.layout], SLOTS=pw.slots, SPG=pw.group_size // pw.run, HAS_ZERO=pw.zero is not None, BLOCK_N=config.block_n,
         SPLIT_K=config.split_k, NUM_WARPS=config.num_warps, XS_CHUNKS=triton.next_power_of_2(triton.cdiv(n_chunks, config.split_k)),
@@ -764,17 +778,9 @@ def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
         **({} if config.maxnreg is None else {'maxnreg': config.maxnreg}),
     )
     if config.stages:
-        if not tma_fits(pw, config):
-            raise ValueError(f"stages={config.stages} (TMA) needs a Hopper GPU, 16-byte aligned words, scales and zero points "
-                             f"and at most {MAX_GROUP_BOX} groups a split; use stages=0 here")
-        if config.route and not routes(pw):
-            raise ValueError(f"route=True needs one plane of words (not uint3) and four groups in a chunk half (group_size = "
-                             f"{pw.chunk // 8}); got {pw.layout} with group_size {pw.group_size}")
         sizes = (pw.n, pw.k, n_chunks, pw.group_size, pw.zero_const)
         consts.update(STAGES=config.stages, ROUTE=config.route)
         return _gemv_tma_kernel, sizes, consts
-    if config.route:
-        raise ValueError("route=True runs on the TMA feed only (stages > 0)")
     sizes = (pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const, words.stride(0), high.stride(0))
     return _gemv_mma_kernel, sizes, consts
 
