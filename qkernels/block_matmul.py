@@ -9,7 +9,7 @@ Every kernel reads the codes as int32 words (8 nibbles or 4 bytes) and decodes t
 (:func:`_element_pair`): fp elements' exponent and mantissa bits moved into fp16 bit patterns (exact: the element's
 exponent field fits fp16's; a power of two, folded into the scales, rescales them), int elements through
 ``0x6400 | code ^ half``; scale bytes by bit operations too (E8M0 into an fp32 exponent, E4M3 into an fp16 pattern),
-so no kernel gathers from a table (formats whose elements fp16 cannot hold would; none of the MX/NV ones).
+so no kernel gathers from a table.
 
 * :func:`block_gemv` (batch 1): one activation row a program, each word's elements times their activations into
   fp32 sums per word position on CUDA cores, which take the word's block scale; the next step's words are loaded
@@ -50,7 +50,7 @@ BlockFormat = MxFormat | NvFormat
 
 @dataclass
 class BlockWeight:
-    """A real-quantized ``[n, k]`` weight in an MX/NV format, with the decode tables its kernel reads."""
+    """A real-quantized ``[n, k]`` weight in an MX/NV format, with the decode tables of its torch reference."""
 
     fmt: BlockFormat
     packed: PackedTensor
@@ -129,15 +129,15 @@ def element_decode(fmt: BlockFormat) -> tuple[dict, float]:
     """How the kernels turn element codes into values (constexprs), two codes 16 bits apart at a time (a word's
     elements ``p`` and ``p + per_word / 2``). ``fp`` puts the code's exponent and mantissa bits into an fp16 bit
     pattern (``2**(bias - 15)`` times the value, exactly: the element's exponent field fits fp16's); ``int`` reads
-    two's complement through ``0x6400 | code ^ half`` (the value plus ``1024 + half``, times ``2**frac_bits``);
-    ``table`` looks the codes' values up. ``VALUE_SCALE`` turns the decoded numbers into values (the kernels fold
-    it into the block scale or the output)."""
+    two's complement through ``0x6400 | code ^ half`` (the value plus ``1024 + half``, times ``2**frac_bits``). The
+    factor turns the decoded numbers into values (the kernels fold it into the block scale or the output). Every
+    MX/NV element is one or the other."""
     elem = fmt.elem
     if isinstance(elem, IntElement):
         return dict(DECODE="int", ELEM_BITS=elem.bits, MAN_BITS=0), 2.0**-elem.frac_bits
     if elem.exp_bits <= 5 and elem.man_bits <= 10:
         return dict(DECODE="fp", ELEM_BITS=elem.bits, MAN_BITS=elem.man_bits), 2.0 ** (15 - elem.bias)
-    return dict(DECODE="table", ELEM_BITS=elem.bits, MAN_BITS=elem.man_bits), 1.0
+    raise ValueError(f"the block kernels decode int elements and fp elements of at most 5 exponent bits; got {fmt.element}")
 
 
 @triton.jit
@@ -149,20 +149,17 @@ def _fp16_halves(pair):
 
 
 @triton.jit
-def _element_pair(t, code_values_ptr, DECODE: tl.constexpr, ELEM_BITS: tl.constexpr, MAN_BITS: tl.constexpr):
-    """The decoded elements at bits ``0`` and ``16`` of int32 ``t`` (fp32, before ``VALUE_SCALE``; see
+def _element_pair(t, DECODE: tl.constexpr, ELEM_BITS: tl.constexpr, MAN_BITS: tl.constexpr):
+    """The decoded elements at bits ``0`` and ``16`` of int32 ``t`` (fp32, before the element's factor; see
     :func:`element_decode`): a pair of codes costs a few 32-bit operations and two conversions."""
     MAG: tl.constexpr = ((1 << (ELEM_BITS - 1)) - 1) * 0x10001
     SIGN: tl.constexpr = (1 << (ELEM_BITS - 1)) * 0x10001
     if DECODE == "fp":
         return _fp16_halves(((t & MAG) << (10 - MAN_BITS)) | ((t & SIGN) << (16 - ELEM_BITS)))
-    elif DECODE == "int":
+    else:  # int
         HALF: tl.constexpr = 1 << (ELEM_BITS - 1)
         lo, hi = _fp16_halves(((t & (MAG | SIGN)) ^ SIGN) | 0x64006400)
         return lo - (1024.0 + HALF), hi - (1024.0 + HALF)
-    else:
-        CODE: tl.constexpr = (1 << ELEM_BITS) - 1
-        return tl.load(code_values_ptr + (t & CODE)), tl.load(code_values_ptr + ((t >> 16) & CODE))
 
 
 @triton.jit
@@ -185,20 +182,20 @@ def _word_scales(scales_ptr, offs_n, words, mask, stride_sn, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _decoded_tile(packed, scale, code_values_ptr, PER_WORD: tl.constexpr, DECODE: tl.constexpr, ELEM_BITS: tl.constexpr,
+def _decoded_tile(packed, scale, PER_WORD: tl.constexpr, DECODE: tl.constexpr, ELEM_BITS: tl.constexpr,
                   MAN_BITS: tl.constexpr):
     """``[BLOCK_N, WORDS]`` words as ``[BLOCK_N, WORDS * PER_WORD]`` decoded elements (fp32) times ``scale`` (per
     word): pairs ``(p, p + PER_WORD / 2)`` joined so that the reshape puts every element in its K order."""
     SHIFT: tl.constexpr = 32 // PER_WORD
-    lo0, hi0 = _element_pair(packed, code_values_ptr, DECODE, ELEM_BITS, MAN_BITS)
-    lo1, hi1 = _element_pair(packed >> SHIFT, code_values_ptr, DECODE, ELEM_BITS, MAN_BITS)
+    lo0, hi0 = _element_pair(packed, DECODE, ELEM_BITS, MAN_BITS)
+    lo1, hi1 = _element_pair(packed >> SHIFT, DECODE, ELEM_BITS, MAN_BITS)
     pair0 = tl.join(lo0 * scale, hi0 * scale)  # [..., j]: element 2j (4 a word) or 4j (8 a word)
     pair1 = tl.join(lo1 * scale, hi1 * scale)
     if PER_WORD == 4:
         tile = tl.join(pair0, pair1)  # [..., j, h]: element 2j + h
     else:
-        lo2, hi2 = _element_pair(packed >> (2 * SHIFT), code_values_ptr, DECODE, ELEM_BITS, MAN_BITS)
-        lo3, hi3 = _element_pair(packed >> (3 * SHIFT), code_values_ptr, DECODE, ELEM_BITS, MAN_BITS)
+        lo2, hi2 = _element_pair(packed >> (2 * SHIFT), DECODE, ELEM_BITS, MAN_BITS)
+        lo3, hi3 = _element_pair(packed >> (3 * SHIFT), DECODE, ELEM_BITS, MAN_BITS)
         even = tl.join(pair0, tl.join(lo2 * scale, hi2 * scale))  # [..., j, i]: element 4j + 2i
         odd = tl.join(pair1, tl.join(lo3 * scale, hi3 * scale))
         tile = tl.join(even, odd)  # [..., j, i, h]: element 4j + 2i + h
@@ -207,7 +204,7 @@ def _decoded_tile(packed, scale, code_values_ptr, PER_WORD: tl.constexpr, DECODE
 
 @triton.jit
 def _block_matmul_kernel(
-    x_ptr, words_ptr, scales_ptr, code_values_ptr, y_ptr, partial_ptr, count_ptr,
+    x_ptr, words_ptr, scales_ptr, y_ptr, partial_ptr, count_ptr,
     M, N, K, n_words, out_scale, value_scale, stride_xm, stride_wn, stride_sn, stride_ym,
     BLOCK: tl.constexpr, PER_WORD: tl.constexpr, MX: tl.constexpr, SCALED_WEIGHTS: tl.constexpr, STEP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, DECODE: tl.constexpr, ELEM_BITS: tl.constexpr,
@@ -238,9 +235,9 @@ def _block_matmul_kernel(
         packed = tl.load(words_ptr + offs_n[:, None] * stride_wn + words[None, :], mask=in_row, other=0)
         scale = _word_scales(scales_ptr, offs_n, words, in_row, stride_sn, BLOCK, PER_WORD, MX)
         if SCALED_WEIGHTS:
-            w = _decoded_tile(packed, scale * value_scale, code_values_ptr, PER_WORD, DECODE, ELEM_BITS, MAN_BITS)
+            w = _decoded_tile(packed, scale * value_scale, PER_WORD, DECODE, ELEM_BITS, MAN_BITS)
         else:
-            w = _decoded_tile(packed, tl.full(scale.shape, 1.0, tl.float32), code_values_ptr, PER_WORD, DECODE, ELEM_BITS, MAN_BITS)
+            w = _decoded_tile(packed, tl.full(scale.shape, 1.0, tl.float32), PER_WORD, DECODE, ELEM_BITS, MAN_BITS)
         k = step * STEP + offs_k
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k[None, :] < K), other=0.0)
         if INTERPRET and dtype == tl.bfloat16:  # the interpreter's bf16 dot reads raw bits as integers
@@ -256,7 +253,7 @@ def _block_matmul_kernel(
 
 @triton.jit
 def _block_gemv_kernel(
-    x_ptr, words_ptr, scales_ptr, code_values_ptr, y_ptr, partial_ptr, count_ptr,
+    x_ptr, words_ptr, scales_ptr, y_ptr, partial_ptr, count_ptr,
     M, N, K, n_words, out_scale, stride_xm, stride_wn, stride_sn, stride_ym,
     BLOCK: tl.constexpr, PER_WORD: tl.constexpr, MX: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr,
     DECODE: tl.constexpr, ELEM_BITS: tl.constexpr, MAN_BITS: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -287,7 +284,7 @@ def _block_gemv_kernel(
                               mask=mask_n[:, None] & (ahead[None, :] < last * WORDS) & (ahead[None, :] < n_words), other=0)
         part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
         for p in tl.static_range(HALF_WORD):
-            lo, hi = _element_pair(packed >> (p * SHIFT), code_values_ptr, DECODE, ELEM_BITS, MAN_BITS)
+            lo, hi = _element_pair(packed >> (p * SHIFT), DECODE, ELEM_BITS, MAN_BITS)
             k_lo = words * PER_WORD + p
             x_lo = tl.load(x_ptr + pid_m * stride_xm + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
             x_hi = tl.load(x_ptr + pid_m * stride_xm + k_lo + HALF_WORD, mask=k_lo + HALF_WORD < K, other=0.0).to(tl.float32)
@@ -300,7 +297,7 @@ def _block_gemv_kernel(
 
 @triton.jit
 def _block_dequant_kernel(
-    words_ptr, scales_ptr, code_values_ptr, w_ptr, N, K, n_words, out_scale, value_scale, stride_wn, stride_sn, stride_on,
+    words_ptr, scales_ptr, w_ptr, N, K, n_words, out_scale, value_scale, stride_wn, stride_sn, stride_on,
     BLOCK: tl.constexpr, PER_WORD: tl.constexpr, MX: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr,
     DECODE: tl.constexpr, ELEM_BITS: tl.constexpr, MAN_BITS: tl.constexpr,
 ):
@@ -312,7 +309,7 @@ def _block_dequant_kernel(
     in_row = (offs_n < N)[:, None] & (words[None, :] < n_words)
     packed = tl.load(words_ptr + offs_n[:, None] * stride_wn + words[None, :], mask=in_row, other=0)
     scale = _word_scales(scales_ptr, offs_n, words, in_row, stride_sn, BLOCK, PER_WORD, MX) * value_scale
-    w = _decoded_tile(packed, scale, code_values_ptr, PER_WORD, DECODE, ELEM_BITS, MAN_BITS) * out_scale
+    w = _decoded_tile(packed, scale, PER_WORD, DECODE, ELEM_BITS, MAN_BITS) * out_scale
     k = tl.program_id(1) * STEP + tl.arange(0, STEP)
     mask = (offs_n < N)[:, None] & (k[None, :] < K)
     tl.store(w_ptr + offs_n[:, None] * stride_on + k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
@@ -372,7 +369,7 @@ def block_gemv(x: torch.Tensor, bw: BlockWeight, config: BlockGemvConfig | None 
     tiles = triton.cdiv(bw.n, config.block_n) * m
     grid = (m, triton.cdiv(bw.n, config.block_n), config.split_k or block_split_k(bw, tiles, programs=528))
     _block_gemv_kernel[grid](
-        x, words, bw.packed.scale, bw.code_values, y, *split_buffers(y, grid, config.block_n),
+        x, words, bw.packed.scale, y, *split_buffers(y, grid, config.block_n),
         m, bw.n, bw.k, words.shape[1], out_scale * value_scale, x.stride(0), words.stride(0), bw.packed.scale.stride(0), y.stride(0),
         WORDS=config.words, BLOCK_N=config.block_n, SPLIT_K=grid[2], num_warps=config.num_warps, **constexprs,
     )
@@ -386,7 +383,7 @@ def block_dequantize(bw: BlockWeight, dtype: torch.dtype = torch.float16, block_
     w = torch.empty((bw.n, bw.k), dtype=dtype, device=packed.device)
     step = words * constexprs["PER_WORD"]
     _block_dequant_kernel[(triton.cdiv(bw.n, block_n), triton.cdiv(bw.k, step))](
-        packed, bw.packed.scale, bw.code_values, w, bw.n, bw.k, packed.shape[1], out_scale, value_scale, packed.stride(0),
+        packed, bw.packed.scale, w, bw.n, bw.k, packed.shape[1], out_scale, value_scale, packed.stride(0),
         bw.packed.scale.stride(0), w.stride(0), WORDS=words, BLOCK_N=block_n, **constexprs,
     )
     return w
@@ -437,7 +434,7 @@ def block_matmul(x: torch.Tensor, bw: BlockWeight, block_n: int = 64, num_warps:
     tiles = triton.cdiv(bw.n, block_n) * triton.cdiv(m, block_m)
     grid = (triton.cdiv(bw.n, block_n), triton.cdiv(m, block_m), split_k or block_split_k(bw, tiles))
     _block_matmul_kernel[grid](
-        x, words, bw.packed.scale, bw.code_values, y, *split_buffers(y, grid, block_n * block_m),
+        x, words, bw.packed.scale, y, *split_buffers(y, grid, block_n * block_m),
         m, bw.n, bw.k, words.shape[1], out_scale, value_scale, x.stride(0), words.stride(0), bw.packed.scale.stride(0), y.stride(0),
         SCALED_WEIGHTS=scaled, STEP=step, BLOCK_M=block_m, BLOCK_N=block_n, INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=num_warps, SPLIT_K=grid[2], **constexprs,
