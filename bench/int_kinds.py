@@ -40,7 +40,7 @@ class IntWeight:
 
     def nbytes(self) -> int:
         if self.kind.bitplane:
-            return self.weight.planes.numel() * 4 + 3 * self.weight.n * 4
+            return self.weight.planes.numel() * 4 + 2 * self.weight.n * 4
         if self.kind.w_bits == 8:
             return self.weight.numel() + self.scale.numel() * 4
         return self.weight.nbytes()
@@ -77,22 +77,24 @@ def quantize_activations(kind: IntKind, x: torch.Tensor) -> tuple:
 
 
 def int_paths(kind: IntKind, m: int, k: int, n: int) -> list[str]:
-    """The table's paths for a kind: W8A8's dispatcher path first, then from 17 rows (cuBLAS's int8 GEMM asked for
-    more than 16 in older releases) the other one (``int triton`` / ``int cublas``); one Triton kernel (``int``)
-    for the others."""
+    """The table's paths for a kind, the dispatcher's first: W8A8 ``int triton`` and from 17 rows (cuBLAS's int8 GEMM
+    asked for more than 16 in older releases) ``int cublas``; W4A8 and bit-plane ``int triton`` and ``int dequant``
+    (both operands dequantized, then cuBLAS) at every batch."""
     if kind.bitplane or kind.w_bits != 8:
-        return ["int"]
+        auto = im.lowbit_act_path(m, torch.device("cuda"))
+        return [f"int {auto}"] + [f"int {p}" for p in im.LOWBIT_ACT_PATHS if p != auto]
     auto = im.int8_path(m, k, n, torch.device("cuda"))
     return [f"int {auto}"] + (["int triton"] if auto == "cublas" else [])
 
 
 def int_matmul(w: IntWeight, acts: tuple, path: str = "int") -> torch.Tensor:
+    route = "auto" if path == "int" else path.removeprefix("int ")
     if w.kind.bitplane:
         codes, scale, zero = acts
-        return im.bitplane_matmul(codes, w.kind.a_bits, scale, zero, w.weight)
+        return im.bitplane_matmul(codes, w.kind.a_bits, scale, zero, w.weight, path=route)
     if w.kind.w_bits == 8:
-        return im.int8_matmul(acts[0], acts[1], w.weight, w.scale, path="auto" if path == "int" else path.removeprefix("int "))
-    return im.w4a8_matmul(acts[0], acts[1], w.weight)
+        return im.int8_matmul(acts[0], acts[1], w.weight, w.scale, path=route)
+    return im.w4a8_matmul(acts[0], acts[1], w.weight, path=route)
 
 
 def int_reference(w: IntWeight, acts: tuple) -> torch.Tensor:

@@ -204,7 +204,7 @@ class ActWeight:
         return (sum(planes) - self.zero[:, None]) * self.scale[:, None]
 
     def bitplanes(self) -> im.BitplaneWeight:
-        return im.BitplaneWeight(self.planes, self.scale, self.zero, self.code_sum, self.w_bits, self.n, self.k, self.run)
+        return im.BitplaneWeight(self.planes, self.scale, self.zero, self.w_bits, self.n, self.k, self.run)
 
 
 def act_matmul(x2: torch.Tensor, aw: ActWeight, kernels: bool) -> torch.Tensor:

@@ -70,15 +70,18 @@ def cases() -> list[Case]:
                         {"a_ptr": "*u8" if a_zero else "*i8", "b_ptr": "*i8", "y_ptr": "*fp16", "count_ptr": "*i32"},
                         dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=split, A_ZERO=a_zero)))
     out.append(Case("int8 scaling", im._scale_int32_kernel, {"acc_ptr": "*i32", "y_ptr": "*fp16"}, dict(BLOCK_M=32, BLOCK_N=128, A_ZERO=True)))
-    for a_zero in (True, False):
-        out.append(Case(f"w4a8 zero {a_zero}", im._w4a8_kernel,
+    for a_zero, block_m, split in ((True, 16, 4), (False, 32, 1)):
+        out.append(Case(f"w4a8 rows {block_m} split {split} zero {a_zero}", im._w4a8_kernel,
                         {"a_ptr": "*u8" if a_zero else "*i8", "w_ptr": "*i32", "hi_ptr": "*i32", "scale_ptr": "*fp16", "zero_ptr": "*fp16",
-                         "y_ptr": "*fp16"},
-                        dict(SLOTS=8, RUN=32, HAS_ZERO=True, SUB=4, BLOCK_M=32, BLOCK_N=64, A_ZERO=a_zero)))
-    for scaled, a_digit, block_m in ((True, 7, 16), (False, 1, 64)):
-        out.append(Case(f"bit-plane W4A4 digits {a_digit} rows {block_m} scaled {scaled}", im._bitplane_kernel,
-                        {"a_ptr": "*u8", "w_ptr": "*i32", "y_ptr": "*fp16" if scaled else "*i32"},
-                        dict(W_BITS=4, A_BITS=4, A_DIGIT=a_digit, RUN=16, SUB=8, BLOCK_M=block_m, BLOCK_N=64, SCALED=scaled)))
+                         "y_ptr": "*fp16", "count_ptr": "*i32"},
+                        dict(SLOTS=8, RUN=32, HAS_ZERO=True, SUB=4, BLOCK_M=block_m, BLOCK_N=64, A_ZERO=a_zero, SPLIT_K=split)))
+    for scaled, digit, block_m, split in ((True, 7, 16, 4), (False, 1, 64, 1)):
+        out.append(Case(f"bit-plane W4A4 digits {digit} rows {block_m} split {split} scaled {scaled}", im._bitplane_kernel,
+                        {"a_ptr": "*u8", "w_ptr": "*i32", "y_ptr": "*fp16" if scaled else "*i32", "count_ptr": "*i32"},
+                        dict(W_BITS=4, A_BITS=4, W_DIGIT=digit, A_DIGIT=digit, RUN=16, SUB=8, BLOCK_M=block_m, BLOCK_N=64, SCALED=scaled,
+                             SPLIT_K=split)))
+    out.append(Case("bit-plane dequant W4", im._bitplane_dequant_kernel, {"w_ptr": "*i32", "out_ptr": "*fp16"},
+                    dict(W_BITS=4, RUN=16, BLOCK_N=16)))
     for symmetric in (True, False):
         out.append(Case(f"int quantize a code a byte, symmetric {symmetric}", quant._int_group_kernel,
                         {"x_ptr": "*fp16", "out_ptr": "*fp16", "codes_ptr": "*i8" if symmetric else "*u8"},

@@ -3,20 +3,25 @@
 * **W8A8**: int8 activations (one scale per token) times int8 weights (one scale per output
   channel), int32 accumulation on tensor cores, scales applied once in the epilogue: a Triton kernel
   (16-row tiles and K splits for a few rows), from 17 rows cuBLASLt's int8 GEMM (``torch._int_mm``) and a
-  scaling kernel. H200 (session 17, the old single-config Triton kernel): 0.50x-0.67x of cuBLAS fp16 at
-  8192^2; the split-K config and the cuBLAS path not yet timed.
+  scaling kernel. H200 (session 18, 8192^2, steady state, x cuBLAS fp16): Triton split-K 1.81x at batch 1, 1.60x at
+  16 rows; cuBLAS int8 1.21x at 256 rows, 1.16x at 1024.
 * **W4A8**: packed 4-bit weights (:mod:`qkernels.pack` ``uint4``, per-group scales, integer zero
   points) times int8 activations. Each step takes a K range inside one weight group, so
-  ``code - zero`` is an exact int8 operand and the group's scale multiplies the int32 partial sum.
+  ``code - zero`` is an exact int8 operand and the group's scale multiplies the int32 partial sum; 16-row
+  tiles with K splits for a few rows.
 * **Bit-plane WpAq** (ABQ-LLM): p-bit weight codes and q-bit activation codes are split into binary
   planes, ``W = sum_i 2^i W_i`` and ``A = sum_j 2^j A_j``; the integer product is
   ``sum_ij 2^(i+j) A_j W_i^T``, a sum of binary matmuls combined with shifts, so any (p, q) pair runs
   on one kernel. ABQ runs the binary matmuls on 1-bit tensor cores (``mma ... .b1.and.popc``), which
   Triton cannot emit (and Hopper does not speed up); here each is an int8 tensor-core dot, where a 0/1
-  operand costs what a 7-bit one does, so by default the activations go in 7-bit digits (one digit up to
-  7 bits: ``p`` dots a step, binary weight planes times the activation codes) and ``a_digit=1`` runs ABQ's
-  ``p * q`` binary-by-binary dots. Zero points are removed in the epilogue (float64) with row and column
-  code sums: ``(A - za)(W - zw)^T = AW^T - zw*rowsum(A) - za*rowsum(W) + K*za*zw``.
+  operand costs what a 7-bit one does, so by default both operands go in 7-bit digits (the weight's planes
+  shifted and added in registers: one dot a step up to 7 bits each, the planes stay the storage) and
+  ``w_digit=a_digit=1`` runs ABQ's ``p * q`` binary-by-binary dots. Zero points are removed in the epilogue
+  (float64) with row and column code sums: ``(A - za)(W - zw)^T = AW^T - zw*rowsum(A) - za*rowsum(W) + K*za*zw``,
+  each K split's over its own K range.
+
+W4A8 and bit-plane take ``dequant`` on a GPU from :data:`ACT_DEQUANT_MIN_M` rows (:func:`lowbit_act_path`): both
+operands dequantized into the output's dtype, then cuBLAS; the same product as the fake-quant model's in that dtype.
 
 Each kernel has a plain-torch reference (``*_reference``) computed exactly in float64.
 """
@@ -30,7 +35,7 @@ import triton
 import triton.language as tl
 
 from qkernels.lowbit_matmul import (_codes_of_slots, _load_chunk, _split_range, _store_transposed, before_ampere, gemm_sub_slots, kernel_tensors,
-                                    split_buffers)
+                                    dequantize, split_buffers)
 from qkernels.pack import PackedWeight, pack_uint, padded_width
 
 # ----------------------------------------------------------------------------- activation quantization
@@ -134,15 +139,18 @@ def int8_path(m: int, k: int, n: int, device: torch.device) -> str:
     return "cublas" if gpu and m >= INT8_CUBLAS_MIN_M and aligned else "triton"
 
 
+def few_rows_split(n: int, k: int, block_n: int, block_k: int, device: torch.device, per_sm: int = 2) -> int:
+    """K splits for a few rows (one 16-row tile): about ``per_sm`` programs per SM (a GEMV-like grid), at most 8, and
+    at least 4 steps of ``block_k`` a split."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(8, triton.cdiv(per_sm * sms, triton.cdiv(n, block_n)), triton.cdiv(k, 4 * block_k)))
+
+
 def int8_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    """Tiles and K splits of the Triton kernel: 16-row tiles and splits for about two programs per SM for a few
-    rows (a GEMV-like grid), 64 x 64 tiles above (untuned)."""
+    """Tiles and K splits of the Triton kernel: 16-row tiles and :func:`few_rows_split` splits for a few rows,
+    64 x 64 tiles above (untuned)."""
     if m <= 16:
-        block_n, block_k = 64, 128
-        tiles = triton.cdiv(n, block_n)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        split = max(1, min(8, triton.cdiv(2 * sms, tiles), triton.cdiv(k, 4 * block_k)))
-        return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split)
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=few_rows_split(n, k, 64, 128, device))
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1)
 
 
@@ -192,12 +200,13 @@ def int8_matmul_reference(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tenso
 @triton.jit
 def _w4a8_kernel(
     a_ptr, sa_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, za_ptr, wsum_ptr, y_ptr,
-    M, N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_am, stride_wn, stride_ym,
-    SLOTS: tl.constexpr, RUN: tl.constexpr, HAS_ZERO: tl.constexpr, SUB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, A_ZERO: tl.constexpr,
+    partial_ptr, count_ptr, M, N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_am, stride_wn,
+    stride_ym, SLOTS: tl.constexpr, RUN: tl.constexpr, HAS_ZERO: tl.constexpr, SUB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, A_ZERO: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """``y^T = W a^T`` in int32 per step (one group), scaled per group into an fp32 accumulator; ``A_ZERO``: uint8
-    activation codes read as ``code - 128`` and ``(128 - zero)`` times the dequantized weight row's sum added."""
+    """``y^T = W a^T`` in int32 per step (one group), scaled per group into an fp32 accumulator, over one K split
+    (program axis 2; the splits' partials added as in :mod:`qkernels.lowbit_matmul`); ``A_ZERO``: uint8 activation
+    codes read as ``code - 128`` and ``(128 - zero)`` times the dequantized weight row's sum added by the first split."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     BLOCK_K: tl.constexpr = SUB * RUN
@@ -209,7 +218,8 @@ def _w4a8_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for step in range(0, n_chunks * STEPS_PER_CHUNK):
+    first_step, last_step = _split_range(n_chunks * STEPS_PER_CHUNK, SPLIT_K)
+    for step in range(first_step, last_step):
         chunk = step // STEPS_PER_CHUNK
         first = (step % STEPS_PER_CHUNK) * SUB
         words, high = _load_chunk(w_ptr, hi_ptr, offs_n, offs_r, mask_n, chunk, stride_wn, stride_wn, "uint4", RUN)
@@ -227,9 +237,9 @@ def _w4a8_kernel(
     sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
     if A_ZERO:
         off = 128.0 - tl.load(za_ptr + offs_m, mask=mask_m, other=0.0)
-        acc += tl.load(wsum_ptr + offs_n, mask=mask_n, other=0.0)[:, None] * off[None, :]
-    y = acc * sa[None, :]
-    tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], y.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+        w_sum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += tl.where(tl.program_id(2) == 0, w_sum[:, None] * off[None, :], 0.0)
+    _store_transposed(y_ptr, acc * sa[None, :], offs_m, offs_n, mask_m, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
 
 
 def w4a8_sub_slots(pw: PackedWeight) -> int:
@@ -245,27 +255,72 @@ def w4a8_sub_slots(pw: PackedWeight) -> int:
     return sub
 
 
+LOWBIT_ACT_PATHS = ("triton", "dequant")
+ACT_DEQUANT_MIN_M = 65  # W4A8 and bit-plane: dequantize + cuBLAS from this many rows on a GPU
+
+
+def lowbit_act_path(m: int, device: torch.device) -> str:
+    """The W4A8 and bit-plane matmuls' path: their Triton kernel (16-row tiles with K splits for a few rows), or on a
+    GPU from :data:`ACT_DEQUANT_MIN_M` rows ``dequant``: both operands dequantized into the output's dtype, then
+    cuBLAS (Hopper has no int4 tensor cores, and these kernels' int8 dots are per group or per bit plane)."""
+    return "dequant" if device.type == "cuda" and m >= ACT_DEQUANT_MIN_M else "triton"
+
+
+def _act_path(path: str, m: int, device: torch.device) -> str:
+    if path == "auto":
+        return lowbit_act_path(m, device)
+    if path not in LOWBIT_ACT_PATHS:
+        raise ValueError(f"path={path!r} is not valid; choose 'auto' or one of {list(LOWBIT_ACT_PATHS)}")
+    return path
+
+
+def dequantize_tokens(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``(code - zero) * scale`` per token in ``dtype`` (int8 values: no zero point)."""
+    values = a.float() if a_zero is None else a.float() - a_zero.float()[:, None]
+    return (values * a_scale.float()[:, None]).to(dtype)
+
+
+def _math_dtype(out_dtype: torch.dtype) -> torch.dtype:
+    """The dequant path's operands: the output's dtype where cuBLAS takes it half-precision, else fp32."""
+    return out_dtype if out_dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def w4a8_config(m: int, pw: PackedWeight, sub: int, device: torch.device) -> dict:
+    """Tiles and K splits: 16 x 32 tiles and :func:`few_rows_split` splits for about four programs per SM for up to
+    16 rows, 32 x 64 tiles above. H200, 8192^2 at 1 and 16 rows (session 18, cold): 47 us with 4 splits on 32-wide
+    tiles against 52-57 on 64-wide ones, 71-94 on 8 warps."""
+    if m <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=few_rows_split(pw.n, pw.k, 32, sub * pw.run, device, per_sm=4))
+    return dict(BLOCK_M=32, BLOCK_N=64, SPLIT_K=1)
+
+
 def w4a8_matmul(a: torch.Tensor, a_scale: torch.Tensor, pw: PackedWeight, out_dtype: torch.dtype = torch.float16,
-                block_n: int = 64, block_m: int = 32, a_zero: torch.Tensor | None = None, w_sum: torch.Tensor | None = None) -> torch.Tensor:
+                a_zero: torch.Tensor | None = None, w_sum: torch.Tensor | None = None, path: str = "auto",
+                config: dict | None = None) -> torch.Tensor:
     """8-bit activations ``a [M, K]`` (scale per token: int8 values, or uint8 codes with zero points ``a_zero``, then
     ``w_sum``, the dequantized weight rows' sums, takes the zero points' term as in :func:`int8_matmul`) times a
-    ``uint4`` packed weight with integer zeros."""
+    ``uint4`` packed weight with integer zeros, on the path :func:`lowbit_act_path` picks (or the one named).
+    ``config``: the Triton kernel's ``BLOCK_M``, ``BLOCK_N``, ``SPLIT_K`` (default :func:`w4a8_config`)."""
     sub = w4a8_sub_slots(pw)
     if (a_zero is None) != (w_sum is None):
         raise ValueError("a_zero and w_sum go together (the zero points' term is (128 - a_zero) * w_sum)")
     if a.dtype != (torch.int8 if a_zero is None else torch.uint8):
         raise ValueError(f"w4a8 takes int8 activations, or uint8 codes with a_zero; got {a.dtype} ({'with' if a_zero is not None else 'without'} a_zero)")
     m = a.shape[0]
+    if _act_path(path, m, a.device) == "dequant":
+        dtype = _math_dtype(out_dtype)
+        return (dequantize_tokens(a, a_scale, a_zero, dtype) @ dequantize(pw, dtype).t()).to(out_dtype)
+    config = config or w4a8_config(m, pw, sub, a.device)
     y = torch.empty((m, pw.n), device=a.device, dtype=out_dtype)
     _, _, scale, zero = kernel_tensors(pw)
     sa = a_scale.float().contiguous()
     za, w_sum = (a_zero.float().contiguous(), w_sum.float().contiguous()) if a_zero is not None else (sa, sa)
-    grid = (triton.cdiv(pw.n, block_n), triton.cdiv(m, block_m))
+    grid = (triton.cdiv(pw.n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]), config["SPLIT_K"])
     _w4a8_kernel[grid](
-        a, sa, pw.words, pw.words, scale, zero, za, w_sum, y,
+        a, sa, pw.words, pw.words, scale, zero, za, w_sum, y, *split_buffers(y, grid, config["BLOCK_M"] * config["BLOCK_N"]),
         m, pw.n, pw.k, pw.words.shape[1] // pw.run, pw.n_groups, *pw.scale.stride(), pw.group_size, int(pw.zero_const),
         a.stride(0), pw.words.stride(0), y.stride(0),
-        SLOTS=pw.slots, RUN=pw.run, HAS_ZERO=pw.zero is not None, SUB=sub, BLOCK_M=block_m, BLOCK_N=block_n, A_ZERO=a_zero is not None,
+        SLOTS=pw.slots, RUN=pw.run, HAS_ZERO=pw.zero is not None, SUB=sub, A_ZERO=a_zero is not None, **config,
     )
     return y
 
@@ -282,13 +337,11 @@ def w4a8_reference(a: torch.Tensor, a_scale: torch.Tensor, pw: PackedWeight) -> 
 
 @dataclass
 class BitplaneWeight:
-    """p binary planes of unsigned weight codes (each in the ``uint1`` layout), per-channel scale and
-    zero point, and each row's code sum (for removing the activations' zero point)."""
+    """p binary planes of unsigned weight codes (each in the ``uint1`` layout), per-channel scale and zero point."""
 
     planes: torch.Tensor  # int32 [bits, n, k_pad / 32]
     scale: torch.Tensor  # fp32 [n]
     zero: torch.Tensor  # fp32 [n]
-    code_sum: torch.Tensor  # fp32 [n]
     bits: int
     n: int
     k: int
@@ -302,24 +355,28 @@ def pack_bitplanes(codes: torch.Tensor, bits: int, scale: torch.Tensor, zero: to
         raise ValueError(f"codes must lie in 0..{2**bits - 1}")
     padded = torch.nn.functional.pad(codes.to(torch.int64), (0, padded_width(k, 32 * run) - k))
     planes = torch.stack([pack_uint((padded >> i) & 1, 1, run) for i in range(bits)])
-    return BitplaneWeight(planes.contiguous(), scale.float(), zero.float(), codes.sum(dim=1).float(), bits, n, k, run)
+    return BitplaneWeight(planes.contiguous(), scale.float(), zero.float(), bits, n, k, run)
 
 
 @triton.jit
 def _bitplane_kernel(
-    a_ptr, w_ptr, y_ptr, sa_ptr, za_ptr, sw_ptr, zw_ptr, wsum_ptr, M, N, K, n_chunks, stride_am, stride_wp, stride_wn, stride_ym,
-    W_BITS: tl.constexpr, A_BITS: tl.constexpr, A_DIGIT: tl.constexpr, RUN: tl.constexpr, SUB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr,
+    a_ptr, w_ptr, y_ptr, sa_ptr, za_ptr, sw_ptr, zw_ptr, partial_ptr, count_ptr, M, N, K, n_chunks, stride_am, stride_wp,
+    stride_wn, stride_ym, W_BITS: tl.constexpr, A_BITS: tl.constexpr, W_DIGIT: tl.constexpr, A_DIGIT: tl.constexpr, RUN: tl.constexpr,
+    SUB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """Integer ``W A^T`` as ``sum_ij 2^(i + D j) W_i A_j^T`` over the weight's binary planes ``W_i`` and the
-    activations' ``D``-bit digits ``A_j`` (``D = A_DIGIT``; 1: binary planes too), each an int8 tensor-core dot.
-    ``SCALED``: the zero points and scales applied in float64 in the epilogue (the activations' code sums are
-    counted on the way), the output in y's dtype; else the int32 sums."""
+    """Integer ``W A^T`` as ``sum_ij 2^(E i + D j) W_i A_j^T`` over the weight's ``E``-bit digits ``W_i`` (``E =
+    W_DIGIT``, each the sum of its binary planes shifted into place) and the activations' ``D``-bit digits ``A_j``
+    (``D = A_DIGIT``; ``E = D = 1``: ABQ's binary-by-binary matmuls), each an int8 tensor-core dot.
+    ``SCALED``: the zero points and scales applied in float64 in the epilogue (both operands' code sums are
+    counted on the way), the output in y's dtype; else the int32 sums. Over one K split (program axis 2; only
+    ``SCALED``): the split's own centred sum, so its fp32 partial carries no cancellation; the splits' partials
+    added as in :mod:`qkernels.lowbit_matmul`."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     BLOCK_K: tl.constexpr = SUB * RUN
     STEPS_PER_CHUNK: tl.constexpr = 32 // SUB
     DIGITS: tl.constexpr = (A_BITS + A_DIGIT - 1) // A_DIGIT
+    W_DIGITS: tl.constexpr = (W_BITS + W_DIGIT - 1) // W_DIGIT
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, RUN)
@@ -328,68 +385,132 @@ def _bitplane_kernel(
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     a_sum = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    for step in range(0, n_chunks * STEPS_PER_CHUNK):
+    w_sum = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    first_step, last_step = _split_range(n_chunks * STEPS_PER_CHUNK, SPLIT_K)
+    for step in range(first_step, last_step):
         chunk = step // STEPS_PER_CHUNK
         first = (step % STEPS_PER_CHUNK) * SUB
         k = chunk * (32 * RUN) + first * RUN + offs_k
         a_codes = tl.load(a_ptr + offs_m[None, :] * stride_am + k[:, None], mask=mask_m[None, :] & (k[:, None] < K), other=0).to(tl.int32)
         a_sum += tl.sum(a_codes, axis=0)
-        for i in tl.static_range(W_BITS):
-            words, _ = _load_chunk(w_ptr + i * stride_wp, w_ptr, offs_n, offs_r, mask_n, chunk, stride_wn, stride_wn, "uint1", RUN)
-            w_plane = tl.reshape(_codes_of_slots(words, words, first + tl.arange(0, SUB), "uint1", 1).to(tl.int8), (BLOCK_N, BLOCK_K))
+        for d in tl.static_range(W_DIGITS):
+            w_codes = tl.zeros((BLOCK_N, SUB, RUN), dtype=tl.int32)
+            for b in tl.static_range(W_DIGIT):
+                if d * W_DIGIT + b < W_BITS:  # plane d * W_DIGIT + b, bit b of the digit
+                    words, _ = _load_chunk(w_ptr + (d * W_DIGIT + b) * stride_wp, w_ptr, offs_n, offs_r, mask_n, chunk, stride_wn, stride_wn,
+                                           "uint1", RUN)
+                    w_codes += _codes_of_slots(words, words, first + tl.arange(0, SUB), "uint1", 1) << b
+            w_digit = tl.reshape(w_codes, (BLOCK_N, BLOCK_K))
+            if SCALED:
+                w_sum += tl.sum(w_digit, axis=1) << (d * W_DIGIT)
+            w_digit = w_digit.to(tl.int8)
             for j in tl.static_range(DIGITS):
                 a_digit = ((a_codes >> (j * A_DIGIT)) & ((1 << A_DIGIT) - 1)).to(tl.int8)
-                acc += tl.dot(w_plane, a_digit, out_dtype=tl.int32) << (i + j * A_DIGIT)
-    y = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-    mask = mask_n[:, None] & mask_m[None, :]
-    if SCALED:  # (A - za)(W - zw)^T = AW^T - zw * rowsum(A) - za * rowsum(W) + K * za * zw, then the scales
+                acc += tl.dot(w_digit, a_digit, out_dtype=tl.int32) << (d * W_DIGIT + j * A_DIGIT)
+    if SCALED:  # over the split's k: (A - za)(W - zw)^T = AW^T - zw * rowsum(A) - za * rowsum(W) + k_here * za * zw
         za = tl.load(za_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float64)
         sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float64)
         zw = tl.load(zw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float64)
         sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float64)
-        w_sum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float64)
-        centered = (acc.to(tl.float64) - zw[:, None] * a_sum.to(tl.float64)[None, :] - w_sum[:, None] * za[None, :]
-                    + K * (zw[:, None] * za[None, :]))
-        tl.store(y, (centered * sw[:, None] * sa[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+        k_here = tl.maximum(tl.minimum(last_step * BLOCK_K, K) - first_step * BLOCK_K, 0).to(tl.float64)
+        centered = (acc.to(tl.float64) - zw[:, None] * a_sum.to(tl.float64)[None, :] - w_sum.to(tl.float64)[:, None] * za[None, :]
+                    + k_here * (zw[:, None] * za[None, :]))
+        y = centered * sw[:, None] * sa[None, :]
+        if SPLIT_K > 1:
+            y = y.to(tl.float32)
+        _store_transposed(y_ptr, y, offs_m, offs_n, mask_m, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
     else:
-        tl.store(y, acc, mask=mask)
+        _store_transposed(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, partial_ptr, count_ptr, 1)
 
 
-def _bitplane_launch(a_codes: torch.Tensor, a_bits: int, bw: BitplaneWeight, y: torch.Tensor, scales: tuple | None, a_digit: int) -> torch.Tensor:
-    if a_digit not in range(1, 8):
-        raise ValueError(f"a_digit (activation bits a dot takes) must be 1..7 (int8 operands), got {a_digit}")
+@triton.jit
+def _bitplane_dequant_kernel(w_ptr, sw_ptr, zw_ptr, out_ptr, N, K, stride_wp, stride_wn, W_BITS: tl.constexpr, RUN: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
+    """One chunk (32 slots of ``RUN`` words) of ``BLOCK_N`` rows: the planes' bits summed into codes, then
+    ``(code - zw) * sw`` in out's dtype."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    chunk = tl.program_id(1)
+    offs_r = tl.arange(0, RUN)
+    mask_n = offs_n < N
+    zw = tl.load(zw_ptr + offs_n, mask=mask_n, other=0.0)
+    sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
+    for slot in tl.static_range(32):
+        codes = tl.zeros((BLOCK_N, RUN), dtype=tl.int32)
+        for i in tl.static_range(W_BITS):  # (the chunk's words stay in L1 across slots)
+            words, _ = _load_chunk(w_ptr + i * stride_wp, w_ptr, offs_n, offs_r, mask_n, chunk, stride_wn, stride_wn, "uint1", RUN)
+            codes += ((words >> slot) & 1) << i
+        k = chunk * (32 * RUN) + slot * RUN + offs_r
+        w = (codes.to(tl.float32) - zw[:, None]) * sw[:, None]
+        tl.store(out_ptr + offs_n[:, None] * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & (k[None, :] < K))
+
+
+def bitplane_dequantize(bw: BitplaneWeight, dtype: torch.dtype = torch.float16, block_n: int = 16) -> torch.Tensor:
+    """The weight ``(code - zw) * sw`` ``[N, K]`` in ``dtype``, from its bit planes (a Triton kernel)."""
+    out = torch.empty((bw.n, bw.k), device=bw.planes.device, dtype=dtype)
+    grid = (triton.cdiv(bw.n, block_n), bw.planes.shape[2] // bw.run)
+    _bitplane_dequant_kernel[grid](bw.planes, bw.scale, bw.zero, out, bw.n, bw.k, bw.planes.stride(0), bw.planes.stride(1),
+                                   W_BITS=bw.bits, RUN=bw.run, BLOCK_N=block_n)
+    return out
+
+
+def _check_codes(a_codes: torch.Tensor, a_bits: int, w_digit: int, a_digit: int) -> None:
+    for name, digit in (("w_digit", w_digit), ("a_digit", a_digit)):
+        if digit not in range(1, 8):
+            raise ValueError(f"{name} (bits of an operand a dot takes) must be 1..7 (int8 operands), got {digit}")
     capturing = a_codes.is_cuda and torch.cuda.is_current_stream_capturing()  # (the check reads a value back: not in a graph)
     if not capturing and int(a_codes.max()) >= 2**a_bits:
         raise ValueError(f"activation codes must lie in 0..{2**a_bits - 1}")
+
+
+def bitplane_config(m: int, bw: BitplaneWeight, device: torch.device, split: bool) -> dict:
+    """64-wide weight tiles; 16-row tiles and (``split``: a scaled output below float64) :func:`few_rows_split`
+    splits for up to 16 rows, 64-row tiles above."""
+    sub = min(128 // bw.run if bw.run <= 128 else 1, 32)
+    if m <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, SUB=sub, SPLIT_K=few_rows_split(bw.n, bw.k, 64, sub * bw.run, device) if split else 1)
+    return dict(BLOCK_M=64, BLOCK_N=64, SUB=sub, SPLIT_K=1)
+
+
+def _bitplane_launch(a_codes: torch.Tensor, a_bits: int, bw: BitplaneWeight, y: torch.Tensor, scales: tuple | None, w_digit: int,
+                     a_digit: int, config: dict | None = None) -> torch.Tensor:
     m = a_codes.shape[0]
-    block_n, block_m = 64, 16 if m <= 16 else 64
-    grid = (triton.cdiv(bw.n, block_n), triton.cdiv(m, block_m))
+    config = config or bitplane_config(m, bw, a_codes.device, split=scales is not None and y.dtype != torch.float64)
+    grid = (triton.cdiv(bw.n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]), config["SPLIT_K"])
     sa, za = scales if scales is not None else (y, y)
     _bitplane_kernel[grid](
-        a_codes, bw.planes, y, sa, za, bw.scale, bw.zero, bw.code_sum, m, bw.n, bw.k, bw.planes.shape[2] // bw.run,
-        a_codes.stride(0), bw.planes.stride(0), bw.planes.stride(1), y.stride(0),
-        W_BITS=bw.bits, A_BITS=a_bits, A_DIGIT=a_digit, RUN=bw.run, SUB=min(128 // bw.run if bw.run <= 128 else 1, 32),
-        BLOCK_M=block_m, BLOCK_N=block_n, SCALED=scales is not None,
+        a_codes, bw.planes, y, sa, za, bw.scale, bw.zero, *split_buffers(y, grid, config["BLOCK_M"] * config["BLOCK_N"]),
+        m, bw.n, bw.k, bw.planes.shape[2] // bw.run, a_codes.stride(0), bw.planes.stride(0), bw.planes.stride(1), y.stride(0),
+        W_BITS=bw.bits, A_BITS=a_bits, W_DIGIT=w_digit, A_DIGIT=a_digit, RUN=bw.run, SCALED=scales is not None, **config,
     )
     return y
 
 
-A_DIGIT = 7  # activation bits a dot takes by default: int8 tensor cores multiply 7-bit digits as fast as bits
+DIGIT = 7  # bits of an operand a dot takes by default: int8 tensor cores multiply 7-bit digits as fast as bits
 
 
-def bitplane_int_matmul(a_codes: torch.Tensor, a_bits: int, bw: BitplaneWeight, a_digit: int = A_DIGIT) -> torch.Tensor:
-    """Integer ``a_codes [M, K] @ codes^T`` (int32 ``[M, N]``) from the weight's binary planes and the activations'
-    ``a_digit``-bit digits (``a_digit=1``: ABQ-LLM's binary planes of both operands)."""
+def bitplane_int_matmul(a_codes: torch.Tensor, a_bits: int, bw: BitplaneWeight, a_digit: int = DIGIT, w_digit: int = DIGIT) -> torch.Tensor:
+    """Integer ``a_codes [M, K] @ codes^T`` (int32 ``[M, N]``) from the weight's binary planes, joined into
+    ``w_digit``-bit digits, and the activations' ``a_digit``-bit digits (``w_digit=a_digit=1``: ABQ-LLM's binary
+    planes of both operands, ``p * q`` dots a step)."""
+    _check_codes(a_codes, a_bits, w_digit, a_digit)
     y = torch.empty((a_codes.shape[0], bw.n), device=a_codes.device, dtype=torch.int32)
-    return _bitplane_launch(a_codes, a_bits, bw, y, None, a_digit)
+    return _bitplane_launch(a_codes, a_bits, bw, y, None, w_digit, a_digit)
 
 
 def bitplane_matmul(a_codes: torch.Tensor, a_bits: int, a_scale: torch.Tensor, a_zero: torch.Tensor, bw: BitplaneWeight,
-                    out_dtype: torch.dtype = torch.float16, a_digit: int = A_DIGIT) -> torch.Tensor:
-    """``((A - za) * sa) @ ((W - zw) * sw)^T`` for per-token (A) and per-channel (W) scales and zero points, the
-    zero points and scales applied in float64 in the kernel's epilogue."""
+                    out_dtype: torch.dtype = torch.float16, a_digit: int = DIGIT, w_digit: int = DIGIT, path: str = "auto",
+                    config: dict | None = None) -> torch.Tensor:
+    """``((A - za) * sa) @ ((W - zw) * sw)^T`` for per-token (A) and per-channel (W) scales and zero points, on the path
+    :func:`lowbit_act_path` picks (or the one named): the bit-plane kernel, the zero points and scales applied in
+    float64 in its epilogue, or both operands dequantized (:func:`bitplane_dequantize`) and cuBLAS. ``config``: the
+    kernel's ``BLOCK_M``, ``BLOCK_N``, ``SUB``, ``SPLIT_K`` (default :func:`bitplane_config`)."""
+    _check_codes(a_codes, a_bits, w_digit, a_digit)
+    if _act_path(path, a_codes.shape[0], a_codes.device) == "dequant":
+        dtype = _math_dtype(out_dtype)
+        return (dequantize_tokens(a_codes, a_scale, a_zero, dtype) @ bitplane_dequantize(bw, dtype).t()).to(out_dtype)
     y = torch.empty((a_codes.shape[0], bw.n), device=a_codes.device, dtype=out_dtype)
-    return _bitplane_launch(a_codes, a_bits, bw, y, (a_scale.float().contiguous(), a_zero.float().contiguous()), a_digit)
+    return _bitplane_launch(a_codes, a_bits, bw, y, (a_scale.float().contiguous(), a_zero.float().contiguous()), w_digit, a_digit,
+                            config)
 
 
 def bitplane_reference(a_codes: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor, w_codes: torch.Tensor, bw: BitplaneWeight) -> torch.Tensor:

@@ -87,7 +87,7 @@ def test_a_swapped_tiny_model_gives_the_fake_quant_models_logits() -> None:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval().to(DEVICE)
     wf, af = weights(8, True), tokens(8, False)
     fake = copy.deepcopy(model)
     for block in fake.model.layers:
@@ -98,7 +98,7 @@ def test_a_swapped_tiny_model_gives_the_fake_quant_models_logits() -> None:
         for name, linear in [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]:
             parent, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, child, ActQuantLinear.from_linear(linear, wf, af))
-    ids = torch.randint(0, 256, (1, 12))
+    ids = torch.randint(0, 256, (1, 12), device=DEVICE)
     with torch.no_grad():
         expected = fake(ids).logits
         assert torch.allclose(model(ids).logits, expected, atol=1e-4)

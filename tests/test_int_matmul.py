@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from qkernels import int_matmul as im  # noqa: E402
-from qkernels.pack import pack_weight  # noqa: E402
+from qkernels.pack import dequantize_packed, pack_weight  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -72,39 +72,81 @@ def test_int8_paths_by_batch_and_a_bad_path(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.mark.parametrize("asym", [True, False])
-def test_w4a8_matches_reference(asym: bool) -> None:
-    n, k, group = 40, 192, 64
+@pytest.mark.parametrize("m,path", [(5, "triton"), (21, "triton"), (21, "dequant")])
+def test_w4a8_matches_reference(asym: bool, m: int, path: str) -> None:
+    """The Triton kernel on a 16-row tile with K splits (4 at K = 1024 here), on 16-row tiles without, and dequant +
+    matmul; uint8 codes with zero points (``asym``) or int8 values."""
+    n, k, group = 40, 1024, 64
     codes = torch.randint(0, 16, (n, k))
     scale = (torch.rand(n, k // group) + 0.5).half()
     zero = torch.randint(0, 16, (n, k // group)).half() if asym else None
     pw = pack_weight(codes, scale, zero, "uint4", group, zero_const=8, run=16).to(DEVICE)
-    a, sa = im.quantize_rows_int8(torch.randn(21, k))
-    a, sa = a.to(DEVICE), sa.to(DEVICE)
-    assert rel_err(im.w4a8_matmul(a, sa, pw, torch.float32, block_n=32, block_m=16), im.w4a8_reference(a, sa, pw)) < 1e-6
+    if asym:
+        a, sa, za = im.quantize_rows_asym(torch.randn(m, k) + 0.3, 8)
+        ref = im.w4a8_reference(a.float() - za[:, None], sa, pw.to("cpu"))
+        za, w_sum = za.to(DEVICE), dequantize_packed(pw).sum(dim=1)
+    else:
+        a, sa = im.quantize_rows_int8(torch.randn(m, k))
+        ref, za, w_sum = im.w4a8_reference(a, sa, pw.to("cpu")), None, None
+    config = im.w4a8_config(m, pw, im.w4a8_sub_slots(pw), torch.device(DEVICE))
+    assert config["SPLIT_K"] == (4 if m <= 16 and DEVICE == "cpu" else config["SPLIT_K"])
+    out = im.w4a8_matmul(a.to(DEVICE), sa.to(DEVICE), pw, torch.float32, a_zero=za, w_sum=w_sum, path=path).cpu()
+    assert rel_err(out, ref) < 1e-6
 
 
-@pytest.mark.parametrize("w_bits,a_bits,a_digit", [(2, 2, 7), (3, 4, 1), (1, 8, 7), (4, 8, 3), (2, 5, 2)])
+def test_act_paths_by_batch_and_a_bad_path() -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [im.lowbit_act_path(m, cuda) for m in (1, im.ACT_DEQUANT_MIN_M - 1, im.ACT_DEQUANT_MIN_M)] == ["triton", "triton", "dequant"]
+    assert im.lowbit_act_path(1024, cpu) == "triton"
+    pw = pack_weight(torch.randint(0, 16, (8, 128)), torch.ones(8, 1).half(), None, "uint4", 128, zero_const=8, run=16).to(DEVICE)
+    a = torch.ones(2, 128, dtype=torch.int8, device=DEVICE)
+    with pytest.raises(ValueError, match="path='cublas' is not valid; choose 'auto' or one of \\['triton', 'dequant'\\]"):
+        im.w4a8_matmul(a, torch.ones(2, device=DEVICE), pw, path="cublas")
+
+
+@pytest.mark.parametrize("w_bits,a_bits,w_digit,a_digit", [(2, 2, 7, 7), (3, 4, 1, 1), (1, 8, 7, 7), (4, 8, 1, 3), (2, 5, 7, 2),
+                                                       (8, 3, 7, 7), (5, 6, 2, 4)])
 @pytest.mark.parametrize("m", [5, 21])
-def test_bitplane_matmul_is_exact_for_any_precision_pair(w_bits: int, a_bits: int, a_digit: int, m: int) -> None:
-    """Binary weight planes times activation digits of 1 (ABQ's binary planes), 2, 3 or 7 bits (8-bit codes: two
-    digits), on 16- and 64-row tiles: the integer sums exact; the scaled output within float64 rounding."""
+def test_bitplane_matmul_is_exact_for_any_precision_pair(w_bits: int, a_bits: int, w_digit: int, a_digit: int, m: int) -> None:
+    """Weight digits of 1 (binary planes), 2 or 7 bits (8-bit codes: two digits) times activation digits of 1 (ABQ's
+    binary planes), 2, 3, 4 or 7 bits, on 16- and 64-row tiles: the integer sums exact; the scaled output within
+    float64 rounding."""
     n, k = 33, 200
     w_codes = torch.randint(0, 2**w_bits, (n, k))
     bw = im.pack_bitplanes(w_codes, w_bits, torch.rand(n) + 0.5, torch.randint(0, 2**w_bits, (n,)).float())
     a_codes, a_scale, a_zero = im.quantize_rows_asym(torch.randn(m, k), a_bits)
-    bw_dev = im.BitplaneWeight(bw.planes.to(DEVICE), *(t.to(DEVICE) for t in (bw.scale, bw.zero, bw.code_sum)), bw.bits, bw.n, bw.k, bw.run)
+    bw_dev = im.BitplaneWeight(bw.planes.to(DEVICE), *(t.to(DEVICE) for t in (bw.scale, bw.zero)), bw.bits, bw.n, bw.k, bw.run)
     a_dev = a_codes.to(DEVICE)
-    core = im.bitplane_int_matmul(a_dev, a_bits, bw_dev, a_digit).cpu()
+    core = im.bitplane_int_matmul(a_dev, a_bits, bw_dev, a_digit, w_digit).cpu()
     assert torch.equal(core.long(), a_codes.long() @ w_codes.t())  # the binary-plane sum is exact
-    out = im.bitplane_matmul(a_dev, a_bits, a_scale.to(DEVICE), a_zero.to(DEVICE), bw_dev, torch.float64, a_digit).cpu()
+    out = im.bitplane_matmul(a_dev, a_bits, a_scale.to(DEVICE), a_zero.to(DEVICE), bw_dev, torch.float64, a_digit, w_digit).cpu()
     assert rel_err(out, im.bitplane_reference(a_codes, a_scale, a_zero, w_codes, bw)) < 1e-9
+
+
+@pytest.mark.parametrize("m,path", [(5, "triton"), (5, "dequant"), (21, "dequant")])
+def test_bitplane_matmul_splits_k_and_dequantizes(m: int, path: str) -> None:
+    """A few rows with K splits (K = 1100: 3 splits of 128-wide steps, a ragged last one; each split's partial centred on its own), and the
+    dequant path (the planes summed back into codes by a kernel, then a matmul)."""
+    n, k, w_bits, a_bits = 70, 1100, 3, 5
+    w_codes = torch.randint(0, 2**w_bits, (n, k))
+    bw = im.pack_bitplanes(w_codes, w_bits, torch.rand(n) + 0.5, torch.randint(0, 2**w_bits, (n,)).float())
+    a_codes, a_scale, a_zero = im.quantize_rows_asym(torch.randn(m, k), a_bits)
+    bw_dev = im.BitplaneWeight(bw.planes.to(DEVICE), *(t.to(DEVICE) for t in (bw.scale, bw.zero)), bw.bits, bw.n, bw.k, bw.run)
+    if path == "triton" and DEVICE == "cpu":
+        assert im.bitplane_config(m, bw_dev, torch.device(DEVICE), split=True)["SPLIT_K"] == 3
+    out = im.bitplane_matmul(a_codes.to(DEVICE), a_bits, a_scale.to(DEVICE), a_zero.to(DEVICE), bw_dev, torch.float32, path=path).cpu()
+    assert rel_err(out, im.bitplane_reference(a_codes, a_scale, a_zero, w_codes, bw)) < 1e-6
+    ref_w = (w_codes.double() - bw.zero.double()[:, None]) * bw.scale.double()[:, None]
+    assert torch.allclose(im.bitplane_dequantize(bw_dev, torch.float32).cpu().double(), ref_w, rtol=1e-6, atol=0)
 
 
 def test_bitplane_refuses_bad_digits_and_codes() -> None:
     bw = im.pack_bitplanes(torch.randint(0, 4, (8, 64)), 2, torch.rand(8) + 0.5, torch.zeros(8))
-    bw = im.BitplaneWeight(bw.planes.to(DEVICE), *(t.to(DEVICE) for t in (bw.scale, bw.zero, bw.code_sum)), bw.bits, bw.n, bw.k, bw.run)
+    bw = im.BitplaneWeight(bw.planes.to(DEVICE), *(t.to(DEVICE) for t in (bw.scale, bw.zero)), bw.bits, bw.n, bw.k, bw.run)
     codes = torch.randint(0, 4, (2, 64), device=DEVICE, dtype=torch.uint8)
     with pytest.raises(ValueError, match="a_digit .* must be 1..7 .* got 8"):
         im.bitplane_int_matmul(codes, 2, bw, a_digit=8)
+    with pytest.raises(ValueError, match="w_digit .* must be 1..7 .* got 0"):
+        im.bitplane_int_matmul(codes, 2, bw, w_digit=0)
     with pytest.raises(ValueError, match="activation codes must lie in 0..1"):
         im.bitplane_int_matmul(codes, 1, bw)
