@@ -323,7 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     torch.manual_seed(0)
     arch = ARCHS[args.arch]
-    rows = [measure(arch, kind, args.tokens, args.compile, fuse) for kind in kinds for fuse in FUSE_MODES[args.fuse]]
+    rows = []
+    for kind in kinds:
+        for fuse in FUSE_MODES[args.fuse]:
+            rows.append(measure(arch, kind, args.tokens, args.compile, fuse))
+            print(f"{kind}{' fused' if fuse else ''}: {rows[-1]['tokens_per_s_graph']:.1f} tokens/s (graph)", file=sys.stderr, flush=True)
     header = (f"GPU: {gpu_name()} | {args.arch} {asdict(arch)} | batch 1, {args.tokens} tokens after a 1-token prompt"
               + {"no": "", "yes": " | q/k/v and gate/up fused", "both": " | each kind unfused, then fused"}[args.fuse])
     table = header + "\n\n" + markdown(rows)
