@@ -78,12 +78,14 @@ def quantize_activations(kind: IntKind, x: torch.Tensor) -> tuple:
 
 def int_paths(kind: IntKind, m: int, k: int, n: int) -> list[str]:
     """The table's paths for a kind, the dispatcher's first: W8A8 ``int triton`` and from 17 rows (cuBLAS's int8 GEMM
-    asked for more than 16 in older releases) ``int cublas``; W4A8 and bit-plane ``int triton`` and ``int dequant``
-    (both operands dequantized, then cuBLAS) at every batch."""
+    asked for more than 16 in older releases) ``int cublas``; W4A8 ``int lowbit`` (the tokens dequantized onto the
+    W4 kernels), ``int triton`` and ``int dequant`` (both operands dequantized, then cuBLAS), bit-plane the last two,
+    at every batch."""
+    cuda = torch.device("cuda")
     if kind.bitplane or kind.w_bits != 8:
-        auto = im.lowbit_act_path(m, torch.device("cuda"))
-        return [f"int {auto}"] + [f"int {p}" for p in im.LOWBIT_ACT_PATHS if p != auto]
-    auto = im.int8_path(m, k, n, torch.device("cuda"))
+        auto, paths = (im.lowbit_act_path(m, cuda), im.LOWBIT_ACT_PATHS) if kind.bitplane else (im.w4a8_path(m, cuda), im.W4A8_PATHS)
+        return [f"int {auto}"] + [f"int {p}" for p in paths if p != auto]
+    auto = im.int8_path(m, k, n, cuda)
     return [f"int {auto}"] + (["int triton"] if auto == "cublas" else [])
 
 

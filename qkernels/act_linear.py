@@ -10,6 +10,8 @@ from each call, min-max), so a swapped model computes what the fake-quant model 
   (int8) and ``128 - zero`` comes back in the epilogue with the weight rows' code sums.
 * ``w4a8``: 4-bit grouped weights (packed ``uint4``, integer zero points) and 8-bit activations:
   :func:`~qkernels.int_matmul.w4a8_matmul`, asymmetric activations the same way (the dequantized weight rows' sums).
+  On a GPU with fp16/bf16 inputs its tokens are dequantized onto the weight-only W4 kernels (``lowbit``, faster on
+  an H200 than its int kernel at every batch; :func:`~qkernels.int_matmul.w4a8_path`).
 * ``bitplane``: any other pair of 1..8-bit weights and 1..8-bit activations: the weight's binary planes times the
   activations' digits (:func:`~qkernels.int_matmul.bitplane_matmul`), zero points and scales in its epilogue.
   Symmetric codes are shifted to unsigned ones with the zero point ``2^(bits - 1)`` (exact).
@@ -52,6 +54,15 @@ def act_kernel(weight_fmt: object, act_fmt: object) -> str:
         raise FormatError(f"activation-quantized kernels take 1..8-bit weights with one min-max scale per output channel, or 4-bit "
                           f"grouped ones with 8-bit activations; got {weight_fmt.describe()} with {act_fmt.describe()}")
     return "w8a8" if weight_fmt.bits == 8 and weight_fmt.symmetric and act_fmt.bits == 8 else "bitplane"
+
+
+def act_route(kernel: str, m: int, k: int, n: int, device: torch.device, dtype: torch.dtype = torch.float16) -> str:
+    """The kernel and the path it takes for ``m`` rows of a ``[n, k]`` weight, e.g. ``w8a8 cublas``, ``w4a8 lowbit``."""
+    if kernel == "w8a8":
+        return f"w8a8 {im.int8_path(m, k, n, device)}"
+    if kernel == "w4a8":
+        return f"w4a8 {im.w4a8_path(m, device, dtype)}"
+    return f"bitplane {im.lowbit_act_path(m, device)}"
 
 
 def _name(fmt: object) -> str:

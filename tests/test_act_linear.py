@@ -141,3 +141,19 @@ def test_the_operator_compiles_in_one_graph_and_passes_opcheck(w_bits: int, grou
     assert torch.allclose(compiled(x), layer(x), atol=1e-6)
     torch.library.opcheck(act_quant_matmul_op, (x, *op_tensors(layer.state), *op_fields(layer.state)),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_w4a8_in_half_precision_matches_the_fake_quant_product() -> None:
+    """fp16 inputs: on a GPU the tokens dequantized onto the weight-only W4 kernels (``w4a8 lowbit``), on the CPU the
+    int kernel; either within fp16 rounding of the fp32 fake-quant product."""
+    from qkernels.act_linear import act_route
+
+    torch.manual_seed(5)
+    linear = nn.Linear(256, 48).to(DEVICE)
+    wf, af = IntFormat(bits=4, group_size=128), tokens(8, False)
+    layer = ActQuantLinear.from_linear(linear, wf, af)
+    x = torch.randn(3, 256, device=DEVICE).half()
+    expected = af.fake_quant(x.float()) @ wf.fake_quant(linear.weight.detach()).t()
+    fast = layer.matmul(x, kernels=True)
+    assert fast.dtype == torch.float16 and ((fast.float() - expected).norm() / expected.norm()).item() < 2e-3
+    assert act_route("w4a8", 3, 256, 48, torch.device(DEVICE)) == ("w4a8 lowbit" if DEVICE == "cuda" else "w4a8 triton")

@@ -28,13 +28,15 @@ def test_each_kind_matches_its_reference_and_its_copies(name: str, monkeypatch: 
 
 @pytest.mark.parametrize("name", ["w8a8", "w4a8", "w2a8bp"])
 def test_each_kind_is_timed_on_its_paths_and_matches_on_each(name: str) -> None:
-    """W8A8: its Triton kernel, and cuBLAS int8 from 17 rows; W4A8 and bit-plane: their kernels and dequant + matmul at
-    every batch, the dispatcher's path first."""
+    """W8A8: its Triton kernel, and cuBLAS int8 from 17 rows; W4A8: the W4 kernels on dequantized tokens, its int
+    kernel and dequant + matmul; bit-plane: its kernel and dequant + matmul; at every batch, the dispatcher's path first."""
     torch.manual_seed(1)
     w = int_weight(INT_KINDS[name], 40, 256, device=DEVICE)
     x = torch.randn(20, 256, device=DEVICE, dtype=torch.float16)
     if name == "w8a8":
         assert int_paths(w.kind, 20, 256, 40) == ["int cublas", "int triton"] and int_paths(w.kind, 4, 256, 40) == ["int triton"]
+    elif name == "w4a8":
+        assert int_paths(w.kind, 20, 256, 40) == int_paths(w.kind, 100, 256, 40) == ["int lowbit", "int triton", "int dequant"]
     else:
         assert int_paths(w.kind, 20, 256, 40) == ["int triton", "int dequant"] and int_paths(w.kind, 100, 256, 40) == ["int dequant", "int triton"]
     assert all(int_error(x, w, path) < 2e-3 for path in int_paths(w.kind, 20, 256, 40))

@@ -72,10 +72,11 @@ def test_int8_paths_by_batch_and_a_bad_path(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.mark.parametrize("asym", [True, False])
-@pytest.mark.parametrize("m,path", [(5, "triton"), (21, "triton"), (21, "dequant")])
+@pytest.mark.parametrize("m,path", [(5, "triton"), (21, "triton"), (21, "dequant"), (5, "lowbit")])
 def test_w4a8_matches_reference(asym: bool, m: int, path: str) -> None:
-    """The Triton kernel on a 16-row tile with K splits (4 at K = 1024 here), on 16-row tiles without, and dequant +
-    matmul; uint8 codes with zero points (``asym``) or int8 values."""
+    """The Triton kernel on a 16-row tile with K splits (4 at K = 1024 here), on 16-row tiles without, dequant +
+    matmul, and the tokens dequantized onto the weight-only kernels (fp16 out); uint8 codes with zero points
+    (``asym``) or int8 values."""
     n, k, group = 40, 1024, 64
     codes = torch.randint(0, 16, (n, k))
     scale = (torch.rand(n, k // group) + 0.5).half()
@@ -90,18 +91,27 @@ def test_w4a8_matches_reference(asym: bool, m: int, path: str) -> None:
         ref, za, w_sum = im.w4a8_reference(a, sa, pw.to("cpu")), None, None
     config = im.w4a8_config(m, pw, im.w4a8_sub_slots(pw), torch.device(DEVICE))
     assert config["SPLIT_K"] == (4 if m <= 16 and DEVICE == "cpu" else config["SPLIT_K"])
-    out = im.w4a8_matmul(a.to(DEVICE), sa.to(DEVICE), pw, torch.float32, a_zero=za, w_sum=w_sum, path=path).cpu()
-    assert rel_err(out, ref) < 1e-6
+    out_dtype = torch.float16 if path == "lowbit" else torch.float32
+    out = im.w4a8_matmul(a.to(DEVICE), sa.to(DEVICE), pw, out_dtype, a_zero=za, w_sum=w_sum, path=path).cpu()
+    assert rel_err(out, ref) < (2e-3 if path == "lowbit" else 1e-6)
 
 
 def test_act_paths_by_batch_and_a_bad_path() -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert [im.lowbit_act_path(m, cuda) for m in (1, im.ACT_DEQUANT_MIN_M - 1, im.ACT_DEQUANT_MIN_M)] == ["triton", "triton", "dequant"]
     assert im.lowbit_act_path(1024, cpu) == "triton"
+    half, single = torch.float16, torch.float32
+    assert [im.w4a8_path(1, cuda, half), im.w4a8_path(1024, cuda, torch.bfloat16), im.w4a8_path(1, cuda, single)] == ["lowbit", "lowbit", "triton"]
+    assert im.w4a8_path(im.ACT_DEQUANT_MIN_M, cuda, single) == "dequant" and im.w4a8_path(1, cpu, half) == "triton"
     pw = pack_weight(torch.randint(0, 16, (8, 128)), torch.ones(8, 1).half(), None, "uint4", 128, zero_const=8, run=16).to(DEVICE)
     a = torch.ones(2, 128, dtype=torch.int8, device=DEVICE)
-    with pytest.raises(ValueError, match="path='cublas' is not valid; choose 'auto' or one of \\['triton', 'dequant'\\]"):
+    with pytest.raises(ValueError, match="path='cublas' is not valid; choose 'auto' or one of \\['triton', 'lowbit', 'dequant'\\]"):
         im.w4a8_matmul(a, torch.ones(2, device=DEVICE), pw, path="cublas")
+    with pytest.raises(ValueError, match="path='lowbit' .* gives fp16 or bf16, not torch.float32"):
+        im.w4a8_matmul(a, torch.ones(2, device=DEVICE), pw, torch.float32, path="lowbit")
+    with pytest.raises(ValueError, match="path='lowbit' is not valid; choose 'auto' or one of \\['triton', 'dequant'\\]"):
+        im.bitplane_matmul(a.view(torch.uint8), 2, torch.ones(2), torch.zeros(2), im.pack_bitplanes(torch.ones(8, 128, dtype=torch.long), 1,
+                           torch.ones(8), torch.zeros(8)), path="lowbit")
 
 
 @pytest.mark.parametrize("w_bits,a_bits,w_digit,a_digit", [(2, 2, 7, 7), (3, 4, 1, 1), (1, 8, 7, 7), (4, 8, 1, 3), (2, 5, 7, 2),

@@ -119,12 +119,12 @@ def test_latency_measurement_flow_with_stubbed_gpu_timers(tmp_path: Path, monkey
     spec = QuantSpec(weight=w8, act=IntFormat(bits=8, group_size="token"))
     evaluator.format = w8
     result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k", spec=spec))
-    assert {(row["batch"], row["path"]) for row in result.protocol["latency"]["layer_shapes"]} == {(1, "w8a8"), (16, "w8a8")}
+    assert {(row["batch"], row["path"]) for row in result.protocol["latency"]["layer_shapes"]} == {(1, "w8a8 triton"), (16, "w8a8 triton")}
     assert result.protocol["latency"]["activations"] == "int8-asym-gtoken (w8a8 kernel)" and result.metrics["latency/decode_tokens_per_s"] > 0
     assert not any(type(m).__name__ == "ActQuantLinear" for m in bundle.model.modules())
     evaluator.format = IntFormat(bits=4, group_size=128)  # W4A8: its kernel
     result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k", spec=QuantSpec(weight=evaluator.format, act=spec.act)))
-    assert {row["path"] for row in result.protocol["latency"]["layer_shapes"]} == {"w4a8"}
+    assert {row["path"] for row in result.protocol["latency"]["layer_shapes"]} == {"w4a8 triton"}  # (on a GPU: "w4a8 lowbit")
     evaluator.format = IntFormat(bits=2, group_size=128)  # W2 g128 A8: no kernel, so the weight-only one, and the record says so
     result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k", spec=QuantSpec(weight=evaluator.format, act=spec.act)))
     assert result.protocol["latency"]["activations"].startswith("fp16 in the timed kernels: activation-quantized kernels take 1..8-bit weights")
@@ -195,6 +195,8 @@ def test_latency_on_gpu_runs_activation_quantized_cells(tmp_path: Path, w_bits: 
     result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k", spec=spec))
     assert result.metrics["latency/layers_steady_us/b1"] > 0 and result.metrics["latency/decode_tokens_per_s"] > 0
     assert result.protocol["latency"]["activations"].endswith("kernel)")
+    paths = {row["path"] for row in result.protocol["latency"]["layer_shapes"]}
+    assert paths == ({"w8a8 triton"} if w_bits == 8 else {"bitplane triton"})  # (batches 1 and 16)
     assert "failed_loops" not in result.protocol["latency"]["decode"] and result.metrics["latency/decode_compiled_tokens_per_s"] > 0
     assert not any(type(m).__name__ == "ActQuantLinear" for m in bundle.model.modules())
 

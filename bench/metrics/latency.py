@@ -111,7 +111,7 @@ class Latency:
         """Per distinct (in, out) shape: kernel and fp16 times (with ``act``, the activation-quantized layer: its
         activations quantized and multiplied); metrics sum them over all layers."""
         from bench.kernel_latency import act_calls, block_calls, fp16_calls, lowbit_calls
-        from qkernels.act_linear import act_kernel
+        from qkernels.act_linear import act_kernel, act_route
         from qkernels.block_matmul import pack_block_weight, pick_block_path
         from qkernels.lowbit_matmul import pick_path
         from qkernels.qlinear import pack_int_weight
@@ -133,7 +133,8 @@ class Latency:
             for m in self.batches:
                 x = torch.randn(m, k, device=bundle.device, dtype=torch.float16)
                 if act is not None:
-                    path, calls = act_kernel(self.format, act), act_calls(x, weight, self.format, act)
+                    path = act_route(act_kernel(self.format, act), m, k, n, x.device, x.dtype)
+                    calls = act_calls(x, weight, self.format, act)
                 elif block:
                     path = pick_block_path(m)
                     calls = block_calls(x, packed, path)
