@@ -274,8 +274,9 @@ W4A8_PATHS = ("triton", "lowbit", "dequant")
 def w4a8_path(m: int, device: torch.device, out_dtype: torch.dtype = torch.float16) -> str:
     """``lowbit`` on a GPU for fp16/bf16 outputs: the tokens dequantized (the int8 codes times their scale, the
     fake-quant model's activations in that dtype), then the weight-only kernels of
-    :func:`~qkernels.lowbit_matmul.lowbit_matmul` on the same packed weight; H200, 8192^2 (session 18): the int kernel
-    took 43.9 us at batch 1 and 93.7 at 64 rows, the W4 kernels 13.3 and 28.8. Else :func:`lowbit_act_path`."""
+    :func:`~qkernels.lowbit_matmul.lowbit_matmul` on the same packed weight. H200, 8192^2, steady state (session 18):
+    19.8 / 27.4 / 38.3 / 73.0 us at 1 / 16 / 64 / 256 rows, the int kernel 44.0 / 43.7 / 94.5 / 360.9, dequant +
+    cuBLAS 98.8 / 96.3 / 100.0 / 117.1. Else :func:`lowbit_act_path`."""
     half = out_dtype in (torch.float16, torch.bfloat16)
     return "lowbit" if device.type == "cuda" and half else lowbit_act_path(m, device)
 
@@ -404,7 +405,7 @@ def _bitplane_kernel(
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     a_sum = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    w_part = tl.zeros((BLOCK_N, RUN), dtype=tl.int32)  # the weight rows' code sums by word position (summed at the end)
+    w_sum = tl.zeros((BLOCK_N,), dtype=tl.int32)
     first_step, last_step = _split_range(n_chunks * STEPS_PER_CHUNK, SPLIT_K)
     for step in range(first_step, last_step):
         chunk = step // STEPS_PER_CHUNK
@@ -419,9 +420,10 @@ def _bitplane_kernel(
                     words, _ = _load_chunk(w_ptr + (d * W_DIGIT + b) * stride_wp, w_ptr, offs_n, offs_r, mask_n, chunk, stride_wn, stride_wn,
                                            "uint1", RUN)
                     w_codes += _codes_of_slots(words, words, first + tl.arange(0, SUB), "uint1", 1) << b
-            if SCALED:  # (over the slots: within each thread)
-                w_part += tl.sum(w_codes, axis=1) << (d * W_DIGIT)
-            w_digit = tl.reshape(w_codes, (BLOCK_N, BLOCK_K)).to(tl.int8)
+            w_digit = tl.reshape(w_codes, (BLOCK_N, BLOCK_K))
+            if SCALED:  # (partial sums by word position, [BLOCK_N, RUN], reduced once after the loop: 3.4x as slow, H200)
+                w_sum += tl.sum(w_digit, axis=1) << (d * W_DIGIT)
+            w_digit = w_digit.to(tl.int8)
             for j in tl.static_range(DIGITS):
                 a_digit = ((a_codes >> (j * A_DIGIT)) & ((1 << A_DIGIT) - 1)).to(tl.int8)
                 acc += tl.dot(w_digit, a_digit, out_dtype=tl.int32) << (d * W_DIGIT + j * A_DIGIT)
@@ -431,8 +433,7 @@ def _bitplane_kernel(
         zw = tl.load(zw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float64)
         sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float64)
         k_here = tl.maximum(tl.minimum(last_step * BLOCK_K, K) - first_step * BLOCK_K, 0).to(tl.float64)
-        w_sum = tl.sum(w_part, axis=1).to(tl.float64)
-        centered = (acc.to(tl.float64) - zw[:, None] * a_sum.to(tl.float64)[None, :] - w_sum[:, None] * za[None, :]
+        centered = (acc.to(tl.float64) - zw[:, None] * a_sum.to(tl.float64)[None, :] - w_sum.to(tl.float64)[:, None] * za[None, :]
                     + k_here * (zw[:, None] * za[None, :]))
         y = centered * sw[:, None] * sa[None, :]
         if SPLIT_K > 1:
