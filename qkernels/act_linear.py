@@ -116,7 +116,8 @@ class ActQuantLinear(nn.Module):
 
     def _keep_per_channel(self, weight: torch.Tensor) -> None:
         """W8A8: the int8 codes; bit-plane: the binary planes of unsigned codes (symmetric ones shifted by
-        ``2^(bits - 1)``, their zero point with them). Both: fp32 scales, zero points and code sums per row."""
+        ``2^(bits - 1)``, their zero point with them). Both: fp32 scales, zero points and code sums per row (W8A8's
+        zero-point term; the bit-plane kernel counts its own, split by split)."""
         q = self.weight_fmt.quantize(weight)
         scale = q.scale.float().reshape(-1)
         half = 2 ** (self.weight_fmt.bits - 1) if self.kernel == "bitplane" and self.weight_fmt.symmetric else 0

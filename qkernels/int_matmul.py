@@ -3,8 +3,8 @@
 * **W8A8**: int8 activations (one scale per token) times int8 weights (one scale per output
   channel), int32 accumulation on tensor cores, scales applied once in the epilogue: a Triton kernel
   (16-row tiles and K splits for a few rows), from 17 rows cuBLASLt's int8 GEMM (``torch._int_mm``) and a
-  scaling kernel. H200 (session 18, 8192^2, steady state, x cuBLAS fp16): Triton split-K 1.81x at batch 1, 1.60x at
-  16 rows; cuBLAS int8 1.21x at 256 rows, 1.16x at 1024.
+  scaling kernel. H200 (session 18, 8192^2, steady state, x cuBLAS fp16): Triton split-K 1.77x at batch 1, 1.62x at
+  16 rows; cuBLAS int8 1.52x at 64 rows, 1.16x at 256, 1.14x at 1024.
 * **W4A8**: packed 4-bit weights (:mod:`qkernels.pack` ``uint4``, per-group scales, integer zero
   points) times int8 activations. Each step takes a K range inside one weight group, so
   ``code - zero`` is an exact int8 operand and the group's scale multiplies the int32 partial sum; 16-row
@@ -389,8 +389,8 @@ def _bitplane_kernel(
     (``D = A_DIGIT``; ``E = D = 1``: ABQ's binary-by-binary matmuls), each an int8 tensor-core dot.
     ``SCALED``: the zero points and scales applied in float64 in the epilogue (both operands' code sums are
     counted on the way), the output in y's dtype; else the int32 sums. Over one K split (program axis 2; only
-    ``SCALED``): the split's own centred sum, so its fp32 partial carries no cancellation; the splits' partials
-    added as in :mod:`qkernels.lowbit_matmul`."""
+    ``SCALED``): the centred operands' partial product over the split's own K range (not a large uncentred sum whose
+    fp32 partials would cancel), the splits' partials added as in :mod:`qkernels.lowbit_matmul`."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     BLOCK_K: tl.constexpr = SUB * RUN
@@ -456,7 +456,7 @@ def _bitplane_dequant_kernel(w_ptr, sw_ptr, zw_ptr, out_ptr, N, K, stride_wp, st
     sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
     for slot in tl.static_range(32):
         codes = tl.zeros((BLOCK_N, RUN), dtype=tl.int32)
-        for i in tl.static_range(W_BITS):  # (the chunk's words stay in L1 across slots)
+        for i in tl.static_range(W_BITS):
             words, _ = _load_chunk(w_ptr + i * stride_wp, w_ptr, offs_n, offs_r, mask_n, chunk, stride_wn, stride_wn, "uint1", RUN)
             codes += ((words >> slot) & 1) << i
         k = chunk * (32 * RUN) + slot * RUN + offs_r
