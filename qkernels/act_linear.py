@@ -10,8 +10,9 @@ from each call, min-max), so a swapped model computes what the fake-quant model 
   (int8) and ``128 - zero`` comes back in the epilogue with the weight rows' code sums.
 * ``w4a8``: 4-bit grouped weights (packed ``uint4``, integer zero points) and 8-bit activations:
   :func:`~qkernels.int_matmul.w4a8_matmul`, asymmetric activations the same way (the dequantized weight rows' sums).
-  On a GPU with fp16/bf16 inputs its tokens are dequantized onto the weight-only W4 kernels (``lowbit``, faster on
-  an H200 than its int kernel at every batch; :func:`~qkernels.int_matmul.w4a8_path`).
+  On a GPU with fp16/bf16 inputs its tokens go dequantized onto the weight-only W4 kernels (``lowbit``, faster on
+  an H200 than its int kernel at every batch; :func:`~qkernels.int_matmul.w4a8_path`): the fake-quant kernel writes
+  the codes times their scales in one pass (session 18 timed the earlier form: the codes, then torch ops).
 * ``bitplane``: any other pair of 1..8-bit weights and 1..8-bit activations: the weight's binary planes times the
   activations' digits (:func:`~qkernels.int_matmul.bitplane_matmul`), zero points and scales in its epilogue.
   Symmetric codes are shifted to unsigned ones with the zero point ``2^(bits - 1)`` (exact).
@@ -36,7 +37,8 @@ from torch import nn
 from qkernels import int_matmul as im
 from qkernels.pack import PackedWeight, dequantize_packed, unpack_uint
 from qkernels.qlinear import QuantLinear, concat_biases, pack_int_weight
-from qkernels.quant import int_quantize_codes
+from qkernels.lowbit_matmul import lowbit_matmul
+from qkernels.quant import int_fake_quant, int_quantize_codes
 from methods.common.formats import FormatError, IntFormat
 
 ACT_KERNELS = ("w8a8", "w4a8", "bitplane")
@@ -225,6 +227,10 @@ def act_matmul(x2: torch.Tensor, aw: ActWeight, kernels: bool) -> torch.Tensor:
     if not kernels:
         return aw.act_fmt.fake_quant(x2.float()) @ aw.dequantized().t()
     out_dtype = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    if aw.kernel == "w4a8" and im.w4a8_path(x2.shape[0], x2.device, out_dtype) == "lowbit":
+        # the codes times their scales in x's dtype in one kernel (the fake-quant kernel's output is exactly that), onto
+        # the W4 kernels: w4a8_matmul's "lowbit" path without the codes' round trip
+        return lowbit_matmul(int_fake_quant(x2, aw.act_fmt), aw.packed)
     tokens = quantize_tokens(x2, aw.act_fmt, kernel=True)
     if aw.kernel in ("w8a8", "w4a8"):  # 8-bit activations: int8 values, or uint8 codes with zero points
         sums = None if tokens.zero is None else aw.code_sum

@@ -157,3 +157,22 @@ def test_w4a8_in_half_precision_matches_the_fake_quant_product() -> None:
     fast = layer.matmul(x, kernels=True)
     assert fast.dtype == torch.float16 and ((fast.float() - expected).norm() / expected.norm()).item() < 2e-3
     assert act_route("w4a8", 3, 256, 48, torch.device(DEVICE)) == ("w4a8 lowbit" if DEVICE == "cuda" else "w4a8 triton")
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_w4a8_lowbit_layer_path_is_the_codes_times_their_scales(symmetric: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layer's ``lowbit`` route takes the fake-quant kernel's output: bit for bit the token codes times their
+    scales (what ``w4a8_matmul(path="lowbit")`` dequantizes), so both give the same product."""
+    from qkernels import int_matmul as im
+    from qkernels.quant import int_fake_quant
+
+    torch.manual_seed(6)
+    af = tokens(8, symmetric)
+    x = (torch.randn(5, 256, device=DEVICE) * torch.logspace(-1, 1, 256, device=DEVICE)).half()
+    codes = quantize_tokens(x, af, kernel=True)
+    assert torch.equal(int_fake_quant(x, af), im.dequantize_tokens(codes.codes, codes.scale, codes.zero, torch.float16))
+    layer = ActQuantLinear.from_linear(nn.Linear(256, 48).to(DEVICE), IntFormat(bits=4, group_size=128), af)
+    monkeypatch.setattr(im, "w4a8_path", lambda m, device, out_dtype: "lowbit")  # (a GPU's route, here on any device)
+    sums = None if codes.zero is None else layer.state.code_sum
+    expected = im.w4a8_matmul(codes.codes, codes.scale, layer.state.packed, torch.float16, a_zero=codes.zero, w_sum=sums, path="lowbit")
+    assert torch.equal(layer.matmul(x, kernels=True), expected)
