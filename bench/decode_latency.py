@@ -7,8 +7,8 @@ Llama block (RMSNorm, rotary q/k, grouped-query attention over a static KV cache
 ``nn.Linear`` layers for fp16, :class:`qkernels.qlinear.QuantLinear` layers holding random packed
 codes, for the MX/NV kinds (``mxfp4``, ``nvfp4``, ...) :class:`qkernels.qlinear.BlockLinear` layers of
 random weights quantized to the format, and for the activation-quantized kinds (``w8a8``, ``w4a8g128``,
-``w4a4``) :class:`qkernels.act_linear.ActQuantLinear` layers (each token's activations quantized, then the
-W8A8, W4A8 or bit-plane kernel). Decoding one token is one CUDA graph replay (embedding, every block, norm, fp16 LM head, argmax
+``w4a4``, ``w4a4bp``) :class:`qkernels.act_linear.ActQuantLinear` layers (each token's activations quantized, then
+the W8A8, W4A8 or lowbit kernel; ``w4a4bp``: ABQ-LLM's bit-plane kernel). Decoding one token is one CUDA graph replay (embedding, every block, norm, fp16 LM head, argmax
 feeding the next step), so the numbers show the matmuls rather than Python launch overhead; the
 eager loop is timed too. With ``--compile`` the step is also compiled by ``torch.compile`` (one graph:
 the QuantLinear and BlockLinear layers are the ``qkernels::lowbit_matmul`` and ``qkernels::block_matmul``
@@ -60,10 +60,13 @@ ARCHS = {
 }
 WEIGHT_STD = 0.02
 TOKENS8 = IntFormat(bits=8, group_size="token")  # dynamic per-token asymmetric activations, the harness's act_format=int_token
-ACT_KINDS = {  # integer weights and activations (qkernels.act_linear): W8A8, W4A8 on grouped weights, ABQ's bit-plane W4A4
-    "w8a8": (IntFormat(bits=8, group_size="channel", symmetric=True), TOKENS8),
-    "w4a8g128": (IntFormat(bits=4, group_size=128), TOKENS8),
-    "w4a4": (IntFormat(bits=4, group_size="channel"), IntFormat(bits=4, group_size="token")),
+TOKENS4 = IntFormat(bits=4, group_size="token")
+CHANNEL4 = IntFormat(bits=4, group_size="channel")
+ACT_KINDS = {  # integer weights and activations (qkernels.act_linear): formats, and the kernel (None: the preferred one)
+    "w8a8": (IntFormat(bits=8, group_size="channel", symmetric=True), TOKENS8, None),
+    "w4a8g128": (IntFormat(bits=4, group_size=128), TOKENS8, None),
+    "w4a4": (CHANNEL4, TOKENS4, None),  # lowbit: the tokens fake-quantized onto the W4 kernels
+    "w4a4bp": (CHANNEL4, TOKENS4, "bitplane"),  # ABQ-LLM's bit-plane kernel
 }
 KINDS = ["fp16", *LOWBIT_KINDS, *BLOCK_KINDS, *ACT_KINDS]
 

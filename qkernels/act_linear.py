@@ -1,8 +1,9 @@
 """``ActQuantLinear``: a linear layer with integer weights *and* integer activations, on the activation-quantized
-kernels of :mod:`qkernels.int_matmul` (W8A8, W4A8 and ABQ-LLM's bit-plane WpAq).
+kernels of :mod:`qkernels.int_matmul` (W8A8, W4A8 and ABQ-LLM's bit-plane WpAq) or, for 1..4-bit weights, the
+weight-only kernels on per-token fake-quantized activations.
 
 Built from a layer's weight, the cell's weight format (an :class:`~methods.common.formats.IntFormat` with one
-scale per output channel) and its activation format (an ``IntFormat`` with one scale per token, dynamic: scales
+scale per output channel, or per group up to 4 bits) and its activation format (an ``IntFormat`` with one scale per token, dynamic: scales
 from each call, min-max), so a swapped model computes what the fake-quant model computes. The kernel:
 
 * ``w8a8``: 8-bit symmetric weights and 8-bit activations: :func:`~qkernels.int_matmul.int8_matmul` (a Triton
@@ -13,9 +14,14 @@ from each call, min-max), so a swapped model computes what the fake-quant model 
   On a GPU with fp16/bf16 inputs its tokens go dequantized onto the weight-only W4 kernels (``lowbit``, faster on
   an H200 than its int kernel at every batch; :func:`~qkernels.int_matmul.w4a8_path`): the fake-quant kernel writes
   the codes times their scales in one pass (session 18 timed the earlier form: the codes, then torch ops).
-* ``bitplane``: any other pair of 1..8-bit weights and 1..8-bit activations: the weight's binary planes times the
-  activations' digits (:func:`~qkernels.int_matmul.bitplane_matmul`), zero points and scales in its epilogue.
-  Symmetric codes are shifted to unsigned ones with the zero point ``2^(bits - 1)`` (exact).
+* ``lowbit``: any other 1..4-bit weights (one scale per output channel or per group) with 1..8-bit activations: the
+  activations fake-quantized per token by one kernel (the codes times their scales, in x's dtype), then the
+  weight-only W1-W4 kernels of :func:`~qkernels.lowbit_matmul.lowbit_matmul` on the packed weight. Hopper has no int4
+  or binary tensor cores, so this is how such a cell runs fastest there; it is what ``eval=latency`` times.
+* ``bitplane``: 1..8-bit weights with one scale per output channel and 1..8-bit activations: the weight's binary
+  planes times the activations' digits (:func:`~qkernels.int_matmul.bitplane_matmul`, ABQ-LLM's WpAq), zero points
+  and scales in its epilogue; the preferred kernel for 5..8-bit weights, a choice (``kernel="bitplane"``) for the
+  others. Symmetric codes are shifted to unsigned ones with the zero point ``2^(bits - 1)`` (exact).
 
 On CUDA the activations are quantized by :func:`qkernels.quant.int_quantize_codes` (a code a byte, fp32 scales and
 zero points: what the matmuls read), then the kernel runs; elsewhere the layer computes the fake-quant product in fp32
@@ -35,27 +41,39 @@ import torch
 from torch import nn
 
 from qkernels import int_matmul as im
-from qkernels.pack import PackedWeight, dequantize_packed, unpack_uint
+from qkernels.pack import PackedWeight, dequantize_packed, layout_for_bits, unpack_uint
 from qkernels.qlinear import QuantLinear, concat_biases, pack_int_weight
 from qkernels.lowbit_matmul import lowbit_matmul
 from qkernels.quant import int_fake_quant, int_quantize_codes
 from methods.common.formats import FormatError, IntFormat
 
-ACT_KERNELS = ("w8a8", "w4a8", "bitplane")
+ACT_KERNELS = ("w8a8", "w4a8", "lowbit", "bitplane")
+PACKED_KERNELS = ("w4a8", "lowbit")  # the layer keeps a QuantLinear's packed weight
 
 
-def act_kernel(weight_fmt: object, act_fmt: object) -> str:
-    """The kernel for this pair of formats (:data:`ACT_KERNELS`), or a :class:`FormatError` that says why none fits."""
+def act_kernels(weight_fmt: object, act_fmt: object) -> list[str]:
+    """The kernels that take this pair of formats, the preferred first (:data:`ACT_KERNELS` order), or a
+    :class:`FormatError` that says why none does."""
     if not isinstance(weight_fmt, IntFormat) or not isinstance(act_fmt, IntFormat):
         raise FormatError(f"activation-quantized kernels take int weights and int activations; got {_name(weight_fmt)} and {_name(act_fmt)}")
     if act_fmt.group_size != "token" or act_fmt.bits > 8 or act_fmt.clip != "minmax":
         raise FormatError(f"activation-quantized kernels take 1..8-bit activations with one min-max scale per token; got {act_fmt.describe()}")
-    if weight_fmt.clip == "minmax" and isinstance(weight_fmt.group_size, int) and weight_fmt.bits == 4 and act_fmt.bits == 8:
-        return "w4a8"
-    if weight_fmt.group_size != "channel" or weight_fmt.bits > 8 or weight_fmt.clip != "minmax":
-        raise FormatError(f"activation-quantized kernels take 1..8-bit weights with one min-max scale per output channel, or 4-bit "
-                          f"grouped ones with 8-bit activations; got {weight_fmt.describe()} with {act_fmt.describe()}")
-    return "w8a8" if weight_fmt.bits == 8 and weight_fmt.symmetric and act_fmt.bits == 8 else "bitplane"
+    minmax, channel, grouped = weight_fmt.clip == "minmax", weight_fmt.group_size == "channel", isinstance(weight_fmt.group_size, int)
+    fits = {
+        "w8a8": minmax and channel and weight_fmt.bits == 8 and weight_fmt.symmetric and act_fmt.bits == 8,
+        "w4a8": minmax and grouped and weight_fmt.bits == 4 and act_fmt.bits == 8,
+        "lowbit": minmax and (channel or grouped) and weight_fmt.bits <= 4,
+        "bitplane": minmax and channel and weight_fmt.bits <= 8,
+    }
+    if not any(fits.values()):
+        raise FormatError(f"activation-quantized kernels take min-max int weights: 1..8 bits with one scale per output channel, or "
+                          f"1..4 bits per group; got {weight_fmt.describe()} with {act_fmt.describe()}")
+    return [kernel for kernel in ACT_KERNELS if fits[kernel]]
+
+
+def act_kernel(weight_fmt: object, act_fmt: object) -> str:
+    """The preferred kernel for this pair of formats (:func:`act_kernels`)."""
+    return act_kernels(weight_fmt, act_fmt)[0]
 
 
 def act_route(kernel: str, m: int, k: int, n: int, device: torch.device, dtype: torch.dtype = torch.float16) -> str:
@@ -64,6 +82,8 @@ def act_route(kernel: str, m: int, k: int, n: int, device: torch.device, dtype: 
         return f"w8a8 {im.int8_path(m, k, n, device)}"
     if kernel == "w4a8":
         return f"w4a8 {im.w4a8_path(m, device, dtype)}"
+    if kernel == "lowbit":
+        return "lowbit"
     return f"bitplane {im.lowbit_act_path(m, device)}"
 
 
@@ -98,23 +118,29 @@ class ActQuantLinear(nn.Module):
 
     use_kernels: bool | None = None  # None: the kernels on CUDA, the fake-quant product elsewhere; True: the kernels anywhere
 
-    def __init__(self, weight: torch.Tensor, weight_fmt: IntFormat, act_fmt: IntFormat, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, weight_fmt: IntFormat, act_fmt: IntFormat, bias: torch.Tensor | None = None,
+                 kernel: str | None = None) -> None:
+        """``kernel``: one of :func:`act_kernels` for these formats (default: the preferred one)."""
         super().__init__()
-        self.kernel = act_kernel(weight_fmt, act_fmt)
+        choices = act_kernels(weight_fmt, act_fmt)
+        if kernel is not None and kernel not in choices:
+            raise FormatError(f"kernel={kernel!r} does not take {weight_fmt.describe()} with {act_fmt.describe()}; choose one of {choices}")
+        self.kernel = kernel or choices[0]
         self.weight_fmt, self.act_fmt = weight_fmt, act_fmt
         self.out_features, self.in_features = weight.shape
-        if self.kernel == "w4a8":
-            self._keep_grouped(weight.detach().float())
+        if self.kernel in PACKED_KERNELS:
+            self._keep_packed(weight.detach().float())
         else:
             self._keep_per_channel(weight.detach().float())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
-    def _keep_grouped(self, weight: torch.Tensor) -> None:
-        """W4A8: the packed ``uint4`` weight of a QuantLinear (its buffers move with the layer), and the dequantized
-        rows' sums (the asymmetric activations' offset term)."""
-        self.grouped = QuantLinear(pack_int_weight(weight, self.weight_fmt))
-        im.w4a8_sub_slots(self.grouped.packed)  # the weight fits the kernel (else a ValueError naming why)
-        self.register_buffer("code_sum", dequantize_packed(self.grouped.packed).sum(dim=1))
+    def _keep_packed(self, weight: torch.Tensor) -> None:
+        """W4A8 and lowbit: the packed weight of a QuantLinear (its buffers move with the layer), and the dequantized
+        rows' sums (W4A8's offset term for asymmetric activations)."""
+        self.weight_layer = QuantLinear(pack_int_weight(weight, self.weight_fmt))
+        if self.kernel == "w4a8":
+            im.w4a8_sub_slots(self.weight_layer.packed)  # the weight fits the kernel (else a ValueError naming why)
+        self.register_buffer("code_sum", dequantize_packed(self.weight_layer.packed).sum(dim=1))
 
     def _keep_per_channel(self, weight: torch.Tensor) -> None:
         """W8A8: the int8 codes; bit-plane: the binary planes of unsigned codes (symmetric ones shifted by
@@ -136,8 +162,8 @@ class ActQuantLinear(nn.Module):
         self.register_buffer("code_sum", codes.float().sum(dim=1))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, weight_fmt: IntFormat, act_fmt: IntFormat) -> ActQuantLinear:
-        return cls(linear.weight, weight_fmt, act_fmt, linear.bias)
+    def from_linear(cls, linear: nn.Linear, weight_fmt: IntFormat, act_fmt: IntFormat, kernel: str | None = None) -> ActQuantLinear:
+        return cls(linear.weight, weight_fmt, act_fmt, linear.bias, kernel)
 
     @classmethod
     def concat(cls, layers: list[ActQuantLinear]) -> ActQuantLinear:
@@ -153,15 +179,15 @@ class ActQuantLinear(nn.Module):
         for name, buffer in first.named_buffers(recurse=False):
             if name != "bias":
                 setattr(merged, name, torch.cat([getattr(layer, name) for layer in layers], dim=1 if name == "planes" else 0))
-        if first.kernel == "w4a8":
-            merged.grouped = QuantLinear.concat([layer.grouped for layer in layers])
+        if first.kernel in PACKED_KERNELS:
+            merged.weight_layer = QuantLinear.concat([layer.weight_layer for layer in layers])
         merged.bias = concat_biases(layers)
         return merged
 
     @property
     def state(self) -> ActWeight:
         """What the kernels read of this layer (:class:`ActWeight`), over its buffers."""
-        packed = self.grouped.packed if self.kernel == "w4a8" else None
+        packed = self.weight_layer.packed if self.kernel in PACKED_KERNELS else None
         tensors = {name: getattr(self, name, None) for name in ("codes", "planes", "scale", "zero")}
         return ActWeight(self.kernel, self.act_fmt, self.out_features, self.in_features, self.weight_fmt.bits, self.code_sum,
                          run=getattr(self, "run", 0), packed=packed, **tensors)
@@ -192,8 +218,8 @@ class ActQuantLinear(nn.Module):
 @dataclass
 class ActWeight:
     """What the kernels read of an :class:`ActQuantLinear`: its kernel, the activations' format, the weight's sizes
-    and tensors (W8A8: int8 ``codes``; bit-plane: ``planes`` of ``run``; both: per-row ``scale``, ``zero``; W4A8:
-    the ``packed`` uint4 weight) and the rows' ``code_sum`` (the offset terms)."""
+    and tensors (W8A8: int8 ``codes``; bit-plane: ``planes`` of ``run``; both: per-row ``scale``, ``zero``; W4A8 and
+    lowbit: the ``packed`` weight) and the rows' ``code_sum`` (the offset terms)."""
 
     kernel: str
     act_fmt: IntFormat
@@ -212,7 +238,7 @@ class ActWeight:
         """fp32 ``[n, k]``: the codes' values."""
         if self.kernel == "w8a8":
             return self.codes.float() * self.scale[:, None]
-        if self.kernel == "w4a8":
+        if self.kernel in PACKED_KERNELS:
             return dequantize_packed(self.packed)
         planes = (unpack_uint(self.planes[i], 1, self.run)[:, : self.k].float() * 2.0**i for i in range(self.w_bits))
         return (sum(planes) - self.zero[:, None]) * self.scale[:, None]
@@ -227,10 +253,13 @@ def act_matmul(x2: torch.Tensor, aw: ActWeight, kernels: bool) -> torch.Tensor:
     if not kernels:
         return aw.act_fmt.fake_quant(x2.float()) @ aw.dequantized().t()
     out_dtype = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-    if aw.kernel == "w4a8" and im.w4a8_path(x2.shape[0], x2.device, out_dtype) == "lowbit":
+    if aw.kernel == "lowbit" or (aw.kernel == "w4a8" and im.w4a8_path(x2.shape[0], x2.device, out_dtype) == "lowbit"):
         # the codes times their scales in x's dtype in one kernel (the fake-quant kernel's output is exactly that), onto
-        # the W4 kernels: w4a8_matmul's "lowbit" path without the codes' round trip
-        return lowbit_matmul(int_fake_quant(x2, aw.act_fmt), aw.packed)
+        # the weight-only kernels (for W4A8: w4a8_matmul's "lowbit" path without the codes' round trip)
+        fake = int_fake_quant(x2, aw.act_fmt)
+        if out_dtype == torch.float32:  # (the packed kernels take fp16/bf16)
+            return fake @ dequantize_packed(aw.packed).t()
+        return lowbit_matmul(fake, aw.packed)
     tokens = quantize_tokens(x2, aw.act_fmt, kernel=True)
     if aw.kernel in ("w8a8", "w4a8"):  # 8-bit activations: int8 values, or uint8 codes with zero points
         sums = None if tokens.zero is None else aw.code_sum
@@ -274,7 +303,7 @@ def act_quant_matmul_op(x, code_sum, codes, planes, scale, zero, words, high, gr
     act_fmt = IntFormat(bits=a_bits, group_size="token", symmetric=a_symmetric, scale_bits=a_scale_bits)
     packed = None
     if words is not None:
-        packed = PackedWeight("uint4", words, high, group_scale, group_zero, zero_const, n, k, group_run, group_size, zero_grid)
+        packed = PackedWeight(layout_for_bits(w_bits), words, high, group_scale, group_zero, zero_const, n, k, group_run, group_size, zero_grid)
     aw = ActWeight(kernel, act_fmt, n, k, w_bits, code_sum, codes, planes, scale, zero, run, packed)
     x2 = x.reshape(-1, k)
     return act_matmul(x2, aw, kernels=x.is_cuda).to(x.dtype).reshape(*x.shape[:-1], n)

@@ -13,7 +13,7 @@ from torch import nn
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from qkernels.act_linear import ActQuantLinear, act_kernel, quantize_tokens  # noqa: E402
+from qkernels.act_linear import ActQuantLinear, act_kernel, act_kernels, quantize_tokens  # noqa: E402
 from methods.common.formats import FormatError, IntFormat  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -28,17 +28,21 @@ def tokens(bits: int, symmetric: bool) -> IntFormat:
 
 
 def test_the_kernel_for_each_pair_and_why_none_fits() -> None:
-    assert act_kernel(weights(8, True), tokens(8, False)) == "w8a8" and act_kernel(weights(8, True), tokens(8, True)) == "w8a8"
-    assert act_kernel(weights(8, False), tokens(8, False)) == "bitplane" and act_kernel(weights(4, False), tokens(4, False)) == "bitplane"
-    assert act_kernel(IntFormat(bits=4, group_size=128), tokens(8, True)) == "w4a8"
-    with pytest.raises(FormatError, match="one min-max scale per output channel, or 4-bit grouped ones with 8-bit activations; got int4-asym-g128"):
-        act_kernel(IntFormat(bits=4, group_size=128), tokens(4, False))
-    with pytest.raises(FormatError, match="got int2-asym-g64"):
-        act_kernel(IntFormat(bits=2, group_size=64), tokens(8, False))
+    """The kernels that take each pair, the preferred first; a layer takes another of them when asked, none other."""
+    assert act_kernels(weights(8, True), tokens(8, False)) == ["w8a8", "bitplane"] and act_kernel(weights(8, True), tokens(8, True)) == "w8a8"
+    assert act_kernels(weights(8, False), tokens(8, False)) == ["bitplane"] and act_kernels(weights(4, False), tokens(4, False)) == ["lowbit", "bitplane"]
+    assert act_kernels(IntFormat(bits=4, group_size=128), tokens(8, True)) == ["w4a8", "lowbit"]
+    assert act_kernels(IntFormat(bits=4, group_size=128), tokens(4, False)) == act_kernels(IntFormat(bits=2, group_size=64), tokens(8, False)) == ["lowbit"]
+    with pytest.raises(FormatError, match="1..8 bits with one scale per output channel, or 1..4 bits per group; got int6-asym-g64"):
+        act_kernel(IntFormat(bits=6, group_size=64), tokens(8, False))
     with pytest.raises(FormatError, match="1..8-bit activations with one min-max scale per token; got int16-asym-gtoken"):
         act_kernel(weights(4, False), tokens(16, False))
     with pytest.raises(FormatError, match="int weights and int activations"):
         act_kernel(weights(4, False), None)
+    layer = ActQuantLinear(torch.randn(8, 64), weights(4, False), tokens(4, False), kernel="bitplane")
+    assert layer.kernel == "bitplane" and hasattr(layer, "planes")
+    with pytest.raises(FormatError, match="kernel='w8a8' does not take int4-asym-gchannel with int4-asym-gtoken; choose one of \\['lowbit', 'bitplane'\\]"):
+        ActQuantLinear(torch.randn(8, 64), weights(4, False), tokens(4, False), kernel="w8a8")
 
 
 @pytest.mark.parametrize("a_bits", [2, 4, 8, 6])
@@ -55,19 +59,21 @@ def test_token_codes_from_the_kernel_are_the_formats(a_bits: int, symmetric: boo
         assert (fast.zero is None) == symmetric and (symmetric or torch.equal(fast.zero, plain.zero))
 
 
-@pytest.mark.parametrize("w_bits,w_sym,a_bits,a_sym,group", [(8, True, 8, False, None), (8, True, 8, True, None), (4, False, 4, False, None),
-                                                              (2, True, 8, True, None), (3, False, 6, False, None), (8, False, 4, True, None),
-                                                              (4, False, 8, False, 32), (4, True, 8, True, 64)])
+@pytest.mark.parametrize("w_bits,w_sym,a_bits,a_sym,group,kernel", [
+    (8, True, 8, False, None, "w8a8"), (8, True, 8, True, None, "w8a8"), (4, False, 4, False, None, "lowbit"), (2, True, 8, True, None, "lowbit"),
+    (3, False, 6, False, None, "lowbit"), (2, False, 4, False, 64, "lowbit"), (8, False, 4, True, None, "bitplane"), (6, True, 8, False, None, "bitplane"),
+    (4, False, 4, False, None, "bitplane"), (2, True, 8, True, None, "bitplane"), (4, False, 8, False, 32, "w4a8"), (4, True, 8, True, 64, "w4a8")])
 @pytest.mark.parametrize("m", [3, 20])
-def test_kernels_give_the_fake_quant_product(w_bits: int, w_sym: bool, a_bits: int, a_sym: bool, group: int | None, m: int) -> None:
-    """Every kernel (W8A8 on its Triton and, from 17 rows, cuBLAS paths; W4A8 for grouped 4-bit weights; bit-plane
-    otherwise) against the fake-quant product: the input quantized per token, the weight per channel or group,
-    multiplied in fp32."""
+def test_kernels_give_the_fake_quant_product(w_bits: int, w_sym: bool, a_bits: int, a_sym: bool, group: int | None, kernel: str, m: int) -> None:
+    """Every kernel (W8A8 on its Triton and, from 17 rows, cuBLAS paths; W4A8 for grouped 4-bit weights; lowbit for
+    other 1..4-bit weights, bit-plane for wider ones and where asked) against the fake-quant product: the input
+    quantized per token, the weight per channel or group, multiplied in fp32."""
     torch.manual_seed(w_bits * 10 + a_bits)
     linear = nn.Linear(192, 40).to(DEVICE)
     wf = weights(w_bits, w_sym) if group is None else IntFormat(bits=w_bits, group_size=group, symmetric=w_sym)
     af = tokens(a_bits, a_sym)
-    layer = ActQuantLinear.from_linear(linear, wf, af)
+    layer = ActQuantLinear.from_linear(linear, wf, af, kernel=None if kernel == act_kernel(wf, af) else kernel)
+    assert layer.kernel == kernel
     x = torch.randn(2, m, 192, device=DEVICE)
     expected = af.fake_quant(x) @ wf.fake_quant(linear.weight.detach()).t() + linear.bias.detach()
     assert torch.allclose(layer.dequantized_weight(), wf.fake_quant(linear.weight.detach()), atol=1e-6)
@@ -107,7 +113,7 @@ def test_a_swapped_tiny_model_gives_the_fake_quant_models_logits() -> None:
         assert torch.allclose(model(ids).logits, expected, atol=1e-3)
 
 
-@pytest.mark.parametrize("w_bits,group,a_bits", [(8, None, 8), (4, 64, 8), (3, None, 4)], ids=["w8a8", "w4a8", "bitplane"])
+@pytest.mark.parametrize("w_bits,group,a_bits", [(8, None, 8), (4, 64, 8), (3, None, 4), (6, None, 4)], ids=["w8a8", "w4a8", "lowbit", "bitplane"])
 def test_concat_gives_the_layers_outputs_side_by_side(w_bits: int, group: int | None, a_bits: int) -> None:
     """Fused projections (q/k/v): the kernels' outputs of the concatenated layer are the layers' outputs, biases too;
     layers of other formats are refused."""
@@ -126,7 +132,7 @@ def test_concat_gives_the_layers_outputs_side_by_side(w_bits: int, group: int | 
         ActQuantLinear.concat([layers[0], other])
 
 
-@pytest.mark.parametrize("w_bits,group,a_bits", [(8, None, 8), (4, 64, 8), (3, None, 4)], ids=["w8a8", "w4a8", "bitplane"])
+@pytest.mark.parametrize("w_bits,group,a_bits", [(8, None, 8), (4, 64, 8), (3, None, 4), (6, None, 4)], ids=["w8a8", "w4a8", "lowbit", "bitplane"])
 def test_the_operator_compiles_in_one_graph_and_passes_opcheck(w_bits: int, group: int | None, a_bits: int) -> None:
     """Under torch.compile (fullgraph) the layer is the operator ``qkernels::act_quant_matmul``: the eager outputs;
     opcheck's checks of its schema, fake implementation and dispatch pass."""
@@ -143,20 +149,24 @@ def test_the_operator_compiles_in_one_graph_and_passes_opcheck(w_bits: int, grou
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
-def test_w4a8_in_half_precision_matches_the_fake_quant_product() -> None:
-    """fp16 inputs: on a GPU the tokens dequantized onto the weight-only W4 kernels (``w4a8 lowbit``), on the CPU the
-    int kernel; either within fp16 rounding of the fp32 fake-quant product."""
+@pytest.mark.parametrize("w_bits,a_bits", [(4, 8), (2, 4)], ids=["w4a8", "lowbit"])
+def test_packed_weights_in_half_precision_match_the_fake_quant_product(w_bits: int, a_bits: int) -> None:
+    """fp16 inputs: on a GPU the tokens fake-quantized onto the weight-only kernels (``w4a8 lowbit``, ``lowbit``), on
+    the CPU W4A8's int kernel and lowbit's torch path; either within fp16 rounding of the fp32 fake-quant product."""
     from qkernels.act_linear import act_route
 
     torch.manual_seed(5)
     linear = nn.Linear(256, 48).to(DEVICE)
-    wf, af = IntFormat(bits=4, group_size=128), tokens(8, False)
+    wf, af = IntFormat(bits=w_bits, group_size=128), tokens(a_bits, False)
     layer = ActQuantLinear.from_linear(linear, wf, af)
     x = torch.randn(3, 256, device=DEVICE).half()
     expected = af.fake_quant(x.float()) @ wf.fake_quant(linear.weight.detach()).t()
     fast = layer.matmul(x, kernels=True)
     assert fast.dtype == torch.float16 and ((fast.float() - expected).norm() / expected.norm()).item() < 2e-3
-    assert act_route("w4a8", 3, 256, 48, torch.device(DEVICE)) == ("w4a8 lowbit" if DEVICE == "cuda" else "w4a8 triton")
+    if w_bits == 4:
+        assert act_route("w4a8", 3, 256, 48, torch.device(DEVICE)) == ("w4a8 lowbit" if DEVICE == "cuda" else "w4a8 triton")
+    else:
+        assert layer.kernel == "lowbit" and act_route("lowbit", 3, 256, 48, torch.device(DEVICE)) == "lowbit"
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

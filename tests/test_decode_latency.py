@@ -23,7 +23,7 @@ def decode(model: Decoder, step, tokens: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("kind,layer_type", [("w2g128", QuantLinear), ("mxfp4", BlockLinear), ("w8a8", ActQuantLinear)])
+@pytest.mark.parametrize("kind,layer_type", [("w2g128", QuantLinear), ("mxfp4", BlockLinear), ("w8a8", ActQuantLinear), ("w4a4", ActQuantLinear)])
 @pytest.mark.parametrize("fuse", [False, True])
 def test_compiled_decode_step_is_one_graph_and_decodes_the_same_tokens(kind: str, layer_type: type, fuse: bool) -> None:
     """Packed low-bit and MX layers (the qkernels::lowbit_matmul and qkernels::block_matmul operators): one graph,

@@ -114,7 +114,7 @@ def test_latency_measurement_flow_with_stubbed_gpu_timers(tmp_path: Path, monkey
     assert not any(type(m).__name__ == "BlockLinear" for m in bundle.model.modules())
 
     # a W8A8 cell (per-channel int8 weights, dynamic per-token int8 activations): the W8A8 kernel with its activation
-    # quantization timed, the decode with ActQuantLinear layers; W4 g128 A8: the W4A8 kernel; W2 g128 A8: weight-only
+    # quantization timed, the decode with ActQuantLinear layers; W4 g128 A8: the W4A8 kernel; W2 g128 A8: lowbit
     w8 = IntFormat(bits=8, group_size="channel", symmetric=True)
     spec = QuantSpec(weight=w8, act=IntFormat(bits=8, group_size="token"))
     evaluator.format = w8
@@ -125,9 +125,14 @@ def test_latency_measurement_flow_with_stubbed_gpu_timers(tmp_path: Path, monkey
     evaluator.format = IntFormat(bits=4, group_size=128)  # W4A8: its kernel
     result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k", spec=QuantSpec(weight=evaluator.format, act=spec.act)))
     assert {row["path"] for row in result.protocol["latency"]["layer_shapes"]} == {"w4a8 triton"}  # (on a GPU: "w4a8 lowbit")
-    evaluator.format = IntFormat(bits=2, group_size=128)  # W2 g128 A8: no kernel, so the weight-only one, and the record says so
+    evaluator.format = IntFormat(bits=2, group_size=128)  # W2 g128 A8: lowbit (fake-quantized tokens on the weight-only kernels)
     result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k", spec=QuantSpec(weight=evaluator.format, act=spec.act)))
-    assert result.protocol["latency"]["activations"].startswith("fp16 in the timed kernels: activation-quantized kernels take 1..8-bit weights")
+    assert result.protocol["latency"]["activations"].startswith("int8-asym-gtoken (lowbit kernel: fake-quantized per token")
+    assert {row["path"] for row in result.protocol["latency"]["layer_shapes"]} == {"lowbit"}
+    # clipped W2 g128 weights with A8: no activation kernel (they take min-max weights), so the weight-only one, and the record says so
+    evaluator.format = IntFormat(bits=2, group_size=128, clip="percentile")
+    result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k", spec=QuantSpec(weight=evaluator.format, act=spec.act)))
+    assert result.protocol["latency"]["activations"].startswith("fp16 in the timed kernels: activation-quantized kernels take min-max int weights")
     assert {row["path"] for row in result.protocol["latency"]["layer_shapes"]} == {"torch"}  # (the CPU's path for the packed weight)
 
 
@@ -183,7 +188,7 @@ def test_latency_on_gpu_times_layers_and_decode(tmp_path: Path, block_format) ->
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (4, 4)], ids=["w8a8", "w4a4-bitplane"])
+@pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (4, 4)], ids=["w8a8", "w4a4-lowbit"])
 def test_latency_on_gpu_runs_activation_quantized_cells(tmp_path: Path, w_bits: int, a_bits: int) -> None:
     """Per-channel weights and per-token activations: the layers and the eager decode on the activation-quantized
     kernels, eager and compiled (the layer is the operator qkernels::act_quant_matmul under torch.compile)."""
@@ -194,9 +199,9 @@ def test_latency_on_gpu_runs_activation_quantized_cells(tmp_path: Path, w_bits: 
     spec = QuantSpec(weight=evaluator.format, act=IntFormat(bits=a_bits, group_size="token"))
     result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k", spec=spec))
     assert result.metrics["latency/layers_steady_us/b1"] > 0 and result.metrics["latency/decode_tokens_per_s"] > 0
-    assert result.protocol["latency"]["activations"].endswith("kernel)")
+    assert "kernel" in result.protocol["latency"]["activations"]
     paths = {row["path"] for row in result.protocol["latency"]["layer_shapes"]}
-    assert paths == ({"w8a8 triton"} if w_bits == 8 else {"bitplane triton"})  # (batches 1 and 16)
+    assert paths == ({"w8a8 triton"} if w_bits == 8 else {"lowbit"})  # (batches 1 and 16)
     assert "failed_loops" not in result.protocol["latency"]["decode"] and result.metrics["latency/decode_compiled_tokens_per_s"] > 0
     assert not any(type(m).__name__ == "ActQuantLinear" for m in bundle.model.modules())
 

@@ -4,10 +4,11 @@ On a CUDA device: each distinct layer shape is packed once from the cell's (alre
 weights and timed on the kernels next to cuBLAS fp16 at the same shape, in the modes of
 :mod:`bench.timing`; then every quantizable layer is swapped for a
 :class:`~qkernels.qlinear.QuantLinear` (MX and NV formats: a :class:`~qkernels.qlinear.BlockLinear`; cells that
-quantize activations dynamically per token, with per-channel int weights up to 8 bits or 4-bit grouped ones with
-8-bit activations: an :class:`~qkernels.act_linear.ActQuantLinear`, its activations quantized and multiplied by
-the W8A8, W4A8 or bit-plane kernel, the record's ``activations`` says which; other activation-quantized cells
-time the weight-only kernels, and the record says so) and a short greedy decode is timed (tokens/s and peak memory)
+quantize activations dynamically per token, with per-channel int weights up to 8 bits or grouped ones up to 4
+bits: an :class:`~qkernels.act_linear.ActQuantLinear`, its activations quantized and multiplied by the W8A8, W4A8,
+lowbit or bit-plane kernel (:func:`~qkernels.act_linear.act_kernel`'s preferred one), the record's ``activations``
+says which and each layer row its path; other activation-quantized cells time the weight-only kernels, and the
+record says so) and a short greedy decode is timed (tokens/s and peak memory)
 in each of ``decode_loops``: ``eager`` (Python between the kernels), ``compiled`` (a static KV cache, the
 step compiled by ``torch.compile`` and replayed as a CUDA graph), and with ``prefill_tokens`` one forward
 over a prompt that long (time to first token: the GEMM paths); the original layers are put back so later
@@ -79,8 +80,8 @@ class Latency:
     def activation_kernel(self, ctx: EvalContext) -> tuple[IntFormat | None, str]:
         """The cell's activation format where an activation-quantized kernel runs it with the weights
         (:func:`~qkernels.act_linear.act_kernel`: dynamic per-token int activations up to 8 bits with per-channel int
-        weights up to 8 bits, or 4-bit grouped weights with 8-bit activations), and what the record says about the activations: their format, or why the weight-only kernels (fp16
-        activations) are what is timed."""
+        weights up to 8 bits or grouped ones up to 4), and what the record says about the activations: their format
+        and kernel, or why the weight-only kernels (fp16 activations) are what is timed."""
         from qkernels.act_linear import act_kernel
 
         spec = ctx.spec
@@ -94,6 +95,9 @@ class Latency:
             kernel = act_kernel(self.format, spec.act)
         except FormatError as err:
             return None, f"fp16 in the timed kernels: {err}"
+        if kernel == "lowbit":
+            return spec.act, (f"{spec.act.describe()} (lowbit kernel: fake-quantized per token by one kernel, then the weight-only "
+                              f"kernels; no int4 or binary tensor cores on this path)")
         return spec.act, f"{spec.act.describe()} ({kernel} kernel)"
 
     def skip_reason(self, bundle: ModelBundle, act: IntFormat | None = None) -> str | None:
