@@ -3,8 +3,9 @@ kernels of :mod:`qkernels.int_matmul` (W8A8, W4A8 and ABQ-LLM's bit-plane WpAq) 
 weight-only kernels on per-token fake-quantized activations.
 
 Built from a layer's weight, the cell's weight format (an :class:`~methods.common.formats.IntFormat` with one
-scale per output channel, or per group up to 4 bits) and its activation format (an ``IntFormat`` with one scale per token, dynamic: scales
-from each call, min-max), so a swapped model computes what the fake-quant model computes. The kernel:
+scale per output channel, or per group up to 4 bits) and its activation format (an ``IntFormat`` with one scale per
+token, dynamic: scales from each call, min-max), so a swapped model computes what the fake-quant model computes. The
+kernels (:func:`act_kernels`; a layer takes the first that fits unless told another):
 
 * ``w8a8``: 8-bit symmetric weights and 8-bit activations: :func:`~qkernels.int_matmul.int8_matmul` (a Triton
   kernel for a few rows, cuBLASLt's int8 GEMM above). Asymmetric activation codes are read as ``code - 128``
@@ -17,16 +18,18 @@ from each call, min-max), so a swapped model computes what the fake-quant model 
 * ``lowbit``: any other 1..4-bit weights (one scale per output channel or per group) with 1..8-bit activations: the
   activations fake-quantized per token by one kernel (the codes times their scales, in x's dtype), then the
   weight-only W1-W4 kernels of :func:`~qkernels.lowbit_matmul.lowbit_matmul` on the packed weight. Hopper has no int4
-  or binary tensor cores, so this is how such a cell runs fastest there; it is what ``eval=latency`` times.
+  or binary tensor cores; by the kernels' own H200 times this is the faster route there (8192^2, batch 1: the W4
+  tensor-core GEMV 13.3 us, the bit-plane W4A4 kernel 126), the two together not timed yet (session 18).
 * ``bitplane``: 1..8-bit weights with one scale per output channel and 1..8-bit activations: the weight's binary
   planes times the activations' digits (:func:`~qkernels.int_matmul.bitplane_matmul`, ABQ-LLM's WpAq), zero points
   and scales in its epilogue; the preferred kernel for 5..8-bit weights, a choice (``kernel="bitplane"``) for the
   others. Symmetric codes are shifted to unsigned ones with the zero point ``2^(bits - 1)`` (exact).
 
 On CUDA the activations are quantized by :func:`qkernels.quant.int_quantize_codes` (a code a byte, fp32 scales and
-zero points: what the matmuls read), then the kernel runs; elsewhere the layer computes the fake-quant product in fp32
-(the format's quantize and dequantize), the same numbers. Grouped weights other than 4-bit ones with 8-bit
-activations, and static or clipped activation ranges, have no kernel here (:func:`act_kernel` names why). Under
+zero points: what the integer matmuls read; ``lowbit``: :func:`qkernels.quant.int_fake_quant`), then the kernel runs;
+elsewhere the layer computes the fake-quant product in fp32 (the format's quantize and dequantize), the same numbers.
+Grouped weights wider than 4 bits, clipped weight ranges, and static or clipped activation ranges have no kernel here
+(:func:`act_kernels` names why). Under
 ``torch.compile`` the layer is the custom operator ``torch.ops.qkernels.act_quant_matmul`` (the weight's tensors
 and fields spelled out), so a model of these layers compiles in one graph; the operator has no backward (the
 kernels are for inference; on a CPU the eager layer's fake-quant product has gradients).
