@@ -83,7 +83,7 @@ def int_paths(kind: IntKind, m: int, k: int, n: int) -> list[str]:
     at every batch."""
     cuda = torch.device("cuda")
     if kind.bitplane or kind.w_bits != 8:
-        auto, paths = (im.lowbit_act_path(m, cuda), im.LOWBIT_ACT_PATHS) if kind.bitplane else (im.w4a8_path(m, cuda), im.W4A8_PATHS)
+        auto, paths = (im.int_act_path(m, cuda), im.INT_ACT_PATHS) if kind.bitplane else (im.w4a8_path(m, cuda), im.W4A8_PATHS)
         return [f"int {auto}"] + [f"int {p}" for p in paths if p != auto]
     auto = im.int8_path(m, k, n, cuda)
     return [f"int {auto}"] + (["int triton"] if auto == "cublas" else [])

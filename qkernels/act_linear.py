@@ -87,7 +87,7 @@ def act_route(kernel: str, m: int, k: int, n: int, device: torch.device, dtype: 
         return f"w4a8 {im.w4a8_path(m, device, dtype)}"
     if kernel == "lowbit":
         return "lowbit"
-    return f"bitplane {im.lowbit_act_path(m, device)}"
+    return f"bitplane {im.int_act_path(m, device)}"
 
 
 def _name(fmt: object) -> str:
@@ -138,17 +138,19 @@ class ActQuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def _keep_packed(self, weight: torch.Tensor) -> None:
-        """W4A8 and lowbit: the packed weight of a QuantLinear (its buffers move with the layer), and the dequantized
-        rows' sums (W4A8's offset term for asymmetric activations)."""
+        """W4A8 and lowbit: the packed weight of a QuantLinear (its buffers move with the layer); W4A8: the dequantized
+        rows' sums too (its offset term for asymmetric activations)."""
         self.weight_layer = QuantLinear(pack_int_weight(weight, self.weight_fmt))
+        code_sum = None
         if self.kernel == "w4a8":
             im.w4a8_sub_slots(self.weight_layer.packed)  # the weight fits the kernel (else a ValueError naming why)
-        self.register_buffer("code_sum", dequantize_packed(self.weight_layer.packed).sum(dim=1))
+            code_sum = dequantize_packed(self.weight_layer.packed).sum(dim=1)
+        self.register_buffer("code_sum", code_sum)
 
     def _keep_per_channel(self, weight: torch.Tensor) -> None:
         """W8A8: the int8 codes; bit-plane: the binary planes of unsigned codes (symmetric ones shifted by
-        ``2^(bits - 1)``, their zero point with them). Both: fp32 scales, zero points and code sums per row (W8A8's
-        zero-point term; the bit-plane kernel counts its own, split by split)."""
+        ``2^(bits - 1)``, their zero point with them). Both: fp32 scales and zero points per row; W8A8: the code sums
+        too (its zero-point term; the bit-plane kernel counts its own, split by split)."""
         q = self.weight_fmt.quantize(weight)
         scale = q.scale.float().reshape(-1)
         half = 2 ** (self.weight_fmt.bits - 1) if self.kernel == "bitplane" and self.weight_fmt.symmetric else 0
@@ -162,7 +164,7 @@ class ActQuantLinear(nn.Module):
             self.run = bw.run
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
-        self.register_buffer("code_sum", codes.float().sum(dim=1))
+        self.register_buffer("code_sum", codes.float().sum(dim=1) if self.kernel == "w8a8" else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_fmt: IntFormat, act_fmt: IntFormat, kernel: str | None = None) -> ActQuantLinear:
@@ -222,14 +224,14 @@ class ActQuantLinear(nn.Module):
 class ActWeight:
     """What the kernels read of an :class:`ActQuantLinear`: its kernel, the activations' format, the weight's sizes
     and tensors (W8A8: int8 ``codes``; bit-plane: ``planes`` of ``run``; both: per-row ``scale``, ``zero``; W4A8 and
-    lowbit: the ``packed`` weight) and the rows' ``code_sum`` (the offset terms)."""
+    lowbit: the ``packed`` weight) and, for W8A8 and W4A8, the rows' ``code_sum`` (the offset terms)."""
 
     kernel: str
     act_fmt: IntFormat
     n: int
     k: int
     w_bits: int
-    code_sum: torch.Tensor
+    code_sum: torch.Tensor | None
     codes: torch.Tensor | None = None
     planes: torch.Tensor | None = None
     scale: torch.Tensor | None = None
@@ -261,7 +263,7 @@ def act_matmul(x2: torch.Tensor, aw: ActWeight, kernels: bool) -> torch.Tensor:
         # the weight-only kernels (for W4A8: w4a8_matmul's "lowbit" path without the codes' round trip)
         fake = int_fake_quant(x2, aw.act_fmt)
         if out_dtype == torch.float32:  # (the packed kernels take fp16/bf16)
-            return fake @ dequantize_packed(aw.packed).t()
+            return fake @ aw.dequantized().t()
         return lowbit_matmul(fake, aw.packed)
     tokens = quantize_tokens(x2, aw.act_fmt, kernel=True)
     if aw.kernel in ("w8a8", "w4a8"):  # 8-bit activations: int8 values, or uint8 codes with zero points
@@ -295,7 +297,7 @@ def op_fields(aw: ActWeight) -> tuple:
 
 @torch.library.custom_op(
     "qkernels::act_quant_matmul", mutates_args=(),
-    schema="(Tensor x, Tensor code_sum, Tensor? codes, Tensor? planes, Tensor? scale, Tensor? zero, Tensor? words, Tensor? high, "
+    schema="(Tensor x, Tensor? code_sum, Tensor? codes, Tensor? planes, Tensor? scale, Tensor? zero, Tensor? words, Tensor? high, "
            "Tensor? group_scale, Tensor? group_zero, str kernel, int w_bits, int a_bits, bool a_symmetric, int a_scale_bits, int n, "
            "int k, int run, int group_run, int group_size, float zero_const, float zero_grid) -> Tensor",
 )

@@ -21,7 +21,7 @@
   each K split's over its own K range.
 
 Bit-plane (and W4A8 where it does not take ``lowbit``) take ``dequant`` on a GPU from :data:`ACT_DEQUANT_MIN_M` rows
-(:func:`lowbit_act_path`): both operands dequantized into the output's dtype, then cuBLAS; the same product as the
+(:func:`int_act_path`): both operands dequantized into the output's dtype, then cuBLAS; the same product as the
 fake-quant model's in that dtype. W4A8 with fp16/bf16 outputs on a GPU takes ``lowbit`` (:func:`w4a8_path`): its
 int8 tokens dequantized onto the weight-only W4 kernels, faster than its int kernel at every batch measured.
 
@@ -257,11 +257,11 @@ def w4a8_sub_slots(pw: PackedWeight) -> int:
     return sub
 
 
-LOWBIT_ACT_PATHS = ("triton", "dequant")
+INT_ACT_PATHS = ("triton", "dequant")
 ACT_DEQUANT_MIN_M = 65  # W4A8 and bit-plane: dequantize + cuBLAS from this many rows on a GPU
 
 
-def lowbit_act_path(m: int, device: torch.device) -> str:
+def int_act_path(m: int, device: torch.device) -> str:
     """The W4A8 and bit-plane matmuls' path: their Triton kernel (16-row tiles with K splits for a few rows), or on a
     GPU from :data:`ACT_DEQUANT_MIN_M` rows ``dequant``: both operands dequantized into the output's dtype, then
     cuBLAS (Hopper has no int4 tensor cores, and these kernels' int8 dots are per group or per bit plane)."""
@@ -276,9 +276,9 @@ def w4a8_path(m: int, device: torch.device, out_dtype: torch.dtype = torch.float
     fake-quant model's activations in that dtype), then the weight-only kernels of
     :func:`~qkernels.lowbit_matmul.lowbit_matmul` on the same packed weight. H200, 8192^2, steady state (session 18):
     19.8 / 27.4 / 38.3 / 73.0 us at 1 / 16 / 64 / 256 rows, the int kernel 44.0 / 43.7 / 94.5 / 360.9, dequant +
-    cuBLAS 98.8 / 96.3 / 100.0 / 117.1. Else :func:`lowbit_act_path`."""
+    cuBLAS 98.8 / 96.3 / 100.0 / 117.1. Else :func:`int_act_path`."""
     half = out_dtype in (torch.float16, torch.bfloat16)
-    return "lowbit" if device.type == "cuda" and half else lowbit_act_path(m, device)
+    return "lowbit" if device.type == "cuda" and half else int_act_path(m, device)
 
 
 def _chosen(path: str, auto: str, choices: tuple[str, ...]) -> str:
@@ -521,11 +521,11 @@ def bitplane_matmul(a_codes: torch.Tensor, a_bits: int, a_scale: torch.Tensor, a
                     out_dtype: torch.dtype = torch.float16, a_digit: int = DIGIT, w_digit: int = DIGIT, path: str = "auto",
                     config: dict | None = None) -> torch.Tensor:
     """``((A - za) * sa) @ ((W - zw) * sw)^T`` for per-token (A) and per-channel (W) scales and zero points, on the path
-    :func:`lowbit_act_path` picks (or the one named): the bit-plane kernel, the zero points and scales applied in
+    :func:`int_act_path` picks (or the one named): the bit-plane kernel, the zero points and scales applied in
     float64 in its epilogue, or both operands dequantized (:func:`bitplane_dequantize`) and cuBLAS. ``config``: the
     kernel's ``BLOCK_M``, ``BLOCK_N``, ``SUB``, ``SPLIT_K`` (default :func:`bitplane_config`)."""
     _check_codes(a_codes, a_bits, w_digit, a_digit)
-    if _chosen(path, lowbit_act_path(a_codes.shape[0], a_codes.device), LOWBIT_ACT_PATHS) == "dequant":
+    if _chosen(path, int_act_path(a_codes.shape[0], a_codes.device), INT_ACT_PATHS) == "dequant":
         dtype = _math_dtype(out_dtype)
         return (dequantize_tokens(a_codes, a_scale, a_zero, dtype) @ bitplane_dequantize(bw, dtype).t()).to(out_dtype)
     y = torch.empty((a_codes.shape[0], bw.n), device=a_codes.device, dtype=out_dtype)

@@ -98,8 +98,8 @@ def test_w4a8_matches_reference(asym: bool, m: int, path: str) -> None:
 
 def test_act_paths_by_batch_and_a_bad_path() -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert [im.lowbit_act_path(m, cuda) for m in (1, im.ACT_DEQUANT_MIN_M - 1, im.ACT_DEQUANT_MIN_M)] == ["triton", "triton", "dequant"]
-    assert im.lowbit_act_path(1024, cpu) == "triton"
+    assert [im.int_act_path(m, cuda) for m in (1, im.ACT_DEQUANT_MIN_M - 1, im.ACT_DEQUANT_MIN_M)] == ["triton", "triton", "dequant"]
+    assert im.int_act_path(1024, cpu) == "triton"
     half, single = torch.float16, torch.float32
     assert [im.w4a8_path(1, cuda, half), im.w4a8_path(1024, cuda, torch.bfloat16), im.w4a8_path(1, cuda, single)] == ["lowbit", "lowbit", "triton"]
     assert im.w4a8_path(im.ACT_DEQUANT_MIN_M, cuda, single) == "dequant" and im.w4a8_path(1, cpu, half) == "triton"
