@@ -120,8 +120,9 @@ def lowbit_calls(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = Non
 
 def block_paths(m: int) -> list[str]:
     """The path BlockLinear takes (:func:`~qkernels.block_matmul.pick_block_path`), and beside it the others that take
-    the batch: the block GEMV to ``BLOCK_GEMV_MAX_M`` rows, the dot kernel, dequantize + cuBLAS from 16 rows."""
-    fits = {"block gemv": m <= BLOCK_GEMV_MAX_M, "block": True, "block dequant": m >= 16}
+    the batch: the block GEMV to ``BLOCK_GEMV_MAX_M`` rows (at batch 1 its fp32 kernel beside the pair one), the dot
+    kernel, dequantize + cuBLAS from 16 rows."""
+    fits = {"block gemv": m <= BLOCK_GEMV_MAX_M, "block gemv fp32": m == 1, "block": True, "block dequant": m >= 16}
     auto = pick_block_path(m)
     return [auto] + [path for path, ok in fits.items() if ok and path != auto]
 
@@ -198,7 +199,7 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
             makers |= {(name, path): lowbit_calls(x, pw, path) for name, pw in packed.items() for path in paths_for(m, pw)}
             makers |= {(name, path): block_calls(x, bw, path) for name, (bw, _) in blocks.items() for path in block_paths(m)}
             makers |= {(name, path): int_calls(x, w, path) for name, w in ints.items() for path in int_paths(w.kind, m, k, n)}
-            floors = {"fp16": nbytes} | {name: pw.nbytes() for name, pw in packed.items()} if m == 1 else {}
+            floors = {"fp16": nbytes} | {name: w.nbytes() for name, w in (packed | {n: bw for n, (bw, _) in blocks.items()}).items()} if m == 1 else {}
             makers |= {(name, "read floor"): read_calls(size, x.device, copies_for(size)) for name, size in floors.items()}
             times = time_side_by_side(makers, modes)  # steady: every kernel's graph in turn, with cuBLAS's
             base = times[("fp16", "cublas")]
@@ -213,6 +214,8 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
             for name, (bw, dequantized) in blocks.items():
                 for path in block_paths(m):
                     rows.append(row(k, n, m, name, path, bw.nbytes() + io_bytes, times[(name, path)], base, block_error(x, bw, dequantized, path)))
+                if name in floors:
+                    rows.append(row(k, n, m, name, "read floor", floors[name], times[(name, "read floor")], base))
             for name, w in ints.items():
                 int_io = m * k + m * n * 2  # one byte an activation code
                 for path in int_paths(w.kind, m, k, n):

@@ -34,13 +34,14 @@ these formats, like :mod:`qkernels.gemv_mma` for the int layouts, is what would 
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-from qkernels.lowbit_matmul import _split_range, _store_transposed, split_buffers
+from qkernels.lowbit_matmul import _half, _half_bits, _split_range, _store_transposed, split_buffers
 from qkernels.quant import PackedTensor, mx_quantize_reference, nv_quantize_reference
 from methods.common.elements import ELEMENTS, IntElement
 from methods.common.microscaling import MxFormat, NvFormat
@@ -295,6 +296,157 @@ def _block_gemv_kernel(
     _store_transposed(y_ptr, y[:, None], offs_m, offs_n, offs_m < M, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
 
 
+def pair_constants(decode: dict, pair: int) -> dict[str, int]:
+    """The integer constants of :func:`_nibble_pair_values` for pair ``pair`` (elements ``pair`` and ``pair + 4`` of a
+    word: nibbles at bits ``4 * pair`` and ``4 * pair + 16``), for the kernel and for tests that emulate it.
+
+    fp (E2M1): the magnitude bits to fp16 bits 9-11 (``mag_shift`` left, negative: right) and the sign to bit 15
+    (``sign_shift``): the pattern reads the value times ``2**-14``. int (INT4): the code moved to bit 0, then one lop3
+    ``(t & 0xF) ^ (8 | 0x6400)`` reads ``1024 + 8 + code``. Then one ``fma.rn.f16x2`` by ``mul`` plus ``add`` (fp16 pairs)
+    leaves the value divided by :data:`PAIR_DOWN`, exactly."""
+    if decode["DECODE"] == "fp":
+        return dict(mag_shift=9 - 4 * pair, mag_mask=0x0E000E00, sign_shift=12 - 4 * pair, sign_mask=0x80008000,
+                    mul=_f16_pair(2.0 ** 14 / PAIR_DOWN), add=0)
+    return dict(shift=4 * pair, mul=_f16_pair(1.0 / PAIR_DOWN), add=_f16_pair(-(1024.0 + 8) / PAIR_DOWN))
+
+
+PAIR_DOWN = 32.0  # the pair GEMV's elements are value / 32: four products of a 4-bit element (|v| <= 8) and an fp16
+# activation then stay below fp16's largest finite number, whatever the activations
+
+
+def _f16_pair(value: float) -> int:
+    """An fp16 value twice, as the bits of an int32 (an fp16x2 constant of inline PTX)."""
+    (bits,) = struct.unpack("<H", struct.pack("<e", value))
+    return bits * 0x10001
+
+
+_DOWN = tl.constexpr(PAIR_DOWN)
+_F16_FP4_MUL = tl.constexpr(_f16_pair(2.0**14 / PAIR_DOWN))
+_F16_INT4_MUL = tl.constexpr(_f16_pair(1.0 / PAIR_DOWN))
+_F16_INT4_ADD = tl.constexpr(_f16_pair(-(1024.0 + 8) / PAIR_DOWN))
+
+
+@triton.jit
+def _nibble_pair_values(words, PAIR: tl.constexpr, DECODE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Elements ``PAIR`` and ``PAIR + 4`` of every word (4-bit codes) as an fp16 pair (int32 bits), each the element's
+    value divided by :data:`PAIR_DOWN` (see :func:`pair_constants`): a shift or two, a lop3 or two and one fma."""
+    if INTERPRET:  # no PTX here: the same values through fp32, rounded once to fp16 (exact)
+        out = tl.zeros_like(words)
+        for HIGH in tl.static_range(2):
+            code = (words >> (4 * PAIR + 16 * HIGH)) & 15
+            if DECODE == "fp":
+                magnitude = code & 7
+                exponent = magnitude >> 1
+                value = tl.where(exponent == 0, (magnitude & 1) * 0.5, (1.0 + (magnitude & 1) * 0.5) * tl.exp2((exponent - 1).to(tl.float32)))
+                value = tl.where((code & 8) != 0, -value, value)
+            else:
+                value = ((code ^ 8) - 8).to(tl.float32)
+            out |= _half_bits((value / _DOWN).to(tl.float16)) << (16 * HIGH)
+        return out
+    if DECODE == "fp":
+        MAG_SHIFT: tl.constexpr = 9 - 4 * PAIR
+        SIGN_SHIFT: tl.constexpr = 12 - 4 * PAIR
+        MAG_OP: tl.constexpr = "shl.b32" if MAG_SHIFT >= 0 else "shr.u32"
+        SIGN_OP: tl.constexpr = "shl.b32" if SIGN_SHIFT >= 0 else "shr.u32"
+        MUL: tl.constexpr = _F16_FP4_MUL
+        return tl.inline_asm_elementwise(
+            asm=f"""{{
+            .reg .b32 a, b, v, m;
+            {MAG_OP} a, $1, {MAG_SHIFT if MAG_SHIFT >= 0 else -MAG_SHIFT};
+            {SIGN_OP} b, $1, {SIGN_SHIFT if SIGN_SHIFT >= 0 else -SIGN_SHIFT};
+            and.b32 a, a, 0x0E000E00;
+            lop3.b32 v, b, 0x80008000, a, 0xea;
+            mov.b32 m, {MUL};
+            mul.rn.f16x2 $0, v, m;
+            }}""",
+            constraints="=r,r", args=[words], dtype=tl.int32, is_pure=True, pack=1,
+        )
+    else:
+        MUL: tl.constexpr = _F16_INT4_MUL
+        ADD: tl.constexpr = _F16_INT4_ADD
+        return tl.inline_asm_elementwise(
+            asm=f"""{{
+            .reg .b32 t, v, m, c;
+            shr.u32 t, $1, {4 * PAIR};
+            lop3.b32 v, t, 0x000F000F, 0x64086408, 0x6a;
+            mov.b32 m, {MUL};
+            mov.b32 c, {ADD};
+            fma.rn.f16x2 $0, v, m, c;
+            }}""",
+            constraints="=r,r", args=[words], dtype=tl.int32, is_pure=True, pack=1,
+        )
+
+
+@triton.jit
+def _fma_pair(a, b, c, FIRST: tl.constexpr, INTERPRET: tl.constexpr):
+    """``a * b + c`` on fp16 pairs (int32 bits); ``FIRST``: ``a * b`` (``c`` is not read)."""
+    if INTERPRET:
+        out = tl.zeros_like(a)
+        for HIGH in tl.static_range(2):
+            total = _half(a, HIGH).to(tl.float32) * _half(b, HIGH).to(tl.float32)
+            if not FIRST:
+                total += _half(c, HIGH).to(tl.float32)
+            out |= _half_bits(total.to(tl.float16)) << (16 * HIGH)
+        return out
+    if FIRST:
+        return tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _word_x_pairs(x_row, words, K):
+    """The activations of the four element pairs of every word in ``words`` (``[WORDS]``): pair ``p`` is elements
+    ``8w + p`` and ``8w + p + 4``, as fp16 pair bits ``[1, WORDS]``."""
+    pairs = ()
+    for p in tl.static_range(4):
+        k = words * 8 + p
+        lo = tl.load(x_row + k, mask=k < K, other=0.0)
+        hi = tl.load(x_row + k + 4, mask=k + 4 < K, other=0.0)
+        pairs = pairs + ((_half_bits(lo) | (_half_bits(hi) << 16))[None, :],)
+    return pairs
+
+
+@triton.jit
+def _block_gemv_pairs_kernel(
+    x_ptr, words_ptr, scales_ptr, y_ptr, partial_ptr, count_ptr,
+    M, N, K, n_words, out_scale, stride_xm, stride_wn, stride_sn, stride_ym,
+    BLOCK: tl.constexpr, MX: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr, DECODE: tl.constexpr,
+    SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """:func:`_block_gemv_kernel` for 4-bit elements and fp16 activations, on fp16 pairs: per two elements of a word
+    (``p`` and ``p + 4``, 16 bits apart) a few bit operations and one fma make the fp16 pair of their values
+    (:func:`_nibble_pair_values`, exact), one more fma multiplies it by the activation pair and adds; a word's four
+    pairs sum in fp16 (four products a half, each a value / 32: no overflow), then the halves go to fp32 with the
+    word's block scale. The next step's words, activation pairs and scales are loaded a step ahead."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_w = tl.arange(0, WORDS)
+    x_row = x_ptr + pid_m * stride_xm
+    first, last = _split_range(tl.cdiv(n_words, WORDS), SPLIT_K)
+    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    words = first * WORDS + offs_w
+    in_row = mask_n[:, None] & (words[None, :] < n_words)
+    next_packed = tl.load(words_ptr + offs_n[:, None] * stride_wn + words[None, :], mask=in_row, other=0)
+    next_scale = _word_scales(scales_ptr, offs_n, words, in_row, stride_sn, BLOCK, 8, MX)
+    next_x = _word_x_pairs(x_row, words, K)
+    for step in range(first, last):
+        packed, scale, x_pairs = next_packed, next_scale, next_x
+        ahead = (step + 1) * WORDS + offs_w  # past the split's end: masked off (no loads), never used
+        in_row = mask_n[:, None] & (ahead[None, :] < last * WORDS) & (ahead[None, :] < n_words)
+        next_packed = tl.load(words_ptr + offs_n[:, None] * stride_wn + ahead[None, :], mask=in_row, other=0)
+        next_scale = _word_scales(scales_ptr, offs_n, ahead, in_row, stride_sn, BLOCK, 8, MX)
+        next_x = _word_x_pairs(x_row, ahead, K)
+        sums = _fma_pair(_nibble_pair_values(packed, 0, DECODE, INTERPRET), tl.broadcast_to(x_pairs[0], (BLOCK_N, WORDS)), packed, True, INTERPRET)
+        for p in tl.static_range(1, 4):
+            sums = _fma_pair(_nibble_pair_values(packed, p, DECODE, INTERPRET), tl.broadcast_to(x_pairs[p], (BLOCK_N, WORDS)), sums, False, INTERPRET)
+        acc += (_half(sums, False).to(tl.float32) + _half(sums, True).to(tl.float32)) * scale
+    offs_m = pid_m + tl.arange(0, 1)
+    y = tl.sum(acc, axis=1) * out_scale
+    _store_transposed(y_ptr, y[:, None], offs_m, offs_n, offs_m < M, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
+
+
 @triton.jit
 def _block_dequant_kernel(
     words_ptr, scales_ptr, w_ptr, N, K, n_words, out_scale, value_scale, stride_wn, stride_sn, stride_on,
@@ -355,9 +507,28 @@ def pick_block_path(m: int) -> str:
     return "block" if m <= BLOCK_DOT_MAX_M else "block dequant"
 
 
+def pair_gemv_fits(x: torch.Tensor, bw: BlockWeight) -> bool:
+    """The pair GEMV (:func:`_block_gemv_pairs_kernel`) takes 4-bit elements (FP4, INT4) with fp16 activations."""
+    return bw.nibbles and x.dtype == torch.float16
+
+
+PAIR_GEMV_CONFIG = BlockGemvConfig(block_n=32, words=32, num_warps=4)
+
+
 def block_gemv(x: torch.Tensor, bw: BlockWeight, config: BlockGemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [M, K] @ W^T`` for a few activation rows (at most :data:`BLOCK_GEMV_MAX_M`) on CUDA cores."""
-    config = config or BlockGemvConfig()
+    """``x [M, K] @ W^T`` for a few activation rows (at most :data:`BLOCK_GEMV_MAX_M`): on fp16 pairs where
+    :func:`pair_gemv_fits`, else on fp32 CUDA-core sums (:func:`block_gemv_fp32`)."""
+    if not pair_gemv_fits(x, bw):
+        return block_gemv_fp32(x, bw, config, out)
+    return _gemv(x, bw, config or PAIR_GEMV_CONFIG, out, pairs=True)
+
+
+def block_gemv_fp32(x: torch.Tensor, bw: BlockWeight, config: BlockGemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ W^T`` for a few activation rows on CUDA cores in fp32 (every element format, fp16 or bf16)."""
+    return _gemv(x, bw, config or BlockGemvConfig(), out, pairs=False)
+
+
+def _gemv(x: torch.Tensor, bw: BlockWeight, config: BlockGemvConfig, out: torch.Tensor | None, pairs: bool) -> torch.Tensor:
     x, y = _checked(x, bw, out)
     m = x.shape[0]
     if m > BLOCK_GEMV_MAX_M:
@@ -368,11 +539,15 @@ def block_gemv(x: torch.Tensor, bw: BlockWeight, config: BlockGemvConfig | None 
     constexprs, out_scale, value_scale = _launch_args(bw)
     tiles = triton.cdiv(bw.n, config.block_n) * m
     grid = (m, triton.cdiv(bw.n, config.block_n), config.split_k or block_split_k(bw, tiles, programs=528))
-    _block_gemv_kernel[grid](
-        x, words, bw.packed.scale, y, *split_buffers(y, grid, config.block_n),
-        m, bw.n, bw.k, words.shape[1], out_scale * value_scale, x.stride(0), words.stride(0), bw.packed.scale.stride(0), y.stride(0),
-        WORDS=config.words, BLOCK_N=config.block_n, SPLIT_K=grid[2], num_warps=config.num_warps, **constexprs,
-    )
+    shared = dict(WORDS=config.words, BLOCK_N=config.block_n, SPLIT_K=grid[2], num_warps=config.num_warps)
+    args = (x, words, bw.packed.scale, y, *split_buffers(y, grid, config.block_n), m, bw.n, bw.k, words.shape[1])
+    strides = (x.stride(0), words.stride(0), bw.packed.scale.stride(0), y.stride(0))
+    if pairs:  # the kernel's elements are value / PAIR_DOWN; fp elements' 2**(15 - bias) is in its decode
+        factor = PAIR_DOWN * (value_scale if constexprs["DECODE"] == "int" else 1.0)
+        _block_gemv_pairs_kernel[grid](*args, out_scale * factor, *strides, BLOCK=constexprs["BLOCK"], MX=constexprs["MX"],
+                                       DECODE=constexprs["DECODE"], INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", **shared)
+    else:
+        _block_gemv_kernel[grid](*args, out_scale * value_scale, *strides, **shared, **constexprs)
     return y
 
 
@@ -442,4 +617,4 @@ def block_matmul(x: torch.Tensor, bw: BlockWeight, block_n: int = 64, num_warps:
     return y
 
 
-BLOCK_PATHS = {"block": block_matmul, "block gemv": block_gemv, "block dequant": block_dequant_matmul}
+BLOCK_PATHS = {"block": block_matmul, "block gemv": block_gemv, "block gemv fp32": block_gemv_fp32, "block dequant": block_dequant_matmul}

@@ -100,11 +100,15 @@ def cases() -> list[Case]:
                    "value_scale": "fp32"}
     fp4 = dict(DECODE="fp", ELEM_BITS=4, MAN_BITS=1)
     int8 = dict(DECODE="int", ELEM_BITS=8, MAN_BITS=0)
-    for label, per_word, mx, decode in (("MXFP4", 8, True, fp4), ("MXINT8", 4, True, int8), ("NVFP4", 8, False, fp4)):
+    int4 = dict(DECODE="int", ELEM_BITS=4, MAN_BITS=0)
+    for label, per_word, mx, decode in (("MXFP4", 8, True, fp4), ("MXINT8", 4, True, int8), ("NVFP4", 8, False, fp4), ("NVINT4", 8, False, int4)):
         block = 32 if mx else 16
         gemv_types = {k: v for k, v in block_types.items() if k != "value_scale"}
         out.append(Case(f"block gemv {label}", bm._block_gemv_kernel, gemv_types,
                         dict(BLOCK=block, PER_WORD=per_word, MX=mx, WORDS=16, BLOCK_N=16, SPLIT_K=2, **decode)))
+        if per_word == 8:
+            out.append(Case(f"block gemv pairs {label}", bm._block_gemv_pairs_kernel, gemv_types,
+                            dict(BLOCK=block, MX=mx, WORDS=32, BLOCK_N=32, SPLIT_K=2, DECODE=decode["DECODE"], INTERPRET=False)))
         for scaled in (True, False) if mx else (True,):
             step = (128 if per_word == 8 else 64) if scaled else 32
             out.append(Case(f"block dot {label} step {step}", bm._block_matmul_kernel, block_types,

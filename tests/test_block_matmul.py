@@ -10,8 +10,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from qkernels.block_matmul import (BLOCK_DOT_MAX_M, BLOCK_GEMV_MAX_M, BlockGemvConfig, block_dequant_matmul, block_dequantize, block_gemv,  # noqa: E402
-                                   block_matmul, dequantize_block, pack_block_weight, pick_block_path, scaled_exact)
+from qkernels.block_matmul import (BLOCK_DOT_MAX_M, BLOCK_GEMV_MAX_M, BLOCK_PATHS, PAIR_DOWN, BlockGemvConfig, block_dequant_matmul, block_dequantize, block_gemv,  # noqa: E402
+                                   block_matmul, dequantize_block, element_decode, pack_block_weight, pair_constants,
+                                   pick_block_path, scaled_exact)
 from methods.common.formats import IntFormat  # noqa: E402
 from methods.common.microscaling import MxFormat, NvFormat  # noqa: E402
 
@@ -74,20 +75,46 @@ def test_scaled_exact_and_the_paths_by_batch() -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
-def test_block_gemv_matches_the_dequantized_weight(fmt) -> None:
-    """The GEMV for a few rows: ragged K (200 = 6 MX blocks + 8, 12 NV blocks + 8) and N (37), several decades of
-    weight magnitude, 1, 3 and 8 rows, steps of 4, 8 and 32 words (half an MX block of 8-bit elements to 8 of
-    4-bit ones), K splits that leave a split empty."""
+@pytest.mark.parametrize("path", ["block gemv", "block gemv fp32"])
+def test_block_gemv_matches_the_dequantized_weight(fmt, path: str) -> None:
+    """The GEMVs for a few rows (the pair one where it fits: 4-bit elements): ragged K (200 = 6 MX blocks + 8, 12 NV
+    blocks + 8) and N (37), several decades of weight magnitude, 1, 3 and 8 rows, steps of 4, 8 and 32 words (half
+    an MX block of 8-bit elements to 8 of 4-bit ones), K splits that leave a split empty; and activations near fp16's
+    largest (with small weights, so the outputs are finite): the pair GEMV's fp16 sums must not overflow."""
     generator = torch.Generator().manual_seed(fmt.element_bits + 1)
     weight = torch.randn(37, 200, generator=generator) * torch.logspace(-2, 0, 200)
-    bw = pack_block_weight(weight.to(DEVICE), fmt)
-    dequantized = fmt.dequantize(fmt.quantize(weight)).float().to(DEVICE)
-    for m, config in ((1, BlockGemvConfig(block_n=16, words=4, split_k=3)), (3, BlockGemvConfig(words=8, split_k=5)), (8, BlockGemvConfig())):
-        x = torch.randn(m, 200, generator=generator).to(DEVICE, torch.float16)
-        out = block_gemv(x, bw, config, out=torch.full((m, 37), float("nan"), dtype=torch.float16, device=DEVICE))
+    for m, config, size in ((1, BlockGemvConfig(block_n=16, words=4, split_k=3), 1.0), (3, BlockGemvConfig(words=8, split_k=5), 1.0),
+                            (8, BlockGemvConfig(), 1.0), (2, BlockGemvConfig(block_n=32, words=32), 6e4)):
+        bw = pack_block_weight(weight.to(DEVICE) / size, fmt)
+        dequantized = fmt.dequantize(fmt.quantize(weight / size)).float().to(DEVICE)
+        x = torch.randn(m, 200, generator=generator).clamp(-1, 1) * size
+        x = x.to(DEVICE, torch.float16)
+        out = BLOCK_PATHS[path](x, bw, config, out=torch.full((m, 37), float("nan"), dtype=torch.float16, device=DEVICE))
         assert not out.isnan().any(), "some outputs were never written"
         ref = x.float() @ dequantized.t()
-        assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-3, (m, config)
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-3, (m, config, size)
+
+
+@pytest.mark.parametrize("fmt", [MxFormat("e2m1"), NvFormat("int4")], ids=lambda f: f.name)
+def test_pair_gemv_decode_constants_give_every_code(fmt) -> None:
+    """The pair GEMV's PTX decode (its constants, :func:`pair_constants`), emulated with integer and fp16 ops: every
+    code at every element position of a word gives its value / PAIR_DOWN exactly."""
+    bw = pack_block_weight(torch.randn(1, 32), fmt)
+    decode, _ = element_decode(fmt)
+    for p in range(4):
+        for code in range(16):
+            word = torch.tensor([(code << (4 * p)) | (((code + 5) % 16) << (4 * p + 16))], dtype=torch.int64)
+            c = pair_constants(decode, p)
+            if decode["DECODE"] == "fp":
+                shifted = lambda w, n: (w << n if n >= 0 else w >> -n) & 0xFFFFFFFF  # noqa: E731
+                bits = (shifted(word, c["mag_shift"]) & c["mag_mask"]) | (shifted(word, c["sign_shift"]) & c["sign_mask"])
+            else:
+                bits = ((word >> c["shift"]) & 0x000F000F) ^ 0x64086408
+            halves = torch.stack([bits & 0xFFFF, bits >> 16]).to(torch.int16).view(torch.float16).float()
+            mul, add = torch.tensor([c["mul"] & 0xFFFF, c["add"] & 0xFFFF]).to(torch.int16).view(torch.float16).float()
+            got = (halves * mul + add).flatten()  # exact in fp32 (the fma's one rounding leaves it too)
+            want = bw.code_values[torch.tensor([code, (code + 5) % 16])].float().cpu() / PAIR_DOWN
+            assert torch.equal(got, want), (p, code, got, want)
 
 
 def test_block_gemv_refuses_what_it_cannot_run() -> None:
