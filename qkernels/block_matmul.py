@@ -61,6 +61,7 @@ class BlockWeight:
     scale_values: torch.Tensor  # float32 [256]: the value of every scale byte (E8M0 or E4M3)
     tensor_scale: float = 1.0  # NV's FP32 tensor scale, read once at packing (no device sync per call)
     prescaled: bool = True  # every element times its block scale is exact in fp16 and bf16 (:func:`scaled_exact`)
+    chunked: torch.Tensor | None = None  # 4-bit codes in the tensor-core kernel's order (:func:`chunk_codes`), or None
 
     @property
     def block(self) -> int:
@@ -96,7 +97,35 @@ def pack_block_weight(weight: torch.Tensor, fmt: BlockFormat) -> BlockWeight:
     tensor_scale = 1.0 if packed.tensor_scale is None else float(packed.tensor_scale)
     bw = BlockWeight(fmt, packed, weight.shape[0], weight.shape[1], code_values, scale_values(fmt, device), tensor_scale)
     bw.prescaled = isinstance(fmt, NvFormat) or scaled_exact(bw)
+    if bw.nibbles:
+        bw.chunked = chunk_codes(packed.codes, fmt.BLOCK)
     return bw
+
+
+CHUNK_SLOTS = 8  # 4-bit codes a word
+_SLOTS = tl.constexpr(CHUNK_SLOTS)
+
+
+def chunk_codes(codes: torch.Tensor, run: int) -> torch.Tensor:
+    """4-bit codes ``[n, k / 2]`` (two to a byte, in K order) as int32 words ``[n, chunks * run]`` in chunks of ``run``
+    words: word ``r`` of chunk ``c`` holds at bits ``4s .. 4s + 3`` element ``c * 8 * run + s * run + r`` (slot ``s``),
+    so one slot of a chunk is ``run`` consecutive elements (one MX/NV block where ``run`` is the block) and a slot of
+    every word of a tile is one dot operand. K is padded with zero codes to whole chunks."""
+    n = codes.shape[0]
+    elements = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(n, -1).to(torch.int64)
+    chunk = CHUNK_SLOTS * run
+    elements = torch.nn.functional.pad(elements, (0, -elements.shape[1] % chunk))
+    slots = elements.reshape(n, -1, CHUNK_SLOTS, run)  # [n, chunk, slot, r]
+    words = sum(slots[:, :, s, :] << (4 * s) for s in range(CHUNK_SLOTS))
+    return (words - ((words >> 31) << 32)).to(torch.int32).reshape(n, -1)  # two's complement
+
+
+def unchunk_codes(words: torch.Tensor, run: int, k: int) -> torch.Tensor:
+    """The element codes ``[n, k]`` (int64, K order) of :func:`chunk_codes`'s words."""
+    n = words.shape[0]
+    w = words.to(torch.int64).reshape(n, -1, 1, run)
+    elements = (w >> (4 * torch.arange(CHUNK_SLOTS, device=words.device)).reshape(1, 1, -1, 1)) & 15
+    return elements.reshape(n, -1)[:, :k]
 
 
 def scaled_exact(bw: BlockWeight, rows: int = 4096) -> bool:
@@ -324,6 +353,8 @@ _DOWN = tl.constexpr(PAIR_DOWN)
 _F16_FP4_MUL = tl.constexpr(_f16_pair(2.0**14 / PAIR_DOWN))
 _F16_INT4_MUL = tl.constexpr(_f16_pair(1.0 / PAIR_DOWN))
 _F16_INT4_ADD = tl.constexpr(_f16_pair(-(1024.0 + 8) / PAIR_DOWN))
+_F16_TWO_14 = tl.constexpr(_f16_pair(2.0**14))
+_F16_MINUS_1032 = tl.constexpr(_f16_pair(-1032.0))
 
 
 @triton.jit
@@ -447,6 +478,122 @@ def _block_gemv_pairs_kernel(
     _store_transposed(y_ptr, y[:, None], offs_m, offs_n, offs_m < M, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
 
 
+def slot_constants(slot: int) -> dict[str, int]:
+    """The integer constants of :func:`_slot_values` for slot ``slot`` of chunked words (:func:`chunk_codes`), for the
+    kernel and for tests that emulate it: ``prmt`` puts byte ``slot // 2`` of two neighbouring words in bytes 0 and 2,
+    the code sits at bit ``p`` of each half. fp (E2M1): magnitude to fp16 bits 9-11, sign to 15 (the value times
+    2**-14), then one ``mul.f16x2`` by 2**14; int (INT4): ``(t >> p & 0xF) ^ 0x6408`` reads ``1024 + 8 + code``, one
+    ``add.f16x2`` of -1032."""
+    byte, p = divmod(4 * slot, 8)
+    return dict(select=byte | ((4 + byte) << 8), p=p, mag_shift=9 - p, sign_shift=12 - p, mul=_f16_pair(2.0**14), add=_f16_pair(-1032.0))
+
+
+@triton.jit
+def _slot_values(words, SLOT: tl.constexpr, DECODE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Slot ``SLOT`` of every chunked word as fp16 element values (exact), two words an asm call (``pack=2``): a
+    ``prmt``, two or three bit operations and one fp16x2 op (:func:`slot_constants`). A pure one-input asm, so
+    Triton can decode in the dot operand's register layout."""
+    BYTE: tl.constexpr = SLOT // 2
+    P: tl.constexpr = (SLOT % 2) * 4
+    SELECT: tl.constexpr = BYTE | ((4 + BYTE) << 8)
+    if INTERPRET:
+        code = (words >> (4 * SLOT)) & 15
+        if DECODE == "fp":
+            magnitude = code & 7
+            exponent = magnitude >> 1
+            value = tl.where(exponent == 0, (magnitude & 1) * 0.5, (1.0 + (magnitude & 1) * 0.5) * tl.exp2((exponent - 1).to(tl.float32)))
+            value = tl.where((code & 8) != 0, -value, value)
+        else:
+            value = ((code ^ 8) - 8).to(tl.float32)
+        return value.to(tl.float16)
+    if DECODE == "fp":
+        MUL: tl.constexpr = _F16_TWO_14
+        return tl.inline_asm_elementwise(
+            asm=f"""{{
+            .reg .b32 t, a, b, v, m;
+            prmt.b32 t, $1, $2, {SELECT};
+            shl.b32 a, t, {9 - P};
+            shl.b32 b, t, {12 - P};
+            and.b32 a, a, 0x0E000E00;
+            lop3.b32 v, b, 0x80008000, a, 0xea;
+            mov.b32 m, {MUL};
+            mul.rn.f16x2 $0, v, m;
+            }}""",
+            constraints="=r,r,r", args=[words], dtype=tl.float16, is_pure=True, pack=2,
+        )
+    else:
+        ADD: tl.constexpr = _F16_MINUS_1032
+        return tl.inline_asm_elementwise(
+            asm=f"""{{
+            .reg .b32 t, v, c;
+            prmt.b32 t, $1, $2, {SELECT};
+            shr.u32 t, t, {P};
+            lop3.b32 v, t, 0x000F000F, 0x64086408, 0x6a;
+            mov.b32 c, {ADD};
+            add.rn.f16x2 $0, v, c;
+            }}""",
+            constraints="=r,r,r", args=[words], dtype=tl.float16, is_pure=True, pack=2,
+        )
+
+
+@triton.jit
+def _block_mma_kernel(
+    x_ptr, words_ptr, scales_ptr, y_ptr, partial_ptr, count_ptr,
+    M, N, K, n_chunks, n_blocks, out_scale, stride_xm, stride_wn, stride_sn, stride_ym,
+    RUN: tl.constexpr, MX: tl.constexpr, DECODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """``y^T = W x^T`` for 4-bit block formats on chunked words (:func:`chunk_codes`, a slot is one block): a program
+    takes ``BLOCK_N`` weight rows, ``BLOCK_M`` activation rows (a batch of one padded to 16) and one K split; per slot
+    of a chunk, the slot's element values (exact fp16, :func:`_slot_values`) dotted with the block's activations on
+    tensor cores (fp32), times the rows' block scales. Split-K as in :mod:`qkernels.lowbit_matmul`."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    CHUNK: tl.constexpr = _SLOTS * RUN
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, RUN)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    first, last = _split_range(n_chunks, SPLIT_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for chunk in range(first, last):
+        words = tl.load(words_ptr + offs_n[:, None] * stride_wn + chunk * RUN + offs_r[None, :], mask=mask_n[:, None], other=0)
+        for slot in tl.static_range(_SLOTS):
+            k = chunk * CHUNK + slot * RUN + offs_r
+            x_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None], mask=mask_m[None, :] & (k[:, None] < K), other=0.0)
+            values = _slot_values(words, slot, DECODE, INTERPRET)
+            if INTERPRET and dtype == tl.bfloat16:  # the interpreter's bf16 dot reads raw bits as integers
+                part = tl.dot(values.to(tl.float32), x_t.to(tl.float32))
+            else:
+                part = tl.dot(values.to(dtype), x_t)
+            block = chunk * _SLOTS + slot
+            scale_bytes = tl.load(scales_ptr + offs_n * stride_sn + block, mask=mask_n & (offs_n * 0 + block < n_blocks), other=0).to(tl.int32)
+            acc += part * _scale_values(scale_bytes, MX)[:, None]
+    _store_transposed(y_ptr, acc * out_scale, offs_m, offs_n, mask_m, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
+
+
+@triton.jit
+def _block_dequant_chunked_kernel(
+    words_ptr, scales_ptr, w_ptr, N, K, n_blocks, out_scale, stride_wn, stride_sn, stride_on,
+    RUN: tl.constexpr, MX: tl.constexpr, DECODE: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Program ``(n, chunk)``: one chunk of ``BLOCK_N`` rows of the dequantized weight from chunked words, in the
+    output's dtype (each element times its block scale and NV's tensor scale in fp32, rounded once)."""
+    chunk = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, RUN)
+    mask_n = offs_n < N
+    words = tl.load(words_ptr + offs_n[:, None] * stride_wn + chunk * RUN + offs_r[None, :], mask=mask_n[:, None], other=0)
+    for slot in tl.static_range(_SLOTS):
+        block = chunk * _SLOTS + slot
+        scale_bytes = tl.load(scales_ptr + offs_n * stride_sn + block, mask=mask_n & (offs_n * 0 + block < n_blocks), other=0).to(tl.int32)
+        w = _slot_values(words, slot, DECODE, INTERPRET).to(tl.float32) * _scale_values(scale_bytes, MX)[:, None] * out_scale  # as the reference
+        k = block * RUN + offs_r
+        tl.store(w_ptr + offs_n[:, None] * stride_on + k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask_n[:, None] & (k[None, :] < K))
+
+
 @triton.jit
 def _block_dequant_kernel(
     words_ptr, scales_ptr, w_ptr, N, K, n_words, out_scale, value_scale, stride_wn, stride_sn, stride_on,
@@ -550,10 +697,48 @@ def _gemv(x: torch.Tensor, bw: BlockWeight, config: BlockGemvConfig, out: torch.
     return y
 
 
-def block_dequantize(bw: BlockWeight, dtype: torch.dtype = torch.float16, block_n: int = 32, words: int = 32) -> torch.Tensor:
-    """The weight ``[n, k]`` in ``dtype`` by the Triton dequant kernel (each value rounded once from its exact fp32)."""
-    packed = packed_words(bw)
+def chunked_out_scale(bw: BlockWeight) -> float:
+    """What the chunked kernels' sums are multiplied by: NV's tensor scale, and for int elements their
+    ``2**-frac_bits`` (:func:`_slot_values` gives fp elements' values themselves)."""
+    decode, value_scale = element_decode(bw.fmt)
+    return bw.tensor_scale * (value_scale if decode["DECODE"] == "int" else 1.0)
+
+
+def block_mma(x: torch.Tensor, bw: BlockWeight, block_n: int = 64, num_warps: int = 4, out: torch.Tensor | None = None,
+              split_k: int | None = None) -> torch.Tensor:
+    """``x [M, K] @ W^T`` for 4-bit block formats on tensor cores (:func:`_block_mma_kernel`, chunked words), the
+    batch padded to 16 rows and tiled by at most 64."""
+    if bw.chunked is None:
+        raise ValueError(f"block_mma takes 4-bit elements (chunked words); {bw.fmt.name} has {bw.fmt.element_bits}-bit ones")
+    x, y = _checked(x, bw, out)
+    m = x.shape[0]
     constexprs, out_scale, value_scale = _launch_args(bw)
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    tiles = triton.cdiv(bw.n, block_n) * triton.cdiv(m, block_m)
+    n_chunks = bw.chunked.shape[1] // bw.block
+    grid = (triton.cdiv(bw.n, block_n), triton.cdiv(m, block_m), split_k or max(1, min(8, triton.cdiv(264, tiles), n_chunks)))
+    _block_mma_kernel[grid](
+        x, bw.chunked, bw.packed.scale, y, *split_buffers(y, grid, block_n * block_m), m, bw.n, bw.k, n_chunks, bw.packed.scale.shape[1],
+        chunked_out_scale(bw), x.stride(0), bw.chunked.stride(0), bw.packed.scale.stride(0),
+        y.stride(0), RUN=bw.block, MX=constexprs["MX"], DECODE=constexprs["DECODE"], BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=grid[2],
+        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps,
+    )
+    return y
+
+
+def block_dequantize(bw: BlockWeight, dtype: torch.dtype = torch.float16, block_n: int = 32, words: int = 32) -> torch.Tensor:
+    """The weight ``[n, k]`` in ``dtype`` by a Triton dequant kernel (each value rounded once from its exact fp32): from
+    the chunked words where the weight has them, else from the codes in K order (``words`` a row a program)."""
+    constexprs, out_scale, value_scale = _launch_args(bw)
+    if bw.chunked is not None:
+        w = torch.empty((bw.n, bw.k), dtype=dtype, device=bw.chunked.device)
+        _block_dequant_chunked_kernel[(triton.cdiv(bw.n, block_n), bw.chunked.shape[1] // bw.block)](
+            bw.chunked, bw.packed.scale, w, bw.n, bw.k, bw.packed.scale.shape[1], chunked_out_scale(bw), bw.chunked.stride(0),
+            bw.packed.scale.stride(0), w.stride(0), RUN=bw.block, MX=constexprs["MX"], DECODE=constexprs["DECODE"], BLOCK_N=block_n,
+            INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
+        )
+        return w
+    packed = packed_words(bw)
     w = torch.empty((bw.n, bw.k), dtype=dtype, device=packed.device)
     step = words * constexprs["PER_WORD"]
     _block_dequant_kernel[(triton.cdiv(bw.n, block_n), triton.cdiv(bw.k, step))](
@@ -616,4 +801,5 @@ def block_matmul(x: torch.Tensor, bw: BlockWeight, block_n: int = 64, num_warps:
     return y
 
 
-BLOCK_PATHS = {"block": block_matmul, "block gemv": block_gemv, "block gemv fp32": block_gemv_fp32, "block dequant": block_dequant_matmul}
+BLOCK_PATHS = {"block": block_matmul, "block mma": block_mma, "block gemv": block_gemv, "block gemv fp32": block_gemv_fp32,
+               "block dequant": block_dequant_matmul}

@@ -11,8 +11,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from qkernels.block_matmul import (BLOCK_DOT_MAX_M, BLOCK_GEMV_MAX_M, BLOCK_PATHS, PAIR_DOWN, BlockGemvConfig, block_dequant_matmul, block_dequantize, block_gemv,  # noqa: E402
-                                   block_matmul, dequantize_block, element_decode, pack_block_weight, pair_constants,
-                                   pick_block_path, scaled_exact)
+                                   block_matmul, block_mma, dequantize_block, element_decode, pack_block_weight, pair_constants,
+                                   pick_block_path, scaled_exact, slot_constants, unchunk_codes)
 from methods.common.formats import IntFormat  # noqa: E402
 from methods.common.microscaling import MxFormat, NvFormat  # noqa: E402
 
@@ -137,3 +137,62 @@ def test_block_matmul_refuses_bad_inputs() -> None:
         block_matmul(torch.randn(2, 64, dtype=torch.float16, device=DEVICE), bw, step=48)
     with pytest.raises(TypeError, match="IntFormat"):
         pack_block_weight(torch.randn(8, 64), IntFormat(bits=4))
+
+
+NIBBLE_FORMATS = [MxFormat("e2m1"), NvFormat("e2m1"), NvFormat("int4")]
+
+
+@pytest.mark.parametrize("fmt", NIBBLE_FORMATS, ids=lambda f: f.name)
+def test_chunked_codes_hold_every_element(fmt) -> None:
+    """chunk_codes puts element ``c * 8 * run + s * run + r`` at slot ``s`` of word ``r`` of chunk ``c``; unchunk_codes
+    reads back the codes in K order (ragged K padded with zero codes to whole chunks)."""
+    weight = torch.randn(5, 200, generator=torch.Generator().manual_seed(3))
+    bw = pack_block_weight(weight, fmt)
+    codes = torch.stack([bw.packed.codes & 15, bw.packed.codes >> 4], dim=-1).reshape(5, -1).long()[:, :200]
+    run = fmt.BLOCK
+    assert bw.chunked.dtype == torch.int32 and bw.chunked.shape == (5, -(-200 // (8 * run)) * run)
+    assert torch.equal(unchunk_codes(bw.chunked, run, 200), codes)
+    c, s, r = 0, 3, 5
+    assert (int(bw.chunked[2, c * run + r]) >> (4 * s)) & 15 == codes[2, c * 8 * run + s * run + r]
+
+
+@pytest.mark.parametrize("fmt", NIBBLE_FORMATS, ids=lambda f: f.name)
+def test_slot_decode_constants_give_every_code(fmt) -> None:
+    """The tensor-core kernel's PTX decode (:func:`slot_constants`), emulated with integer and fp16 ops: every code in
+    every slot of two neighbouring words gives its element value exactly."""
+    bw = pack_block_weight(torch.randn(1, 32), fmt)
+    decode, _ = element_decode(fmt)
+    for slot in range(8):
+        c = slot_constants(slot)
+        for code in range(16):
+            a, b = code << (4 * slot), ((code + 7) % 16) << (4 * slot) | 0x5A5A5A5A & ~(15 << (4 * slot))  # other slots not zero
+            t = ((a >> (8 * (c["select"] & 15))) & 0xFF) | (((b >> (8 * ((c["select"] >> 8) - 4))) & 0xFF) << 16) | ((a & 0xFF) << 8) | ((a & 0xFF) << 24)
+            if decode["DECODE"] == "fp":
+                bits = ((t << c["mag_shift"]) & 0x0E000E00) | ((t << c["sign_shift"]) & 0x80008000)
+                mul, add = c["mul"], 0
+            else:
+                bits = ((t >> c["p"]) & 0x000F000F) ^ 0x64086408
+                mul, add = 0x3C003C00, c["add"]  # 1.0 and -1032
+            halves = torch.tensor([bits & 0xFFFF, (bits >> 16) & 0xFFFF]).to(torch.int16).view(torch.float16).float()
+            m, d = torch.tensor([mul & 0xFFFF, add & 0xFFFF]).to(torch.int16).view(torch.float16).float()
+            got = halves * m + d
+            want = bw.code_values[torch.tensor([code, (code + 7) % 16])].float()
+            assert torch.equal(got, want), (slot, code, got, want)
+
+
+@pytest.mark.parametrize("fmt", NIBBLE_FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_block_mma_matches_the_dequantized_weight(fmt, dtype: torch.dtype) -> None:
+    """The tensor-core kernel on chunked words: ragged K (200: a chunk and a part) and N (37), several decades of
+    weight magnitude, batches 1, 5 and 33, K splits that leave one empty; and the chunked dequantization."""
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.randn(37, 200, generator=generator) * torch.logspace(-2, 0, 200)
+    bw = pack_block_weight(weight.to(DEVICE), fmt)
+    dequantized = fmt.dequantize(fmt.quantize(weight)).float().to(DEVICE)
+    assert torch.equal(block_dequantize(bw, torch.float32), dequantize_block(bw))
+    for m, split_k in ((1, 3), (5, 1), (33, None)):
+        x = torch.randn(m, 200, generator=generator).to(DEVICE, dtype)
+        out = block_mma(x, bw, block_n=32, out=torch.full((m, 37), float("nan"), dtype=dtype, device=DEVICE), split_k=split_k)
+        assert not out.isnan().any(), "some outputs were never written"
+        ref = x.float() @ dequantized.t()
+        assert ((out.float() - ref).norm() / ref.norm()).item() < (2e-3 if dtype == torch.float16 else 1e-2), (m, split_k)
