@@ -35,7 +35,7 @@ from bench.read_floor import read_calls
 from bench.timing import MODES, copies_for, copy_bandwidth_gbs, gpu_name, steady_us, time_side_by_side
 from qkernels import lowbit_matmul as lm
 from qkernels.act_linear import ActQuantLinear
-from qkernels.block_matmul import BLOCK_GEMV_MAX_M, BLOCK_PATHS, BlockWeight, pack_block_weight, pick_block_path
+from qkernels.block_matmul import BLOCK_DOT_MAX_M, BLOCK_GEMV_MAX_M, BLOCK_PATHS, BlockWeight, pack_block_weight, pick_block_path
 from qkernels.pack import PackedWeight, pack_weight
 from qkernels.quant import PackedTensor
 from methods.common.formats import IntFormat
@@ -118,12 +118,14 @@ def lowbit_calls(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = Non
     return make
 
 
-def block_paths(m: int) -> list[str]:
+def block_paths(m: int, bw: BlockWeight) -> list[str]:
     """The path BlockLinear takes (:func:`~qkernels.block_matmul.pick_block_path`), and beside it the others that take
-    the batch: the block GEMV to ``BLOCK_GEMV_MAX_M`` rows (at batch 1 its fp32 kernel beside the pair one), the dot
-    kernel, dequantize + cuBLAS from 16 rows."""
-    fits = {"block gemv": m <= BLOCK_GEMV_MAX_M, "block gemv fp32": m == 1, "block": True, "block dequant": m >= 16}
-    auto = pick_block_path(m)
+    the weight and the batch: for 4-bit elements the tensor-core kernel on chunked words to ``BLOCK_DOT_MAX_M`` rows,
+    for wider ones the GEMV to ``BLOCK_GEMV_MAX_M`` rows and the dot kernel; dequantize + cuBLAS from 16 rows."""
+    small = m <= BLOCK_DOT_MAX_M
+    fits = {"block mma": bw.nibbles and small, "block gemv": not bw.nibbles and m <= BLOCK_GEMV_MAX_M, "block": not bw.nibbles and small,
+            "block dequant": m >= 16}
+    auto = pick_block_path(m, bw)
     return [auto] + [path for path, ok in fits.items() if ok and path != auto]
 
 
@@ -197,7 +199,7 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
             nbytes, make = fp16_calls(x, n)
             makers = {("fp16", "cublas"): make}
             makers |= {(name, path): lowbit_calls(x, pw, path) for name, pw in packed.items() for path in paths_for(m, pw)}
-            makers |= {(name, path): block_calls(x, bw, path) for name, (bw, _) in blocks.items() for path in block_paths(m)}
+            makers |= {(name, path): block_calls(x, bw, path) for name, (bw, _) in blocks.items() for path in block_paths(m, bw)}
             makers |= {(name, path): int_calls(x, w, path) for name, w in ints.items() for path in int_paths(w.kind, m, k, n)}
             floors = {"fp16": nbytes} | {name: w.nbytes() for name, w in (packed | {n: bw for n, (bw, _) in blocks.items()}).items()} if m == 1 else {}
             makers |= {(name, "read floor"): read_calls(size, x.device, copies_for(size)) for name, size in floors.items()}
@@ -212,7 +214,7 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
                 if name in floors:  # the same bytes streamed by a kernel that does nothing else
                     rows.append(row(k, n, m, name, "read floor", floors[name], times[(name, "read floor")], base))
             for name, (bw, dequantized) in blocks.items():
-                for path in block_paths(m):
+                for path in block_paths(m, bw):
                     rows.append(row(k, n, m, name, path, bw.nbytes() + io_bytes, times[(name, path)], base, block_error(x, bw, dequantized, path)))
                 if name in floors:
                     rows.append(row(k, n, m, name, "read floor", floors[name], times[(name, "read floor")], base))

@@ -2,33 +2,32 @@
 
 Covers every element of the formats: MXFP4/MXFP6/MXFP8 and MXINT8 (blocks of 32, E8M0 scales), NVFP4 and
 NVINT4 (blocks of 16, E4M3 scales and an FP32 tensor scale). The weight is stored as the formats' real
-quantization, the packed layout of :mod:`qkernels.quant` (4-bit codes two to a byte, others one byte,
-one scale byte per block), so what a format run measures is what this kernel reads.
+quantization (the bits of :mod:`qkernels.quant`'s codes, one scale byte per block), so what a format run measures is
+what these kernels read. 6- and 8-bit codes stay a byte each in K order; 4-bit codes are stored in chunks
+(:func:`chunk_codes`, the same bytes reordered): eight to an int32 word, word ``r`` of a chunk holding element ``r`` of
+each of the chunk's eight blocks, so that one slot of a tile of words is one block of every row, a dot operand.
 
-Every kernel reads the codes as int32 words (8 nibbles or 4 bytes) and decodes two codes 16 bits apart at once
-(:func:`_element_pair`): fp elements' exponent and mantissa bits moved into fp16 bit patterns (exact: the element's
-exponent field fits fp16's; a power of two, folded into the scales, rescales them), int elements through
-``0x6400 | code ^ half``; scale bytes by bit operations too (E8M0 into an fp32 exponent, E4M3 into an fp16 pattern),
-so no kernel gathers from a table.
+Decoding takes bit operations, no table: fp elements' exponent and mantissa bits moved into fp16 bit patterns (exact:
+the element's exponent field fits fp16's; a power of two rescales them), int elements through ``0x6400 | code ^
+half``; scale bytes likewise (E8M0 into an fp32 exponent, E4M3 into an fp16 pattern).
 
-* :func:`block_gemv` (batch 1): one activation row a program, each word's elements times their activations into
-  fp32 sums per word position on CUDA cores, which take the word's block scale; the next step's words are loaded
-  a step ahead.
-* :func:`block_matmul` (to :data:`BLOCK_DOT_MAX_M` rows): a tensor-core dot per step of 128 elements (64 for 8-bit
-  elements), the elements multiplied by their block scale before the dot where that is exact in the activations'
-  dtype (NV always: E4M3 times an FP4/INT4 element; MX where :func:`scaled_exact` found it so at packing, true of
-  real weights' MXFP4 scales), else (MX) one block of 32 a step and its E8M0 scale on the fp32 dot result. NV's
-  tensor scale multiplies the output.
+* 4-bit elements, :func:`block_mma` (to :data:`BLOCK_DOT_MAX_M` rows): tensor cores, the batch padded to 16; per slot
+  of a chunk one dot of the block's exact fp16 element values (decoded in the dot operand's registers,
+  :func:`_slot_values`) with its activations, the rows' block scales on the fp32 result. NV's tensor scale
+  multiplies the output.
+* Wider elements: :func:`block_gemv` (batch 1; CUDA cores, fp32 sums per word position, each word's block scale) and
+  :func:`block_matmul` (to :data:`BLOCK_DOT_MAX_M` rows; a tensor-core dot per step of 64 elements, pre-scaled
+  where that is exact in the activations' dtype, :func:`scaled_exact`, else one block a step with its scale on the
+  fp32 result).
 * :func:`block_dequant_matmul` (above): the weight dequantized into the activations' dtype, then cuBLAS.
 
 K is split over programs like the packed kernels' split-K (the last split adds the partials).
 
-Status (H200, steady state, bench/results/kernel_latency_h200.md, session 17): right on the GPU
-(tests/test_block_matmul.py), but slower than cuBLAS fp16 at every batch: MXFP4/NVFP4 8192^2 at batch 1 53-63 us
-(0.6x-0.73x; the dot kernel 74 us, session 16's 116-138), 16 rows 0.45x, 64 rows 0.39x, 256 rows 0.47x (dequant +
-cuBLAS; the dot kernel 0.14x, session 16's 0.08x), 1024 rows 0.77x-0.80x. The GEMV streams 4-bit weights at a fifth
-of the copy rate: it is bound by its decode and multiply on CUDA cores, not its bytes (a tensor-core GEMV for
-these formats, like :mod:`qkernels.gemv_mma` for the int layouts, is what would change that).
+Status (H200, steady state, 8192^2; :func:`pick_block_path` has the figures): MXFP4 on the tensor-core kernel 26.7
+us at batch 1 (1.45x cuBLAS fp16; the K-order CUDA-core GEMV it replaced 49-53 us), NVFP4 39.9 (its blocks of 16
+take twice the scale work a weight element); to 64 rows 0.6x-1.2x. Short of the 4-bit read floor (13 us): per
+element the decode (a ``prmt``, two shifts, two logic ops and an fp16 multiply per two elements) and the fp32
+scaling of a 16-column dot result per block, for one useful column at batch 1.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qkernels.lowbit_matmul import _half, _half_bits, _split_range, _store_transposed, split_buffers
+from qkernels.lowbit_matmul import _split_range, _store_transposed, split_buffers
 from qkernels.quant import PackedTensor, mx_quantize_reference, nv_quantize_reference
 from methods.common.elements import ELEMENTS, IntElement
 from methods.common.microscaling import MxFormat, NvFormat
@@ -61,7 +60,6 @@ class BlockWeight:
     scale_values: torch.Tensor  # float32 [256]: the value of every scale byte (E8M0 or E4M3)
     tensor_scale: float = 1.0  # NV's FP32 tensor scale, read once at packing (no device sync per call)
     prescaled: bool = True  # every element times its block scale is exact in fp16 and bf16 (:func:`scaled_exact`)
-    chunked: torch.Tensor | None = None  # 4-bit codes in the tensor-core kernel's order (:func:`chunk_codes`), or None
 
     @property
     def block(self) -> int:
@@ -69,8 +67,14 @@ class BlockWeight:
 
     @property
     def nibbles(self) -> bool:
-        """4-bit elements are stored two to a byte; wider ones (6, 8 bits) one to a byte."""
+        """4-bit elements are stored eight to an int32 word in chunks (:func:`chunk_codes`); wider ones (6, 8 bits) one
+        to a byte in K order."""
         return self.fmt.element_bits == 4
+
+    @property
+    def chunked(self) -> torch.Tensor | None:
+        """4-bit elements' chunked words ``[n, chunks * block]`` (int32, the bytes of ``packed.codes``), else None."""
+        return self.packed.codes.view(torch.int32) if self.nibbles else None
 
     def nbytes(self) -> int:
         return self.packed.codes.numel() + self.packed.scale.numel()
@@ -96,9 +100,9 @@ def pack_block_weight(weight: torch.Tensor, fmt: BlockFormat) -> BlockWeight:
     code_values = fmt.elem.decode(torch.arange(2**fmt.element_bits, device=device)).float()
     tensor_scale = 1.0 if packed.tensor_scale is None else float(packed.tensor_scale)
     bw = BlockWeight(fmt, packed, weight.shape[0], weight.shape[1], code_values, scale_values(fmt, device), tensor_scale)
+    if bw.nibbles:  # the quantizer's bytes (two codes each, K order) to the tensor-core kernel's chunks
+        bw.packed = replace(packed, codes=chunk_codes(packed.codes, fmt.BLOCK).view(torch.uint8))
     bw.prescaled = isinstance(fmt, NvFormat) or scaled_exact(bw)
-    if bw.nibbles:
-        bw.chunked = chunk_codes(packed.codes, fmt.BLOCK)
     return bw
 
 
@@ -148,9 +152,7 @@ def scaled_exact(bw: BlockWeight, rows: int = 4096) -> bool:
 def dequantize_block(bw: BlockWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Plain-torch definition of the weight ``[n, k]``: every element's value times its block's scale (NV: and the
     tensor scale), from the packed storage the kernels read."""
-    codes = bw.packed.codes.long()
-    if bw.nibbles:  # byte j holds elements 2j (low nibble) and 2j + 1
-        codes = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(bw.n, -1)
+    codes = unchunk_codes(bw.chunked, bw.block, bw.k) if bw.nibbles else bw.packed.codes.long()
     values = bw.code_values[codes] * bw.scale_values[bw.packed.scale.long()].repeat_interleave(bw.block, dim=1)[:, : codes.shape[1]]
     return (values[:, : bw.k] * bw.tensor_scale).to(dtype)
 
@@ -325,157 +327,14 @@ def _block_gemv_kernel(
     _store_transposed(y_ptr, y[:, None], offs_m, offs_n, offs_m < M, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
 
 
-def pair_constants(decode: dict, pair: int) -> dict[str, int]:
-    """The integer constants of :func:`_nibble_pair_values` for pair ``pair`` (elements ``pair`` and ``pair + 4`` of a
-    word: nibbles at bits ``4 * pair`` and ``4 * pair + 16``), for the kernel and for tests that emulate it.
-
-    fp (E2M1): the magnitude bits to fp16 bits 9-11 (``mag_shift`` left, negative: right) and the sign to bit 15
-    (``sign_shift``): the pattern reads the value times ``2**-14``. int (INT4): the code moved to bit 0, then one lop3
-    ``(t & 0xF) ^ (8 | 0x6400)`` reads ``1024 + 8 + code``. Then one ``fma.rn.f16x2`` by ``mul`` plus ``add`` (fp16 pairs)
-    leaves the value divided by :data:`PAIR_DOWN`, exactly."""
-    if decode["DECODE"] == "fp":
-        return dict(mag_shift=9 - 4 * pair, mag_mask=0x0E000E00, sign_shift=12 - 4 * pair, sign_mask=0x80008000,
-                    mul=_f16_pair(2.0 ** 14 / PAIR_DOWN), add=0)
-    return dict(shift=4 * pair, mul=_f16_pair(1.0 / PAIR_DOWN), add=_f16_pair(-(1024.0 + 8) / PAIR_DOWN))
-
-
-PAIR_DOWN = 32.0  # the pair GEMV's elements are value / 32: four products of a 4-bit element (|v| <= 8) and an fp16
-# activation then stay below fp16's largest finite number, whatever the activations
-
-
 def _f16_pair(value: float) -> int:
     """An fp16 value twice, as the bits of an int32 (an fp16x2 constant of inline PTX)."""
     (bits,) = struct.unpack("<H", struct.pack("<e", value))
     return bits * 0x10001
 
 
-_DOWN = tl.constexpr(PAIR_DOWN)
-_F16_FP4_MUL = tl.constexpr(_f16_pair(2.0**14 / PAIR_DOWN))
-_F16_INT4_MUL = tl.constexpr(_f16_pair(1.0 / PAIR_DOWN))
-_F16_INT4_ADD = tl.constexpr(_f16_pair(-(1024.0 + 8) / PAIR_DOWN))
 _F16_TWO_14 = tl.constexpr(_f16_pair(2.0**14))
 _F16_MINUS_1032 = tl.constexpr(_f16_pair(-1032.0))
-
-
-@triton.jit
-def _nibble_pair_values(words, PAIR: tl.constexpr, DECODE: tl.constexpr, INTERPRET: tl.constexpr):
-    """Elements ``PAIR`` and ``PAIR + 4`` of every word (4-bit codes) as an fp16 pair (int32 bits), each the element's
-    value divided by :data:`PAIR_DOWN` (see :func:`pair_constants`): a shift or two, a lop3 or two and one fma."""
-    if INTERPRET:  # no PTX here: the same values through fp32, rounded once to fp16 (exact)
-        out = tl.zeros_like(words)
-        for HIGH in tl.static_range(2):
-            code = (words >> (4 * PAIR + 16 * HIGH)) & 15
-            if DECODE == "fp":
-                magnitude = code & 7
-                exponent = magnitude >> 1
-                value = tl.where(exponent == 0, (magnitude & 1) * 0.5, (1.0 + (magnitude & 1) * 0.5) * tl.exp2((exponent - 1).to(tl.float32)))
-                value = tl.where((code & 8) != 0, -value, value)
-            else:
-                value = ((code ^ 8) - 8).to(tl.float32)
-            out |= _half_bits((value / _DOWN).to(tl.float16)) << (16 * HIGH)
-        return out
-    if DECODE == "fp":
-        MAG_SHIFT: tl.constexpr = 9 - 4 * PAIR
-        SIGN_SHIFT: tl.constexpr = 12 - 4 * PAIR
-        MAG_OP: tl.constexpr = "shl.b32" if MAG_SHIFT >= 0 else "shr.u32"
-        SIGN_OP: tl.constexpr = "shl.b32" if SIGN_SHIFT >= 0 else "shr.u32"
-        MUL: tl.constexpr = _F16_FP4_MUL
-        return tl.inline_asm_elementwise(
-            asm=f"""{{
-            .reg .b32 a, b, v, m;
-            {MAG_OP} a, $1, {MAG_SHIFT if MAG_SHIFT >= 0 else -MAG_SHIFT};
-            {SIGN_OP} b, $1, {SIGN_SHIFT if SIGN_SHIFT >= 0 else -SIGN_SHIFT};
-            and.b32 a, a, 0x0E000E00;
-            lop3.b32 v, b, 0x80008000, a, 0xea;
-            mov.b32 m, {MUL};
-            mul.rn.f16x2 $0, v, m;
-            }}""",
-            constraints="=r,r", args=[words], dtype=tl.int32, is_pure=True, pack=1,
-        )
-    else:
-        MUL: tl.constexpr = _F16_INT4_MUL
-        ADD: tl.constexpr = _F16_INT4_ADD
-        return tl.inline_asm_elementwise(
-            asm=f"""{{
-            .reg .b32 t, v, m, c;
-            shr.u32 t, $1, {4 * PAIR};
-            lop3.b32 v, t, 0x000F000F, 0x64086408, 0x6a;
-            mov.b32 m, {MUL};
-            mov.b32 c, {ADD};
-            fma.rn.f16x2 $0, v, m, c;
-            }}""",
-            constraints="=r,r", args=[words], dtype=tl.int32, is_pure=True, pack=1,
-        )
-
-
-@triton.jit
-def _fma_pair(a, b, c, FIRST: tl.constexpr, INTERPRET: tl.constexpr):
-    """``a * b + c`` on fp16 pairs (int32 bits); ``FIRST``: ``a * b`` (``c`` is not read)."""
-    if INTERPRET:
-        out = tl.zeros_like(a)
-        for HIGH in tl.static_range(2):
-            total = _half(a, HIGH).to(tl.float32) * _half(b, HIGH).to(tl.float32)
-            if not FIRST:
-                total += _half(c, HIGH).to(tl.float32)
-            out |= _half_bits(total.to(tl.float16)) << (16 * HIGH)
-        return out
-    if FIRST:
-        return tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
-    return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _word_x_pairs(x_row, words, K):
-    """The activations of the four element pairs of every word in ``words`` (``[WORDS]``): pair ``p`` is elements
-    ``8w + p`` and ``8w + p + 4``, as fp16 pair bits ``[1, WORDS]``."""
-    pairs = ()
-    for p in tl.static_range(4):
-        k = words * 8 + p
-        lo = tl.load(x_row + k, mask=k < K, other=0.0)
-        hi = tl.load(x_row + k + 4, mask=k + 4 < K, other=0.0)
-        pairs = pairs + ((_half_bits(lo) | (_half_bits(hi) << 16))[None, :],)
-    return pairs
-
-
-@triton.jit
-def _block_gemv_pairs_kernel(
-    x_ptr, words_ptr, scales_ptr, y_ptr, partial_ptr, count_ptr,
-    M, N, K, n_words, out_scale, stride_xm, stride_wn, stride_sn, stride_ym,
-    BLOCK: tl.constexpr, MX: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr, DECODE: tl.constexpr,
-    SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    """:func:`_block_gemv_kernel` for 4-bit elements and fp16 activations, on fp16 pairs: per two elements of a word
-    (``p`` and ``p + 4``, 16 bits apart) a few bit operations and one fma make the fp16 pair of their values
-    (:func:`_nibble_pair_values`, exact), one more fma multiplies it by the activation pair and adds; a word's four
-    pairs sum in fp16 (four products a half, each a value / 32: no overflow), then the halves go to fp32 with the
-    word's block scale. The next step's words, activation pairs and scales are loaded a step ahead."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_w = tl.arange(0, WORDS)
-    x_row = x_ptr + pid_m * stride_xm
-    first, last = _split_range(tl.cdiv(n_words, WORDS), SPLIT_K)
-    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-    words = first * WORDS + offs_w
-    in_row = mask_n[:, None] & (words[None, :] < n_words)
-    next_packed = tl.load(words_ptr + offs_n[:, None] * stride_wn + words[None, :], mask=in_row, other=0)
-    next_scale = _word_scales(scales_ptr, offs_n, words, in_row, stride_sn, BLOCK, 8, MX)
-    next_x = _word_x_pairs(x_row, words, K)
-    for step in range(first, last):
-        packed, scale, x_pairs = next_packed, next_scale, next_x
-        ahead = (step + 1) * WORDS + offs_w  # past the split's end: masked off (no loads), never used
-        in_row = mask_n[:, None] & (ahead[None, :] < last * WORDS) & (ahead[None, :] < n_words)
-        next_packed = tl.load(words_ptr + offs_n[:, None] * stride_wn + ahead[None, :], mask=in_row, other=0)
-        next_scale = _word_scales(scales_ptr, offs_n, ahead, in_row, stride_sn, BLOCK, 8, MX)
-        next_x = _word_x_pairs(x_row, ahead, K)
-        sums = _fma_pair(_nibble_pair_values(packed, 0, DECODE, INTERPRET), tl.broadcast_to(x_pairs[0], (BLOCK_N, WORDS)), packed, True, INTERPRET)
-        for p in tl.static_range(1, 4):
-            sums = _fma_pair(_nibble_pair_values(packed, p, DECODE, INTERPRET), tl.broadcast_to(x_pairs[p], (BLOCK_N, WORDS)), sums, False, INTERPRET)
-        acc += (_half(sums, False).to(tl.float32) + _half(sums, True).to(tl.float32)) * scale
-    offs_m = pid_m + tl.arange(0, 1)
-    y = tl.sum(acc, axis=1) * out_scale
-    _store_transposed(y_ptr, y[:, None], offs_m, offs_n, offs_m < M, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
 
 
 def slot_constants(slot: int) -> dict[str, int]:
@@ -615,8 +474,10 @@ def _block_dequant_kernel(
 
 
 def packed_words(bw: BlockWeight) -> torch.Tensor:
-    """The codes as int32 words (``[n, bytes / 4]``, elements little-endian: 8 nibbles or 4 bytes a word); every
-    format's row holds whole blocks of at least 8 bytes."""
+    """The codes of 6- and 8-bit elements as int32 words (``[n, bytes / 4]``, four bytes a word in K order; every
+    format's row holds whole blocks of at least 8 bytes). 4-bit elements are chunked: :func:`block_mma` reads them."""
+    if bw.nibbles:
+        raise ValueError(f"{bw.fmt.name}'s codes are chunked words: block_mma and block_dequantize read them, not the K-order kernels")
     codes = bw.packed.codes
     if not codes.is_contiguous() or codes.storage_offset() % 4:
         codes = codes.contiguous()
@@ -633,10 +494,8 @@ def _launch_args(bw: BlockWeight) -> tuple[dict, float, float]:
 
 @dataclass(frozen=True)
 class BlockGemvConfig:
-    """Both GEMVs' tiles (H200, session 19: 16 x 16 the fastest of 28 configs of the pair GEMV at 8192^2 and 4096x14336)."""
-
     block_n: int = 16
-    words: int = 16  # int32 words a row reads per step: 64 bytes (128 4-bit elements)
+    words: int = 16  # int32 words a row reads per step: 64 bytes (256 4-bit or 64 8-bit elements)
     num_warps: int = 4
     split_k: int | None = None  # None: :func:`block_split_k`
 
@@ -645,36 +504,27 @@ BLOCK_GEMV_MAX_M = 8  # the most rows block_gemv takes (one program a row: the d
 BLOCK_DOT_MAX_M = 64  # above: dequantize + cuBLAS
 
 
-def pick_block_path(m: int) -> str:
-    """``"block gemv"`` at batch 1, ``"block"`` (the dot kernel, which pads the batch to 16 rows) to
-    :data:`BLOCK_DOT_MAX_M` rows, ``"block dequant"`` above: the path BlockLinear takes and ``eval=latency`` times
-    (:data:`BLOCK_PATHS`). H200, steady state, MXFP4/NVFP4 8192^2 and 4096x14336 (session 17): the GEMV 0.65x of
-    cuBLAS fp16 at batch 1 but 0.2x at 4 rows (it reads the weight once a row), the dot kernel 0.41x-0.52x to 64
-    rows, dequant + cuBLAS 0.48x at 256 and 0.78x-0.83x at 1024 rows (the dot kernel 0.16x-0.17x there)."""
-    if m == 1:
-        return "block gemv"
-    return "block" if m <= BLOCK_DOT_MAX_M else "block dequant"
+def pick_block_path(m: int, bw: BlockWeight) -> str:
+    """The path BlockLinear takes and ``eval=latency`` times (:data:`BLOCK_PATHS`): for 4-bit elements the tensor-core
+    kernel on chunked words (``"block mma"``) to :data:`BLOCK_DOT_MAX_M` rows, for wider ones the GEMV at batch 1 and
+    the dot kernel to :data:`BLOCK_DOT_MAX_M` rows; ``"block dequant"`` above.
 
-
-def pair_gemv_fits(x: torch.Tensor, bw: BlockWeight) -> bool:
-    """The pair GEMV (:func:`_block_gemv_pairs_kernel`) takes 4-bit elements (FP4, INT4) with fp16 activations."""
-    return bw.nibbles and x.dtype == torch.float16
+    H200, steady state, 8192^2 (session 19, ``bench/results/kernel_latency_h200_session19_block_mma_probe.json``): the
+    tensor-core kernel MXFP4 26.7 us at batch 1 (1.45x cuBLAS fp16; the K-order GEMV 49.0), 28.5 at 16 rows (the dot
+    kernel 73.9), 43.8-55.1 at 64 (dequant + cuBLAS 93.6); NVFP4 (blocks of 16: twice the scale work) 39.9 / 43.6-44.8
+    / 63.9 against 48.7 / 73.5 / 96.2. Session 17, MXINT8: the GEMV 0.58x at batch 1, the dot kernel 0.36x at 16 rows,
+    dequant + cuBLAS 0.27x-0.66x from 64 rows."""
+    if m > BLOCK_DOT_MAX_M:
+        return "block dequant"
+    if bw.nibbles:
+        return "block mma"
+    return "block gemv" if m == 1 else "block"
 
 
 def block_gemv(x: torch.Tensor, bw: BlockWeight, config: BlockGemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [M, K] @ W^T`` for a few activation rows (at most :data:`BLOCK_GEMV_MAX_M`): on fp16 pairs where
-    :func:`pair_gemv_fits`, else on fp32 CUDA-core sums (:func:`block_gemv_fp32`)."""
-    if not pair_gemv_fits(x, bw):
-        return block_gemv_fp32(x, bw, config, out)
-    return _gemv(x, bw, config or BlockGemvConfig(), out, pairs=True)
-
-
-def block_gemv_fp32(x: torch.Tensor, bw: BlockWeight, config: BlockGemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [M, K] @ W^T`` for a few activation rows on CUDA cores in fp32 (every element format, fp16 or bf16)."""
-    return _gemv(x, bw, config or BlockGemvConfig(), out, pairs=False)
-
-
-def _gemv(x: torch.Tensor, bw: BlockWeight, config: BlockGemvConfig, out: torch.Tensor | None, pairs: bool) -> torch.Tensor:
+    """``x [M, K] @ W^T`` for a few activation rows (at most :data:`BLOCK_GEMV_MAX_M`) on CUDA cores (6- and 8-bit
+    elements)."""
+    config = config or BlockGemvConfig()
     x, y = _checked(x, bw, out)
     m = x.shape[0]
     if m > BLOCK_GEMV_MAX_M:
@@ -685,15 +535,11 @@ def _gemv(x: torch.Tensor, bw: BlockWeight, config: BlockGemvConfig, out: torch.
     constexprs, out_scale, value_scale = _launch_args(bw)
     tiles = triton.cdiv(bw.n, config.block_n) * m
     grid = (m, triton.cdiv(bw.n, config.block_n), config.split_k or block_split_k(bw, tiles, programs=528))
-    shared = dict(WORDS=config.words, BLOCK_N=config.block_n, SPLIT_K=grid[2], num_warps=config.num_warps)
-    args = (x, words, bw.packed.scale, y, *split_buffers(y, grid, config.block_n), m, bw.n, bw.k, words.shape[1])
-    strides = (x.stride(0), words.stride(0), bw.packed.scale.stride(0), y.stride(0))
-    if pairs:  # the kernel's elements are value / PAIR_DOWN; fp elements' 2**(15 - bias) is in its decode
-        factor = PAIR_DOWN * (value_scale if constexprs["DECODE"] == "int" else 1.0)
-        _block_gemv_pairs_kernel[grid](*args, out_scale * factor, *strides, BLOCK=constexprs["BLOCK"], MX=constexprs["MX"],
-                                       DECODE=constexprs["DECODE"], INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", **shared)
-    else:
-        _block_gemv_kernel[grid](*args, out_scale * value_scale, *strides, **shared, **constexprs)
+    _block_gemv_kernel[grid](
+        x, words, bw.packed.scale, y, *split_buffers(y, grid, config.block_n),
+        m, bw.n, bw.k, words.shape[1], out_scale * value_scale, x.stride(0), words.stride(0), bw.packed.scale.stride(0), y.stride(0),
+        WORDS=config.words, BLOCK_N=config.block_n, SPLIT_K=grid[2], num_warps=config.num_warps, **constexprs,
+    )
     return y
 
 
@@ -778,15 +624,15 @@ def block_split_k(bw: BlockWeight, tiles: int, programs: int = 264) -> int:
 
 def block_matmul(x: torch.Tensor, bw: BlockWeight, block_n: int = 64, num_warps: int = 4, out: torch.Tensor | None = None,
                  split_k: int | None = None, step: int | None = None) -> torch.Tensor:
-    """``x [M, K] @ W^T`` for a block-format weight (fp16/bf16 activations, output in x's dtype): steps of ``step``
-    elements (default 128 for 4-bit elements, 64 for wider ones: H200, MXINT8 8192^2 at batch 1 93 us against 196
-    with 128) with pre-scaled weights where :attr:`BlockWeight.prescaled`, else (MX) one block of 32 a step."""
+    """``x [M, K] @ W^T`` for a block format of 6- or 8-bit elements (fp16/bf16 activations, output in x's dtype):
+    steps of ``step`` elements (default 64: H200, MXINT8 8192^2 at batch 1 93 us against 196 with 128) with pre-scaled
+    weights where :attr:`BlockWeight.prescaled`, else (MX) one block of 32 a step."""
     x, y = _checked(x, bw, out)
     m = x.shape[0]
     words = packed_words(bw)
     constexprs, out_scale, value_scale = _launch_args(bw)
     scaled = bw.prescaled
-    step = (step or (128 if bw.nibbles else 64)) if scaled else bw.block
+    step = (step or 64) if scaled else bw.block
     if step % 32 or step & (step - 1):
         raise ValueError(f"step must be a power of two and a multiple of 32 (whole MX and NV blocks), got {step}")
     block_m = min(64, max(16, triton.next_power_of_2(m)))
@@ -801,5 +647,4 @@ def block_matmul(x: torch.Tensor, bw: BlockWeight, block_n: int = 64, num_warps:
     return y
 
 
-BLOCK_PATHS = {"block": block_matmul, "block mma": block_mma, "block gemv": block_gemv, "block gemv fp32": block_gemv_fp32,
-               "block dequant": block_dequant_matmul}
+BLOCK_PATHS = {"block": block_matmul, "block mma": block_mma, "block gemv": block_gemv, "block dequant": block_dequant_matmul}

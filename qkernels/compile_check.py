@@ -100,23 +100,27 @@ def cases() -> list[Case]:
                    "value_scale": "fp32"}
     fp4 = dict(DECODE="fp", ELEM_BITS=4, MAN_BITS=1)
     int8 = dict(DECODE="int", ELEM_BITS=8, MAN_BITS=0)
-    int4 = dict(DECODE="int", ELEM_BITS=4, MAN_BITS=0)
-    for label, per_word, mx, decode in (("MXFP4", 8, True, fp4), ("MXINT8", 4, True, int8), ("NVFP4", 8, False, fp4), ("NVINT4", 8, False, int4)):
+    for label, mx, decode in (("MXINT8", True, int8),):  # the K-order kernels (6- and 8-bit elements)
         block = 32 if mx else 16
         gemv_types = {k: v for k, v in block_types.items() if k != "value_scale"}
         out.append(Case(f"block gemv {label}", bm._block_gemv_kernel, gemv_types,
-                        dict(BLOCK=block, PER_WORD=per_word, MX=mx, WORDS=16, BLOCK_N=16, SPLIT_K=2, **decode)))
-        if per_word == 8:
-            out.append(Case(f"block gemv pairs {label}", bm._block_gemv_pairs_kernel, gemv_types,
-                            dict(BLOCK=block, MX=mx, WORDS=32, BLOCK_N=32, SPLIT_K=2, DECODE=decode["DECODE"], INTERPRET=False)))
-        for scaled in (True, False) if mx else (True,):
-            step = (128 if per_word == 8 else 64) if scaled else 32
+                        dict(BLOCK=block, PER_WORD=4, MX=mx, WORDS=16, BLOCK_N=16, SPLIT_K=2, **decode)))
+        for scaled in (True, False):
+            step = 64 if scaled else 32
             out.append(Case(f"block dot {label} step {step}", bm._block_matmul_kernel, block_types,
-                            dict(BLOCK=block, PER_WORD=per_word, MX=mx, SCALED_WEIGHTS=scaled, STEP=step, BLOCK_M=16, BLOCK_N=64,
+                            dict(BLOCK=block, PER_WORD=4, MX=mx, SCALED_WEIGHTS=scaled, STEP=step, BLOCK_M=16, BLOCK_N=64,
                                  INTERPRET=False, SPLIT_K=2, **decode)))
         out.append(Case(f"block dequant {label}", bm._block_dequant_kernel, {"words_ptr": "*i32", "scales_ptr": "*u8", "w_ptr": "*fp16",
                                                                               "out_scale": "fp32", "value_scale": "fp32"},
-                        dict(BLOCK=block, PER_WORD=per_word, MX=mx, WORDS=32, BLOCK_N=32, **decode)))
+                        dict(BLOCK=block, PER_WORD=4, MX=mx, WORDS=32, BLOCK_N=32, **decode)))
+    mma_types = {"x_ptr": "*fp16", "words_ptr": "*i32", "scales_ptr": "*u8", "y_ptr": "*fp16", "count_ptr": "*i32", "out_scale": "fp32"}
+    for label, mx, decode in (("MXFP4", True, "fp"), ("NVFP4", False, "fp"), ("NVINT4", False, "int")):  # chunked 4-bit elements
+        for block_m in (16, 64):
+            out.append(Case(f"block mma {label} {block_m} rows", bm._block_mma_kernel, mma_types,
+                            dict(RUN=32 if mx else 16, MX=mx, DECODE=decode, BLOCK_N=64, BLOCK_M=block_m, SPLIT_K=2, INTERPRET=False)))
+        out.append(Case(f"block dequant {label}", bm._block_dequant_chunked_kernel, {"words_ptr": "*i32", "scales_ptr": "*u8", "w_ptr": "*fp16",
+                                                                                      "out_scale": "fp32"},
+                        dict(RUN=32 if mx else 16, MX=mx, DECODE=decode, BLOCK_N=32, INTERPRET=False)))
     out.append(Case("read floor", _read_kernel, {"src_ptr": "*i32", "out_ptr": "*i32"}, dict(BLOCK=4096)))
     return out + lowbit_cases() + gluon_cases()
 

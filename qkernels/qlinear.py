@@ -225,13 +225,13 @@ def block_forward(x2: torch.Tensor, bw: BlockWeight) -> torch.Tensor:
     if not x2.is_cuda:
         return (x2.float() @ dequantize_block(bw).t()).to(x2.dtype)
     xk = x2 if x2.dtype in KERNEL_DTYPES else x2.to(torch.float16)
-    return BLOCK_PATHS[pick_block_path(xk.shape[0])](xk, bw).to(x2.dtype)
+    return BLOCK_PATHS[pick_block_path(xk.shape[0], bw)](xk, bw).to(x2.dtype)
 
 
 class BlockLinear(nn.Module):
     """``y = x @ W^T + b`` with W stored in an MX or NV block format (:mod:`qkernels.block_matmul`): on a GPU the
-    block GEMV at batch 1, the tensor-core dot kernel to ``BLOCK_DOT_MAX_M`` rows, dequantize + cuBLAS above
-    (:func:`~qkernels.block_matmul.pick_block_path`); elsewhere the dequantized
+    tensor-core kernels to ``BLOCK_DOT_MAX_M`` rows (4-bit elements on chunked words; wider ones the GEMV at batch 1),
+    dequantize + cuBLAS above (:func:`~qkernels.block_matmul.pick_block_path`); elsewhere the dequantized
     weight (:func:`~qkernels.block_matmul.dequantize_block`), the fake-quant layer's outputs. Through the custom
     operator ``torch.ops.qkernels.block_matmul`` while ``torch.compile`` traces or the activations need a
     gradient (its backward: the dequantized weight, a block of rows at a time)."""

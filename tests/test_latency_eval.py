@@ -109,9 +109,12 @@ def test_latency_measurement_flow_with_stubbed_gpu_timers(tmp_path: Path, monkey
     evaluator.format = MxFormat("e2m1")  # an MX cell: its layers on the block kernels, its decode with BlockLinear layers
     monkeypatch.setattr(latency, "compiled_decode_tokens_per_s", lambda model, prompt, tokens: 5.0)
     result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k"))
-    assert {(row["batch"], row["path"]) for row in result.protocol["latency"]["layer_shapes"]} == {(1, "block gemv"), (16, "block")}
+    assert {(row["batch"], row["path"]) for row in result.protocol["latency"]["layer_shapes"]} == {(1, "block mma"), (16, "block mma")}
     assert result.metrics["latency/decode_tokens_per_s"] > 0 and result.protocol["latency"]["format"] == MxFormat("e2m1").describe()
     assert not any(type(m).__name__ == "BlockLinear" for m in bundle.model.modules())
+    evaluator.format = MxFormat("int8")  # 8-bit elements: the GEMV at batch 1, the dot kernel above
+    result = evaluator(bundle, EvalContext(cache_dir=tmp_path, cell_key="k"))
+    assert {(row["batch"], row["path"]) for row in result.protocol["latency"]["layer_shapes"]} == {(1, "block gemv"), (16, "block")}
 
     # a W8A8 cell (per-channel int8 weights, dynamic per-token int8 activations): the W8A8 kernel with its activation
     # quantization timed, the decode with ActQuantLinear layers; W4 g128 A8: the W4A8 kernel; W2 g128 A8: lowbit

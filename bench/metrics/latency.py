@@ -140,7 +140,7 @@ class Latency:
                     path = act_route(act_kernel(self.format, act), m, k, n, x.device, x.dtype)
                     calls = act_calls(x, weight, self.format, act)
                 elif block:
-                    path = pick_block_path(m)
+                    path = pick_block_path(m, packed)
                     calls = block_calls(x, packed, path)
                 else:
                     path, calls = pick_path(m, packed, x.device, x.dtype), lowbit_calls(x, packed, "auto")
