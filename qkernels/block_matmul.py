@@ -400,12 +400,14 @@ def _block_mma_kernel(
     x_ptr, words_ptr, scales_ptr, y_ptr, partial_ptr, count_ptr,
     M, N, K, n_chunks, n_blocks, out_scale, stride_xm, stride_wn, stride_sn, stride_ym,
     RUN: tl.constexpr, MX: tl.constexpr, DECODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
+    SPLIT_K: tl.constexpr, PRESCALE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """``y^T = W x^T`` for 4-bit block formats on chunked words (:func:`chunk_codes`, a slot is one block): a program
     takes ``BLOCK_N`` weight rows, ``BLOCK_M`` activation rows (a batch of one padded to 16) and one K split; per slot
     of a chunk, the slot's element values (exact fp16, :func:`_slot_values`) dotted with the block's activations on
-    tensor cores (fp32), times the rows' block scales. Split-K as in :mod:`qkernels.lowbit_matmul`."""
+    tensor cores. ``PRESCALE`` (where an element times its block scale is exact in fp16 and bf16: NV always, E4M3 times
+    an FP4/INT4 element; MX where :func:`scaled_exact`): the values times their rows' block scales go into the dot,
+    which accumulates; else the fp32 dot result of each slot takes the scales. Split-K as in :mod:`qkernels.lowbit_matmul`."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     CHUNK: tl.constexpr = _SLOTS * RUN
@@ -422,14 +424,21 @@ def _block_mma_kernel(
         for slot in tl.static_range(_SLOTS):
             k = chunk * CHUNK + slot * RUN + offs_r
             x_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None], mask=mask_m[None, :] & (k[:, None] < K), other=0.0)
-            values = _slot_values(words, slot, DECODE, INTERPRET)
-            if INTERPRET and dtype == tl.bfloat16:  # the interpreter's bf16 dot reads raw bits as integers
-                part = tl.dot(values.to(tl.float32), x_t.to(tl.float32))
-            else:
-                part = tl.dot(values.to(dtype), x_t)
             block = chunk * _SLOTS + slot
             scale_bytes = tl.load(scales_ptr + offs_n * stride_sn + block, mask=mask_n & (offs_n * 0 + block < n_blocks), other=0).to(tl.int32)
-            acc += part * _scale_values(scale_bytes, MX)[:, None]
+            scale = _scale_values(scale_bytes, MX)
+            values = _slot_values(words, slot, DECODE, INTERPRET)
+            if PRESCALE and MX:  # exact where the weight is prescaled (:func:`scaled_exact`); 2**e may leave fp16's range
+                values = (values.to(tl.float32) * scale[:, None]).to(tl.float16)
+            elif PRESCALE:  # E4M3 is an fp16 number
+                values = values * scale.to(tl.float16)[:, None]
+            if INTERPRET and dtype == tl.bfloat16:  # the interpreter's bf16 dot reads raw bits as integers
+                part = tl.dot(values.to(tl.float32), x_t.to(tl.float32))
+                acc += part if PRESCALE else part * scale[:, None]
+            elif PRESCALE:
+                acc = tl.dot(values.to(dtype), x_t, acc)
+            else:
+                acc += tl.dot(values.to(dtype), x_t) * scale[:, None]
     _store_transposed(y_ptr, acc * out_scale, offs_m, offs_n, mask_m, mask_n, stride_ym, partial_ptr, count_ptr, SPLIT_K)
 
 
@@ -551,11 +560,15 @@ def chunked_out_scale(bw: BlockWeight) -> float:
 
 
 def block_mma(x: torch.Tensor, bw: BlockWeight, block_n: int = 64, num_warps: int = 4, out: torch.Tensor | None = None,
-              split_k: int | None = None) -> torch.Tensor:
+              split_k: int | None = None, prescale: bool | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T`` for 4-bit block formats on tensor cores (:func:`_block_mma_kernel`, chunked words), the
-    batch padded to 16 rows and tiled by at most 64."""
+    batch padded to 16 rows and tiled by at most 64; ``prescale`` scales the elements before the dot (where
+    :attr:`BlockWeight.prescaled`; None: NV's weights)."""
     if bw.chunked is None:
         raise ValueError(f"block_mma takes 4-bit elements (chunked words); {bw.fmt.name} has {bw.fmt.element_bits}-bit ones")
+    if prescale and not bw.prescaled:
+        raise ValueError(f"prescale needs elements times block scales exact in fp16 and bf16; this {bw.fmt.name} weight's are not")
+    prescale = isinstance(bw.fmt, NvFormat) if prescale is None else prescale
     x, y = _checked(x, bw, out)
     m = x.shape[0]
     constexprs, out_scale, value_scale = _launch_args(bw)
@@ -567,7 +580,7 @@ def block_mma(x: torch.Tensor, bw: BlockWeight, block_n: int = 64, num_warps: in
         x, bw.chunked, bw.packed.scale, y, *split_buffers(y, grid, block_n * block_m), m, bw.n, bw.k, n_chunks, bw.packed.scale.shape[1],
         chunked_out_scale(bw), x.stride(0), bw.chunked.stride(0), bw.packed.scale.stride(0),
         y.stride(0), RUN=bw.block, MX=constexprs["MX"], DECODE=constexprs["DECODE"], BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=grid[2],
-        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps,
+        PRESCALE=prescale, INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps,
     )
     return y
 

@@ -109,6 +109,9 @@ def test_block_gemv_refuses_what_it_cannot_run() -> None:
             kernel(torch.randn(1, 64, dtype=torch.float16, device=DEVICE), chunked)
     with pytest.raises(ValueError, match="block_mma takes 4-bit elements"):
         block_mma(torch.randn(1, 64, dtype=torch.float16, device=DEVICE), bw)
+    tiny = pack_block_weight(torch.randn(8, 64, device=DEVICE) * 1e-7, MxFormat("e2m1"))
+    with pytest.raises(ValueError, match="prescale needs elements times block scales exact .* this mxfp4 weight's are not"):
+        block_mma(torch.randn(1, 64, dtype=torch.float16, device=DEVICE), tiny, prescale=True)
 
 
 def test_block_matmul_refuses_bad_inputs() -> None:
@@ -175,7 +178,9 @@ def test_block_mma_matches_the_dequantized_weight(fmt, dtype: torch.dtype) -> No
         dequantized = fmt.dequantize(fmt.quantize(weight * scale)).float().to(DEVICE)
         assert torch.equal(block_dequantize(bw, torch.float32), dequantize_block(bw))
         x = (torch.randn(m, 200, generator=generator) / scale**0.5).to(DEVICE, dtype)
-        out = block_mma(x, bw, block_n=32, out=torch.full((m, 37), float("nan"), dtype=dtype, device=DEVICE), split_k=split_k)
-        assert not out.isnan().any(), "some outputs were never written"
         ref = x.float() @ dequantized.t()
-        assert ((out.float() - ref).norm() / ref.norm()).item() < (2e-3 if dtype == torch.float16 else 1e-2), (scale, m, split_k)
+        for prescale in (False, True) if bw.prescaled else (False,):
+            out = block_mma(x, bw, block_n=32, out=torch.full((m, 37), float("nan"), dtype=dtype, device=DEVICE), split_k=split_k,
+                            prescale=prescale)
+            assert not out.isnan().any(), "some outputs were never written"
+            assert ((out.float() - ref).norm() / ref.norm()).item() < (2e-3 if dtype == torch.float16 else 1e-2), (scale, m, split_k, prescale)
