@@ -101,13 +101,12 @@ def pack_block_weight(weight: torch.Tensor, fmt: BlockFormat) -> BlockWeight:
     tensor_scale = 1.0 if packed.tensor_scale is None else float(packed.tensor_scale)
     bw = BlockWeight(fmt, packed, weight.shape[0], weight.shape[1], code_values, scale_values(fmt, device), tensor_scale)
     if bw.nibbles:  # the quantizer's bytes (two codes each, K order) to the tensor-core kernel's chunks
-        bw.packed = replace(packed, codes=chunk_codes(packed.codes, CHUNK_RUN).view(torch.uint8))
+        bw.packed = replace(packed, codes=chunk_codes(packed.codes, fmt.BLOCK).view(torch.uint8))
     bw.prescaled = isinstance(fmt, NvFormat) or scaled_exact(bw)
     return bw
 
 
 CHUNK_SLOTS = 8  # 4-bit codes a word
-CHUNK_RUN = 32  # words a chunk of a row: a slot is one MX block, two NV blocks
 _SLOTS = tl.constexpr(CHUNK_SLOTS)
 
 
@@ -153,7 +152,7 @@ def scaled_exact(bw: BlockWeight, rows: int = 4096) -> bool:
 def dequantize_block(bw: BlockWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Plain-torch definition of the weight ``[n, k]``: every element's value times its block's scale (NV: and the
     tensor scale), from the packed storage the kernels read."""
-    codes = unchunk_codes(bw.chunked, CHUNK_RUN, bw.k) if bw.nibbles else bw.packed.codes.long()
+    codes = unchunk_codes(bw.chunked, bw.block, bw.k) if bw.nibbles else bw.packed.codes.long()
     values = bw.code_values[codes] * bw.scale_values[bw.packed.scale.long()].repeat_interleave(bw.block, dim=1)[:, : codes.shape[1]]
     return (values[:, : bw.k] * bw.tensor_scale).to(dtype)
 
@@ -397,20 +396,10 @@ def _slot_values(words, SLOT: tl.constexpr, DECODE: tl.constexpr, INTERPRET: tl.
 
 
 @triton.jit
-def _slot_scale(scales_ptr, offs_n, mask_n, stride_sn, chunk, slot, HALF: tl.constexpr, n_blocks, RUN: tl.constexpr, BLOCK: tl.constexpr,
-                MX: tl.constexpr):
-    """fp32 scales ``[BLOCK_N]`` of the rows' block that slot ``slot`` of chunk ``chunk`` holds (its ``HALF``-th where a
-    slot holds two); past the row's blocks (chunk padding) 0 bytes, read as tiny scales of zero codes."""
-    block = (chunk * _SLOTS + slot) * (RUN // BLOCK) + HALF
-    scale_bytes = tl.load(scales_ptr + offs_n * stride_sn + block, mask=mask_n & (offs_n * 0 + block < n_blocks), other=0).to(tl.int32)
-    return _scale_values(scale_bytes, MX)
-
-
-@triton.jit
 def _block_mma_kernel(
     x_ptr, words_ptr, scales_ptr, y_ptr, partial_ptr, count_ptr,
     M, N, K, n_chunks, n_blocks, out_scale, stride_xm, stride_wn, stride_sn, stride_ym,
-    RUN: tl.constexpr, BLOCK: tl.constexpr, MX: tl.constexpr, DECODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    RUN: tl.constexpr, MX: tl.constexpr, DECODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     SPLIT_K: tl.constexpr, PRESCALE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """``y^T = W x^T`` for 4-bit block formats on chunked words (:func:`chunk_codes`, a slot is one block): a program
@@ -418,9 +407,7 @@ def _block_mma_kernel(
     of a chunk, the slot's element values (exact fp16, :func:`_slot_values`) dotted with the block's activations on
     tensor cores. ``PRESCALE`` (where an element times its block scale is exact in fp16 and bf16: NV always, E4M3 times
     an FP4/INT4 element; MX where :func:`scaled_exact`): the values times their rows' block scales go into the dot,
-    which accumulates; else the fp32 dot result of each slot takes the scales. A slot of NV's holds two blocks of 16
-    (``RUN`` = 2 ``BLOCK``): prescaled only, each half of the slot by its block's scale. Split-K as in
-    :mod:`qkernels.lowbit_matmul`."""
+    which accumulates; else the fp32 dot result of each slot takes the scales. Split-K as in :mod:`qkernels.lowbit_matmul`."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     CHUNK: tl.constexpr = _SLOTS * RUN
@@ -437,13 +424,11 @@ def _block_mma_kernel(
         for slot in tl.static_range(_SLOTS):
             k = chunk * CHUNK + slot * RUN + offs_r
             x_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None], mask=mask_m[None, :] & (k[:, None] < K), other=0.0)
-            scale = _slot_scale(scales_ptr, offs_n, mask_n, stride_sn, chunk, slot, 0, n_blocks, RUN, BLOCK, MX)
+            block = chunk * _SLOTS + slot
+            scale_bytes = tl.load(scales_ptr + offs_n * stride_sn + block, mask=mask_n & (offs_n * 0 + block < n_blocks), other=0).to(tl.int32)
+            scale = _scale_values(scale_bytes, MX)
             values = _slot_values(words, slot, DECODE, INTERPRET)
-            if RUN > BLOCK:  # two blocks a slot (NV): each half of the slot times its block's scale
-                tl.static_assert(PRESCALE and not MX, "a slot of two blocks needs prescaled NV weights")
-                high = _slot_scale(scales_ptr, offs_n, mask_n, stride_sn, chunk, slot, 1, n_blocks, RUN, BLOCK, MX)
-                values = values * tl.where(offs_r[None, :] < BLOCK, scale.to(tl.float16)[:, None], high.to(tl.float16)[:, None])
-            elif PRESCALE and MX:  # exact where the weight is prescaled (:func:`scaled_exact`); 2**e may leave fp16's range
+            if PRESCALE and MX:  # exact where the weight is prescaled (:func:`scaled_exact`); 2**e may leave fp16's range
                 values = (values.to(tl.float32) * scale[:, None]).to(tl.float16)
             elif PRESCALE:  # E4M3 is an fp16 number
                 values = values * scale.to(tl.float16)[:, None]
@@ -460,7 +445,7 @@ def _block_mma_kernel(
 @triton.jit
 def _block_dequant_chunked_kernel(
     words_ptr, scales_ptr, w_ptr, N, K, n_blocks, out_scale, stride_wn, stride_sn, stride_on,
-    RUN: tl.constexpr, BLOCK: tl.constexpr, MX: tl.constexpr, DECODE: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+    RUN: tl.constexpr, MX: tl.constexpr, DECODE: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Program ``(n, chunk)``: one chunk of ``BLOCK_N`` rows of the dequantized weight from chunked words, in the
     output's dtype (each element times its block scale and NV's tensor scale in fp32, rounded once)."""
@@ -470,12 +455,10 @@ def _block_dequant_chunked_kernel(
     mask_n = offs_n < N
     words = tl.load(words_ptr + offs_n[:, None] * stride_wn + chunk * RUN + offs_r[None, :], mask=mask_n[:, None], other=0)
     for slot in tl.static_range(_SLOTS):
-        scale = _slot_scale(scales_ptr, offs_n, mask_n, stride_sn, chunk, slot, 0, n_blocks, RUN, BLOCK, MX)[:, None]
-        if RUN > BLOCK:
-            high = _slot_scale(scales_ptr, offs_n, mask_n, stride_sn, chunk, slot, 1, n_blocks, RUN, BLOCK, MX)[:, None]
-            scale = tl.where(offs_r[None, :] < BLOCK, scale, high)
-        w = _slot_values(words, slot, DECODE, INTERPRET).to(tl.float32) * scale * out_scale  # as the reference
-        k = (chunk * _SLOTS + slot) * RUN + offs_r
+        block = chunk * _SLOTS + slot
+        scale_bytes = tl.load(scales_ptr + offs_n * stride_sn + block, mask=mask_n & (offs_n * 0 + block < n_blocks), other=0).to(tl.int32)
+        w = _slot_values(words, slot, DECODE, INTERPRET).to(tl.float32) * _scale_values(scale_bytes, MX)[:, None] * out_scale  # as the reference
+        k = block * RUN + offs_r
         tl.store(w_ptr + offs_n[:, None] * stride_on + k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask_n[:, None] & (k[None, :] < K))
 
 
@@ -583,24 +566,20 @@ def block_mma(x: torch.Tensor, bw: BlockWeight, block_n: int = 64, num_warps: in
     :attr:`BlockWeight.prescaled`; None: NV's weights)."""
     if bw.chunked is None:
         raise ValueError(f"block_mma takes 4-bit elements (chunked words); {bw.fmt.name} has {bw.fmt.element_bits}-bit ones")
-    nv = isinstance(bw.fmt, NvFormat)
     if prescale and not bw.prescaled:
         raise ValueError(f"prescale needs elements times block scales exact in fp16 and bf16; this {bw.fmt.name} weight's are not")
-    if nv and prescale is False:
-        raise ValueError(f"{bw.fmt.name}: a slot holds two blocks of 16, so its elements are always prescaled (exact for NV); prescale=False is for MX")
-    prescale = nv if prescale is None else prescale
+    prescale = isinstance(bw.fmt, NvFormat) if prescale is None else prescale
     x, y = _checked(x, bw, out)
     m = x.shape[0]
     constexprs, out_scale, value_scale = _launch_args(bw)
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     tiles = triton.cdiv(bw.n, block_n) * triton.cdiv(m, block_m)
-    n_chunks = bw.chunked.shape[1] // CHUNK_RUN
+    n_chunks = bw.chunked.shape[1] // bw.block
     grid = (triton.cdiv(bw.n, block_n), triton.cdiv(m, block_m), split_k or max(1, min(8, triton.cdiv(264, tiles), n_chunks)))
     _block_mma_kernel[grid](
         x, bw.chunked, bw.packed.scale, y, *split_buffers(y, grid, block_n * block_m), m, bw.n, bw.k, n_chunks, bw.packed.scale.shape[1],
         chunked_out_scale(bw), x.stride(0), bw.chunked.stride(0), bw.packed.scale.stride(0),
-        y.stride(0), RUN=CHUNK_RUN, BLOCK=bw.block, MX=constexprs["MX"], DECODE=constexprs["DECODE"], BLOCK_N=block_n, BLOCK_M=block_m,
-        SPLIT_K=grid[2],
+        y.stride(0), RUN=bw.block, MX=constexprs["MX"], DECODE=constexprs["DECODE"], BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=grid[2],
         PRESCALE=prescale, INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps,
     )
     return y
@@ -612,9 +591,9 @@ def block_dequantize(bw: BlockWeight, dtype: torch.dtype = torch.float16, block_
     constexprs, out_scale, value_scale = _launch_args(bw)
     if bw.chunked is not None:
         w = torch.empty((bw.n, bw.k), dtype=dtype, device=bw.chunked.device)
-        _block_dequant_chunked_kernel[(triton.cdiv(bw.n, block_n), bw.chunked.shape[1] // CHUNK_RUN)](
+        _block_dequant_chunked_kernel[(triton.cdiv(bw.n, block_n), bw.chunked.shape[1] // bw.block)](
             bw.chunked, bw.packed.scale, w, bw.n, bw.k, bw.packed.scale.shape[1], chunked_out_scale(bw), bw.chunked.stride(0),
-            bw.packed.scale.stride(0), w.stride(0), RUN=CHUNK_RUN, BLOCK=bw.block, MX=constexprs["MX"], DECODE=constexprs["DECODE"], BLOCK_N=block_n,
+            bw.packed.scale.stride(0), w.stride(0), RUN=bw.block, MX=constexprs["MX"], DECODE=constexprs["DECODE"], BLOCK_N=block_n,
             INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
         )
         return w

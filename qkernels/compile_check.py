@@ -116,13 +116,13 @@ def cases() -> list[Case]:
     mma_types = {"x_ptr": "*fp16", "words_ptr": "*i32", "scales_ptr": "*u8", "y_ptr": "*fp16", "count_ptr": "*i32", "out_scale": "fp32"}
     for label, mx, decode in (("MXFP4", True, "fp"), ("NVFP4", False, "fp"), ("NVINT4", False, "int")):  # chunked 4-bit elements
         for block_m in (16, 64):
-            for prescale in (False, True) if mx else (True,):
+            for prescale in (False, True):
                 out.append(Case(f"block mma {label} {block_m} rows{' prescaled' if prescale else ''}", bm._block_mma_kernel, mma_types,
-                                dict(RUN=bm.CHUNK_RUN, BLOCK=32 if mx else 16, MX=mx, DECODE=decode, BLOCK_N=64, BLOCK_M=block_m, SPLIT_K=2,
-                                     PRESCALE=prescale, INTERPRET=False)))
+                                dict(RUN=32 if mx else 16, MX=mx, DECODE=decode, BLOCK_N=64, BLOCK_M=block_m, SPLIT_K=2, PRESCALE=prescale,
+                                     INTERPRET=False)))
         out.append(Case(f"block dequant {label}", bm._block_dequant_chunked_kernel, {"words_ptr": "*i32", "scales_ptr": "*u8", "w_ptr": "*fp16",
                                                                                       "out_scale": "fp32"},
-                        dict(RUN=bm.CHUNK_RUN, BLOCK=32 if mx else 16, MX=mx, DECODE=decode, BLOCK_N=32, INTERPRET=False)))
+                        dict(RUN=32 if mx else 16, MX=mx, DECODE=decode, BLOCK_N=32, INTERPRET=False)))
     out.append(Case("read floor", _read_kernel, {"src_ptr": "*i32", "out_ptr": "*i32"}, dict(BLOCK=4096)))
     return out + lowbit_cases() + gluon_cases()
 

@@ -10,7 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from qkernels.block_matmul import (BLOCK_DOT_MAX_M, BLOCK_GEMV_MAX_M, CHUNK_RUN, BlockGemvConfig, block_dequant_matmul, block_dequantize, block_gemv,  # noqa: E402
+from qkernels.block_matmul import (BLOCK_DOT_MAX_M, BLOCK_GEMV_MAX_M, BlockGemvConfig, block_dequant_matmul, block_dequantize, block_gemv,  # noqa: E402
                                    block_matmul, block_mma, dequantize_block, element_decode, pack_block_weight, pick_block_path,
                                    scaled_exact, slot_constants, unchunk_codes)
 from methods.common.formats import IntFormat  # noqa: E402
@@ -109,9 +109,6 @@ def test_block_gemv_refuses_what_it_cannot_run() -> None:
             kernel(torch.randn(1, 64, dtype=torch.float16, device=DEVICE), chunked)
     with pytest.raises(ValueError, match="block_mma takes 4-bit elements"):
         block_mma(torch.randn(1, 64, dtype=torch.float16, device=DEVICE), bw)
-    with pytest.raises(ValueError, match="nvfp4: a slot holds two blocks of 16"):
-        block_mma(torch.randn(1, 64, dtype=torch.float16, device=DEVICE), pack_block_weight(torch.randn(8, 64, device=DEVICE), NvFormat("e2m1")),
-                  prescale=False)
     tiny = pack_block_weight(torch.randn(8, 64, device=DEVICE) * 1e-7, MxFormat("e2m1"))
     with pytest.raises(ValueError, match="prescale needs elements times block scales exact .* this mxfp4 weight's are not"):
         block_mma(torch.randn(1, 64, dtype=torch.float16, device=DEVICE), tiny, prescale=True)
@@ -138,7 +135,7 @@ def test_chunked_codes_hold_every_element(fmt) -> None:
     bw = pack_block_weight(weight, fmt)
     quantized = (mx_quantize_reference if isinstance(fmt, MxFormat) else nv_quantize_reference)(weight, fmt).codes  # K order
     codes = torch.stack([quantized & 15, quantized >> 4], dim=-1).reshape(5, -1).long()[:, :200]
-    run = CHUNK_RUN
+    run = fmt.BLOCK
     assert bw.chunked.dtype == torch.int32 and bw.chunked.shape == (5, -(-200 // (8 * run)) * run)
     assert torch.equal(unchunk_codes(bw.chunked, run, 200), codes)
     c, s, r = 0, 3, 5
@@ -182,7 +179,7 @@ def test_block_mma_matches_the_dequantized_weight(fmt, dtype: torch.dtype) -> No
         assert torch.equal(block_dequantize(bw, torch.float32), dequantize_block(bw))
         x = (torch.randn(m, 200, generator=generator) / scale**0.5).to(DEVICE, dtype)
         ref = x.float() @ dequantized.t()
-        for prescale in (True,) if isinstance(fmt, NvFormat) else (False, True) if bw.prescaled else (False,):
+        for prescale in (False, True) if bw.prescaled else (False,):
             out = block_mma(x, bw, block_n=32, out=torch.full((m, 37), float("nan"), dtype=dtype, device=DEVICE), split_k=split_k,
                             prescale=prescale)
             assert not out.isnan().any(), "some outputs were never written"
