@@ -23,9 +23,10 @@ half``; scale bytes likewise (E8M0 into an fp32 exponent, E4M3 into an fp16 patt
 
 K is split over programs like the packed kernels' split-K (the last split adds the partials).
 
-Status (H200, steady state, 8192^2; :func:`pick_block_path` has the figures): MXFP4 on the tensor-core kernel 26.7
-us at batch 1 (1.45x cuBLAS fp16; the K-order CUDA-core GEMV it replaced 49-53 us), NVFP4 39.9 (its blocks of 16
-take twice the scale work a weight element); to 64 rows 0.6x-1.2x. Short of the 4-bit read floor (13 us): per
+Status (H200, steady state, 8192^2, session 19; bench/results/kernel_latency_h200.md): MXFP4 on the tensor-core
+kernel 26.9 us at batch 1 (1.42x cuBLAS fp16; the K-order CUDA-core GEMV it replaced 49-53 us), 28.6 at 16 rows
+(1.19x), NVFP4 39.9 and 45.6 (0.96x, 0.74x: its blocks of 16 take twice the dots and scale work a weight element);
+0.62x-0.68x at 64 rows. Short of the 4-bit read floor (13 us): per
 element the decode (a ``prmt``, two shifts, two logic ops and an fp16 multiply per two elements) and the fp32
 scaling of a 16-column dot result per block, for one useful column at batch 1.
 """
@@ -216,21 +217,14 @@ def _word_scales(scales_ptr, offs_n, words, mask, stride_sn, BLOCK: tl.constexpr
 @triton.jit
 def _decoded_tile(packed, scale, PER_WORD: tl.constexpr, DECODE: tl.constexpr, ELEM_BITS: tl.constexpr,
                   MAN_BITS: tl.constexpr):
-    """``[BLOCK_N, WORDS]`` words as ``[BLOCK_N, WORDS * PER_WORD]`` decoded elements (fp32) times ``scale`` (per
-    word): pairs ``(p, p + PER_WORD / 2)`` joined so that the reshape puts every element in its K order."""
-    SHIFT: tl.constexpr = 32 // PER_WORD
+    """``[BLOCK_N, WORDS]`` words of four byte-wide elements as ``[BLOCK_N, WORDS * 4]`` decoded elements (fp32) times
+    ``scale`` (per word): pairs ``(p, p + 2)`` joined so that the reshape puts every element in its K order."""
+    tl.static_assert(PER_WORD == 4, "4-bit elements are chunked: _block_mma_kernel decodes them")
     lo0, hi0 = _element_pair(packed, DECODE, ELEM_BITS, MAN_BITS)
-    lo1, hi1 = _element_pair(packed >> SHIFT, DECODE, ELEM_BITS, MAN_BITS)
-    pair0 = tl.join(lo0 * scale, hi0 * scale)  # [..., j]: element 2j (4 a word) or 4j (8 a word)
+    lo1, hi1 = _element_pair(packed >> 8, DECODE, ELEM_BITS, MAN_BITS)
+    pair0 = tl.join(lo0 * scale, hi0 * scale)  # [..., j]: element 2j
     pair1 = tl.join(lo1 * scale, hi1 * scale)
-    if PER_WORD == 4:
-        tile = tl.join(pair0, pair1)  # [..., j, h]: element 2j + h
-    else:
-        lo2, hi2 = _element_pair(packed >> (2 * SHIFT), DECODE, ELEM_BITS, MAN_BITS)
-        lo3, hi3 = _element_pair(packed >> (3 * SHIFT), DECODE, ELEM_BITS, MAN_BITS)
-        even = tl.join(pair0, tl.join(lo2 * scale, hi2 * scale))  # [..., j, i]: element 4j + 2i
-        odd = tl.join(pair1, tl.join(lo3 * scale, hi3 * scale))
-        tile = tl.join(even, odd)  # [..., j, i, h]: element 4j + 2i + h
+    tile = tl.join(pair0, pair1)  # [..., j, h]: element 2j + h
     return tl.reshape(tile, (packed.shape[0], packed.shape[1] * PER_WORD))
 
 
@@ -504,7 +498,7 @@ def _launch_args(bw: BlockWeight) -> tuple[dict, float, float]:
 @dataclass(frozen=True)
 class BlockGemvConfig:
     block_n: int = 16
-    words: int = 16  # int32 words a row reads per step: 64 bytes (256 4-bit or 64 8-bit elements)
+    words: int = 16  # int32 words a row reads per step: 64 bytes (64 elements)
     num_warps: int = 4
     split_k: int | None = None  # None: :func:`block_split_k`
 
