@@ -297,6 +297,11 @@ def markdown(rows: list[dict]) -> str:
             line += (f" {r['tokens_per_s_compiled']:.1f} | {r['ms_per_token_compiled']:.2f} | {ratio(r, 'tokens_per_s_compiled')} | "
                      f"{r['compile_s']:.0f} | {r['compiled_logits_rel_diff']:.1e} | {r['compiled_argmax_agree']} |")
         lines.append(line + f" {r['weight_gb']:.2f} | {r['peak_gb']:.2f} |")
+    if compiled and any(r["kind"] in ACT_KINDS for r in rows):
+        lines.append("\nThe activation-quantized kinds' logits part from the uncompiled graph's more than the others': Inductor's "
+                     "fused norms round the last bits differently and the per-token quantizers turn those bits into whole code "
+                     "steps, which 32 layers of random weights carry (with backend=\"aot_eager\" the logits are equal; "
+                     "bench/results/decode_latency_h200.md, session 18).")
     return "\n".join(lines)
 
 

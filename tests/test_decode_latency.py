@@ -75,6 +75,9 @@ def test_markdown_puts_the_compiled_columns_beside_the_graph_ones() -> None:
     both = markdown([rows[0], fused[0], rows[1], fused[1]]).splitlines()
     assert both[3].startswith("| fp16 fused | 200.0 | 10.00 | 1.00 |") and both[4].startswith("| w4g128 | 150.0 | 6.67 | 1.50 |")
     assert both[5].startswith("| w4g128 fused | 300.0 | 6.67 | 1.50 |")
+    assert "code steps" not in markdown(rows)  # the note on activation-quantized kinds' logits: only under such rows
+    act = dict(rows[1], kind="w8a8", compiled_logits_rel_diff=0.19, compiled_argmax_agree="22/32")
+    assert "per-token quantizers turn those bits into whole code steps" in markdown([rows[0], act]).splitlines()[-1]
 
 
 @pytest.mark.parametrize("kind", ["fp16", "w4g128", "ternary2", "w8a8", "w4a8g128", "w4a4"])
