@@ -201,7 +201,8 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
             makers |= {(name, path): lowbit_calls(x, pw, path) for name, pw in packed.items() for path in paths_for(m, pw)}
             makers |= {(name, path): block_calls(x, bw, path) for name, (bw, _) in blocks.items() for path in block_paths(m, bw)}
             makers |= {(name, path): int_calls(x, w, path) for name, w in ints.items() for path in int_paths(w.kind, m, k, n)}
-            floors = {"fp16": nbytes} | {name: w.nbytes() for name, w in (packed | {n: bw for n, (bw, _) in blocks.items()}).items()} if m == 1 else {}
+            floors = {"fp16": nbytes} | {name: pw.nbytes() for name, pw in packed.items()} | {name: bw.nbytes() for name, (bw, _) in blocks.items()}
+            floors = floors if m == 1 else {}
             makers |= {(name, "read floor"): read_calls(size, x.device, copies_for(size)) for name, size in floors.items()}
             times = time_side_by_side(makers, modes)  # steady: every kernel's graph in turn, with cuBLAS's
             base = times[("fp16", "cublas")]

@@ -135,7 +135,7 @@ def unchunk_codes(words: torch.Tensor, run: int, k: int) -> torch.Tensor:
 
 def scaled_exact(bw: BlockWeight, rows: int = 4096) -> bool:
     """Whether every element times its block scale (before NV's tensor scale) is exact in fp16 and in bf16, so the
-    dot kernel may scale the weights before its dots. NV's always are (E4M3 times an FP4/INT4 element: at most 4
+    kernels may scale the weights before their dots (the K-order dot kernel; ``block_mma(prescale=True)``). NV's always are (E4M3 times an FP4/INT4 element: at most 4
     significant bits, magnitudes 2^-10..2688); MX's are unless a block scale leaves fp16's range (2^-24..65504
     for the scaled grid), which real weights' scales do not. Checked at packing, ``rows`` rows at a time."""
     unscaled = replace(bw, tensor_scale=1.0)
@@ -349,16 +349,9 @@ def _slot_values(words, SLOT: tl.constexpr, DECODE: tl.constexpr, INTERPRET: tl.
     BYTE: tl.constexpr = SLOT // 2
     P: tl.constexpr = (SLOT % 2) * 4
     SELECT: tl.constexpr = BYTE | ((4 + BYTE) << 8)
-    if INTERPRET:
-        code = (words >> (4 * SLOT)) & 15
-        if DECODE == "fp":
-            magnitude = code & 7
-            exponent = magnitude >> 1
-            value = tl.where(exponent == 0, (magnitude & 1) * 0.5, (1.0 + (magnitude & 1) * 0.5) * tl.exp2((exponent - 1).to(tl.float32)))
-            value = tl.where((code & 8) != 0, -value, value)
-        else:
-            value = ((code ^ 8) - 8).to(tl.float32)
-        return value.to(tl.float16)
+    if INTERPRET:  # no PTX here: the K-order kernels' decode of the slot's code (E2M1's value times 2**-14, or INT4's)
+        value, _ = _element_pair(words >> (4 * SLOT), DECODE, 4, 1 if DECODE == "fp" else 0)
+        return (value * 16384.0 if DECODE == "fp" else value).to(tl.float16)
     if DECODE == "fp":
         MUL: tl.constexpr = _F16_TWO_14
         return tl.inline_asm_elementwise(

@@ -98,21 +98,15 @@ def cases() -> list[Case]:
                              **quant._element_constants(fmt.elem))))
     block_types = {"x_ptr": "*fp16", "words_ptr": "*i32", "scales_ptr": "*u8", "y_ptr": "*fp16", "count_ptr": "*i32", "out_scale": "fp32",
                    "value_scale": "fp32"}
-    fp4 = dict(DECODE="fp", ELEM_BITS=4, MAN_BITS=1)
-    int8 = dict(DECODE="int", ELEM_BITS=8, MAN_BITS=0)
-    for label, mx, decode in (("MXINT8", True, int8),):  # the K-order kernels (6- and 8-bit elements)
-        block = 32 if mx else 16
-        gemv_types = {k: v for k, v in block_types.items() if k != "value_scale"}
-        out.append(Case(f"block gemv {label}", bm._block_gemv_kernel, gemv_types,
-                        dict(BLOCK=block, PER_WORD=4, MX=mx, WORDS=16, BLOCK_N=16, SPLIT_K=2, **decode)))
-        for scaled in (True, False):
-            step = 64 if scaled else 32
-            out.append(Case(f"block dot {label} step {step}", bm._block_matmul_kernel, block_types,
-                            dict(BLOCK=block, PER_WORD=4, MX=mx, SCALED_WEIGHTS=scaled, STEP=step, BLOCK_M=16, BLOCK_N=64,
-                                 INTERPRET=False, SPLIT_K=2, **decode)))
-        out.append(Case(f"block dequant {label}", bm._block_dequant_kernel, {"words_ptr": "*i32", "scales_ptr": "*u8", "w_ptr": "*fp16",
-                                                                              "out_scale": "fp32", "value_scale": "fp32"},
-                        dict(BLOCK=block, PER_WORD=4, MX=mx, WORDS=32, BLOCK_N=32, **decode)))
+    int8 = dict(BLOCK=32, PER_WORD=4, MX=True, DECODE="int", ELEM_BITS=8, MAN_BITS=0)  # MXINT8: the K-order kernels (6- and 8-bit elements)
+    gemv_types = {k: v for k, v in block_types.items() if k != "value_scale"}
+    out.append(Case("block gemv MXINT8", bm._block_gemv_kernel, gemv_types, dict(int8, WORDS=16, BLOCK_N=16, SPLIT_K=2)))
+    for scaled, step in ((True, 64), (False, 32)):
+        out.append(Case(f"block dot MXINT8 step {step}", bm._block_matmul_kernel, block_types,
+                        dict(int8, SCALED_WEIGHTS=scaled, STEP=step, BLOCK_M=16, BLOCK_N=64, INTERPRET=False, SPLIT_K=2)))
+    out.append(Case("block dequant MXINT8", bm._block_dequant_kernel, {"words_ptr": "*i32", "scales_ptr": "*u8", "w_ptr": "*fp16",
+                                                                       "out_scale": "fp32", "value_scale": "fp32"},
+                    dict(int8, WORDS=32, BLOCK_N=32)))
     mma_types = {"x_ptr": "*fp16", "words_ptr": "*i32", "scales_ptr": "*u8", "y_ptr": "*fp16", "count_ptr": "*i32", "out_scale": "fp32"}
     for label, mx, decode in (("MXFP4", True, "fp"), ("NVFP4", False, "fp"), ("NVINT4", False, "int")):  # chunked 4-bit elements
         for block_m in (16, 64):
