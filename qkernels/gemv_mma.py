@@ -678,7 +678,11 @@ def tma_config(pw: PackedWeight) -> GemvMmaConfig | None:
       against 13.3).
     The register cap did not matter (W1 at 80, 104 and 128 registers within 0.1 us at 8192^2).
     * W3 (session 17, ``--tune-gemv-mma`` over plain and TMA configs, two shapes): TMA on 64-row tiles, 2 K splits
-      (8192^2 16.1 us against 17.7 on the plain loads' rule), 4 with a long K (14336x4096 15.1 against 17.1)."""
+      (8192^2 16.1 us against 17.7 on the plain loads' rule), 4 with a long K (14336x4096 15.1 against 17.1).
+    * W1 and W2 on 128-row tiles (session 20): ptxas capped at 168 registers, not 128 (routed W1 took 151 and spilled
+      48 bytes under 128): W1 g128 8192^2 10.1 us against 10.7, 4096x14336 9.8 against 10.3, 16384^2 28.3 against
+      30.8; W2 g64 12.2 against 12.4, 44.3 against 46.4; W2 g128 8192^2 11.2 against 11.5, 16384^2 30.1 against 32.4.
+      Not on 64-row tiles (14336x4096: W1 and W2 the same under 168, slower uncapped)."""
     bits = lm.CODE_BITS[pw.layout]
     long_k = lm.long_k(pw)
     if pw.n_groups == 1 or (bits == 4 and long_k):
@@ -687,10 +691,15 @@ def tma_config(pw: PackedWeight) -> GemvMmaConfig | None:
         return GemvMmaConfig(block_n=64, num_warps=4, split_k=4 if long_k else 2, stages=2)
     if bits == 4:
         return GemvMmaConfig(block_n=128, num_warps=4, split_k=4, stages=2)
+    split_k = 2 if pw.n > pw.k else 4
     if routes(pw) and not long_k:
-        return GemvMmaConfig(block_n=128, num_warps=4, split_k=2 if pw.n > pw.k else 4, stages=2, route=True)
-    block_n = 64 if bits == 1 or long_k or pw.n > pw.k else 128
-    return GemvMmaConfig(block_n=block_n, num_warps=4, split_k=2 if pw.n > pw.k else 4, stages=2)
+        return GemvMmaConfig(block_n=128, num_warps=4, split_k=split_k, stages=2, route=True, maxnreg=WIDE_TILE_REGISTERS)
+    if bits == 1 or long_k or pw.n > pw.k:
+        return GemvMmaConfig(block_n=64, num_warps=4, split_k=split_k, stages=2)
+    return GemvMmaConfig(block_n=128, num_warps=4, split_k=split_k, stages=2, maxnreg=WIDE_TILE_REGISTERS)
+
+
+WIDE_TILE_REGISTERS = 168  # ptxas's cap for W1 and W2 on 128-row TMA tiles (4 warps): no spills, still three programs a multiprocessor
 
 
 # Configs that ``python -m bench.kernel_latency --tune-gemv-mma`` timed best, by :func:`tuned_key`; they win over

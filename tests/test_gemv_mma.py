@@ -230,13 +230,13 @@ def test_tma_feed_configs_and_group_boxes() -> None:
         scale = torch.rand(n, 1 if group is None else k // group).half()
         return pack_weight(torch.randint(0, top + 1, (n, k)), scale, None, layout, group, zero_const=1.0, run=32)
 
-    assert tma_config(packed("uint1", 1, 1024, 1024, 128)) == GemvMmaConfig(128, 4, 4, stages=2, route=True)
-    assert tma_config(packed("uint1", 1, 1024, 256, 128)) == GemvMmaConfig(128, 4, 2, stages=2, route=True)  # more rows than K
+    assert tma_config(packed("uint1", 1, 1024, 1024, 128)) == GemvMmaConfig(128, 4, 4, stages=2, route=True, maxnreg=168)
+    assert tma_config(packed("uint1", 1, 1024, 256, 128)) == GemvMmaConfig(128, 4, 2, stages=2, route=True, maxnreg=168)  # more rows than K
     assert tma_config(packed("uint1", 1, 256, 1024, 128)) == GemvMmaConfig(64, 4, 4, stages=2)  # a long K: no routes
-    assert tma_config(packed("uint2", 3, 1024, 1024, 64)) == GemvMmaConfig(128, 4, 4, stages=2, route=True)
-    assert tma_config(packed("uint2", 3, 1024, 1024, 128)) == GemvMmaConfig(128, 4, 4, stages=2)
+    assert tma_config(packed("uint2", 3, 1024, 1024, 64)) == GemvMmaConfig(128, 4, 4, stages=2, route=True, maxnreg=168)
+    assert tma_config(packed("uint2", 3, 1024, 1024, 128)) == GemvMmaConfig(128, 4, 4, stages=2, maxnreg=168)  # 128-row tiles: 168 registers
     assert tma_config(packed("uint2", 3, 256, 1024, 128)) == GemvMmaConfig(64, 4, 4, stages=2)  # a long K
-    assert tma_config(packed("uint4", 15, 1024, 1024, 128)) == GemvMmaConfig(128, 4, 4, stages=2)
+    assert tma_config(packed("uint4", 15, 1024, 1024, 128)) == GemvMmaConfig(128, 4, 4, stages=2)  # W4: 128 registers
     assert tma_config(packed("uint4", 15, 256, 1024, 128)) is None  # W4 with a long K stays plain
     ternary = packed("uint2", 2, 256, 1024, None)
     assert tma_config(ternary) is None
@@ -281,4 +281,6 @@ def test_tuned_configs_and_the_search_space(monkeypatch: pytest.MonkeyPatch) -> 
         assert len(set(search)) == len(search) and set(plain) < set(search)
         assert all(c.block_n % (16 * c.num_warps) == 0 and (c.stages > 0 or not c.route) for c in search)
         assert any(c.route for c in search) == routed and {c.stages for c in search} == {0, 2, 3, 4}
+        assert {c.split_k for c in search if c.stages} == {1, 2, 4, 8} and {c.maxnreg for c in search} == {128, gm.WIDE_TILE_REGISTERS}
+        assert all(c.maxnreg == 128 for c in search if (c.block_n, c.num_warps) != (128, 4) or not c.stages)
         assert not any(c.pdl for c in search)  # the timing's chain of one GEMV flatters programmatic dependent launch
