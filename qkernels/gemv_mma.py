@@ -27,7 +27,8 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
   each into its own four fp32 accumulators. The split's activations (both B variants) and the offset
   sums are staged in shared memory with one round of loads; the next chunk's words and the next step's
   scales and zero points are loaded a step ahead. ptxas is capped at 128 registers (W1 takes 130-180
-  on its own: one program fewer per SM). Split-K as in ``lowbit_matmul``.
+  on its own: one program fewer per SM), at 168 for W1 and W2 on 128-row TMA tiles (routed W1 spilled under 128;
+  :data:`WIDE_TILE_REGISTERS`). Split-K as in ``lowbit_matmul``.
 * On Hopper (``stages > 0``, :func:`tma_config`) TMA feeds the weights instead: the split's chunks of
   words come in boxes ``[BLOCK_N, 32]`` (128-byte swizzle) into a ring of ``stages`` buffers, the
   split's group-major scales and zero points in one box each, all issued before the activations are
