@@ -425,7 +425,8 @@ def gemv_mma_search(pw: PackedWeight, hopper: bool) -> list:
     """Tensor-core GEMV candidates (batch 1): 64 or 128 weight rows on 4 or 8 warps, 2, 4 or 8 K splits,
     plain loads; on Hopper also the TMA feed with 1 to 8 K splits and 2, 3 or 4 chunks in flight, routed where
     four groups share a chunk half (:func:`qkernels.gemv_mma.routes`), 128-row tiles on 4 warps under both
-    register caps (session 20: one split of 64-row tiles took W2 g128 4096x14336 in 10.9 us against 12.0).
+    register caps (session 20: one K split of 64-row tiles, uncapped, took W2 g128 4096x14336 in 10.9 us against
+    12.0 on the rule; the search times it under 128).
     Without programmatic dependent launch: in the timing's chain of one GEMV it overlaps the calls and picked
     configs that were slower in a decode (session 13)."""
     from qkernels import gemv_mma as gm

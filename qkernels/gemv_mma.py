@@ -677,7 +677,8 @@ def tma_config(pw: PackedWeight) -> GemvMmaConfig | None:
       outnumber K (W1, W2), else 4;
     * kept plain: one scale per row (ternary: TMA 0.1 to 1.1 us slower) and W4 with a long K (13.1
       against 13.3).
-    The register cap did not matter (W1 at 80, 104 and 128 registers within 0.1 us at 8192^2).
+    The register cap did not matter there (session 12: W1 on 64-row tiles at 80, 104 and 128 registers within 0.1 us
+    at 8192^2); it does on 128-row tiles (session 20, below).
     * W3 (session 17, ``--tune-gemv-mma`` over plain and TMA configs, two shapes): TMA on 64-row tiles, 2 K splits
       (8192^2 16.1 us against 17.7 on the plain loads' rule), 4 with a long K (14336x4096 15.1 against 17.1).
     * W1 and W2 on 128-row tiles (session 20): ptxas capped at 168 registers, not 128 (routed W1 took 151 and spilled
