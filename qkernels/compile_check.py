@@ -166,6 +166,8 @@ def gluon_cases() -> list[Case]:
     from qkernels.pack import CODE_BITS, pack_weight
 
     def packed(layout: str, n: int) -> Any:
+        if layout == "ternary":  # uint2 codes 0-2, one scale a row, no zero points
+            return pack_weight(torch.randint(0, 3, (n, 4096)), torch.rand(n, 1).half(), None, "uint2", None, zero_const=1.0, run=32)
         top = 2 ** CODE_BITS[layout] - 1
         return pack_weight(torch.randint(0, top + 1, (n, 4096)), torch.rand(n, 32).half(), torch.randint(0, top + 1, (n, 32)).half(), layout,
                            128, run=32)
@@ -179,7 +181,8 @@ def gluon_cases() -> list[Case]:
     out = []
     y, partial, count = torch.empty(1, 256).half(), torch.empty(16), torch.zeros(16, dtype=torch.int32)
     for layout, config in (("uint1", gm.GemvMmaConfig(64, 4, 2)), ("uint3", gm.GemvMmaConfig(64, 4, 4)), ("uint4", gm.GemvMmaConfig(128, 4, 4, stages=2)),
-                           ("uint1", gm.GemvMmaConfig(128, 4, 2, stages=2, route=True)), ("uint3", gm.GemvMmaConfig(64, 4, 2, stages=2))):
+                           ("uint1", gm.GemvMmaConfig(128, 4, 2, stages=2, route=True, maxnreg=gm.WIDE_TILE_REGISTERS)),
+                           ("uint3", gm.GemvMmaConfig(64, 4, 2, stages=2)), ("ternary", gm.GemvMmaConfig(128, 4, 4, stages=2, maxnreg=gm.WIDE_TILE_REGISTERS))):
         pw = packed(layout, 256)
         kernel, sizes, consts = gm.launch_constants(pw, config)
         words, high, scale, zero = lm.kernel_tensors(pw)

@@ -675,8 +675,8 @@ def tma_config(pw: PackedWeight) -> GemvMmaConfig | None:
       13.6; three chunks in flight gained 0.3 us at 8192^2 but lost 3.9 at 4096x14336, where three
       programs a multiprocessor no longer hold the grid in one wave); 2 K splits where the rows
       outnumber K (W1, W2), else 4;
-    * kept plain: one scale per row (ternary: TMA 0.1 to 1.1 us slower) and W4 with a long K (13.1
-      against 13.3).
+    * kept plain: one scale per row (ternary: TMA 0.1 to 1.1 us slower; but see session 20 below) and W4 with a
+      long K (13.1 against 13.3).
     The register cap did not matter there (session 12: W1 on 64-row tiles at 80, 104 and 128 registers within 0.1 us
     at 8192^2); it does on 128-row tiles (session 20, below).
     * W3 (session 17, ``--tune-gemv-mma`` over plain and TMA configs, two shapes): TMA on 64-row tiles, 2 K splits
@@ -684,10 +684,19 @@ def tma_config(pw: PackedWeight) -> GemvMmaConfig | None:
     * W1 and W2 on 128-row tiles (session 20): ptxas capped at 168 registers, not 128 (routed W1 took 151 and spilled
       48 bytes under 128): W1 g128 8192^2 10.1 us against 10.7, 4096x14336 9.8 against 10.3, 16384^2 28.3 against
       30.8; W2 g64 12.2 against 12.4, 44.3 against 46.4; W2 g128 8192^2 11.2 against 11.5, 16384^2 30.1 against 32.4.
-      Not on 64-row tiles (14336x4096: W1 and W2 the same under 168, slower uncapped)."""
+      Not on 64-row tiles (14336x4096: W1 and W2 the same under 168, slower uncapped).
+    * Ternary (one scale a row, session 20, side by side with the plain loads' rule): TMA on 128-row tiles, 4 K splits,
+      168 registers, where K is at least the rows and the weight holds at least :data:`TERNARY_TMA_MIN_WEIGHTS`:
+      8192^2 10.2 us against 10.7, 14336x4096 10.1 against 10.7, 16384^2 27.9 against 33.4 (28672x8192 25.9 against
+      29.7 across two runs); plain where smaller (4096^2 5.5 against 5.8, 11008x4096 9.2 against 9.3) or where the
+      rows outnumber K (4096x11008 8.4 against 9.2; 4096x14336 10.2 against 10.0 with 2 splits, 11.7 with 4;
+      8192x28672 25.7 against 25.6)."""
     bits = lm.CODE_BITS[pw.layout]
     long_k = lm.long_k(pw)
-    if pw.n_groups == 1 or (bits == 4 and long_k):
+    if pw.n_groups == 1:  # one scale a row: large 2-bit (ternary) weights with at least as many K as rows, the others plain
+        large = bits == 2 and pw.n <= pw.k and pw.n * pw.k >= TERNARY_TMA_MIN_WEIGHTS
+        return GemvMmaConfig(block_n=128, num_warps=4, split_k=4, stages=2, maxnreg=WIDE_TILE_REGISTERS) if large else None
+    if bits == 4 and long_k:
         return None
     if bits == 3:
         return GemvMmaConfig(block_n=64, num_warps=4, split_k=4 if long_k else 2, stages=2)
@@ -701,7 +710,8 @@ def tma_config(pw: PackedWeight) -> GemvMmaConfig | None:
     return GemvMmaConfig(block_n=128, num_warps=4, split_k=split_k, stages=2, maxnreg=WIDE_TILE_REGISTERS)
 
 
-WIDE_TILE_REGISTERS = 168  # ptxas's cap for W1 and W2 on 128-row TMA tiles (4 warps): no spills, still three programs a multiprocessor
+WIDE_TILE_REGISTERS = 168  # ptxas's cap for W1, W2 and ternary on 128-row TMA tiles (4 warps): no spills, three programs a multiprocessor
+TERNARY_TMA_MIN_WEIGHTS = 50 * 2**20  # ternary on TMA from here (between 11008x4096, plain 2% faster, and 14336x4096, TMA 6% faster)
 
 
 # Configs that ``python -m bench.kernel_latency --tune-gemv-mma`` timed best, by :func:`tuned_key`; they win over

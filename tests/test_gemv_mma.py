@@ -239,7 +239,10 @@ def test_tma_feed_configs_and_group_boxes() -> None:
     assert tma_config(packed("uint4", 15, 1024, 1024, 128)) == GemvMmaConfig(128, 4, 4, stages=2)  # W4: 128 registers
     assert tma_config(packed("uint4", 15, 256, 1024, 128)) is None  # W4 with a long K stays plain
     ternary = packed("uint2", 2, 256, 1024, None)
-    assert tma_config(ternary) is None
+    assert tma_config(ternary) is None  # one scale a row: plain loads for a small weight,
+    assert tma_config(replace(ternary, n=8192, k=8192)) == GemvMmaConfig(128, 4, 4, stages=2, maxnreg=168)  # TMA for a large one
+    assert tma_config(replace(ternary, n=14336, k=4096)) is None  # but not where the rows outnumber K
+    assert tma_config(replace(packed("uint1", 1, 256, 1024, None), n=8192, k=8192)) is None  # nor for other one-scale layouts
     w4 = packed("uint4", 15, 64, 2048, 128)  # 8 chunks of 256, 16 groups
     assert group_box(w4, GemvMmaConfig(64, 4, 3)) == 8  # 3 chunks a split: 6 groups
     assert group_box(w4, GemvMmaConfig(64, 4, 1)) == 16
