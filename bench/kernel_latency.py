@@ -364,7 +364,7 @@ def tune_cell(tuned: dict, key: tuple, default: Any, search: list, time_one: Cal
 
 def wgmma_search(m: int) -> list:
     """wgmma GEMM candidates at ``m`` rows: 64 or 128 weight rows on one warpgroup, 128 on two; activation
-    tiles of the batch's bucket (and 128 and 256 above 128 rows); 1, 2 or 4 K splits, or (two warpgroups)
+    tiles of the batch's bucket (and 128 and 256 above 128 rows); 1, 2, 3, 4 or 6 K splits, or (two warpgroups)
     a split tail; activation tiles of at most 64 rows also four steps a box (two boxes in flight; for K a
     multiple of 64); at most 128 fp32 accumulators a thread (more spill)."""
     from qkernels.gemm_wgmma import GemmWgmmaConfig
@@ -376,7 +376,7 @@ def wgmma_search(m: int) -> list:
         for block_n, warps in ((64, 4), (128, 4), (128, 8))
         for block_m in block_ms
         if block_n * block_m // (32 * warps) <= 128
-        for split in (1, 2, 4)
+        for split in (1, 2, 3, 4, 6)
         for tail in ((1, 4) if split == 1 and warps == 8 else (1,))
         for boxes in ([{}, dict(stages=2, steps_per_box=4)] if block_m <= 64 else [{}])
     ]

@@ -373,14 +373,17 @@ class GemmWgmmaConfig:
 def default_config(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
     """Up to 256 activation rows one warpgroup on 64 weight rows (140 registers at 64 rows: two or
     three programs per multiprocessor), activation tiles of the rows rounded up to 16, 32, 64, 128 or 256; above 256
-    rows two warpgroups on 128 weight rows and 256-row activation tiles. K splits (powers of two, at
-    most 8) while the programs stay within ``fill``: 512 up to 32 rows, 256 up to 128, else 128 (the
-    partial sums grow with the rows). H200, steady state, W4 (session 11, probes beside the tables in
+    rows two warpgroups on 128 weight rows and 256-row activation tiles. K splits: the most (at most 8, any
+    count: :func:`split_fits`) whose programs fill no more than one wave of :func:`programs_per_sm` programs on each
+    multiprocessor. H200, steady state, W4 (session 11, probes beside the tables in
     bench/results/kernel_latency_h200.md): 8192^2 at 64 rows 28.8-29.0 us against 33.9 for 128 weight
-    rows and 37.0 for 4 splits; at 16 and 32 rows 20.1 and 22.6 for 4 splits against 24.6 and 25.9 for
-    2; at 256 rows 57.6 against 71.7 for 2 splits and 61.7 for 128 weight rows on two warpgroups; at
-    1024 rows 186.3 against 230.6 for 64 weight rows. 4096x14336 at 64 rows: 25.6 without a split, 31.6
-    with 2; 14336x4096: 27.4 with 4, 36.2 with 2. The two-warpgroup tiles (one program a multiprocessor)
+    rows and 37.0 for 4 splits; at 256 rows 57.6 against 71.7 for 2 splits and 61.7 for 128 weight rows on two
+    warpgroups; at 1024 rows 186.3 against 230.6 for 64 weight rows. 4096x14336 at 64 rows: 25.6 without a split,
+    31.6 with 2; 14336x4096: 27.4 with 4, 36.2 with 2. Up to 32 rows (session 21, every split count from 1 to 8
+    side by side, 11 kinds and shapes): the wave's split won or came within 4% in 20 of 22 cells, where the
+    powers of two had lost up to 30% (8192^2 W4 at 32 rows 22.8 us with 3 splits against 29.9 with 4; 14336x4096
+    at 32 rows 22.8 with 6 against 28.4 with 8; W1 and W2 at 16 rows 18.1 with 3 against 23.0 and 22.7 with 4).
+    The two-warpgroup tiles (one program a multiprocessor)
     split a short last wave's tiles (``tail_split``; 4096x14336 at 1024 rows 4-6% faster, session 14).
     Activation tiles of at most 64 rows come four steps a box, two boxes in flight, where K allows
     (session 14, A/B interleaved, 8192^2 at 64 rows: W4 28.9 us against 29.6, W2 26.9 against 28.9,
@@ -390,18 +393,40 @@ def default_config(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
     if m <= 256:
         block_n, num_warps = 64, 4
         block_m = min(max(16, triton.next_power_of_2(m)), 256)
-        fill = 512 if m <= 32 else 256 if m <= 128 else 128
     else:
-        block_n, block_m, num_warps, fill = 128, 256, 8, 128
+        block_n, block_m, num_warps = 128, 256, 8
     tiles = triton.cdiv(pw.n, block_n) * triton.cdiv(m, block_m)
-    split_k = 1
-    while tiles * split_k * 2 <= fill and split_k < 8 and pw.k // (pw.chunk * 2 * split_k) >= 2:
-        split_k *= 2
+    wave = programs_per_sm(m, pw) * rule_sms(pw.words.device)
+    chunks = triton.cdiv(pw.k, pw.chunk)
+    split_k = max(s for s in range(1, 9) if s == 1 or (tiles * s <= wave and split_fits(chunks, s)))
     # the two-warpgroup tiles hold a multiprocessor each: a short last wave gets its tiles' K split (tail_tiles)
     tail_split = 4 if num_warps == 8 and split_k == 1 else 1
     config = GemmWgmmaConfig(block_n=block_n, block_m=block_m, num_warps=num_warps, split_k=split_k, tail_split=tail_split)
     boxed = replace(config, stages=2, steps_per_box=4)
     return boxed if block_m <= 64 and boxes_fit(pw, boxed) else config
+
+
+def programs_per_sm(m: int, pw: PackedWeight) -> int:
+    """The default configs' programs a multiprocessor for the split rule, read off the timings rather than
+    computed (session 21, H200, splits 1 to 8 side by side; sessions 11 and 14 for 64 rows and up): W4 on 16-row
+    activation tiles 4 (8192^2 19.9 us with 4 splits against 20.4 with 3; 14336x4096 18.6 with 8 against 19.9
+    with 6), the other kinds there and every kind at 32 rows 3 (8192^2 W2 at 16 rows 18.1 with 3 against 22.7
+    with 4), 64 and 128 rows 2, the 256-row tiles 1."""
+    if m <= 16 and lm.CODE_BITS[pw.layout] == 4:
+        return 4
+    return 3 if m <= 32 else 2 if m <= 128 else 1
+
+
+def split_fits(chunks: int, splits: int) -> bool:
+    """``splits`` K splits of ``chunks`` chunks (``ceil(chunks / splits)`` each, the last one what is left) give
+    every split at least two chunks but the last, and the last at least one."""
+    per_split = -(-chunks // splits)
+    return per_split >= 2 and (splits - 1) * per_split < chunks
+
+
+def rule_sms(device: torch.device) -> int:
+    """Multiprocessors the split rule fills: the GPU's, or an H100's / H200's 132 off the GPU (CPU tests)."""
+    return sm_count(device) if device.type == "cuda" else 132
 
 
 def boxes_fit(pw: PackedWeight, config: GemmWgmmaConfig) -> bool:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qkernels import lowbit_matmul as lm
-from qkernels.gemm_wgmma import GemmWgmmaConfig, check_config, default_config, gemm_wgmma, slot3_decode_constants, tail_tiles
+from qkernels.gemm_wgmma import GemmWgmmaConfig, check_config, default_config, gemm_wgmma, slot3_decode_constants, split_fits, tail_tiles
 from qkernels.pack import pack_weight
 
 requires_hopper = pytest.mark.skipif(not (torch.cuda.is_available() and lm.is_hopper(torch.device("cuda"))), reason="needs a Hopper GPU")
@@ -114,9 +114,9 @@ def test_integer_zero_points_fold_into_the_decode() -> None:
 
 
 def test_default_configs_fill_the_gpu() -> None:
-    """Up to 256 rows one warpgroup on 64 weight rows, above two on 128; K splits (powers of two, at
-    most 8) while the programs stay within 512 (up to 32 rows), 256 (up to 128) or 128, never more
-    splits than K has chunk pairs."""
+    """Up to 256 rows one warpgroup on 64 weight rows, above two on 128; K splits (any count, at most 8) while
+    the programs fill one wave of ``programs_per_sm`` a multiprocessor (132 off the GPU), never a split with
+    fewer than two chunks but the last one, nor an empty last one."""
     big = w4(8192, 8192)
     assert default_config(1024, big) == GemmWgmmaConfig(block_n=128, block_m=256, num_warps=8, split_k=1, tail_split=4)
     assert default_config(256, big) == GemmWgmmaConfig(block_n=64, block_m=256, num_warps=4, split_k=1)
@@ -126,11 +126,26 @@ def test_default_configs_fill_the_gpu() -> None:
     one_scale = pack_weight(torch.randint(0, 16, (8, 1064)), torch.rand(8, 1).half(), None, "uint4", None, run=32)
     assert default_config(16, one_scale).steps_per_box == 1  # K not a multiple of the boxes' 64
     assert default_config(64, w4(4096, 14336)).split_k == 4 and default_config(64, w4(14336, 4096)).split_k == 1
-    assert default_config(20, w4(256, 1024)).split_k == 2  # 1024 / (256 * 2) chunk pairs: no more
-    for m in (16, 64, 128, 256, 1024):
+    assert default_config(20, w4(256, 1024)).split_k == 2  # 4 chunks: 3 splits would leave the last one empty
+    # session 21's timings: 3 programs a multiprocessor up to 32 rows (4 for W4 on 16-row tiles), splits of any count
+    assert default_config(32, big).split_k == 3 and default_config(32, w4(4096, 14336)).split_k == 6
+    assert default_config(16, w4(4096, 14336)).split_k == 8 and default_config(32, w4(14336, 4096)).split_k == 1
+    w1 = pack_weight(torch.randint(0, 2, (4096, 14336), dtype=torch.uint8), torch.rand(4096, 112).half(), torch.randint(0, 2, (4096, 112)).half(), "uint1", 128,
+                     run=32)
+    assert default_config(16, w1).split_k == 5  # 14 chunks of 1024: 6 splits would leave the last one empty
+    w2 = pack_weight(torch.randint(0, 4, (8192, 8192), dtype=torch.uint8), torch.rand(8192, 64).half(), torch.randint(0, 4, (8192, 64)).half(), "uint2", 128,
+                     run=32)
+    assert default_config(16, w2).split_k == 3
+    for m in (16, 32, 64, 128, 256, 1024):
         config = default_config(m, big)
         check_config(config)
-        assert 128 <= (8192 // config.block_n) * -(-m // config.block_m) * config.split_k <= 512
+        assert 128 <= (8192 // config.block_n) * -(-m // config.block_m) * config.split_k <= 528
+
+
+def test_split_fits() -> None:
+    assert split_fits(16, 8) and split_fits(16, 6) and split_fits(14, 5) and split_fits(8, 3)
+    assert not split_fits(14, 6)  # 3 chunks a split: the sixth would start past the end
+    assert not split_fits(16, 9) and not split_fits(4, 3) and not split_fits(1, 1)
 
 
 def test_tuned_configs_win_over_the_default_for_their_kind_shape_and_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,7 +168,7 @@ def test_tuned_configs_win_over_the_default_for_their_kind_shape_and_bucket(monk
     assert {c.block_m for c in wgmma_search(1024)} == {128, 256} and {c.block_m for c in wgmma_search(64)} == {64}
     assert {c.tail_split for c in wgmma_search(1024) if c.num_warps == 8 and c.split_k == 1} == {1, 4}
     assert {c.steps_per_box for c in wgmma_search(64)} == {1, 4} and {c.steps_per_box for c in wgmma_search(1024)} == {1}
-    assert {c.block_m for c in wgmma_search(9)} == {16} and {c.split_k for c in wgmma_search(9)} == {1, 2, 4}
+    assert {c.block_m for c in wgmma_search(9)} == {16} and {c.split_k for c in wgmma_search(9)} == {1, 2, 3, 4, 6}
 
 
 def test_dispatch_above_the_gemv_and_mma_rows_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
