@@ -380,7 +380,7 @@ def default_config(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
     rows and 37.0 for 4 splits; at 256 rows 57.6 against 71.7 for 2 splits and 61.7 for 128 weight rows on two
     warpgroups; at 1024 rows 186.3 against 230.6 for 64 weight rows. 4096x14336 at 64 rows: 25.6 without a split,
     31.6 with 2; 14336x4096: 27.4 with 4, 36.2 with 2. Up to 32 rows (session 21, every split count from 1 to 8
-    side by side, 11 kinds and shapes): the wave's split won or came within 4% in 20 of 22 cells, where the
+    side by side, 14 kinds and shapes): the wave's split won or came within 4% in 26 of 28 cells, where the
     powers of two had lost up to 30% (8192^2 W4 at 32 rows 22.8 us with 3 splits against 29.9 with 4; 14336x4096
     at 32 rows 22.8 with 6 against 28.4 with 8; W1 and W2 at 16 rows 18.1 with 3 against 23.0 and 22.7 with 4).
     The two-warpgroup tiles (one program a multiprocessor)
@@ -410,11 +410,13 @@ def programs_per_sm(m: int, pw: PackedWeight) -> int:
     """The default configs' programs a multiprocessor for the split rule, read off the timings rather than
     computed (session 21, H200, splits 1 to 8 side by side; sessions 11 and 14 for 64 rows and up): W4 on 16-row
     activation tiles 4 (8192^2 19.9 us with 4 splits against 20.4 with 3; 14336x4096 18.6 with 8 against 19.9
-    with 6), the other kinds there and every kind at 32 rows 3 (8192^2 W2 at 16 rows 18.1 with 3 against 22.7
-    with 4), 64 and 128 rows 2, the 256-row tiles 1."""
-    if m <= 16 and lm.CODE_BITS[pw.layout] == 4:
+    with 6), W3 (two planes, more registers) 2 (8192^2 at 32 rows 26.0 with 2 splits against 32.9 with 3;
+    14336x4096 24.5 with 4 against 32.1 with 6), the other kinds up to 32 rows 3 (8192^2 W2 at 16 rows 18.1 with
+    3 against 22.7 with 4), every kind at 64 and 128 rows 2, the 256-row tiles 1."""
+    bits = lm.CODE_BITS[pw.layout]
+    if m <= 16 and bits == 4:
         return 4
-    return 3 if m <= 32 else 2 if m <= 128 else 1
+    return 3 if m <= 32 and bits != 3 else 2 if m <= 128 else 1
 
 
 def split_fits(chunks: int, splits: int) -> bool:

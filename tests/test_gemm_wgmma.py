@@ -127,7 +127,7 @@ def test_default_configs_fill_the_gpu() -> None:
     assert default_config(16, one_scale).steps_per_box == 1  # K not a multiple of the boxes' 64
     assert default_config(64, w4(4096, 14336)).split_k == 4 and default_config(64, w4(14336, 4096)).split_k == 1
     assert default_config(20, w4(256, 1024)).split_k == 2  # 4 chunks: 3 splits would leave the last one empty
-    # session 21's timings: 3 programs a multiprocessor up to 32 rows (4 for W4 on 16-row tiles), splits of any count
+    # session 21's timings: 3 programs a multiprocessor up to 32 rows (4 for W4 on 16-row tiles, 2 for W3), splits of any count
     assert default_config(32, big).split_k == 3 and default_config(32, w4(4096, 14336)).split_k == 6
     assert default_config(16, w4(4096, 14336)).split_k == 8 and default_config(32, w4(14336, 4096)).split_k == 1
     w1 = pack_weight(torch.randint(0, 2, (4096, 14336), dtype=torch.uint8), torch.rand(4096, 112).half(), torch.randint(0, 2, (4096, 112)).half(), "uint1", 128,
@@ -136,6 +136,9 @@ def test_default_configs_fill_the_gpu() -> None:
     w2 = pack_weight(torch.randint(0, 4, (8192, 8192), dtype=torch.uint8), torch.rand(8192, 64).half(), torch.randint(0, 4, (8192, 64)).half(), "uint2", 128,
                      run=32)
     assert default_config(16, w2).split_k == 3
+    w3 = pack_weight(torch.randint(0, 8, (8192, 8192), dtype=torch.uint8), torch.rand(8192, 64).half(), torch.randint(0, 8, (8192, 64)).half(),
+                     "uint3", 128, run=32)
+    assert default_config(32, w3).split_k == 2  # two planes: 2 programs a multiprocessor
     for m in (16, 32, 64, 128, 256, 1024):
         config = default_config(m, big)
         check_config(config)
