@@ -164,11 +164,11 @@ def _slot_weights3(words, high, scale, zero, SLOT: gl.constexpr, INT_ZERO: gl.co
 
 
 @gluon.jit
-def _group_values(scale_ptr, zero_ptr, rows, row_ok, pos, n_groups, stride_sn, stride_sg, group_size, zero_const,
+def _group_values(scale_ptr, zero_ptr, rows, row_ok, pos, n_groups, stride_sn, stride_sg, zero_const, GROUP_SIZE: gl.constexpr,
                   HAS_ZERO: gl.constexpr):
     """fp16 scale and zero point ``[BLOCK_N, 1]`` of the group holding K position ``pos`` (past the
     last group: the last group's, which only padding reads)."""
-    at = rows * stride_sn + gl.minimum(pos // group_size, n_groups - 1) * stride_sg
+    at = rows * stride_sn + gl.minimum(pos // GROUP_SIZE, n_groups - 1) * stride_sg
     scale = gl.load(scale_ptr + at, mask=row_ok, other=0.0).to(gl.float16)
     if HAS_ZERO:
         zero = gl.load(zero_ptr + at, mask=row_ok, other=0.0).to(gl.float16)
@@ -180,7 +180,7 @@ def _group_values(scale_ptr, zero_ptr, rows, row_ok, pos, n_groups, stride_sn, s
 @gluon.jit
 def _gemm_wgmma_kernel(
     x_desc, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
-    M, N, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_hn, stride_ym, n_tiles_n, n_tiles, n_full,
+    M, N, n_chunks, n_groups, stride_sn, stride_sg, zero_const, stride_wn, stride_hn, stride_ym, n_tiles_n, n_tiles, n_full,
     tail_split,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPS: gl.constexpr, GAHEAD: gl.constexpr,
@@ -190,6 +190,7 @@ def _gemm_wgmma_kernel(
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     CHUNK: gl.constexpr = SLOTS * RUN
     GSTEP: gl.constexpr = SPG if SPG < SLOTS else SLOTS  # slots from one group-value load to the next
+    GROUP_SIZE: gl.constexpr = SPG * RUN  # (a run never crosses a group: a constant divisor, no integer division a chunk)
     TILE_BYTES: gl.constexpr = x_desc.block_type.nbytes  # one box a unit: [BLOCK_M, SPS * RUN], or [GROUP, BLOCK_M, SPS * RUN]
     # program -> (tile, K split): the first n_full tiles in SPLIT_K splits, the rest (the tail) in tail_split,
     # tiles fastest (as a grid (tiles along N, tiles along M, splits) would run them)
@@ -237,20 +238,20 @@ def _gemm_wgmma_kernel(
         next_high = _high_words(h_tile, w_ok, gl.minimum(first, n_chunks - 1))
     # the group values ahead, a shift register: (s1, z1) the next group's, (s2, z2) the one after, ...
     # GAHEAD of them are live (the rest are copies, dropped by the compiler)
-    s1, z1 = _group_values(scale_ptr, zero_ptr, rows, row_ok, k0, n_groups, stride_sn, stride_sg, group_size, zero_const, HAS_ZERO)
+    s1, z1 = _group_values(scale_ptr, zero_ptr, rows, row_ok, k0, n_groups, stride_sn, stride_sg, zero_const, GROUP_SIZE, HAS_ZERO)
     scale, zero = s1, z1
     s2, z2 = s1, z1
     s3, z3 = s1, z1
     s4, z4 = s1, z1
     if GAHEAD >= 2:
-        s2, z2 = _group_values(scale_ptr, zero_ptr, rows, row_ok, k0 + GSTEP * RUN, n_groups, stride_sn, stride_sg, group_size,
-                               zero_const, HAS_ZERO)
+        s2, z2 = _group_values(scale_ptr, zero_ptr, rows, row_ok, k0 + GSTEP * RUN, n_groups, stride_sn, stride_sg, zero_const,
+                               GROUP_SIZE, HAS_ZERO)
     if GAHEAD >= 3:
-        s3, z3 = _group_values(scale_ptr, zero_ptr, rows, row_ok, k0 + 2 * GSTEP * RUN, n_groups, stride_sn, stride_sg, group_size,
-                               zero_const, HAS_ZERO)
+        s3, z3 = _group_values(scale_ptr, zero_ptr, rows, row_ok, k0 + 2 * GSTEP * RUN, n_groups, stride_sn, stride_sg, zero_const,
+                               GROUP_SIZE, HAS_ZERO)
     if GAHEAD >= 4:
-        s4, z4 = _group_values(scale_ptr, zero_ptr, rows, row_ok, k0 + 3 * GSTEP * RUN, n_groups, stride_sn, stride_sg, group_size,
-                               zero_const, HAS_ZERO)
+        s4, z4 = _group_values(scale_ptr, zero_ptr, rows, row_ok, k0 + 3 * GSTEP * RUN, n_groups, stride_sn, stride_sg, zero_const,
+                               GROUP_SIZE, HAS_ZERO)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
     # the A operands of the step in flight (at most two slots a step): live until the wait that retires it
     held0 = gl.zeros([BLOCK_N, RUN], gl.float16, a_layout)
@@ -271,7 +272,7 @@ def _gemm_wgmma_kernel(
                     # the values GAHEAD groups on (every GSTEP slots: the same group again where groups span chunks)
                     after = chunk * CHUNK + (part * SPS + j + GAHEAD * GSTEP) * RUN
                     new_scale, new_zero = _group_values(scale_ptr, zero_ptr, rows, row_ok, after, n_groups, stride_sn, stride_sg,
-                                                        group_size, zero_const, HAS_ZERO)
+                                                        zero_const, GROUP_SIZE, HAS_ZERO)
                     if GAHEAD == 1:
                         s1, z1 = new_scale, new_zero
                     elif GAHEAD == 2:
@@ -518,7 +519,7 @@ def gemm_wgmma(x: torch.Tensor, pw: PackedWeight, config: GemmWgmmaConfig | None
     grid = (n_full * config.split_k + (tiles - n_full) * tail_split,)
     _gemm_wgmma_kernel[grid](
         x_descriptor(x, pw, config), words, high, scale, zero, y, partial, count, m, pw.n, words.shape[1] // pw.run, pw.n_groups,
-        *scale.stride(), pw.group_size, pw.zero_const, words.stride(0), high.stride(0), y.stride(0), tiles_n, tiles, n_full, tail_split,
+        *scale.stride(), pw.zero_const, words.stride(0), high.stride(0), y.stride(0), tiles_n, tiles, n_full, tail_split,
         **launch_constants(pw, config, splits),
     )
     return y
