@@ -9,7 +9,7 @@ import torch
 
 from qkernels import lowbit_matmul as lm
 from qkernels.gemm_wgmma import GemmWgmmaConfig, check_config, default_config, gemm_wgmma, slot3_decode_constants, split_fits, tail_tiles
-from qkernels.pack import pack_weight
+from qkernels.pack import CODE_BITS, pack_weight
 
 requires_hopper = pytest.mark.skipif(not (torch.cuda.is_available() and lm.is_hopper(torch.device("cuda"))), reason="needs a Hopper GPU")
 
@@ -17,6 +17,13 @@ requires_hopper = pytest.mark.skipif(not (torch.cuda.is_available() and lm.is_ho
 def w4(n: int, k: int, run: int = 32):
     codes = torch.randint(0, 16, (n, k))
     return pack_weight(codes, torch.rand(n, k // 128).half(), torch.randint(0, 16, (n, k // 128)).half(), "uint4", 128, run=run)
+
+
+def grouped(layout: str, n: int, k: int):
+    """Random codes of ``layout`` with scales and zero points in groups of 128."""
+    top = 2 ** CODE_BITS[layout] - 1
+    codes = torch.randint(0, top + 1, (n, k), dtype=torch.uint8)
+    return pack_weight(codes, torch.rand(n, k // 128).half(), torch.randint(0, top + 1, (n, k // 128)).half(), layout, 128, run=32)
 
 
 def test_rejects_what_it_cannot_take() -> None:
@@ -130,15 +137,9 @@ def test_default_configs_fill_the_gpu() -> None:
     # session 21's timings: 3 programs a multiprocessor up to 32 rows (4 for W4 on 16-row tiles, 2 for W3), splits of any count
     assert default_config(32, big).split_k == 3 and default_config(32, w4(4096, 14336)).split_k == 6
     assert default_config(16, w4(4096, 14336)).split_k == 8 and default_config(32, w4(14336, 4096)).split_k == 1
-    w1 = pack_weight(torch.randint(0, 2, (4096, 14336), dtype=torch.uint8), torch.rand(4096, 112).half(), torch.randint(0, 2, (4096, 112)).half(), "uint1", 128,
-                     run=32)
-    assert default_config(16, w1).split_k == 5  # 14 chunks of 1024: 6 splits would leave the last one empty
-    w2 = pack_weight(torch.randint(0, 4, (8192, 8192), dtype=torch.uint8), torch.rand(8192, 64).half(), torch.randint(0, 4, (8192, 64)).half(), "uint2", 128,
-                     run=32)
-    assert default_config(16, w2).split_k == 3
-    w3 = pack_weight(torch.randint(0, 8, (8192, 8192), dtype=torch.uint8), torch.rand(8192, 64).half(), torch.randint(0, 8, (8192, 64)).half(),
-                     "uint3", 128, run=32)
-    assert default_config(32, w3).split_k == 2  # two planes: 2 programs a multiprocessor
+    assert default_config(16, grouped("uint1", 4096, 14336)).split_k == 5  # 14 chunks of 1024: 6 splits would leave the last one empty
+    assert default_config(16, grouped("uint2", 8192, 8192)).split_k == 3
+    assert default_config(32, grouped("uint3", 8192, 8192)).split_k == 2  # two planes: 2 programs a multiprocessor
     for m in (16, 32, 64, 128, 256, 1024):
         config = default_config(m, big)
         check_config(config)
