@@ -175,6 +175,19 @@ def paths_for(m: int, pw: PackedWeight) -> list[str]:
     return [auto] + [path for path, ok in fits.items() if ok and path != auto]
 
 
+def kernel_config(m: int, pw: PackedWeight, path: str) -> dict | None:
+    """The tile config the Gluon kernels run at ``m`` rows (tuned, saved or the rules'), for the results' rows: the rules
+    change from session to session, so a figure without its config cannot be told apart from another one."""
+    from qkernels import gemm_wgmma as gw
+    from qkernels import gemv_mma as gm
+
+    if path == "wgmma":
+        return asdict(gw.config_for(m, pw))
+    if path == "gemv_mma":
+        return asdict(gm.config_for(pw))
+    return None
+
+
 def relative_error(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = None) -> float:
     """Error of ``path`` (with a GEMV/GEMM ``config``, else the tuned one) against the fp32 reference."""
     ref = lm.reference_matmul(x, pw).float()
@@ -211,7 +224,8 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
                 rows.append(row(k, n, m, "fp16", "read floor", nbytes, times[("fp16", "read floor")], base))
             for name, pw in packed.items():
                 for path in paths_for(m, pw):
-                    rows.append(row(k, n, m, name, path, pw.nbytes() + io_bytes, times[(name, path)], base, relative_error(x, pw, path)))
+                    rows.append(row(k, n, m, name, path, pw.nbytes() + io_bytes, times[(name, path)], base, relative_error(x, pw, path),
+                                    kernel_config(m, pw, path)))
                 if name in floors:  # the same bytes streamed by a kernel that does nothing else
                     rows.append(row(k, n, m, name, "read floor", floors[name], times[(name, "read floor")], base))
             for name, (bw, dequantized) in blocks.items():
@@ -231,8 +245,11 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
         yield rows
 
 
-def row(k: int, n: int, m: int, kernel: str, path: str, nbytes: int, times: dict[str, float], base: dict[str, float], error: float = 0.0) -> dict:
+def row(k: int, n: int, m: int, kernel: str, path: str, nbytes: int, times: dict[str, float], base: dict[str, float], error: float = 0.0,
+        config: dict | None = None) -> dict:
     out = {"K": k, "N": n, "M": m, "kernel": kernel, "path": path, "bytes": nbytes, "rel_error": error}
+    if config is not None:
+        out["config"] = config
     for mode, us in times.items():
         out[f"{mode}_us"] = us
         out[f"{mode}_speedup"] = base[mode] / us

@@ -233,3 +233,20 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
             assert ((y - ref).norm() / ref.norm()).item() < 1e-3, (m, config)
     offset = torch.randn(64 * k + 4, device="cuda", dtype=torch.float16)[4:].view(64, k)  # rows TMA cannot address in place
     assert torch.allclose(gemm_wgmma(offset, pw).float(), lm.reference_matmul(offset, pw).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_result_rows_name_the_config_of_the_gluon_kernels() -> None:
+    """The benchmark's rows carry the tile config the wgmma GEMM and the tensor-core GEMV ran (the rules change
+    between sessions); other paths carry none."""
+    from dataclasses import asdict
+
+    from bench.kernel_latency import kernel_config, row
+    from qkernels import gemv_mma as gm
+
+    pw = grouped("uint4", 256, 1024)
+    assert kernel_config(32, pw, "wgmma") == asdict(default_config(32, pw)) and kernel_config(32, pw, "wgmma")["split_k"] == 2
+    assert kernel_config(1, pw, "gemv_mma") == asdict(gm.rule_config(pw))
+    assert kernel_config(4, pw, "mma") is None and kernel_config(1, pw, "gemv") is None
+    times = {"steady": 10.0}
+    assert row(1024, 256, 32, "w4g128", "wgmma", 1000, times, times, 0.0, kernel_config(32, pw, "wgmma"))["config"]["block_m"] == 32
+    assert "config" not in row(1024, 256, 4, "w4g128", "mma", 1000, times, times)

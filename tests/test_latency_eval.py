@@ -138,6 +138,15 @@ def test_latency_measurement_flow_with_stubbed_gpu_timers(tmp_path: Path, monkey
     assert result.protocol["latency"]["activations"].startswith("fp16 in the timed kernels: activation-quantized kernels take min-max int weights")
     assert {row["path"] for row in result.protocol["latency"]["layer_shapes"]} == {"torch"}  # (the CPU's path for the packed weight)
 
+    # on a Hopper GPU the rows name the Gluon kernels' tile configs (path picked as there; the stubbed timer runs no kernel)
+    import qkernels.lowbit_matmul as lm
+
+    monkeypatch.setattr(lm, "pick_path", lambda m, pw, device, dtype=None: "gemv_mma" if m == 1 else "wgmma")
+    evaluator.format = IntFormat(bits=4, group_size=128)
+    _, rows = evaluator.time_layers(bundle)
+    assert {row["path"] for row in rows} == {"gemv_mma", "wgmma"}
+    assert all(row["config"]["split_k"] >= 1 for row in rows) and {row["config"].get("block_m") for row in rows if row["batch"] == 16} == {16}
+
 
 def test_decode_loops_and_token_counts_are_checked() -> None:
     with pytest.raises(ValueError, match=r"\['graph'\]; choose from \['eager', 'compiled'\]"):

@@ -114,7 +114,7 @@ class Latency:
     def time_layers(self, bundle: ModelBundle, act: IntFormat | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Per distinct (in, out) shape: kernel and fp16 times (with ``act``, the activation-quantized layer: its
         activations quantized and multiplied); metrics sum them over all layers."""
-        from bench.kernel_latency import act_calls, block_calls, fp16_calls, lowbit_calls
+        from bench.kernel_latency import act_calls, block_calls, fp16_calls, kernel_config, lowbit_calls
         from qkernels.act_linear import act_kernel, act_route
         from qkernels.block_matmul import pack_block_weight, pick_block_path
         from qkernels.lowbit_matmul import pick_path
@@ -136,6 +136,7 @@ class Latency:
                 packed = pack_block_weight(weight, self.format) if block else pack_int_weight(weight, self.format)
             for m in self.batches:
                 x = torch.randn(m, k, device=bundle.device, dtype=torch.float16)
+                config = None  # the Gluon kernels' tile config, where one runs (the rules change between sessions)
                 if act is not None:
                     path = act_route(act_kernel(self.format, act), m, k, n, x.device, x.dtype)
                     calls = act_calls(x, weight, self.format, act)
@@ -144,9 +145,10 @@ class Latency:
                     calls = block_calls(x, packed, path)
                 else:
                     path, calls = pick_path(m, packed, x.device, x.dtype), lowbit_calls(x, packed, "auto")
+                    config = kernel_config(m, packed, path)
                 times = time_side_by_side({"kernel": calls, "fp16": fp16_calls(x, n)[1]}, self.modes)
                 kernel, base = times["kernel"], times["fp16"]
-                rows.append({"in": k, "out": n, "layers": count[(k, n)], "batch": m, "path": path,
+                rows.append({"in": k, "out": n, "layers": count[(k, n)], "batch": m, "path": path, **({"config": config} if config else {}),
                              **{f"{mode}_us": kernel[mode] for mode in self.modes}, **{f"{mode}_fp16_us": base[mode] for mode in self.modes}})
                 for mode in self.modes:
                     key = f"latency/layers_{mode}_us/b{m}"
