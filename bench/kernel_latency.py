@@ -383,19 +383,21 @@ def wgmma_search(m: int) -> list:
     """wgmma GEMM candidates at ``m`` rows: 64 or 128 weight rows on one warpgroup, 128 on two; activation
     tiles of the batch's bucket (and 128 and 256 above 128 rows); 1, 2, 3, 4 or 6 K splits, or (two warpgroups)
     a split tail; activation tiles of at most 64 rows also four steps a box (two boxes in flight; for K a
-    multiple of 64); at most 128 fp32 accumulators a thread (more spill)."""
+    multiple of 64); 64-row weight tiles with the words one or two chunks ahead; at most 128 fp32 accumulators a thread
+    (more spill)."""
     from qkernels.gemm_wgmma import GemmWgmmaConfig
 
     bucket = min(max(16, triton.next_power_of_2(m)), 256)
     block_ms = sorted({bucket} | ({128, 256} if m > 128 else set()))
     return [
-        GemmWgmmaConfig(block_n=block_n, block_m=block_m, num_warps=warps, split_k=split, tail_split=tail, **boxes)
+        GemmWgmmaConfig(block_n=block_n, block_m=block_m, num_warps=warps, split_k=split, tail_split=tail, words_ahead=ahead, **boxes)
         for block_n, warps in ((64, 4), (128, 4), (128, 8))
         for block_m in block_ms
         if block_n * block_m // (32 * warps) <= 128
         for split in (1, 2, 3, 4, 6)
         for tail in ((1, 4) if split == 1 and warps == 8 else (1,))
         for boxes in ([{}, dict(stages=2, steps_per_box=4)] if block_m <= 64 else [{}])
+        for ahead in ((1, 2) if block_n == 64 else (1,))
     ]
 
 

@@ -191,9 +191,9 @@ def gluon_cases() -> list[Case]:
         values = [torch.empty(1, pw.k).half(), *weights, y, partial, count, *sizes, pw.k, pw.n]
         out.append(Case(f"{layout} tensor-core GEMV{' TMA' if config.stages else ''}{' routed' if config.route else ''}", kernel,
                         types(kernel, consts, values), consts, options["num_warps"], gluon=True, options={"maxnreg": options.get("maxnreg")}))
-    for layout in ("uint4", "uint3"):
+    for layout, ahead in (("uint4", 1), ("uint3", 1), ("uint4", 2), ("uint3", 2)):
         pw = packed(layout, 512)
-        config = gw.GemmWgmmaConfig(block_n=64, block_m=64, num_warps=4)
+        config = gw.GemmWgmmaConfig(block_n=64, block_m=64, num_warps=4, words_ahead=ahead)
         consts = gw.launch_constants(pw, config, config.split_k)
         num_warps = consts.pop("num_warps")
         x = torch.empty(64, pw.k).half()
@@ -201,7 +201,7 @@ def gluon_cases() -> list[Case]:
         values = [gw.x_descriptor(x, pw, config), words, high, scale, zero, torch.empty(64, pw.n).half(), partial, count, 64, pw.n,
                   words.shape[1] // pw.run, pw.n_groups, *scale.stride(), pw.zero_const, words.stride(0), high.stride(0), pw.n,
                   8, 8, 8, 1]
-        out.append(Case(f"{layout} wgmma GEMM", gw._gemm_wgmma_kernel, types(gw._gemm_wgmma_kernel, consts, values), consts, num_warps, gluon=True))
+        out.append(Case(f"{layout} wgmma GEMM{' words 2 ahead' if ahead == 2 else ''}", gw._gemm_wgmma_kernel, types(gw._gemm_wgmma_kernel, consts, values), consts, num_warps, gluon=True))
     return out
 
 

@@ -186,7 +186,7 @@ def _gemm_wgmma_kernel(
     tail_split,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPS: gl.constexpr, GAHEAD: gl.constexpr,
-    SPLIT_K: gl.constexpr, SPLITS: gl.constexpr, NUM_WARPS: gl.constexpr, GROUP: gl.constexpr,
+    SPLIT_K: gl.constexpr, SPLITS: gl.constexpr, NUM_WARPS: gl.constexpr, GROUP: gl.constexpr, WAHEAD: gl.constexpr,
 ):
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -258,50 +258,33 @@ def _gemm_wgmma_kernel(
     # the A operands of the step in flight (at most two slots a step): live until the wait that retires it
     held0 = gl.zeros([BLOCK_N, RUN], gl.float16, a_layout)
     held1 = gl.zeros([BLOCK_N, RUN], gl.float16, a_layout)
-    for chunk in range(first, last):
-        words = next_words
-        next_words = gl.load(w_tile + gl.minimum(chunk + 1, last - 1) * RUN, mask=w_ok, other=0)
-        high = next_high
-        if BITS == 3:
-            next_high = _high_words(h_tile, w_ok, gl.minimum(chunk + 1, last - 1))
-        for part in gl.static_range(SLOTS // SPS):
-            step = (chunk - first) * (SLOTS // SPS) + part
-            unit = step // GROUP  # a unit's steps are one chunk's (GROUP divides a chunk's steps)
-            buf = unit % STAGES
-            for j in gl.static_range(SPS):
-                if (part * SPS + j) % GSTEP == 0:  # (static_range's variables: used inline, never assigned)
-                    scale, zero = s1, z1
-                    # the values GAHEAD groups on (every GSTEP slots: the same group again where groups span chunks)
-                    after = chunk * CHUNK + (part * SPS + j + GAHEAD * GSTEP) * RUN
-                    new_scale, new_zero = _group_values(scale_ptr, zero_ptr, rows, row_ok, after, n_groups, stride_sn, stride_sg,
-                                                        zero_const, GROUP_SIZE, HAS_ZERO)
-                    if GAHEAD == 1:
-                        s1, z1 = new_scale, new_zero
-                    elif GAHEAD == 2:
-                        s1, z1, s2, z2 = s2, z2, new_scale, new_zero
-                    elif GAHEAD == 3:
-                        s1, z1, s2, z2, s3, z3 = s2, z2, s3, z3, new_scale, new_zero
-                    else:
-                        s1, z1, s2, z2, s3, z3, s4, z4 = s2, z2, s3, z3, s4, z4, new_scale, new_zero
-                if BITS == 3:
-                    a = _slot_weights3(words, high, scale, zero, part * SPS + j, INT_ZERO)
-                else:
-                    a = _slot_weights(words, scale, zero, part * SPS + j, BITS, INT_ZERO)
-                if j == 0:
-                    if part % GROUP == 0:
-                        mbarrier.wait(ready.index(buf), (unit // STAGES) & 1)
-                    a0 = a
-                else:
-                    a1 = a
-                x_step = x_tiles.index(buf * GROUP + part % GROUP)
-                acc = warpgroup_mma(a, x_step.slice(j * RUN, RUN, dim=1).permute((1, 0)), acc, is_async=True)
-            # the previous step's wgmmas retire (each warpgroup_mma is one group); then its buffer is refilled
-            acc, held0, held1 = warpgroup_mma_wait(num_outstanding=SPS, deps=(acc, held0, held1))
-            held0 = a0
-            if SPS == 2:
-                held1 = a1
-            if part % GROUP == 0:  # a unit's first step: the previous unit has retired, its buffer takes a unit ahead
-                _load_unit(x_desc, xs, ready, unit + STAGES - 1, k0, off_m, n_steps, TILE_BYTES, STAGES, GROUP, SPS)
+    groups = (scale, zero, s1, z1, s2, z2, s3, z3, s4, z4)
+    feed = (x_desc, xs, x_tiles, ready, k0, off_m, n_steps)
+    values = (scale_ptr, zero_ptr, rows, row_ok, n_groups, stride_sn, stride_sg, zero_const)
+    if WAHEAD == 1:  # the next chunk's words load while this one computes (one register set in flight)
+        for chunk in range(first, last):
+            words = next_words
+            next_words = gl.load(w_tile + gl.minimum(chunk + 1, last - 1) * RUN, mask=w_ok, other=0)
+            high = next_high
+            if BITS == 3:
+                next_high = _high_words(h_tile, w_ok, gl.minimum(chunk + 1, last - 1))
+            acc, held0, held1, groups = _chunk(chunk, first, words, high, acc, held0, held1, groups, feed, values, BITS, SLOTS, SPS,
+                                               GSTEP, GAHEAD, GROUP, STAGES, GROUP_SIZE, HAS_ZERO, INT_ZERO)
+    else:  # two chunks ahead: three register sets, the loop unrolled three times so that no set is ever copied
+        w0, h0 = next_words, next_high
+        w1, h1 = _chunk_words(w_tile, h_tile, w_ok, gl.minimum(first + 1, last - 1), BITS)
+        for base in range(first, last, 3):
+            w2, h2 = _chunk_words(w_tile, h_tile, w_ok, gl.minimum(base + 2, last - 1), BITS)
+            acc, held0, held1, groups = _chunk(base, first, w0, h0, acc, held0, held1, groups, feed, values, BITS, SLOTS, SPS,
+                                               GSTEP, GAHEAD, GROUP, STAGES, GROUP_SIZE, HAS_ZERO, INT_ZERO)
+            if base + 1 < last:
+                w0, h0 = _chunk_words(w_tile, h_tile, w_ok, gl.minimum(base + 3, last - 1), BITS)
+                acc, held0, held1, groups = _chunk(base + 1, first, w1, h1, acc, held0, held1, groups, feed, values, BITS, SLOTS,
+                                                   SPS, GSTEP, GAHEAD, GROUP, STAGES, GROUP_SIZE, HAS_ZERO, INT_ZERO)
+            if base + 2 < last:
+                w1, h1 = _chunk_words(w_tile, h_tile, w_ok, gl.minimum(base + 4, last - 1), BITS)
+                acc, held0, held1, groups = _chunk(base + 2, first, w2, h2, acc, held0, held1, groups, feed, values, BITS, SLOTS,
+                                                   SPS, GSTEP, GAHEAD, GROUP, STAGES, GROUP_SIZE, HAS_ZERO, INT_ZERO)
     acc, held0, held1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, held0, held1))
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
@@ -323,6 +306,70 @@ def _gemm_wgmma_kernel(
                 total += gl.load(partial_ptr + (part * n_tiles + tile).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, cache_modifier=".cg")
             _store_tile(y_ptr, total, M, N, off_m, pid_n * BLOCK_N, stride_ym, BLOCK_N, BLOCK_M, NUM_WARPS)
             gl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@gluon.jit
+def _chunk(chunk, first, words, high, acc, held0, held1, groups, feed, values, BITS: gl.constexpr, SLOTS: gl.constexpr,
+           SPS: gl.constexpr, GSTEP: gl.constexpr, GAHEAD: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr,
+           GROUP_SIZE: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr):
+    """One chunk's steps: decode each slot of ``words`` (and uint3's ``high``) into A operands, one ``wgmma`` a slot on
+    the step's activation tile, the group values shifted in every ``GSTEP`` slots; returns the accumulator, the A
+    operands of the step left in flight and the group values (``groups``: the current scale and zero point, then
+    the ``GAHEAD`` ahead)."""
+    x_desc, xs, x_tiles, ready, k0, off_m, n_steps = feed
+    scale_ptr, zero_ptr, rows, row_ok, n_groups, stride_sn, stride_sg, zero_const = values
+    scale, zero, s1, z1, s2, z2, s3, z3, s4, z4 = groups
+    CHUNK: gl.constexpr = SLOTS * RUN
+    TILE_BYTES: gl.constexpr = x_desc.block_type.nbytes
+    for part in gl.static_range(SLOTS // SPS):
+        step = (chunk - first) * (SLOTS // SPS) + part
+        unit = step // GROUP  # a unit's steps are one chunk's (GROUP divides a chunk's steps)
+        buf = unit % STAGES
+        for j in gl.static_range(SPS):
+            if (part * SPS + j) % GSTEP == 0:  # (static_range's variables: used inline, never assigned)
+                scale, zero = s1, z1
+                # the values GAHEAD groups on (every GSTEP slots: the same group again where groups span chunks)
+                after = chunk * CHUNK + (part * SPS + j + GAHEAD * GSTEP) * RUN
+                new_scale, new_zero = _group_values(scale_ptr, zero_ptr, rows, row_ok, after, n_groups, stride_sn, stride_sg,
+                                                    zero_const, GROUP_SIZE, HAS_ZERO)
+                if GAHEAD == 1:
+                    s1, z1 = new_scale, new_zero
+                elif GAHEAD == 2:
+                    s1, z1, s2, z2 = s2, z2, new_scale, new_zero
+                elif GAHEAD == 3:
+                    s1, z1, s2, z2, s3, z3 = s2, z2, s3, z3, new_scale, new_zero
+                else:
+                    s1, z1, s2, z2, s3, z3, s4, z4 = s2, z2, s3, z3, s4, z4, new_scale, new_zero
+            if BITS == 3:
+                a = _slot_weights3(words, high, scale, zero, part * SPS + j, INT_ZERO)
+            else:
+                a = _slot_weights(words, scale, zero, part * SPS + j, BITS, INT_ZERO)
+            if j == 0:
+                if part % GROUP == 0:
+                    mbarrier.wait(ready.index(buf), (unit // STAGES) & 1)
+                a0 = a
+            else:
+                a1 = a
+            x_step = x_tiles.index(buf * GROUP + part % GROUP)
+            acc = warpgroup_mma(a, x_step.slice(j * RUN, RUN, dim=1).permute((1, 0)), acc, is_async=True)
+        # the previous step's wgmmas retire (each warpgroup_mma is one group); then its buffer is refilled
+        acc, held0, held1 = warpgroup_mma_wait(num_outstanding=SPS, deps=(acc, held0, held1))
+        held0 = a0
+        if SPS == 2:
+            held1 = a1
+        if part % GROUP == 0:  # a unit's first step: the previous unit has retired, its buffer takes a unit ahead
+            _load_unit(x_desc, xs, ready, unit + STAGES - 1, k0, off_m, n_steps, TILE_BYTES, STAGES, GROUP, SPS)
+    return acc, held0, held1, (scale, zero, s1, z1, s2, z2, s3, z3, s4, z4)
+
+
+@gluon.jit
+def _chunk_words(w_tile, h_tile, w_ok, chunk, BITS: gl.constexpr):
+    """Chunk ``chunk``'s words, and for uint3 its high-plane words (else the words again, unused)."""
+    words = gl.load(w_tile + chunk * RUN, mask=w_ok, other=0)
+    high = words
+    if BITS == 3:
+        high = _high_words(h_tile, w_ok, chunk)
+    return words, high
 
 
 @gluon.jit
@@ -371,6 +418,7 @@ class GemmWgmmaConfig:
     split_k: int = 1
     tail_split: int = 1  # with split_k 1: K splits (at most this many) for the tiles past the last full wave
     steps_per_box: int = 1  # activation steps one TMA box brings (one mbarrier wait and refill a box; stages count boxes)
+    words_ahead: int = 1  # chunks ahead that the weight words are loaded (1 or 2)
 
 
 def default_config(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
@@ -392,7 +440,11 @@ def default_config(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
     (session 14, A/B interleaved, 8192^2 at 64 rows: W4 28.9 us against 29.6, W2 26.9 against 28.9,
     ternary 22.1 against 24.4, W1 25.2 against 27.6; W4 at 16 rows 19.8 against 20.6; 4096x14336 and
     14336x4096 W4 at 64 rows 25.4 against 26.0 and 27.3 against 27.5; at 256 rows two-step boxes lost,
-    82.2 against 59.8, and at 128 rows four-step boxes would hold 128 KiB a program: not used there)."""
+    82.2 against 59.8, and at 128 rows four-step boxes would hold 128 KiB a program: not used there).
+    W4 on 64-row activation tiles loads its words two chunks ahead (session 22, side by side: 8192^2 27.7 us
+    against 28.5, 14336x4096 25.8 against 28.0, 4096x14336 23.8 against 23.9); everywhere else one chunk ahead won
+    (W1, W2, ternary and W3 at 16 to 256 rows up to 70% slower two ahead: the three-chunk loop is three times the
+    code; W4 at 16 rows 25.0 against 18.3, at 128 rows 4096x14336 33.2 against 30.5)."""
     if m <= 256:
         block_n, num_warps = 64, 4
         block_m = min(max(16, triton.next_power_of_2(m)), 256)
@@ -404,7 +456,9 @@ def default_config(m: int, pw: PackedWeight) -> GemmWgmmaConfig:
     split_k = max(s for s in range(1, 9) if s == 1 or (tiles * s <= wave and split_fits(chunks, s)))
     # the two-warpgroup tiles hold a multiprocessor each: a short last wave gets its tiles' K split (tail_tiles)
     tail_split = 4 if num_warps == 8 and split_k == 1 else 1
-    config = GemmWgmmaConfig(block_n=block_n, block_m=block_m, num_warps=num_warps, split_k=split_k, tail_split=tail_split)
+    ahead = 2 if block_m == 64 and lm.CODE_BITS[pw.layout] == 4 else 1
+    config = GemmWgmmaConfig(block_n=block_n, block_m=block_m, num_warps=num_warps, split_k=split_k, tail_split=tail_split,
+                             words_ahead=ahead)
     boxed = replace(config, stages=2, steps_per_box=4)
     return boxed if block_m <= 64 and boxes_fit(pw, boxed) else config
 
@@ -476,6 +530,8 @@ def check_config(config: GemmWgmmaConfig) -> None:
         problems.append(f"tail_split={config.tail_split} (at least 1; above 1 only with split_k=1, got {config.split_k})")
     if config.steps_per_box not in (1, 2, 4, 8):
         problems.append(f"steps_per_box={config.steps_per_box} (1, 2, 4 or 8)")
+    if config.words_ahead not in (1, 2):
+        problems.append(f"words_ahead={config.words_ahead} (1 or 2)")
     if config.stages < 2 or config.split_k < 1:
         problems.append(f"stages={config.stages}, split_k={config.split_k} (stages >= 2, split_k >= 1)")
     if problems:
@@ -545,5 +601,6 @@ def launch_constants(pw: PackedWeight, config: GemmWgmmaConfig, splits: int) -> 
     return dict(
         BITS=lm.CODE_BITS[pw.layout], SLOTS=pw.slots, SPG=pw.group_size // pw.run, HAS_ZERO=pw.zero is not None, INT_ZERO=pw.zero_grid == 1.0,
         BLOCK_N=config.block_n, BLOCK_M=config.block_m, STAGES=config.stages, SPS=config.slots_per_step, GAHEAD=config.group_ahead,
-        SPLIT_K=config.split_k, SPLITS=splits, NUM_WARPS=config.num_warps, GROUP=config.steps_per_box, num_warps=config.num_warps,
+        SPLIT_K=config.split_k, SPLITS=splits, NUM_WARPS=config.num_warps, GROUP=config.steps_per_box, WAHEAD=config.words_ahead,
+        num_warps=config.num_warps,
     )

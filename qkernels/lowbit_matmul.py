@@ -26,8 +26,8 @@ the weights decoded in registers, in Gluon), where it fits (:func:`wgmma_fits`).
     point once per group with the group's activation sum:
     ``sum_k (q_k - z) x_k = 2**b * (sum_k v_k x_k - sum_k x_k) - z * sum_k x_k``.
 * **MMA** (fp16 activations, ``uint1``/``uint2``/``uint3``/``uint4``, ``M <= MMA_MAX_M``; picked for
-  :data:`MMA_AUTO_LAYOUTS` up to ``MMA_AUTO_MAX_M`` rows, or ``MMA_AUTO_ROWS``; below ``WGMMA_MIN_M`` where
-  the wgmma GEMM runs; uint3's high plane by a second ``prmt``, :func:`_slot3_fp16`): tensor
+  :data:`MMA_AUTO_LAYOUTS` up to ``MMA_AUTO_MAX_M`` rows, or ``MMA_AUTO_ROWS``, where the wgmma GEMM does not
+  run; uint3's high plane by a second ``prmt``, :func:`_slot3_fp16`): tensor
   cores for small batches, the batch padded to 16. One ``prmt`` gathers a byte of two neighbouring words,
   one ``lop3`` drops two codes into the mantissas of ``1024.0`` (fp16x2), one ``fma.f16x2`` takes off 1024
   and the bit position: per two codes three instructions, no int->float conversion. Each slot of a chunk is
@@ -1075,9 +1075,12 @@ def wgmma_fits(pw: PackedWeight, dtype: torch.dtype) -> bool:
 # MMA kernel at every cell probed from 16 rows on: W4 8192^2 at 16, 32, 64, 128 rows 20.1 / 22.6 / 28.8 / 41.3 us
 # against 23.1 / 29.7 / 35.3 / 69.8, at 64 rows 25.6 against 37.8 (4096x14336) and 27.4 against 44.6 (14336x4096);
 # W2 28.5 against 41.4, ternary 23.6 against 50.1 (8192^2, 64 rows); the session-11 table has it faster at 16 rows
-# in all twelve cells (4 kinds x 3 shapes; 8192^2 W4 20.1 against 23.1). Both pad the batch to 16-row tiles, so
-# on Hopper the wgmma GEMM takes every fitting key from WGMMA_MIN_M rows (below 9 rows it was not timed).
-WGMMA_MIN_M = 9
+# in all twelve cells (4 kinds x 3 shapes; 8192^2 W4 20.1 against 23.1). Both pad the batch to 16-row tiles; at
+# 2, 4 and 8 rows (session 22, 5 kinds x 3 shapes, bench/results/kernel_latency_h200_session22_small_batches.md) it
+# won all 45 cells, against the MMA kernel (8192^2 at 4 rows W4 18.2 us against 22.6, W2 17.3 against 25.2, W1 16.7
+# against 22.9; 14336x4096 W1 16.7 against 35.9) and W3's GEMV (25.4 against 67.3). So on Hopper the wgmma GEMM
+# takes every fitting key from 2 rows.
+WGMMA_MIN_M = 2
 WGMMA_MIN_K_ABOVE_256 = {("uint4", True): 8192}  # above 256 rows, these keys need this K for the wgmma GEMM
 WGMMA_MAX_M = {"uint3": 256}  # and these layouts stop here (W3 at 1024 rows: dequant + cuBLAS won at three shapes)
 
@@ -1249,23 +1252,22 @@ def reference_matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 
 def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype = torch.float16) -> str:
     """``torch`` off CUDA; else by batch: ``gemv_mma`` at batch 1 where :func:`gemv_mma_preferred` and it
-    fits (not :func:`before_ampere`); ``mma`` where it fits and was faster on the H100 (batch 1 only for :data:`MMA_AT_BATCH_1`
-    where the fp16-pair GEMV does not fit, above 16 rows only for :data:`MMA_AUTO_ROWS`; where the wgmma
-    GEMM runs, below :data:`WGMMA_MIN_M` rows), ``gemv`` for a few rows; above those, on a Hopper GPU, ``wgmma``
-    where it fits and :func:`wgmma_preferred`; elsewhere ``gemm`` for mid batches, ``dequant`` beyond."""
+    fits (not :func:`before_ampere`); on a Hopper GPU ``wgmma`` from :data:`WGMMA_MIN_M` rows where it fits and
+    :func:`wgmma_preferred`; ``mma`` where it fits and was faster on the H100 (batch 1 only for :data:`MMA_AT_BATCH_1`
+    where the fp16-pair GEMV does not fit, above 16 rows only for :data:`MMA_AUTO_ROWS`), ``gemv`` for a few rows;
+    ``gemm`` for mid batches, ``dequant`` beyond."""
     if device.type != "cuda":
         return "torch"
-    wgmma_ok = is_hopper(device) and wgmma_fits(pw, dtype) and wgmma_preferred(m, pw)
-    rows = WGMMA_MIN_M - 1 if wgmma_ok else MMA_AUTO_ROWS.get(gemv_key(pw), MMA_AUTO_MAX_M)
     if m == 1 and gemv_mma_preferred(pw, is_hopper(device)) and gemv_mma_fits(pw, dtype) and not before_ampere(device):
         return "gemv_mma"
+    if m >= WGMMA_MIN_M and is_hopper(device) and wgmma_fits(pw, dtype) and wgmma_preferred(m, pw):
+        return "wgmma"
     mma_at_1 = gemv_key(pw) in MMA_AT_BATCH_1 and not pairs_fit(pw, dtype)
+    rows = MMA_AUTO_ROWS.get(gemv_key(pw), MMA_AUTO_MAX_M)
     if mma_fits(pw, dtype) and pw.layout in MMA_AUTO_LAYOUTS and m <= rows and (m > 1 or mma_at_1):
         return "mma"
     if m <= GEMV_MAX_M:
         return "gemv"
-    if wgmma_ok:
-        return "wgmma"
     if m < DEQUANT_MIN_M and pw.run >= GEMM_MIN_RUN:
         return "gemm"
     return "dequant"

@@ -86,6 +86,8 @@ def test_config_errors_name_the_bad_values() -> None:
         check_config(GemmWgmmaConfig(split_k=2, tail_split=2))
     with pytest.raises(ValueError, match=r"steps_per_box=3 \(1, 2, 4 or 8\)"):
         check_config(GemmWgmmaConfig(steps_per_box=3))
+    with pytest.raises(ValueError, match=r"words_ahead=3 \(1 or 2\)"):
+        check_config(GemmWgmmaConfig(words_ahead=3))
     one_scale = pack_weight(torch.randint(0, 16, (8, 1064)), torch.rand(8, 1).half(), None, "uint4", None, run=32)
     with pytest.raises(ValueError, match=r"steps_per_box=2 needs K a multiple of 64 \(got 1064\)"):
         gemm_wgmma(torch.randn(16, 1064, dtype=torch.float16), one_scale, GemmWgmmaConfig(steps_per_box=2))
@@ -128,7 +130,11 @@ def test_default_configs_fill_the_gpu() -> None:
     assert default_config(1024, big) == GemmWgmmaConfig(block_n=128, block_m=256, num_warps=8, split_k=1, tail_split=4)
     assert default_config(256, big) == GemmWgmmaConfig(block_n=64, block_m=256, num_warps=4, split_k=1)
     assert default_config(128, big).steps_per_box == 1  # four-step boxes of 128 rows: 128 KiB a program
-    assert default_config(64, big) == GemmWgmmaConfig(block_n=64, block_m=64, num_warps=4, split_k=2, stages=2, steps_per_box=4)
+    assert default_config(64, big) == GemmWgmmaConfig(block_n=64, block_m=64, num_warps=4, split_k=2, stages=2, steps_per_box=4,
+                                                      words_ahead=2)
+    # the words two chunks ahead: W4 on 64-row activation tiles only (session 22)
+    assert default_config(48, w4(4096, 14336)).words_ahead == 2 and default_config(128, big).words_ahead == 1
+    assert default_config(32, big).words_ahead == 1 and default_config(64, grouped("uint2", 8192, 8192)).words_ahead == 1
     assert default_config(16, big) == GemmWgmmaConfig(block_n=64, block_m=16, num_warps=4, split_k=4, stages=2, steps_per_box=4)
     one_scale = pack_weight(torch.randint(0, 16, (8, 1064)), torch.rand(8, 1).half(), None, "uint4", None, run=32)
     assert default_config(16, one_scale).steps_per_box == 1  # K not a multiple of the boxes' 64
@@ -173,12 +179,13 @@ def test_tuned_configs_win_over_the_default_for_their_kind_shape_and_bucket(monk
     assert {c.tail_split for c in wgmma_search(1024) if c.num_warps == 8 and c.split_k == 1} == {1, 4}
     assert {c.steps_per_box for c in wgmma_search(64)} == {1, 4} and {c.steps_per_box for c in wgmma_search(1024)} == {1}
     assert {c.block_m for c in wgmma_search(9)} == {16} and {c.split_k for c in wgmma_search(9)} == {1, 2, 3, 4, 6}
+    assert {(c.block_n, c.words_ahead) for c in wgmma_search(64)} == {(64, 1), (64, 2), (128, 1)}
 
 
 def test_dispatch_above_the_gemv_and_mma_rows_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a Hopper GPU the wgmma GEMM takes what the GEMV and the MMA kernel leave (from 9 rows) where
-    it fits, but grouped W4 with K < 8192 and W3 above 256 rows; bf16 and other GPUs keep the GEMM,
-    the MMA kernel to 128 rows and dequant + cuBLAS."""
+    """On a Hopper GPU the wgmma GEMM takes every batch from 2 rows (``WGMMA_MIN_M``) where it fits, but grouped W4
+    with K < 8192 and W3 above 256 rows; bf16 and other GPUs keep the GEMV, the GEMM, the MMA kernel to 128 rows and
+    dequant + cuBLAS."""
     cuda = torch.device("cuda")
     pw, long_k = w4(256, 1024), w4(64, 8192)
     w1 = pack_weight(torch.randint(0, 2, (64, 1024)), torch.rand(64, 8).half(), torch.randint(0, 2, (64, 8)).half(), "uint1", 128, run=32)
@@ -188,12 +195,12 @@ def test_dispatch_above_the_gemv_and_mma_rows_on_hopper(monkeypatch: pytest.Monk
     others = [lm.pick_path(m, pw, cuda) for m in (128, 129, 1024)] + [lm.pick_path(17, w1, cuda), lm.pick_path(64, ternary, cuda)]
     assert others == ["mma", "dequant", "dequant", "gemm", "mma"]  # no Hopper GPU
     monkeypatch.setattr(lm, "is_hopper", lambda device: device.type == "cuda")
-    assert [lm.pick_path(m, pw, cuda) for m in (1, 8, 9, 128, 256, 257)] == ["gemv_mma", "mma", "wgmma", "wgmma", "wgmma", "dequant"]
+    assert [lm.pick_path(m, pw, cuda) for m in (1, 8, 9, 128, 256, 257)] == ["gemv_mma", "wgmma", "wgmma", "wgmma", "wgmma", "dequant"]
     assert [lm.pick_path(m, long_k, cuda) for m in (129, 1024)] == ["wgmma", "wgmma"]
-    assert [lm.pick_path(m, w1, cuda) for m in (8, 9, 1024)] == ["mma", "wgmma", "wgmma"]
-    assert [lm.pick_path(m, ternary, cuda) for m in (8, 9, 1024)] == ["mma", "wgmma", "wgmma"]
-    assert [lm.pick_path(m, pw, cuda, torch.bfloat16) for m in (9, 1024)] == ["gemm", "dequant"]
-    assert [lm.pick_path(m, uint3, cuda) for m in (2, 8, 9, 256, 257, 1024)] == ["gemv", "gemv", "wgmma", "wgmma", "dequant", "dequant"]
+    assert [lm.pick_path(m, w1, cuda) for m in (1, 2, 8, 1024)] == ["gemv_mma", "wgmma", "wgmma", "wgmma"]
+    assert [lm.pick_path(m, ternary, cuda) for m in (2, 8, 9, 1024)] == ["wgmma", "wgmma", "wgmma", "wgmma"]
+    assert [lm.pick_path(m, pw, cuda, torch.bfloat16) for m in (2, 9, 1024)] == ["gemv", "gemm", "dequant"]
+    assert [lm.pick_path(m, uint3, cuda) for m in (2, 8, 9, 256, 257, 1024)] == ["wgmma", "wgmma", "wgmma", "wgmma", "dequant", "dequant"]
     assert lm.pick_path(1024, pw, torch.device("cpu")) == "torch"
 
 
@@ -207,7 +214,8 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Random codes, scales and zero points, outputs poisoned with NaN, batches and rows that leave ragged
     tiles, K padded to whole chunks, several configs and K splits (and, on a pretended 9-multiprocessor GPU,
-    split tails: 20 tiles at 70 rows, 76 at 300): within fp16 rounding of the weights (they are folded to
+    split tails: 20 tiles at 70 rows, 76 at 300), the words one or two chunks ahead (splits of one to five chunks:
+    every exit of the three-chunk loop): within fp16 rounding of the weights (they are folded to
     fp16, as dequantization rounds them) of the fp32 reference."""
     from qkernels import gemm_wgmma as gw
 
@@ -223,7 +231,10 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
                GemmWgmmaConfig(block_n=128, num_warps=4, block_m=128, stages=2, group_ahead=3),
                GemmWgmmaConfig(block_n=64, num_warps=4, block_m=16, tail_split=3),
                GemmWgmmaConfig(block_n=64, num_warps=4, block_m=64, stages=2, steps_per_box=4, split_k=2),
-               GemmWgmmaConfig(block_n=128, num_warps=8, block_m=32, slots_per_step=1, stages=3, steps_per_box=2)]
+               GemmWgmmaConfig(block_n=128, num_warps=8, block_m=32, slots_per_step=1, stages=3, steps_per_box=2),
+               GemmWgmmaConfig(block_n=64, num_warps=4, block_m=16, words_ahead=2),
+               GemmWgmmaConfig(block_n=64, num_warps=4, block_m=64, stages=2, steps_per_box=4, split_k=2, words_ahead=2),
+               GemmWgmmaConfig(block_n=128, num_warps=8, block_m=128, tail_split=2, words_ahead=2)]
     for m in (1, 70, 300):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ref = lm.reference_matmul(x, pw).float()
