@@ -13,8 +13,9 @@ consecutive K each):
   barrier pass puts three CTA barriers around each mbarrier wait and refill, so fewer, larger boxes
   mean fewer barriers (12 a W4 chunk at one step a box, 4 at four, in the sm_90a PTX).
 * The weights are the A operand, straight from registers: the chunk's words are loaded (a chunk
-  ahead) in the A operand's register layout, so a thread holds the two neighbouring words of each
-  of its K pairs. One asm block per pair gives ``(code - zero) * scale`` in fp16 (``prmt``, ``lop3``,
+  ahead, or with ``words_ahead=2`` two: three register sets over a loop unrolled three times, so that no
+  set is copied while its load is in flight) in the A operand's register layout, so a thread holds the
+  two neighbouring words of each of its K pairs. One asm block per pair gives ``(code - zero) * scale`` in fp16 (``prmt``, ``lop3``,
   ``fma.f16x2``, ``mul.f16x2``: with integer zero points the ``fma`` takes off the zero point too;
   other zero points take a ``sub.f16x2`` more), so the weights are rounded to fp16 as dequantization
   rounds them. The group values are loaded ``group_ahead`` groups ahead (1 to 4).
@@ -234,10 +235,7 @@ def _gemm_wgmma_kernel(
     for s in gl.static_range(STAGES - 1):
         _load_unit(x_desc, xs, ready, s, k0, off_m, n_steps, TILE_BYTES, STAGES, GROUP, SPS)
 
-    next_words = gl.load(w_tile + gl.minimum(first, n_chunks - 1) * RUN, mask=w_ok, other=0)
-    next_high = next_words
-    if BITS == 3:
-        next_high = _high_words(h_tile, w_ok, gl.minimum(first, n_chunks - 1))
+    next_words, next_high = _chunk_words(w_tile, h_tile, w_ok, gl.minimum(first, n_chunks - 1), BITS)
     # the group values ahead, a shift register: (s1, z1) the next group's, (s2, z2) the one after, ...
     # GAHEAD of them are live (the rest are copies, dropped by the compiler)
     s1, z1 = _group_values(scale_ptr, zero_ptr, rows, row_ok, k0, n_groups, stride_sn, stride_sg, zero_const, GROUP_SIZE, HAS_ZERO)
@@ -263,11 +261,8 @@ def _gemm_wgmma_kernel(
     values = (scale_ptr, zero_ptr, rows, row_ok, n_groups, stride_sn, stride_sg, zero_const)
     if WAHEAD == 1:  # the next chunk's words load while this one computes (one register set in flight)
         for chunk in range(first, last):
-            words = next_words
-            next_words = gl.load(w_tile + gl.minimum(chunk + 1, last - 1) * RUN, mask=w_ok, other=0)
-            high = next_high
-            if BITS == 3:
-                next_high = _high_words(h_tile, w_ok, gl.minimum(chunk + 1, last - 1))
+            words, high = next_words, next_high
+            next_words, next_high = _chunk_words(w_tile, h_tile, w_ok, gl.minimum(chunk + 1, last - 1), BITS)
             acc, held0, held1, groups = _chunk(chunk, first, words, high, acc, held0, held1, groups, feed, values, BITS, SLOTS, SPS,
                                                GSTEP, GAHEAD, GROUP, STAGES, GROUP_SIZE, HAS_ZERO, INT_ZERO)
     else:  # two chunks ahead: three register sets, the loop unrolled three times so that no set is ever copied
