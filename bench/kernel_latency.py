@@ -162,15 +162,16 @@ def block_error(x: torch.Tensor, bw: BlockWeight, dequantized: torch.Tensor, pat
 
 def paths_for(m: int, pw: PackedWeight) -> list[str]:
     """The path the dispatcher picks; beside it, at batch 1, the other kernels that fit (fp16-pair or fp32
-    GEMV, the fp32 one too where the pair one fits, tensor-core GEMV, MMA); above it the MMA kernel (to
-    ``MMA_MAX_M`` rows) and the wgmma GEMM where they fit, and from batch 256 on the dequant + cuBLAS fallback."""
+    GEMV, the fp32 one too where the pair one fits, tensor-core GEMV, MMA); above it the GEMV (to ``GEMV_MAX_M``
+    rows), the MMA kernel (to ``MMA_MAX_M`` rows) and the wgmma GEMM where they fit, and from batch 256 on the
+    dequant + cuBLAS fallback."""
     cuda = torch.device("cuda")
     auto = lm.pick_path(m, pw, cuda)
     if m == 1:
         fits = {"gemv": True, "gemv_fp32": lm.pairs_fit(pw, torch.float16), "gemv_mma": lm.gemv_mma_fits(pw, torch.float16),
                 "mma": lm.mma_fits(pw, torch.float16)}
     else:
-        fits = {"mma": m <= lm.MMA_MAX_M and lm.mma_fits(pw, torch.float16),
+        fits = {"gemv": m <= lm.GEMV_MAX_M, "mma": m <= lm.MMA_MAX_M and lm.mma_fits(pw, torch.float16),
                 "wgmma": lm.is_hopper(cuda) and lm.wgmma_fits(pw, torch.float16), "dequant": m >= 256}
     return [auto] + [path for path, ok in fits.items() if ok and path != auto]
 

@@ -301,5 +301,6 @@ def test_kernel_table_times_the_fp32_gemv_beside_the_pair_one_at_batch_1(monkeyp
     monkeypatch.setattr(lm, "is_hopper", lambda device: False)
     assert paths_for(2, packed("uint3", 7)) == ["gemv", "mma"]  # the MMA kernel timed beside the dispatcher's pair GEMV
     monkeypatch.setattr(lm, "is_hopper", lambda device: True)
-    assert paths_for(2, packed("uint3", 7)) == ["gemv", "mma", "wgmma"]  # and on Hopper the wgmma GEMM
+    assert paths_for(2, packed("uint3", 7)) == ["wgmma", "gemv", "mma"]  # on Hopper the wgmma GEMM's, the others beside it
+    assert paths_for(16, packed("uint3", 7)) == ["wgmma", "mma"]  # (the GEMV to GEMV_MAX_M rows)
     assert {"gemv", "gemv_fp32"} <= set(paths_for(1, packed("uint3", 7)))
