@@ -1,0 +1,181 @@
+"""Kernel configs side by side: variants of the Gluon kernels' tile configs timed next to cuBLAS fp16 and the
+dispatcher's own config, in one process, each checked against the fp32 reference first.
+
+    python -m bench.config_ab --path wgmma --kernels w4g128 --shapes 8192x8192,14336x4096 --batches 48,64 \
+        --variant words_ahead=1 --variant words_ahead=2 --variant words_ahead=2,split_k=3
+    python -m bench.config_ab --path gemv_mma --kernels w2g128,w1g128 --shapes 8192x8192 --batches 1 \
+        --variant split_k=3 --variant split_k=6,stages=3 --json ab.json
+
+A variant names fields of the path's config (``GemmWgmmaConfig`` for ``wgmma``, ``GemvMmaConfig`` for ``gemv_mma``)
+that replace those of the config the dispatcher runs at that cell (tuned, saved or the rules'); that config itself
+is always the first column, ``rule``. The timings are the steady state of :func:`bench.timing.steady_interleaved`
+(every variant's CUDA graph and cuBLAS's replayed in turn over rotating weight copies), so the ratios between
+variants are not biased by clock drift over the run; this is how the rules' figures in
+``bench/results/kernel_latency_h200.md`` were measured (sessions 14-22, from scratch scripts). A variant that does
+not compile, does not fit or is wrong (relative error above ``bench.kernel_latency.TUNE_TOLERANCE``) is reported
+and not timed. No hydra imports: this runs on the bare device machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from bench.kernel_latency import LOWBIT_KINDS, TUNE_TOLERANCE, fp16_calls, lowbit_calls, random_packed, relative_error
+from bench.timing import gpu_name, steady_interleaved
+from qkernels import lowbit_matmul as lm
+from qkernels.pack import PackedWeight
+
+
+def config_class(path: str) -> type:
+    from qkernels.gemm_wgmma import GemmWgmmaConfig
+    from qkernels.gemv_mma import GemvMmaConfig
+
+    return {"wgmma": GemmWgmmaConfig, "gemv_mma": GemvMmaConfig}[path]
+
+
+def dispatcher_config(path: str, m: int, pw: PackedWeight) -> Any:
+    """The config the dispatcher runs for ``path`` at ``m`` rows: tuned in this process, saved for this GPU, or the rules'."""
+    from qkernels import gemm_wgmma as gw
+    from qkernels import gemv_mma as gm
+
+    return gw.config_for(m, pw) if path == "wgmma" else gm.config_for(pw)
+
+
+PATHS = ("wgmma", "gemv_mma")
+MAX_M = {"gemv_mma": lm.GEMV_MAX_M}  # rows a path takes (the wgmma GEMM: any)
+
+
+def parse_variant(text: str, cls: type) -> dict[str, Any]:
+    """``"words_ahead=2,split_k=3"`` -> ``{"words_ahead": 2, "split_k": 3}`` for the fields of ``cls``: integers,
+    ``true``/``false``, ``none``."""
+    names = [f.name for f in fields(cls)]
+    out: dict[str, Any] = {}
+    for item in (part.strip() for part in text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"variant {text!r}: {item!r} is not field=value")
+        key, value = key.strip(), value.strip()
+        if key not in names:
+            raise ValueError(f"variant {text!r}: {key!r} is not a field of {cls.__name__}; choose from {names}")
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            out[key] = lowered == "true"
+        elif lowered == "none":
+            out[key] = None
+        else:
+            try:
+                out[key] = int(value)
+            except ValueError:
+                raise ValueError(f"variant {text!r}: {key}={value!r} is not an integer, true, false or none") from None
+    return out
+
+
+def variant_label(overrides: dict[str, Any]) -> str:
+    return ",".join(f"{key}={value}" for key, value in overrides.items())
+
+
+def compare_cell(path: str, m: int, pw: PackedWeight, variants: list[dict[str, Any]], x: torch.Tensor,
+                 time_calls: Callable[[dict], dict] = steady_interleaved,
+                 error_of: Callable[[Any], float] | None = None) -> list[dict]:
+    """One cell's rows: cuBLAS fp16, the dispatcher's config (``rule``) and each variant of it, timed side by side
+    (``time_calls``: ``{label: calls}`` -> ``{label: us}``); variants that fail their check carry ``failed`` and no time."""
+    rule = dispatcher_config(path, m, pw)
+    configs = {"rule": rule} | {variant_label(v): replace(rule, **v) for v in variants}
+    error_of = error_of or (lambda config: relative_error(x, pw, path, config))
+    rows = {label: dict(path=path, variant=label, config=asdict(config)) for label, config in configs.items()}
+    calls = {"cublas": fp16_calls(x, pw.n)[1]()}
+    for label, config in configs.items():
+        try:
+            error = error_of(config)
+        except Exception as err:  # noqa: BLE001 - a variant that does not compile or fit is reported, not timed
+            rows[label]["failed"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            continue
+        rows[label]["rel_error"] = error
+        if error > TUNE_TOLERANCE:
+            rows[label]["failed"] = f"relative error {error:.1e} > {TUNE_TOLERANCE}"
+            continue
+        calls[label] = lowbit_calls(x, pw, path, config)()
+    times = time_calls(calls)
+    base = times.get("rule")
+    out = [dict(path="cublas", variant="fp16", us=times["cublas"], x_cublas=1.0)]
+    for label, row in rows.items():
+        if label in times:
+            row |= dict(us=times[label], x_cublas=times["cublas"] / times[label], x_rule=base / times[label] if base else None)
+        out.append(row)
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| in x out | M | kernel | variant | us | x cuBLAS | x rule | rel err |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "failed" in r:
+            figures = f"failed: {r['failed']} | | | |"
+        else:
+            x_rule = f"{r['x_rule']:.3f}" if r.get("x_rule") else ""
+            figures = f"{r['us']:.2f} | {r['x_cublas']:.2f} | {x_rule} | {r.get('rel_error', 0.0):.1e} |"
+        lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['kernel']} | {r['variant']} | {figures}")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Replace ``path`` in one rename: an interrupted run leaves the last complete file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
+        json.dump(data, f, indent=1)
+    os.replace(f.name, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--path", required=True, help=f"the kernel whose config varies, of {list(PATHS)}")
+    parser.add_argument("--variant", action="append", default=[], help="field=value[,field=value]: one variant (repeatable)")
+    parser.add_argument("--kernels", default="w4g128", help=f"comma list of {list(LOWBIT_KINDS)}")
+    parser.add_argument("--shapes", default="8192x8192", help="comma list of INxOUT")
+    parser.add_argument("--batches", default="64", help="comma list of batch sizes")
+    parser.add_argument("--json", type=Path, default=None, help="write every row here (after each cell)")
+    args = parser.parse_args(argv)
+    if args.path not in PATHS:
+        parser.error(f"--path {args.path!r} is not valid; choose from {list(PATHS)}")
+    try:
+        variants = [parse_variant(text, config_class(args.path)) for text in args.variant]
+        kinds = [k for k in args.kernels.split(",") if k]
+        if bad := [k for k in kinds if k not in LOWBIT_KINDS]:
+            raise ValueError(f"unknown kernels {bad}; choose from {list(LOWBIT_KINDS)}")
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
+        batches = [int(b) for b in args.batches.split(",") if b]
+    except ValueError as err:
+        parser.error(str(err))
+    if bad := [m for m in batches if m < 1 or m > MAX_M.get(args.path, m)]:
+        parser.error(f"--batches {bad}: {args.path} takes 1 to {MAX_M.get(args.path)} rows")
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to time", file=sys.stderr)
+        return 1
+    torch.manual_seed(0)
+    print(f"GPU: {gpu_name()} | torch {torch.__version__} | {args.path} variants: {[variant_label(v) for v in variants]}", flush=True)
+    rows: list[dict] = []
+    for k, n in shapes:
+        for kind in kinds:
+            pw = random_packed(LOWBIT_KINDS[kind], n, k)
+            for m in batches:
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                cell = [dict(K=k, N=n, M=m, kernel=kind) | row for row in compare_cell(args.path, m, pw, variants, x)]
+                rows += cell
+                print(markdown(cell).split("\n", 2)[2], flush=True)
+                if args.json:
+                    write_json(args.json, {"gpu": gpu_name(), "torch": torch.__version__, "path": args.path, "rows": rows})
+                torch.cuda.empty_cache()
+    print("\n" + markdown(rows), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

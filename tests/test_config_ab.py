@@ -1,0 +1,76 @@
+"""bench.config_ab: variants parsed against the config's fields, bad input named, a cell's rows (CPU, stubbed timer)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from bench import config_ab
+from qkernels.gemm_wgmma import GemmWgmmaConfig, check_config, default_config
+from qkernels.gemv_mma import GemvMmaConfig
+from qkernels.pack import pack_weight
+
+
+def test_variants_are_fields_of_the_paths_config() -> None:
+    assert config_ab.parse_variant("words_ahead=2, split_k=3", GemmWgmmaConfig) == {"words_ahead": 2, "split_k": 3}
+    assert config_ab.parse_variant("route=true,maxnreg=none", GemvMmaConfig) == {"route": True, "maxnreg": None}
+    with pytest.raises(ValueError, match=r"'words_ahead' is not a field of GemvMmaConfig; choose from \['block_n', 'num_warps'"):
+        config_ab.parse_variant("words_ahead=2", GemvMmaConfig)
+    with pytest.raises(ValueError, match=r"split_k='three' is not an integer, true, false or none"):
+        config_ab.parse_variant("split_k=three", GemmWgmmaConfig)
+    with pytest.raises(ValueError, match=r"'split_k' is not field=value"):
+        config_ab.parse_variant("split_k", GemmWgmmaConfig)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [(["--path", "mma"], r"--path 'mma' is not valid; choose from \['wgmma', 'gemv_mma'\]"),
+     (["--path", "gemv_mma", "--batches", "1,16"], r"--batches \[16\]: gemv_mma takes 1 to 8 rows"),
+     (["--path", "wgmma", "--variant", "stages=2,bogus=1"], r"'bogus' is not a field of GemmWgmmaConfig"),
+     (["--path", "wgmma", "--kernels", "w4g128,w5"], r"unknown kernels \['w5'\]; choose from \['w4g128'")],
+)
+def test_bad_arguments_are_named(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        config_ab.main(argv)
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_cell_times_the_rule_and_its_variants_beside_cublas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuBLAS, the dispatcher's config (``rule``) and each variant in one timing; a variant that fails its config
+    check, or is wrong, is reported with the reason and left out of the timing."""
+    pw = pack_weight(torch.randint(0, 16, (256, 2048)), torch.rand(256, 16).half(), torch.randint(0, 16, (256, 16)).half(), "uint4", 128,
+                     run=32)
+    monkeypatch.setattr(config_ab, "fp16_calls", lambda x, n: (0, lambda: ["cublas call"]))
+    monkeypatch.setattr(config_ab, "lowbit_calls", lambda x, pw, path, config: lambda: [config])
+    timed: list[dict] = []
+
+    def time_calls(calls: dict) -> dict:
+        timed.append(calls)
+        return {label: 10.0 * (i + 1) for i, label in enumerate(calls)}  # cuBLAS 10, the rule 20, the next 30
+
+    def error_of(config: GemmWgmmaConfig) -> float:
+        check_config(config)
+        return 0.5 if config.split_k == 5 else 1e-4
+
+    variants = [{"words_ahead": 2}, {"words_ahead": 3}, {"split_k": 5}]
+    rows = config_ab.compare_cell("wgmma", 64, pw, variants, torch.zeros(64, 2048), time_calls, error_of)
+    assert [row["variant"] for row in rows] == ["fp16", "rule", "words_ahead=2", "words_ahead=3", "split_k=5"]
+    assert list(timed[0]) == ["cublas", "rule", "words_ahead=2"]
+    assert rows[1]["config"] == asdict(default_config(64, pw)) and rows[1]["x_rule"] == 1.0 and rows[1]["x_cublas"] == 0.5
+    assert rows[2]["config"]["words_ahead"] == 2 and rows[2]["us"] == 30.0 and rows[2]["x_rule"] == pytest.approx(2 / 3)
+    assert "words_ahead=3 (1 or 2)" in rows[3]["failed"] and "us" not in rows[3]
+    assert rows[4]["failed"] == "relative error 5.0e-01 > 0.002" and "us" not in rows[4]
+    table = config_ab.markdown([dict(K=2048, N=256, M=64, kernel="w4g128") | row for row in rows])
+    assert "| 2048x256 | 64 | w4g128 | words_ahead=2 | 30.00 | 0.33 | 0.667 | 1.0e-04 |" in table
+    assert "| split_k=5 | failed: relative error" in table
+
+
+def test_json_is_replaced_whole(tmp_path) -> None:
+    target = tmp_path / "out" / "ab.json"
+    config_ab.write_json(target, {"rows": [1]})
+    config_ab.write_json(target, {"rows": [1, 2]})
+    assert target.read_text().count("\n") > 1 and '"rows"' in target.read_text()
+    assert [p.name for p in target.parent.iterdir()] == ["ab.json"]  # no temporary file left
