@@ -1,4 +1,4 @@
-"""Kernel configs side by side: variants of the Gluon kernels' tile configs timed next to cuBLAS fp16 and the
+"""Kernel configs side by side: variants of a low-bit kernel's tile config timed next to cuBLAS fp16 and the
 dispatcher's own config, in one process, each checked against the fp32 reference first.
 
     python -m bench.config_ab --path wgmma --kernels w4g128 --shapes 8192x8192,14336x4096 --batches 48,64 \
@@ -6,9 +6,10 @@ dispatcher's own config, in one process, each checked against the fp32 reference
     python -m bench.config_ab --path gemv_mma --kernels w2g128,w1g128 --shapes 8192x8192 --batches 1 \
         --variant split_k=3 --variant split_k=6,stages=3 --json ab.json
 
-A variant names fields of the path's config (``GemmWgmmaConfig`` for ``wgmma``, ``GemvMmaConfig`` for ``gemv_mma``)
-that replace those of the config the dispatcher runs at that cell (tuned, saved or the rules'); that config itself
-is always the first column, ``rule``. The timings are the steady state of :func:`bench.timing.steady_interleaved`
+A variant names fields of the path's config (``GemmWgmmaConfig`` for ``wgmma``, ``GemvMmaConfig`` for ``gemv_mma``,
+``lowbit_matmul``'s ``MmaConfig``, ``GemmConfig`` and ``GemvConfig`` for the Triton kernels ``mma``, ``gemm``, ``gemv``
+and ``gemv_fp32``) that replace those of the config the path runs at that cell when given none (tuned, saved or the
+rules': ``bench.kernel_latency.path_config``); that config itself is always the first column, ``rule``. The timings are the steady state of :func:`bench.timing.steady_interleaved`
 (every variant's CUDA graph and cuBLAS's replayed in turn over rotating weight copies), so the ratios between
 variants are not biased by clock drift over the run; this is how the rules' figures in
 ``bench/results/kernel_latency_h200.md`` were measured (sessions 14-22, from scratch scripts). A variant that does
@@ -29,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.kernel_latency import LOWBIT_KINDS, TUNE_TOLERANCE, fp16_calls, lowbit_calls, random_packed, relative_error
+from bench.kernel_latency import LOWBIT_KINDS, TUNE_TOLERANCE, fp16_calls, lowbit_calls, path_config, random_packed, relative_error
 from bench.timing import gpu_name, steady_interleaved
 from qkernels import lowbit_matmul as lm
 from qkernels.pack import PackedWeight
@@ -39,19 +40,12 @@ def config_class(path: str) -> type:
     from qkernels.gemm_wgmma import GemmWgmmaConfig
     from qkernels.gemv_mma import GemvMmaConfig
 
-    return {"wgmma": GemmWgmmaConfig, "gemv_mma": GemvMmaConfig}[path]
+    return {"wgmma": GemmWgmmaConfig, "gemv_mma": GemvMmaConfig, "mma": lm.MmaConfig, "gemm": lm.GemmConfig, "gemv": lm.GemvConfig,
+            "gemv_fp32": lm.GemvConfig}[path]
 
 
-def dispatcher_config(path: str, m: int, pw: PackedWeight) -> Any:
-    """The config the dispatcher runs for ``path`` at ``m`` rows: tuned in this process, saved for this GPU, or the rules'."""
-    from qkernels import gemm_wgmma as gw
-    from qkernels import gemv_mma as gm
-
-    return gw.config_for(m, pw) if path == "wgmma" else gm.config_for(pw)
-
-
-PATHS = ("wgmma", "gemv_mma")
-MAX_M = {"gemv_mma": lm.GEMV_MAX_M}  # rows a path takes (the wgmma GEMM: any)
+PATHS = ("wgmma", "gemv_mma", "mma", "gemm", "gemv", "gemv_fp32")
+MAX_M = {"gemv_mma": lm.GEMV_MAX_M, "gemv": lm.GEMV_MAX_M, "gemv_fp32": lm.GEMV_MAX_M, "mma": lm.MMA_MAX_M}  # rows a path takes
 
 
 def parse_variant(text: str, cls: type) -> dict[str, Any]:
@@ -88,7 +82,7 @@ def compare_cell(path: str, m: int, pw: PackedWeight, variants: list[dict[str, A
                  error_of: Callable[[Any], float] | None = None) -> list[dict]:
     """One cell's rows: cuBLAS fp16, the dispatcher's config (``rule``) and each variant of it, timed side by side
     (``time_calls``: ``{label: calls}`` -> ``{label: us}``); variants that fail their check carry ``failed`` and no time."""
-    rule = dispatcher_config(path, m, pw)
+    rule = path_config(m, pw, path)
     configs = {"rule": rule} | {variant_label(v): replace(rule, **v) for v in variants}
     error_of = error_of or (lambda config: relative_error(x, pw, path, config))
     rows = {label: dict(path=path, variant=label, config=asdict(config)) for label, config in configs.items()}

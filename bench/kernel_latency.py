@@ -176,17 +176,23 @@ def paths_for(m: int, pw: PackedWeight) -> list[str]:
     return [auto] + [path for path, ok in fits.items() if ok and path != auto]
 
 
-def kernel_config(m: int, pw: PackedWeight, path: str) -> dict | None:
-    """The tile config the Gluon kernels run at ``m`` rows (tuned, saved or the rules'), for the results' rows: the rules
-    change from session to session, so a figure without its config cannot be told apart from another one."""
+def path_config(m: int, pw: PackedWeight, path: str) -> Any:
+    """The tile config ``path`` runs at ``m`` rows when given none (tuned, saved or the rules'); None for the paths
+    without one (dequant + cuBLAS, torch)."""
     from qkernels import gemm_wgmma as gw
     from qkernels import gemv_mma as gm
 
-    if path == "wgmma":
-        return asdict(gw.config_for(m, pw))
-    if path == "gemv_mma":
-        return asdict(gm.config_for(pw))
-    return None
+    configs = {"wgmma": lambda: gw.config_for(m, pw), "gemv_mma": lambda: gm.config_for(pw), "mma": lambda: lm.mma_config(m, pw),
+               "gemm": lambda: lm.gemm_config(m), "gemv": lambda: lm.gemv_config(pw, lm.pairs_fit(pw, torch.float16)),
+               "gemv_fp32": lambda: lm.gemv_config(pw, False)}
+    return configs[path]() if path in configs else None
+
+
+def kernel_config(m: int, pw: PackedWeight, path: str) -> dict | None:
+    """:func:`path_config` as a dict, for the results' rows: the rules change from session to session, so a figure
+    without its config cannot be told apart from another one."""
+    config = path_config(m, pw, path)
+    return asdict(config) if config is not None else None
 
 
 def relative_error(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = None) -> float:

@@ -1112,9 +1112,7 @@ def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, ou
     if pairs and not fits:
         raise ValueError(f"pairs=True: the fp16-pair GEMV does not fit {pw.layout} weights here (see pairs_fit)")
     pairs = fits if pairs is None else pairs
-    if config is None and pairs and long_k(pw):
-        config = GEMV_PAIR_LONG_K_CONFIGS.get(gemv_key(pw))
-    config = config or (GEMV_PAIR_CONFIGS if pairs else GEMV_CONFIGS).get(gemv_key(pw), GemvConfig())
+    config = config or gemv_config(pw, pairs)
     y = output(out, (m, pw.n), x)
     tensors, consts = _kernel_args(pw)
     n_chunks = pw.words.shape[1] // pw.run
@@ -1140,6 +1138,25 @@ def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, ou
 
 def gemv_key(pw: PackedWeight) -> tuple[str, bool]:
     return pw.layout, pw.n_groups > 1
+
+
+def gemv_config(pw: PackedWeight, pairs: bool) -> GemvConfig:
+    """The GEMV's config for this weight (fp16-pair kernel or, ``pairs`` False, the fp32 one): tuned by kind, for
+    the pair kernel at a long K by kind too (:func:`long_k`), else the defaults."""
+    if pairs and long_k(pw) and gemv_key(pw) in GEMV_PAIR_LONG_K_CONFIGS:
+        return GEMV_PAIR_LONG_K_CONFIGS[gemv_key(pw)]
+    return (GEMV_PAIR_CONFIGS if pairs else GEMV_CONFIGS).get(gemv_key(pw), GemvConfig())
+
+
+def mma_config(m: int, pw: PackedWeight) -> MmaConfig:
+    """The MMA kernel's config at ``m`` rows: tuned by kind (raw-code dots up to :data:`MMA_FOLD_MIN_M` rows, folded
+    weights above), its stages cut to what fits the shared memory (:func:`mma_stages`)."""
+    config = (MMA_FOLD_CONFIGS if m > MMA_FOLD_MIN_M else MMA_CONFIGS).get(gemv_key(pw), MmaConfig())
+    return replace(config, num_stages=mma_stages(pw, mma_block_m(m), config))
+
+
+def mma_block_m(m: int) -> int:
+    return max(16, min(MMA_MAX_BLOCK_M, triton.next_power_of_2(m)))
 
 
 def gemm_config(m: int) -> GemmConfig:
@@ -1208,9 +1225,8 @@ def mma(x: torch.Tensor, pw: PackedWeight, config: MmaConfig | None = None, out:
     if m > MMA_MAX_M:
         raise ValueError(f"mma takes at most {MMA_MAX_M} rows, got {m}; use gemm")
     fold = m > MMA_FOLD_MIN_M
-    config = config or (MMA_FOLD_CONFIGS if fold else MMA_CONFIGS).get(gemv_key(pw), MmaConfig())
-    block_m = max(16, min(MMA_MAX_BLOCK_M, triton.next_power_of_2(m)))
-    config = replace(config, num_stages=mma_stages(pw, block_m, config))
+    block_m = mma_block_m(m)
+    config = replace(config, num_stages=mma_stages(pw, block_m, config)) if config else mma_config(m, pw)
     y = output(out, (m, pw.n), x)
     words, high, scale, zero = kernel_tensors(pw)
     grid = (triton.cdiv(pw.n, config.block_n), triton.cdiv(m, block_m), config.split_k)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -27,7 +27,9 @@ def test_variants_are_fields_of_the_paths_config() -> None:
 
 @pytest.mark.parametrize(
     "argv,message",
-    [(["--path", "mma"], r"--path 'mma' is not valid; choose from \['wgmma', 'gemv_mma'\]"),
+    [(["--path", "dequant"], r"--path 'dequant' is not valid; choose from \['wgmma', 'gemv_mma', 'mma', 'gemm', 'gemv', 'gemv_fp32'\]"),
+     (["--path", "mma", "--batches", "129"], r"--batches \[129\]: mma takes 1 to 128 rows"),
+     (["--path", "mma", "--variant", "words_ahead=2"], r"'words_ahead' is not a field of MmaConfig"),
      (["--path", "gemv_mma", "--batches", "1,16"], r"--batches \[16\]: gemv_mma takes 1 to 8 rows"),
      (["--path", "wgmma", "--variant", "stages=2,bogus=1"], r"'bogus' is not a field of GemmWgmmaConfig"),
      (["--path", "wgmma", "--kernels", "w4g128,w5"], r"unknown kernels \['w5'\]; choose from \['w4g128'")],
@@ -66,6 +68,18 @@ def test_a_cell_times_the_rule_and_its_variants_beside_cublas(monkeypatch: pytes
     table = config_ab.markdown([dict(K=2048, N=256, M=64, kernel="w4g128") | row for row in rows])
     assert "| 2048x256 | 64 | w4g128 | words_ahead=2 | 30.00 | 0.33 | 0.667 | 1.0e-04 |" in table
     assert "| split_k=5 | failed: relative error" in table
+
+
+def test_the_triton_kernels_vary_from_the_config_they_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qkernels import lowbit_matmul as lm
+
+    pw = pack_weight(torch.randint(0, 4, (256, 2048)), torch.rand(256, 16).half(), torch.randint(0, 4, (256, 16)).half(), "uint2", 128,
+                     run=32)
+    monkeypatch.setattr(config_ab, "fp16_calls", lambda x, n: (0, lambda: ["cublas call"]))
+    monkeypatch.setattr(config_ab, "lowbit_calls", lambda x, pw, path, config: lambda: [config])
+    rows = config_ab.compare_cell("mma", 16, pw, [{"split_k": 2}], torch.zeros(16, 2048), lambda calls: dict.fromkeys(calls, 5.0),
+                                  lambda config: 0.0)
+    assert rows[1]["config"] == asdict(lm.mma_config(16, pw)) and rows[2]["config"] == asdict(replace(lm.mma_config(16, pw), split_k=2))
 
 
 def test_json_is_replaced_whole(tmp_path) -> None:

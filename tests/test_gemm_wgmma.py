@@ -246,10 +246,10 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     assert torch.allclose(gemm_wgmma(offset, pw).float(), lm.reference_matmul(offset, pw).float(), rtol=2e-2, atol=2e-2)
 
 
-def test_result_rows_name_the_config_of_the_gluon_kernels() -> None:
-    """The benchmark's rows carry the tile config the wgmma GEMM and the tensor-core GEMV ran (the rules change
-    between sessions); other paths carry none."""
-    from dataclasses import asdict
+def test_result_rows_name_the_config_of_the_kernels() -> None:
+    """The benchmark's rows carry the tile config the wgmma GEMM, the tensor-core GEMV and the Triton kernels ran (the
+    rules change between sessions); dequant + cuBLAS and torch carry none."""
+    from dataclasses import asdict, replace
 
     from bench.kernel_latency import kernel_config, row
     from qkernels import gemv_mma as gm
@@ -257,7 +257,14 @@ def test_result_rows_name_the_config_of_the_gluon_kernels() -> None:
     pw = grouped("uint4", 256, 1024)
     assert kernel_config(32, pw, "wgmma") == asdict(default_config(32, pw)) and kernel_config(32, pw, "wgmma")["split_k"] == 2
     assert kernel_config(1, pw, "gemv_mma") == asdict(gm.rule_config(pw))
-    assert kernel_config(4, pw, "mma") is None and kernel_config(1, pw, "gemv") is None
+    assert kernel_config(4, pw, "mma") == asdict(lm.mma_config(4, pw)) and kernel_config(64, pw, "mma") == asdict(lm.mma_config(64, pw))
+    assert lm.mma_config(4, pw) == replace(lm.MMA_CONFIGS[("uint4", True)], num_stages=lm.mma_stages(pw, 16, lm.MMA_CONFIGS[("uint4", True)]))
+    assert lm.mma_config(64, pw) == replace(lm.MMA_FOLD_CONFIGS[("uint4", True)], num_stages=lm.mma_stages(pw, 64, lm.MMA_FOLD_CONFIGS[("uint4", True)]))
+    assert kernel_config(1, pw, "gemv") == asdict(lm.GEMV_PAIR_CONFIGS[("uint4", True)])  # (K >= 2N, but no long-K entry for W4)
+    assert kernel_config(1, pw, "gemv_fp32") == asdict(lm.GEMV_CONFIGS[("uint4", True)])
+    w3 = grouped("uint3", 256, 1024)
+    assert kernel_config(1, w3, "gemv") == asdict(lm.GEMV_PAIR_LONG_K_CONFIGS[("uint3", True)]) != kernel_config(1, grouped("uint3", 1024, 1024), "gemv")
+    assert kernel_config(200, pw, "gemm") == asdict(lm.gemm_config(200)) and kernel_config(1024, pw, "dequant") is None
     times = {"steady": 10.0}
     assert row(1024, 256, 32, "w4g128", "wgmma", 1000, times, times, 0.0, kernel_config(32, pw, "wgmma"))["config"]["block_m"] == 32
-    assert "config" not in row(1024, 256, 4, "w4g128", "mma", 1000, times, times)
+    assert "config" not in row(1024, 256, 1024, "w4g128", "dequant", 1000, times, times)

@@ -136,7 +136,7 @@ class Latency:
                 packed = pack_block_weight(weight, self.format) if block else pack_int_weight(weight, self.format)
             for m in self.batches:
                 x = torch.randn(m, k, device=bundle.device, dtype=torch.float16)
-                config = None  # the Gluon kernels' tile config, where one runs (the rules change between sessions)
+                config = None  # the kernel's tile config, where one runs (the rules change between sessions)
                 if act is not None:
                     path = act_route(act_kernel(self.format, act), m, k, n, x.device, x.dtype)
                     calls = act_calls(x, weight, self.format, act)
