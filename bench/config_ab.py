@@ -9,12 +9,14 @@ dispatcher's own config, in one process, each checked against the fp32 reference
 A variant names fields of the path's config (``GemmWgmmaConfig`` for ``wgmma``, ``GemvMmaConfig`` for ``gemv_mma``,
 ``lowbit_matmul``'s ``MmaConfig``, ``GemmConfig`` and ``GemvConfig`` for the Triton kernels ``mma``, ``gemm``, ``gemv``
 and ``gemv_fp32``) that replace those of the config the path runs at that cell when given none (tuned, saved or the
-rules': ``bench.kernel_latency.path_config``); that config itself is always the first column, ``rule``. The timings are the steady state of :func:`bench.timing.steady_interleaved`
-(every variant's CUDA graph and cuBLAS's replayed in turn over rotating weight copies), so the ratios between
-variants are not biased by clock drift over the run; this is how the rules' figures in
-``bench/results/kernel_latency_h200.md`` were measured (sessions 14-22, from scratch scripts). A variant that does
-not compile, does not fit or is wrong (relative error above ``bench.kernel_latency.TUNE_TOLERANCE``) is reported
-and not timed. No hydra imports: this runs on the bare device machine.
+rules': ``bench.kernel_latency.path_config``); that config itself is always the first column, ``rule``.
+
+The timings are the steady state of :func:`bench.timing.steady_interleaved` (every variant's CUDA graph and
+cuBLAS's replayed in turn over rotating weight copies), so the ratios between variants are not biased by clock
+drift over the run; this is how the rules' figures in ``bench/results/kernel_latency_h200.md`` were measured
+(sessions 14-22, from scratch scripts). A variant that does not compile, does not fit or is wrong (relative error
+above ``bench.kernel_latency.TUNE_TOLERANCE``) is reported and not timed. No hydra imports: this runs on the bare
+device machine.
 """
 
 from __future__ import annotations
