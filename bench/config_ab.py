@@ -15,8 +15,8 @@ The timings are the steady state of :func:`bench.timing.steady_interleaved` (eve
 cuBLAS's replayed in turn over rotating weight copies), so the ratios between variants are not biased by clock
 drift over the run; this is how the rules' figures in ``bench/results/kernel_latency_h200.md`` were measured
 (sessions 14-22, from scratch scripts). A variant that does not compile, does not fit or is wrong (relative error
-above ``bench.kernel_latency.TUNE_TOLERANCE``) is reported and not timed. No hydra imports: this runs on the bare
-device machine.
+above ``bench.kernel_latency.TUNE_TOLERANCE``: :func:`~bench.kernel_latency.checked_error`, the tuner's check) is
+reported and not timed. No hydra imports: this runs on the bare device machine.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.kernel_latency import LOWBIT_KINDS, TUNE_TOLERANCE, fp16_calls, lowbit_calls, path_config, random_packed, relative_error
+from bench.kernel_latency import LOWBIT_KINDS, checked_error, fp16_calls, lowbit_calls, path_config, random_packed
 from bench.timing import gpu_name, steady_interleaved
 from qkernels import lowbit_matmul as lm
 from qkernels.pack import PackedWeight
@@ -81,25 +81,23 @@ def variant_label(overrides: dict[str, Any]) -> str:
 
 def compare_cell(path: str, m: int, pw: PackedWeight, variants: list[dict[str, Any]], x: torch.Tensor,
                  time_calls: Callable[[dict], dict] = steady_interleaved,
-                 error_of: Callable[[Any], float] | None = None) -> list[dict]:
+                 check: Callable[[Any], tuple[float | None, str | None]] | None = None) -> list[dict]:
     """One cell's rows: cuBLAS fp16, the dispatcher's config (``rule``) and each variant of it, timed side by side
-    (``time_calls``: ``{label: calls}`` -> ``{label: us}``); variants that fail their check carry ``failed`` and no time."""
+    (``time_calls``: ``{label: calls}`` -> ``{label: us}``); variants that fail their check (``check``: config ->
+    relative error and why it must not be timed, :func:`bench.kernel_latency.checked_error`) carry ``failed`` and no time."""
     rule = path_config(m, pw, path)
     configs = {"rule": rule} | {variant_label(v): replace(rule, **v) for v in variants}
-    error_of = error_of or (lambda config: relative_error(x, pw, path, config))
+    check = check or (lambda config: checked_error(x, pw, path, config))
     rows = {label: dict(path=path, variant=label, config=asdict(config)) for label, config in configs.items()}
     calls = {"cublas": fp16_calls(x, pw.n)[1]()}
     for label, config in configs.items():
-        try:
-            error = error_of(config)
-        except Exception as err:  # noqa: BLE001 - a variant that does not compile or fit is reported, not timed
-            rows[label]["failed"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-            continue
-        rows[label]["rel_error"] = error
-        if error > TUNE_TOLERANCE:
-            rows[label]["failed"] = f"relative error {error:.1e} > {TUNE_TOLERANCE}"
-            continue
-        calls[label] = lowbit_calls(x, pw, path, config)()
+        error, failed = check(config)
+        if error is not None:
+            rows[label]["rel_error"] = error
+        if failed:
+            rows[label]["failed"] = failed
+        else:
+            calls[label] = lowbit_calls(x, pw, path, config)()
     times = time_calls(calls)
     base = times.get("rule")
     out = [dict(path="cublas", variant="fp16", us=times["cublas"], x_cublas=1.0)]

@@ -308,18 +308,32 @@ GEMM_SEARCH = {  # block_n, block_m, num_warps, num_stages, block_k, split_k
 TUNE_TOLERANCE = 2e-3  # relative error against the fp32 reference (fp16 output rounding is ~5e-4)
 
 
-def checked_steady(x: torch.Tensor, pw: PackedWeight, path: str, config: Any) -> float | None:
-    """Steady-state time of a config that is right at this shape, or None for one that is wrong or does
-    not compile or fit (shared memory, registers): the tuner never installs a config it did not check."""
+def failure(err: Exception) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
+
+
+def checked_error(x: torch.Tensor, pw: PackedWeight, path: str, config: Any) -> tuple[float | None, str | None]:
+    """A candidate config's relative error at this shape and, where it must not be timed, why: it is wrong (above
+    :data:`TUNE_TOLERANCE`) or does not compile or fit (shared memory, registers)."""
     try:
         error = relative_error(x, pw, path, config)
-        if error > TUNE_TOLERANCE:
-            print(f"  skipped {config}: relative error {error:.1e} > {TUNE_TOLERANCE}", flush=True)
-            return None
-        return steady_us(lowbit_calls(x, pw, path, config)())
-    except Exception as err:  # noqa: BLE001 - a failing candidate is skipped, and said so
-        print(f"  skipped {config}: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
-        return None
+    except Exception as err:  # noqa: BLE001 - a failing candidate is reported, not raised
+        return None, failure(err)
+    return error, f"relative error {error:.1e} > {TUNE_TOLERANCE}" if error > TUNE_TOLERANCE else None
+
+
+def checked_steady(x: torch.Tensor, pw: PackedWeight, path: str, config: Any) -> float | None:
+    """Steady-state time of a config that is right at this shape, or None for one that is wrong or does
+    not compile or fit (:func:`checked_error`): the tuner never installs a config it did not check."""
+    _, failed = checked_error(x, pw, path, config)
+    if not failed:
+        try:
+            return steady_us(lowbit_calls(x, pw, path, config)())
+        except Exception as err:  # noqa: BLE001 - e.g. out of memory for its weight copies: skipped, and said so
+            failed = failure(err)
+    print(f"  skipped {config}: {failed}", flush=True)
+    return None
 
 
 def best_of(candidates: list, time_one: Callable[[Any], float | None]) -> list[tuple[float, Any]]:

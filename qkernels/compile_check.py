@@ -201,7 +201,8 @@ def gluon_cases() -> list[Case]:
         values = [gw.x_descriptor(x, pw, config), words, high, scale, zero, torch.empty(64, pw.n).half(), partial, count, 64, pw.n,
                   words.shape[1] // pw.run, pw.n_groups, *scale.stride(), pw.zero_const, words.stride(0), high.stride(0), pw.n,
                   8, 8, 8, 1]
-        out.append(Case(f"{layout} wgmma GEMM{' words 2 ahead' if ahead == 2 else ''}", gw._gemm_wgmma_kernel, types(gw._gemm_wgmma_kernel, consts, values), consts, num_warps, gluon=True))
+        out.append(Case(f"{layout} wgmma GEMM{' words 2 ahead' if ahead == 2 else ''}", gw._gemm_wgmma_kernel,
+                        types(gw._gemm_wgmma_kernel, consts, values), consts, num_warps, gluon=True))
     return out
 
 

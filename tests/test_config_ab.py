@@ -8,7 +8,7 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-from bench import config_ab
+from bench import config_ab, kernel_latency
 from qkernels.gemm_wgmma import GemmWgmmaConfig, check_config, default_config
 from qkernels.gemv_mma import GemvMmaConfig
 from qkernels.pack import pack_weight
@@ -53,12 +53,13 @@ def test_a_cell_times_the_rule_and_its_variants_beside_cublas(monkeypatch: pytes
         timed.append(calls)
         return {label: 10.0 * (i + 1) for i, label in enumerate(calls)}  # cuBLAS 10, the rule 20, the next 30
 
-    def error_of(config: GemmWgmmaConfig) -> float:
+    def error_of(x, pw, path, config: GemmWgmmaConfig) -> float:  # (as relative_error, without running a kernel)
         check_config(config)
         return 0.5 if config.split_k == 5 else 1e-4
 
+    monkeypatch.setattr(kernel_latency, "relative_error", error_of)
     variants = [{"words_ahead": 2}, {"words_ahead": 3}, {"split_k": 5}]
-    rows = config_ab.compare_cell("wgmma", 64, pw, variants, torch.zeros(64, 2048), time_calls, error_of)
+    rows = config_ab.compare_cell("wgmma", 64, pw, variants, torch.zeros(64, 2048), time_calls)
     assert [row["variant"] for row in rows] == ["fp16", "rule", "words_ahead=2", "words_ahead=3", "split_k=5"]
     assert list(timed[0]) == ["cublas", "rule", "words_ahead=2"]
     assert rows[1]["config"] == asdict(default_config(64, pw)) and rows[1]["x_rule"] == 1.0 and rows[1]["x_cublas"] == 0.5
@@ -78,7 +79,7 @@ def test_the_triton_kernels_vary_from_the_config_they_run(monkeypatch: pytest.Mo
     monkeypatch.setattr(config_ab, "fp16_calls", lambda x, n: (0, lambda: ["cublas call"]))
     monkeypatch.setattr(config_ab, "lowbit_calls", lambda x, pw, path, config: lambda: [config])
     rows = config_ab.compare_cell("mma", 16, pw, [{"split_k": 2}], torch.zeros(16, 2048), lambda calls: dict.fromkeys(calls, 5.0),
-                                  lambda config: 0.0)
+                                  lambda config: (0.0, None))
     assert rows[1]["config"] == asdict(lm.mma_config(16, pw)) and rows[2]["config"] == asdict(replace(lm.mma_config(16, pw), split_k=2))
 
 
