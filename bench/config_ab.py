@@ -5,6 +5,8 @@ dispatcher's own config, in one process, each checked against the fp32 reference
         --variant words_ahead=1 --variant words_ahead=2 --variant words_ahead=2,split_k=3
     python -m bench.config_ab --path gemv_mma --kernels w2g128,w1g128 --shapes 8192x8192 --batches 1 \
         --variant split_k=3 --variant split_k=6,stages=3 --json ab.json
+    python -m bench.config_ab --path gemv_mma --kernels ternary2 --shapes 8192x8192 --batches 1 --save-best \
+        --variant stages=0,block_n=64,num_warps=16,split_k=1,k_warps=4,maxnreg=128
 
 A variant names fields of the path's config (``GemmWgmmaConfig`` for ``wgmma``, ``GemvMmaConfig`` for ``gemv_mma``,
 ``lowbit_matmul``'s ``MmaConfig``, ``GemmConfig`` and ``GemvConfig`` for the Triton kernels ``mma``, ``gemm``, ``gemv``
@@ -16,7 +18,10 @@ cuBLAS's replayed in turn over rotating weight copies), so the ratios between va
 drift over the run; this is how the rules' figures in ``bench/results/kernel_latency_h200.md`` were measured
 (sessions 14-22, from scratch scripts). A variant that does not compile, does not fit or is wrong (relative error
 above ``bench.kernel_latency.TUNE_TOLERANCE``: :func:`~bench.kernel_latency.checked_error`, the tuner's check) is
-reported and not timed. No hydra imports: this runs on the bare device machine.
+reported and not timed. With ``--save-best`` (the two kernels whose tuned configs :mod:`qkernels.tuned` keeps,
+``gemv_mma`` and ``wgmma``) the fastest variant of a cell that beats ``rule`` by at least ``--min-gain`` is merged
+into this GPU's tuned-config file, as ``bench.kernel_latency --tune-gemv-mma --save-tuned`` merges its search's
+winners; later processes on that GPU model run it. No hydra imports: this runs on the bare device machine.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch
 from bench.kernel_latency import LOWBIT_KINDS, checked_error, fp16_calls, lowbit_calls, path_config, random_packed
 from bench.timing import gpu_name, steady_interleaved
 from qkernels import lowbit_matmul as lm
+from qkernels import tuned
 from qkernels.pack import PackedWeight
 
 
@@ -108,6 +114,25 @@ def compare_cell(path: str, m: int, pw: PackedWeight, variants: list[dict[str, A
     return out
 
 
+def best_variant(rows: list[dict], min_gain: float) -> dict | None:
+    """The fastest timed variant of one cell's rows if it beats ``rule`` by at least ``min_gain`` (a fraction of
+    rule's time), else None."""
+    rule = next((r for r in rows if r.get("variant") == "rule" and "us" in r), None)
+    timed = [r for r in rows if r["path"] != "cublas" and r.get("variant") != "rule" and "us" in r]
+    if rule is None or not timed:
+        return None
+    best = min(timed, key=lambda r: r["us"])
+    return best if best["us"] <= rule["us"] * (1 - min_gain) else None
+
+
+def tuned_key(path: str, m: int, pw: PackedWeight) -> tuple:
+    """The key under which :mod:`qkernels.tuned` keeps ``path``'s config for this weight (and batch)."""
+    from qkernels import gemm_wgmma as gw
+    from qkernels import gemv_mma as gm
+
+    return gm.tuned_key(pw) if path == "gemv_mma" else gw.tuned_key(m, pw)
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| in x out | M | kernel | variant | us | x cuBLAS | x rule | rel err |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -136,9 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default="8192x8192", help="comma list of INxOUT")
     parser.add_argument("--batches", default="64", help="comma list of batch sizes")
     parser.add_argument("--json", type=Path, default=None, help="write every row here (after each cell)")
+    parser.add_argument("--save-best", action="store_true", help="merge each cell's fastest variant, where it beats rule "
+                        "by --min-gain, into this GPU's tuned-config file (gemv_mma and wgmma)")
+    parser.add_argument("--min-gain", type=float, default=0.02, help="the fraction of rule's time a saved variant saves (0.02)")
     args = parser.parse_args(argv)
     if args.path not in PATHS:
         parser.error(f"--path {args.path!r} is not valid; choose from {list(PATHS)}")
+    if args.save_best and args.path not in tuned.KERNELS:
+        parser.error(f"--save-best keeps configs of {list(tuned.KERNELS)} (the tables qkernels.tuned keeps); --path is {args.path!r}")
+    if not 0 <= args.min_gain < 1:
+        parser.error(f"--min-gain {args.min_gain} is not a fraction in [0, 1)")
     try:
         variants = [parse_variant(text, config_class(args.path)) for text in args.variant]
         kinds = [k for k in args.kernels.split(",") if k]
@@ -164,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
                 cell = [dict(K=k, N=n, M=m, kernel=kind) | row for row in compare_cell(args.path, m, pw, variants, x)]
                 rows += cell
                 print(markdown(cell).split("\n", 2)[2], flush=True)
+                if args.save_best and (best := best_variant(cell, args.min_gain)):
+                    config = config_class(args.path)(**best["config"])
+                    path = tuned.save(gpu_name(), args.path, {tuned_key(args.path, m, pw): (config, best["us"])})
+                    best["saved"] = str(path)
+                    print(f"--save-best: {best['variant']} ({best['us']:.2f} us) saved in {path}", flush=True)
                 if args.json:
                     write_json(args.json, {"gpu": gpu_name(), "torch": torch.__version__, "path": args.path, "rows": rows})
                 torch.cuda.empty_cache()

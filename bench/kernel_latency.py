@@ -461,9 +461,13 @@ def save_winners(kernel: str, winners: dict[tuple, tuple], tuned_keys: list[tupl
     print(f"--save-tuned: {len(winners)} {kernel} configs that beat the rules merged into {path}", flush=True)
 
 
+K_WARP_TILES = ((32, 8, 1, 4), (32, 16, 1, 8), (64, 8, 1, 2), (64, 16, 1, 4), (128, 16, 1, 2), (64, 8, 2, 2), (64, 16, 2, 4))  # rows, warps, splits, groups
+
+
 def gemv_mma_search(pw: PackedWeight, hopper: bool) -> list:
     """Tensor-core GEMV candidates (batch 1): 64 or 128 weight rows on 4 or 8 warps, 2, 3, 4, 6 or 8 K splits
-    (session 21: ternary 4096x14336 on plain loads 9.85 us with 3 against 10.25 on the rule), plain loads; on Hopper
+    (session 21: ternary 4096x14336 on plain loads 9.85 us with 3 against 10.25 on the rule), plain loads, and
+    (but for uint3) the :data:`K_WARP_TILES`, the warps in groups along K; on Hopper
     also the TMA feed with 1, 2, 3, 4, 6 or 8 K splits and 2, 3 or 4 chunks in flight, routed where
     four groups share a chunk half (:func:`qkernels.gemv_mma.routes`), 128-row tiles on 4 warps under both
     register caps (session 20: one K split of 64-row tiles, uncapped, took W2 g128 4096x14336 in 10.9 us against
@@ -474,6 +478,8 @@ def gemv_mma_search(pw: PackedWeight, hopper: bool) -> list:
 
     tiles = [(64, 4), (128, 4), (128, 8)]
     plain = [gm.GemvMmaConfig(block_n, warps, split) for block_n, warps in tiles for split in (2, 3, 4, 6, 8)]
+    if pw.high is None:  # the warps in groups along K (session 23: 4096^2, 8192^2 ternary, 4096x14336)
+        plain += [gm.GemvMmaConfig(block_n, warps, split, k_warps=groups) for block_n, warps, split, groups in K_WARP_TILES]
     if not hopper:
         return plain
     fed = [

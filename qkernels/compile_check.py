@@ -182,14 +182,15 @@ def gluon_cases() -> list[Case]:
     y, partial, count = torch.empty(1, 256).half(), torch.empty(16), torch.zeros(16, dtype=torch.int32)
     for layout, config in (("uint1", gm.GemvMmaConfig(64, 4, 2)), ("uint3", gm.GemvMmaConfig(64, 4, 4)), ("uint4", gm.GemvMmaConfig(128, 4, 4, stages=2)),
                            ("uint1", gm.GemvMmaConfig(128, 4, 2, stages=2, route=True, maxnreg=gm.WIDE_TILE_REGISTERS)),
-                           ("uint3", gm.GemvMmaConfig(64, 4, 2, stages=2)), ("ternary", gm.GemvMmaConfig(128, 4, 4, stages=2, maxnreg=gm.WIDE_TILE_REGISTERS))):
+                           ("uint3", gm.GemvMmaConfig(64, 4, 2, stages=2)), ("ternary", gm.GemvMmaConfig(128, 4, 4, stages=2, maxnreg=gm.WIDE_TILE_REGISTERS)),
+                           ("uint2", gm.GemvMmaConfig(64, 16, 1, k_warps=4)), ("ternary", gm.GemvMmaConfig(64, 16, 1, k_warps=4))):
         pw = packed(layout, 256)
         kernel, sizes, consts = gm.launch_constants(pw, config)
-        words, high, scale, zero = lm.kernel_tensors(pw)
-        weights = gm._descriptors(pw, words, scale, zero, config) if config.stages else (words, high, scale, zero)
+        weights = gm._weight_args(pw, config)
         options = {name: consts.pop(name) for name in ("num_warps", "launch_pdl", "maxnreg") if name in consts}
         values = [torch.empty(1, pw.k).half(), *weights, y, partial, count, *sizes, pw.k, pw.n]
-        out.append(Case(f"{layout} tensor-core GEMV{' TMA' if config.stages else ''}{' routed' if config.route else ''}", kernel,
+        out.append(Case(f"{layout} tensor-core GEMV{' TMA' if config.stages else ''}{' routed' if config.route else ''}"
+                        f"{f' {config.k_warps} K warp groups' if config.k_warps > 1 else ''}", kernel,
                         types(kernel, consts, values), consts, options["num_warps"], gluon=True, options={"maxnreg": options.get("maxnreg")}))
     for layout, ahead in (("uint4", 1), ("uint3", 1), ("uint4", 2), ("uint3", 2)):
         pw = packed(layout, 512)

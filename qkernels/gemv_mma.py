@@ -421,6 +421,177 @@ def _gemv_mma_kernel(
     _store_rows(y, y_ptr + pid_m * stride_ym + rows, row_ok, partial_ptr, count_ptr, cell, pid_m, pid_n, BLOCK_N, SPLIT_K, rows_layout)
 
 
+# --- K split across a program's warps (``k_warps``): the program's K-groups of warps sum their own chunks of the
+# same rows, added in shared memory at the end, so fewer (or no) K splits go through global memory.
+
+
+@gluon.constexpr_function
+def _kw_layout(k_warps, row_warps):
+    """The words tile ``[KW, BLOCK_N // 2, 2, RUN]``: :func:`_words_layout` on each of the ``KW`` groups of
+    ``row_warps`` warps (a thread's registers in the same order: its 8 words, then the passes)."""
+    return gl.BlockedLayout([1, 1, 1, 8], [1, 4, 2, 4], [k_warps, row_warps, 1, 1], [3, 2, 1, 0])
+
+
+@gluon.constexpr_function
+def _kw_lanes(k_warps, row_warps):
+    """``[KW, BLOCK_N // 2, 2, 4]``: :func:`_lanes` on each group of warps."""
+    return gl.BlockedLayout([1, 1, 1, 1], [1, 4, 2, 4], [k_warps, row_warps, 1, 1], [3, 2, 1, 0])
+
+
+@gluon.jit
+def _kw_stage(x_row, first, per_group, n_chunks, K, xs, offset_sums, x_sums, KW: gl.constexpr, ROW_WARPS: gl.constexpr,
+              BITS: gl.constexpr, SLOTS: gl.constexpr, STEP: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr):
+    """:func:`_stage` for every group of warps at once: group ``g``'s ``per_group`` chunks from ``first + g *
+    per_group``; ``xs [XS_CHUNKS, KW, HALF, 2, RUN]``, ``offset_sums`` and ``x_sums [XS_CHUNKS, KW, N_STEPS, 2]``
+    (zeros past a group's chunks and past the weight's)."""
+    HALF: gl.constexpr = SLOTS // 2
+    CHUNK: gl.constexpr = SLOTS * RUN
+    WIN: gl.constexpr = 8 if BITS == 4 else 4  # WINDOW[BITS]
+    N_STEPS: gl.constexpr = HALF // STEP
+    pairs: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [1, 1, 1, 4, 8], [1, KW, ROW_WARPS, 1, 1], [4, 3, 2, 1, 0])
+    p4: gl.constexpr = gl.SliceLayout(4, pairs)
+    c = gl.arange(0, XS_CHUNKS, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, p4))))[:, None, None, None, None]
+    g = gl.arange(0, KW, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, p4))))[None, :, None, None, None]
+    slot = gl.arange(0, HALF, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, p4))))[None, None, :, None, None]
+    half = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, p4))))[None, None, None, :, None]
+    w = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, pairs)))))[None, None, None, None, :]
+    chunk = first + g * per_group + c
+    k = chunk * CHUNK + (slot + half * HALF) * RUN + w
+    ok = (c < per_group) & (chunk < n_chunks)
+    if not EVEN_K:
+        ok = ok & (k < K)
+    xs.store(_bits16(gl.load(x_row + k, mask=ok, other=0.0)) << (16 * half))
+    steps: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [1, 1, 1, 2, 16], [1, KW, ROW_WARPS, 1, 1], [4, 3, 2, 1, 0])
+    s4: gl.constexpr = gl.SliceLayout(4, steps)
+    c = gl.arange(0, XS_CHUNKS, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, s4))))[:, None, None, None, None]
+    g = gl.arange(0, KW, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, s4))))[None, :, None, None, None]
+    step = gl.arange(0, N_STEPS, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, s4))))[None, None, :, None, None]
+    half = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, s4))))[None, None, None, :, None]
+    i = gl.arange(0, STEP * RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, steps)))))[None, None, None, None, :]
+    chunk = first + g * per_group + c
+    k = chunk * CHUNK + (step * STEP + half * HALF) * RUN + i
+    ok = (c < per_group) & (chunk < n_chunks)
+    if not EVEN_K:
+        ok = ok & (k < K)
+    x = gl.load(x_row + k, mask=ok, other=0.0).to(gl.float32)
+    offset = (1 << (WIN - (BITS * (step * STEP + i // RUN)) % WIN)).to(gl.float32)  # 2**(10 - P) of the slot
+    offset_sums.store(gl.sum(x * offset, axis=4))
+    x_sums.store(gl.sum(x, axis=4))
+
+
+@gluon.jit
+def _kw_step(words, xs, offset_sums, x_sums, acc, y_acc, correction, s_lo, s_hi, z_lo, z_hi, STEP_I: gl.constexpr, KW: gl.constexpr,
+             ROW_WARPS: gl.constexpr, BLOCK_N: gl.constexpr, BITS: gl.constexpr, STEP: gl.constexpr, SCALE_AFTER: gl.constexpr):
+    """:func:`_step` on every group of warps: ``xs [KW, HALF, 2, RUN]`` and the sums ``[KW, N_STEPS, 2]`` of each
+    group's current chunk."""
+    layout: gl.constexpr = _kw_layout(KW, ROW_WARPS)
+    rows_layout: gl.constexpr = gl.SliceLayout(3, layout)
+    lanes: gl.constexpr = _kw_lanes(KW, ROW_WARPS)
+    cols = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, layout))))[None, None, None, :]
+    offsets = offset_sums.slice(STEP_I, 1, dim=1)
+    x_step = x_sums.slice(STEP_I, 1, dim=1)
+    offset_lo = offsets.slice(0, 1, dim=2).load(rows_layout)[:, :, :, None]
+    offset_hi = offsets.slice(1, 1, dim=2).load(rows_layout)[:, :, :, None]
+    x_lo = x_step.slice(0, 1, dim=2).load(rows_layout)[:, :, :, None]
+    x_hi = x_step.slice(1, 1, dim=2).load(rows_layout)[:, :, :, None]
+    fix_lo = -offset_lo - z_lo * x_lo
+    fix_hi = -offset_hi - z_hi * x_hi
+    if SCALE_AFTER:
+        correction += fix_lo + fix_hi
+    else:
+        acc = gl.where(cols % 8 < 2, gl.where(cols % 2 == 0, fix_lo, fix_hi), 0.0)
+    for j in gl.static_range(STEP):
+        b = xs.slice(STEP_I * STEP + j, 1, dim=1).load(layout)
+        a = _decode_slot(words, STEP_I * STEP + j, BITS)
+        acc = gl.inline_asm_elementwise(asm=MMA_ASM, constraints=MMA_CONSTRAINTS, args=[a, b, acc],
+                                        dtype=gl.float32, is_pure=True, pack=16)
+    if not SCALE_AFTER:
+        sums = gl.sum(gl.reshape(acc, [KW, BLOCK_N // 2, 2, 4, 4, 2]), axis=4)
+        lo, hi = gl.split(sums)
+        y_acc += gl.convert_layout(s_lo, lanes) * gl.convert_layout(lo, lanes) + gl.convert_layout(s_hi, lanes) * gl.convert_layout(hi, lanes)
+    return acc, y_acc, correction
+
+
+@gluon.jit
+def _gemv_kw_kernel(
+    x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
+    N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_hn, stride_xm, stride_ym,
+    BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
+    SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
+    PDL: gl.constexpr, KW: gl.constexpr,
+):
+    """:func:`_gemv_mma_kernel` with the program's warps in ``KW`` groups along K (plain loads, not uint3): the
+    program's chunks (its K split's) are cut in ``KW`` runs, one a group; each group sums its run for the program's
+    rows, and the groups' sums are added (in shared memory) before the split-K store."""
+    ROW_WARPS: gl.constexpr = NUM_WARPS // KW
+    layout: gl.constexpr = _kw_layout(KW, ROW_WARPS)
+    rows_layout: gl.constexpr = gl.SliceLayout(3, layout)
+    out_layout: gl.constexpr = gl.SliceLayout(0, rows_layout)
+    HALF: gl.constexpr = SLOTS // 2
+    STEP: gl.constexpr = SPG if SPG < HALF else HALF
+    N_STEPS: gl.constexpr = HALF // STEP
+    pid_m = gl.program_id(0)
+    pid_n = gl.program_id(1)
+    cell = (gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, rows_layout)))[None, :, None] * 2
+            + gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, rows_layout)))[None, None, :])
+    rows = pid_n * BLOCK_N + cell  # [1, BLOCK_N // 2, 2]
+    row_ok = rows < N
+    cols = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, layout))))[None, None, None, :]
+    group = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, rows_layout)))[:, None, None, None]
+    per_group = gl.cdiv(n_chunks, SPLIT_K * KW)
+    first = gl.program_id(2) * KW * per_group
+    g_first = first + group * per_group  # [KW, 1, 1, 1]: each group's first chunk
+    g_last = gl.minimum(g_first + per_group, n_chunks)
+    rows4, row_ok4 = rows[:, :, :, None], row_ok[:, :, :, None]
+    w_rows = w_ptr + rows4 * stride_wn + cols
+    start = gl.minimum(g_first, n_chunks - 1)
+    next_words = gl.load(w_rows + start * RUN, mask=row_ok4, other=0)
+    next_values = _group_values(scale_ptr, zero_ptr, rows4, row_ok4, start, 0, n_groups, stride_sn, stride_sg, group_size,
+                                zero_const, HAS_ZERO, SLOTS, SPG, STEP)
+    if PDL:
+        _grid_dependency(True)
+        _grid_dependency(False)
+    xs = gl.allocate_shared_memory(gl.int32, [XS_CHUNKS, KW, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0]))
+    offset_sums = gl.allocate_shared_memory(gl.float32, [XS_CHUNKS, KW, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
+    x_sums = gl.allocate_shared_memory(gl.float32, [XS_CHUNKS, KW, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
+    _kw_stage(x_ptr + pid_m * stride_xm, first, per_group, n_chunks, K, xs, offset_sums, x_sums, KW, ROW_WARPS, BITS, SLOTS, STEP,
+              XS_CHUNKS, EVEN_K)
+    xs = reinterpret(xs, gl.int32, [XS_CHUNKS, KW, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
+    offset_sums = reinterpret(offset_sums, gl.float32, [XS_CHUNKS, KW, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    x_sums = reinterpret(x_sums, gl.float32, [XS_CHUNKS, KW, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    barrier()
+    acc = gl.zeros((KW, BLOCK_N // 2, 2, RUN), gl.float32, layout)
+    y_acc = gl.zeros((KW, BLOCK_N // 2, 2, 4), gl.float32, _kw_lanes(KW, ROW_WARPS))
+    s_lo, s_hi, z_lo, z_hi = next_values
+    correction = gl.zeros((KW, BLOCK_N // 2, 2, 1), gl.float32, layout)
+    for i in range(per_group):
+        chunk = g_first + i
+        following = gl.maximum(gl.minimum(chunk + 1, g_last - 1), 0)  # (the last chunk again at a group's end)
+        words = next_words
+        next_words = gl.load(w_rows + following * RUN, mask=row_ok4, other=0)
+        for step in gl.static_range(N_STEPS):
+            if not SCALE_AFTER:
+                s_lo, s_hi, z_lo, z_hi = next_values
+                if step + 1 < N_STEPS:
+                    next_values = _group_values(scale_ptr, zero_ptr, rows4, row_ok4, chunk, step + 1, n_groups, stride_sn,
+                                                stride_sg, group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
+                else:
+                    next_values = _group_values(scale_ptr, zero_ptr, rows4, row_ok4, following, 0, n_groups, stride_sn,
+                                                stride_sg, group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
+            acc, y_acc, correction = _kw_step(words, xs.index(i), offset_sums.index(i), x_sums.index(i), acc, y_acc, correction,
+                                              s_lo, s_hi, z_lo, z_hi, step, KW, ROW_WARPS, BLOCK_N, BITS, STEP, SCALE_AFTER)
+    if SCALE_AFTER:
+        y = (gl.sum(acc, axis=3) * 0.25 + gl.sum(correction, axis=3)) * gl.sum(s_lo, axis=3)
+    else:
+        y = gl.convert_layout(gl.sum(y_acc, axis=3), rows_layout) * 0.25
+    y = gl.sum(y, axis=0)  # the groups' sums: across warps, through shared memory
+    out_cell = (gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(1, out_layout))[:, None] * 2
+                + gl.arange(0, 2, layout=gl.SliceLayout(0, out_layout))[None, :])
+    out_rows = pid_n * BLOCK_N + out_cell
+    _store_rows(y, y_ptr + pid_m * stride_ym + out_rows, out_rows < N, partial_ptr, count_ptr, out_cell, pid_m, pid_n, BLOCK_N, SPLIT_K,
+                out_layout)
+
+
 @gluon.jit
 def _shared_values(s_groups, z_groups, lo, hi, zero_const, HAS_ZERO: gl.constexpr, rows_layout: gl.constexpr):
     """Scales and zero points (fp32, ``[BLOCK_N // 2, 2, 1]``) of groups ``lo`` and ``hi`` of the split's box."""
@@ -640,6 +811,7 @@ class GemvMmaConfig:
     stages: int = 0  # 0: words and group values by plain loads (any GPU); n: by TMA, n chunks ahead (Hopper: tma_fits)
     route: bool = False  # with TMA and four groups a chunk half (W1 g128, W2 g64): the groups in MMA columns (routes)
     pdl: bool = False  # from Hopper on: programmatic dependent launch (off: it slowed the decode, see the module notes)
+    k_warps: int = 1  # plain loads, not uint3: the warps in this many groups along K, summed in shared memory (_gemv_kw_kernel)
 
 
 def default_config(pw: PackedWeight) -> GemvMmaConfig:
@@ -724,8 +896,24 @@ def tuned_key(pw: PackedWeight) -> tuple:
     return pw.layout, pw.zero is not None, pw.group_size, pw.n, pw.k
 
 
+def k_warps_config(pw: PackedWeight) -> GemvMmaConfig | None:
+    """Small weights (at most 4096^2 codes on at least 4096 rows) other than W1 and W3: 32-row tiles, 8 warps in 4 groups
+    along K, no K split through global memory (:func:`_gemv_kw_kernel`); else None. H200, batch 1, side by side
+    with the rules (session 23, bench/results/kernel_latency_h200.md): 4096^2 ternary 4.51 us against 5.44, W2 g128
+    5.45 against 6.21, W4 g128 6.14 against 6.87 (W1 5.47 against the routed TMA rule's 5.35: not W1). Not at the
+    larger shapes timed (4096x11008, 11008x4096, 8192^2 but for ternary, and larger): there the rules won or tied."""
+    bits = lm.CODE_BITS[pw.layout]
+    if bits in (1, 3) or pw.n * pw.k > 4096 * 4096 or pw.n < 4096:
+        return None
+    return GemvMmaConfig(block_n=32, num_warps=8, split_k=1, k_warps=4)
+
+
 def rule_config(pw: PackedWeight) -> GemvMmaConfig:
-    """:func:`tma_config` where it applies and fits (Hopper), else :func:`default_config`."""
+    """:func:`k_warps_config` where it applies, else :func:`tma_config` where it applies and fits (Hopper), else
+    :func:`default_config`."""
+    config = k_warps_config(pw)
+    if config is not None:
+        return config
     config = tma_config(pw)
     return config if config is not None and tma_fits(pw, config) else default_config(pw)
 
@@ -774,8 +962,14 @@ def _weight_args(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
 def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     """What a launch with ``config`` takes besides the tensors, checked once per weight shape and address
     (:meth:`PackedWeight.memo`, shared: it holds no tensor): the kernel, sizes and compile-time constants."""
-    if config.block_n % (16 * config.num_warps):
-        raise ValueError(f"block_n must be a multiple of 16 * num_warps = {16 * config.num_warps}, got {config.block_n}")
+    if config.k_warps < 1 or config.k_warps & (config.k_warps - 1) or config.num_warps % config.k_warps:
+        raise ValueError(f"k_warps must be a power of two that divides num_warps = {config.num_warps}, got {config.k_warps}")
+    row_warps = config.num_warps // config.k_warps
+    if config.block_n % (16 * row_warps):
+        raise ValueError(f"block_n must be a multiple of 16 * num_warps / k_warps = {16 * row_warps}, got {config.block_n}")
+    if config.k_warps > 1 and (config.stages or pw.high is not None):
+        raise ValueError(f"k_warps={config.k_warps} runs on the plain loads (stages=0) and one plane of words (not uint3); "
+                         f"got stages={config.stages}, {pw.layout}")
     if config.stages and not tma_fits(pw, config):
         raise ValueError(f"stages={config.stages} (TMA) needs a Hopper GPU, 16-byte aligned words, scales and zero points "
                          f"and at most {MAX_GROUP_BOX} groups a split; use stages=0 here")
@@ -794,7 +988,8 @@ def launch_constants(pw: PackedWeight, config: GemvMmaConfig, pdl: bool = False)
     n_chunks = words.shape[1] // pw.run
     consts = dict(
         BITS=lm.CODE_BITS[pw.layout], SLOTS=pw.slots, SPG=pw.group_size // pw.run, HAS_ZERO=pw.zero is not None, BLOCK_N=config.block_n,
-        SPLIT_K=config.split_k, NUM_WARPS=config.num_warps, XS_CHUNKS=triton.next_power_of_2(triton.cdiv(n_chunks, config.split_k)),
+        SPLIT_K=config.split_k, NUM_WARPS=config.num_warps,
+        XS_CHUNKS=triton.next_power_of_2(triton.cdiv(n_chunks, config.split_k * config.k_warps)),
         EVEN_K=pw.k == pw.k_pad, SCALE_AFTER=pw.n_groups == 1, PDL=pdl, num_warps=config.num_warps, launch_pdl=pdl,
         **({} if config.maxnreg is None else {'maxnreg': config.maxnreg}),
     )
@@ -803,6 +998,8 @@ def launch_constants(pw: PackedWeight, config: GemvMmaConfig, pdl: bool = False)
         consts.update(STAGES=config.stages, ROUTE=config.route)
         return _gemv_tma_kernel, sizes, consts
     sizes = (pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const, words.stride(0), high.stride(0))
+    if config.k_warps > 1:
+        return _gemv_kw_kernel, sizes, consts | dict(KW=config.k_warps)
     return _gemv_mma_kernel, sizes, consts
 
 

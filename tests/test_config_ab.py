@@ -32,7 +32,9 @@ def test_variants_are_fields_of_the_paths_config() -> None:
      (["--path", "mma", "--variant", "words_ahead=2"], r"'words_ahead' is not a field of MmaConfig"),
      (["--path", "gemv_mma", "--batches", "1,16"], r"--batches \[16\]: gemv_mma takes 1 to 8 rows"),
      (["--path", "wgmma", "--variant", "stages=2,bogus=1"], r"'bogus' is not a field of GemmWgmmaConfig"),
-     (["--path", "wgmma", "--kernels", "w4g128,w5"], r"unknown kernels \['w5'\]; choose from \['w4g128'")],
+     (["--path", "wgmma", "--kernels", "w4g128,w5"], r"unknown kernels \['w5'\]; choose from \['w4g128'"),
+     (["--path", "mma", "--save-best"], r"--save-best keeps configs of \['gemv_mma', 'wgmma'\] .*; --path is 'mma'"),
+     (["--path", "gemv_mma", "--batches", "1", "--save-best", "--min-gain", "1.5"], r"--min-gain 1.5 is not a fraction in \[0, 1\)")],
 )
 def test_bad_arguments_are_named(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
@@ -89,3 +91,20 @@ def test_json_is_replaced_whole(tmp_path) -> None:
     config_ab.write_json(target, {"rows": [1, 2]})
     assert target.read_text().count("\n") > 1 and '"rows"' in target.read_text()
     assert [p.name for p in target.parent.iterdir()] == ["ab.json"]  # no temporary file left
+
+
+def test_the_best_variant_is_kept_only_where_it_beats_the_rule() -> None:
+    """--save-best's choice: the fastest timed variant, if it saves at least ``min_gain`` of the rule's time; failed
+    variants and cuBLAS never; the key is the one the kernel's tuned table uses."""
+    from qkernels import gemm_wgmma, gemv_mma
+
+    rows = [dict(path="cublas", variant="fp16", us=30.0), dict(path="gemv_mma", variant="rule", us=10.0),
+            dict(path="gemv_mma", variant="k_warps=4", us=9.5), dict(path="gemv_mma", variant="split_k=3", us=9.9),
+            dict(path="gemv_mma", variant="split_k=9", failed="relative error")]
+    assert config_ab.best_variant(rows, 0.02)["variant"] == "k_warps=4"
+    assert config_ab.best_variant(rows, 0.06) is None  # 5% faster: not enough
+    assert config_ab.best_variant(rows[:2] + rows[4:], 0.0) is None  # nothing but the rule timed
+    assert config_ab.best_variant([rows[0], rows[2]], 0.0) is None  # the rule did not run: nothing to beat
+    pw = pack_weight(torch.randint(0, 4, (256, 2048)), torch.rand(256, 16).half(), None, "uint2", 128, zero_const=1.0, run=32)
+    assert config_ab.tuned_key("gemv_mma", 1, pw) == gemv_mma.tuned_key(pw)
+    assert config_ab.tuned_key("wgmma", 64, pw) == gemm_wgmma.tuned_key(64, pw)

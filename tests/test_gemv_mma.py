@@ -11,8 +11,8 @@ import torch
 
 from qkernels import lowbit_matmul as lm
 from qkernels.gemv_mma import (
-    WINDOW, GemvMmaConfig, _by_group, _descriptors, config_for, default_config, gemv_mma, group_box, mma_asm, routes, slot3_constants, slot_constants,
-    tma_config,
+    WINDOW, GemvMmaConfig, _by_group, _descriptors, config_for, default_config, gemv_mma, group_box, k_warps_config, mma_asm, routes, rule_config,
+    slot3_constants, slot_constants, tma_config,
 )
 from qkernels.pack import pack_weight
 
@@ -111,6 +111,33 @@ def test_rejects_what_it_cannot_take() -> None:
     assert lm.gemv_mma_fits(ternary, torch.float16) and not lm.gemv_mma_fits(ternary, torch.bfloat16)
     with pytest.raises(ValueError, match="multiple of 16"):
         gemv_mma(torch.randn(1, 256, dtype=torch.float16), ternary, GemvMmaConfig(block_n=32, num_warps=4))
+    x = torch.randn(1, 256, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"block_n must be a multiple of 16 \* num_warps / k_warps = 32, got 16"):
+        gemv_mma(x, ternary, GemvMmaConfig(block_n=16, num_warps=8, k_warps=4))
+    with pytest.raises(ValueError, match="k_warps must be a power of two that divides num_warps = 8, got 3"):
+        gemv_mma(x, ternary, GemvMmaConfig(block_n=32, num_warps=8, k_warps=3))
+    with pytest.raises(ValueError, match=r"k_warps=4 runs on the plain loads \(stages=0\) and one plane of words \(not uint3\); got stages=2"):
+        gemv_mma(x, ternary, GemvMmaConfig(block_n=32, num_warps=8, k_warps=4, stages=2))
+    uint3_32 = pack_weight(codes, scale, None, "uint3", 128, zero_const=3.5, run=32)
+    with pytest.raises(ValueError, match="got stages=0, uint3"):
+        gemv_mma(x, uint3_32, GemvMmaConfig(block_n=32, num_warps=8, k_warps=4))
+
+
+def test_small_weights_split_k_across_warp_groups() -> None:
+    """The rule for small weights (at most 4096^2 codes on at least 4096 rows): 32-row tiles of 8 warps in 4 groups
+    along K and no global K split, for W2, ternary and W4, before the TMA feed's rule; not for W1 or W3, nor larger
+    or narrower weights."""
+    def packed(layout: str, top: int, n: int, k: int, group: int | None):
+        scale = torch.rand(n, 1 if group is None else k // group).half()
+        return pack_weight(torch.randint(0, top + 1, (n, k)), scale, None, layout, group, zero_const=1.0, run=32)
+
+    small = [packed("uint2", 3, 4096, 4096, 128), packed("uint2", 2, 4096, 4096, None), packed("uint4", 15, 4096, 2048, 128)]
+    kw = GemvMmaConfig(block_n=32, num_warps=8, split_k=1, k_warps=4)
+    assert [k_warps_config(pw) for pw in small] == [kw] * 3 and [rule_config(pw) for pw in small] == [kw] * 3
+    others = [packed("uint1", 1, 4096, 4096, 128), packed("uint3", 7, 4096, 4096, 128), packed("uint2", 3, 11008, 4096, 128),
+              packed("uint2", 3, 2048, 4096, 128)]
+    assert [k_warps_config(pw) for pw in others] == [None] * 4
+    assert rule_config(others[2]) == default_config(others[2])  # (no Hopper here: the plain loads' rule)
 
 
 def test_dispatch_at_batch_1(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -165,6 +192,9 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     x = torch.randn(3, k, device="cuda", dtype=torch.float16)
     ref = lm.reference_matmul(x, pw).float()
     configs = [None, GemvMmaConfig(128, 8, 2), GemvMmaConfig(32, 2, 1), GemvMmaConfig(64, 4, 8, maxnreg=None), GemvMmaConfig(pdl=True)]
+    if pw.high is None:  # the warps in groups along K: uneven runs, groups with no chunk, with and without global K splits
+        configs += [GemvMmaConfig(32, 8, 1, k_warps=4), GemvMmaConfig(64, 8, 2, k_warps=2), GemvMmaConfig(16, 8, 3, k_warps=8),
+                    GemvMmaConfig(128, 16, 1, k_warps=2, maxnreg=None)]
     if lm.is_hopper(x.device):  # the TMA feed: every chunk in flight, and a ring that refills (1 and 2 stages)
         configs += [GemvMmaConfig(128, 8, 2, stages=4), GemvMmaConfig(64, 4, 1, stages=1), GemvMmaConfig(32, 2, 2, stages=2),
                     GemvMmaConfig(128, 4, 2, stages=2, maxnreg=168)]  # (the 168-register cap of 128-row tiles)
@@ -283,7 +313,8 @@ def test_tuned_configs_and_the_search_space(monkeypatch: pytest.MonkeyPatch) -> 
     for pw, routed in ((w1, True), (w2, False)):
         search = gemv_mma_search(pw, hopper=True)
         assert len(set(search)) == len(search) and set(plain) < set(search)
-        assert all(c.block_n % (16 * c.num_warps) == 0 and (c.stages > 0 or not c.route) for c in search)
+        assert all(c.block_n % (16 * c.num_warps // c.k_warps) == 0 and (c.stages > 0 or not c.route) for c in search)
+        assert {c.k_warps for c in search} == {1, 2, 4, 8} and all(c.stages == 0 for c in search if c.k_warps > 1)
         assert any(c.route for c in search) == routed and {c.stages for c in search} == {0, 2, 3, 4}
         assert {c.split_k for c in search if c.stages} == {1, 2, 3, 4, 6, 8} and {c.maxnreg for c in search} == {128, gm.WIDE_TILE_REGISTERS}
         assert all(c.maxnreg == 128 for c in search if (c.block_n, c.num_warps) != (128, 4) or not c.stages)
