@@ -183,8 +183,7 @@ def gluon_cases() -> list[Case]:
     for layout, config in (("uint1", gm.GemvMmaConfig(64, 4, 2)), ("uint3", gm.GemvMmaConfig(64, 4, 4)), ("uint4", gm.GemvMmaConfig(128, 4, 4, stages=2)),
                            ("uint1", gm.GemvMmaConfig(128, 4, 2, stages=2, route=True, maxnreg=gm.WIDE_TILE_REGISTERS)),
                            ("uint3", gm.GemvMmaConfig(64, 4, 2, stages=2)), ("ternary", gm.GemvMmaConfig(128, 4, 4, stages=2, maxnreg=gm.WIDE_TILE_REGISTERS)),
-                           ("uint2", gm.GemvMmaConfig(64, 16, 1, k_warps=4)), ("ternary", gm.GemvMmaConfig(64, 16, 1, k_warps=4)),
-                           ("uint1", gm.GemvMmaConfig(64, 16, 1, k_warps=4, route=True))):
+                           ("uint2", gm.GemvMmaConfig(64, 16, 1, k_warps=4)), ("ternary", gm.GemvMmaConfig(64, 16, 1, k_warps=4))):
         pw = packed(layout, 256)
         kernel, sizes, consts = gm.launch_constants(pw, config)
         weights = gm._weight_args(pw, config)

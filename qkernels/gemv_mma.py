@@ -440,12 +440,10 @@ def _kw_lanes(k_warps, row_warps):
 
 @gluon.jit
 def _kw_stage(x_row, first, per_group, n_chunks, K, xs, offset_sums, x_sums, KW: gl.constexpr, ROW_WARPS: gl.constexpr,
-              BITS: gl.constexpr, SLOTS: gl.constexpr, STEP: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr,
-              ROUTE: gl.constexpr):
+              BITS: gl.constexpr, SLOTS: gl.constexpr, STEP: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr):
     """:func:`_stage` for every group of warps at once: group ``g``'s ``per_group`` chunks from ``first + g *
-    per_group``; ``xs [XS_CHUNKS, KW, HALF, 2, RUN]`` (``ROUTE``: ``[XS_CHUNKS, KW, HALF, 4, 2, RUN]``, slot ``s``'s
-    pairs under its group ``s // STEP``, zeros under the others), ``offset_sums`` and ``x_sums [XS_CHUNKS, KW, N_STEPS,
-    2]`` (zeros past a group's chunks and past the weight's)."""
+    per_group``; ``xs [XS_CHUNKS, KW, HALF, 2, RUN]``, ``offset_sums`` and ``x_sums [XS_CHUNKS, KW, N_STEPS, 2]``
+    (zeros past a group's chunks and past the weight's)."""
     HALF: gl.constexpr = SLOTS // 2
     CHUNK: gl.constexpr = SLOTS * RUN
     WIN: gl.constexpr = 8 if BITS == 4 else 4  # WINDOW[BITS]
@@ -462,17 +460,7 @@ def _kw_stage(x_row, first, per_group, n_chunks, K, xs, offset_sums, x_sums, KW:
     ok = (c < per_group) & (chunk < n_chunks)
     if not EVEN_K:
         ok = ok & (k < K)
-    pair = _bits16(gl.load(x_row + k, mask=ok, other=0.0)) << (16 * half)
-    if ROUTE:
-        routed: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 1, 4], [1, 1, 1, 1, 4, 8], [1, KW, ROW_WARPS, 1, 1, 1], [5, 4, 3, 2, 1, 0])
-        at_group: gl.constexpr = gl.SliceLayout(3, routed)
-        group = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, gl.SliceLayout(5, routed))))))
-        group = group[None, None, None, :, None, None]
-        at = gl.convert_layout(pair, at_group)[:, :, :, None, :, :]
-        at_slot = gl.convert_layout(slot, at_group)[:, :, :, None, :, :]
-        xs.store(gl.where(group == at_slot // STEP, at, 0))
-    else:
-        xs.store(pair)
+    xs.store(_bits16(gl.load(x_row + k, mask=ok, other=0.0)) << (16 * half))
     steps: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [1, 1, 1, 2, 16], [1, KW, ROW_WARPS, 1, 1], [4, 3, 2, 1, 0])
     s4: gl.constexpr = gl.SliceLayout(4, steps)
     c = gl.arange(0, XS_CHUNKS, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, s4))))[:, None, None, None, None]
@@ -525,85 +513,16 @@ def _kw_step(words, xs, offset_sums, x_sums, acc, y_acc, correction, s_lo, s_hi,
 
 
 @gluon.jit
-def _kw_route_loop(w_ptr, scale_ptr, zero_ptr, xs, offset_sums, x_sums, pid_n, N, n_chunks, n_groups, stride_sn, stride_sg, stride_wn,
-                   zero_const, first, per_group, BITS: gl.constexpr, HALF: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
-                   KW: gl.constexpr, ROW_WARPS: gl.constexpr):
-    """:func:`_route_chunks` on every group of warps, words and group values by plain loads (a chunk ahead): each
-    group's rows' sums ``[KW, BLOCK_N // 8, 4, 2]``."""
-    P: gl.constexpr = BLOCK_N // 8
-    words4: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 8], [1, 1, 4, 2, 4], [KW, ROW_WARPS, 1, 1, 1], [4, 3, 2, 1, 0])
-    sums: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 1, 4, 2], [1, 1, 4, 2, 4, 1, 1], [KW, ROW_WARPS, 1, 1, 1, 1, 1], [6, 5, 4, 3, 2, 1, 0])
-    cols: gl.constexpr = gl.SliceLayout(5, sums)  # [KW, P, 4, 2, 4 lanes t, 2 halves h]
-    # the words [KW, P, 4, 2, RUN] (row 8p + 2q + parity) of each group's chunk
-    w4: gl.constexpr = gl.SliceLayout(4, words4)
-    kw = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, w4))))[:, None, None, None, None]
-    p = gl.arange(0, P, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, w4))))[None, :, None, None, None]
-    q = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, w4))))[None, None, :, None, None]
-    parity = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, w4))))[None, None, None, :, None]
-    w = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, words4)))))[None, None, None, None, :]
-    rows = pid_n * BLOCK_N + 8 * p + 2 * q + parity
-    row_ok = rows < N
-    w_rows = w_ptr + rows * stride_wn + w
-    w_first = first + kw * per_group
-    w_last = gl.minimum(w_first + per_group, n_chunks)
-    # lane t's group values: group t of half h of each group's chunk, [KW, P, 4, 2, 4, 2]
-    c5: gl.constexpr = gl.SliceLayout(5, cols)
-    kw = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, c5)))))[:, None, None, None, None, None]
-    p = gl.arange(0, P, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, c5)))))[None, :, None, None, None, None]
-    q = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, c5)))))[None, None, :, None, None, None]
-    parity = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, c5)))))[None, None, None, :, None, None]
-    t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, c5)))))[None, None, None, None, :, None]
-    h = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, cols))))))
-    h = h[None, None, None, None, None, :]
-    g_rows = pid_n * BLOCK_N + 8 * p + 2 * q + parity
-    g_ok = g_rows < N
-    g_at = g_rows * stride_sn
-    g_first = first + kw * per_group
-    g_last = gl.minimum(g_first + per_group, n_chunks)
-    lane_group = h * 4 + t  # of the chunk's 8 groups
-
-    start = gl.minimum(w_first, n_chunks - 1)
-    next_words = gl.load(w_rows + start * RUN, mask=row_ok, other=0)
-    at = g_at + gl.minimum(gl.minimum(g_first, n_chunks - 1) * 8 + lane_group, n_groups - 1) * stride_sg
-    next_scale = gl.load(scale_ptr + at, mask=g_ok, other=0.0)
-    next_zero = gl.load(zero_ptr + at, mask=g_ok, other=0.0) if HAS_ZERO else next_scale
-    y_acc = gl.zeros([KW, P, 4, 2, 4, 2], gl.float32, cols)
-    for i in range(per_group):
-        words = next_words
-        following = gl.maximum(gl.minimum(w_first + i + 1, w_last - 1), 0)
-        next_words = gl.load(w_rows + following * RUN, mask=row_ok, other=0)
-        scale = next_scale.to(gl.float32)
-        zero = next_zero.to(gl.float32) if HAS_ZERO else gl.zeros_like(scale) + zero_const
-        g_following = gl.maximum(gl.minimum(g_first + i + 1, g_last - 1), 0)
-        at = g_at + gl.minimum(g_following * 8 + lane_group, n_groups - 1) * stride_sg
-        next_scale = gl.load(scale_ptr + at, mask=g_ok, other=0.0)
-        if HAS_ZERO:
-            next_zero = gl.load(zero_ptr + at, mask=g_ok, other=0.0)
-        acc = gl.zeros([KW, P, 4, 2, RUN], gl.float32, words4)
-        for s in gl.static_range(HALF):
-            b = xs.index(i).slice(s, 1, dim=1).load(words4)
-            a = _decode_slot(words, s, BITS)
-            acc = gl.inline_asm_elementwise(asm=MMA_ASM, constraints=MMA_CONSTRAINTS, args=[a, b, acc],
-                                            dtype=gl.float32, is_pure=True, pack=16)
-        total = gl.sum(gl.convert_layout(gl.reshape(acc, [KW, P, 4, 2, 4, 4, 2]), sums), axis=5)  # over the thread's 4 MMAs
-        offsets = offset_sums.index(i).reshape([KW, 1, 1, 1, 4, 2]).load(cols)
-        x_groups = x_sums.index(i).reshape([KW, 1, 1, 1, 4, 2]).load(cols)
-        y_acc += scale * (total - offsets - zero * x_groups)
-    return gl.sum(gl.sum(y_acc, axis=5), axis=4)
-
-
-@gluon.jit
 def _gemv_kw_kernel(
     x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
     N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_hn, stride_xm, stride_ym,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
-    PDL: gl.constexpr, KW: gl.constexpr, ROUTE: gl.constexpr,
+    PDL: gl.constexpr, KW: gl.constexpr,
 ):
     """:func:`_gemv_mma_kernel` with the program's warps in ``KW`` groups along K (plain loads, not uint3): the
     program's chunks (its K split's) are cut in ``KW`` runs, one a group; each group sums its run for the program's
-    rows, and the groups' sums are added (in shared memory) before the split-K store. ``ROUTE`` (four groups a chunk
-    half): each group of the chunk in its own MMA columns, as in :func:`_route_chunks` (:func:`_kw_route_loop`)."""
+    rows, and the groups' sums are added (in shared memory) before the split-K store."""
     ROW_WARPS: gl.constexpr = NUM_WARPS // KW
     layout: gl.constexpr = _kw_layout(KW, ROW_WARPS)
     rows_layout: gl.constexpr = gl.SliceLayout(3, layout)
@@ -624,61 +543,48 @@ def _gemv_kw_kernel(
     g_first = first + group * per_group  # [KW, 1, 1, 1]: each group's first chunk
     g_last = gl.minimum(g_first + per_group, n_chunks)
     rows4, row_ok4 = rows[:, :, :, None], row_ok[:, :, :, None]
-    if not ROUTE:
-        w_rows = w_ptr + rows4 * stride_wn + cols
-        start = gl.minimum(g_first, n_chunks - 1)
-        next_words = gl.load(w_rows + start * RUN, mask=row_ok4, other=0)
-        next_values = _group_values(scale_ptr, zero_ptr, rows4, row_ok4, start, 0, n_groups, stride_sn, stride_sg, group_size,
-                                    zero_const, HAS_ZERO, SLOTS, SPG, STEP)
+    w_rows = w_ptr + rows4 * stride_wn + cols
+    start = gl.minimum(g_first, n_chunks - 1)
+    next_words = gl.load(w_rows + start * RUN, mask=row_ok4, other=0)
+    next_values = _group_values(scale_ptr, zero_ptr, rows4, row_ok4, start, 0, n_groups, stride_sn, stride_sg, group_size,
+                                zero_const, HAS_ZERO, SLOTS, SPG, STEP)
     if PDL:
         _grid_dependency(True)
         _grid_dependency(False)
-    if ROUTE:
-        xs = gl.allocate_shared_memory(gl.int32, [XS_CHUNKS, KW, HALF, 4, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [5, 4, 3, 2, 1, 0]))
-    else:
-        xs = gl.allocate_shared_memory(gl.int32, [XS_CHUNKS, KW, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0]))
+    xs = gl.allocate_shared_memory(gl.int32, [XS_CHUNKS, KW, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0]))
     offset_sums = gl.allocate_shared_memory(gl.float32, [XS_CHUNKS, KW, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     x_sums = gl.allocate_shared_memory(gl.float32, [XS_CHUNKS, KW, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     _kw_stage(x_ptr + pid_m * stride_xm, first, per_group, n_chunks, K, xs, offset_sums, x_sums, KW, ROW_WARPS, BITS, SLOTS, STEP,
-              XS_CHUNKS, EVEN_K, ROUTE)
-    if ROUTE:
-        xs = reinterpret(xs, gl.int32, [XS_CHUNKS, KW, HALF, 4, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0]))
-    else:
-        xs = reinterpret(xs, gl.int32, [XS_CHUNKS, KW, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
+              XS_CHUNKS, EVEN_K)
+    xs = reinterpret(xs, gl.int32, [XS_CHUNKS, KW, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     offset_sums = reinterpret(offset_sums, gl.float32, [XS_CHUNKS, KW, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
     x_sums = reinterpret(x_sums, gl.float32, [XS_CHUNKS, KW, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
     barrier()
-    if ROUTE:
-        y = _kw_route_loop(w_ptr, scale_ptr, zero_ptr, xs, offset_sums, x_sums, pid_n, N, n_chunks, n_groups, stride_sn, stride_sg,
-                           stride_wn, zero_const, first, per_group, BITS, HALF, HAS_ZERO, BLOCK_N, KW, ROW_WARPS)
-        y = gl.reshape(gl.sum(y, axis=0), [BLOCK_N // 2, 2])  # the groups' sums: across warps, through shared memory
+    acc = gl.zeros((KW, BLOCK_N // 2, 2, RUN), gl.float32, layout)
+    y_acc = gl.zeros((KW, BLOCK_N // 2, 2, 4), gl.float32, _kw_lanes(KW, ROW_WARPS))
+    s_lo, s_hi, z_lo, z_hi = next_values
+    correction = gl.zeros((KW, BLOCK_N // 2, 2, 1), gl.float32, layout)
+    for i in range(per_group):
+        chunk = g_first + i
+        following = gl.maximum(gl.minimum(chunk + 1, g_last - 1), 0)  # (the last chunk again at a group's end)
+        words = next_words
+        next_words = gl.load(w_rows + following * RUN, mask=row_ok4, other=0)
+        for step in gl.static_range(N_STEPS):
+            if not SCALE_AFTER:
+                s_lo, s_hi, z_lo, z_hi = next_values
+                if step + 1 < N_STEPS:
+                    next_values = _group_values(scale_ptr, zero_ptr, rows4, row_ok4, chunk, step + 1, n_groups, stride_sn,
+                                                stride_sg, group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
+                else:
+                    next_values = _group_values(scale_ptr, zero_ptr, rows4, row_ok4, following, 0, n_groups, stride_sn,
+                                                stride_sg, group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
+            acc, y_acc, correction = _kw_step(words, xs.index(i), offset_sums.index(i), x_sums.index(i), acc, y_acc, correction,
+                                              s_lo, s_hi, z_lo, z_hi, step, KW, ROW_WARPS, BLOCK_N, BITS, STEP, SCALE_AFTER)
+    if SCALE_AFTER:
+        y = (gl.sum(acc, axis=3) * 0.25 + gl.sum(correction, axis=3)) * gl.sum(s_lo, axis=3)
     else:
-        acc = gl.zeros((KW, BLOCK_N // 2, 2, RUN), gl.float32, layout)
-        y_acc = gl.zeros((KW, BLOCK_N // 2, 2, 4), gl.float32, _kw_lanes(KW, ROW_WARPS))
-        s_lo, s_hi, z_lo, z_hi = next_values
-        correction = gl.zeros((KW, BLOCK_N // 2, 2, 1), gl.float32, layout)
-        for i in range(per_group):
-            chunk = g_first + i
-            following = gl.maximum(gl.minimum(chunk + 1, g_last - 1), 0)  # (the last chunk again at a group's end)
-            words = next_words
-            next_words = gl.load(w_rows + following * RUN, mask=row_ok4, other=0)
-            for step in gl.static_range(N_STEPS):
-                if not SCALE_AFTER:
-                    s_lo, s_hi, z_lo, z_hi = next_values
-                    if step + 1 < N_STEPS:
-                        next_values = _group_values(scale_ptr, zero_ptr, rows4, row_ok4, chunk, step + 1, n_groups, stride_sn,
-                                                    stride_sg, group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
-                    else:
-                        next_values = _group_values(scale_ptr, zero_ptr, rows4, row_ok4, following, 0, n_groups, stride_sn,
-                                                    stride_sg, group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
-                acc, y_acc, correction = _kw_step(words, xs.index(i), offset_sums.index(i), x_sums.index(i), acc, y_acc, correction,
-                                                  s_lo, s_hi, z_lo, z_hi, step, KW, ROW_WARPS, BLOCK_N, BITS, STEP, SCALE_AFTER)
-        if SCALE_AFTER:
-            y = (gl.sum(acc, axis=3) * 0.25 + gl.sum(correction, axis=3)) * gl.sum(s_lo, axis=3)
-        else:
-            y = gl.convert_layout(gl.sum(y_acc, axis=3), rows_layout) * 0.25
-        y = gl.sum(y, axis=0)  # the groups' sums: across warps, through shared memory
-    y = gl.convert_layout(y, out_layout)
+        y = gl.convert_layout(gl.sum(y_acc, axis=3), rows_layout) * 0.25
+    y = gl.sum(y, axis=0)  # the groups' sums: across warps, through shared memory
     out_cell = (gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(1, out_layout))[:, None] * 2
                 + gl.arange(0, 2, layout=gl.SliceLayout(0, out_layout))[None, :])
     out_rows = pid_n * BLOCK_N + out_cell
@@ -898,12 +804,12 @@ def _store_rows(y, y_row, row_ok, partial_ptr, count_ptr, cell, pid_m, pid_n, BL
 
 @dataclass(frozen=True)
 class GemvMmaConfig:
-    block_n: int = 64  # a multiple of 16 * num_warps / k_warps
+    block_n: int = 64  # a multiple of 16 * num_warps
     num_warps: int = 4
     split_k: int = 4
     maxnreg: int | None = 128  # ptxas's register cap (None: its own choice, 130-180 for W1: fewer programs per SM)
     stages: int = 0  # 0: words and group values by plain loads (any GPU); n: by TMA, n chunks ahead (Hopper: tma_fits)
-    route: bool = False  # with TMA or k_warps > 1, four groups a chunk half (W1 g128, W2 g64): the groups in MMA columns (routes)
+    route: bool = False  # with TMA and four groups a chunk half (W1 g128, W2 g64): the groups in MMA columns (routes)
     pdl: bool = False  # from Hopper on: programmatic dependent launch (off: it slowed the decode, see the module notes)
     k_warps: int = 1  # plain loads, not uint3: the warps in this many groups along K, summed in shared memory (_gemv_kw_kernel)
 
@@ -1067,8 +973,8 @@ def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     if config.stages and not tma_fits(pw, config):
         raise ValueError(f"stages={config.stages} (TMA) needs a Hopper GPU, 16-byte aligned words, scales and zero points "
                          f"and at most {MAX_GROUP_BOX} groups a split; use stages=0 here")
-    if config.route and not (config.stages or config.k_warps > 1):
-        raise ValueError("route=True runs on the TMA feed (stages > 0) or with the warps in groups along K (k_warps > 1)")
+    if config.route and not config.stages:
+        raise ValueError("route=True runs on the TMA feed only (stages > 0)")
     if config.route and not routes(pw):
         raise ValueError(f"route=True needs one plane of words (not uint3) and four groups in a chunk half (group_size = "
                          f"{pw.chunk // 8}); got {pw.layout} with group_size {pw.group_size}")
@@ -1093,7 +999,7 @@ def launch_constants(pw: PackedWeight, config: GemvMmaConfig, pdl: bool = False)
         return _gemv_tma_kernel, sizes, consts
     sizes = (pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const, words.stride(0), high.stride(0))
     if config.k_warps > 1:
-        return _gemv_kw_kernel, sizes, consts | dict(KW=config.k_warps, ROUTE=config.route)
+        return _gemv_kw_kernel, sizes, consts | dict(KW=config.k_warps)
     return _gemv_mma_kernel, sizes, consts
 
 

@@ -201,9 +201,6 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
         if routes(pw):  # four groups a chunk half in their own MMA columns
             configs += [GemvMmaConfig(64, 4, 2, stages=2, route=True), GemvMmaConfig(128, 8, 1, stages=1, route=True),
                         GemvMmaConfig(128, 4, 2, stages=2, route=True)]
-    if routes(pw):  # and with the warps in groups along K, on any GPU
-        configs += [GemvMmaConfig(32, 8, 1, k_warps=4, route=True), GemvMmaConfig(64, 8, 2, k_warps=2, route=True),
-                    GemvMmaConfig(16, 8, 3, k_warps=8, route=True)]
     for config in configs:
         y = lm.gemv_mma(x, pw, config, out=torch.full((3, n), float("nan"), device="cuda", dtype=torch.float16)).float()
         assert not y.isnan().any()
@@ -292,7 +289,7 @@ def test_tma_feed_configs_and_group_boxes() -> None:
     assert h_desc.base is w3.high and h_desc.block_shape == w_desc.block_shape == [64, 32] and h_desc.shape == [64, 64]
     one_plane = _descriptors(w4, w4.words, w4.scale, w4.scale, GemvMmaConfig(64, 4, 4, stages=2))
     assert one_plane[1] is one_plane[0]  # the words' descriptor stands in for the high plane's
-    with pytest.raises(ValueError, match=r"route=True runs on the TMA feed \(stages > 0\) or with the warps in groups along K"):
+    with pytest.raises(ValueError, match="route=True runs on the TMA feed only"):
         gemv_mma(torch.randn(1, 1024, dtype=torch.float16), packed("uint1", 1, 64, 1024, 128), GemvMmaConfig(64, 4, 2, route=True))
 
 
