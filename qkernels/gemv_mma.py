@@ -53,6 +53,17 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
   faster there (8192^2 16.1 us, 14336x4096 15.1 against 17.7 and 17.1 plain), so :func:`tma_config` gives it
   to W3.
 
+* Warp groups along K (``k_warps``, plain loads, not uint3; :func:`_gemv_kw_kernel`): a program's warps in
+  ``k_warps`` groups, each summing its own run of the program's chunks for the same rows (every tensor of the
+  loop has a leading group axis over the warps), the groups' sums added in shared memory at the end; so a tile
+  can take all of K (or fewer global K splits) without the split-K reduction through global memory (session 20's
+  ablation: 1.3 us of W1's 10.1 at 8192^2) and with more warps a multiprocessor. H200, batch 1 (session 23):
+  4096^2 ternary 4.5 us against 5.4, W2 g128 5.4 against 6.2, W4 g128 5.9-6.1 against 6.9 (the rule for small
+  weights, :func:`k_warps_config`); ternary 8192^2 10.0 against 10.3, 4096x14336 ternary 9.7 against 10.3, W2 10.7
+  against 12.1, W4 12.4 against 13.2 (tuned entries for the H200). Slower at larger weights, with the words by TMA
+  (a CTA barrier a chunk over 16 warps: 8192^2 W2 13.3 against 11.2), and for routed W1 (its group-column activations
+  four times the shared memory: 8192^2 10.9 against the TMA routes' 10.3; not kept).
+
 * Programmatic dependent launch (``pdl``, compute capability 9.0 and above; off by default): each
   program issues its first weight loads, waits for the previous kernel (``griddepcontrol.wait``), then
   lets the next kernel's programs in. In the kernel benchmark's CUDA graph, a chain of the same GEMV,
