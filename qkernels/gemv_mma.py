@@ -212,6 +212,19 @@ def _group_values(scale_ptr, zero_ptr, rows, mask, chunk, STEP_I: gl.constexpr, 
 
 
 @gluon.jit
+def _upcoming_values(scale_ptr, zero_ptr, rows, mask, chunk, following, STEP_I: gl.constexpr, n_groups, stride_sn, stride_sg, group_size,
+                     zero_const, HAS_ZERO: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, STEP: gl.constexpr):
+    """The group values the step after step ``STEP_I`` of ``chunk`` reads: its next step's, or after the chunk's last
+    step the ``following`` chunk's first (loaded a step ahead of their use)."""
+    if STEP_I + 1 < (SLOTS // 2) // STEP:
+        at, step = chunk, STEP_I + 1
+    else:
+        at, step = following, 0
+    return _group_values(scale_ptr, zero_ptr, rows, mask, at, step, n_groups, stride_sn, stride_sg, group_size, zero_const, HAS_ZERO,
+                         SLOTS, SPG, STEP)
+
+
+@gluon.jit
 def _bits16(v):
     return v.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
 
@@ -416,12 +429,8 @@ def _gemv_mma_kernel(
         for step in gl.static_range(N_STEPS):
             if not SCALE_AFTER:  # with one group per row, its values (loaded before the loop) serve every step
                 s_lo, s_hi, z_lo, z_hi = next_values
-                if step + 1 < N_STEPS:
-                    next_values = _group_values(scale_ptr, zero_ptr, rows3, row_ok3, chunk, step + 1, n_groups, stride_sn,
-                                                stride_sg, group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
-                else:
-                    next_values = _group_values(scale_ptr, zero_ptr, rows3, row_ok3, following, 0, n_groups, stride_sn,
-                                                stride_sg, group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
+                next_values = _upcoming_values(scale_ptr, zero_ptr, rows3, row_ok3, chunk, following, step, n_groups, stride_sn, stride_sg,
+                                               group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
             acc, y_acc, correction = _step(words, high, xs.index(chunk - first), offset_sums.index(chunk - first), x_sums.index(chunk - first),
                                            acc, y_acc, correction, s_lo, s_hi, z_lo, z_hi, step, NUM_WARPS, BLOCK_N, BITS, STEP, SCALE_AFTER)
     # every lane t holds the same columns: a row's sum over the thread's words and the 4 lanes is 4 y
@@ -583,12 +592,8 @@ def _gemv_kw_kernel(
         for step in gl.static_range(N_STEPS):
             if not SCALE_AFTER:
                 s_lo, s_hi, z_lo, z_hi = next_values
-                if step + 1 < N_STEPS:
-                    next_values = _group_values(scale_ptr, zero_ptr, rows4, row_ok4, chunk, step + 1, n_groups, stride_sn,
-                                                stride_sg, group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
-                else:
-                    next_values = _group_values(scale_ptr, zero_ptr, rows4, row_ok4, following, 0, n_groups, stride_sn,
-                                                stride_sg, group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
+                next_values = _upcoming_values(scale_ptr, zero_ptr, rows4, row_ok4, chunk, following, step, n_groups, stride_sn, stride_sg,
+                                               group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
             acc, y_acc, correction = _kw_step(words, xs.index(i), offset_sums.index(i), x_sums.index(i), acc, y_acc, correction,
                                               s_lo, s_hi, z_lo, z_hi, step, KW, ROW_WARPS, BLOCK_N, BITS, STEP, SCALE_AFTER)
     if SCALE_AFTER:
