@@ -105,15 +105,22 @@ def test_parallel_savers_lose_nothing(store: Path) -> None:
 
 
 def test_the_shipped_h200_table_loads_and_fits_its_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """qkernels/tuned/nvidia_h200.json (measured winners, bench/results/kernel_latency_h200_session14_probes.json):
-    every entry reads as a config, a W4 TMA config whose scale box fits its shape."""
+    """qkernels/tuned/nvidia_h200.json (measured winners: bench/results/kernel_latency_h200_session14_probes.json, and
+    kernel_latency_h200_session23_k_warps.json): every entry reads as a config that its shape takes, a W4 TMA config
+    whose scale box fits, or warp groups along K on plain loads (session 23)."""
     monkeypatch.delenv("QKERNELS_TUNED_DIR", raising=False)
     monkeypatch.setattr(tuned, "gpu_of", lambda device: "NVIDIA H200")
     table = tuned.saved("gemv_mma", gm.GemvMmaConfig, torch.device("cpu"))
-    assert set(table) == {("uint4", True, 128, 8192, 8192), ("uint4", True, 128, 16384, 16384)}
-    for (layout, _, group, n, k), config in table.items():
+    assert set(table) == {("uint4", True, 128, 8192, 8192), ("uint4", True, 128, 16384, 16384), ("uint4", True, 128, 4096, 4096),
+                          ("uint2", False, 8192, 8192, 8192), ("uint2", False, 4096, 14336, 4096), ("uint2", True, 128, 14336, 4096),
+                          ("uint4", True, 128, 14336, 4096)}
+    for (layout, zeros, group, n, k), config in table.items():
+        slots = 8 if layout == "uint4" else 16
         groups = torch.ones(1, k // group, dtype=torch.float16).expand(n, -1)  # the shapes only (no n x k tensors)
-        words = torch.zeros(1, k // 8, dtype=torch.int32).expand(n, -1)  # 8 codes a word, 32 words a chunk row
-        pw = PackedWeight(layout, words, None, groups, groups, 0.0, n, k, 32, group)
-        assert gm.tuned_key(pw) == (layout, True, group, n, k)
-        assert config.stages == 3 and gm.group_box(pw, config) <= gm.MAX_GROUP_BOX
+        words = torch.zeros(1, k // slots, dtype=torch.int32).expand(n, -1)  # 32 words a chunk row
+        pw = PackedWeight(layout, words, None, groups, groups if zeros else None, 0.0 if zeros else 1.0, n, k, 32, group)
+        assert gm.tuned_key(pw) == (layout, zeros, group, n, k)
+        if config.k_warps > 1:  # the launcher's checks pass: a plain-loads config whose tile the warp groups divide
+            assert config.stages == 0 and gm._launch_spec(pw, config)[0] is gm._gemv_kw_kernel
+        else:
+            assert config.stages == 3 and gm.group_box(pw, config) <= gm.MAX_GROUP_BOX
