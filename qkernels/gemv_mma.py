@@ -458,6 +458,38 @@ def _kw_lanes(k_warps, row_warps):
     return gl.BlockedLayout([1, 1, 1, 1], [1, 4, 2, 4], [k_warps, row_warps, 1, 1], [3, 2, 1, 0])
 
 
+@gluon.constexpr_function
+def _axis_layout(layout, axis, rank):
+    """The layout of an ``arange`` along ``axis`` that :func:`_axis` expands into ``layout`` (rank ``rank``): ``layout``
+    sliced on every other axis, the last one outermost."""
+    for dim in reversed(range(rank)):
+        if dim != axis:
+            layout = gl.SliceLayout(dim, layout)
+    return layout
+
+
+@gluon.jit
+def _axis(n: gl.constexpr, AXIS: gl.constexpr, layout: gl.constexpr):
+    """``arange(n)`` along axis ``AXIS`` of the rank-5 ``layout``, of size 1 on the other axes."""
+    x = gl.arange(0, n, layout=_axis_layout(layout, AXIS, 5))
+    for dim in gl.static_range(5):
+        if dim != AXIS:
+            x = gl.expand_dims(x, dim)
+    return x
+
+
+@gluon.jit
+def _kw_k(first, per_group, n_chunks, K, c, g, slot, half, w, HALF: gl.constexpr, CHUNK: gl.constexpr, EVEN_K: gl.constexpr):
+    """K of activation ``w`` of slot ``slot`` (``half``: the chunk's high half) of chunk ``c`` of group ``g``'s run
+    (from ``first + g * per_group``), and whether it is there: in the run, in the weight's chunks and below ``K``."""
+    chunk = first + g * per_group + c
+    k = chunk * CHUNK + (slot + half * HALF) * RUN + w
+    ok = (c < per_group) & (chunk < n_chunks)
+    if not EVEN_K:
+        ok = ok & (k < K)
+    return k, ok
+
+
 @gluon.jit
 def _kw_stage(x_row, first, per_group, n_chunks, K, xs, offset_sums, x_sums, KW: gl.constexpr, ROW_WARPS: gl.constexpr,
               BITS: gl.constexpr, SLOTS: gl.constexpr, STEP: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr):
@@ -469,30 +501,15 @@ def _kw_stage(x_row, first, per_group, n_chunks, K, xs, offset_sums, x_sums, KW:
     WIN: gl.constexpr = 8 if BITS == 4 else 4  # WINDOW[BITS]
     N_STEPS: gl.constexpr = HALF // STEP
     pairs: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [1, 1, 1, 4, 8], [1, KW, ROW_WARPS, 1, 1], [4, 3, 2, 1, 0])
-    p4: gl.constexpr = gl.SliceLayout(4, pairs)
-    c = gl.arange(0, XS_CHUNKS, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, p4))))[:, None, None, None, None]
-    g = gl.arange(0, KW, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, p4))))[None, :, None, None, None]
-    slot = gl.arange(0, HALF, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, p4))))[None, None, :, None, None]
-    half = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, p4))))[None, None, None, :, None]
-    w = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, pairs)))))[None, None, None, None, :]
-    chunk = first + g * per_group + c
-    k = chunk * CHUNK + (slot + half * HALF) * RUN + w
-    ok = (c < per_group) & (chunk < n_chunks)
-    if not EVEN_K:
-        ok = ok & (k < K)
+    half = _axis(2, 3, pairs)
+    k, ok = _kw_k(first, per_group, n_chunks, K, _axis(XS_CHUNKS, 0, pairs), _axis(KW, 1, pairs), _axis(HALF, 2, pairs), half,
+                  _axis(RUN, 4, pairs), HALF, CHUNK, EVEN_K)
     xs.store(_bits16(gl.load(x_row + k, mask=ok, other=0.0)) << (16 * half))
+    # the same activations again, a step's slots and words on one axis, for the sums
     steps: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [1, 1, 1, 2, 16], [1, KW, ROW_WARPS, 1, 1], [4, 3, 2, 1, 0])
-    s4: gl.constexpr = gl.SliceLayout(4, steps)
-    c = gl.arange(0, XS_CHUNKS, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, s4))))[:, None, None, None, None]
-    g = gl.arange(0, KW, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, s4))))[None, :, None, None, None]
-    step = gl.arange(0, N_STEPS, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, s4))))[None, None, :, None, None]
-    half = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, s4))))[None, None, None, :, None]
-    i = gl.arange(0, STEP * RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, steps)))))[None, None, None, None, :]
-    chunk = first + g * per_group + c
-    k = chunk * CHUNK + (step * STEP + half * HALF) * RUN + i
-    ok = (c < per_group) & (chunk < n_chunks)
-    if not EVEN_K:
-        ok = ok & (k < K)
+    step, i = _axis(N_STEPS, 2, steps), _axis(STEP * RUN, 4, steps)
+    k, ok = _kw_k(first, per_group, n_chunks, K, _axis(XS_CHUNKS, 0, steps), _axis(KW, 1, steps), step * STEP, _axis(2, 3, steps), i,
+                  HALF, CHUNK, EVEN_K)
     x = gl.load(x_row + k, mask=ok, other=0.0).to(gl.float32)
     offset = (1 << (WIN - (BITS * (step * STEP + i // RUN)) % WIN)).to(gl.float32)  # 2**(10 - P) of the slot
     offset_sums.store(gl.sum(x * offset, axis=4))
