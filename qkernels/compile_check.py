@@ -156,7 +156,8 @@ def lowbit_cases() -> list[Case]:
 
 def gluon_cases() -> list[Case]:
     """The Gluon kernels (sm_90 only): the tensor-core GEMV on plain loads (W1, W3) and on its TMA feed (W4, routed W1,
-    W3), the wgmma GEMM (W4, W3), their constants from a packed weight as the launchers build them."""
+    W3), the wgmma GEMM (W4, W3), their constants from a packed weight as the launchers build them; the loop of
+    :mod:`bench.wgmma_ceiling`."""
     import torch
     from triton.runtime.jit import mangle_type
 
@@ -204,6 +205,11 @@ def gluon_cases() -> list[Case]:
                   8, 8, 8, 1]
         out.append(Case(f"{layout} wgmma GEMM{' words 2 ahead' if ahead == 2 else ''}", gw._gemm_wgmma_kernel,
                         types(gw._gemm_wgmma_kernel, consts, values), consts, num_warps, gluon=True))
+    from bench.wgmma_ceiling import _mma_loop  # the tensor-core ceiling benchmark's loop (bench/, not qkernels/)
+
+    for n, rs in ((64, True), (256, False)):
+        out.append(Case(f"wgmma ceiling N {n} {'rs' if rs else 'ss'}", _mma_loop, constexprs=dict(ITERS=4, N=n, RS=rs, IN_FLIGHT=1),
+                        gluon=True))
     return out
 
 
