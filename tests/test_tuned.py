@@ -124,3 +124,22 @@ def test_the_shipped_h200_table_loads_and_fits_its_shapes(monkeypatch: pytest.Mo
             assert config.stages == 0 and gm._launch_spec(pw, config)[0] is gm._gemv_kw_kernel
         else:
             assert config.stages == 3 and gm.group_box(pw, config) <= gm.MAX_GROUP_BOX
+
+def test_the_shipped_h200_wgmma_entries_fit_their_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wgmma GEMM's shipped entries (session 24, `bench.config_ab --save-best` at 4096^2, 32 and 64 rows:
+    bench/results/kernel_latency_h200_session24_4096.json): each reads back, under the key that its kind, shape and
+    batch bucket give, as a config the launcher accepts (four steps a box fit its shape) whose K split differs from the
+    rule's (the only field the winners changed)."""
+    monkeypatch.delenv("QKERNELS_TUNED_DIR", raising=False)
+    monkeypatch.setattr(tuned, "gpu_of", lambda device: "NVIDIA H200")
+    table = tuned.saved("wgmma", gw.GemmWgmmaConfig, torch.device("cpu"))
+    assert set(table) == {("uint1", True, 128, 4096, 4096, 32), ("uint4", True, 128, 4096, 4096, 32), ("uint4", True, 128, 4096, 4096, 64),
+                          ("uint2", True, 128, 4096, 4096, 64), ("uint2", False, 4096, 4096, 4096, 64)}
+    for (layout, zeros, group, n, k, bucket), config in table.items():
+        slots = {"uint1": 32, "uint2": 16, "uint4": 8}[layout]
+        groups = torch.ones(1, k // group, dtype=torch.float16).expand(n, -1)
+        words = torch.zeros(1, k // slots, dtype=torch.int32).expand(n, -1)
+        pw = PackedWeight(layout, words, None, groups, groups if zeros else None, 0.0 if zeros else 1.0, n, k, 32, group)
+        assert gw.tuned_key(bucket, pw) == (layout, zeros, group, n, k, bucket)
+        gw.check_config(config)
+        assert config.block_m == bucket and config.split_k != gw.default_config(bucket, pw).split_k and gw.boxes_fit(pw, config)
