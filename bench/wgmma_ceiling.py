@@ -10,10 +10,10 @@ or in shared memory, ``ss``) and a fixed ``[N, 32]`` B tile in shared memory, an
 outstanding; the grid is ``--programs`` programs a multiprocessor. Printed: TFLOP/s and ns per ``m64nNk16`` on one
 multiprocessor (``triton.testing.do_bench``, median). With ``--gemm MxNxK`` it also prints that GEMM's tensor-core
 time at the fastest rate measured for N = M (the activation rows are the wgmma's N in :mod:`qkernels.gemm_wgmma`):
-what no decode or feed can beat. H200, session 24: N = 64 in registers 944-960 TFLOP/s with two or three programs a
-multiprocessor or one group in flight (18.0-18.3 ns per instruction), 562 with one program waiting on every group;
-the batch-64 W4 GEMM at 8192^2 would take 9.2 us there, where the kernel takes 25-29 us
-(bench/results/kernel_latency_h200.md, session 24).
+what no decode or feed can beat. H200, session 24 (bench/results/wgmma_ceiling_h200_session24.md): N = 64 in registers
+948-960 TFLOP/s with two or three programs a multiprocessor (18.0-18.3 ns an instruction), 918 with one program and
+one group in flight, 559 with one program waiting on every group; at 960 the batch-64 W4 GEMM at 8192^2 has 8.9 us of
+tensor-core work, where the kernel takes 25-29 us (bench/results/kernel_latency_h200.md, session 24).
 """
 
 from __future__ import annotations
