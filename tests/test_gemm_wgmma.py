@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from qkernels import lowbit_matmul as lm
-from qkernels.gemm_wgmma import GemmWgmmaConfig, check_config, default_config, gemm_wgmma, slot3_decode_constants, split_fits, tail_tiles
+from qkernels.gemm_wgmma import (GemmWgmmaConfig, check_config, default_config, gemm_wgmma, launch_constants, slot3_decode_constants, split_fits,
+                                 tail_tiles)
 from qkernels.pack import CODE_BITS, pack_weight
 
 requires_hopper = pytest.mark.skipif(not (torch.cuda.is_available() and lm.is_hopper(torch.device("cuda"))), reason="needs a Hopper GPU")
@@ -103,6 +104,15 @@ def test_a_short_last_wave_gets_its_tiles_split() -> None:
     assert tail_tiles(256, 4, 132) == (256, 1)  # 124 tiles: the last wave is nearly full already
     assert tail_tiles(264, 4, 132) == (264, 1) and tail_tiles(100, 4, 132) == (100, 1)  # whole waves; less than one
     assert tail_tiles(448, 1, 132) == (448, 1)
+
+
+def test_words_leave_l2_first_only_where_one_activation_tile_reads_them() -> None:
+    """``evict_first`` on the words (session 24) where the batch is one activation tile; with more tiles each weight
+    tile's words are read again by the others, and keep the default policy."""
+    pw = w4(256, 1024)
+    for m, once in ((1, True), (16, True), (64, True), (256, True), (257, False), (1024, False)):
+        config = default_config(m, pw)
+        assert launch_constants(pw, config, config.split_k, -(-m // config.block_m))["ONCE"] is once, m
 
 
 def test_integer_zero_points_fold_into_the_decode() -> None:
