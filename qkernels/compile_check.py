@@ -157,7 +157,7 @@ def lowbit_cases() -> list[Case]:
 def gluon_cases() -> list[Case]:
     """The Gluon kernels (sm_90 only): the tensor-core GEMV on plain loads (W1, W3) and on its TMA feed (W4, routed W1,
     W3), the wgmma GEMM (W4, W3), their constants from a packed weight as the launchers build them; the loop of
-    :mod:`bench.wgmma_ceiling`."""
+    :mod:`bench.wgmma_ceiling` and the prototype of :mod:`bench.ws_gemm`."""
     import torch
     from triton.runtime.jit import mangle_type
 
@@ -210,6 +210,13 @@ def gluon_cases() -> list[Case]:
     for n, rs in ((64, True), (256, False)):
         out.append(Case(f"wgmma ceiling N {n} {'rs' if rs else 'ss'}", _mma_loop, constexprs=dict(ITERS=4, N=n, RS=rs, IN_FLIGHT=1),
                         gluon=True))
+    from bench import ws_gemm  # the warp-specialized prototype (bench/ws_gemm.py)
+
+    for block_n, stages in ((128, 2), (64, 3)):
+        x_desc, w_desc = ws_gemm.descriptors(torch.empty(64, 4096).half(), torch.zeros(512, 512, dtype=torch.int32), block_n)
+        consts = dict(BLOCK_N=block_n, BLOCK_M=64, STAGES=stages, SPLIT_K=2, NUM_WARPS=block_n // 16)
+        out.append(Case(f"warp-specialized prototype block_n {block_n} stages {stages}", ws_gemm._ws_gemm_kernel,
+                        types(ws_gemm._ws_gemm_kernel, consts, [x_desc, w_desc, torch.empty(1), 16]), consts, block_n // 16, gluon=True))
     return out
 
 
