@@ -153,6 +153,23 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(f.name, path)
 
 
+def parse_grid(kernels: str, shapes: str, batches: str) -> tuple[list[str], list[tuple[int, int]], list[int]]:
+    """The comma lists of ``--kernels``, ``--shapes`` (INxOUT) and ``--batches``; an unknown kernel is named."""
+    kinds = [k for k in kernels.split(",") if k]
+    if bad := [k for k in kinds if k not in LOWBIT_KINDS]:
+        raise ValueError(f"unknown kernels {bad}; choose from {list(LOWBIT_KINDS)}")
+    return kinds, [tuple(int(v) for v in s.split("x")) for s in shapes.split(",") if s], [int(b) for b in batches.split(",") if b]
+
+
+def cells(kinds: list[str], shapes: list[tuple[int, int]], batches: list[int]):
+    """Every cell's ``(K, N, kind, packed weight, M, activations)`` on the GPU: one random weight a shape and kind."""
+    for k, n in shapes:
+        for kind in kinds:
+            pw = random_packed(LOWBIT_KINDS[kind], n, k)
+            for m in batches:
+                yield k, n, kind, pw, m, torch.randn(m, k, device="cuda", dtype=torch.float16)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--path", required=True, help=f"the kernel whose config varies, of {list(PATHS)}")
@@ -173,11 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--min-gain {args.min_gain} is not a fraction in [0, 1)")
     try:
         variants = [parse_variant(text, config_class(args.path)) for text in args.variant]
-        kinds = [k for k in args.kernels.split(",") if k]
-        if bad := [k for k in kinds if k not in LOWBIT_KINDS]:
-            raise ValueError(f"unknown kernels {bad}; choose from {list(LOWBIT_KINDS)}")
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
-        batches = [int(b) for b in args.batches.split(",") if b]
+        kinds, shapes, batches = parse_grid(args.kernels, args.shapes, args.batches)
     except ValueError as err:
         parser.error(str(err))
     if bad := [m for m in batches if m < 1 or m > MAX_M.get(args.path, m)]:
@@ -188,22 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     print(f"GPU: {gpu_name()} | torch {torch.__version__} | {args.path} variants: {[variant_label(v) for v in variants]}", flush=True)
     rows: list[dict] = []
-    for k, n in shapes:
-        for kind in kinds:
-            pw = random_packed(LOWBIT_KINDS[kind], n, k)
-            for m in batches:
-                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                cell = [dict(K=k, N=n, M=m, kernel=kind) | row for row in compare_cell(args.path, m, pw, variants, x)]
-                rows += cell
-                print(markdown(cell).split("\n", 2)[2], flush=True)
-                if args.save_best and (best := best_variant(cell, args.min_gain)):
-                    config = config_class(args.path)(**best["config"])
-                    path = tuned.save(gpu_name(), args.path, {tuned_key(args.path, m, pw): (config, best["us"])})
-                    best["saved"] = str(path)
-                    print(f"--save-best: {best['variant']} ({best['us']:.2f} us) saved in {path}", flush=True)
-                if args.json:
-                    write_json(args.json, {"gpu": gpu_name(), "torch": torch.__version__, "path": args.path, "rows": rows})
-                torch.cuda.empty_cache()
+    for k, n, kind, pw, m, x in cells(kinds, shapes, batches):
+        cell = [dict(K=k, N=n, M=m, kernel=kind) | row for row in compare_cell(args.path, m, pw, variants, x)]
+        rows += cell
+        print(markdown(cell).split("\n", 2)[2], flush=True)
+        if args.save_best and (best := best_variant(cell, args.min_gain)):
+            config = config_class(args.path)(**best["config"])
+            path = tuned.save(gpu_name(), args.path, {tuned_key(args.path, m, pw): (config, best["us"])})
+            best["saved"] = str(path)
+            print(f"--save-best: {best['variant']} ({best['us']:.2f} us) saved in {path}", flush=True)
+        if args.json:
+            write_json(args.json, {"gpu": gpu_name(), "torch": torch.__version__, "path": args.path, "rows": rows})
+        torch.cuda.empty_cache()
     print("\n" + markdown(rows), flush=True)
     return 0
 

@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
-from bench.config_ab import markdown, write_json
-from bench.kernel_latency import LOWBIT_KINDS, clone_packed, fp16_calls, path_config, random_packed
+from bench.config_ab import cells, markdown, parse_grid, write_json
+from bench.kernel_latency import LOWBIT_KINDS, clone_packed, fp16_calls, path_config
 from bench.timing import copies_for, gpu_name, steady_interleaved
 from qkernels import lowbit_matmul as lm
 
@@ -168,11 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = read_variants(args.variants)
         names = [n for n in args.only.split(",") if n] or list(data["variants"])
-        kinds = [k for k in args.kernels.split(",") if k]
-        if bad := [k for k in kinds if k not in LOWBIT_KINDS]:
-            raise ValueError(f"unknown kernels {bad}; choose from {list(LOWBIT_KINDS)}")
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
-        batches = [int(b) for b in args.batches.split(",") if b]
+        kinds, shapes, batches = parse_grid(args.kernels, args.shapes, args.batches)
         sources = variant_sources(data, names)  # every edit of every variant checked before the GPU is touched
     except (ValueError, OSError) as err:
         parser.error(str(err))
@@ -187,16 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     modules = {name: load_variant(data["module"], source, name) for name, source in sources.items()}
     print(f"GPU: {gpu_name()} | torch {torch.__version__} | {data['module']} variants: {names}", flush=True)
     rows: list[dict] = []
-    for k, n in shapes:
-        for kind in kinds:
-            pw = random_packed(LOWBIT_KINDS[kind], n, k)
-            for m in batches:
-                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                cell = [dict(K=k, N=n, M=m, kernel=kind) | row for row in compare_cell(data["path"], m, pw, modules, x)]
-                rows += cell
-                print(markdown(cell), flush=True)
-                if args.json:
-                    write_json(args.json, dict(gpu=gpu_name(), torch=torch.__version__, variants_file=str(args.variants), rows=rows))
+    for k, n, kind, pw, m, x in cells(kinds, shapes, batches):
+        cell = [dict(K=k, N=n, M=m, kernel=kind) | row for row in compare_cell(data["path"], m, pw, modules, x)]
+        rows += cell
+        print(markdown(cell), flush=True)
+        if args.json:
+            write_json(args.json, dict(gpu=gpu_name(), torch=torch.__version__, variants_file=str(args.variants), rows=rows))
+        torch.cuda.empty_cache()
     return 0
 
 
