@@ -9,8 +9,8 @@ one after another (the wgmma loop alone 21 us at 8192^2 and 64 rows for 8.9 us o
 a producer warp that brings each chunk's words (``[BLOCK_N, 32]`` int32 by TMA) and activation box (four steps of
 ``[BLOCK_M, 64]``) into a ring of ``STAGES`` buffers with one ``full`` and one ``empty`` mbarrier each, and consumer
 warpgroups (the default partition, ``BLOCK_N / 64`` of them, sharing each box) that read the words from shared
-memory, decode them with the GEMM's own asm (:func:`qkernels.gemm_wgmma._slot_weights`) and issue the wgmmas, then
-free the buffer. What it leaves out, to be added only if the loop is fast: the group scales and zero points (every
+memory, decode them with the GEMM's own asm (:func:`qkernels.gemm_wgmma._slot_weights`) and issue the wgmmas, one
+step in flight, freeing a chunk's buffer once its last step has retired. What it leaves out, to be added only if the loop is fast: the group scales and zero points (every
 scale is 1 and every zero point 0, so the product is ``codes @ x^T``) and the split-K reduction (each split stores
 its partial sums; the script adds them). W4 codes only (``uint4`` with a run of 32).
 
@@ -55,9 +55,11 @@ def _producer(x_desc, w_desc, xs, ws, full, empty, first, n_chunks, off_m, off_n
 @gluon.jit
 def _consumers(xs, ws, full, empty, n_chunks, out_ptr, pid_n, split, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """The default partition: decode chunk ``i``'s words (scale 1, zero point 0) and run its wgmmas on the box's step
-    tiles; the buffer is freed once the chunk's wgmmas have retired. Then the partial sums into ``out[split, n, m]``
-    (stored here: triton 3.6 fails to return a tensor from the default partition)."""
+    """The default partition: decode chunk ``i``'s words (scale 1, zero point 0) two slots a step and run each step's
+    wgmmas on the box's step tile, one step in flight (its A registers held until the wait that retires it, as in
+    ``qkernels.gemm_wgmma``); a chunk's buffer is freed at the next chunk's first step, once its last step has retired.
+    Then the partial sums into ``out[split, n, m]`` (stored here: triton 3.6 fails to return a tensor from the default
+    partition)."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     tiles = reinterpret(xs, gl.float16, [STAGES * STEPS, BLOCK_M, STEP],
@@ -65,16 +67,24 @@ def _consumers(xs, ws, full, empty, n_chunks, out_ptr, pid_n, split, BLOCK_N: gl
     one = gl.full([BLOCK_N], 1.0, gl.float16, gl.SliceLayout(1, a_layout))[:, None]
     zero = gl.full([BLOCK_N], 0.0, gl.float16, gl.SliceLayout(1, a_layout))[:, None]
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
+    held0 = gl.zeros([BLOCK_N, RUN], gl.float16, a_layout)
+    held1 = gl.zeros([BLOCK_N, RUN], gl.float16, a_layout)
     for i in range(n_chunks):
         s = i % STAGES
         mbarrier.wait(full.index(s), (i // STAGES) & 1)
         words = ws.index(s).load(a_layout)
-        for slot in gl.static_range(SLOTS):
-            a = _slot_weights(words, one, zero, slot, 4, True)
-            b = tiles.index(s * STEPS + slot // 2).slice((slot % 2) * RUN, RUN, dim=1).permute((1, 0))
-            acc = warpgroup_mma(a, b, acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index(s), count=1)
+        for step in gl.static_range(STEPS):
+            tile = tiles.index(s * STEPS + step)
+            a0 = _slot_weights(words, one, zero, 2 * step, 4, True)
+            acc = warpgroup_mma(a0, tile.slice(0, RUN, dim=1).permute((1, 0)), acc, is_async=True)
+            a1 = _slot_weights(words, one, zero, 2 * step + 1, 4, True)
+            acc = warpgroup_mma(a1, tile.slice(RUN, RUN, dim=1).permute((1, 0)), acc, is_async=True)
+            acc, held0, held1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, held0, held1))  # the previous step retires
+            held0 = a0
+            held1 = a1
+            if step == 0:  # the previous chunk's last step has retired: its buffer goes back to the producer
+                mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
+    acc, held0, held1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, held0, held1))
     rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))[:, None]
     cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))[None, :]
     gl.store(out_ptr + (split * gl.num_programs(0) * BLOCK_N + rows) * BLOCK_M + cols, acc)
