@@ -158,7 +158,16 @@ def parse_grid(kernels: str, shapes: str, batches: str) -> tuple[list[str], list
     kinds = [k for k in kernels.split(",") if k]
     if bad := [k for k in kinds if k not in LOWBIT_KINDS]:
         raise ValueError(f"unknown kernels {bad}; choose from {list(LOWBIT_KINDS)}")
-    return kinds, [tuple(int(v) for v in s.split("x")) for s in shapes.split(",") if s], [int(b) for b in batches.split(",") if b]
+    try:
+        grid = [tuple(int(v) for v in s.split("x")) for s in shapes.split(",") if s]
+    except ValueError:
+        raise ValueError(f"--shapes {shapes!r} is not a comma list of INxOUT") from None
+    if bad := [s for s in grid if len(s) != 2]:
+        raise ValueError(f"--shapes {bad} are not INxOUT")
+    try:
+        return kinds, grid, [int(b) for b in batches.split(",") if b]
+    except ValueError:
+        raise ValueError(f"--batches {batches!r} is not a comma list of integers") from None
 
 
 def cells(kinds: list[str], shapes: list[tuple[int, int]], batches: list[int]):

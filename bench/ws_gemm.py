@@ -10,9 +10,11 @@ a producer warp that brings each chunk's words (``[BLOCK_N, 32]`` int32 by TMA) 
 ``[BLOCK_M, 64]``) into a ring of ``STAGES`` buffers with one ``full`` and one ``empty`` mbarrier each, and consumer
 warpgroups (the default partition, ``BLOCK_N / 64`` of them, sharing each box) that read the words from shared
 memory, decode them with the GEMM's own asm (:func:`qkernels.gemm_wgmma._slot_weights`) and issue the wgmmas, one
-step in flight, freeing a chunk's buffer once its last step has retired. What it leaves out, to be added only if the loop is fast: the group scales and zero points (every
-scale is 1 and every zero point 0, so the product is ``codes @ x^T``) and the split-K reduction (each split stores
-its partial sums; the script adds them). W4 codes only (``uint4`` with a run of 32).
+step in flight, freeing a chunk's buffer once its last step has retired. What it leaves out, to be added only if the
+loop is fast: the group scales and zero points (every scale is 1 and every zero point 0, so the product is
+``codes @ x^T``) and the split-K reduction (each split stores its partial sums; the script adds them). W4 codes only
+(``uint4`` with a run of 32). The weight copies that the timing rotates over are made once a cell, shared by every
+config.
 
 Written and compiled for sm_90 in session 24 (triton 3.6 and 3.9; ``qkernels.compile_check`` compiles it); it had
 not run on a GPU when committed: its first run checks every config against ``codes @ x^T`` before timing it.
@@ -21,8 +23,8 @@ not run on a GPU when committed: its first run checks every config against ``cod
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,6 +36,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from qkernels.gemm_wgmma import RUN, _slot_weights
 from qkernels.gluon_compat import async_load, reinterpret
+from qkernels.pack import PackedWeight, dequantize_packed
 
 SLOTS = gl.constexpr(8)  # W4: a word holds a slot of each of 8 runs of 32 K, so a chunk (32 words a row) is 256 K
 STEP = gl.constexpr(64)  # K of an activation step tile (two slots)
@@ -142,7 +145,8 @@ def ws_gemm(x: torch.Tensor, words: torch.Tensor, block_n: int = 128, stages: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.kernel_latency import LOWBIT_KINDS, clone_packed, fp16_calls, random_packed
+    from bench.config_ab import cells, parse_grid, write_json
+    from bench.kernel_latency import clone_packed, fp16_calls
     from bench.timing import copies_for, gpu_name, steady_interleaved
     from qkernels import lowbit_matmul as lm
 
@@ -154,54 +158,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split-k", default="1,2,4", help="comma list of K splits")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    try:
+        kinds, shapes, batches = parse_grid("w4g128", args.shapes, args.batches)
+    except ValueError as err:
+        parser.error(str(err))
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         print("needs a Hopper GPU: nothing to time", file=sys.stderr)
         return 1
     ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
     rows = []
     print(f"GPU: {gpu_name()}")
-    for k, n in [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]:
-        pw = random_packed(LOWBIT_KINDS["w4g128"], n, k)
-        words = lm.kernel_tensors(pw)[0]
-        for m in ints(args.batches):
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            calls = {"cublas": fp16_calls(x, n)[1](), "gemm_wgmma": [lambda p=p: lm.PATHS["wgmma"](x, p) for p in
-                                                                     [pw] + [clone_packed(pw) for _ in range(copies_for(pw.nbytes()) - 1)]]}
-            reference = None
-            for block_n in ints(args.block_n):
-                for stages in ints(args.stages):
-                    for split in ints(args.split_k):
-                        label = f"ws block_n={block_n} stages={stages} split_k={split}"
-                        try:
-                            got = ws_gemm(x, words, block_n, stages, split).sum(0).t()
-                            if reference is None:
-                                reference = torch_reference(x, pw)
-                            error = ((got - reference).norm() / reference.norm()).item()
-                        except Exception as err:  # noqa: BLE001 - a config that fails is reported, not timed
-                            print(f"{label}: failed {type(err).__name__}: {err}", flush=True)
-                            continue
-                        print(f"{label}: relative error {error:.1e}", flush=True)
-                        if error < 1e-2:
-                            outs = torch.empty(split, n, m, device="cuda")
-                            copies = [words] + [words.clone() for _ in range(copies_for(pw.nbytes()) - 1)]
-                            calls[label] = [lambda w=w, b=block_n, st=stages, sp=split: ws_gemm(x, w, b, st, sp, outs) for w in copies]
-            times = steady_interleaved(calls)
-            for label, us in times.items():
-                row = dict(K=k, N=n, M=m, variant=label, us=us, x_cublas=times["cublas"] / us)
-                rows.append(row)
-                print(f"| {k}x{n} | {m} | {label} | {us:.2f} | {row['x_cublas']:.2f} |", flush=True)
+    for k, n, _, pw, m, x in cells(kinds, shapes, batches):
+        packed = [pw] + [clone_packed(pw) for _ in range(copies_for(pw.nbytes()) - 1)]  # rotating copies, every config's
+        copies = [lm.kernel_tensors(p)[0] for p in packed]
+        calls = {"cublas": fp16_calls(x, n)[1](), "gemm_wgmma": [lambda p=p: lm.PATHS["wgmma"](x, p) for p in packed]}
+        reference = None
+        for block_n in ints(args.block_n):
+            for stages in ints(args.stages):
+                for split in ints(args.split_k):
+                    label = f"ws block_n={block_n} stages={stages} split_k={split}"
+                    try:
+                        got = ws_gemm(x, copies[0], block_n, stages, split).sum(0).t()
+                        if reference is None:
+                            reference = torch_reference(x, pw)
+                        error = ((got - reference).norm() / reference.norm()).item()
+                    except Exception as err:  # noqa: BLE001 - a config that fails is reported, not timed
+                        print(f"{label}: failed {type(err).__name__}: {err}", flush=True)
+                        continue
+                    print(f"{label}: relative error {error:.1e}", flush=True)
+                    if error < 1e-2:
+                        outs = torch.empty(split, n, m, device="cuda")
+                        calls[label] = [lambda w=w, b=block_n, st=stages, sp=split, o=outs: ws_gemm(x, w, b, st, sp, o) for w in copies]
+        times = steady_interleaved(calls)
+        for label, us in times.items():
+            row = dict(K=k, N=n, M=m, variant=label, us=us, x_cublas=times["cublas"] / us)
+            rows.append(row)
+            print(f"| {k}x{n} | {m} | {label} | {us:.2f} | {row['x_cublas']:.2f} |", flush=True)
     if args.json:
-        args.json.write_text(json.dumps(dict(gpu=gpu_name(), rows=rows), indent=1))
+        write_json(args.json, dict(gpu=gpu_name(), rows=rows))
     return 0
 
 
-def torch_reference(x: torch.Tensor, pw) -> torch.Tensor:
+def torch_reference(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     """``x @ codes^T`` in fp32, the codes read back from the packed weight with every scale 1 and zero point 0."""
-    from qkernels.pack import dequantize_packed
-    from dataclasses import replace
-
-    ones = torch.ones_like(pw.scale)
-    codes = dequantize_packed(replace(pw, scale=ones, zero=torch.zeros_like(pw.zero) if pw.zero is not None else None))
+    zero = None if pw.zero is None else torch.zeros_like(pw.zero)
+    codes = dequantize_packed(replace(pw, scale=torch.ones_like(pw.scale), zero=zero))
     return x.float() @ codes.t()
 
 

@@ -108,3 +108,14 @@ def test_the_best_variant_is_kept_only_where_it_beats_the_rule() -> None:
     pw = pack_weight(torch.randint(0, 4, (256, 2048)), torch.rand(256, 16).half(), None, "uint2", 128, zero_const=1.0, run=32)
     assert config_ab.tuned_key("gemv_mma", 1, pw) == gemv_mma.tuned_key(pw)
     assert config_ab.tuned_key("wgmma", 64, pw) == gemm_wgmma.tuned_key(64, pw)
+
+
+@pytest.mark.parametrize("kernels, shapes, batches, named", [("w9", "8192x8192", "1", "unknown kernels ['w9']"),
+                                                             ("w4g128", "8192x", "1", "--shapes '8192x' is not a comma list of INxOUT"),
+                                                             ("w4g128", "8192x8192x2", "1", "--shapes [(8192, 8192, 2)] are not INxOUT"),
+                                                             ("w4g128", "8192x8192", "one", "--batches 'one' is not")])
+def test_the_grid_names_what_it_cannot_read(kernels: str, shapes: str, batches: str, named: str) -> None:
+    """bench.config_ab.parse_grid (shared with bench.source_ab and bench.ws_gemm)."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        config_ab.parse_grid(kernels, shapes, batches)
+    assert config_ab.parse_grid("w4g128,ternary2", "4096x14336,8192x8192", "1,64") == (["w4g128", "ternary2"], [(4096, 14336), (8192, 8192)], [1, 64])
