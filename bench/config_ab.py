@@ -48,12 +48,14 @@ def config_class(path: str) -> type:
     from qkernels.gemm_wgmma import GemmWgmmaConfig
     from qkernels.gemv_mma import GemvMmaConfig
 
-    return {"wgmma": GemmWgmmaConfig, "gemv_mma": GemvMmaConfig, "mma": lm.MmaConfig, "gemm": lm.GemmConfig, "gemv": lm.GemvConfig,
+    from qkernels.gemm_ws import GemmWsConfig
+
+    return {"wgmma": GemmWgmmaConfig, "wgmma_ws": GemmWsConfig, "gemv_mma": GemvMmaConfig, "mma": lm.MmaConfig, "gemm": lm.GemmConfig, "gemv": lm.GemvConfig,
             "gemv_fp32": lm.GemvConfig}[path]
 
 
-PATHS = ("wgmma", "gemv_mma", "mma", "gemm", "gemv", "gemv_fp32")
-MAX_M = {"gemv_mma": lm.GEMV_MAX_M, "gemv": lm.GEMV_MAX_M, "gemv_fp32": lm.GEMV_MAX_M, "mma": lm.MMA_MAX_M}  # rows a path takes
+PATHS = ("wgmma", "wgmma_ws", "gemv_mma", "mma", "gemm", "gemv", "gemv_fp32")
+MAX_M = {"wgmma_ws": 64, "gemv_mma": lm.GEMV_MAX_M, "gemv": lm.GEMV_MAX_M, "gemv_fp32": lm.GEMV_MAX_M, "mma": lm.MMA_MAX_M}  # rows a path takes
 
 
 def parse_variant(text: str, cls: type) -> dict[str, Any]:

@@ -108,7 +108,7 @@ def lowbit_calls(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = Non
     out = torch.empty(x.shape[0], pw.n, device=x.device, dtype=x.dtype)
 
     def call(p: PackedWeight) -> Callable[[], Any]:
-        if path in ("gemv", "gemv_fp32", "gemv_mma", "mma", "gemm", "wgmma"):
+        if path in ("gemv", "gemv_fp32", "gemv_mma", "mma", "gemm", "wgmma", "wgmma_ws"):
             return lambda: lm.PATHS[path](x, p, config, out=out)
         return lambda: lm.lowbit_matmul(x, p, path)
 
@@ -163,7 +163,8 @@ def block_error(x: torch.Tensor, bw: BlockWeight, dequantized: torch.Tensor, pat
 def paths_for(m: int, pw: PackedWeight) -> list[str]:
     """The path the dispatcher picks; beside it, at batch 1, the other kernels that fit (fp16-pair or fp32
     GEMV, the fp32 one too where the pair one fits, tensor-core GEMV, MMA); above it the GEMV (to ``GEMV_MAX_M``
-    rows), the MMA kernel (to ``MMA_MAX_M`` rows) and the wgmma GEMM where they fit, and from batch 256 on the
+    rows), the MMA kernel (to ``MMA_MAX_M`` rows), the wgmma GEMM and the warp-specialized one where they fit, and
+    from batch 256 on the
     dequant + cuBLAS fallback."""
     cuda = torch.device("cuda")
     auto = lm.pick_path(m, pw, cuda)
@@ -172,7 +173,8 @@ def paths_for(m: int, pw: PackedWeight) -> list[str]:
                 "mma": lm.mma_fits(pw, torch.float16)}
     else:
         fits = {"gemv": m <= lm.GEMV_MAX_M, "mma": m <= lm.MMA_MAX_M and lm.mma_fits(pw, torch.float16),
-                "wgmma": lm.is_hopper(cuda) and lm.wgmma_fits(pw, torch.float16), "dequant": m >= 256}
+                "wgmma": lm.is_hopper(cuda) and lm.wgmma_fits(pw, torch.float16),
+                "wgmma_ws": lm.is_hopper(cuda) and lm.wgmma_ws_fits(pw, torch.float16, m), "dequant": m >= 256}
     return [auto] + [path for path, ok in fits.items() if ok and path != auto]
 
 
@@ -180,10 +182,11 @@ def path_config(m: int, pw: PackedWeight, path: str) -> Any:
     """The tile config ``path`` runs at ``m`` rows when given none (tuned, saved or the rules'); None for the paths
     without one (dequant + cuBLAS, torch)."""
     from qkernels import gemm_wgmma as gw
+    from qkernels import gemm_ws as gws
     from qkernels import gemv_mma as gm
 
-    configs = {"wgmma": lambda: gw.config_for(m, pw), "gemv_mma": lambda: gm.config_for(pw), "mma": lambda: lm.mma_config(m, pw),
-               "gemm": lambda: lm.gemm_config(m), "gemv": lambda: lm.gemv_config(pw, lm.pairs_fit(pw, torch.float16)),
+    configs = {"wgmma": lambda: gw.config_for(m, pw), "wgmma_ws": lambda: gws.default_config(m, pw), "gemv_mma": lambda: gm.config_for(pw),
+               "mma": lambda: lm.mma_config(m, pw), "gemm": lambda: lm.gemm_config(m), "gemv": lambda: lm.gemv_config(pw, lm.pairs_fit(pw, torch.float16)),
                "gemv_fp32": lambda: lm.gemv_config(pw, False)}
     return configs[path]() if path in configs else None
 

@@ -47,7 +47,8 @@ from bench.timing import copies_for, gpu_name, steady_interleaved
 from qkernels import lowbit_matmul as lm
 
 # the kernels a variants file can name: path -> (module, entry function, config class)
-ENTRIES = {"wgmma": ("qkernels.gemm_wgmma", "gemm_wgmma", "GemmWgmmaConfig"), "gemv_mma": ("qkernels.gemv_mma", "gemv_mma", "GemvMmaConfig")}
+ENTRIES = {"wgmma": ("qkernels.gemm_wgmma", "gemm_wgmma", "GemmWgmmaConfig"), "wgmma_ws": ("qkernels.gemm_ws", "gemm_ws", "GemmWsConfig"),
+           "gemv_mma": ("qkernels.gemv_mma", "gemv_mma", "GemvMmaConfig")}
 _KEEP: list[tempfile.TemporaryDirectory] = []  # the variants' source files live as long as the process (the JIT reads them)
 
 
@@ -142,7 +143,7 @@ def compare_cell(path: str, m: int, pw: Any, modules: dict[str, ModuleType], x: 
     reference = lm.reference_matmul(x, pw).float()
     calls = {"cublas": fp16_calls(x, pw.n)[1]()}
     errors = {}
-    for label, module in {"package": importlib.import_module(ENTRIES[path][0])} | modules.items():
+    for label, module in ({"package": importlib.import_module(ENTRIES[path][0])} | modules).items():
         function = getattr(module, entry)
         own = getattr(module, config_class)(**dataclasses.asdict(config))
         errors[label] = ((function(x, pw, own).float() - reference).norm() / reference.norm()).item()

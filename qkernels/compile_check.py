@@ -156,7 +156,7 @@ def lowbit_cases() -> list[Case]:
 
 def gluon_cases() -> list[Case]:
     """The Gluon kernels (sm_90 only): the tensor-core GEMV on plain loads (W1, W3) and on its TMA feed (W4, routed W1,
-    W3), the wgmma GEMM (W4, W3), their constants from a packed weight as the launchers build them; the loop of
+    W3), the wgmma GEMM (W4, W3), the warp-specialized GEMM (W4, W2, ternary, W1), their constants from a packed weight as the launchers build them; the loop of
     :mod:`bench.wgmma_ceiling` and the prototype of :mod:`bench.ws_gemm`."""
     import torch
     from triton.runtime.jit import mangle_type
@@ -205,6 +205,19 @@ def gluon_cases() -> list[Case]:
                   8, 8, 8, 1]
         out.append(Case(f"{layout} wgmma GEMM{' words 2 ahead' if ahead == 2 else ''}", gw._gemm_wgmma_kernel,
                         types(gw._gemm_wgmma_kernel, consts, values), consts, num_warps, gluon=True))
+    from qkernels import gemm_ws
+
+    for layout, config, m in (("uint4", gemm_ws.GemmWsConfig(128, 4, 2), 64), ("uint2", gemm_ws.GemmWsConfig(128, 3, 1), 64),
+                              ("ternary", gemm_ws.GemmWsConfig(64, 4, 1), 32), ("uint1", gemm_ws.GemmWsConfig(256, 2, 1), 16)):
+        pw = packed(layout, 512)
+        block_m = gemm_ws.block_m_for(m)
+        consts = gemm_ws.launch_constants(pw, config, block_m)
+        num_warps = consts.pop("num_warps")
+        words, _, scale, zero = lm.kernel_tensors(pw)
+        values = [*gemm_ws.descriptors(torch.empty(m, pw.k).half(), words, config.block_n, block_m), scale, zero, torch.empty(m, pw.n).half(),
+                  partial, count, m, pw.n, words.shape[1] // pw.run, pw.n_groups, *scale.stride(), pw.zero_const, pw.n]
+        out.append(Case(f"{layout} warp-specialized GEMM block_n {config.block_n} stages {config.stages} split {config.split_k} M {m}",
+                        gemm_ws._gemm_ws_kernel, types(gemm_ws._gemm_ws_kernel, consts, values), consts, num_warps, gluon=True))
     from bench.wgmma_ceiling import _mma_loop  # the tensor-core ceiling benchmark's loop (bench/, not qkernels/)
 
     for n, rs in ((64, True), (256, False)):

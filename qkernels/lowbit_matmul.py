@@ -1100,6 +1100,22 @@ def wgmma(x: torch.Tensor, pw: PackedWeight, config=None, out: torch.Tensor | No
     return run(x, pw, config, out)
 
 
+def wgmma_ws(x: torch.Tensor, pw: PackedWeight, config=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The warp-specialized GEMM of :mod:`qkernels.gemm_ws` (Gluon, Hopper, up to 64 rows; imported on first use)."""
+    from qkernels.gemm_ws import gemm_ws as run
+
+    return run(x, pw, config, out)
+
+
+def wgmma_ws_fits(pw: PackedWeight, dtype: torch.dtype, m: int) -> bool:
+    """What :mod:`qkernels.gemm_ws` takes (its ``ws_fits``), without importing Gluon where there is none."""
+    if not HAS_GLUON:
+        return False
+    from qkernels.gemm_ws import ws_fits
+
+    return ws_fits(pw, dtype, m)
+
+
 def gemv(x: torch.Tensor, pw: PackedWeight, config: GemvConfig | None = None, out: torch.Tensor | None = None,
          pairs: bool | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T`` for small M (at most :data:`GEMV_MAX_M` rows), into ``out`` if given: the
@@ -1290,6 +1306,7 @@ def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype
 
 
 PATHS = {"gemv": gemv, "gemv_fp32": functools.partial(gemv, pairs=False), "gemv_mma": gemv_mma, "mma": mma, "gemm": gemm, "wgmma": wgmma,
+         "wgmma_ws": wgmma_ws,
          "dequant": dequant_matmul, "torch": reference_matmul}
 
 

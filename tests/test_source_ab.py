@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import source_ab as sa
 
@@ -53,7 +54,7 @@ def test_edits_apply_in_order_and_name_what_does_not_fit() -> None:
 
 
 def test_a_variants_file_names_its_bad_path_or_module(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"path 'mma' is not valid; choose from \['wgmma', 'gemv_mma'\]"):
+    with pytest.raises(ValueError, match=r"path 'mma' is not valid; choose from \['wgmma', 'wgmma_ws', 'gemv_mma'\]"):
         sa.read_variants(write(tmp_path, {"a": []}, path="mma"))
     with pytest.raises(ValueError, match="is not path 'wgmma''s module 'qkernels.gemm_wgmma'"):
         sa.read_variants(write(tmp_path, {"a": []}, module="qkernels.gemv_mma"))
@@ -78,3 +79,18 @@ def test_the_variants_compile_for_sm90() -> None:
     lines = [line for line in done.stdout.splitlines() if " | " in line]
     assert len(lines) == 8 and all("REG:" in line for line in lines), done.stdout
     assert {line.split(" | ")[0] for line in lines} == {"nodecode", "noreduce"}
+
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not HOPPER, reason="the wgmma GEMM needs a Hopper GPU")
+def test_a_variant_is_timed_beside_the_package_and_cublas(tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    variants = Path(__file__).parents[1] / "bench" / "ablations" / "wgmma_session24.json"
+    assert sa.main(["--variants", str(variants), "--only", "before_evict", "--shapes", "1024x2048", "--batches", "64",
+                    "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fp16", "package", "before_evict"]
+    assert all(r["us"] > 0 for r in rows)
+    assert all(r["rel_error"] < 1e-2 for r in rows[1:])

@@ -1,0 +1,298 @@
+"""Warp-specialized low-bit GEMM for batches of up to 64 rows on Hopper (Gluon): ``y^T = W x^T`` for fp16
+activations and the ``uint1``/``uint2``/``uint4`` layouts with a run of 32.
+
+The batch fits one ``wgmma`` N (``BLOCK_M``: the rows rounded up to 16, 32 or 64), so every program of a K
+split reads the same activations and the weights are the A operand: a program takes ``BLOCK_N`` weight rows
+(64, 128 or 256: one consumer warpgroup per 64) and one K split, in *units* of 256 K (eight slots of 32):
+
+* A producer warp brings each unit's activation box (four ``[BLOCK_M, 64]`` step tiles, the activations seen as
+  ``[K / 64, M, 64]``) and, at a chunk's first unit, the chunk's words (``[BLOCK_N, 32]`` int32) by TMA into a
+  ring of ``STAGES`` buffers, each with a ``full`` and an ``empty`` mbarrier. Rows past ``M`` or ``N`` and
+  columns past ``K`` read as zeros.
+* The consumer warpgroups (the default partition) share each box: they load a chunk's words from shared memory
+  into the A operand's register layout, decode two slots a step with the wgmma GEMM's asm
+  (:func:`qkernels.gemm_wgmma._slot_weights`: ``(code - zero) * scale`` in fp16) and issue the step's two
+  wgmmas, one step in flight (its A registers held until the wait that retires it). A unit's buffer goes back
+  to the producer at the next unit's first step, once its last step has retired. The group values (scales,
+  zero points) of the next unit are loaded a unit ahead.
+* Split-K as in :mod:`qkernels.gemm_wgmma`: the partial sums in the accumulator's layout, the last split to
+  finish adds them in split order (no atomics on ``y``, the same bits every run) and resets its counter.
+
+Where :mod:`qkernels.gemm_wgmma`'s single warpgroup loads its words into registers, waits on its boxes and
+issues its wgmmas with CTA barriers around every box, here the loads never wait on the math (session 24's
+ablations found the parts running one after another there). Session 25 (H200, steady state, the loop alone,
+``bench.ws_gemm``): W4 8192^2 at 64 rows 18.8 us with 128 weight rows, 4 stages and 2 splits against the
+wgmma GEMM's 25.4 and cuBLAS fp16's 37.0.
+
+Gluon has no interpreter: off the GPU the tests check the rules, the argument checks and the dispatch
+(:mod:`qkernels.compile_check` compiles the kernel for sm_90), on a Hopper GPU the kernel against the fp32
+reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from qkernels import lowbit_matmul as lm
+from qkernels.gemm_wgmma import RUN, _group_values, _slot_weights, _store_tile, sm_count, split_fits
+from qkernels.gluon_compat import async_load, barrier, reinterpret
+from qkernels.pack import PackedWeight
+
+UNIT = gl.constexpr(256)  # K of a unit: eight slots, four 64-K step tiles in one activation box
+STEP = gl.constexpr(64)
+STEPS = gl.constexpr(UNIT.value // STEP.value)
+LAYOUTS = ("uint1", "uint2", "uint4")
+MAX_M = 64
+SMEM = 227 * 1024  # an H100's / H200's shared memory a block
+
+
+@gluon.jit
+def _producer(x_desc, w_desc, xs, ws, full, empty, first, n_chunks, off_n, UNITS: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: unit ``u``'s activation box (and at a chunk's first unit the chunk's words) into buffer
+    ``u % STAGES`` once the consumers have freed it."""
+    X_BYTES: gl.constexpr = x_desc.block_type.nbytes
+    W_BYTES: gl.constexpr = w_desc.block_type.nbytes
+    for u in range(n_chunks * UNITS):
+        s = u % STAGES
+        mbarrier.wait(empty.index(s), ((u // STAGES) & 1) ^ 1)  # (a fresh barrier passes the first round)
+        words_too = u % UNITS == 0
+        if UNITS == 1:
+            mbarrier.expect(full.index(s), X_BYTES + W_BYTES)
+        else:
+            mbarrier.expect(full.index(s), X_BYTES + W_BYTES, pred=words_too)
+            mbarrier.expect(full.index(s), X_BYTES, pred=u % UNITS != 0)
+        async_load(x_desc, [(first * UNITS + u) * STEPS, 0, 0], full.index(s), xs.index(s))
+        async_load(w_desc, [off_n, (first + u // UNITS) * RUN], full.index(s), ws.index(s), pred=words_too)
+
+
+@gluon.jit
+def _unit_values(values, k, GROUP_SIZE: gl.constexpr, HAS_ZERO: gl.constexpr, GPU: gl.constexpr):
+    """The scale and zero point of each of a unit's four steps (the unit at K ``k``): ``GPU`` groups a unit
+    (1, 2 or 4), each loaded once."""
+    scale_ptr, zero_ptr, rows, row_ok, n_groups, stride_sn, stride_sg, zero_const = values
+    s0, z0 = _group_values(scale_ptr, zero_ptr, rows, row_ok, k, n_groups, stride_sn, stride_sg, zero_const, GROUP_SIZE, HAS_ZERO)
+    s1, z1 = s0, z0
+    s2, z2 = s0, z0
+    s3, z3 = s0, z0
+    if GPU >= 2:
+        s2, z2 = _group_values(scale_ptr, zero_ptr, rows, row_ok, k + 2 * STEP, n_groups, stride_sn, stride_sg, zero_const, GROUP_SIZE,
+                               HAS_ZERO)
+        s3, z3 = s2, z2
+    if GPU == 4:
+        s1, z1 = _group_values(scale_ptr, zero_ptr, rows, row_ok, k + STEP, n_groups, stride_sn, stride_sg, zero_const, GROUP_SIZE,
+                               HAS_ZERO)
+        s3, z3 = _group_values(scale_ptr, zero_ptr, rows, row_ok, k + 3 * STEP, n_groups, stride_sn, stride_sg, zero_const, GROUP_SIZE,
+                               HAS_ZERO)
+    return s0, z0, s1, z1, s2, z2, s3, z3
+
+
+@gluon.jit
+def _consumers(xs, ws, full, empty, first, n_chunks, scale_ptr, zero_ptr, n_groups, stride_sn, stride_sg, zero_const, y_ptr, partial_ptr, count_ptr, M, N, stride_ym, pid_n, split, n_tiles,
+               BITS: gl.constexpr, UNITS: gl.constexpr, GROUP_SIZE: gl.constexpr, GPU: gl.constexpr, HAS_ZERO: gl.constexpr,
+               INT_ZERO: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr,
+               VAHEAD: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """The default partition: every unit's four steps (two slots, two wgmmas each), then the tile's store or its
+    split's partial sums (the last split adds them all and stores)."""
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_M, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    CHUNK: gl.constexpr = UNITS * UNIT
+    rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout))
+    values = (scale_ptr, zero_ptr, rows, rows < N, n_groups, stride_sn, stride_sg, zero_const)
+    tiles = reinterpret(xs, gl.float16, [STAGES * STEPS, BLOCK_M, STEP],
+                        gl.NVMMASharedLayout(swizzle_byte_width=2 * STEP, element_bitwidth=16, rank=2))
+    k0 = first * CHUNK
+    nxt = _unit_values(values, k0, GROUP_SIZE, HAS_ZERO, GPU)
+    after = nxt
+    if VAHEAD == 2:
+        after = _unit_values(values, k0 + UNIT, GROUP_SIZE, HAS_ZERO, GPU)
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
+    held0 = gl.zeros([BLOCK_N, RUN], gl.float16, a_layout)
+    held1 = gl.zeros([BLOCK_N, RUN], gl.float16, a_layout)
+    words = gl.zeros([BLOCK_N, RUN], gl.int32, a_layout)
+    for c in range(n_chunks):
+        for sub in gl.static_range(UNITS):
+            u = c * UNITS + sub
+            s = u % STAGES
+            cur = nxt
+            if VAHEAD == 2:  # (past the split: unused)
+                nxt = after
+                after = _unit_values(values, k0 + (u + 2) * UNIT, GROUP_SIZE, HAS_ZERO, GPU)
+            else:
+                nxt = _unit_values(values, k0 + (u + 1) * UNIT, GROUP_SIZE, HAS_ZERO, GPU)
+            mbarrier.wait(full.index(s), (u // STAGES) & 1)
+            if sub == 0:
+                words = ws.index(s).load(a_layout)
+            for step in gl.static_range(STEPS):
+                tile = tiles.index(s * STEPS + step)
+                scale = cur[2 * step]
+                zero = cur[2 * step + 1]
+                a0 = _slot_weights(words, scale, zero, sub * 8 + 2 * step, BITS, INT_ZERO)
+                acc = warpgroup_mma(a0, tile.slice(0, RUN, dim=1).permute((1, 0)), acc, is_async=True)
+                a1 = _slot_weights(words, scale, zero, sub * 8 + 2 * step + 1, BITS, INT_ZERO)
+                acc = warpgroup_mma(a1, tile.slice(RUN, RUN, dim=1).permute((1, 0)), acc, is_async=True)
+                acc, held0, held1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, held0, held1))  # the previous step retires
+                held0 = a0
+                held1 = a1
+                if step == 0:  # the previous unit's last step has retired: its buffer goes back to the producer
+                    mbarrier.arrive(empty.index((u + STAGES - 1) % STAGES), count=1, pred=u > 0)
+    acc, held0, held1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, held0, held1))
+    off_n = pid_n * BLOCK_N
+    if SPLIT_K == 1:
+        _store_tile(y_ptr, acc, M, N, 0, off_n, stride_ym, BLOCK_N, BLOCK_M, NUM_WARPS)
+    else:  # the last split to finish adds the partial sums in split order (as gemm_wgmma's)
+        n_cell = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))[:, None]
+        cell = n_cell * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))[None, :]
+        gl.store(partial_ptr + (split * n_tiles + pid_n).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, acc)
+        barrier()
+        arrived = gl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
+            for part in range(SPLIT_K):
+                total += gl.load(partial_ptr + (part * n_tiles + pid_n).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, cache_modifier=".cg")
+            _store_tile(y_ptr, total, M, N, 0, off_n, stride_ym, BLOCK_N, BLOCK_M, NUM_WARPS)
+            gl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+@gluon.jit
+def _gemm_ws_kernel(
+    x_desc, w_desc, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr, M, N, n_chunks_total, n_groups, stride_sn, stride_sg,
+    zero_const, stride_ym,
+    BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
+    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr, VAHEAD: gl.constexpr, NUM_WARPS: gl.constexpr,
+):
+    """Program (tile along N, K split): the ring, its barriers and the two partitions."""
+    UNITS: gl.constexpr = 32 // BITS // 8  # units a chunk (32 // BITS slots of 32 K)
+    GPU: gl.constexpr = UNIT // GROUP_SIZE if GROUP_SIZE < UNIT else 1
+    pid_n = gl.program_id(0)
+    split = gl.program_id(1)
+    per_split = gl.cdiv(n_chunks_total, SPLIT_K)
+    first = split * per_split
+    n_chunks = gl.maximum(gl.minimum(first + per_split, n_chunks_total) - first, 0)
+    xs = gl.allocate_shared_memory(gl.float16, [STAGES, STEPS, BLOCK_M, STEP], x_desc.layout)
+    ws = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, RUN], w_desc.layout)
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(full.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    gl.warp_specialize(
+        [(_consumers, (xs, ws, full, empty, first, n_chunks, scale_ptr, zero_ptr, n_groups, stride_sn, stride_sg, zero_const, y_ptr, partial_ptr, count_ptr, M, N, stride_ym, pid_n, split,
+                       gl.num_programs(0), BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO, BLOCK_N, BLOCK_M, STAGES, SPLIT_K,
+                       VAHEAD, NUM_WARPS)),
+         (_producer, (x_desc, w_desc, xs, ws, full, empty, first, n_chunks, pid_n * BLOCK_N, UNITS, STAGES))],
+        [1], [40])
+
+
+@dataclass(frozen=True)
+class GemmWsConfig:
+    block_n: int = 128  # weight rows a program: 64, 128 or 256 (a consumer warpgroup per 64)
+    stages: int = 4  # units in the ring
+    split_k: int = 1
+    values_ahead: int = 2  # units ahead that the group values are loaded (1 or 2)
+
+
+def ws_fits(pw: PackedWeight, dtype: torch.dtype, m: int) -> bool:
+    """What the kernel takes: fp16 activations, at most 64 rows, the ``uint1``/``uint2``/``uint4`` layouts with a
+    run of 32, K a multiple of 64 (the activations' step tiles), and groups that divide a unit's four step tiles
+    (64, 128, 256 K) or cover whole units."""
+    gs = pw.group_size
+    groups_ok = (gs < UNIT.value and UNIT.value % gs == 0 and gs >= STEP.value) or gs % UNIT.value == 0 or pw.n_groups == 1
+    return (lm.HAS_GLUON and dtype == torch.float16 and 1 <= m <= MAX_M and pw.layout in LAYOUTS and pw.run == RUN.value
+            and pw.k % STEP.value == 0 and groups_ok)
+
+
+def block_m_for(m: int) -> int:
+    return max(16, triton.next_power_of_2(m))
+
+
+def stage_bytes(block_n: int, block_m: int) -> int:
+    """Shared memory a ring buffer: the activation box and a chunk's words."""
+    return STEPS.value * block_m * STEP.value * 2 + block_n * RUN.value * 4
+
+
+def epilogue_bytes(block_n: int, block_m: int) -> int:
+    """Shared memory beside the ring: the store's change of layout (the fp32 tile)."""
+    return block_n * block_m * 4
+
+
+def default_config(m: int, pw: PackedWeight) -> GemmWsConfig:
+    """128 weight rows (two consumer warpgroups), four units in the ring, and the most K splits (at most 8, each
+    at least two chunks but the last: :func:`split_fits`) whose programs fill one wave at the programs a
+    multiprocessor that the shared memory leaves. Session 25 (H200, the loop without scales: ``bench.ws_gemm``,
+    64 rows): the best of 36 configs a shape was this rule's at 8192^2 (2 splits, 18.8 us), 14336x4096 (4
+    splits, 17.0) and 4096x14336 (1 split, 18.1); fewer stages lost up to 75%."""
+    block_n, stages = 128, 4
+    block_m = block_m_for(m)
+    per_sm = max(1, SMEM // (stages * stage_bytes(block_n, block_m) + epilogue_bytes(block_n, block_m)))
+    tiles = triton.cdiv(pw.n, block_n)
+    wave = per_sm * (sm_count(pw.words.device) if pw.words.is_cuda else 132)
+    chunks = triton.cdiv(pw.k, pw.chunk)
+    split_k = max(s for s in range(1, 9) if s == 1 or (tiles * s <= wave and split_fits(chunks, s)))
+    return GemmWsConfig(block_n=block_n, stages=stages, split_k=split_k)
+
+
+def check_config(config: GemmWsConfig, block_m: int) -> None:
+    problems = []
+    if config.block_n not in (64, 128, 256):
+        problems.append(f"block_n={config.block_n} (64, 128 or 256)")
+    room = SMEM - epilogue_bytes(config.block_n, block_m)
+    if config.stages < 2 or config.stages * stage_bytes(config.block_n, block_m) > room:
+        problems.append(f"stages={config.stages} (at least 2, and the ring within {room} bytes of shared memory: "
+                        f"{stage_bytes(config.block_n, block_m)} a stage at block_n={config.block_n}, {block_m} activation rows)")
+    if config.split_k < 1:
+        problems.append(f"split_k={config.split_k} (at least 1)")
+    if config.values_ahead not in (1, 2):
+        problems.append(f"values_ahead={config.values_ahead} (1 or 2)")
+    if problems:
+        raise ValueError("bad GemmWsConfig: " + "; ".join(problems))
+
+
+def descriptors(x: torch.Tensor, words: torch.Tensor, block_n: int, block_m: int) -> tuple[TensorDescriptor, TensorDescriptor]:
+    """The activations as ``[K / 64, M, 64]`` step tiles (a unit's four in one box) and the words ``[N, K_words]`` in
+    ``[block_n, 32]`` boxes."""
+    m, k = x.shape
+    step = STEP.value
+    x_layout = gl.NVMMASharedLayout(swizzle_byte_width=2 * step, element_bitwidth=16, rank=3)
+    x_desc = TensorDescriptor(x, [k // step, m, step], [step, x.stride(0), 1], [STEPS.value, block_m, step], x_layout)
+    w_layout = gl.NVMMASharedLayout.get_default_for([block_n, RUN.value], gl.int32)
+    w_desc = TensorDescriptor(words, list(words.shape), list(words.stride()), [block_n, RUN.value], w_layout)
+    return x_desc, w_desc
+
+
+def launch_constants(pw: PackedWeight, config: GemmWsConfig, block_m: int) -> dict:
+    """The kernel's compile-time constants and warps (also what :mod:`qkernels.compile_check` compiles)."""
+    return dict(BITS=lm.CODE_BITS[pw.layout], GROUP_SIZE=pw.group_size, HAS_ZERO=pw.zero is not None,
+                INT_ZERO=pw.zero_grid == 1.0, BLOCK_N=config.block_n, BLOCK_M=block_m, STAGES=config.stages, SPLIT_K=config.split_k,
+                VAHEAD=config.values_ahead, NUM_WARPS=config.block_n // 16, num_warps=config.block_n // 16)
+
+
+def gemm_ws(x: torch.Tensor, pw: PackedWeight, config: GemmWsConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ W^T`` (M at most 64) by the warp-specialized kernel, into ``out`` if given."""
+    lm.check_inputs(x, pw)
+    m = x.shape[0]
+    if not ws_fits(pw, x.dtype, m):
+        raise ValueError(f"gemm_ws takes fp16 activations, 1 to {MAX_M} rows, K a multiple of {STEP.value}, layouts {LAYOUTS} with run "
+                         f"{RUN.value} and groups of 64, 128 or a multiple of {UNIT.value} K; got {x.dtype}, M={m}, K={pw.k}, {pw.layout}, "
+                         f"run {pw.run}, group {pw.group_size}")
+    if x.data_ptr() % 16 or x.stride(0) % 8:  # TMA reads 16-byte aligned rows
+        x = x.clone(memory_format=torch.contiguous_format)
+    block_m = block_m_for(m)
+    config = config or default_config(m, pw)
+    check_config(config, block_m)
+    y = lm.output(out, (m, pw.n), x)
+    words, _, scale, zero = lm.kernel_tensors(pw)
+    tiles = triton.cdiv(pw.n, config.block_n)
+    partial, count = lm.split_buffers(y, (tiles, 1, config.split_k), config.block_n * block_m)
+    x_desc, w_desc = descriptors(x, words, config.block_n, block_m)
+    _gemm_ws_kernel[(tiles, config.split_k)](
+        x_desc, w_desc, scale, zero, y, partial, count, m, pw.n, words.shape[1] // RUN.value, pw.n_groups, *scale.stride(), pw.zero_const,
+        y.stride(0), **launch_constants(pw, config, block_m),
+    )
+    return y

@@ -1,0 +1,95 @@
+"""The warp-specialized GEMM (qkernels/gemm_ws.py, Gluon, Hopper): what it takes, its config rules and checks on
+CPU (Gluon has no interpreter), the kernel against the fp32 reference on a Hopper GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qkernels import lowbit_matmul as lm
+from qkernels.gemm_ws import GemmWsConfig, check_config, default_config, gemm_ws as run, stage_bytes, ws_fits
+from qkernels.pack import CODE_BITS, pack_weight
+
+requires_hopper = pytest.mark.skipif(not (torch.cuda.is_available() and lm.is_hopper(torch.device("cuda"))), reason="needs a Hopper GPU")
+
+
+def packed(layout: str, n: int, k: int, group: int | None = 128, zeros: str | float = "integer"):
+    """Random codes of ``layout`` with scales (and zero points: ``"integer"``, ``"float"``, or a constant) in groups."""
+    top = 2 ** CODE_BITS[layout] - 1 if zeros != 1.0 else 2
+    codes = torch.randint(0, top + 1, (n, k))
+    n_groups = 1 if group is None else k // group
+    scale = (torch.rand(n, n_groups) * 0.02 + 0.01).half()
+    zero = {"integer": torch.randint(0, top + 1, (n, n_groups)).half(), "float": (torch.rand(n, n_groups) * top).half()}.get(zeros)
+    return pack_weight(codes, scale, zero, layout, group, zero_const=zeros if zero is None else 0.0, run=32)
+
+
+def test_takes_up_to_64_fp16_rows_of_uint124_with_groups_that_fit_a_unit() -> None:
+    pw = packed("uint4", 64, 1024)
+    assert ws_fits(pw, torch.float16, 1) and ws_fits(pw, torch.float16, 64)
+    assert not ws_fits(pw, torch.float16, 65) and not ws_fits(pw, torch.bfloat16, 16)
+    assert not ws_fits(packed("uint3", 64, 1024), torch.float16, 16)
+    assert ws_fits(packed("uint2", 64, 1024, group=None, zeros=1.0), torch.float16, 16)  # one scale a row
+    assert ws_fits(packed("uint4", 64, 1024, group=64), torch.float16, 16)
+    assert not ws_fits(packed("uint4", 64, 1024, group=32), torch.float16, 16)  # eight groups a unit
+    assert not ws_fits(packed("uint4", 64, 1000, group=None), torch.float16, 16)  # K not a multiple of 64
+    with pytest.raises(ValueError, match="got torch.float16, M=65, K=1024, uint4, run 32, group 128"):
+        run(torch.randn(65, 1024, dtype=torch.float16), pw)
+
+
+def test_config_errors_name_the_bad_values() -> None:
+    with pytest.raises(ValueError, match=r"block_n=96 \(64, 128 or 256\)"):
+        check_config(GemmWsConfig(block_n=96), 64)
+    with pytest.raises(ValueError, match="stages=5 .* 49152 a stage at block_n=128, 64 activation rows"):
+        check_config(GemmWsConfig(stages=5), 64)
+    with pytest.raises(ValueError, match=r"split_k=0 \(at least 1\)"):
+        check_config(GemmWsConfig(split_k=0), 64)
+    check_config(GemmWsConfig(stages=8), 16)  # 24 KiB a stage at 16 rows
+    assert stage_bytes(128, 64) == 4 * 64 * 64 * 2 + 128 * 32 * 4
+
+
+def test_default_splits_fill_one_wave() -> None:
+    """The session-25 sweep's best configs at 64 rows (132 multiprocessors off the GPU): 2 splits at 8192^2, 4 at
+    14336x4096 (in x out), 1 at 4096x14336; two programs a multiprocessor at 16 rows (a quarter of the ring) double
+    the splits."""
+    big = packed("uint4", 8192, 8192)
+    assert default_config(64, big) == GemmWsConfig(128, 4, 2)
+    assert default_config(64, packed("uint4", 4096, 14336)) == GemmWsConfig(128, 4, 4)
+    assert default_config(64, packed("uint4", 14336, 4096)) == GemmWsConfig(128, 4, 1)
+    assert default_config(16, big) == GemmWsConfig(128, 4, 4)
+    assert default_config(64, packed("uint4", 256, 1024)).split_k == 2  # 4 chunks: 3 splits would leave the last one empty
+
+
+@requires_hopper
+@pytest.mark.parametrize(
+    "layout,group,zeros",
+    [("uint4", 128, "integer"), ("uint4", 64, 7.5), ("uint4", None, "float"), ("uint2", 128, "float"), ("uint2", None, 1.0),
+     ("uint1", 128, "integer")],
+)
+def test_matches_the_reference_on_ragged_shapes(layout: str, group: int | None, zeros: str | float) -> None:
+    """Random codes, scales and zero points, outputs poisoned with NaN, batches and weight rows that leave ragged
+    tiles, K a multiple of 64 but not of a chunk (W4: 5 chunks, W2 3, W1 2, the last partly past K), every block_n,
+    2 to 4 stages and 1 to 3 K splits (an empty split among them): within fp16 rounding of the weights of the fp32
+    reference."""
+    n, k = 200, 1152
+    pw = packed(layout, n, k, group, zeros).to("cuda")
+    configs = [None, GemmWsConfig(64, 2, 1), GemmWsConfig(128, 3, 2), GemmWsConfig(256, 2, 3), GemmWsConfig(128, 4, 5)]
+    for m in (1, 16, 40, 64):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        ref = lm.reference_matmul(x, pw).float()
+        for config in configs:
+            y = run(x, pw, config, out=torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)).float()
+            assert not y.isnan().any(), (m, config)
+            assert ((y - ref).norm() / ref.norm()).item() < 1e-3, (m, config)
+    offset = torch.randn(64 * k + 4, device="cuda", dtype=torch.float16)[4:].view(64, k)  # rows TMA cannot address in place
+    assert torch.allclose(run(offset, pw).float(), lm.reference_matmul(offset, pw).float(), rtol=2e-2, atol=2e-2)
+
+
+@requires_hopper
+def test_the_split_counters_are_left_at_zero() -> None:
+    """A split launch leaves its counters at 0 (the next launch of any split kernel on the stream reads them)."""
+    pw = packed("uint4", 256, 4096).to("cuda")
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.float16)
+    y = run(x, pw, GemmWsConfig(128, 4, 4))
+    _, count = lm.split_buffers(y, (2, 1, 4), 128 * 64)
+    assert int(count[:2].abs().sum()) == 0
+    assert torch.allclose(y.float(), lm.reference_matmul(x, pw).float(), rtol=2e-2, atol=2e-2)
