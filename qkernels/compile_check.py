@@ -207,8 +207,9 @@ def gluon_cases() -> list[Case]:
                         types(gw._gemm_wgmma_kernel, consts, values), consts, num_warps, gluon=True))
     from qkernels import gemm_ws
 
-    for layout, config, m in (("uint4", gemm_ws.GemmWsConfig(128, 4, 2), 64), ("uint2", gemm_ws.GemmWsConfig(128, 3, 1), 64),
-                              ("ternary", gemm_ws.GemmWsConfig(64, 4, 1), 32), ("uint1", gemm_ws.GemmWsConfig(256, 2, 1), 16)):
+    for layout, config, m in (("uint4", gemm_ws.GemmWsConfig(128, 4, 2), 64), ("uint4", gemm_ws.GemmWsConfig(128, 4, 2, apart=False), 64),
+                              ("uint2", gemm_ws.GemmWsConfig(128, 3, 1, values_ahead=1), 64), ("ternary", gemm_ws.GemmWsConfig(64, 4, 1), 32),
+                              ("uint1", gemm_ws.GemmWsConfig(256, 2, 3), 16)):
         pw = packed(layout, 512)
         block_m = gemm_ws.block_m_for(m)
         consts = gemm_ws.launch_constants(pw, config, block_m)
@@ -216,7 +217,8 @@ def gluon_cases() -> list[Case]:
         words, _, scale, zero = lm.kernel_tensors(pw)
         values = [*gemm_ws.descriptors(torch.empty(m, pw.k).half(), words, config.block_n, block_m), scale, zero, torch.empty(m, pw.n).half(),
                   partial, count, m, pw.n, words.shape[1] // pw.run, pw.n_groups, *scale.stride(), pw.zero_const, pw.n]
-        out.append(Case(f"{layout} warp-specialized GEMM block_n {config.block_n} stages {config.stages} split {config.split_k} M {m}",
+        out.append(Case(f"{layout} warp-specialized GEMM block_n {config.block_n} stages {config.stages} split {config.split_k} M {m}"
+                        f"{'' if config.apart else ' joint'}{' values 1 ahead' if config.values_ahead == 1 else ''}",
                         gemm_ws._gemm_ws_kernel, types(gemm_ws._gemm_ws_kernel, consts, values), consts, num_warps, gluon=True))
     from bench.wgmma_ceiling import _mma_loop  # the tensor-core ceiling benchmark's loop (bench/, not qkernels/)
 

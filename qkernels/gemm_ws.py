@@ -51,6 +51,7 @@ STEPS = gl.constexpr(UNIT.value // STEP.value)
 LAYOUTS = ("uint1", "uint2", "uint4")
 MAX_M = 64
 SMEM = 227 * 1024  # an H100's / H200's shared memory a block
+CONSUMER_REGS = {64: 232, 128: 232, 256: 112}  # registers a thread of the worker consumer partitions (apart): 64K a multiprocessor
 
 
 @gluon.jit
@@ -94,16 +95,21 @@ def _unit_values(values, k, GROUP_SIZE: gl.constexpr, HAS_ZERO: gl.constexpr, GP
 
 
 @gluon.jit
-def _consumers(xs, ws, full, empty, first, n_chunks, scale_ptr, zero_ptr, n_groups, stride_sn, stride_sg, zero_const, y_ptr, partial_ptr, count_ptr, M, N, stride_ym, pid_n, split, n_tiles,
-               BITS: gl.constexpr, UNITS: gl.constexpr, GROUP_SIZE: gl.constexpr, GPU: gl.constexpr, HAS_ZERO: gl.constexpr,
-               INT_ZERO: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr,
+def _consumers(ring, group_args, out_args, first, n_chunks, pid_n, split, BITS: gl.constexpr, UNITS: gl.constexpr,
+               GROUP_SIZE: gl.constexpr, GPU: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
+               ROWS: gl.constexpr, LOCAL: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr,
                VAHEAD: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """The default partition: every unit's four steps (two slots, two wgmmas each), then the tile's store or its
-    split's partial sums (the last split adds them all and stores)."""
+    """A consumer partition on rows ``LOCAL`` to ``LOCAL + ROWS`` of the program's ``BLOCK_N`` (its own sub-tile of the
+    output): every unit's four steps (two slots, two wgmmas each), then the sub-tile's store or its split's partial
+    sums (the last split to arrive adds them all in split order, its own from registers, and stores)."""
+    xs, ws, full, empty = ring
+    scale_ptr, zero_ptr, n_groups, stride_sn, stride_sg, zero_const = group_args
+    y_ptr, partial_ptr, count_ptr, M, N, stride_ym = out_args
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     CHUNK: gl.constexpr = UNITS * UNIT
-    rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout))
+    off_n = pid_n * BLOCK_N + LOCAL
+    rows = off_n + gl.arange(0, ROWS, layout=gl.SliceLayout(1, a_layout))
     values = (scale_ptr, zero_ptr, rows, rows < N, n_groups, stride_sn, stride_sg, zero_const)
     tiles = reinterpret(xs, gl.float16, [STAGES * STEPS, BLOCK_M, STEP],
                         gl.NVMMASharedLayout(swizzle_byte_width=2 * STEP, element_bitwidth=16, rank=2))
@@ -112,10 +118,10 @@ def _consumers(xs, ws, full, empty, first, n_chunks, scale_ptr, zero_ptr, n_grou
     after = nxt
     if VAHEAD == 2:
         after = _unit_values(values, k0 + UNIT, GROUP_SIZE, HAS_ZERO, GPU)
-    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
-    held0 = gl.zeros([BLOCK_N, RUN], gl.float16, a_layout)
-    held1 = gl.zeros([BLOCK_N, RUN], gl.float16, a_layout)
-    words = gl.zeros([BLOCK_N, RUN], gl.int32, a_layout)
+    acc = gl.zeros([ROWS, BLOCK_M], gl.float32, mma)
+    held0 = gl.zeros([ROWS, RUN], gl.float16, a_layout)
+    held1 = gl.zeros([ROWS, RUN], gl.float16, a_layout)
+    words = gl.zeros([ROWS, RUN], gl.int32, a_layout)
     for c in range(n_chunks):
         for sub in gl.static_range(UNITS):
             u = c * UNITS + sub
@@ -128,7 +134,7 @@ def _consumers(xs, ws, full, empty, first, n_chunks, scale_ptr, zero_ptr, n_grou
                 nxt = _unit_values(values, k0 + (u + 1) * UNIT, GROUP_SIZE, HAS_ZERO, GPU)
             mbarrier.wait(full.index(s), (u // STAGES) & 1)
             if sub == 0:
-                words = ws.index(s).load(a_layout)
+                words = ws.index(s).slice(LOCAL, ROWS, dim=0).load(a_layout)
             for step in gl.static_range(STEPS):
                 tile = tiles.index(s * STEPS + step)
                 scale = cur[2 * step]
@@ -140,24 +146,28 @@ def _consumers(xs, ws, full, empty, first, n_chunks, scale_ptr, zero_ptr, n_grou
                 acc, held0, held1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, held0, held1))  # the previous step retires
                 held0 = a0
                 held1 = a1
-                if step == 0:  # the previous unit's last step has retired: its buffer goes back to the producer
+                if step == 0:  # the previous unit's last step has retired: this partition is done with its buffer
                     mbarrier.arrive(empty.index((u + STAGES - 1) % STAGES), count=1, pred=u > 0)
     acc, held0, held1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, held0, held1))
-    off_n = pid_n * BLOCK_N
     if SPLIT_K == 1:
-        _store_tile(y_ptr, acc, M, N, 0, off_n, stride_ym, BLOCK_N, BLOCK_M, NUM_WARPS)
-    else:  # the last split to finish adds the partial sums in split order (as gemm_wgmma's)
-        n_cell = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))[:, None]
+        _store_tile(y_ptr, acc, M, N, 0, off_n, stride_ym, ROWS, BLOCK_M, NUM_WARPS)
+    else:  # the partial sums in the accumulator's layout; the last split to arrive adds them up (as gemm_wgmma's)
+        PARTS: gl.constexpr = BLOCK_N // ROWS
+        tile = pid_n * PARTS + LOCAL // ROWS
+        n_tiles = gl.num_programs(0) * PARTS
+        n_cell = gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))[:, None]
         cell = n_cell * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))[None, :]
-        gl.store(partial_ptr + (split * n_tiles + pid_n).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, acc)
+        gl.store(partial_ptr + (split * n_tiles + tile).to(gl.int64) * (ROWS * BLOCK_M) + cell, acc)
         barrier()
-        arrived = gl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
-            total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
-            for part in range(SPLIT_K):
-                total += gl.load(partial_ptr + (part * n_tiles + pid_n).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, cache_modifier=".cg")
-            _store_tile(y_ptr, total, M, N, 0, off_n, stride_ym, BLOCK_N, BLOCK_M, NUM_WARPS)
-            gl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+            total = gl.zeros([ROWS, BLOCK_M], gl.float32, mma)
+            for part in gl.static_range(SPLIT_K):  # every other split's sums loaded at once, then added in split order
+                other = gl.load(partial_ptr + (part * n_tiles + tile).to(gl.int64) * (ROWS * BLOCK_M) + cell, mask=(cell >= 0) & (part != split),
+                                cache_modifier=".cg")
+                total += gl.where(part == split, acc, other)
+            _store_tile(y_ptr, total, M, N, 0, off_n, stride_ym, ROWS, BLOCK_M, NUM_WARPS)
+            gl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @gluon.jit
@@ -165,11 +175,15 @@ def _gemm_ws_kernel(
     x_desc, w_desc, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr, M, N, n_chunks_total, n_groups, stride_sn, stride_sg,
     zero_const, stride_ym,
     BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
-    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr, VAHEAD: gl.constexpr, NUM_WARPS: gl.constexpr,
+    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr, VAHEAD: gl.constexpr, APART: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, NUM_WARPS: gl.constexpr,
 ):
-    """Program (tile along N, K split): the ring, its barriers and the two partitions."""
+    """Program (tile along N, K split): the ring, its barriers and the partitions: the consumers as one partition of
+    ``BLOCK_N / 16`` warps, or (``APART``) one partition of four warps per 64 weight rows, each on its own sub-tile,
+    with its own barriers (no warpgroup waits on another's); the producer warp last."""
     UNITS: gl.constexpr = 32 // BITS // 8  # units a chunk (32 // BITS slots of 32 K)
     GPU: gl.constexpr = UNIT // GROUP_SIZE if GROUP_SIZE < UNIT else 1
+    ROWS: gl.constexpr = 64 if APART else BLOCK_N
     pid_n = gl.program_id(0)
     split = gl.program_id(1)
     per_split = gl.cdiv(n_chunks_total, SPLIT_K)
@@ -181,13 +195,34 @@ def _gemm_ws_kernel(
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(full.index(s), count=1)
-        mbarrier.init(empty.index(s), count=1)
-    gl.warp_specialize(
-        [(_consumers, (xs, ws, full, empty, first, n_chunks, scale_ptr, zero_ptr, n_groups, stride_sn, stride_sg, zero_const, y_ptr, partial_ptr, count_ptr, M, N, stride_ym, pid_n, split,
-                       gl.num_programs(0), BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO, BLOCK_N, BLOCK_M, STAGES, SPLIT_K,
-                       VAHEAD, NUM_WARPS)),
-         (_producer, (x_desc, w_desc, xs, ws, full, empty, first, n_chunks, pid_n * BLOCK_N, UNITS, STAGES))],
-        [1], [40])
+        mbarrier.init(empty.index(s), count=BLOCK_N // ROWS)  # one arrival per consumer partition
+    ring = (xs, ws, full, empty)
+    group_args = (scale_ptr, zero_ptr, n_groups, stride_sn, stride_sg, zero_const)
+    out_args = (y_ptr, partial_ptr, count_ptr, M, N, stride_ym)
+    feed = (x_desc, w_desc, xs, ws, full, empty, first, n_chunks, pid_n * BLOCK_N, UNITS, STAGES)
+    if BLOCK_N == ROWS:
+        gl.warp_specialize([
+            (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
+                          BLOCK_N, ROWS, 0, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS)),
+            (_producer, feed)], [1], [40])
+    elif BLOCK_N == 128:
+        gl.warp_specialize([
+            (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
+                          BLOCK_N, ROWS, 0, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS)),
+            (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
+                          BLOCK_N, ROWS, 64, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS)),
+            (_producer, feed)], [4, 1], [CONSUMER_REGS, 40])
+    else:
+        gl.warp_specialize([
+            (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
+                          BLOCK_N, ROWS, 0, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS)),
+            (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
+                          BLOCK_N, ROWS, 64, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS)),
+            (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
+                          BLOCK_N, ROWS, 128, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS)),
+            (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
+                          BLOCK_N, ROWS, 192, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS)),
+            (_producer, feed)], [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, 40])
 
 
 @dataclass(frozen=True)
@@ -196,6 +231,7 @@ class GemmWsConfig:
     stages: int = 4  # units in the ring
     split_k: int = 1
     values_ahead: int = 2  # units ahead that the group values are loaded (1 or 2)
+    apart: bool = True  # a consumer partition per 64 weight rows (else one for all)
 
 
 def ws_fits(pw: PackedWeight, dtype: torch.dtype, m: int) -> bool:
@@ -268,9 +304,11 @@ def descriptors(x: torch.Tensor, words: torch.Tensor, block_n: int, block_m: int
 
 def launch_constants(pw: PackedWeight, config: GemmWsConfig, block_m: int) -> dict:
     """The kernel's compile-time constants and warps (also what :mod:`qkernels.compile_check` compiles)."""
+    warps = 4 if config.apart else config.block_n // 16
     return dict(BITS=lm.CODE_BITS[pw.layout], GROUP_SIZE=pw.group_size, HAS_ZERO=pw.zero is not None,
                 INT_ZERO=pw.zero_grid == 1.0, BLOCK_N=config.block_n, BLOCK_M=block_m, STAGES=config.stages, SPLIT_K=config.split_k,
-                VAHEAD=config.values_ahead, NUM_WARPS=config.block_n // 16, num_warps=config.block_n // 16)
+                VAHEAD=config.values_ahead, APART=config.apart, CONSUMER_REGS=CONSUMER_REGS[config.block_n], NUM_WARPS=warps,
+                num_warps=warps)
 
 
 def gemm_ws(x: torch.Tensor, pw: PackedWeight, config: GemmWsConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -289,7 +327,8 @@ def gemm_ws(x: torch.Tensor, pw: PackedWeight, config: GemmWsConfig | None = Non
     y = lm.output(out, (m, pw.n), x)
     words, _, scale, zero = lm.kernel_tensors(pw)
     tiles = triton.cdiv(pw.n, config.block_n)
-    partial, count = lm.split_buffers(y, (tiles, 1, config.split_k), config.block_n * block_m)
+    parts = config.block_n // 64 if config.apart else 1  # the output sub-tiles a program (a counter each)
+    partial, count = lm.split_buffers(y, (tiles * parts, 1, config.split_k), config.block_n // parts * block_m)
     x_desc, w_desc = descriptors(x, words, config.block_n, block_m)
     _gemm_ws_kernel[(tiles, config.split_k)](
         x_desc, w_desc, scale, zero, y, partial, count, m, pw.n, words.shape[1] // RUN.value, pw.n_groups, *scale.stride(), pw.zero_const,

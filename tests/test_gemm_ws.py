@@ -68,11 +68,12 @@ def test_default_splits_fill_one_wave() -> None:
 def test_matches_the_reference_on_ragged_shapes(layout: str, group: int | None, zeros: str | float) -> None:
     """Random codes, scales and zero points, outputs poisoned with NaN, batches and weight rows that leave ragged
     tiles, K a multiple of 64 but not of a chunk (W4: 5 chunks, W2 3, W1 2, the last partly past K), every block_n,
-    2 to 4 stages and 1 to 3 K splits (an empty split among them): within fp16 rounding of the weights of the fp32
-    reference."""
+    2 to 4 stages, 1 to 5 K splits (empty splits among them), the group values one or two units ahead, the consumers
+    a partition per 64 rows or one for all: within fp16 rounding of the weights of the fp32 reference."""
     n, k = 200, 1152
     pw = packed(layout, n, k, group, zeros).to("cuda")
-    configs = [None, GemmWsConfig(64, 2, 1), GemmWsConfig(128, 3, 2), GemmWsConfig(256, 2, 3), GemmWsConfig(128, 4, 5)]
+    configs = [None, GemmWsConfig(64, 2, 1), GemmWsConfig(128, 3, 2), GemmWsConfig(256, 2, 3), GemmWsConfig(128, 4, 5, values_ahead=1),
+               GemmWsConfig(128, 3, 3, apart=False), GemmWsConfig(256, 2, 1, apart=False)]
     for m in (1, 16, 40, 64):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ref = lm.reference_matmul(x, pw).float()
@@ -90,6 +91,6 @@ def test_the_split_counters_are_left_at_zero() -> None:
     pw = packed("uint4", 256, 4096).to("cuda")
     x = torch.randn(64, 4096, device="cuda", dtype=torch.float16)
     y = run(x, pw, GemmWsConfig(128, 4, 4))
-    _, count = lm.split_buffers(y, (2, 1, 4), 128 * 64)
-    assert int(count[:2].abs().sum()) == 0
+    _, count = lm.split_buffers(y, (4, 1, 4), 64 * 64)  # two programs, a sub-tile per consumer partition
+    assert int(count[:4].abs().sum()) == 0
     assert torch.allclose(y.float(), lm.reference_matmul(x, pw).float(), rtol=2e-2, atol=2e-2)
