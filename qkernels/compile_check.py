@@ -156,8 +156,8 @@ def lowbit_cases() -> list[Case]:
 
 def gluon_cases() -> list[Case]:
     """The Gluon kernels (sm_90 only): the tensor-core GEMV on plain loads (W1, W3) and on its TMA feed (W4, routed W1,
-    W3), the wgmma GEMM (W4, W3), the warp-specialized GEMM (W4, W2, ternary, W1), their constants from a packed weight as the launchers build them; the loop of
-    :mod:`bench.wgmma_ceiling` and the prototype of :mod:`bench.ws_gemm`."""
+    W3), the wgmma GEMM (W4, W3), the warp-specialized GEMM (W4, W2, ternary, W1), their constants from a packed weight
+    as the launchers build them; the loop of :mod:`bench.wgmma_ceiling`."""
     import torch
     from triton.runtime.jit import mangle_type
 
@@ -207,9 +207,9 @@ def gluon_cases() -> list[Case]:
                         types(gw._gemm_wgmma_kernel, consts, values), consts, num_warps, gluon=True))
     from qkernels import gemm_ws
 
-    for layout, config, m in (("uint4", gemm_ws.GemmWsConfig(128, 4, 2), 64), ("uint4", gemm_ws.GemmWsConfig(128, 4, 2, apart=False), 64),
+    for layout, config, m in (("uint4", gemm_ws.GemmWsConfig(128, 4, 2), 64), ("uint4", gemm_ws.GemmWsConfig(128, 4, 2, apart=True), 64),
                               ("uint2", gemm_ws.GemmWsConfig(128, 3, 1, values_ahead=1), 64), ("ternary", gemm_ws.GemmWsConfig(64, 4, 1), 32),
-                              ("uint1", gemm_ws.GemmWsConfig(256, 2, 3), 16)):
+                              ("uint1", gemm_ws.GemmWsConfig(64, 2, 3, apart=True), 16), ("uint1", gemm_ws.GemmWsConfig(256, 2, 1), 16)):
         pw = packed(layout, 512)
         block_m = gemm_ws.block_m_for(m)
         consts = gemm_ws.launch_constants(pw, config, block_m)
@@ -218,20 +218,13 @@ def gluon_cases() -> list[Case]:
         values = [*gemm_ws.descriptors(torch.empty(m, pw.k).half(), words, config.block_n, block_m), scale, zero, torch.empty(m, pw.n).half(),
                   partial, count, m, pw.n, words.shape[1] // pw.run, pw.n_groups, *scale.stride(), pw.zero_const, pw.n]
         out.append(Case(f"{layout} warp-specialized GEMM block_n {config.block_n} stages {config.stages} split {config.split_k} M {m}"
-                        f"{'' if config.apart else ' joint'}{' values 1 ahead' if config.values_ahead == 1 else ''}",
+                        f"{' apart' if config.apart else ''}{' values 1 ahead' if config.values_ahead == 1 else ''}",
                         gemm_ws._gemm_ws_kernel, types(gemm_ws._gemm_ws_kernel, consts, values), consts, num_warps, gluon=True))
     from bench.wgmma_ceiling import _mma_loop  # the tensor-core ceiling benchmark's loop (bench/, not qkernels/)
 
     for n, rs in ((64, True), (256, False)):
         out.append(Case(f"wgmma ceiling N {n} {'rs' if rs else 'ss'}", _mma_loop, constexprs=dict(ITERS=4, N=n, RS=rs, IN_FLIGHT=1),
                         gluon=True))
-    from bench import ws_gemm  # the warp-specialized prototype (bench/ws_gemm.py)
-
-    for block_n, stages in ((128, 2), (64, 3)):
-        x_desc, w_desc = ws_gemm.descriptors(torch.empty(64, 4096).half(), torch.zeros(512, 512, dtype=torch.int32), block_n)
-        consts = dict(BLOCK_N=block_n, BLOCK_M=64, STAGES=stages, SPLIT_K=2, NUM_WARPS=block_n // 16)
-        out.append(Case(f"warp-specialized prototype block_n {block_n} stages {stages}", ws_gemm._ws_gemm_kernel,
-                        types(ws_gemm._ws_gemm_kernel, consts, [x_desc, w_desc, torch.empty(1), 16]), consts, block_n // 16, gluon=True))
     return out
 
 

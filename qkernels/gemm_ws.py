@@ -9,24 +9,29 @@ split reads the same activations and the weights are the A operand: a program ta
   ``[K / 64, M, 64]``) and, at a chunk's first unit, the chunk's words (``[BLOCK_N, 32]`` int32) by TMA into a
   ring of ``STAGES`` buffers, each with a ``full`` and an ``empty`` mbarrier. Rows past ``M`` or ``N`` and
   columns past ``K`` read as zeros.
-* The consumer warpgroups (the default partition) share each box: they load a chunk's words from shared memory
-  into the A operand's register layout, decode two slots a step with the wgmma GEMM's asm
-  (:func:`qkernels.gemm_wgmma._slot_weights`: ``(code - zero) * scale`` in fp16) and issue the step's two
-  wgmmas, one step in flight (its A registers held until the wait that retires it). A unit's buffer goes back
-  to the producer at the next unit's first step, once its last step has retired. The group values (scales,
-  zero points) of the next unit are loaded a unit ahead.
+* The consumer warpgroups share each box: they load a chunk's words from shared memory into the A operand's
+  register layout, decode two slots a step with the wgmma GEMM's asm (:func:`qkernels.gemm_wgmma._slot_weights`:
+  ``(code - zero) * scale`` in fp16) and issue the step's two wgmmas, one step in flight (its A registers held
+  until the wait that retires it). A unit's buffer goes back to the producer at the next unit's first step, once
+  its last step has retired. The group values (scales, zero points) are loaded ``values_ahead`` units ahead. The
+  consumers are one partition (the default), or with ``apart`` one partition of four warps per 64 weight rows,
+  each with its own sub-tile of the output and its own barriers: Gluon puts partition-wide barriers around every
+  mbarrier wait and arrive, which in one partition hold the warpgroups in step (both decoding, then both issuing
+  wgmmas) where apart they could drift into each other's gaps.
 * Split-K as in :mod:`qkernels.gemm_wgmma`: the partial sums in the accumulator's layout, the last split to
   finish adds them in split order (no atomics on ``y``, the same bits every run) and resets its counter.
 
-Where :mod:`qkernels.gemm_wgmma`'s single warpgroup loads its words into registers, waits on its boxes and
-issues its wgmmas with CTA barriers around every box, here the loads never wait on the math (session 24's
-ablations found the parts running one after another there). Session 25 (H200, steady state, the loop alone,
-``bench.ws_gemm``): W4 8192^2 at 64 rows 18.8 us with 128 weight rows, 4 stages and 2 splits against the
-wgmma GEMM's 25.4 and cuBLAS fp16's 37.0.
+Session 25, H200, steady state, 64 rows (bench/results/kernel_latency_h200.md): session 24's prototype of this loop
+(no scales, no reduction) took W4 8192^2 in 18.8 us with 128 weight rows, 4 stages and 2 splits, against the wgmma
+GEMM's 25.4 and cuBLAS fp16's 37.0; with the group values and the reduction, one consumer partition, this kernel
+takes 25.2 (1.44x cuBLAS), no faster than the wgmma GEMM: the values' loads and their packing cost 3.0 us
+(``novalues``) and the reduction's reads 2.2 (``noreduce``). So the dispatcher does not pick it yet (path
+``wgmma_ws`` by name, and beside the others in ``bench.kernel_latency``). ``apart`` compiled for sm_90 on triton
+3.6 and 3.9 but has not run on a GPU (none was lent after it was written): it is off by default, and its first
+run is ``python -m bench.config_ab --path wgmma_ws --variant apart=True`` after the GPU tests.
 
-Gluon has no interpreter: off the GPU the tests check the rules, the argument checks and the dispatch
-(:mod:`qkernels.compile_check` compiles the kernel for sm_90), on a Hopper GPU the kernel against the fp32
-reference.
+Gluon has no interpreter: off the GPU the tests check the rules and the argument checks (:mod:`qkernels.compile_check`
+compiles the kernel for sm_90), on a Hopper GPU the kernel against the fp32 reference.
 """
 
 from __future__ import annotations
@@ -51,7 +56,6 @@ STEPS = gl.constexpr(UNIT.value // STEP.value)
 LAYOUTS = ("uint1", "uint2", "uint4")
 MAX_M = 64
 SMEM = 227 * 1024  # an H100's / H200's shared memory a block
-CONSUMER_REGS = {64: 232, 128: 232, 256: 112}  # registers a thread of the worker consumer partitions (apart): 64K a multiprocessor
 
 
 @gluon.jit
@@ -101,7 +105,7 @@ def _consumers(ring, group_args, out_args, first, n_chunks, pid_n, split, BITS: 
                VAHEAD: gl.constexpr, NUM_WARPS: gl.constexpr):
     """A consumer partition on rows ``LOCAL`` to ``LOCAL + ROWS`` of the program's ``BLOCK_N`` (its own sub-tile of the
     output): every unit's four steps (two slots, two wgmmas each), then the sub-tile's store or its split's partial
-    sums (the last split to arrive adds them all in split order, its own from registers, and stores)."""
+    sums (the last split to arrive adds them all in split order and stores)."""
     xs, ws, full, empty = ring
     scale_ptr, zero_ptr, n_groups, stride_sn, stride_sg, zero_const = group_args
     y_ptr, partial_ptr, count_ptr, M, N, stride_ym = out_args
@@ -162,10 +166,8 @@ def _consumers(ring, group_args, out_args, first, n_chunks, pid_n, split, BITS: 
         arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
             total = gl.zeros([ROWS, BLOCK_M], gl.float32, mma)
-            for part in gl.static_range(SPLIT_K):  # every other split's sums loaded at once, then added in split order
-                other = gl.load(partial_ptr + (part * n_tiles + tile).to(gl.int64) * (ROWS * BLOCK_M) + cell, mask=(cell >= 0) & (part != split),
-                                cache_modifier=".cg")
-                total += gl.where(part == split, acc, other)
+            for part in range(SPLIT_K):
+                total += gl.load(partial_ptr + (part * n_tiles + tile).to(gl.int64) * (ROWS * BLOCK_M) + cell, cache_modifier=".cg")
             _store_tile(y_ptr, total, M, N, 0, off_n, stride_ym, ROWS, BLOCK_M, NUM_WARPS)
             gl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
 
@@ -176,11 +178,11 @@ def _gemm_ws_kernel(
     zero_const, stride_ym,
     BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr, VAHEAD: gl.constexpr, APART: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr, NUM_WARPS: gl.constexpr,
+    NUM_WARPS: gl.constexpr,
 ):
     """Program (tile along N, K split): the ring, its barriers and the partitions: the consumers as one partition of
-    ``BLOCK_N / 16`` warps, or (``APART``) one partition of four warps per 64 weight rows, each on its own sub-tile,
-    with its own barriers (no warpgroup waits on another's); the producer warp last."""
+    ``BLOCK_N / 16`` warps, or (``APART``, 128 rows) two of four warps, each on its own 64-row sub-tile with its own
+    barriers (no warpgroup waits on the other's; 232 registers a thread each); the producer warp last."""
     UNITS: gl.constexpr = 32 // BITS // 8  # units a chunk (32 // BITS slots of 32 K)
     GPU: gl.constexpr = UNIT // GROUP_SIZE if GROUP_SIZE < UNIT else 1
     ROWS: gl.constexpr = 64 if APART else BLOCK_N
@@ -205,24 +207,13 @@ def _gemm_ws_kernel(
             (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
                           BLOCK_N, ROWS, 0, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS)),
             (_producer, feed)], [1], [40])
-    elif BLOCK_N == 128:
+    else:  # apart, 128 rows: two consumer partitions of one warpgroup each
         gl.warp_specialize([
             (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
                           BLOCK_N, ROWS, 0, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS)),
             (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
                           BLOCK_N, ROWS, 64, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS)),
-            (_producer, feed)], [4, 1], [CONSUMER_REGS, 40])
-    else:
-        gl.warp_specialize([
-            (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
-                          BLOCK_N, ROWS, 0, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS)),
-            (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
-                          BLOCK_N, ROWS, 64, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS)),
-            (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
-                          BLOCK_N, ROWS, 128, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS)),
-            (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
-                          BLOCK_N, ROWS, 192, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS)),
-            (_producer, feed)], [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, 40])
+            (_producer, feed)], [4, 1], [232, 40])
 
 
 @dataclass(frozen=True)
@@ -231,7 +222,7 @@ class GemmWsConfig:
     stages: int = 4  # units in the ring
     split_k: int = 1
     values_ahead: int = 2  # units ahead that the group values are loaded (1 or 2)
-    apart: bool = True  # a consumer partition per 64 weight rows (else one for all)
+    apart: bool = False  # a consumer partition per 64 weight rows, block_n 64 or 128 (else one for all; not yet run on a GPU)
 
 
 def ws_fits(pw: PackedWeight, dtype: torch.dtype, m: int) -> bool:
@@ -261,9 +252,12 @@ def epilogue_bytes(block_n: int, block_m: int) -> int:
 def default_config(m: int, pw: PackedWeight) -> GemmWsConfig:
     """128 weight rows (two consumer warpgroups), four units in the ring, and the most K splits (at most 8, each
     at least two chunks but the last: :func:`split_fits`) whose programs fill one wave at the programs a
-    multiprocessor that the shared memory leaves. Session 25 (H200, the loop without scales: ``bench.ws_gemm``,
-    64 rows): the best of 36 configs a shape was this rule's at 8192^2 (2 splits, 18.8 us), 14336x4096 (4
-    splits, 17.0) and 4096x14336 (1 split, 18.1); fewer stages lost up to 75%."""
+    multiprocessor that the shared memory leaves. Session 25 (H200, 64 rows): session 24's prototype of the loop
+    (no scales, no reduction) had this rule's configs best of 36 a shape at 8192^2 (2 splits, 18.8 us), 14336x4096
+    (4 splits, 17.0) and 4096x14336 (1 split, 18.1), fewer stages losing up to 75%; this kernel, W4 and W2 at the
+    same shapes against six variants: the rule best or within 1% in all six cells but W2 14336x4096 (3 stages 24.3
+    against 25.2); other split counts, 64-row tiles and 256-row tiles on 2 stages ran at 0.31x-0.88x the rule's speed;
+    the values one unit ahead 2.0-4.4% slower but W4 4096x14336 (1.9% faster)."""
     block_n, stages = 128, 4
     block_m = block_m_for(m)
     per_sm = max(1, SMEM // (stages * stage_bytes(block_n, block_m) + epilogue_bytes(block_n, block_m)))
@@ -286,6 +280,8 @@ def check_config(config: GemmWsConfig, block_m: int) -> None:
         problems.append(f"split_k={config.split_k} (at least 1)")
     if config.values_ahead not in (1, 2):
         problems.append(f"values_ahead={config.values_ahead} (1 or 2)")
+    if config.apart and config.block_n == 256:
+        problems.append("apart=True with block_n=256 (apart takes 64 or 128 rows: two consumer partitions at most)")
     if problems:
         raise ValueError("bad GemmWsConfig: " + "; ".join(problems))
 
@@ -307,7 +303,7 @@ def launch_constants(pw: PackedWeight, config: GemmWsConfig, block_m: int) -> di
     warps = 4 if config.apart else config.block_n // 16
     return dict(BITS=lm.CODE_BITS[pw.layout], GROUP_SIZE=pw.group_size, HAS_ZERO=pw.zero is not None,
                 INT_ZERO=pw.zero_grid == 1.0, BLOCK_N=config.block_n, BLOCK_M=block_m, STAGES=config.stages, SPLIT_K=config.split_k,
-                VAHEAD=config.values_ahead, APART=config.apart, CONSUMER_REGS=CONSUMER_REGS[config.block_n], NUM_WARPS=warps,
+                VAHEAD=config.values_ahead, APART=config.apart, NUM_WARPS=warps,
                 num_warps=warps)
 
 

@@ -27,7 +27,7 @@ def test_variants_are_fields_of_the_paths_config() -> None:
 
 @pytest.mark.parametrize(
     "argv,message",
-    [(["--path", "dequant"], r"--path 'dequant' is not valid; choose from \['wgmma', 'gemv_mma', 'mma', 'gemm', 'gemv', 'gemv_fp32'\]"),
+    [(["--path", "dequant"], r"--path 'dequant' is not valid; choose from \['wgmma', 'wgmma_ws', 'gemv_mma', 'mma', 'gemm', 'gemv', 'gemv_fp32'\]"),
      (["--path", "mma", "--batches", "129"], r"--batches \[129\]: mma takes 1 to 128 rows"),
      (["--path", "mma", "--variant", "words_ahead=2"], r"'words_ahead' is not a field of MmaConfig"),
      (["--path", "gemv_mma", "--batches", "1,16"], r"--batches \[16\]: gemv_mma takes 1 to 8 rows"),
@@ -115,7 +115,7 @@ def test_the_best_variant_is_kept_only_where_it_beats_the_rule() -> None:
                                                              ("w4g128", "8192x8192x2", "1", "--shapes [(8192, 8192, 2)] are not INxOUT"),
                                                              ("w4g128", "8192x8192", "one", "--batches 'one' is not")])
 def test_the_grid_names_what_it_cannot_read(kernels: str, shapes: str, batches: str, named: str) -> None:
-    """bench.config_ab.parse_grid (shared with bench.source_ab and bench.ws_gemm)."""
+    """bench.config_ab.parse_grid (shared with bench.source_ab)."""
     with pytest.raises(ValueError, match=re.escape(named)):
         config_ab.parse_grid(kernels, shapes, batches)
     assert config_ab.parse_grid("w4g128,ternary2", "4096x14336,8192x8192", "1,64") == (["w4g128", "ternary2"], [(4096, 14336), (8192, 8192)], [1, 64])

@@ -43,8 +43,26 @@ def test_config_errors_name_the_bad_values() -> None:
         check_config(GemmWsConfig(stages=5), 64)
     with pytest.raises(ValueError, match=r"split_k=0 \(at least 1\)"):
         check_config(GemmWsConfig(split_k=0), 64)
+    with pytest.raises(ValueError, match=r"values_ahead=3 \(1 or 2\)"):
+        check_config(GemmWsConfig(values_ahead=3), 64)
+    with pytest.raises(ValueError, match="apart=True with block_n=256"):
+        check_config(GemmWsConfig(block_n=256, stages=2, apart=True), 64)
     check_config(GemmWsConfig(stages=8), 16)  # 24 KiB a stage at 16 rows
     assert stage_bytes(128, 64) == 4 * 64 * 64 * 2 + 128 * 32 * 4
+
+
+def test_the_benchmark_times_it_beside_the_dispatchers_path_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not picked by the dispatcher (no faster than the wgmma GEMM yet: the module's docstring), but listed beside it
+    by ``bench.kernel_latency`` wherever it fits on a Hopper GPU, and reachable by name."""
+    from bench import kernel_latency
+
+    pw = packed("uint4", 256, 1024)
+    monkeypatch.setattr(lm, "is_hopper", lambda device: device.type == "cuda")
+    assert lm.pick_path(64, pw, torch.device("cuda")) == "wgmma"
+    assert "wgmma_ws" in kernel_latency.paths_for(64, pw) and "wgmma_ws" not in kernel_latency.paths_for(65, pw)
+    assert lm.wgmma_ws_fits(pw, torch.float16, 64) == ws_fits(pw, torch.float16, 64)
+    assert kernel_latency.path_config(64, pw, "wgmma_ws") == default_config(64, pw)
+    assert "wgmma_ws" in lm.PATHS
 
 
 def test_default_splits_fill_one_wave() -> None:
