@@ -254,10 +254,11 @@ def default_config(m: int, pw: PackedWeight) -> GemmWsConfig:
     at least two chunks but the last: :func:`split_fits`) whose programs fill one wave at the programs a
     multiprocessor that the shared memory leaves. Session 25 (H200, 64 rows): session 24's prototype of the loop
     (no scales, no reduction) had this rule's configs best of 36 a shape at 8192^2 (2 splits, 18.8 us), 14336x4096
-    (4 splits, 17.0) and 4096x14336 (1 split, 18.1), fewer stages losing up to 75%; this kernel, W4 and W2 at the
-    same shapes against six variants: the rule best or within 1% in all six cells but W2 14336x4096 (3 stages 24.3
-    against 25.2); other split counts, 64-row tiles and 256-row tiles on 2 stages ran at 0.31x-0.88x the rule's speed;
-    the values one unit ahead 2.0-4.4% slower but W4 4096x14336 (1.9% faster)."""
+    (4 splits, 17.0) and 4096x14336 (1 split, 18.1), 2 stages instead of 4 taking 1.14x-2.01x the time; this kernel,
+    W4 and W2 at the same shapes against six variants: the rule best or within 1% in four of six cells (values one
+    unit ahead 25.2 us against 25.7 at W4 4096x14336, 3 stages 24.3 against 25.2 at W2 14336x4096); other split
+    counts, 64-row tiles and 256-row tiles on 2 stages ran at 0.31x-0.88x the rule's speed; the values one unit
+    ahead 2.0-4.4% slower in the other five cells."""
     block_n, stages = 128, 4
     block_m = block_m_for(m)
     per_sm = max(1, SMEM // (stages * stage_bytes(block_n, block_m) + epilogue_bytes(block_n, block_m)))

@@ -5,7 +5,8 @@ optional zero points per group). Four GPU paths here, chosen by the number of ac
 (:func:`pick_path`); at batch 1 the weights of :func:`gemv_mma_preferred` take a fifth,
 :mod:`qkernels.gemv_mma` (a GEMV on ``mma.sync`` tensor cores, in Gluon), and on Hopper GPUs the
 batches above the GEMV's and the MMA kernel's rows a sixth, :mod:`qkernels.gemm_wgmma` (``wgmma`` with
-the weights decoded in registers, in Gluon), where it fits (:func:`wgmma_fits`). The four:
+the weights decoded in registers, in Gluon), where it fits (:func:`wgmma_fits`); a seventh, :mod:`qkernels.gemm_ws`
+(warp-specialized, up to 64 rows, Hopper), runs only when named (``path="wgmma_ws"``: not faster yet). The four:
 
 * **GEMV** (``M <= 8`` where the MMA kernel does not run or is slower), meant to be memory bound: a
   program takes one activation row, ``BLOCK_N`` weight rows and one K split, a chunk (a cache line per
