@@ -289,19 +289,28 @@ def _gemm_wgmma_kernel(
         _store_tile(y_ptr, acc, M, N, off_m, pid_n * BLOCK_N, stride_ym, BLOCK_N, BLOCK_M, NUM_WARPS)
     elif splits == 1:  # a tile of its own (the full waves with a split tail)
         _store_tile(y_ptr, acc, M, N, off_m, pid_n * BLOCK_N, stride_ym, BLOCK_N, BLOCK_M, NUM_WARPS)
-    else:  # the last split to finish adds the partial sums in split order (see lowbit_matmul._store_transposed)
-        # partial sums stay in the accumulator's register layout (each thread's own cells): no shuffle
-        n_cell = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))[:, None]
-        cell = n_cell * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))[None, :]
-        gl.store(partial_ptr + (split * n_tiles + tile).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, acc)
-        barrier()
-        arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == splits - 1:
-            total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
-            for part in range(splits):
-                total += gl.load(partial_ptr + (part * n_tiles + tile).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, cache_modifier=".cg")
-            _store_tile(y_ptr, total, M, N, off_m, pid_n * BLOCK_N, stride_ym, BLOCK_N, BLOCK_M, NUM_WARPS)
-            gl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+    else:
+        _store_split(acc, y_ptr, partial_ptr, count_ptr, M, N, off_m, pid_n * BLOCK_N, stride_ym, split, splits, tile, n_tiles, mma,
+                     BLOCK_N, BLOCK_M, NUM_WARPS)
+
+
+@gluon.jit
+def _store_split(acc, y_ptr, partial_ptr, count_ptr, M, N, off_m, off_n, stride_ym, split, splits, tile, n_tiles, MMA: gl.constexpr,
+                 BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """Split ``split`` of ``splits`` of output tile ``tile`` (of ``n_tiles``): its partial sums stored, and the last split
+    to finish adds them all in split order (see lowbit_matmul._store_transposed), stores the tile and resets the tile's
+    counter. The partial sums stay in the accumulator's register layout ``MMA`` (each thread's own cells): no shuffle."""
+    n_cell = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))[:, None]
+    cell = n_cell * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))[None, :]
+    gl.store(partial_ptr + (split * n_tiles + tile).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, acc)
+    barrier()
+    arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == splits - 1:
+        total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+        for part in range(splits):
+            total += gl.load(partial_ptr + (part * n_tiles + tile).to(gl.int64) * (BLOCK_N * BLOCK_M) + cell, cache_modifier=".cg")
+        _store_tile(y_ptr, total, M, N, off_m, off_n, stride_ym, BLOCK_N, BLOCK_M, NUM_WARPS)
+        gl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @gluon.jit

@@ -46,8 +46,8 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from qkernels import lowbit_matmul as lm
-from qkernels.gemm_wgmma import RUN, _group_values, _slot_weights, _store_tile, sm_count, split_fits
-from qkernels.gluon_compat import async_load, barrier, reinterpret
+from qkernels.gemm_wgmma import RUN, _group_values, _slot_weights, _store_split, _store_tile, sm_count, split_fits
+from qkernels.gluon_compat import async_load, reinterpret
 from qkernels.pack import PackedWeight
 
 UNIT = gl.constexpr(256)  # K of a unit: eight slots, four 64-K step tiles in one activation box
@@ -155,21 +155,10 @@ def _consumers(ring, group_args, out_args, first, n_chunks, pid_n, split, BITS: 
     acc, held0, held1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, held0, held1))
     if SPLIT_K == 1:
         _store_tile(y_ptr, acc, M, N, 0, off_n, stride_ym, ROWS, BLOCK_M, NUM_WARPS)
-    else:  # the partial sums in the accumulator's layout; the last split to arrive adds them up (as gemm_wgmma's)
+    else:  # a sub-tile of its own for each consumer partition: its partial sums, and the last split adds them up
         PARTS: gl.constexpr = BLOCK_N // ROWS
-        tile = pid_n * PARTS + LOCAL // ROWS
-        n_tiles = gl.num_programs(0) * PARTS
-        n_cell = gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))[:, None]
-        cell = n_cell * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))[None, :]
-        gl.store(partial_ptr + (split * n_tiles + tile).to(gl.int64) * (ROWS * BLOCK_M) + cell, acc)
-        barrier()
-        arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            total = gl.zeros([ROWS, BLOCK_M], gl.float32, mma)
-            for part in range(SPLIT_K):
-                total += gl.load(partial_ptr + (part * n_tiles + tile).to(gl.int64) * (ROWS * BLOCK_M) + cell, cache_modifier=".cg")
-            _store_tile(y_ptr, total, M, N, 0, off_n, stride_ym, ROWS, BLOCK_M, NUM_WARPS)
-            gl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+        _store_split(acc, y_ptr, partial_ptr, count_ptr, M, N, 0, off_n, stride_ym, split, SPLIT_K, pid_n * PARTS + LOCAL // ROWS,
+                     gl.num_programs(0) * PARTS, mma, ROWS, BLOCK_M, NUM_WARPS)
 
 
 @gluon.jit
