@@ -171,7 +171,8 @@ def _gemm_ws_kernel(
 ):
     """Program (tile along N, K split): the ring, its barriers and the partitions: the consumers as one partition of
     ``BLOCK_N / 16`` warps, or (``APART``, 128 rows) two of four warps, each on its own 64-row sub-tile with its own
-    barriers (no warpgroup waits on the other's; 232 registers a thread each); the producer warp last."""
+    barriers (no warpgroup waits on the other's; 232 registers a thread for the worker one, what is left for the default
+    one: 256 in the sm_90 build); the producer warp last, on 40."""
     UNITS: gl.constexpr = 32 // BITS // 8  # units a chunk (32 // BITS slots of 32 K)
     GPU: gl.constexpr = UNIT // GROUP_SIZE if GROUP_SIZE < UNIT else 1
     ROWS: gl.constexpr = 64 if APART else BLOCK_N
