@@ -46,12 +46,11 @@ from qkernels.pack import PackedWeight
 
 def config_class(path: str) -> type:
     from qkernels.gemm_wgmma import GemmWgmmaConfig
+    from qkernels.gemm_ws import GemmWsConfig
     from qkernels.gemv_mma import GemvMmaConfig
 
-    from qkernels.gemm_ws import GemmWsConfig
-
-    return {"wgmma": GemmWgmmaConfig, "wgmma_ws": GemmWsConfig, "gemv_mma": GemvMmaConfig, "mma": lm.MmaConfig, "gemm": lm.GemmConfig, "gemv": lm.GemvConfig,
-            "gemv_fp32": lm.GemvConfig}[path]
+    return {"wgmma": GemmWgmmaConfig, "wgmma_ws": GemmWsConfig, "gemv_mma": GemvMmaConfig, "mma": lm.MmaConfig, "gemm": lm.GemmConfig,
+            "gemv": lm.GemvConfig, "gemv_fp32": lm.GemvConfig}[path]
 
 
 PATHS = ("wgmma", "wgmma_ws", "gemv_mma", "mma", "gemm", "gemv", "gemv_fp32")

@@ -164,8 +164,7 @@ def paths_for(m: int, pw: PackedWeight) -> list[str]:
     """The path the dispatcher picks; beside it, at batch 1, the other kernels that fit (fp16-pair or fp32
     GEMV, the fp32 one too where the pair one fits, tensor-core GEMV, MMA); above it the GEMV (to ``GEMV_MAX_M``
     rows), the MMA kernel (to ``MMA_MAX_M`` rows), the wgmma GEMM and the warp-specialized one where they fit, and
-    from batch 256 on the
-    dequant + cuBLAS fallback."""
+    from batch 256 on the dequant + cuBLAS fallback."""
     cuda = torch.device("cuda")
     auto = lm.pick_path(m, pw, cuda)
     if m == 1:
@@ -186,8 +185,8 @@ def path_config(m: int, pw: PackedWeight, path: str) -> Any:
     from qkernels import gemv_mma as gm
 
     configs = {"wgmma": lambda: gw.config_for(m, pw), "wgmma_ws": lambda: gws.default_config(m, pw), "gemv_mma": lambda: gm.config_for(pw),
-               "mma": lambda: lm.mma_config(m, pw), "gemm": lambda: lm.gemm_config(m), "gemv": lambda: lm.gemv_config(pw, lm.pairs_fit(pw, torch.float16)),
-               "gemv_fp32": lambda: lm.gemv_config(pw, False)}
+               "mma": lambda: lm.mma_config(m, pw), "gemm": lambda: lm.gemm_config(m),
+               "gemv": lambda: lm.gemv_config(pw, lm.pairs_fit(pw, torch.float16)), "gemv_fp32": lambda: lm.gemv_config(pw, False)}
     return configs[path]() if path in configs else None
 
 

@@ -91,7 +91,7 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, group: int | None, 
     n, k = 200, 1152
     pw = packed(layout, n, k, group, zeros).to("cuda")
     configs = [None, GemmWsConfig(64, 2, 1), GemmWsConfig(128, 3, 2), GemmWsConfig(256, 2, 3), GemmWsConfig(128, 4, 5, values_ahead=1),
-               GemmWsConfig(128, 3, 3, apart=False), GemmWsConfig(256, 2, 1, apart=False)]
+               GemmWsConfig(128, 3, 3, apart=True), GemmWsConfig(128, 4, 1, apart=True)]
     for m in (1, 16, 40, 64):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ref = lm.reference_matmul(x, pw).float()
@@ -104,11 +104,13 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, group: int | None, 
 
 
 @requires_hopper
-def test_the_split_counters_are_left_at_zero() -> None:
-    """A split launch leaves its counters at 0 (the next launch of any split kernel on the stream reads them)."""
+@pytest.mark.parametrize("apart", [False, True])
+def test_the_split_counters_are_left_at_zero(apart: bool) -> None:
+    """A split launch leaves its counters at 0 (the next launch of any split kernel on the stream reads them): two
+    programs, and apart a sub-tile (and a counter) per consumer partition."""
     pw = packed("uint4", 256, 4096).to("cuda")
     x = torch.randn(64, 4096, device="cuda", dtype=torch.float16)
-    y = run(x, pw, GemmWsConfig(128, 4, 4))
-    _, count = lm.split_buffers(y, (4, 1, 4), 64 * 64)  # two programs, a sub-tile per consumer partition
+    y = run(x, pw, GemmWsConfig(128, 4, 4, apart=apart))
+    _, count = lm.split_buffers(y, (4, 1, 4), 64 * 64)
     assert int(count[:4].abs().sum()) == 0
     assert torch.allclose(y.float(), lm.reference_matmul(x, pw).float(), rtol=2e-2, atol=2e-2)

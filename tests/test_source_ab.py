@@ -17,6 +17,7 @@ from bench import source_ab as sa
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "bench" / "ablations").glob("*.json"))
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
@@ -79,9 +80,6 @@ def test_the_variants_compile_for_sm90() -> None:
     lines = [line for line in done.stdout.splitlines() if " | " in line]
     assert len(lines) == 8 and all("REG:" in line for line in lines), done.stdout
     assert {line.split(" | ")[0] for line in lines} == {"nodecode", "noreduce"}
-
-
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
 @pytest.mark.skipif(not HOPPER, reason="the wgmma GEMM needs a Hopper GPU")
