@@ -107,10 +107,13 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, group: int | None, 
 @pytest.mark.parametrize("apart", [False, True])
 def test_the_split_counters_are_left_at_zero(apart: bool) -> None:
     """A split launch leaves its counters at 0 (the next launch of any split kernel on the stream reads them): two
-    programs, and apart a sub-tile (and a counter) per consumer partition."""
+    programs, and apart a sub-tile (and a counter) per consumer partition; the splits add up in order, so a second
+    launch gives the same bits."""
     pw = packed("uint4", 256, 4096).to("cuda")
     x = torch.randn(64, 4096, device="cuda", dtype=torch.float16)
-    y = run(x, pw, GemmWsConfig(128, 4, 4, apart=apart))
+    config = GemmWsConfig(128, 4, 4, apart=apart)
+    y = run(x, pw, config)
     _, count = lm.split_buffers(y, (4, 1, 4), 64 * 64)
     assert int(count[:4].abs().sum()) == 0
     assert torch.allclose(y.float(), lm.reference_matmul(x, pw).float(), rtol=2e-2, atol=2e-2)
+    assert torch.equal(run(x, pw, config), y)
