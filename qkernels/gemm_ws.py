@@ -294,8 +294,7 @@ def launch_constants(pw: PackedWeight, config: GemmWsConfig, block_m: int) -> di
     warps = 4 if config.apart else config.block_n // 16
     return dict(BITS=lm.CODE_BITS[pw.layout], GROUP_SIZE=pw.group_size, HAS_ZERO=pw.zero is not None,
                 INT_ZERO=pw.zero_grid == 1.0, BLOCK_N=config.block_n, BLOCK_M=block_m, STAGES=config.stages, SPLIT_K=config.split_k,
-                VAHEAD=config.values_ahead, APART=config.apart, NUM_WARPS=warps,
-                num_warps=warps)
+                VAHEAD=config.values_ahead, APART=config.apart, NUM_WARPS=warps, num_warps=warps)
 
 
 def gemm_ws(x: torch.Tensor, pw: PackedWeight, config: GemmWsConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
