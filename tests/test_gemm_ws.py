@@ -34,6 +34,8 @@ def test_takes_up_to_64_fp16_rows_of_uint124_with_groups_that_fit_a_unit() -> No
     assert not ws_fits(packed("uint4", 64, 1000, group=None), torch.float16, 16)  # K not a multiple of 64
     with pytest.raises(ValueError, match="got torch.float16, M=65, K=1024, uint4, run 32, group 128"):
         run(torch.randn(65, 1024, dtype=torch.float16), pw)
+    with pytest.raises(ValueError, match="runs on a Hopper GPU .* got x on cpu, the weight on cpu"):
+        run(torch.randn(16, 1024, dtype=torch.float16), pw)
 
 
 def test_config_errors_name_the_bad_values() -> None:
