@@ -581,6 +581,9 @@ def gemm_wgmma(x: torch.Tensor, pw: PackedWeight, config: GemmWgmmaConfig | None
     if config.steps_per_box > 1 and not boxes_fit(pw, config):
         raise ValueError(f"steps_per_box={config.steps_per_box} needs K a multiple of {config.slots_per_step * RUN.value} (got {pw.k}) "
                          f"and to divide the {pw.slots // config.slots_per_step} steps of a chunk; use steps_per_box=1 here")
+    if not lm.is_hopper(x.device) or pw.words.device != x.device:
+        raise ValueError(f"gemm_wgmma runs on a Hopper GPU (compute capability 9.x) with the weight on the activations' device; got x "
+                         f"on {x.device}, the weight on {pw.words.device}")
     tiles_n = triton.cdiv(pw.n, config.block_n)
     tiles = tiles_n * triton.cdiv(m, config.block_m)
     n_full, tail_split = tail_tiles(tiles, config.tail_split, sm_count(x.device))

@@ -305,14 +305,14 @@ def gemm_ws(x: torch.Tensor, pw: PackedWeight, config: GemmWsConfig | None = Non
         raise ValueError(f"gemm_ws takes fp16 activations, 1 to {MAX_M} rows, K a multiple of {STEP.value}, layouts {LAYOUTS} with run "
                          f"{RUN.value} and groups of 64, 128 or a multiple of {UNIT.value} K; got {x.dtype}, M={m}, K={pw.k}, {pw.layout}, "
                          f"run {pw.run}, group {pw.group_size}")
-    if not lm.is_hopper(x.device) or pw.words.device != x.device:
-        raise ValueError(f"gemm_ws runs on a Hopper GPU (compute capability 9.x) with the weight on the activations' device; got x on "
-                         f"{x.device}, the weight on {pw.words.device}")
     if x.data_ptr() % 16 or x.stride(0) % 8:  # TMA reads 16-byte aligned rows
         x = x.clone(memory_format=torch.contiguous_format)
     block_m = block_m_for(m)
     config = config or default_config(m, pw)
     check_config(config, block_m)
+    if not lm.is_hopper(x.device) or pw.words.device != x.device:
+        raise ValueError(f"gemm_ws runs on a Hopper GPU (compute capability 9.x) with the weight on the activations' device; got x on "
+                         f"{x.device}, the weight on {pw.words.device}")
     y = lm.output(out, (m, pw.n), x)
     words, _, scale, zero = lm.kernel_tensors(pw)
     tiles = triton.cdiv(pw.n, config.block_n)

@@ -37,6 +37,8 @@ def test_rejects_what_it_cannot_take() -> None:
     assert not lm.wgmma_fits(w4(8, 256), torch.bfloat16) and not lm.wgmma_fits(w4(8, 256, run=16), torch.float16)
     with pytest.raises(ValueError, match="bfloat16"):
         gemm_wgmma(torch.randn(64, 256, dtype=torch.bfloat16), w4(8, 256))
+    with pytest.raises(ValueError, match="runs on a Hopper GPU .* got x on cpu, the weight on cpu"):
+        gemm_wgmma(torch.randn(64, 256, dtype=torch.float16), w4(8, 256))
 
 
 @pytest.mark.parametrize("integer_zeros", [True, False])
