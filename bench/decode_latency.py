@@ -1,6 +1,7 @@
 """End-to-end decode speed of a Llama-architecture model at real size, random weights, per weight kind.
 
     python -m bench.decode_latency --arch llama2-7b --kinds fp16,w4g128,w2g128 --tokens 128
+    python -m bench.decode_latency --kinds fp16,w4g128,w4g128@tinygemm,w4g128@gemlite,w2g128@gemlite   # published kernels
 
 Real checkpoints cannot reach the GPU machine, so the model is built here with random weights: the
 Llama block (RMSNorm, rotary q/k, grouped-query attention over a static KV cache, SwiGLU MLP) with
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.competitors import COMPETITORS, CompetitorLinear, runnable
 from bench.kernel_latency import BLOCK_KINDS, LOWBIT_KINDS, random_packed
 from bench.timing import capture, gpu_name
 from qkernels.act_linear import ActQuantLinear
@@ -72,19 +74,24 @@ KINDS = ["fp16", *LOWBIT_KINDS, *BLOCK_KINDS, *ACT_KINDS]
 
 
 def make_linear(kind: str, k: int, n: int, device: str = "cuda") -> nn.Module:
-    """fp16 ``nn.Linear``, a QuantLinear of random codes whose weights have about WEIGHT_STD spread, or a random fp16
-    weight quantized to a format: a BlockLinear for the MX/NV kinds of ``bench.kernel_latency``, an ActQuantLinear
-    for :data:`ACT_KINDS`."""
+    """fp16 ``nn.Linear``, a QuantLinear of random codes whose weights have about WEIGHT_STD spread (``KIND@COMPETITOR``:
+    the same codes on a published kernel, :mod:`bench.competitors`), or a random fp16 weight quantized to a format: a
+    BlockLinear for the MX/NV kinds of ``bench.kernel_latency``, an ActQuantLinear for :data:`ACT_KINDS`."""
     if kind in ("fp16", *BLOCK_KINDS, *ACT_KINDS):
         layer = nn.Linear(k, n, bias=False, device=device, dtype=torch.float16)
         nn.init.normal_(layer.weight, std=WEIGHT_STD)
         if kind in ACT_KINDS:
             return ActQuantLinear.from_linear(layer, *ACT_KINDS[kind])
         return layer if kind == "fp16" else BlockLinear.from_linear(layer, BLOCK_KINDS[kind])
-    spec = LOWBIT_KINDS[kind]
+    base, _, rival = kind.partition("@")
+    spec = LOWBIT_KINDS[base]
     code_std = (spec.top_code + 1) / math.sqrt(12)
     pw = random_packed(spec, n, k, scale_range=(0.5 * WEIGHT_STD / code_std, 1.5 * WEIGHT_STD / code_std), device=device)
-    return QuantLinear(pw)
+    if not rival:
+        return QuantLinear(pw)
+    if not COMPETITORS[rival].takes(pw):
+        raise ValueError(f"{rival} does not take {base} weights of {k}x{n} (bench/competitors.py says which it takes)")
+    return CompetitorLinear(rival, pw)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -122,7 +129,7 @@ class Block(nn.Module):
     def fuse_projections(self) -> None:
         """q, k, v as one layer and gate, up as one (as serving engines run them): 4 matmuls a block instead of 7."""
         def fused(layers: list[nn.Module]) -> nn.Module:
-            if isinstance(layers[0], (QuantLinear, BlockLinear, ActQuantLinear)):
+            if isinstance(layers[0], (QuantLinear, BlockLinear, ActQuantLinear, CompetitorLinear)):
                 return type(layers[0]).concat(layers)
             merged = nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers), bias=False,
                                device=layers[0].weight.device, dtype=layers[0].weight.dtype)
@@ -194,7 +201,14 @@ class Decoder(nn.Module):
 
 
 def weight_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for name, t in model.state_dict().items() if "cache" not in name)
+    held = sum(m.nbytes for m in model.modules() if isinstance(m, CompetitorLinear))  # outside the state dict
+    return held + sum(t.numel() * t.element_size() for name, t in model.state_dict().items() if "cache" not in name)
+
+
+def known_kind(kind: str) -> bool:
+    """One of :data:`KINDS`, or ``KIND@COMPETITOR``: a low-bit kind on one of :data:`bench.competitors.COMPETITORS`."""
+    base, at, rival = kind.partition("@")
+    return kind in KINDS if not at else base in LOWBIT_KINDS and rival in COMPETITORS
 
 
 def tokens_per_s(run_tokens: Callable[[int], None], tokens: int) -> float:
@@ -321,14 +335,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
-    unknown = [k for k in kinds if k not in KINDS]
+    unknown = [k for k in kinds if not known_kind(k)]
     if unknown or not kinds:
-        parser.error(f"--kinds {unknown or 'none given'}; choose from {KINDS}")
+        parser.error(f"--kinds {unknown or 'none given'}; choose from {KINDS}, or a low-bit kind on a published kernel as "
+                     f"KIND@COMPETITOR, COMPETITOR one of {list(COMPETITORS)}")
     if args.tokens < 1:
         parser.error(f"--tokens {args.tokens}; give at least 1")
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to time", file=sys.stderr)
         return 1
+    rivals = {k.partition("@")[2] for k in kinds} - {""}
+    if missing := sorted(rivals - set(runnable(sorted(rivals), torch.device("cuda")))):
+        parser.error(f"--kinds: competitors {missing} cannot run here (the lines above say why)")
     torch.manual_seed(0)
     arch = ARCHS[args.arch]
     rows = []

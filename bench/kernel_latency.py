@@ -6,6 +6,7 @@
     python -m bench.kernel_latency --tune-wgmma --shapes 8192x8192 --batches 64 --kernels w4g128   # Hopper
     python -m bench.kernel_latency --tune-gemv-mma --shapes 8192x8192 --batches 1 --kernels w1g128  # batch 1
     python -m bench.kernel_latency --tune-gemv-mma --save-tuned --shapes 4096x4096 --batches 1   # kept for this GPU
+    python -m bench.kernel_latency --competitors all --shapes 8192x8192 --kernels w4g128,w2g128   # beside published kernels
 
 Shapes are ``in x out`` (``K x N`` of ``y[M, N] = x[M, K] @ W^T``). Each row gives the time in the
 two modes of :mod:`bench.timing` (steady: a cell's kernels and cuBLAS replayed side by side), the
@@ -30,6 +31,7 @@ from typing import Any, Callable, Iterator
 import torch
 import triton
 
+from bench.competitors import COMPETITORS, competitor_calls, competitor_error, parse, runnable
 from bench.int_kinds import INT_KINDS, int_calls, int_error, int_paths, int_weight
 from bench.read_floor import read_calls
 from bench.timing import MODES, copies_for, copy_bandwidth_gbs, gpu_name, steady_us, time_side_by_side
@@ -204,8 +206,10 @@ def relative_error(x: torch.Tensor, pw: PackedWeight, path: str, config: Any = N
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str], modes: tuple[str, ...]) -> Iterator[list[dict]]:
-    """Rows of the table, one list per shape as soon as it is done."""
+def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str], modes: tuple[str, ...],
+            competitors: tuple[str, ...] = ()) -> Iterator[list[dict]]:
+    """Rows of the table, one list per shape as soon as it is done; ``competitors`` (:mod:`bench.competitors`) beside
+    the project's paths for every low-bit kind whose weight they take."""
     for k, n in shapes:
         rows = []
         packed = {name: random_packed(LOWBIT_KINDS[name], n, k) for name in kinds if name in LOWBIT_KINDS}
@@ -221,6 +225,10 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
             nbytes, make = fp16_calls(x, n)
             makers = {("fp16", "cublas"): make}
             makers |= {(name, path): lowbit_calls(x, pw, path) for name, pw in packed.items() for path in paths_for(m, pw)}
+            rivals = {(name, c): pw for name, pw in packed.items() for c in competitors if COMPETITORS[c].takes(pw)}
+            rival_bytes = {}
+            for (name, c), pw in rivals.items():
+                rival_bytes[name, c], makers[name, c] = competitor_calls(x, pw, c)
             makers |= {(name, path): block_calls(x, bw, path) for name, (bw, _) in blocks.items() for path in block_paths(m, bw)}
             makers |= {(name, path): int_calls(x, w, path) for name, w in ints.items() for path in int_paths(w.kind, m, k, n)}
             floors = {"fp16": nbytes} | {name: pw.nbytes() for name, pw in packed.items()} | {name: bw.nbytes() for name, (bw, _) in blocks.items()}
@@ -235,6 +243,8 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
                 for path in paths_for(m, pw):
                     rows.append(row(k, n, m, name, path, pw.nbytes() + io_bytes, times[(name, path)], base, relative_error(x, pw, path),
                                     kernel_config(m, pw, path)))
+                for c in (c for (kind, c) in rivals if kind == name):
+                    rows.append(row(k, n, m, name, c, rival_bytes[name, c] + io_bytes, times[(name, c)], base, competitor_error(x, pw, c)))
                 if name in floors:  # the same bytes streamed by a kernel that does nothing else
                     rows.append(row(k, n, m, name, "read floor", floors[name], times[(name, "read floor")], base))
             for name, (bw, dequantized) in blocks.items():
@@ -543,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune-paths", default=",".join(TUNE_PATHS), help=f"comma list of the kernels that --tune searches, of {','.join(TUNE_PATHS)}")
     parser.add_argument("--kernels", default=",".join(LOWBIT_KINDS),
                         help=f"comma list of low-bit kinds; block formats: {','.join(BLOCK_KINDS)}; activation-quantized: {','.join(INT_KINDS)}")
+    parser.add_argument("--competitors", default="",
+                        help=f"comma list (or 'all') of published kernels to time beside the project's where they take the weight: "
+                             f"{','.join(COMPETITORS)} (bench/competitors.py)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--shapes", default=None, help="comma list of INxOUT, e.g. 8192x8192")
     parser.add_argument("--batches", default=None, help="comma list of batch sizes")
@@ -558,9 +571,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [k for k in kinds if k not in LOWBIT_KINDS and k not in BLOCK_KINDS and k not in INT_KINDS]
     if unknown:
         parser.error(f"unknown kernels {unknown}; choose from {list(LOWBIT_KINDS) + list(BLOCK_KINDS) + list(INT_KINDS)}")
+    try:
+        competitors = parse(args.competitors)
+    except ValueError as err:
+        parser.error(f"--competitors: {err}")
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to time", file=sys.stderr)
         return 1
+    competitors = tuple(runnable(competitors, torch.device("cuda")))
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else (QUICK_SHAPES if args.quick else SHAPES)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else (QUICK_BATCHES if args.quick else BATCHES)
     modes = tuple(m for m in args.modes.split(",") if m)
@@ -585,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         tuned["wgmma"] = tune_wgmma(kinds, shapes, batches, args.save_tuned)
         header += f" | wgmma configs tuned for {len(tuned['wgmma'])} cells (kernel/shape/batch)"
     rows: list[dict] = []
-    for shape_rows in measure(shapes, batches, kinds, modes):  # written after each shape: a cut run keeps its rows
+    for shape_rows in measure(shapes, batches, kinds, modes, competitors):  # written after each shape: a cut run keeps its rows
         rows += shape_rows
         table = header + "\n\n" + markdown(rows, modes, copy_gbs)
         if args.out:

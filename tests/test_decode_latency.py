@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from bench.decode_latency import Arch, Block, Decoder, compare_steps, markdown
+from bench.competitors import CompetitorLinear
+from bench.decode_latency import Arch, Block, Decoder, compare_steps, markdown, weight_bytes
 from qkernels.act_linear import ActQuantLinear
 from qkernels.qlinear import BlockLinear, QuantLinear
 
@@ -80,8 +81,10 @@ def test_markdown_puts_the_compiled_columns_beside_the_graph_ones() -> None:
     assert "per-token quantizers turn those bits into whole code steps" in markdown([rows[0], act]).splitlines()[-1]
 
 
-@pytest.mark.parametrize("kind", ["fp16", "w4g128", "ternary2", "w8a8", "w4a8g128", "w4a4"])
+@pytest.mark.parametrize("kind", ["fp16", "w4g128", "ternary2", "w8a8", "w4a8g128", "w4a4", "w4g128@tinygemm", "w4g128@bnb_nf4"])
 def test_fused_projections_give_the_separate_layers_outputs(kind: str) -> None:
+    if kind.endswith("bnb_nf4"):
+        pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
     block = Block(ARCH, kind, max_len=8, device="cpu")
     x = torch.randn(1, 1, ARCH.hidden, dtype=torch.float16)
@@ -93,7 +96,8 @@ def test_fused_projections_give_the_separate_layers_outputs(kind: str) -> None:
         cache = block.k_cache.clone()
         block.fuse_projections()
         fused = block(x, pos, cos, sin, visible)
-    assert not hasattr(block, "q_proj") and sum(1 for m in block.children() if isinstance(m, (nn.Linear, QuantLinear, ActQuantLinear))) == 4
+    layers = (nn.Linear, QuantLinear, ActQuantLinear, CompetitorLinear)
+    assert not hasattr(block, "q_proj") and sum(1 for m in block.children() if isinstance(m, layers)) == 4
     assert torch.allclose(fused.float(), separate.float(), atol=1e-3) and torch.allclose(block.k_cache, cache, atol=1e-3)
 
 
@@ -110,3 +114,32 @@ def test_bad_kinds_and_token_counts_are_named_with_the_choices(capsys: pytest.Ca
     with pytest.raises(SystemExit):
         main(["--fuse", "sometimes"])
     assert "'sometimes'" in (err := capsys.readouterr().err) and "'both'" in err
+
+
+def test_a_published_kernel_decodes_the_same_codes_as_the_project_kernels() -> None:
+    """``w4g128@tinygemm`` holds the codes and scales that ``w4g128`` draws (same seed): the same logits within bf16's
+    rounding, and its weight bytes counted though they are not in the state dict."""
+    models = {}
+    for kind in ("w4g128", "w4g128@tinygemm"):
+        torch.manual_seed(0)
+        models[kind] = Decoder(ARCH, kind, max_len=8, device="cpu").eval()
+        models[kind].reset()
+        models[kind].step()
+    ours, theirs = models["w4g128"], models["w4g128@tinygemm"]
+    assert sum(isinstance(m, CompetitorLinear) for m in theirs.modules()) == 7 * ARCH.layers
+    diff = (theirs.logits.float() - ours.logits.float()).norm() / ours.logits.float().norm()
+    assert 0 < diff < 3e-2
+    held = sum(m.nbytes for m in theirs.modules() if isinstance(m, CompetitorLinear))
+    packed = sum(m.packed.nbytes() for m in ours.modules() if isinstance(m, QuantLinear))
+    assert held > 0 and weight_bytes(theirs) - held == weight_bytes(ours) - packed
+
+
+def test_a_competitor_kind_is_checked_by_its_parts(capsys: pytest.CaptureFixture) -> None:
+    from bench.decode_latency import main
+
+    with pytest.raises(SystemExit):
+        main(["--kinds", "fp16,w4g128@marlin"])
+    err = capsys.readouterr().err
+    assert "['w4g128@marlin']" in err and "KIND@COMPETITOR" in err and "'tinygemm'" in err
+    with pytest.raises(ValueError, match="tinygemm does not take w2g128 weights of 256x256"):
+        Block(ARCH, "w2g128@tinygemm", max_len=8, device="cpu")
