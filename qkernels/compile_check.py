@@ -41,6 +41,7 @@ class Case:
     num_warps: int = 4
     gluon: bool = False  # a Gluon kernel (its own AST source)
     options: dict[str, Any] = field(default_factory=dict)  # more compile options (maxnreg)
+    attrs: dict[tuple[int], list] = field(default_factory=dict)  # argument specializations: (index,) -> [["tt.divisibility", 16]]
 
 
 def signature(case: Case) -> dict[str, str]:
@@ -154,12 +155,32 @@ def lowbit_cases() -> list[Case]:
     return out
 
 
+def as_launched(name: str, kernel: Any, consts: dict, values: list, num_warps: int, options: dict | None = None) -> Case:
+    """A Gluon kernel's case as a launch with ``values`` (the arguments after ``consts``) would compile it: Triton's JIT
+    marks 16-byte aligned pointers and integers divisible by 16 (``tt.divisibility``), which lets it vectorize loads,
+    and makes an integer 1 a constant. Compiled without them, a kernel's row loads can come out as 32-bit ones where
+    the GPU runs 128-bit ones."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    params = list(inspect.signature(kernel.fn).parameters)
+    types, constexprs, attrs = {}, dict(consts), {}
+    for arg, value in zip([p for p in params if p not in consts], values):
+        kind, key = native_specialize_impl(BaseBackend, value, False, True, True)
+        if kind == "constexpr":
+            constexprs[arg] = key
+            continue
+        types[arg] = kind
+        if key == "D":
+            attrs[(params.index(arg),)] = [["tt.divisibility", 16]]
+    return Case(name, kernel, types, constexprs, num_warps, gluon=True, options=options or {}, attrs=attrs)
+
+
 def gluon_cases() -> list[Case]:
     """The Gluon kernels (sm_90 only): the tensor-core GEMV on plain loads (W1, W3) and on its TMA feed (W4, routed W1,
     W3), the wgmma GEMM (W4, W3), the warp-specialized GEMM (W4, W2, ternary, W1), their constants from a packed weight
     as the launchers build them; the loop of :mod:`bench.wgmma_ceiling`."""
     import torch
-    from triton.runtime.jit import mangle_type
 
     from qkernels import gemm_wgmma as gw
     from qkernels import gemv_mma as gm
@@ -173,11 +194,6 @@ def gluon_cases() -> list[Case]:
         return pack_weight(torch.randint(0, top + 1, (n, 4096)), torch.rand(n, 32).half(), torch.randint(0, top + 1, (n, 32)).half(), layout,
                            128, run=32)
 
-    def types(kernel: Any, consts: dict, values: list) -> dict[str, str]:
-        names = [name for name in inspect.signature(kernel.fn).parameters if name not in consts]
-        dtypes = {torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
-        return {name: dtypes[v.dtype] if isinstance(v, torch.Tensor) else "fp32" if isinstance(v, float) else "i32" if isinstance(v, int)
-                else mangle_type(v) for name, v in zip(names, values)}
 
     out = []
     y, partial, count = torch.empty(1, 256).half(), torch.empty(16), torch.zeros(16, dtype=torch.int32)
@@ -190,9 +206,9 @@ def gluon_cases() -> list[Case]:
         weights = gm._weight_args(pw, config)
         options = {name: consts.pop(name) for name in ("num_warps", "launch_pdl", "maxnreg") if name in consts}
         values = [torch.empty(1, pw.k).half(), *weights, y, partial, count, *sizes, pw.k, pw.n]
-        out.append(Case(f"{layout} tensor-core GEMV{' TMA' if config.stages else ''}{' routed' if config.route else ''}"
-                        f"{f' {config.k_warps} K warp groups' if config.k_warps > 1 else ''}", kernel,
-                        types(kernel, consts, values), consts, options["num_warps"], gluon=True, options={"maxnreg": options.get("maxnreg")}))
+        out.append(as_launched(f"{layout} tensor-core GEMV{' TMA' if config.stages else ''}{' routed' if config.route else ''}"
+                               f"{f' {config.k_warps} K warp groups' if config.k_warps > 1 else ''}", kernel, consts, values,
+                               options["num_warps"], {"maxnreg": options.get("maxnreg")}))
     for layout, ahead in (("uint4", 1), ("uint3", 1), ("uint4", 2), ("uint3", 2)):
         pw = packed(layout, 512)
         config = gw.GemmWgmmaConfig(block_n=64, block_m=64, num_warps=4, words_ahead=ahead)
@@ -203,8 +219,8 @@ def gluon_cases() -> list[Case]:
         values = [gw.x_descriptor(x, pw, config), words, high, scale, zero, torch.empty(64, pw.n).half(), partial, count, 64, pw.n,
                   words.shape[1] // pw.run, pw.n_groups, *scale.stride(), pw.zero_const, words.stride(0), high.stride(0), pw.n,
                   8, 8, 8, 1]
-        out.append(Case(f"{layout} wgmma GEMM{' words 2 ahead' if ahead == 2 else ''}", gw._gemm_wgmma_kernel,
-                        types(gw._gemm_wgmma_kernel, consts, values), consts, num_warps, gluon=True))
+        out.append(as_launched(f"{layout} wgmma GEMM{' words 2 ahead' if ahead == 2 else ''}", gw._gemm_wgmma_kernel, consts, values,
+                               num_warps))
     from qkernels import gemm_ws
 
     for layout, config, m in (("uint4", gemm_ws.GemmWsConfig(128, 4, 2), 64), ("uint4", gemm_ws.GemmWsConfig(128, 4, 2, apart=True), 64),
@@ -217,9 +233,9 @@ def gluon_cases() -> list[Case]:
         words, _, scale, zero = lm.kernel_tensors(pw)
         values = [*gemm_ws.descriptors(torch.empty(m, pw.k).half(), words, config.block_n, block_m), scale, zero, torch.empty(m, pw.n).half(),
                   partial, count, m, pw.n, words.shape[1] // pw.run, pw.n_groups, *scale.stride(), pw.zero_const, pw.n]
-        out.append(Case(f"{layout} warp-specialized GEMM block_n {config.block_n} stages {config.stages} split {config.split_k} M {m}"
-                        f"{' apart' if config.apart else ''}{' values 1 ahead' if config.values_ahead == 1 else ''}",
-                        gemm_ws._gemm_ws_kernel, types(gemm_ws._gemm_ws_kernel, consts, values), consts, num_warps, gluon=True))
+        out.append(as_launched(f"{layout} warp-specialized GEMM block_n {config.block_n} stages {config.stages} split {config.split_k} M {m}"
+                               f"{' apart' if config.apart else ''}{' values 1 ahead' if config.values_ahead == 1 else ''}",
+                               gemm_ws._gemm_ws_kernel, consts, values, num_warps))
     from bench.wgmma_ceiling import _mma_loop  # the tensor-core ceiling benchmark's loop (bench/, not qkernels/)
 
     for n, rs in ((64, True), (256, False)):
@@ -246,9 +262,9 @@ def compile_case(case: Case, arch: int) -> str:
     if case.gluon:
         from triton.experimental.gluon._runtime import GluonASTSource
 
-        source = GluonASTSource(case.kernel, signature(case), constexprs=case.constexprs)
+        source = GluonASTSource(case.kernel, signature(case), constexprs=case.constexprs, attrs=case.attrs)
     else:
-        source = ASTSource(case.kernel, signature(case), constexprs=case.constexprs)
+        source = ASTSource(case.kernel, signature(case), constexprs=case.constexprs, attrs=case.attrs)
     target = GPUTarget("cuda", 90 if case.gluon else arch, 32)
     kernel = triton.compile(source, target=target, options=dict(num_warps=case.num_warps, **case.options))
     return resources(kernel.asm["cubin"])
