@@ -224,6 +224,7 @@ def gluon_cases() -> list[Case]:
     from qkernels import gemm_ws
 
     for layout, config, m in (("uint4", gemm_ws.GemmWsConfig(128, 4, 2), 64), ("uint4", gemm_ws.GemmWsConfig(128, 4, 2, apart=True), 64),
+                              ("uint4", gemm_ws.GemmWsConfig(128, 4, 1), 64), ("uint2", gemm_ws.GemmWsConfig(128, 4, 1, apart=True), 64),
                               ("uint2", gemm_ws.GemmWsConfig(128, 3, 1, values_ahead=1), 64), ("ternary", gemm_ws.GemmWsConfig(64, 4, 1), 32),
                               ("uint1", gemm_ws.GemmWsConfig(64, 2, 3, apart=True), 16), ("uint1", gemm_ws.GemmWsConfig(256, 2, 1), 16)):
         pw = packed(layout, 512)
@@ -257,8 +258,29 @@ def resources(cubin: bytes) -> str:
     return " ".join(part for part in line.split() if part.split(":")[0] in ("REG", "STACK", "SHARED", "LOCAL"))
 
 
+def wgmma_serialized(ptx: str) -> str | None:
+    """Why ptxas serializes a kernel's ``wgmma``s, or None: serialized, each wgmma is waited for before the code after it
+    runs, so no decode overlaps the tensor cores. ptxas says so only in an info line under ``-v`` (C7512), which
+    Triton's build does not show; the kernel is still correct, only slower. Session 26 found two such builds of
+    :mod:`qkernels.gemm_ws`: one K split (accumulators zeroed on a branch that skips the loop) and ``apart`` with a
+    consumer warpgroup in the default partition ("insufficient register resources")."""
+    if "wgmma.mma_async" not in ptx:
+        return None
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(tool) and not (tool := shutil.which("ptxas") or ""):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        info = subprocess.run([tool, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
+    why = [line.split("serialized due to ")[-1].split(" for the function")[0] for line in info.stderr.splitlines() if "serialized" in line]
+    return why[0] if why else None
+
+
 def compile_case(case: Case, arch: int) -> str:
-    """Compile one case for ``sm_<arch>`` (Gluon: sm_90); its resource line (a CompilationError propagates)."""
+    """Compile one case for ``sm_<arch>`` (Gluon: sm_90); its resource line, and where ptxas serializes its wgmmas a
+    note saying why (a CompilationError propagates)."""
     if case.gluon:
         from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -267,7 +289,8 @@ def compile_case(case: Case, arch: int) -> str:
         source = ASTSource(case.kernel, signature(case), constexprs=case.constexprs, attrs=case.attrs)
     target = GPUTarget("cuda", 90 if case.gluon else arch, 32)
     kernel = triton.compile(source, target=target, options=dict(num_warps=case.num_warps, **case.options))
-    return resources(kernel.asm["cubin"])
+    serial = wgmma_serialized(kernel.asm["ptx"]) if case.gluon else None
+    return resources(kernel.asm["cubin"]) + (f" WGMMA SERIALIZED ({serial})" if serial else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,11 @@ split reads the same activations and the weights are the A operand: a program ta
   each with its own sub-tile of the output and its own barriers: Gluon puts partition-wide barriers around every
   mbarrier wait and arrive, which in one partition hold the warpgroups in step (both decoding, then both issuing
   wgmmas) where apart they could drift into each other's gaps.
+* ptxas keeps the wgmmas asynchronous only in some builds (:func:`qkernels.compile_check.wgmma_serialized` reads its
+  note; the compile-check test fails on a serialized build): with one K split the accumulators' zeros were set on a
+  branch around the loop, so the loop tells the compiler it runs at least once; with ``apart`` a consumer warpgroup
+  in the default partition had "insufficient register resources", so there the producer is the default partition
+  (four warps, one working) and both consumer warpgroups are workers.
 * Split-K as in :mod:`qkernels.gemm_wgmma`: the partial sums in the accumulator's layout, the last split to
   finish adds them in split order (no atomics on ``y``, the same bits every run) and resets its counter.
 
@@ -26,9 +31,12 @@ Session 25, H200, steady state, 64 rows (bench/results/kernel_latency_h200.md): 
 GEMM's 25.4 and cuBLAS fp16's 37.0; with the group values and the reduction, one consumer partition, this kernel
 takes 25.2 (1.44x cuBLAS), no faster than the wgmma GEMM: the values' loads and their packing cost 3.0 us
 (``novalues``) and the reduction's reads 2.2 (``noreduce``). So the dispatcher does not pick it yet (path
-``wgmma_ws`` by name, and beside the others in ``bench.kernel_latency``). ``apart`` compiled for sm_90 on triton
-3.6 and 3.9 but has not run on a GPU (none was lent after it was written): it is off by default, and its first
-run is ``python -m bench.config_ab --path wgmma_ws --variant apart=True`` after the GPU tests.
+``wgmma_ws`` by name, and beside the others in ``bench.kernel_latency``). Session 26 (no GPU lent) found that every
+build with one K split had its wgmmas serialized, so session 25's one-split cells (4096x14336 at 64 rows: 25.2 us
+against the wgmma GEMM's 21.5) timed that serialized build; the two-split ones (8192^2, 14336x4096) did not.
+``apart`` compiled for sm_90 on triton 3.6 and 3.9 but has not run on a GPU (none was lent after it was written): it
+is off by default, and its first run is ``python -m bench.config_ab --path wgmma_ws --variant apart=True`` after the
+GPU tests.
 
 Gluon has no interpreter: off the GPU the tests check the rules and the argument checks (:mod:`qkernels.compile_check`
 compiles the kernel for sm_90), on a Hopper GPU the kernel against the fp32 reference.
@@ -118,6 +126,8 @@ def _consumers(ring, group_args, out_args, first, n_chunks, pid_n, split, BITS: 
     tiles = reinterpret(xs, gl.float16, [STAGES * STEPS, BLOCK_M, STEP],
                         gl.NVMMASharedLayout(swizzle_byte_width=2 * STEP, element_bitwidth=16, rank=2))
     k0 = first * CHUNK
+    if SPLIT_K == 1:  # (else ptxas serializes the wgmmas: the accumulators' zeros set on a branch around an empty loop)
+        gl.assume(n_chunks > 0)
     nxt = _unit_values(values, k0, GROUP_SIZE, HAS_ZERO, GPU)
     after = nxt
     if VAHEAD == 2:
@@ -169,10 +179,10 @@ def _gemm_ws_kernel(
     BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr, VAHEAD: gl.constexpr, APART: gl.constexpr,
     NUM_WARPS: gl.constexpr,
 ):
-    """Program (tile along N, K split): the ring, its barriers and the partitions: the consumers as one partition of
-    ``BLOCK_N / 16`` warps, or (``APART``, 128 rows) two of four warps, each on its own 64-row sub-tile with its own
-    barriers (no warpgroup waits on the other's; 232 registers a thread for the worker one, what is left for the default
-    one: 256 in the sm_90 build); the producer warp last, on 40."""
+    """Program (tile along N, K split): the ring, its barriers and the partitions: the consumers as the default partition
+    of ``BLOCK_N / 16`` warps and the producer warp a worker on 40 registers; or (``APART``, 128 rows) the producer as
+    the default partition (four warps, 40 registers) and two consumer workers of four warps (232 registers each), each
+    on its own 64-row sub-tile with its own barriers (no warpgroup waits on the other's)."""
     UNITS: gl.constexpr = 32 // BITS // 8  # units a chunk (32 // BITS slots of 32 K)
     GPU: gl.constexpr = UNIT // GROUP_SIZE if GROUP_SIZE < UNIT else 1
     ROWS: gl.constexpr = 64 if APART else BLOCK_N
@@ -197,13 +207,13 @@ def _gemm_ws_kernel(
             (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
                           BLOCK_N, ROWS, 0, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS)),
             (_producer, feed)], [1], [40])
-    else:  # apart, 128 rows: two consumer partitions of one warpgroup each
+    else:  # apart, 128 rows: the producer as the default partition (four warps, one of them working), each consumer warpgroup a worker
         gl.warp_specialize([
+            (_producer, feed),
             (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
                           BLOCK_N, ROWS, 0, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS)),
             (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
-                          BLOCK_N, ROWS, 64, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS)),
-            (_producer, feed)], [4, 1], [232, 40])
+                          BLOCK_N, ROWS, 64, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS))], [4, 4], [232, 232])
 
 
 @dataclass(frozen=True)
