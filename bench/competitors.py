@@ -136,7 +136,7 @@ class Gemlite(Competitor):
 
         layer = GemLiteLinear(GEMLITE_BITS[pw.layout], group_size=pw.k if pw.n_groups == 1 else pw.group_size, in_features=pw.k,
                               out_features=pw.n, input_dtype=DType.FP16, output_dtype=DType.FP16)
-        zero = pw.zero.half() if pw.zero is not None else int(pw.zero_const) if float(pw.zero_const).is_integer() else None
+        zero = pw.zero.half().contiguous() if pw.zero is not None else int(pw.zero_const) if float(pw.zero_const).is_integer() else None
         if zero is None:
             raise ValueError(f"gemlite takes integer code offsets; this weight's is {pw.zero_const}")
         layer.pack(unpack_codes(pw).to(torch.uint8), pw.scale.half().contiguous(), zero, bias=None)

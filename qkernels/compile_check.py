@@ -2,27 +2,34 @@
 
     python -m qkernels.compile_check              # sm_90 (Hopper), every kernel and config below
     python -m qkernels.compile_check --arch 80    # Ampere
+    python -m qkernels.compile_check --dispatch "NVIDIA H200" --shapes 8192x8192,4096x14336   # what runs there, by batch
 
 The Triton interpreter (the CPU tests) runs a kernel's Python, not its code generator: a kernel can pass every
 interpreter test and still fail to compile (session 17: an ``if`` on a constexpr whose branches returned int8
 and uint8). Compiling for the target needs no GPU (the Triton wheel ships ``ptxas``), so this catches those
 errors, and reports each kernel's registers and spills where ``cuobjdump`` is there to read them. Run it in a
 fresh process: with ``TRITON_INTERPRET=1`` set, ``triton.jit`` makes interpreter functions that do not compile.
-The Gluon kernels (:mod:`qkernels.gemv_mma`, :mod:`qkernels.gemm_wgmma`) are compiled for sm_90 whatever ``--arch``
-says (they are Hopper kernels; the GEMV's ``mma.sync`` would also run on Ampere).
+The Gluon kernels (:mod:`qkernels.gemv_mma`, :mod:`qkernels.gemm_wgmma`, :mod:`qkernels.gemm_ws`) are compiled for sm_90
+whatever ``--arch`` says (they are Hopper kernels; the GEMV's ``mma.sync`` would also run on Ampere), with the argument
+specializations a launch gives them (:func:`as_launched`), and each line says where ptxas serialized the wgmmas
+(:func:`wgmma_serialized`) and how many spill loads and stores sit in the main loop (:func:`loop_spills`). ``--dispatch``
+compiles, instead of the representative cases, the configs the dispatcher picks on a named Hopper GPU (its rules and
+its saved configs: :func:`as_gpu`) for each kind, shape and batch that runs a Gluon kernel.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -176,6 +183,57 @@ def as_launched(name: str, kernel: Any, consts: dict, values: list, num_warps: i
     return Case(name, kernel, types, constexprs, num_warps, gluon=True, options=options or {}, attrs=attrs)
 
 
+def gemv_mma_case(name: str, pw: Any, config: Any) -> Case:
+    """The tensor-core GEMV (:mod:`qkernels.gemv_mma`) at batch 1 on ``pw`` with ``config``, as its launcher calls it."""
+    import torch
+
+    from qkernels import gemv_mma as gm
+
+    kernel, sizes, consts = gm.launch_constants(pw, config)
+    options = {name: consts.pop(name) for name in ("num_warps", "launch_pdl", "maxnreg") if name in consts}
+    partial, count = torch.empty(16), torch.zeros(16, dtype=torch.int32)
+    values = [torch.empty(1, pw.k).half(), *gm._weight_args(pw, config), torch.empty(1, pw.n).half(), partial, count, *sizes, pw.k, pw.n]
+    return as_launched(name, kernel, consts, values, options["num_warps"], {"maxnreg": options.get("maxnreg")})
+
+
+def wgmma_case(name: str, pw: Any, config: Any, m: int, sms: int = 132) -> Case:
+    """The wgmma GEMM (:mod:`qkernels.gemm_wgmma`) at ``m`` rows on ``pw`` with ``config`` on ``sms`` multiprocessors,
+    as its launcher calls it (its tiles, split tail and K splits)."""
+    import torch
+
+    from qkernels import gemm_wgmma as gw
+    from qkernels import lowbit_matmul as lm
+
+    tiles_n = triton.cdiv(pw.n, config.block_n)
+    tiles = tiles_n * triton.cdiv(m, config.block_m)
+    n_full, tail_split = gw.tail_tiles(tiles, config.tail_split, sms)
+    consts = gw.launch_constants(pw, config, max(config.split_k, tail_split), triton.cdiv(m, config.block_m))
+    num_warps = consts.pop("num_warps")
+    words, high, scale, zero = lm.kernel_tensors(pw)
+    partial, count = torch.empty(16), torch.zeros(16, dtype=torch.int32)
+    values = [gw.x_descriptor(torch.empty(m, pw.k).half(), pw, config), words, high, scale, zero, torch.empty(m, pw.n).half(), partial, count,
+              m, pw.n, words.shape[1] // pw.run, pw.n_groups, *scale.stride(), pw.zero_const, words.stride(0), high.stride(0), pw.n,
+              tiles_n, tiles, n_full, tail_split]
+    return as_launched(name, gw._gemm_wgmma_kernel, consts, values, num_warps)
+
+
+def gemm_ws_case(name: str, pw: Any, config: Any, m: int) -> Case:
+    """The warp-specialized GEMM (:mod:`qkernels.gemm_ws`) at ``m`` rows on ``pw`` with ``config``, as its launcher calls it."""
+    import torch
+
+    from qkernels import gemm_ws
+    from qkernels import lowbit_matmul as lm
+
+    block_m = gemm_ws.block_m_for(m)
+    consts = gemm_ws.launch_constants(pw, config, block_m)
+    num_warps = consts.pop("num_warps")
+    words, _, scale, zero = lm.kernel_tensors(pw)
+    partial, count = torch.empty(16), torch.zeros(16, dtype=torch.int32)
+    values = [*gemm_ws.descriptors(torch.empty(m, pw.k).half(), words, config.block_n, block_m), scale, zero, torch.empty(m, pw.n).half(),
+              partial, count, m, pw.n, words.shape[1] // pw.run, pw.n_groups, *scale.stride(), pw.zero_const, pw.n]
+    return as_launched(name, gemm_ws._gemm_ws_kernel, consts, values, num_warps)
+
+
 def gluon_cases() -> list[Case]:
     """The Gluon kernels (sm_90 only): the tensor-core GEMV on plain loads (W1, W3) and on its TMA feed (W4, routed W1,
     W3), the wgmma GEMM (W4, W3), the warp-specialized GEMM (W4, W2, ternary, W1), their constants from a packed weight
@@ -183,8 +241,8 @@ def gluon_cases() -> list[Case]:
     import torch
 
     from qkernels import gemm_wgmma as gw
+    from qkernels import gemm_ws
     from qkernels import gemv_mma as gm
-    from qkernels import lowbit_matmul as lm
     from qkernels.pack import CODE_BITS, pack_weight
 
     def packed(layout: str, n: int) -> Any:
@@ -194,49 +252,23 @@ def gluon_cases() -> list[Case]:
         return pack_weight(torch.randint(0, top + 1, (n, 4096)), torch.rand(n, 32).half(), torch.randint(0, top + 1, (n, 32)).half(), layout,
                            128, run=32)
 
-
     out = []
-    y, partial, count = torch.empty(1, 256).half(), torch.empty(16), torch.zeros(16, dtype=torch.int32)
     for layout, config in (("uint1", gm.GemvMmaConfig(64, 4, 2)), ("uint3", gm.GemvMmaConfig(64, 4, 4)), ("uint4", gm.GemvMmaConfig(128, 4, 4, stages=2)),
                            ("uint1", gm.GemvMmaConfig(128, 4, 2, stages=2, route=True, maxnreg=gm.WIDE_TILE_REGISTERS)),
                            ("uint3", gm.GemvMmaConfig(64, 4, 2, stages=2)), ("ternary", gm.GemvMmaConfig(128, 4, 4, stages=2, maxnreg=gm.WIDE_TILE_REGISTERS)),
                            ("uint2", gm.GemvMmaConfig(64, 16, 1, k_warps=4)), ("ternary", gm.GemvMmaConfig(64, 16, 1, k_warps=4))):
-        pw = packed(layout, 256)
-        kernel, sizes, consts = gm.launch_constants(pw, config)
-        weights = gm._weight_args(pw, config)
-        options = {name: consts.pop(name) for name in ("num_warps", "launch_pdl", "maxnreg") if name in consts}
-        values = [torch.empty(1, pw.k).half(), *weights, y, partial, count, *sizes, pw.k, pw.n]
-        out.append(as_launched(f"{layout} tensor-core GEMV{' TMA' if config.stages else ''}{' routed' if config.route else ''}"
-                               f"{f' {config.k_warps} K warp groups' if config.k_warps > 1 else ''}", kernel, consts, values,
-                               options["num_warps"], {"maxnreg": options.get("maxnreg")}))
+        out.append(gemv_mma_case(f"{layout} tensor-core GEMV{' TMA' if config.stages else ''}{' routed' if config.route else ''}"
+                                 f"{f' {config.k_warps} K warp groups' if config.k_warps > 1 else ''}", packed(layout, 256), config))
     for layout, ahead in (("uint4", 1), ("uint3", 1), ("uint4", 2), ("uint3", 2)):
-        pw = packed(layout, 512)
         config = gw.GemmWgmmaConfig(block_n=64, block_m=64, num_warps=4, words_ahead=ahead)
-        consts = gw.launch_constants(pw, config, config.split_k)
-        num_warps = consts.pop("num_warps")
-        x = torch.empty(64, pw.k).half()
-        words, high, scale, zero = lm.kernel_tensors(pw)
-        values = [gw.x_descriptor(x, pw, config), words, high, scale, zero, torch.empty(64, pw.n).half(), partial, count, 64, pw.n,
-                  words.shape[1] // pw.run, pw.n_groups, *scale.stride(), pw.zero_const, words.stride(0), high.stride(0), pw.n,
-                  8, 8, 8, 1]
-        out.append(as_launched(f"{layout} wgmma GEMM{' words 2 ahead' if ahead == 2 else ''}", gw._gemm_wgmma_kernel, consts, values,
-                               num_warps))
-    from qkernels import gemm_ws
-
+        out.append(wgmma_case(f"{layout} wgmma GEMM{' words 2 ahead' if ahead == 2 else ''}", packed(layout, 512), config, 64))
     for layout, config, m in (("uint4", gemm_ws.GemmWsConfig(128, 4, 2), 64), ("uint4", gemm_ws.GemmWsConfig(128, 4, 2, apart=True), 64),
                               ("uint4", gemm_ws.GemmWsConfig(128, 4, 1), 64), ("uint2", gemm_ws.GemmWsConfig(128, 4, 1, apart=True), 64),
                               ("uint2", gemm_ws.GemmWsConfig(128, 3, 1, values_ahead=1), 64), ("ternary", gemm_ws.GemmWsConfig(64, 4, 1), 32),
                               ("uint1", gemm_ws.GemmWsConfig(64, 2, 3, apart=True), 16), ("uint1", gemm_ws.GemmWsConfig(256, 2, 1), 16)):
-        pw = packed(layout, 512)
-        block_m = gemm_ws.block_m_for(m)
-        consts = gemm_ws.launch_constants(pw, config, block_m)
-        num_warps = consts.pop("num_warps")
-        words, _, scale, zero = lm.kernel_tensors(pw)
-        values = [*gemm_ws.descriptors(torch.empty(m, pw.k).half(), words, config.block_n, block_m), scale, zero, torch.empty(m, pw.n).half(),
-                  partial, count, m, pw.n, words.shape[1] // pw.run, pw.n_groups, *scale.stride(), pw.zero_const, pw.n]
-        out.append(as_launched(f"{layout} warp-specialized GEMM block_n {config.block_n} stages {config.stages} split {config.split_k} M {m}"
-                               f"{' apart' if config.apart else ''}{' values 1 ahead' if config.values_ahead == 1 else ''}",
-                               gemm_ws._gemm_ws_kernel, consts, values, num_warps))
+        out.append(gemm_ws_case(f"{layout} warp-specialized GEMM block_n {config.block_n} stages {config.stages} split {config.split_k} M {m}"
+                                f"{' apart' if config.apart else ''}{' values 1 ahead' if config.values_ahead == 1 else ''}",
+                                packed(layout, 512), config, m))
     from bench.wgmma_ceiling import _mma_loop  # the tensor-core ceiling benchmark's loop (bench/, not qkernels/)
 
     for n, rs in ((64, True), (256, False)):
@@ -245,8 +277,62 @@ def gluon_cases() -> list[Case]:
     return out
 
 
+@contextlib.contextmanager
+def as_gpu(gpu: str, sms: int) -> Iterator[None]:
+    """The dispatcher as it runs on a Hopper GPU named ``gpu`` with ``sms`` multiprocessors, on a machine without one: the
+    rules see a Hopper GPU of that size and the configs saved for that name (:mod:`qkernels.tuned`) apply."""
+    from qkernels import gemm_wgmma as gw
+    from qkernels import gemm_ws
+    from qkernels import lowbit_matmul as lm
+    from qkernels import tuned
+    from qkernels.pack import clear_shared_plans
+
+    patches = [(lm, "is_hopper", lambda device: True), (gw, "sm_count", lambda device: sms), (gemm_ws, "sm_count", lambda device: sms),
+               (tuned, "gpu_of", lambda device: gpu)]
+    saved = [(module, attr, getattr(module, attr)) for module, attr, _ in patches]
+    for module, attr, value in patches:
+        setattr(module, attr, value)
+    clear_shared_plans()
+    try:
+        yield
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+        clear_shared_plans()
+
+
+def dispatch_cases(gpu: str, sms: int, shapes: list[tuple[int, int]], kinds: list[str], batches: list[int]) -> list[Case]:
+    """What the dispatcher runs on a Hopper GPU (:func:`as_gpu`) for each low-bit kind of ``bench.kernel_latency``, shape
+    (``K x N``) and batch where it picks a Gluon kernel: the tensor-core GEMV or the wgmma GEMM, with its config (saved
+    for that GPU, else the rules'). Other paths (Triton kernels, dequant + cuBLAS) are left out."""
+    import torch
+
+    from bench.kernel_latency import LOWBIT_KINDS, random_packed
+    from qkernels import gemm_wgmma as gw
+    from qkernels import gemv_mma as gm
+    from qkernels import lowbit_matmul as lm
+
+    out = []
+    with as_gpu(gpu, sms):
+        for kind in kinds:
+            for k, n in shapes:
+                torch.manual_seed(0)
+                pw = random_packed(LOWBIT_KINDS[kind], n, k, device="cpu")
+                for m in batches:
+                    path = lm.pick_path(m, pw, torch.device("cuda"))
+                    if path == "gemv_mma":
+                        config = gm.config_for(pw)
+                        out.append(gemv_mma_case(f"{kind} {k}x{n} M={m} gemv_mma {config}", pw, config))
+                    elif path == "wgmma":
+                        config = gw.config_for(m, pw)
+                        out.append(wgmma_case(f"{kind} {k}x{n} M={m} wgmma {config}", pw, config, m, sms))
+    return out
+
+
 def resources(cubin: bytes) -> str:
-    """``cuobjdump -res-usage`` of a cubin (registers, stack = spills), if the Triton wheel's cuobjdump is there."""
+    """``cuobjdump -res-usage`` of a cubin (registers, stack = spills), if the Triton wheel's cuobjdump is there; with a
+    stack, how many of its local-memory loads and stores sit in its main loops (``LOOP-SPILLS``, :func:`loop_spills`:
+    spills in an epilogue cost once a program, in the main loop every step)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool) and not (tool := shutil.which("cuobjdump") or ""):
         return "(no cuobjdump)"
@@ -254,8 +340,23 @@ def resources(cubin: bytes) -> str:
         f.write(cubin)
         f.flush()
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    line = next((line.strip() for line in usage.splitlines() if "REG:" in line), "")
-    return " ".join(part for part in line.split() if part.split(":")[0] in ("REG", "STACK", "SHARED", "LOCAL"))
+        line = next((line.strip() for line in usage.splitlines() if "REG:" in line), "")
+        out = " ".join(part for part in line.split() if part.split(":")[0] in ("REG", "STACK", "SHARED", "LOCAL"))
+        if "STACK:0" not in out.split():
+            out += f" LOOP-SPILLS:{loop_spills(subprocess.run([tool, '-sass', f.name], capture_output=True, text=True).stdout)}"
+    return out
+
+
+def loop_spills(sass: str) -> int:
+    """Local-memory loads and stores (``LDL``, ``STL``) inside the main loops of a SASS listing: the loops (a predicated
+    backward branch to its target) that hold tensor-core instructions (``HMMA``, ``HGMMA``). Epilogue loops do not count,
+    nor the unpredicated jumps back from the out-of-line retries of mbarrier waits (placed after the epilogue)."""
+    at = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(?:\s+(?:`\()?(0x[0-9a-f]+))?")
+    ops = [(int(m.group(1), 16), bool(m.group(2)), m.group(3), m.group(4)) for m in map(at.search, sass.splitlines()) if m]
+    loops = [(int(target, 16), addr) for addr, predicated, op, target in ops if op == "BRA" and predicated and target and int(target, 16) < addr]
+    mma = [addr for addr, _, op, _ in ops if op.startswith(("HMMA", "HGMMA"))]
+    main = [(a, b) for a, b in loops if any(a <= addr <= b for addr in mma)]
+    return sum(1 for addr, _, op, _ in ops if op.startswith(("LDL", "STL")) and any(a <= addr <= b for a, b in main))
 
 
 def wgmma_serialized(ptx: str) -> str | None:
@@ -297,12 +398,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 80, 89, 90")
     parser.add_argument("--only", default="", help="cases whose name contains this")
+    parser.add_argument("--dispatch", default=None, metavar="GPU",
+                        help="instead of the representative cases, what the dispatcher runs on this Hopper GPU (its name, e.g. "
+                             "'NVIDIA H200': its saved configs apply) at --shapes, --kinds and --batches")
+    parser.add_argument("--sms", type=int, default=132, help="with --dispatch: the GPU's multiprocessors (132 on an H100 SXM or H200)")
+    parser.add_argument("--shapes", default="8192x8192", help="with --dispatch: comma list of INxOUT")
+    parser.add_argument("--kinds", default="w4g128,w3g128,w2g128,ternary2,w1g128", help="with --dispatch: low-bit kinds of bench.kernel_latency")
+    parser.add_argument("--batches", default="1,16,64,256,1024", help="with --dispatch: comma list of batch sizes")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("TRITON_INTERPRET=1 is set: triton.jit makes interpreter functions, which do not compile; unset it", file=sys.stderr)
         return 2
+    if args.dispatch:
+        from bench.config_ab import parse_grid
+
+        try:
+            kinds, shapes, batches = parse_grid(args.kinds, args.shapes, args.batches)
+        except ValueError as err:
+            parser.error(str(err))
+        chosen = dispatch_cases(args.dispatch, args.sms, shapes, kinds, batches)
+    else:
+        chosen = cases()
     failed = []
-    for case in (c for c in cases() if args.only in c.name):
+    for case in (c for c in chosen if args.only in c.name):
         try:
             print(f"{case.name}: {compile_case(case, args.arch)}", flush=True)
         except Exception as err:  # noqa: BLE001 (every failure is reported, the other cases still compile)
@@ -315,4 +433,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

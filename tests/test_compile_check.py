@@ -65,3 +65,39 @@ def test_signature_names_what_is_missing_or_unknown() -> None:
         signature(Case("x", im._scale_int32_kernel, {}, dict(BLOCK_M=32, BLOCK_N=128)))
     with pytest.raises(ValueError, match=r"\['a_ptr'\] are not arguments"):
         signature(Case("x", im._scale_int32_kernel, {"a_ptr": "*i8"}, dict(BLOCK_M=32, BLOCK_N=128, A_ZERO=True)))
+
+
+def test_the_dispatch_of_a_named_gpu_compiles_as_it_would_run_there() -> None:
+    """``--dispatch``: the H200's saved batch-1 W4 config (three chunks in flight) and its rules' wgmma configs, compiled
+    with the launch's specializations; none serialized, and the dispatcher's view of this machine is restored."""
+    done = run_clean("-m", "qkernels.compile_check", "--dispatch", "NVIDIA H200", "--shapes", "8192x8192", "--kinds", "w4g128,w1g128",
+                     "--batches", "1,64")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split(" GemvMmaConfig")[0].split(" GemmWgmmaConfig")[0] for line in lines] == [
+        "w4g128 8192x8192 M=1 gemv_mma", "w4g128 8192x8192 M=64 wgmma", "w1g128 8192x8192 M=1 gemv_mma", "w1g128 8192x8192 M=64 wgmma"]
+    assert "stages=3" in lines[0] and "route=True" in lines[2]  # the saved H200 entry; W1's routed TMA rule (Hopper only)
+    assert all("REG:" in line and "SERIALIZED" not in line for line in lines), lines
+
+
+def test_as_gpu_puts_the_machine_back() -> None:
+    import torch
+
+    from qkernels import lowbit_matmul as lm
+    from qkernels.compile_check import as_gpu
+
+    before = lm.is_hopper
+    with as_gpu("NVIDIA H200", 132):
+        assert lm.is_hopper(torch.device("cpu"))
+    assert lm.is_hopper is before and not lm.is_hopper(torch.device("cpu"))
+
+
+def test_loop_spills_counts_only_the_main_loops() -> None:
+    from qkernels.compile_check import loop_spills
+
+    sass = "\n".join(f"        /*{addr:04x}*/  {op} ;" for addr, op in [
+        (0x10, "STL [R1], R2"), (0x20, "HGMMA.64x64x16.F32 R24, R56, gdesc[UR4], R24"), (0x30, "LDL R3, [R1]"),
+        (0x40, "@P0 BRA 0x20"),  # the main loop: 0x20-0x40, one spill in it
+        (0x50, "STL [R1+0x4], R5"), (0x60, "@P1 BRA 0x50"),  # an epilogue loop without MMAs
+        (0x70, "@!P0 BRA 0x70"), (0x80, "BRA 0x30")])  # an mbarrier retry and its jump back
+    assert loop_spills(sass) == 1
