@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.timing import copies_for
+from bench.timing import capture, copies_for
 from qkernels import lowbit_matmul as lm
 from qkernels.pack import PackedWeight, concat_packed, dequantize_packed, unpack_codes
 
@@ -198,6 +198,18 @@ def runnable(names: list[str], device: torch.device) -> list[str]:
         else:
             kept.append(name)
     return kept
+
+
+def trial(x: torch.Tensor, pw: PackedWeight, name: str) -> str | None:
+    """Why ``name`` cannot be timed on this weight and batch (its call, or its capture in a CUDA graph, fails: the steady
+    timing replays graphs), or None; the benchmark leaves such a cell out and says why instead of losing the shape."""
+    comp = COMPETITORS[name]
+    try:
+        held, xc = comp.hold(pw), comp.activations(x)
+        capture(lambda: comp.matmul(xc, held))
+    except Exception as err:  # noqa: BLE001 - any failure of another project's kernel leaves only that cell out
+        return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
+    return None
 
 
 def competitor_calls(x: torch.Tensor, pw: PackedWeight, name: str) -> tuple[int, Callable[[], list]]:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import torch
 import triton
 
-from bench.competitors import COMPETITORS, competitor_calls, competitor_error, parse, runnable
+from bench.competitors import COMPETITORS, competitor_calls, competitor_error, parse, runnable, trial
 from bench.int_kinds import INT_KINDS, int_calls, int_error, int_paths, int_weight
 from bench.read_floor import read_calls
 from bench.timing import MODES, copies_for, copy_bandwidth_gbs, gpu_name, steady_us, time_side_by_side
@@ -226,6 +226,10 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
             makers = {("fp16", "cublas"): make}
             makers |= {(name, path): lowbit_calls(x, pw, path) for name, pw in packed.items() for path in paths_for(m, pw)}
             rivals = {(name, c): pw for name, pw in packed.items() for c in competitors if COMPETITORS[c].takes(pw)}
+            for (name, c), pw in list(rivals.items()):
+                if failed := trial(x, pw, c):
+                    print(f"competitor {c} left out at {k}x{n} M={m} {name}: {failed}", flush=True)
+                    del rivals[name, c]
             rival_bytes = {}
             for (name, c), pw in rivals.items():
                 rival_bytes[name, c], makers[name, c] = competitor_calls(x, pw, c)

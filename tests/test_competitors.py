@@ -71,6 +71,19 @@ def test_a_missing_package_is_a_reason_not_a_crash(monkeypatch):
     assert "no_such_package_here does not import here (ModuleNotFoundError" in comp.COMPETITORS["bnb_nf4"].why_not(torch.device("cpu"))
 
 
+def test_a_call_that_fails_leaves_its_cell_out_with_the_reason(monkeypatch):
+    monkeypatch.setattr(comp, "capture", lambda fn: fn())  # (the CUDA graph capture itself needs a GPU)
+    pw = random_packed(LOWBIT_KINDS["w4g128"], 64, 256, device="cpu")
+    x = torch.randn(1, 256, dtype=torch.float16)
+    assert comp.trial(x, pw, "tinygemm") is None
+
+    def boom(x, held):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(comp.Tinygemm, "matmul", lambda self, x, held: boom(x, held))
+    assert comp.trial(x, pw, "tinygemm") == "RuntimeError: operation not permitted when stream is capturing"
+
+
 def test_bnb_nf4_is_measured_against_its_own_dequantized_weight():
     pytest.importorskip("bitsandbytes")
     torch.manual_seed(2)
