@@ -225,12 +225,15 @@ def gemm_ws_case(name: str, pw: Any, config: Any, m: int) -> Case:
     from qkernels import lowbit_matmul as lm
 
     block_m = gemm_ws.block_m_for(m)
+    gemm_ws.check_config(config, block_m, gemm_ws.values_bytes(pw, config))  # (only what the launcher would run)
     consts = gemm_ws.launch_constants(pw, config, block_m)
     num_warps = consts.pop("num_warps")
     words, _, scale, zero = lm.kernel_tensors(pw)
     partial, count = torch.empty(16), torch.zeros(16, dtype=torch.int32)
-    values = [*gemm_ws.descriptors(torch.empty(m, pw.k).half(), words, config.block_n, block_m), scale, zero, torch.empty(m, pw.n).half(),
-              partial, count, m, pw.n, words.shape[1] // pw.run, pw.n_groups, *scale.stride(), pw.zero_const, pw.n]
+    x_desc, w_desc = gemm_ws.descriptors(torch.empty(m, pw.k).half(), words, config.block_n, block_m)
+    s_desc, z_desc = gemm_ws.value_descriptors(pw, config.block_n) if config.values_tma else (x_desc, x_desc)
+    values = [x_desc, w_desc, s_desc, z_desc, scale, zero, torch.empty(m, pw.n).half(), partial, count, m, pw.n, words.shape[1] // pw.run,
+              pw.n_groups, *scale.stride(), pw.zero_const, pw.n]
     return as_launched(name, gemm_ws._gemm_ws_kernel, consts, values, num_warps)
 
 
@@ -265,9 +268,13 @@ def gluon_cases() -> list[Case]:
     for layout, config, m in (("uint4", gemm_ws.GemmWsConfig(128, 4, 2), 64), ("uint4", gemm_ws.GemmWsConfig(128, 4, 2, apart=True), 64),
                               ("uint4", gemm_ws.GemmWsConfig(128, 4, 1), 64), ("uint2", gemm_ws.GemmWsConfig(128, 4, 1, apart=True), 64),
                               ("uint2", gemm_ws.GemmWsConfig(128, 3, 1, values_ahead=1), 64), ("ternary", gemm_ws.GemmWsConfig(64, 4, 1), 32),
-                              ("uint1", gemm_ws.GemmWsConfig(64, 2, 3, apart=True), 16), ("uint1", gemm_ws.GemmWsConfig(256, 2, 1), 16)):
+                              ("uint1", gemm_ws.GemmWsConfig(64, 2, 3, apart=True), 16), ("uint1", gemm_ws.GemmWsConfig(256, 2, 1), 16),
+                              ("uint4", gemm_ws.GemmWsConfig(128, 3, 2, values_tma=True), 64),
+                              ("uint2", gemm_ws.GemmWsConfig(128, 3, 1, apart=True, values_tma=True), 64),
+                              ("ternary", gemm_ws.GemmWsConfig(128, 3, 2, values_tma=True), 32)):
         out.append(gemm_ws_case(f"{layout} warp-specialized GEMM block_n {config.block_n} stages {config.stages} split {config.split_k} M {m}"
-                                f"{' apart' if config.apart else ''}{' values 1 ahead' if config.values_ahead == 1 else ''}",
+                                f"{' apart' if config.apart else ''}{' values 1 ahead' if config.values_ahead == 1 else ''}"
+                                f"{' values by TMA' if config.values_tma else ''}",
                                 packed(layout, 512), config, m))
     from bench.wgmma_ceiling import _mma_loop  # the tensor-core ceiling benchmark's loop (bench/, not qkernels/)
 

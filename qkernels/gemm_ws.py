@@ -13,7 +13,12 @@ split reads the same activations and the weights are the A operand: a program ta
   register layout, decode two slots a step with the wgmma GEMM's asm (:func:`qkernels.gemm_wgmma._slot_weights`:
   ``(code - zero) * scale`` in fp16) and issue the step's two wgmmas, one step in flight (its A registers held
   until the wait that retires it). A unit's buffer goes back to the producer at the next unit's first step, once
-  its last step has retired. The group values (scales, zero points) are loaded ``values_ahead`` units ahead. The
+  its last step has retired. The group values (scales, zero points) are loaded ``values_ahead`` units ahead, or
+  (``values_tma``, not yet run on a GPU) come with the unit's buffer: the producer adds a box of the unit's groups of
+  the group-major scales and zero points (``[groups, BLOCK_N]``) to each buffer, and the consumers read their rows
+  from shared memory (no global loads or address arithmetic in the loop: 348 instructions a unit in the sm_90 build
+  of W4 at 128 rows, against 389; the prototype without values had 333), at 1 KiB more a buffer (W4 g128, 128 rows:
+  three stages fit beside the 64-row epilogue, not four). The
   consumers are one partition (the default), or with ``apart`` one partition of four warps per 64 weight rows,
   each with its own sub-tile of the output and its own barriers: Gluon puts partition-wide barriers around every
   mbarrier wait and arrive, which in one partition hold the warpgroups in step (both decoding, then both issuing
@@ -55,6 +60,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from qkernels import lowbit_matmul as lm
 from qkernels.gemm_wgmma import RUN, _group_values, _slot_weights, _store_split, _store_tile, sm_count, split_fits
+from qkernels.gemv_mma import _by_group
 from qkernels.gluon_compat import async_load, reinterpret
 from qkernels.pack import PackedWeight
 
@@ -66,23 +72,37 @@ MAX_M = 64
 SMEM = 227 * 1024  # an H100's / H200's shared memory a block
 
 
+@gluon.constexpr_function
+def _value_box_bytes(box_bytes, has_zero, vtma):
+    """A unit's group-value bytes by TMA: the scales' box and the zero points' (none without ``VTMA``)."""
+    return box_bytes * (2 if has_zero else 1) if vtma else 0
+
+
 @gluon.jit
-def _producer(x_desc, w_desc, xs, ws, full, empty, first, n_chunks, off_n, UNITS: gl.constexpr, STAGES: gl.constexpr):
-    """One warp: unit ``u``'s activation box (and at a chunk's first unit the chunk's words) into buffer
-    ``u % STAGES`` once the consumers have freed it."""
+def _producer(x_desc, w_desc, s_desc, z_desc, xs, ws, ss, zs, full, empty, first, n_chunks, off_n, UNITS: gl.constexpr,
+              STAGES: gl.constexpr, GROUP_SIZE: gl.constexpr, VTMA: gl.constexpr, HAS_ZERO: gl.constexpr):
+    """One warp: unit ``u``'s activation box (and at a chunk's first unit the chunk's words; with ``VTMA`` its group
+    values, ``[groups, BLOCK_N]`` boxes of the group-major scales and zero points) into buffer ``u % STAGES`` once the
+    consumers have freed it."""
     X_BYTES: gl.constexpr = x_desc.block_type.nbytes
     W_BYTES: gl.constexpr = w_desc.block_type.nbytes
+    V_BYTES: gl.constexpr = _value_box_bytes(s_desc.block_type.nbytes, HAS_ZERO, VTMA)
     for u in range(n_chunks * UNITS):
         s = u % STAGES
         mbarrier.wait(empty.index(s), ((u // STAGES) & 1) ^ 1)  # (a fresh barrier passes the first round)
         words_too = u % UNITS == 0
         if UNITS == 1:
-            mbarrier.expect(full.index(s), X_BYTES + W_BYTES)
+            mbarrier.expect(full.index(s), X_BYTES + W_BYTES + V_BYTES)
         else:
-            mbarrier.expect(full.index(s), X_BYTES + W_BYTES, pred=words_too)
-            mbarrier.expect(full.index(s), X_BYTES, pred=u % UNITS != 0)
+            mbarrier.expect(full.index(s), X_BYTES + W_BYTES + V_BYTES, pred=words_too)
+            mbarrier.expect(full.index(s), X_BYTES + V_BYTES, pred=u % UNITS != 0)
         async_load(x_desc, [(first * UNITS + u) * STEPS, 0, 0], full.index(s), xs.index(s))
         async_load(w_desc, [off_n, (first + u // UNITS) * RUN], full.index(s), ws.index(s), pred=words_too)
+        if VTMA:  # the unit's first group (past the last one: zeros, read only against zero activations)
+            group = (first * UNITS + u) * UNIT // GROUP_SIZE
+            async_load(s_desc, [group, off_n], full.index(s), ss.index(s))
+            if HAS_ZERO:
+                async_load(z_desc, [group, off_n], full.index(s), zs.index(s))
 
 
 @gluon.jit
@@ -107,14 +127,46 @@ def _unit_values(values, k, GROUP_SIZE: gl.constexpr, HAS_ZERO: gl.constexpr, GP
 
 
 @gluon.jit
+def _ring_group(ss, zs, s, g: gl.constexpr, GPU: gl.constexpr, LOCAL: gl.constexpr, ROWS: gl.constexpr, zero_const,
+                HAS_ZERO: gl.constexpr, rows_layout: gl.constexpr):
+    """Group ``g`` of buffer ``s``'s values (``VTMA``; the ring's groups as rows ``s * GPU + g``), this partition's rows:
+    fp16 scale and zero point ``[ROWS, 1]``."""
+    scale = ss.index(s * GPU + g).slice(LOCAL, ROWS).load(rows_layout).to(gl.float16)
+    if HAS_ZERO:
+        zero = zs.index(s * GPU + g).slice(LOCAL, ROWS).load(rows_layout).to(gl.float16)
+    else:
+        zero = (gl.zeros_like(scale) + zero_const).to(gl.float16)
+    return scale[:, None], zero[:, None]
+
+
+@gluon.jit
+def _ring_values(ss, zs, s, LOCAL: gl.constexpr, ROWS: gl.constexpr, zero_const, GPU: gl.constexpr, HAS_ZERO: gl.constexpr,
+                 rows_layout: gl.constexpr):
+    """:func:`_unit_values` from the ring (``VTMA``): the scale and zero point of each of the unit's four steps, from
+    buffer ``s``'s ``GPU`` groups."""
+    s0, z0 = _ring_group(ss, zs, s, 0, GPU, LOCAL, ROWS, zero_const, HAS_ZERO, rows_layout)
+    s1, z1 = s0, z0
+    s2, z2 = s0, z0
+    s3, z3 = s0, z0
+    if GPU >= 2:
+        s2, z2 = _ring_group(ss, zs, s, GPU // 2, GPU, LOCAL, ROWS, zero_const, HAS_ZERO, rows_layout)
+        s3, z3 = s2, z2
+    if GPU == 4:
+        s1, z1 = _ring_group(ss, zs, s, 1, GPU, LOCAL, ROWS, zero_const, HAS_ZERO, rows_layout)
+        s3, z3 = _ring_group(ss, zs, s, 3, GPU, LOCAL, ROWS, zero_const, HAS_ZERO, rows_layout)
+    return s0, z0, s1, z1, s2, z2, s3, z3
+
+
+@gluon.jit
 def _consumers(ring, group_args, out_args, first, n_chunks, pid_n, split, BITS: gl.constexpr, UNITS: gl.constexpr,
                GROUP_SIZE: gl.constexpr, GPU: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
                ROWS: gl.constexpr, LOCAL: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr,
-               VAHEAD: gl.constexpr, NUM_WARPS: gl.constexpr):
+               VAHEAD: gl.constexpr, VTMA: gl.constexpr, NUM_WARPS: gl.constexpr):
     """A consumer partition on rows ``LOCAL`` to ``LOCAL + ROWS`` of the program's ``BLOCK_N`` (its own sub-tile of the
     output): every unit's four steps (two slots, two wgmmas each), then the sub-tile's store or its split's partial
-    sums (the last split to arrive adds them all in split order and stores)."""
-    xs, ws, full, empty = ring
+    sums (the last split to arrive adds them all in split order and stores). The group values come ``VAHEAD`` units
+    ahead from global memory, or (``VTMA``) with the unit's buffer."""
+    xs, ws, ss, zs, full, empty = ring
     scale_ptr, zero_ptr, n_groups, stride_sn, stride_sg, zero_const = group_args
     y_ptr, partial_ptr, count_ptr, M, N, stride_ym = out_args
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_M, 16])
@@ -128,10 +180,11 @@ def _consumers(ring, group_args, out_args, first, n_chunks, pid_n, split, BITS: 
     k0 = first * CHUNK
     if SPLIT_K == 1:  # (else ptxas serializes the wgmmas: the accumulators' zeros set on a branch around an empty loop)
         gl.assume(n_chunks > 0)
-    nxt = _unit_values(values, k0, GROUP_SIZE, HAS_ZERO, GPU)
-    after = nxt
-    if VAHEAD == 2:
-        after = _unit_values(values, k0 + UNIT, GROUP_SIZE, HAS_ZERO, GPU)
+    if not VTMA:
+        nxt = _unit_values(values, k0, GROUP_SIZE, HAS_ZERO, GPU)
+        after = nxt
+        if VAHEAD == 2:
+            after = _unit_values(values, k0 + UNIT, GROUP_SIZE, HAS_ZERO, GPU)
     acc = gl.zeros([ROWS, BLOCK_M], gl.float32, mma)
     held0 = gl.zeros([ROWS, RUN], gl.float16, a_layout)
     held1 = gl.zeros([ROWS, RUN], gl.float16, a_layout)
@@ -140,13 +193,17 @@ def _consumers(ring, group_args, out_args, first, n_chunks, pid_n, split, BITS: 
         for sub in gl.static_range(UNITS):
             u = c * UNITS + sub
             s = u % STAGES
-            cur = nxt
-            if VAHEAD == 2:  # (past the split: unused)
-                nxt = after
-                after = _unit_values(values, k0 + (u + 2) * UNIT, GROUP_SIZE, HAS_ZERO, GPU)
+            if VTMA:
+                mbarrier.wait(full.index(s), (u // STAGES) & 1)
+                cur = _ring_values(ss, zs, s, LOCAL, ROWS, zero_const, GPU, HAS_ZERO, gl.SliceLayout(1, a_layout))
             else:
-                nxt = _unit_values(values, k0 + (u + 1) * UNIT, GROUP_SIZE, HAS_ZERO, GPU)
-            mbarrier.wait(full.index(s), (u // STAGES) & 1)
+                cur = nxt
+                if VAHEAD == 2:  # (past the split: unused)
+                    nxt = after
+                    after = _unit_values(values, k0 + (u + 2) * UNIT, GROUP_SIZE, HAS_ZERO, GPU)
+                else:
+                    nxt = _unit_values(values, k0 + (u + 1) * UNIT, GROUP_SIZE, HAS_ZERO, GPU)
+                mbarrier.wait(full.index(s), (u // STAGES) & 1)
             if sub == 0:
                 words = ws.index(s).slice(LOCAL, ROWS, dim=0).load(a_layout)
             for step in gl.static_range(STEPS):
@@ -173,16 +230,18 @@ def _consumers(ring, group_args, out_args, first, n_chunks, pid_n, split, BITS: 
 
 @gluon.jit
 def _gemm_ws_kernel(
-    x_desc, w_desc, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr, M, N, n_chunks_total, n_groups, stride_sn, stride_sg,
-    zero_const, stride_ym,
+    x_desc, w_desc, s_desc, z_desc, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr, M, N, n_chunks_total, n_groups, stride_sn,
+    stride_sg, zero_const, stride_ym,
     BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
-    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr, VAHEAD: gl.constexpr, APART: gl.constexpr,
+    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr, VAHEAD: gl.constexpr, VTMA: gl.constexpr, APART: gl.constexpr,
     NUM_WARPS: gl.constexpr,
 ):
     """Program (tile along N, K split): the ring, its barriers and the partitions: the consumers as the default partition
     of ``BLOCK_N / 16`` warps and the producer warp a worker on 40 registers; or (``APART``, 128 rows) the producer as
     the default partition (four warps, 40 registers) and two consumer workers of four warps (232 registers each), each
-    on its own 64-row sub-tile with its own barriers (no warpgroup waits on the other's)."""
+    on its own 64-row sub-tile with its own barriers (no warpgroup waits on the other's). With ``VTMA`` the ring also
+    holds each unit's group values (``s_desc``, ``z_desc``: boxes of the group-major scales and zero points); else those
+    descriptors are stand-ins and the consumers load the values themselves."""
     UNITS: gl.constexpr = 32 // BITS // 8  # units a chunk (32 // BITS slots of 32 K)
     GPU: gl.constexpr = UNIT // GROUP_SIZE if GROUP_SIZE < UNIT else 1
     ROWS: gl.constexpr = 64 if APART else BLOCK_N
@@ -193,27 +252,39 @@ def _gemm_ws_kernel(
     n_chunks = gl.maximum(gl.minimum(first + per_split, n_chunks_total) - first, 0)
     xs = gl.allocate_shared_memory(gl.float16, [STAGES, STEPS, BLOCK_M, STEP], x_desc.layout)
     ws = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, RUN], w_desc.layout)
+    ss, zs, ss_rows, zs_rows = xs, xs, xs, xs  # (stand-ins without VTMA)
+    if VTMA:  # the ring's group values, and the same bytes as plain rows for the consumers' loads
+        rows_view: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # (group g of buffer s: row s * GPU + g)
+        ss = gl.allocate_shared_memory(s_desc.dtype, [STAGES, GPU, BLOCK_N], s_desc.layout)
+        ss_rows = reinterpret(ss, s_desc.dtype, [STAGES * GPU, BLOCK_N], rows_view)
+        zs, zs_rows = ss, ss_rows
+        if HAS_ZERO:
+            zs = gl.allocate_shared_memory(z_desc.dtype, [STAGES, GPU, BLOCK_N], z_desc.layout)
+            zs_rows = reinterpret(zs, z_desc.dtype, [STAGES * GPU, BLOCK_N], rows_view)
     full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(full.index(s), count=1)
         mbarrier.init(empty.index(s), count=BLOCK_N // ROWS)  # one arrival per consumer partition
-    ring = (xs, ws, full, empty)
+    ring = (xs, ws, ss_rows, zs_rows, full, empty)
     group_args = (scale_ptr, zero_ptr, n_groups, stride_sn, stride_sg, zero_const)
     out_args = (y_ptr, partial_ptr, count_ptr, M, N, stride_ym)
-    feed = (x_desc, w_desc, xs, ws, full, empty, first, n_chunks, pid_n * BLOCK_N, UNITS, STAGES)
+    # (the partitions' arguments stay literal tuples: on triton 3.9 constexprs in a tuple kept in a variable reach a
+    # worker as runtime values, so its constexpr branches were no longer pruned)
     if BLOCK_N == ROWS:
         gl.warp_specialize([
             (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
-                          BLOCK_N, ROWS, 0, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS)),
-            (_producer, feed)], [1], [40])
+                          BLOCK_N, ROWS, 0, BLOCK_M, STAGES, SPLIT_K, VAHEAD, VTMA, NUM_WARPS)),
+            (_producer, (x_desc, w_desc, s_desc, z_desc, xs, ws, ss, zs, full, empty, first, n_chunks, pid_n * BLOCK_N, UNITS, STAGES,
+                         GROUP_SIZE, VTMA, HAS_ZERO))], [1], [40])
     else:  # apart, 128 rows: the producer as the default partition (four warps, one of them working), each consumer warpgroup a worker
         gl.warp_specialize([
-            (_producer, feed),
+            (_producer, (x_desc, w_desc, s_desc, z_desc, xs, ws, ss, zs, full, empty, first, n_chunks, pid_n * BLOCK_N, UNITS, STAGES,
+                         GROUP_SIZE, VTMA, HAS_ZERO)),
             (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
-                          BLOCK_N, ROWS, 0, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS)),
+                          BLOCK_N, ROWS, 0, BLOCK_M, STAGES, SPLIT_K, VAHEAD, VTMA, NUM_WARPS)),
             (_consumers, (ring, group_args, out_args, first, n_chunks, pid_n, split, BITS, UNITS, GROUP_SIZE, GPU, HAS_ZERO, INT_ZERO,
-                          BLOCK_N, ROWS, 64, BLOCK_M, STAGES, SPLIT_K, VAHEAD, NUM_WARPS))], [4, 4], [232, 232])
+                          BLOCK_N, ROWS, 64, BLOCK_M, STAGES, SPLIT_K, VAHEAD, VTMA, NUM_WARPS))], [4, 4], [232, 232])
 
 
 @dataclass(frozen=True)
@@ -223,6 +294,7 @@ class GemmWsConfig:
     split_k: int = 1
     values_ahead: int = 2  # units ahead that the group values are loaded (1 or 2)
     apart: bool = False  # a consumer partition per 64 weight rows, block_n 64 or 128 (else one for all; not yet run on a GPU)
+    values_tma: bool = False  # the group values by TMA with each unit's buffer (values_ahead unused; not yet run on a GPU)
 
 
 def ws_fits(pw: PackedWeight, dtype: torch.dtype, m: int) -> bool:
@@ -239,9 +311,36 @@ def block_m_for(m: int) -> int:
     return max(16, triton.next_power_of_2(m))
 
 
-def stage_bytes(block_n: int, block_m: int) -> int:
-    """Shared memory a ring buffer: the activation box and a chunk's words."""
-    return STEPS.value * block_m * STEP.value * 2 + block_n * RUN.value * 4
+def stage_bytes(block_n: int, block_m: int, values: int = 0) -> int:
+    """Shared memory a ring buffer: the activation box, a chunk's words and ``values`` bytes of group values."""
+    return STEPS.value * block_m * STEP.value * 2 + block_n * RUN.value * 4 + values
+
+
+def groups_per_unit(pw: PackedWeight) -> int:
+    return UNIT.value // pw.group_size if pw.group_size < UNIT.value else 1
+
+
+def values_bytes(pw: PackedWeight, config: GemmWsConfig) -> int:
+    """A ring buffer's group values with ``values_tma``: a unit's groups of scales (and zero points) for ``block_n`` rows."""
+    if not config.values_tma:
+        return 0
+    return groups_per_unit(pw) * config.block_n * pw.scale.element_size() * (2 if pw.zero is not None else 1)
+
+
+def values_tma_fits(pw: PackedWeight) -> bool:
+    """TMA reads the group-major scales and zero points (``[n_groups, N]``) where their rows are 16-byte aligned."""
+    _, _, scale, zero = lm.kernel_tensors(pw)
+    aligned = lambda t: t.data_ptr() % 16 == 0 and _by_group(t)[1][1] == 1 and _by_group(t)[1][0] * t.element_size() % 16 == 0  # noqa: E731
+    return aligned(scale) and aligned(zero)
+
+
+def value_descriptors(pw: PackedWeight, block_n: int) -> tuple[TensorDescriptor, TensorDescriptor]:
+    """The group-major scales and zero points ``[n_groups, N]`` in boxes of a unit's groups by ``block_n`` rows (plain rows,
+    no swizzle; past the last group or row: zeros)."""
+    _, _, scale, zero = lm.kernel_tensors(pw)
+    box = [groups_per_unit(pw), block_n]
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * scale.element_size(), rank=2)
+    return tuple(TensorDescriptor(t, *_by_group(t), box, layout) for t in (scale, zero))
 
 
 def epilogue_bytes(block_n: int, block_m: int) -> int:
@@ -261,7 +360,7 @@ def default_config(m: int, pw: PackedWeight) -> GemmWsConfig:
     ahead 2.0-4.4% slower in the other five cells."""
     block_n, stages = 128, 4
     block_m = block_m_for(m)
-    per_sm = max(1, SMEM // (stages * stage_bytes(block_n, block_m) + epilogue_bytes(block_n, block_m)))
+    per_sm = max(1, SMEM // (stages * stage_bytes(block_n, block_m) + epilogue_bytes(block_n, block_m)))  # (values by loads)
     tiles = triton.cdiv(pw.n, block_n)
     wave = per_sm * (sm_count(pw.words.device) if pw.words.is_cuda else 132)
     chunks = triton.cdiv(pw.k, pw.chunk)
@@ -269,14 +368,17 @@ def default_config(m: int, pw: PackedWeight) -> GemmWsConfig:
     return GemmWsConfig(block_n=block_n, stages=stages, split_k=split_k)
 
 
-def check_config(config: GemmWsConfig, block_m: int) -> None:
+def check_config(config: GemmWsConfig, block_m: int, values: int = 0) -> None:
+    """A clear error for a config the kernel cannot run (``values``: a ring buffer's group-value bytes, with
+    ``values_tma``)."""
     problems = []
     if config.block_n not in (64, 128, 256):
         problems.append(f"block_n={config.block_n} (64, 128 or 256)")
     room = SMEM - epilogue_bytes(config.block_n, block_m)
-    if config.stages < 2 or config.stages * stage_bytes(config.block_n, block_m) > room:
+    stage = stage_bytes(config.block_n, block_m, values)
+    if config.stages < 2 or config.stages * stage > room:
         problems.append(f"stages={config.stages} (at least 2, and the ring within {room} bytes of shared memory: "
-                        f"{stage_bytes(config.block_n, block_m)} a stage at block_n={config.block_n}, {block_m} activation rows)")
+                        f"{stage} a stage at block_n={config.block_n}, {block_m} activation rows)")
     if config.split_k < 1:
         problems.append(f"split_k={config.split_k} (at least 1)")
     if config.values_ahead not in (1, 2):
@@ -304,7 +406,7 @@ def launch_constants(pw: PackedWeight, config: GemmWsConfig, block_m: int) -> di
     warps = 4 if config.apart else config.block_n // 16
     return dict(BITS=lm.CODE_BITS[pw.layout], GROUP_SIZE=pw.group_size, HAS_ZERO=pw.zero is not None,
                 INT_ZERO=pw.zero_grid == 1.0, BLOCK_N=config.block_n, BLOCK_M=block_m, STAGES=config.stages, SPLIT_K=config.split_k,
-                VAHEAD=config.values_ahead, APART=config.apart, NUM_WARPS=warps, num_warps=warps)
+                VAHEAD=config.values_ahead, VTMA=config.values_tma, APART=config.apart, NUM_WARPS=warps, num_warps=warps)
 
 
 def gemm_ws(x: torch.Tensor, pw: PackedWeight, config: GemmWsConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -319,7 +421,10 @@ def gemm_ws(x: torch.Tensor, pw: PackedWeight, config: GemmWsConfig | None = Non
         x = x.clone(memory_format=torch.contiguous_format)
     block_m = block_m_for(m)
     config = config or default_config(m, pw)
-    check_config(config, block_m)
+    check_config(config, block_m, values_bytes(pw, config))
+    if config.values_tma and not values_tma_fits(pw):
+        raise ValueError("gemm_ws with values_tma=True reads the scales and zero points by TMA: they must be group-major with 16-byte "
+                         f"aligned rows (N a multiple of {16 // pw.scale.element_size()}); got N={pw.n}, scale strides {pw.scale.stride()}")
     if not lm.is_hopper(x.device) or pw.words.device != x.device:
         raise ValueError(f"gemm_ws runs on a Hopper GPU (compute capability 9.x) with the weight on the activations' device; got x on "
                          f"{x.device}, the weight on {pw.words.device}")
@@ -329,8 +434,9 @@ def gemm_ws(x: torch.Tensor, pw: PackedWeight, config: GemmWsConfig | None = Non
     parts = config.block_n // 64 if config.apart else 1  # the output sub-tiles a program (a counter each)
     partial, count = lm.split_buffers(y, (tiles * parts, 1, config.split_k), config.block_n // parts * block_m)
     x_desc, w_desc = descriptors(x, words, config.block_n, block_m)
+    s_desc, z_desc = value_descriptors(pw, config.block_n) if config.values_tma else (x_desc, x_desc)  # (stand-ins: unused)
     _gemm_ws_kernel[(tiles, config.split_k)](
-        x_desc, w_desc, scale, zero, y, partial, count, m, pw.n, words.shape[1] // RUN.value, pw.n_groups, *scale.stride(), pw.zero_const,
+        x_desc, w_desc, s_desc, z_desc, scale, zero, y, partial, count, m, pw.n, words.shape[1] // RUN.value, pw.n_groups, *scale.stride(), pw.zero_const,
         y.stride(0), **launch_constants(pw, config, block_m),
     )
     return y

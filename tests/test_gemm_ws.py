@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qkernels import lowbit_matmul as lm
-from qkernels.gemm_ws import GemmWsConfig, check_config, default_config, gemm_ws as run, stage_bytes, ws_fits
+from qkernels.gemm_ws import GemmWsConfig, check_config, default_config, gemm_ws as run, stage_bytes, values_bytes, values_tma_fits, ws_fits
 from qkernels.pack import CODE_BITS, pack_weight
 
 requires_hopper = pytest.mark.skipif(not (torch.cuda.is_available() and lm.is_hopper(torch.device("cuda"))), reason="needs a Hopper GPU")
@@ -53,6 +53,25 @@ def test_config_errors_name_the_bad_values() -> None:
     assert stage_bytes(128, 64) == 4 * 64 * 64 * 2 + 128 * 32 * 4
 
 
+def test_values_by_tma_take_ring_room_and_aligned_rows() -> None:
+    """``values_tma``: a unit's groups of scales and zero points for block_n rows in every ring buffer, so four stages
+    of 128 rows no longer fit beside the 64-row epilogue (three do); the group-major rows must be 16-byte aligned."""
+    w4 = packed("uint4", 256, 1024)
+    assert values_bytes(w4, GemmWsConfig()) == 0
+    assert values_bytes(w4, GemmWsConfig(values_tma=True)) == 2 * 128 * 2 * 2  # two groups a unit, scales and zero points
+    assert values_bytes(packed("uint2", 256, 1024, group=None, zeros=1.0), GemmWsConfig(values_tma=True)) == 128 * 2  # one scale a row
+    assert values_bytes(packed("uint4", 256, 1024, group=64), GemmWsConfig(block_n=64, values_tma=True)) == 4 * 64 * 2 * 2
+    config = GemmWsConfig(values_tma=True)
+    with pytest.raises(ValueError, match="stages=4 .* 50176 a stage at block_n=128, 64 activation rows"):
+        check_config(config, 64, values_bytes(w4, config))
+    check_config(GemmWsConfig(stages=3, values_tma=True), 64, values_bytes(w4, config))
+    assert values_tma_fits(w4) and values_tma_fits(packed("uint4", 200, 1152))
+    odd = packed("uint4", 100, 1024)  # group-major rows of 100 fp16 scales: 200 bytes
+    assert not values_tma_fits(odd)
+    with pytest.raises(ValueError, match=r"values_tma=True .*\(N a multiple of 8\); got N=100"):
+        run(torch.randn(16, 1024, dtype=torch.float16), odd, GemmWsConfig(stages=3, values_tma=True))
+
+
 def test_the_benchmark_times_it_beside_the_dispatchers_path_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
     """Not picked by the dispatcher (no faster than the wgmma GEMM yet: the module's docstring), but listed beside it
     by ``bench.kernel_latency`` wherever it fits on a Hopper GPU, and reachable by name."""
@@ -88,12 +107,14 @@ def test_default_splits_fill_one_wave() -> None:
 def test_matches_the_reference_on_ragged_shapes(layout: str, group: int | None, zeros: str | float) -> None:
     """Random codes, scales and zero points, outputs poisoned with NaN, batches and weight rows that leave ragged
     tiles, K a multiple of 64 but not of a chunk (W4: 5 chunks, W2 3, W1 2, the last partly past K), every block_n,
-    2 to 4 stages, 1 to 5 K splits (empty splits among them), the group values one or two units ahead, the consumers
-    a partition per 64 rows or one for all: within fp16 rounding of the weights of the fp32 reference."""
+    2 to 4 stages, 1 to 5 K splits (empty splits among them), the group values one or two units ahead or by TMA with the
+    unit's buffer, the consumers a partition per 64 rows or one for all: within fp16 rounding of the weights of the fp32
+    reference."""
     n, k = 200, 1152
     pw = packed(layout, n, k, group, zeros).to("cuda")
     configs = [None, GemmWsConfig(64, 2, 1), GemmWsConfig(128, 3, 2), GemmWsConfig(256, 2, 3), GemmWsConfig(128, 4, 5, values_ahead=1),
-               GemmWsConfig(128, 3, 3, apart=True), GemmWsConfig(128, 4, 1, apart=True)]
+               GemmWsConfig(128, 3, 3, apart=True), GemmWsConfig(128, 4, 1, apart=True), GemmWsConfig(128, 3, 2, values_tma=True),
+               GemmWsConfig(64, 2, 1, values_tma=True), GemmWsConfig(128, 3, 3, apart=True, values_tma=True)]
     for m in (1, 16, 40, 64):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ref = lm.reference_matmul(x, pw).float()
