@@ -4,6 +4,8 @@ fp16 and the package's own module in one process, at the config the package runs
     python -m bench.source_ab --variants bench/ablations/wgmma_session24.json --kernels w4g128,w2g128 --batches 64
     python -m bench.source_ab --variants bench/ablations/wgmma_session24.json --only nodecode,nowords --json ab.json
     python -m bench.source_ab --variants bench/ablations/wgmma_session24.json --compile-only   # on a CPU, first
+    python -m bench.source_ab --variants bench/ablations/gemv_session26.json --kernels w2g128,ternary2 --batches 1 \
+        --config stages=0,block_n=64,num_warps=16,split_k=1,k_warps=4     # at a config the rule does not pick
 
 ``bench.config_ab`` compares configs of one kernel; this compares kernels: ablations (a part switched off, to see
 what it costs; their results are wrong on purpose) and source A/Bs (a changed load, a cache hint), without a
@@ -41,7 +43,7 @@ from typing import Any
 
 import torch
 
-from bench.config_ab import cells, markdown, parse_grid, write_json
+from bench.config_ab import cells, markdown, parse_grid, parse_variant, write_json
 from bench.kernel_latency import LOWBIT_KINDS, clone_packed, fp16_calls, path_config
 from bench.timing import copies_for, gpu_name, steady_interleaved
 from qkernels import lowbit_matmul as lm
@@ -133,11 +135,12 @@ def compile_variants(module_name: str, sources: dict[str, str]) -> list[str]:
     return lines
 
 
-def compare_cell(path: str, m: int, pw: Any, modules: dict[str, ModuleType], x: torch.Tensor) -> list[dict]:
+def compare_cell(path: str, m: int, pw: Any, modules: dict[str, ModuleType], x: torch.Tensor, overrides: dict | None = None) -> list[dict]:
     """One cell's rows: cuBLAS, the package's module (``package``) and each variant's, side by side at the package's
-    config, each with its relative error against the fp32 reference."""
+    config (with ``overrides``: those fields replaced, e.g. to reach a kernel the rule does not pick at this cell), each
+    with its relative error against the fp32 reference."""
     _, entry, config_class = ENTRIES[path]
-    config = path_config(m, pw, path)
+    config = dataclasses.replace(path_config(m, pw, path), **(overrides or {}))
     y = torch.empty(m, pw.n, device=x.device, dtype=x.dtype)
     copies = [pw] + [clone_packed(pw) for _ in range(copies_for(pw.nbytes()) - 1)]
     reference = lm.reference_matmul(x, pw).float()
@@ -164,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default="8192x8192", help="comma list of INxOUT")
     parser.add_argument("--batches", default="64", help="comma list of batch sizes")
     parser.add_argument("--json", type=Path, default=None, help="write every row here (after each cell)")
+    parser.add_argument("--config", default="", help="field=value[,field=value]: fields of the path's config class replaced in every "
+                                                      "cell's config (the package's and the variants' alike)")
     parser.add_argument("--compile-only", action="store_true", help="compile each variant's kernels for sm_90 (no GPU needed)")
     args = parser.parse_args(argv)
     try:
@@ -171,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n in args.only.split(",") if n] or list(data["variants"])
         kinds, shapes, batches = parse_grid(args.kernels, args.shapes, args.batches)
         sources = variant_sources(data, names)  # every edit of every variant checked before the GPU is touched
+        module_name, _, config_class = ENTRIES[data["path"]]
+        overrides = parse_variant(args.config, getattr(importlib.import_module(module_name), config_class)) if args.config else {}
     except (ValueError, OSError) as err:
         parser.error(str(err))
     if args.compile_only:
@@ -185,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"GPU: {gpu_name()} | torch {torch.__version__} | {data['module']} variants: {names}", flush=True)
     rows: list[dict] = []
     for k, n, kind, pw, m, x in cells(kinds, shapes, batches):
-        cell = [dict(K=k, N=n, M=m, kernel=kind) | row for row in compare_cell(data["path"], m, pw, modules, x)]
+        cell = [dict(K=k, N=n, M=m, kernel=kind) | row for row in compare_cell(data["path"], m, pw, modules, x, overrides)]
         rows += cell
         print(markdown(cell), flush=True)
         if args.json:

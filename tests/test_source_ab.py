@@ -92,3 +92,23 @@ def test_a_variant_is_timed_beside_the_package_and_cublas(tmp_path: Path) -> Non
     assert [r["variant"] for r in rows] == ["fp16", "package", "before_evict"]
     assert all(r["us"] > 0 for r in rows)
     assert all(r["rel_error"] < 1e-2 for r in rows[1:])
+
+
+def test_config_overrides_name_a_field_the_path_lacks(capsys) -> None:
+    with pytest.raises(SystemExit):
+        sa.main(["--variants", str(ROOT / "bench" / "ablations" / "gemv_session26.json"), "--config", "k_warps=4,words_ahead=2"])
+    err = capsys.readouterr().err
+    assert "'words_ahead' is not a field of GemvMmaConfig" in err and "'k_warps'" in err
+
+
+@pytest.mark.skipif(not HOPPER, reason="run with the GPU tests (Hopper)")
+def test_config_overrides_reach_every_module_of_the_cell(tmp_path: Path) -> None:
+    """``--config``: the GEMV's warp groups along K at a cell whose rule runs another config, the package and the variant
+    alike (ternary: the variant's edit is outside its code path, so both give the reference's result)."""
+    out = tmp_path / "rows.json"
+    assert sa.main(["--variants", str(ROOT / "bench" / "ablations" / "gemv_session26.json"), "--kernels", "ternary2", "--shapes", "1024x2048",
+                    "--batches", "1", "--config", "stages=0,block_n=64,num_warps=16,split_k=1,k_warps=4", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fp16", "package", "kw_values_once"]
+    assert all(r["config"]["k_warps"] == 4 and r["config"]["stages"] == 0 for r in rows[1:])
+    assert all(r["rel_error"] < 1e-2 for r in rows[1:])
