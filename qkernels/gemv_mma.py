@@ -64,6 +64,13 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
   (a CTA barrier a chunk over 16 warps: 8192^2 W2 13.3 against 11.2), and for routed W1 (its group-column activations
   four times the shared memory: 8192^2 10.9 against the TMA routes' 10.3; not kept).
 
+* The split's group values in one TMA box (``values_box``, with warp groups along K on Hopper, not yet run on a GPU;
+  :func:`values_box_fits`): the box ``[run's groups, warp group, BLOCK_N]`` of the group-major scales and zero points
+  comes while the activations are staged, and each step reads one row of it for every warp group (``LDSM``) instead of
+  loading its values from global memory a step ahead: W2 g128's loop at 8192^2 (64/16/1/4) has 357 instructions a
+  chunk in the sm_90 build against 417 (no ``LDG``/``IMAD.WIDE`` for the values; ternary, which loads none, 289), 115
+  registers against 126. Session 23 had W2 at 11.15 us on that config against ternary's 10.0.
+
 * Programmatic dependent launch (``pdl``, compute capability 9.0 and above; off by default): each
   program issues its first weight loads, waits for the previous kernel (``griddepcontrol.wait``), then
   lets the next kernel's programs in. In the kernel benchmark's CUDA graph, a chain of the same GEMV,
@@ -550,16 +557,40 @@ def _kw_step(words, xs, offset_sums, x_sums, acc, y_acc, correction, s_lo, s_hi,
 
 
 @gluon.jit
+def _box_values(s_rows, z_rows, i, STEP_I: gl.constexpr, zero_const, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr,
+                rows_layout: gl.constexpr):
+    """:func:`_group_values` from the split's box of group values (``VBOX``): step ``STEP_I`` of every warp group's
+    ``i``-th chunk (``s_rows``: ``[XS_CHUNKS * groups a chunk, KW, BLOCK_N // 2, 2]``: a run's groups, then the warp
+    group); fp32 ``[KW, BLOCK_N // 2, 2, 1]``."""
+    GPC: gl.constexpr = SLOTS // SPG
+    lo = i * GPC + STEP_I
+    hi = lo + (SLOTS // 2) // SPG
+    s_lo = s_rows.index(lo).load(rows_layout).to(gl.float32)[:, :, :, None]
+    s_hi = s_rows.index(hi).load(rows_layout).to(gl.float32)[:, :, :, None]
+    if HAS_ZERO:
+        z_lo = z_rows.index(lo).load(rows_layout).to(gl.float32)[:, :, :, None]
+        z_hi = z_rows.index(hi).load(rows_layout).to(gl.float32)[:, :, :, None]
+    else:
+        z_lo = gl.zeros_like(s_lo) + zero_const
+        z_hi = z_lo
+    return s_lo, s_hi, z_lo, z_hi
+
+
+@gluon.jit
 def _gemv_kw_kernel(
-    x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
+    x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, s_desc, z_desc, y_ptr, partial_ptr, count_ptr,
     N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_hn, stride_xm, stride_ym,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
-    PDL: gl.constexpr, KW: gl.constexpr,
+    PDL: gl.constexpr, KW: gl.constexpr, VBOX: gl.constexpr,
 ):
     """:func:`_gemv_mma_kernel` with the program's warps in ``KW`` groups along K (plain loads, not uint3): the
     program's chunks (its K split's) are cut in ``KW`` runs, one a group; each group sums its run for the program's
-    rows, and the groups' sums are added (in shared memory) before the split-K store."""
+    rows, and the groups' sums are added (in shared memory) before the split-K store. With ``VBOX`` (Hopper; every run
+    ``XS_CHUNKS`` chunks long) the split's group values come in one TMA box (``s_desc``, ``z_desc``: ``[KW * XS_CHUNKS *
+    groups a chunk, BLOCK_N]`` of the group-major scales and zero points) while the activations are staged, and each
+    step reads them from shared memory; else ``s_desc`` and ``z_desc`` are stand-ins and each step loads them from
+    global memory a step ahead."""
     ROW_WARPS: gl.constexpr = NUM_WARPS // KW
     layout: gl.constexpr = _kw_layout(KW, ROW_WARPS)
     rows_layout: gl.constexpr = gl.SliceLayout(3, layout)
@@ -583,8 +614,22 @@ def _gemv_kw_kernel(
     w_rows = w_ptr + rows4 * stride_wn + cols
     start = gl.minimum(g_first, n_chunks - 1)
     next_words = gl.load(w_rows + start * RUN, mask=row_ok4, other=0)
-    next_values = _group_values(scale_ptr, zero_ptr, rows4, row_ok4, start, 0, n_groups, stride_sn, stride_sg, group_size,
-                                zero_const, HAS_ZERO, SLOTS, SPG, STEP)
+    if VBOX:  # the split's group values: one box of each, [1, run's groups, warp group, rows] (the descriptors' order)
+        RUN_GROUPS: gl.constexpr = XS_CHUNKS * (SLOTS // SPG)
+        box_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(box_ready, count=1)
+        s_box = gl.allocate_shared_memory(s_desc.dtype, [1, RUN_GROUPS, KW, BLOCK_N], s_desc.layout)
+        z_box = gl.allocate_shared_memory(z_desc.dtype, [1, RUN_GROUPS, KW, BLOCK_N], z_desc.layout)
+        mbarrier.expect(box_ready, s_desc.block_type.nbytes * (2 if HAS_ZERO else 1))
+        async_load(s_desc, [gl.program_id(2), 0, 0, pid_n * BLOCK_N], box_ready, s_box)
+        if HAS_ZERO:
+            async_load(z_desc, [gl.program_id(2), 0, 0, pid_n * BLOCK_N], box_ready, z_box)
+        box_view: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+        s_rows = reinterpret(s_box, s_desc.dtype, [RUN_GROUPS, KW, BLOCK_N // 2, 2], box_view)
+        z_rows = reinterpret(z_box, z_desc.dtype, [RUN_GROUPS, KW, BLOCK_N // 2, 2], box_view)
+    else:
+        next_values = _group_values(scale_ptr, zero_ptr, rows4, row_ok4, start, 0, n_groups, stride_sn, stride_sg, group_size,
+                                    zero_const, HAS_ZERO, SLOTS, SPG, STEP)
     if PDL:
         _grid_dependency(True)
         _grid_dependency(False)
@@ -599,7 +644,11 @@ def _gemv_kw_kernel(
     barrier()
     acc = gl.zeros((KW, BLOCK_N // 2, 2, RUN), gl.float32, layout)
     y_acc = gl.zeros((KW, BLOCK_N // 2, 2, 4), gl.float32, _kw_lanes(KW, ROW_WARPS))
-    s_lo, s_hi, z_lo, z_hi = next_values
+    if VBOX:
+        mbarrier.wait(box_ready, 0)
+        s_lo, s_hi, z_lo, z_hi = _box_values(s_rows, z_rows, 0, 0, zero_const, SLOTS, SPG, HAS_ZERO, rows_layout)
+    else:
+        s_lo, s_hi, z_lo, z_hi = next_values
     correction = gl.zeros((KW, BLOCK_N // 2, 2, 1), gl.float32, layout)
     for i in range(per_group):
         chunk = g_first + i
@@ -607,7 +656,9 @@ def _gemv_kw_kernel(
         words = next_words
         next_words = gl.load(w_rows + following * RUN, mask=row_ok4, other=0)
         for step in gl.static_range(N_STEPS):
-            if not SCALE_AFTER:
+            if VBOX:
+                s_lo, s_hi, z_lo, z_hi = _box_values(s_rows, z_rows, i, step, zero_const, SLOTS, SPG, HAS_ZERO, rows_layout)
+            elif not SCALE_AFTER:
                 s_lo, s_hi, z_lo, z_hi = next_values
                 next_values = _upcoming_values(scale_ptr, zero_ptr, rows4, row_ok4, chunk, following, step, n_groups, stride_sn, stride_sg,
                                                group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
@@ -845,6 +896,7 @@ class GemvMmaConfig:
     route: bool = False  # with TMA and four groups a chunk half (W1 g128, W2 g64): the groups in MMA columns (routes)
     pdl: bool = False  # from Hopper on: programmatic dependent launch (off: it slowed the decode, see the module notes)
     k_warps: int = 1  # plain loads, not uint3: the warps in this many groups along K, summed in shared memory (_gemv_kw_kernel)
+    values_box: bool = False  # with k_warps on Hopper: the split's group values in one TMA box (values_box_fits; not yet run on a GPU)
 
 
 def default_config(pw: PackedWeight) -> GemvMmaConfig:
@@ -987,9 +1039,53 @@ def gemv_mma(x: torch.Tensor, pw: PackedWeight, config: GemvMmaConfig | None = N
 
 
 def _weight_args(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
-    """The kernel's weight arguments: TMA descriptors, or the tensors (kept per weight: they hold its tensors)."""
+    """The kernel's weight arguments: TMA descriptors, or the tensors (kept per weight: they hold its tensors); with
+    warp groups along K also the boxes of group values (stand-ins without ``values_box``)."""
     words, high, scale, zero = lm.kernel_tensors(pw)
-    return _descriptors(pw, words, scale, zero, config) if config.stages else (words, high, scale, zero)
+    if config.stages:
+        return _descriptors(pw, words, scale, zero, config)
+    if config.k_warps > 1:
+        return (words, high, scale, zero, *(_value_boxes(pw, scale, zero, config) if config.values_box else (scale, zero)))
+    return words, high, scale, zero
+
+
+def value_box_groups(pw: PackedWeight, config: GemvMmaConfig) -> int:
+    """Groups in the warp-group GEMV's box of group values (``values_box``): every group of a K split's runs."""
+    n_chunks = pw.words.shape[1] // pw.run
+    return config.k_warps * triton.next_power_of_2(triton.cdiv(n_chunks, config.split_k * config.k_warps)) * (pw.chunk // pw.group_size)
+
+
+def values_box_fits(pw: PackedWeight, config: GemvMmaConfig) -> str | None:
+    """Why ``values_box`` cannot run on ``pw`` with ``config``, or None: it needs warp groups along K on a Hopper GPU,
+    groups inside a chunk half (not one a row), runs of a power of two chunks (the box's rows are laid out by run), at
+    most 256 groups a split and 16-byte aligned group-major rows of scales and zero points."""
+    n_chunks = pw.words.shape[1] // pw.run
+    per_run = triton.cdiv(n_chunks, config.split_k * config.k_warps)
+    _, _, scale, zero = lm.kernel_tensors(pw)
+    aligned = lambda t: t.data_ptr() % 16 == 0 and _by_group(t)[1][1] == 1 and _by_group(t)[1][0] * t.element_size() % 16 == 0  # noqa: E731
+    checks = {
+        f"k_warps={config.k_warps} (warp groups along K)": config.k_warps > 1,
+        "a Hopper GPU": lm.is_hopper(pw.words.device),
+        f"groups inside a chunk half (group_size {pw.group_size}, half a chunk {pw.chunk // 2})": pw.n_groups > 1 and pw.chunk // 2 % pw.group_size == 0,
+        f"every run the same power of two chunks ({n_chunks} chunks in {config.split_k * config.k_warps} runs)":
+            per_run & (per_run - 1) == 0 and per_run * config.split_k * config.k_warps == n_chunks and pw.n_groups * pw.group_size == pw.k_pad,
+        f"at most 256 groups a run ({value_box_groups(pw, config) // config.k_warps})": value_box_groups(pw, config) <= 256 * config.k_warps,
+        f"16-byte aligned group-major scales and zero points (N={pw.n})": aligned(scale) and aligned(zero),
+    }
+    missing = [need for need, ok in checks.items() if not ok]
+    return "values_box needs " + ", ".join(missing) if missing else None
+
+
+def _value_boxes(pw: PackedWeight, scale: torch.Tensor, zero: torch.Tensor, config: GemvMmaConfig) -> tuple:
+    """TMA descriptors of the group-major scales and zero points ``[n_groups, N]`` seen as ``[split, run's group, warp
+    group, N]`` (group ``(split * KW + warp group) * run's groups + j``), in boxes of one split by ``block_n`` rows: in
+    shared memory a run's groups come first, so each step reads one row for every warp group."""
+    run_groups = value_box_groups(pw, config) // config.k_warps
+    splits = pw.n_groups // (run_groups * config.k_warps)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * scale.element_size(), rank=4)
+    kw = config.k_warps
+    return tuple(TensorDescriptor(t, [splits, run_groups, kw, pw.n], [kw * run_groups * (g := _by_group(t)[1][0]), g, run_groups * g, 1],
+                                  [1, run_groups, kw, config.block_n], layout) for t in (scale, zero))
 
 
 def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
@@ -1003,6 +1099,8 @@ def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     if config.k_warps > 1 and (config.stages or pw.high is not None):
         raise ValueError(f"k_warps={config.k_warps} runs on the plain loads (stages=0) and one plane of words (not uint3); "
                          f"got stages={config.stages}, {pw.layout}")
+    if config.values_box and (why := values_box_fits(pw, config)):
+        raise ValueError(why)
     if config.stages and not tma_fits(pw, config):
         raise ValueError(f"stages={config.stages} (TMA) needs a Hopper GPU, 16-byte aligned words, scales and zero points "
                          f"and at most {MAX_GROUP_BOX} groups a split; use stages=0 here")
@@ -1032,7 +1130,7 @@ def launch_constants(pw: PackedWeight, config: GemvMmaConfig, pdl: bool = False)
         return _gemv_tma_kernel, sizes, consts
     sizes = (pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const, words.stride(0), high.stride(0))
     if config.k_warps > 1:
-        return _gemv_kw_kernel, sizes, consts | dict(KW=config.k_warps)
+        return _gemv_kw_kernel, sizes, consts | dict(KW=config.k_warps, VBOX=config.values_box)
     return _gemv_mma_kernel, sizes, consts
 
 

@@ -11,10 +11,11 @@ import torch
 
 from qkernels import lowbit_matmul as lm
 from qkernels.gemv_mma import (
-    WINDOW, GemvMmaConfig, _by_group, _descriptors, config_for, default_config, gemv_mma, group_box, k_warps_config, mma_asm, routes, rule_config,
+    WINDOW, GemvMmaConfig, _by_group, _descriptors, _value_boxes, config_for, default_config, gemv_mma, group_box, k_warps_config, mma_asm,
+    routes, rule_config, values_box_fits,
     slot3_constants, slot_constants, tma_config,
 )
-from qkernels.pack import pack_weight
+from qkernels.pack import PackedWeight, pack_weight
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -123,6 +124,35 @@ def test_rejects_what_it_cannot_take() -> None:
         gemv_mma(x, uint3_32, GemvMmaConfig(block_n=32, num_warps=8, k_warps=4))
 
 
+def test_the_box_of_group_values_takes_even_runs_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``values_box`` (warp groups along K, the split's group values in one TMA box): every reason it cannot run is
+    named, and the box's descriptor reads group ``(split * KW + warp group) * run's groups + j`` at ``[split, j, warp
+    group]`` (a run's groups first in shared memory)."""
+    def packed(n: int, k: int, group: int | None = 128, top: int = 3) -> PackedWeight:
+        n_groups = 1 if group is None else k // group
+        return pack_weight(torch.randint(0, top + 1, (n, k)), torch.rand(n, n_groups).half(), torch.randint(0, top + 1, (n, n_groups)).half(),
+                           "uint2", group, run=32)
+
+    w2 = packed(64, 4096)  # 8 chunks of 512 K, four groups a chunk
+    even = GemvMmaConfig(64, 8, 2, k_warps=2, values_box=True)
+    assert "a Hopper GPU" in values_box_fits(w2, even)
+    with pytest.raises(ValueError, match="values_box needs a Hopper GPU"):
+        gemv_mma(torch.randn(1, 4096, dtype=torch.float16), w2, even)
+    monkeypatch.setattr(lm, "is_hopper", lambda device: True)
+    assert values_box_fits(w2, even) is None and values_box_fits(w2, GemvMmaConfig(64, 16, 1, k_warps=4, values_box=True)) is None
+    assert "k_warps=1 (warp groups along K)" in values_box_fits(w2, GemvMmaConfig(64, 4, 2, values_box=True))
+    assert "every run the same power of two chunks (8 chunks in 6 runs)" in values_box_fits(w2, GemvMmaConfig(64, 8, 3, k_warps=2))
+    assert "every run the same power of two chunks (7 chunks" in values_box_fits(packed(64, 3584), even)
+    assert "groups inside a chunk half" in values_box_fits(packed(64, 4096, None, 2), even)
+    assert "16-byte aligned group-major scales and zero points (N=60)" in values_box_fits(packed(60, 4096), even)
+    _, _, scale, zero = lm.kernel_tensors(w2)
+    desc = _value_boxes(w2, scale, zero, even)[0]
+    assert list(desc.shape) == [2, 8, 2, 64] and list(desc.block_shape) == [1, 8, 2, 64]
+    view = torch.as_strided(scale, desc.shape, desc.strides, scale.storage_offset())
+    s_, j, g = 1, 5, 1
+    assert torch.equal(view[s_, j, g], scale[:, (s_ * 2 + g) * 8 + j])
+
+
 def test_small_weights_split_k_across_warp_groups() -> None:
     """The rule for small weights (at most 4096^2 codes on at least 4096 rows): 32-row tiles of 8 warps in 4 groups
     along K and no global K split, for W2, ternary and W4, before the TMA feed's rule; not for W1 or W3, nor larger
@@ -198,6 +228,8 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     if lm.is_hopper(x.device):  # the TMA feed: every chunk in flight, and a ring that refills (1 and 2 stages)
         configs += [GemvMmaConfig(128, 8, 2, stages=4), GemvMmaConfig(64, 4, 1, stages=1), GemvMmaConfig(32, 2, 2, stages=2),
                     GemvMmaConfig(128, 4, 2, stages=2, maxnreg=168)]  # (the 168-register cap of 128-row tiles)
+        boxed = [GemvMmaConfig(64, 16, 1, k_warps=4, values_box=True), GemvMmaConfig(64, 8, 2, k_warps=2, values_box=True)]
+        configs += [c for c in boxed if values_box_fits(pw, c) is None]  # the split's group values in one TMA box
         if routes(pw):  # four groups a chunk half in their own MMA columns
             configs += [GemvMmaConfig(64, 4, 2, stages=2, route=True), GemvMmaConfig(128, 8, 1, stages=1, route=True),
                         GemvMmaConfig(128, 4, 2, stages=2, route=True)]
