@@ -272,8 +272,8 @@ def gluon_cases() -> list[Case]:
                               ("uint4", gemm_ws.GemmWsConfig(128, 4, 1), 64), ("uint2", gemm_ws.GemmWsConfig(128, 4, 1, apart=True), 64),
                               ("uint2", gemm_ws.GemmWsConfig(128, 3, 1, values_ahead=1), 64), ("ternary", gemm_ws.GemmWsConfig(64, 4, 1), 32),
                               ("uint1", gemm_ws.GemmWsConfig(64, 2, 3, apart=True), 16), ("uint1", gemm_ws.GemmWsConfig(256, 2, 1), 16),
-                              ("uint4", gemm_ws.GemmWsConfig(128, 3, 2, values_tma=True), 64),
-                              ("uint2", gemm_ws.GemmWsConfig(128, 3, 1, apart=True, values_tma=True), 64),
+                              ("uint4", gemm_ws.GemmWsConfig(128, 4, 2, values_tma=True), 64),
+                              ("uint2", gemm_ws.GemmWsConfig(128, 4, 1, apart=True, values_tma=True), 64),
                               ("ternary", gemm_ws.GemmWsConfig(128, 3, 2, values_tma=True), 32)):
         out.append(gemm_ws_case(f"{layout} warp-specialized GEMM block_n {config.block_n} stages {config.stages} split {config.split_k} M {m}"
                                 f"{' apart' if config.apart else ''}{' values 1 ahead' if config.values_ahead == 1 else ''}"
@@ -390,7 +390,8 @@ def wgmma_serialized(ptx: str) -> str | None:
 
 
 def compile_case(case: Case, arch: int) -> str:
-    """Compile one case for ``sm_<arch>`` (Gluon: sm_90); its resource line, and where ptxas serializes its wgmmas a
+    """Compile one case for ``sm_<arch>`` (Gluon: sm_90); its resource line with the shared memory a launch allocates
+    (``DYNAMIC-SMEM``, bytes: what decides the programs a multiprocessor holds), and where ptxas serializes its wgmmas a
     note saying why (a CompilationError propagates)."""
     if case.gluon:
         from triton.experimental.gluon._runtime import GluonASTSource
@@ -401,7 +402,7 @@ def compile_case(case: Case, arch: int) -> str:
     target = GPUTarget("cuda", 90 if case.gluon else arch, 32)
     kernel = triton.compile(source, target=target, options=dict(num_warps=case.num_warps, **case.options))
     serial = wgmma_serialized(kernel.asm["ptx"]) if case.gluon else None
-    return resources(kernel.asm["cubin"]) + (f" WGMMA SERIALIZED ({serial})" if serial else "")
+    return resources(kernel.asm["cubin"]) + f" DYNAMIC-SMEM:{kernel.metadata.shared}" + (f" WGMMA SERIALIZED ({serial})" if serial else "")
 
 
 def main(argv: list[str] | None = None) -> int:

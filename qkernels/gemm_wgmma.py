@@ -410,13 +410,14 @@ def _load_unit(x_desc, xs, ready, unit, k0, off_m, n_steps, TILE_BYTES: gl.const
 @gluon.jit
 def _store_tile(y_ptr, acc, M, N, off_m, off_n, stride_ym, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, NUM_WARPS: gl.constexpr):
     """``acc [BLOCK_N, BLOCK_M]`` (fp32) into ``y [M, N]`` as fp16: N is contiguous in y, so the tile is
-    first laid out with 8 consecutive N per thread."""
+    first laid out with 8 consecutive N per thread, after the rounding to fp16 (the same values; half the registers
+    and shared memory for the change of layout)."""
     out: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, NUM_WARPS], [0, 1])
-    acc = gl.convert_layout(acc, out)
+    tile = gl.convert_layout(acc.to(gl.float16), out)
     n_local = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out))[:, None]
     m_local = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out))[None, :]
     y_tile = y_ptr + (off_m + m_local).to(gl.int64) * stride_ym + off_n + n_local
-    gl.store(y_tile, acc.to(gl.float16), mask=(off_m + m_local < M) & (off_n + n_local < N))
+    gl.store(y_tile, tile, mask=(off_m + m_local < M) & (off_n + n_local < N))
 
 
 @dataclass(frozen=True)

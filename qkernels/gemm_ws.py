@@ -17,15 +17,15 @@ split reads the same activations and the weights are the A operand: a program ta
   (``values_tma``, not yet run on a GPU) come with the unit's buffer: the producer adds a box of the unit's groups of
   the group-major scales and zero points (``[groups, BLOCK_N]``) to each buffer, and the consumers read their rows
   from shared memory (no global loads or address arithmetic in the loop: 348 instructions a unit in the sm_90 build
-  of W4 at 128 rows, against 389; the prototype without values had 333), at 1 KiB more a buffer (W4 g128, 128 rows:
-  three stages fit beside the 64-row epilogue, not four). The
+  of W4 at 128 rows and 4 stages, against 389; the prototype without values had 333), at 1 KiB more a buffer. The
   consumers are one partition (the default), or with ``apart`` one partition of four warps per 64 weight rows,
   each with its own sub-tile of the output and its own barriers: Gluon puts partition-wide barriers around every
   mbarrier wait and arrive, which in one partition hold the warpgroups in step (both decoding, then both issuing
   wgmmas) where apart they could drift into each other's gaps.
 * ptxas keeps the wgmmas asynchronous only in some builds (:func:`qkernels.compile_check.wgmma_serialized` reads its
-  note; the compile-check test fails on a serialized build): with one K split the accumulators' zeros were set on a
-  branch around the loop, so the loop tells the compiler it runs at least once; with ``apart`` a consumer warpgroup
+  note; the compile-check test fails on a serialized build): with one K split (and with ``values_tma`` at two) the
+  accumulators' zeros were set on a branch around an empty loop, so no launched split is empty (:func:`launch_splits`)
+  and the loop tells the compiler it runs at least once; with ``apart`` a consumer warpgroup
   in the default partition had "insufficient register resources", so there the producer is the default partition
   (four warps, one working) and both consumer warpgroups are workers.
 * Split-K as in :mod:`qkernels.gemm_wgmma`: the partial sums in the accumulator's layout, the last split to
@@ -178,8 +178,7 @@ def _consumers(ring, group_args, out_args, first, n_chunks, pid_n, split, BITS: 
     tiles = reinterpret(xs, gl.float16, [STAGES * STEPS, BLOCK_M, STEP],
                         gl.NVMMASharedLayout(swizzle_byte_width=2 * STEP, element_bitwidth=16, rank=2))
     k0 = first * CHUNK
-    if SPLIT_K == 1:  # (else ptxas serializes the wgmmas: the accumulators' zeros set on a branch around an empty loop)
-        gl.assume(n_chunks > 0)
+    gl.assume(n_chunks > 0)  # (no split is empty: launch_splits; else ptxas may set the zeros on a branch around the loop and serialize the wgmmas)
     if not VTMA:
         nxt = _unit_values(values, k0, GROUP_SIZE, HAS_ZERO, GPU)
         after = nxt
@@ -344,8 +343,9 @@ def value_descriptors(pw: PackedWeight, block_n: int) -> tuple[TensorDescriptor,
 
 
 def epilogue_bytes(block_n: int, block_m: int) -> int:
-    """Shared memory beside the ring: the store's change of layout (the fp32 tile)."""
-    return block_n * block_m * 4
+    """Shared memory beside the ring, at most: the store's change of layout (the tile in fp16; session 26, sm_90 build
+    of 128 rows at 64 batch rows, 4 stages: 200772 bytes a program in all, against 229444 when the tile moved in fp32)."""
+    return block_n * block_m * 2
 
 
 def default_config(m: int, pw: PackedWeight) -> GemmWsConfig:
@@ -401,11 +401,20 @@ def descriptors(x: torch.Tensor, words: torch.Tensor, block_n: int, block_m: int
     return x_desc, w_desc
 
 
+def launch_splits(pw: PackedWeight, config: GemmWsConfig) -> int:
+    """The K splits a launch runs: ``split_k`` of them, but none empty (``ceil(chunks / split_k)`` chunks each, so with
+    few chunks the last splits would get none; an empty split only added zeros to the sum, so dropping it changes no
+    bit of the result). The kernel then tells the compiler its loop runs at least once: with an empty-loop path ptxas
+    had serialized the wgmmas of every one-split build (session 26)."""
+    chunks = pw.words.shape[1] // RUN.value
+    return triton.cdiv(chunks, triton.cdiv(chunks, config.split_k))
+
+
 def launch_constants(pw: PackedWeight, config: GemmWsConfig, block_m: int) -> dict:
     """The kernel's compile-time constants and warps (also what :mod:`qkernels.compile_check` compiles)."""
     warps = 4 if config.apart else config.block_n // 16
     return dict(BITS=lm.CODE_BITS[pw.layout], GROUP_SIZE=pw.group_size, HAS_ZERO=pw.zero is not None,
-                INT_ZERO=pw.zero_grid == 1.0, BLOCK_N=config.block_n, BLOCK_M=block_m, STAGES=config.stages, SPLIT_K=config.split_k,
+                INT_ZERO=pw.zero_grid == 1.0, BLOCK_N=config.block_n, BLOCK_M=block_m, STAGES=config.stages, SPLIT_K=launch_splits(pw, config),
                 VAHEAD=config.values_ahead, VTMA=config.values_tma, APART=config.apart, NUM_WARPS=warps, num_warps=warps)
 
 
@@ -432,10 +441,11 @@ def gemm_ws(x: torch.Tensor, pw: PackedWeight, config: GemmWsConfig | None = Non
     words, _, scale, zero = lm.kernel_tensors(pw)
     tiles = triton.cdiv(pw.n, config.block_n)
     parts = config.block_n // 64 if config.apart else 1  # the output sub-tiles a program (a counter each)
-    partial, count = lm.split_buffers(y, (tiles * parts, 1, config.split_k), config.block_n // parts * block_m)
+    splits = launch_splits(pw, config)
+    partial, count = lm.split_buffers(y, (tiles * parts, 1, splits), config.block_n // parts * block_m)
     x_desc, w_desc = descriptors(x, words, config.block_n, block_m)
     s_desc, z_desc = value_descriptors(pw, config.block_n) if config.values_tma else (x_desc, x_desc)  # (stand-ins: unused)
-    _gemm_ws_kernel[(tiles, config.split_k)](
+    _gemm_ws_kernel[(tiles, splits)](
         x_desc, w_desc, s_desc, z_desc, scale, zero, y, partial, count, m, pw.n, words.shape[1] // RUN.value, pw.n_groups, *scale.stride(), pw.zero_const,
         y.stride(0), **launch_constants(pw, config, block_m),
     )

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from qkernels import lowbit_matmul as lm
-from qkernels.gemm_ws import GemmWsConfig, check_config, default_config, gemm_ws as run, stage_bytes, values_bytes, values_tma_fits, ws_fits
+from qkernels.gemm_ws import (GemmWsConfig, check_config, default_config, gemm_ws as run, launch_splits, stage_bytes, values_bytes, values_tma_fits,
+                              ws_fits)
 from qkernels.pack import CODE_BITS, pack_weight
 
 requires_hopper = pytest.mark.skipif(not (torch.cuda.is_available() and lm.is_hopper(torch.device("cuda"))), reason="needs a Hopper GPU")
@@ -54,17 +55,17 @@ def test_config_errors_name_the_bad_values() -> None:
 
 
 def test_values_by_tma_take_ring_room_and_aligned_rows() -> None:
-    """``values_tma``: a unit's groups of scales and zero points for block_n rows in every ring buffer, so four stages
-    of 128 rows no longer fit beside the 64-row epilogue (three do); the group-major rows must be 16-byte aligned."""
+    """``values_tma``: a unit's groups of scales and zero points for block_n rows in every ring buffer (four stages of
+    128 rows still fit beside the 64-row epilogue, five do not); the group-major rows must be 16-byte aligned."""
     w4 = packed("uint4", 256, 1024)
     assert values_bytes(w4, GemmWsConfig()) == 0
     assert values_bytes(w4, GemmWsConfig(values_tma=True)) == 2 * 128 * 2 * 2  # two groups a unit, scales and zero points
     assert values_bytes(packed("uint2", 256, 1024, group=None, zeros=1.0), GemmWsConfig(values_tma=True)) == 128 * 2  # one scale a row
     assert values_bytes(packed("uint4", 256, 1024, group=64), GemmWsConfig(block_n=64, values_tma=True)) == 4 * 64 * 2 * 2
     config = GemmWsConfig(values_tma=True)
-    with pytest.raises(ValueError, match="stages=4 .* 50176 a stage at block_n=128, 64 activation rows"):
-        check_config(config, 64, values_bytes(w4, config))
-    check_config(GemmWsConfig(stages=3, values_tma=True), 64, values_bytes(w4, config))
+    check_config(config, 64, values_bytes(w4, config))
+    with pytest.raises(ValueError, match="stages=5 .* 50176 a stage at block_n=128, 64 activation rows"):
+        check_config(GemmWsConfig(stages=5, values_tma=True), 64, values_bytes(w4, config))
     assert values_tma_fits(w4) and values_tma_fits(packed("uint4", 200, 1152))
     odd = packed("uint4", 100, 1024)  # group-major rows of 100 fp16 scales: 200 bytes
     assert not values_tma_fits(odd)
@@ -98,6 +99,15 @@ def test_default_splits_fill_one_wave() -> None:
     assert default_config(64, packed("uint4", 256, 1024)).split_k == 2  # 4 chunks: 3 splits would leave the last one empty
 
 
+def test_a_launch_runs_no_empty_split() -> None:
+    """``ceil(chunks / split_k)`` chunks a split: the splits past the last chunk are dropped (they only added zeros), so
+    the kernel's loop always runs (ptxas serialized the wgmmas of builds with an empty-loop path)."""
+    assert launch_splits(packed("uint2", 64, 1152), GemmWsConfig(split_k=5)) == 3  # 3 chunks of 512 K
+    assert launch_splits(packed("uint4", 64, 1280), GemmWsConfig(split_k=4)) == 3  # 5 chunks: 2, 2, 1
+    assert launch_splits(packed("uint4", 64, 8192), GemmWsConfig(split_k=2)) == 2
+    assert launch_splits(packed("uint1", 64, 1152), GemmWsConfig(split_k=1)) == 1
+
+
 @requires_hopper
 @pytest.mark.parametrize(
     "layout,group,zeros",
@@ -107,7 +117,7 @@ def test_default_splits_fill_one_wave() -> None:
 def test_matches_the_reference_on_ragged_shapes(layout: str, group: int | None, zeros: str | float) -> None:
     """Random codes, scales and zero points, outputs poisoned with NaN, batches and weight rows that leave ragged
     tiles, K a multiple of 64 but not of a chunk (W4: 5 chunks, W2 3, W1 2, the last partly past K), every block_n,
-    2 to 4 stages, 1 to 5 K splits (empty splits among them), the group values one or two units ahead or by TMA with the
+    2 to 4 stages, 1 to 5 K splits (those past the last chunk dropped at launch), the group values one or two units ahead or by TMA with the
     unit's buffer, the consumers a partition per 64 rows or one for all: within fp16 rounding of the weights of the fp32
     reference."""
     n, k = 200, 1152
