@@ -46,6 +46,9 @@ class Held:
 
 
 class Competitor:
+    """A published kernel: whether it can run here, which packed weights its format holds, its own copy of one, and
+    its call (on activations in the dtype it takes)."""
+
     name: str = ""
     module: str | None = None  # the package it needs
 
@@ -80,6 +83,11 @@ def tinygemm_inner_k_tiles(k: int) -> int | None:
 
 class Tinygemm(Competitor):
     name = "tinygemm"
+
+    def why_not(self, device: torch.device) -> str | None:
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+            return "tinygemm's CUDA kernel needs compute capability 8.0 or newer"
+        return None
 
     def takes(self, pw: PackedWeight) -> bool:
         return pw.layout == "uint4" and pw.group_size in (32, 64, 128, 256) and pw.n % 8 == 0 and tinygemm_inner_k_tiles(pw.k) is not None
