@@ -16,7 +16,7 @@ split reads the same activations and the weights are the A operand: a program ta
   its last step has retired. The group values (scales, zero points) are loaded ``values_ahead`` units ahead, or
   (``values_tma``, not yet run on a GPU) come with the unit's buffer: the producer adds a box of the unit's groups of
   the group-major scales and zero points (``[groups, BLOCK_N]``) to each buffer, and the consumers read their rows
-  from shared memory (no global loads or address arithmetic in the loop: 348 instructions a unit in the sm_90 build
+  from shared memory (no global loads or address arithmetic in the loop: 349 instructions a unit in the sm_90 build
   of W4 at 128 rows and 4 stages, against 389; the prototype without values had 333), at 1 KiB more a buffer. The
   consumers are one partition (the default), or with ``apart`` one partition of four warps per 64 weight rows,
   each with its own sub-tile of the output and its own barriers: Gluon puts partition-wide barriers around every
