@@ -108,3 +108,13 @@ def test_the_benchmark_times_each_runnable_competitor_on_the_gpu():
         assert mine, f"no rows for {name}"
         for r in mine:
             assert r["steady_us"] > 0 and r["rel_error"] < 1e-2, r
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_decode_runs_on_each_runnable_competitor():
+    from bench.decode_latency import ARCHS, measure
+
+    for name in comp.runnable(list(comp.COMPETITORS), torch.device("cuda")):
+        row = measure(ARCHS["tiny"], f"w4g128@{name}", tokens=8, fuse=True)
+        assert row["tokens_per_s_graph"] > 0 and row["weight_gb"] > 0, row
