@@ -37,12 +37,11 @@ from qkernels.pack import PackedWeight, concat_packed, dequantize_packed, unpack
 
 @dataclass
 class Held:
-    """A competitor's copy of one weight: its own tensors (``state``), their bytes, and the fp32 weight ``[N, K]`` that
-    its output is measured against (what its format holds)."""
+    """A competitor's copy of one weight: its own tensors (``state``) and their bytes. Nothing else is kept: in the
+    decode benchmark every layer holds one, and its peak memory must be the competitor's own."""
 
     state: Any
     nbytes: int
-    reference: Callable[[], torch.Tensor]
 
 
 class Competitor:
@@ -68,6 +67,10 @@ class Competitor:
     def hold(self, pw: PackedWeight) -> Held:
         """Its own copy of ``pw`` (fresh tensors each call: the steady timing rotates through several)."""
         raise NotImplementedError
+
+    def reference(self, pw: PackedWeight, held: Held) -> torch.Tensor:
+        """The fp32 weight ``[N, K]`` its output is measured against: what its format holds of ``pw``."""
+        return dequantize_packed(pw)
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -102,13 +105,14 @@ class Tinygemm(Competitor):
         scale = pw.scale.float()
         zero = pw.zero.float() if pw.zero is not None else torch.full_like(scale, pw.zero_const)
         values = torch.stack([scale, (8 - zero) * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [groups, N, 2]
+        return Held((weight, pw.group_size, values), weight.numel() * weight.element_size() + values.numel() * 2)
 
-        def reference() -> torch.Tensor:  # the weight tinygemm holds: bf16 scales and zero points
-            s, z = values[..., 0].float().t(), values[..., 1].float().t()
-            group = torch.arange(pw.k, device=codes.device) // pw.group_size
-            return (codes.float() - 8) * s[:, group] + z[:, group]
-
-        return Held((weight, pw.group_size, values), weight.numel() * weight.element_size() + values.numel() * 2, reference)
+    def reference(self, pw: PackedWeight, held: Held) -> torch.Tensor:
+        """The weight tinygemm holds: ``(code - 8) * scale + zero`` with its bf16 scales and zero points."""
+        values = held.state[2]
+        s, z = values[..., 0].float().t(), values[..., 1].float().t()
+        group = torch.arange(pw.k, device=values.device) // pw.group_size
+        return (unpack_codes(pw).float() - 8) * s[:, group] + z[:, group]
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(torch.bfloat16)
@@ -136,19 +140,20 @@ class Gemlite(Competitor):
         return None
 
     def takes(self, pw: PackedWeight) -> bool:
+        """uint1/2/4 codes, K a multiple of 32, groups of a multiple of 32 (or one a row), zero points or an integer offset."""
         per_row = pw.n_groups == 1
-        return pw.layout in GEMLITE_BITS and pw.k % 32 == 0 and (per_row or (pw.group_size % 32 == 0 and pw.k % pw.group_size == 0))
+        offset_ok = pw.zero is not None or float(pw.zero_const).is_integer()
+        return (pw.layout in GEMLITE_BITS and pw.k % 32 == 0 and offset_ok
+                and (per_row or (pw.group_size % 32 == 0 and pw.k % pw.group_size == 0)))
 
     def hold(self, pw: PackedWeight) -> Held:
         from gemlite import DType, GemLiteLinear
 
         layer = GemLiteLinear(GEMLITE_BITS[pw.layout], group_size=pw.k if pw.n_groups == 1 else pw.group_size, in_features=pw.k,
                               out_features=pw.n, input_dtype=DType.FP16, output_dtype=DType.FP16)
-        zero = pw.zero.half().contiguous() if pw.zero is not None else int(pw.zero_const) if float(pw.zero_const).is_integer() else None
-        if zero is None:
-            raise ValueError(f"gemlite takes integer code offsets; this weight's is {pw.zero_const}")
+        zero = pw.zero.half().contiguous() if pw.zero is not None else int(pw.zero_const)  # (an integer offset: takes)
         layer.pack(unpack_codes(pw).to(torch.uint8), pw.scale.half().contiguous(), zero, bias=None)
-        return Held(layer, sum(t.numel() * t.element_size() for t in layer.get_tensor_args()), lambda: dequantize_packed(pw))
+        return Held(layer, sum(t.numel() * t.element_size() for t in layer.get_tensor_args()))
 
     def matmul(self, x: torch.Tensor, held: Held) -> torch.Tensor:
         return held.state(x)
@@ -177,7 +182,13 @@ class BnbNf4(Competitor):
 
         packed, state = F.quantize_4bit(dequantize_packed(pw, torch.float16), blocksize=self.BLOCK, quant_type="nf4")
         nbytes = packed.numel() + state.absmax.numel() * state.absmax.element_size()
-        return Held((packed, state), nbytes, lambda: F.dequantize_4bit(packed, state).float())
+        return Held((packed, state), nbytes)
+
+    def reference(self, pw: PackedWeight, held: Held) -> torch.Tensor:
+        """Its own weight: the NF4 requantization, dequantized."""
+        import bitsandbytes.functional as F
+
+        return F.dequantize_4bit(*held.state).float()
 
     def matmul(self, x: torch.Tensor, held: Held) -> torch.Tensor:
         import bitsandbytes as bnb
@@ -208,37 +219,36 @@ def runnable(names: list[str], device: torch.device) -> list[str]:
     return kept
 
 
-def trial(x: torch.Tensor, pw: PackedWeight, name: str) -> str | None:
-    """Why ``name`` cannot be timed on this weight and batch (its call, or its capture in a CUDA graph, fails: the steady
-    timing replays graphs), or None; the benchmark leaves such a cell out and says why instead of losing the shape."""
+def trial(x: torch.Tensor, pw: PackedWeight, name: str) -> Held | str:
+    """``name``'s first copy of ``pw`` once its call has run and been captured in a CUDA graph (the steady timing replays
+    graphs), or why that failed; the benchmark leaves such a cell out and says why instead of losing the shape."""
     comp = COMPETITORS[name]
     try:
         held, xc = comp.hold(pw), comp.activations(x)
         capture(lambda: comp.matmul(xc, held))
     except Exception as err:  # noqa: BLE001 - any failure of another project's kernel leaves only that cell out
         return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
-    return None
+    return held
 
 
-def competitor_calls(x: torch.Tensor, pw: PackedWeight, name: str) -> tuple[int, Callable[[], list]]:
-    """Its bytes a copy and a maker for :func:`bench.timing.time_side_by_side`: one call per held copy of ``pw``, as
-    many copies as the steady timing rotates through (:func:`bench.timing.copies_for`)."""
+def competitor_calls(x: torch.Tensor, pw: PackedWeight, name: str, first: Held) -> Callable[[], list]:
+    """A maker for :func:`bench.timing.time_side_by_side`: one call per held copy of ``pw`` (``first`` and fresh ones),
+    as many as the steady timing rotates through (:func:`bench.timing.copies_for`)."""
     comp = COMPETITORS[name]
-    first = comp.hold(pw)
     xc = comp.activations(x)
 
     def make() -> list:
         held = [first] + [comp.hold(pw) for _ in range(copies_for(first.nbytes) - 1)]
         return [lambda h=h: comp.matmul(xc, h) for h in held]
 
-    return first.nbytes, make
+    return make
 
 
-def competitor_error(x: torch.Tensor, pw: PackedWeight, name: str) -> float:
-    """Relative error of its output against the fp32 product with the weight it holds."""
+def competitor_error(x: torch.Tensor, pw: PackedWeight, name: str, held: Held | None = None) -> float:
+    """Relative error of its output (on ``held``, else a fresh copy) against the fp32 product with the weight it holds."""
     comp = COMPETITORS[name]
-    held = comp.hold(pw)
-    ref = x.float() @ held.reference().t()
+    held = held or comp.hold(pw)
+    ref = x.float() @ comp.reference(pw, held).t()
     out = comp.matmul(comp.activations(x), held).float()
     return ((out - ref).norm() / ref.norm()).item()
 

@@ -225,14 +225,14 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
             nbytes, make = fp16_calls(x, n)
             makers = {("fp16", "cublas"): make}
             makers |= {(name, path): lowbit_calls(x, pw, path) for name, pw in packed.items() for path in paths_for(m, pw)}
-            rivals = {(name, c): pw for name, pw in packed.items() for c in competitors if COMPETITORS[c].takes(pw)}
-            for (name, c), pw in list(rivals.items()):
-                if failed := trial(x, pw, c):
-                    print(f"competitor {c} left out at {k}x{n} M={m} {name}: {failed}", flush=True)
-                    del rivals[name, c]
-            rival_bytes = {}
-            for (name, c), pw in rivals.items():
-                rival_bytes[name, c], makers[name, c] = competitor_calls(x, pw, c)
+            rivals = {}  # (kind, competitor) -> its first copy of the kind's weight
+            for name, pw in packed.items():
+                for c in (c for c in competitors if COMPETITORS[c].takes(pw)):
+                    if isinstance(held := trial(x, pw, c), str):
+                        print(f"competitor {c} left out at {k}x{n} M={m} {name}: {held}", flush=True)
+                    else:
+                        rivals[name, c] = held
+                        makers[name, c] = competitor_calls(x, pw, c, held)
             makers |= {(name, path): block_calls(x, bw, path) for name, (bw, _) in blocks.items() for path in block_paths(m, bw)}
             makers |= {(name, path): int_calls(x, w, path) for name, w in ints.items() for path in int_paths(w.kind, m, k, n)}
             floors = {"fp16": nbytes} | {name: pw.nbytes() for name, pw in packed.items()} | {name: bw.nbytes() for name, (bw, _) in blocks.items()}
@@ -248,7 +248,8 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
                     rows.append(row(k, n, m, name, path, pw.nbytes() + io_bytes, times[(name, path)], base, relative_error(x, pw, path),
                                     kernel_config(m, pw, path)))
                 for c in (c for (kind, c) in rivals if kind == name):
-                    rows.append(row(k, n, m, name, c, rival_bytes[name, c] + io_bytes, times[(name, c)], base, competitor_error(x, pw, c)))
+                    held = rivals[name, c]
+                    rows.append(row(k, n, m, name, c, held.nbytes + io_bytes, times[(name, c)], base, competitor_error(x, pw, c, held)))
                 if name in floors:  # the same bytes streamed by a kernel that does nothing else
                     rows.append(row(k, n, m, name, "read floor", floors[name], times[(name, "read floor")], base))
             for name, (bw, dequantized) in blocks.items():

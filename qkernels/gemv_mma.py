@@ -645,8 +645,7 @@ def _gemv_kw_kernel(
     acc = gl.zeros((KW, BLOCK_N // 2, 2, RUN), gl.float32, layout)
     y_acc = gl.zeros((KW, BLOCK_N // 2, 2, 4), gl.float32, _kw_lanes(KW, ROW_WARPS))
     if VBOX:
-        mbarrier.wait(box_ready, 0)
-        s_lo, s_hi, z_lo, z_hi = _box_values(s_rows, z_rows, 0, 0, zero_const, SLOTS, SPG, HAS_ZERO, rows_layout)
+        mbarrier.wait(box_ready, 0)  # (each step reads its values from the box)
     else:
         s_lo, s_hi, z_lo, z_hi = next_values
     correction = gl.zeros((KW, BLOCK_N // 2, 2, 1), gl.float32, layout)
