@@ -12,8 +12,8 @@ Shapes are ``in x out`` (``K x N`` of ``y[M, N] = x[M, K] @ W^T``). Each row giv
 two modes of :mod:`bench.timing` (steady: a cell's kernels and cuBLAS replayed side by side), the
 speedup over cuBLAS fp16 measured in the same run and mode, and the achieved bandwidth (weight +
 activation + output bytes over time) against a device copy measured in the same run. At batch 1 each kind
-also gets a ``read floor`` row: a kernel that only streams as many bytes as its packed weight
-(:mod:`bench.read_floor`), timed beside the others. Weights are random codes (never zeros) with random
+also gets a ``read floor`` row: the fastest of a few kernels that only stream as many bytes as its packed weight
+(:mod:`bench.read_floor`; the row's config names the layout), timed beside the others. Weights are random codes (never zeros) with random
 scales and zero points; the MX/NV block kinds (``--kernels mxfp4,nvfp4,...``) quantize a random weight with their format.
 No hydra imports: this runs on the bare device machine.
 """
@@ -33,7 +33,7 @@ import triton
 
 from bench.competitors import COMPETITORS, competitor_calls, competitor_error, parse, runnable, trial
 from bench.int_kinds import INT_KINDS, int_calls, int_error, int_paths, int_weight
-from bench.read_floor import read_calls
+from bench.read_floor import LAYOUTS as FLOOR_LAYOUTS, fastest, read_calls
 from bench.timing import MODES, copies_for, copy_bandwidth_gbs, gpu_name, steady_us, time_side_by_side
 from qkernels import lowbit_matmul as lm
 from qkernels.act_linear import ActQuantLinear
@@ -237,12 +237,14 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
             makers |= {(name, path): int_calls(x, w, path) for name, w in ints.items() for path in int_paths(w.kind, m, k, n)}
             floors = {"fp16": nbytes} | {name: pw.nbytes() for name, pw in packed.items()} | {name: bw.nbytes() for name, (bw, _) in blocks.items()}
             floors = floors if m == 1 else {}
-            makers |= {(name, "read floor"): read_calls(size, x.device, copies_for(size)) for name, size in floors.items()}
+            makers |= {(name, "read floor", layout): read_calls(size, x.device, copies_for(size), layout)
+                       for name, size in floors.items() for layout in FLOOR_LAYOUTS}
             times = time_side_by_side(makers, modes)  # steady: every kernel's graph in turn, with cuBLAS's
             base = times[("fp16", "cublas")]
+            floor = {name: fastest({layout: times[(name, "read floor", layout)] for layout in FLOOR_LAYOUTS}) for name in floors}
             rows.append(row(k, n, m, "fp16", "cublas", nbytes + io_bytes, base, base))
             if floors:
-                rows.append(row(k, n, m, "fp16", "read floor", nbytes, times[("fp16", "read floor")], base))
+                rows.append(row(k, n, m, "fp16", "read floor", nbytes, floor["fp16"][0], base, config={"layout": floor["fp16"][1]}))
             for name, pw in packed.items():
                 for path in paths_for(m, pw):
                     rows.append(row(k, n, m, name, path, pw.nbytes() + io_bytes, times[(name, path)], base, relative_error(x, pw, path),
@@ -251,12 +253,12 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
                     held = rivals[name, c]
                     rows.append(row(k, n, m, name, c, held.nbytes + io_bytes, times[(name, c)], base, competitor_error(x, pw, c, held)))
                 if name in floors:  # the same bytes streamed by a kernel that does nothing else
-                    rows.append(row(k, n, m, name, "read floor", floors[name], times[(name, "read floor")], base))
+                    rows.append(row(k, n, m, name, "read floor", floors[name], floor[name][0], base, config={"layout": floor[name][1]}))
             for name, (bw, dequantized) in blocks.items():
                 for path in block_paths(m, bw):
                     rows.append(row(k, n, m, name, path, bw.nbytes() + io_bytes, times[(name, path)], base, block_error(x, bw, dequantized, path)))
                 if name in floors:
-                    rows.append(row(k, n, m, name, "read floor", floors[name], times[(name, "read floor")], base))
+                    rows.append(row(k, n, m, name, "read floor", floors[name], floor[name][0], base, config={"layout": floor[name][1]}))
             for name, w in ints.items():
                 int_io = m * k + m * n * 2  # one byte an activation code
                 for path in int_paths(w.kind, m, k, n):
