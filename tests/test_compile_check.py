@@ -10,7 +10,11 @@ import textwrap
 
 import pytest
 
+import torch
+
 from qkernels.compile_check import Case, cases, signature
+from qkernels.gemv_mma import GemvMmaConfig, kw_shared_bytes
+from qkernels.pack import pack_weight
 
 
 def run_clean(*args: str) -> subprocess.CompletedProcess:
@@ -26,6 +30,13 @@ def test_every_kernel_compiles_for_sm90() -> None:
     assert all("FAILED" not in line for line in lines)
     serialized = [line for line in lines if "WGMMA SERIALIZED" in line]  # correct but slow: no decode overlaps the tensor cores
     assert not serialized, serialized
+    # the shared memory the dispatcher counts for words_tma (kw_shared_bytes) is what the compiler allocates, barriers aside
+    smem = {line.split(": ")[0]: int(line.split("DYNAMIC-SMEM:")[1].split()[0]) for line in lines if "words by TMA" in line}
+    w2 = pack_weight(torch.randint(0, 4, (256, 4096)), torch.rand(256, 32).half(), torch.randint(0, 4, (256, 32)).half(), "uint2", 128, run=32)
+    for name, config in (("uint2 tensor-core GEMV 4 K warp groups words by TMA", GemvMmaConfig(64, 16, 1, k_warps=4, words_tma=True)),
+                         ("uint2 tensor-core GEMV 4 K warp groups values box words by TMA",
+                          GemvMmaConfig(64, 16, 1, k_warps=4, values_box=True, words_tma=True))):
+        assert 0 <= smem[name] - kw_shared_bytes(w2, config) <= 64, (name, smem[name], kw_shared_bytes(w2, config))
 
 
 def test_a_kernel_only_the_interpreter_runs_is_caught(tmp_path) -> None:
