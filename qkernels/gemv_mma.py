@@ -80,7 +80,7 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
   multiprocessor either way: 16 warps of 128 registers). The chunk loop is unrolled (a static loop): in a loop,
   Triton 3.6 puts a CTA barrier before every ``mbarrier`` wait (on views of one allocation, or on one barrier again),
   which is what made the words by TMA with a ring lose (above); unrolled, on a barrier allocation a chunk, the sm_90
-  build has none between the waits. W2 g128 8192^2 (64/16/1/4) compiled as launched: 164 KiB of shared memory, 128
+  build has none between the waits. W2 g128 8192^2 (64/16/1/4) compiled as launched: 161 KiB of shared memory, 128
   registers (16 bytes of spills, once a program, not in a loop), 4 TMA issues; ternary 96 registers, no spills; W1 128.
 
 * Programmatic dependent launch (``pdl``, compute capability 9.0 and above; off by default): each
