@@ -655,18 +655,19 @@ def _gemv_kw_kernel(
     rows4, row_ok4 = rows[:, :, :, None], row_ok[:, :, :, None]
     w_rows = w_ptr + rows4 * stride_wn + cols
     start = gl.minimum(g_first, n_chunks - 1)
-    if WTMA:  # the program's words [XS_CHUNKS, KW, 1, BLOCK_N, RUN]: chunk i of every group's run in one box (every run is
-        # XS_CHUNKS chunks of the weight: words_tma_fits), on a barrier of its own (waits on views of one allocation would
-        # get a CTA barrier each from the compiler)
-        w_smem = gl.allocate_shared_memory(gl.int32, [XS_CHUNKS, KW, 1, BLOCK_N, RUN], w_desc.layout)
+    if WTMA:  # the program's words: chunk i of every group's run in one box [KW, 1, BLOCK_N, RUN] (every run is XS_CHUNKS
+        # chunks of the weight: words_tma_fits) and on one barrier, each an allocation of its own: Triton 3.6 puts a CTA
+        # barrier between two mbarrier operations or two TMA loads on the same allocation (views of it included)
+        w_smem = ()
         w_ready = ()
         for i in gl.static_range(XS_CHUNKS):
-            bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            mbarrier.init(bar, count=1)
-            w_ready = w_ready + (bar,)
+            w_smem = w_smem + (gl.allocate_shared_memory(gl.int32, [KW, 1, BLOCK_N, RUN], w_desc.layout),)
+            w_ready = w_ready + (gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout()),)
+            mbarrier.init(w_ready[i], count=1)
         for i in gl.static_range(XS_CHUNKS):
             mbarrier.expect(w_ready[i], w_desc.block_type.nbytes)
-            async_load(w_desc, [gl.program_id(2) * KW, i, pid_n * BLOCK_N, 0], w_ready[i], w_smem.index(i))
+        for i in gl.static_range(XS_CHUNKS):
+            async_load(w_desc, [gl.program_id(2) * KW, i, pid_n * BLOCK_N, 0], w_ready[i], w_smem[i])
     else:
         next_words = gl.load(w_rows + start * RUN, mask=row_ok4, other=0)
     if VBOX:  # the split's group values: one box of each, [1, run's groups, warp group, rows] (the descriptors' order)
@@ -707,7 +708,7 @@ def _gemv_kw_kernel(
     if WTMA:  # a static loop (its waits on separate barriers need no CTA barrier), every run XS_CHUNKS chunks long
         for i in gl.static_range(XS_CHUNKS):
             mbarrier.wait(w_ready[i], 0)
-            words = w_smem.index(i).reshape([KW, BLOCK_N // 2, 2, RUN]).load(layout)  # (the box's unit axis dropped)
+            words = w_smem[i].reshape([KW, BLOCK_N // 2, 2, RUN]).load(layout)  # (the box's unit axis dropped)
             chunk = g_first + i
             following = gl.maximum(gl.minimum(chunk + 1, g_last - 1), 0)
             acc, y_acc, correction, values = _kw_chunk(
