@@ -78,9 +78,9 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
   a program's 128 KiB of W2 words in two rounds a group), so the weight bytes wait on the decode and the decode on
   them; here the memory system holds every byte of the program in flight while the groups work (one program a
   multiprocessor either way: 16 warps of 128 registers). The chunk loop is unrolled (a static loop): in a loop,
-  Triton 3.6 puts a CTA barrier before every ``mbarrier`` wait (on views of one allocation, or on one barrier again),
-  which is what made the words by TMA with a ring lose (above); unrolled, on a barrier allocation a chunk, the sm_90
-  build has none between the waits. W2 g128 8192^2 (64/16/1/4) compiled as launched: 161 KiB of shared memory, 128
+  Triton 3.6 puts a CTA barrier before every ``mbarrier`` wait (on views of one allocation, or on one barrier again;
+  the words by TMA in a ring, above, had one a chunk for its refills besides); unrolled, each chunk's words and
+  barrier allocations of their own, the sm_90 build has none between the waits or between the TMA issues. W2 g128 8192^2 (64/16/1/4) compiled as launched: 161 KiB of shared memory, 128
   registers (16 bytes of spills, once a program, not in a loop), 4 TMA issues; ternary 96 registers, no spills; W1 128.
 
 * Programmatic dependent launch (``pdl``, compute capability 9.0 and above; off by default): each
