@@ -487,8 +487,7 @@ def gemv_mma_search(pw: PackedWeight, hopper: bool) -> list:
     """Tensor-core GEMV candidates (batch 1): 64 or 128 weight rows on 4 or 8 warps, 2, 3, 4, 6 or 8 K splits
     (session 21: ternary 4096x14336 on plain loads 9.85 us with 3 against 10.25 on the rule), plain loads, and
     (but for uint3) the :data:`K_WARP_TILES`, the warps in groups along K; on Hopper
-    also the warp-group tiles with the split's group values in one TMA box (``values_box``) and with every chunk of their
-    words by TMA at the start (``words_tma``), each and both, where they fit, and the TMA
+    also the warp-group tiles with the split's group values in one TMA box (``values_box``) where it fits, and the TMA
     feed with 1, 2, 3, 4, 6 or 8 K splits and 2, 3 or 4 chunks in flight, routed where
     four groups share a chunk half (:func:`qkernels.gemv_mma.routes`), 128-row tiles on 4 warps under both
     register caps (session 20: one K split of 64-row tiles, uncapped, took W2 g128 4096x14336 in 10.9 us against
@@ -505,8 +504,6 @@ def gemv_mma_search(pw: PackedWeight, hopper: bool) -> list:
         return plain
     boxed = [replace(c, values_box=True) for c in plain if c.k_warps > 1]  # (session 26: the split's group values in a TMA box)
     plain += [c for c in boxed if gm.values_box_fits(pw, c) is None]
-    resident = [replace(c, words_tma=True) for c in plain if c.k_warps > 1]  # (session 27: every chunk's words by TMA at the start)
-    plain += [c for c in resident if gm.words_tma_fits(pw, c) is None]
     fed = [
         gm.GemvMmaConfig(block_n, warps, split, stages=stages, route=route, maxnreg=cap)
         for block_n, warps in tiles for split in (1, 2, 3, 4, 6, 8) for stages in (2, 3, 4) for route in sorted({False, gm.routes(pw)})

@@ -261,14 +261,9 @@ def gluon_cases() -> list[Case]:
                            ("uint3", gm.GemvMmaConfig(64, 4, 2, stages=2)), ("ternary", gm.GemvMmaConfig(128, 4, 4, stages=2, maxnreg=gm.WIDE_TILE_REGISTERS)),
                            ("uint2", gm.GemvMmaConfig(64, 16, 1, k_warps=4)), ("ternary", gm.GemvMmaConfig(64, 16, 1, k_warps=4)),
                            ("uint2", gm.GemvMmaConfig(64, 16, 1, k_warps=4, values_box=True)),
-                           ("uint1", gm.GemvMmaConfig(64, 8, 2, k_warps=2, values_box=True)),
-                           ("uint2", gm.GemvMmaConfig(64, 16, 1, k_warps=4, words_tma=True)),
-                           ("uint2", gm.GemvMmaConfig(64, 16, 1, k_warps=4, values_box=True, words_tma=True)),
-                           ("ternary", gm.GemvMmaConfig(64, 16, 1, k_warps=4, words_tma=True)),
-                           ("uint1", gm.GemvMmaConfig(64, 16, 1, k_warps=4, words_tma=True))):
+                           ("uint1", gm.GemvMmaConfig(64, 8, 2, k_warps=2, values_box=True))):
         out.append(gemv_mma_case(f"{layout} tensor-core GEMV{' TMA' if config.stages else ''}{' routed' if config.route else ''}"
-                                 f"{f' {config.k_warps} K warp groups' if config.k_warps > 1 else ''}{' values box' if config.values_box else ''}"
-                                 f"{' words by TMA' if config.words_tma else ''}",
+                                 f"{f' {config.k_warps} K warp groups' if config.k_warps > 1 else ''}{' values box' if config.values_box else ''}",
                                  packed(layout, 256), config))
     for layout, ahead in (("uint4", 1), ("uint3", 1), ("uint4", 2), ("uint3", 2)):
         config = gw.GemmWgmmaConfig(block_n=64, block_m=64, num_warps=4, words_ahead=ahead)
@@ -318,12 +313,14 @@ def as_gpu(gpu: str, sms: int) -> Iterator[None]:
 
 def dispatch_cases(gpu: str, sms: int, shapes: list[tuple[int, int]], kinds: list[str], batches: list[int]) -> list[Case]:
     """What the dispatcher runs on a Hopper GPU (:func:`as_gpu`) for each low-bit kind of ``bench.kernel_latency``, shape
-    (``K x N``) and batch where it picks a Gluon kernel: the tensor-core GEMV or the wgmma GEMM, with its config (saved
-    for that GPU, else the rules'). Other paths (Triton kernels, dequant + cuBLAS) are left out."""
+    (``K x N``) and batch where it picks a Gluon kernel: the tensor-core GEMV, the wgmma GEMM or the warp-specialized
+    one, with its config (saved for that GPU, else the rules'). Other paths (Triton kernels, dequant + cuBLAS) are left
+    out."""
     import torch
 
     from bench.kernel_latency import LOWBIT_KINDS, random_packed
     from qkernels import gemm_wgmma as gw
+    from qkernels import gemm_ws
     from qkernels import gemv_mma as gm
     from qkernels import lowbit_matmul as lm
 
@@ -341,6 +338,9 @@ def dispatch_cases(gpu: str, sms: int, shapes: list[tuple[int, int]], kinds: lis
                     elif path == "wgmma":
                         config = gw.config_for(m, pw)
                         out.append(wgmma_case(f"{kind} {k}x{n} M={m} wgmma {config}", pw, config, m, sms))
+                    elif path == "wgmma_ws":
+                        config = gemm_ws.default_config(m, pw)
+                        out.append(gemm_ws_case(f"{kind} {k}x{n} M={m} wgmma_ws {config}", pw, config, m))
     return out
 
 

@@ -14,7 +14,7 @@ split reads the same activations and the weights are the A operand: a program ta
   ``(code - zero) * scale`` in fp16) and issue the step's two wgmmas, one step in flight (its A registers held
   until the wait that retires it). A unit's buffer goes back to the producer at the next unit's first step, once
   its last step has retired. The group values (scales, zero points) are loaded ``values_ahead`` units ahead, or
-  (``values_tma``, not yet run on a GPU) come with the unit's buffer: the producer adds a box of the unit's groups of
+  (``values_tma``, the default where the values' rows are 16-byte aligned) come with the unit's buffer: the producer adds a box of the unit's groups of
   the group-major scales and zero points (``[groups, BLOCK_N]``) to each buffer, and the consumers read their rows
   from shared memory (no global loads or address arithmetic in the loop: 349 instructions a unit in the sm_90 build
   of W4 at 128 rows and 4 stages, against 389; the prototype without values had 333), at 1 KiB more a buffer. The
@@ -35,13 +35,17 @@ Session 25, H200, steady state, 64 rows (bench/results/kernel_latency_h200.md): 
 (no scales, no reduction) took W4 8192^2 in 18.8 us with 128 weight rows, 4 stages and 2 splits, against the wgmma
 GEMM's 25.4 and cuBLAS fp16's 37.0; with the group values and the reduction, one consumer partition, this kernel
 takes 25.2 (1.44x cuBLAS), no faster than the wgmma GEMM: the values' loads and their packing cost 3.0 us
-(``novalues``) and the reduction's reads 2.2 (``noreduce``). So the dispatcher does not pick it yet (path
-``wgmma_ws`` by name, and beside the others in ``bench.kernel_latency``). Session 26 (no GPU lent) found that every
+(``novalues``) and the reduction's reads 2.2 (``noreduce``). Session 26 (no GPU lent) found that every
 build with one K split had its wgmmas serialized, so session 25's one-split cells (4096x14336 at 64 rows: 25.2 us
 against the wgmma GEMM's 21.5) timed that serialized build; the two-split ones (8192^2, 14336x4096) did not.
-``apart`` compiled for sm_90 on triton 3.6 and 3.9 but has not run on a GPU (none was lent after it was written): it
-is off by default, and its first run is ``python -m bench.config_ab --path wgmma_ws --variant apart=True`` after the
-GPU tests.
+
+Session 27, H200, side by side: the values by TMA took the kernel 6.5-20% faster at 64 rows (``bench.config_ab --path
+wgmma_ws``, W4 and W2 at 8192^2, 14336x4096 and 4096x14336: W4 8192^2 23.6 us against 25.5, W2 4096x14336 17.8
+against 21.5), ``apart`` 4-7% (with the values by TMA no faster than without it: off); so ``values_tma`` is the default
+(:func:`default_config`), and with it the kernel beat the wgmma GEMM at 24-64 rows in every grouped W4, W2 and W1 cell
+of six shapes from 4096x14336 to 16384^2, 54 cells (at 64 rows, 8192^2: W4 23.2 us against 25.3, 1.57x cuBLAS fp16; W2 21.9
+against 24.7; W1 21.2 against 25.7) and lost at 16 rows and at 4096^2; the dispatcher picks it where it won
+(:func:`qkernels.lowbit_matmul.wgmma_ws_preferred`).
 
 Gluon has no interpreter: off the GPU the tests check the rules and the argument checks (:mod:`qkernels.compile_check`
 compiles the kernel for sm_90), on a Hopper GPU the kernel against the fp32 reference.
@@ -49,7 +53,7 @@ compiles the kernel for sm_90), on a Hopper GPU the kernel against the fp32 refe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -292,8 +296,8 @@ class GemmWsConfig:
     stages: int = 4  # units in the ring
     split_k: int = 1
     values_ahead: int = 2  # units ahead that the group values are loaded (1 or 2)
-    apart: bool = False  # a consumer partition per 64 weight rows, block_n 64 or 128 (else one for all; not yet run on a GPU)
-    values_tma: bool = False  # the group values by TMA with each unit's buffer (values_ahead unused; not yet run on a GPU)
+    apart: bool = False  # a consumer partition per 64 weight rows, block_n 64 or 128 (else one for all; session 27: no gain with values_tma)
+    values_tma: bool = False  # the group values by TMA with each unit's buffer (values_ahead unused; default_config's choice where it fits)
 
 
 def ws_fits(pw: PackedWeight, dtype: torch.dtype, m: int) -> bool:
@@ -357,15 +361,18 @@ def default_config(m: int, pw: PackedWeight) -> GemmWsConfig:
     W4 and W2 at the same shapes against six variants: the rule best or within 1% in four of six cells (values one
     unit ahead 25.2 us against 25.7 at W4 4096x14336, 3 stages 24.3 against 25.2 at W2 14336x4096); other split
     counts, 64-row tiles and 256-row tiles on 2 stages ran at 0.31x-0.88x the rule's speed; the values one unit
-    ahead 2.0-4.4% slower in the other five cells."""
+    ahead 2.0-4.4% slower in the other five cells. The group values by TMA where their rows allow it
+    (:func:`values_tma_fits`; session 27: 6.5-20% faster in those six cells), the ring's room counted with them."""
     block_n, stages = 128, 4
     block_m = block_m_for(m)
-    per_sm = max(1, SMEM // (stages * stage_bytes(block_n, block_m) + epilogue_bytes(block_n, block_m)))  # (values by loads)
+    config = GemmWsConfig(block_n=block_n, stages=stages, values_tma=values_tma_fits(pw))
+    stage = stage_bytes(block_n, block_m, values_bytes(pw, config))
+    per_sm = max(1, SMEM // (stages * stage + epilogue_bytes(block_n, block_m)))
     tiles = triton.cdiv(pw.n, block_n)
     wave = per_sm * (sm_count(pw.words.device) if pw.words.is_cuda else 132)
     chunks = triton.cdiv(pw.k, pw.chunk)
     split_k = max(s for s in range(1, 9) if s == 1 or (tiles * s <= wave and split_fits(chunks, s)))
-    return GemmWsConfig(block_n=block_n, stages=stages, split_k=split_k)
+    return replace(config, split_k=split_k)
 
 
 def check_config(config: GemmWsConfig, block_m: int, values: int = 0) -> None:

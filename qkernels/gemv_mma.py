@@ -71,18 +71,6 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
   chunk in the sm_90 build against 417 (no ``LDG``/``IMAD.WIDE`` for the values; ternary, which loads none, 289), 115
   registers against 126. Session 23 had W2 at 11.15 us on that config against ternary's 10.0.
 
-* Every chunk of the words in shared memory from the start (``words_tma``, with warp groups along K on Hopper, not yet
-  run on a GPU; :func:`words_tma_fits`): a program issues all its words by TMA before anything else, chunk ``i`` of
-  every warp group's run in one box on its own barrier, and each group decodes a chunk from shared memory once it has
-  arrived. On plain loads a group asks for its next chunk only when it starts the current one (at 8192^2, 64/16/1/4:
-  a program's 128 KiB of W2 words in two rounds a group), so the weight bytes wait on the decode and the decode on
-  them; here the memory system holds every byte of the program in flight while the groups work (one program a
-  multiprocessor either way: 16 warps of 128 registers). The chunk loop is unrolled (a static loop): in a loop,
-  Triton 3.6 puts a CTA barrier before every ``mbarrier`` wait (on views of one allocation, or on one barrier again;
-  the words by TMA in a ring, above, had one a chunk for its refills besides); unrolled, each chunk's words and
-  barrier allocations of their own, the sm_90 build has none between the waits or between the TMA issues. W2 g128 8192^2 (64/16/1/4) compiled as launched: 161 KiB of shared memory, 128
-  registers (16 bytes of spills, once a program, not in a loop), 4 TMA issues; ternary 96 registers, no spills; W1 128.
-
 * Programmatic dependent launch (``pdl``, compute capability 9.0 and above; off by default): each
   program issues its first weight loads, waits for the previous kernel (``griddepcontrol.wait``), then
   lets the next kernel's programs in. In the kernel benchmark's CUDA graph, a chain of the same GEMV,
@@ -589,38 +577,12 @@ def _box_values(s_rows, z_rows, i, STEP_I: gl.constexpr, zero_const, SLOTS: gl.c
 
 
 @gluon.jit
-def _kw_chunk(words, i, chunk, following, xs, offset_sums, x_sums, acc, y_acc, correction, values, s_rows, z_rows, scale_ptr,
-              zero_ptr, rows4, row_ok4, n_groups, stride_sn, stride_sg, group_size, zero_const, KW: gl.constexpr, ROW_WARPS: gl.constexpr,
-              BLOCK_N: gl.constexpr, BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr,
-              SCALE_AFTER: gl.constexpr, VBOX: gl.constexpr):
-    """Every step of every warp group's ``i``-th chunk (``chunk``: group 0's; ``words`` ``[KW, BLOCK_N // 2, 2, RUN]``).
-    ``values``: the next step's group values (fp32 scales and zero points, low and high), loaded a step ahead from global
-    memory (the chunk's last step loads the ``following`` chunk's first); with one group a row they serve every step; with
-    ``VBOX`` each step reads its own from the box (``s_rows``, ``z_rows``) and ``values`` passes through."""
-    HALF: gl.constexpr = SLOTS // 2
-    STEP: gl.constexpr = SPG if SPG < HALF else HALF
-    rows_layout: gl.constexpr = gl.SliceLayout(3, _kw_layout(KW, ROW_WARPS))
-    for step in gl.static_range(HALF // STEP):
-        if VBOX:
-            s_lo, s_hi, z_lo, z_hi = _box_values(s_rows, z_rows, i, step, zero_const, SLOTS, SPG, HAS_ZERO, rows_layout)
-        elif SCALE_AFTER:
-            s_lo, s_hi, z_lo, z_hi = values
-        else:
-            s_lo, s_hi, z_lo, z_hi = values
-            values = _upcoming_values(scale_ptr, zero_ptr, rows4, row_ok4, chunk, following, step, n_groups, stride_sn, stride_sg,
-                                      group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
-        acc, y_acc, correction = _kw_step(words, xs.index(i), offset_sums.index(i), x_sums.index(i), acc, y_acc, correction,
-                                          s_lo, s_hi, z_lo, z_hi, step, KW, ROW_WARPS, BLOCK_N, BITS, STEP, SCALE_AFTER)
-    return acc, y_acc, correction, values
-
-
-@gluon.jit
 def _gemv_kw_kernel(
-    x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, s_desc, z_desc, w_desc, y_ptr, partial_ptr, count_ptr,
+    x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, s_desc, z_desc, y_ptr, partial_ptr, count_ptr,
     N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_hn, stride_xm, stride_ym,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
-    PDL: gl.constexpr, KW: gl.constexpr, VBOX: gl.constexpr, WTMA: gl.constexpr,
+    PDL: gl.constexpr, KW: gl.constexpr, VBOX: gl.constexpr,
 ):
     """:func:`_gemv_mma_kernel` with the program's warps in ``KW`` groups along K (plain loads, not uint3): the
     program's chunks (its K split's) are cut in ``KW`` runs, one a group; each group sums its run for the program's
@@ -628,11 +590,7 @@ def _gemv_kw_kernel(
     ``XS_CHUNKS`` chunks long) the split's group values come in one TMA box (``s_desc``, ``z_desc``: ``[KW * XS_CHUNKS *
     groups a chunk, BLOCK_N]`` of the group-major scales and zero points) while the activations are staged, and each
     step reads them from shared memory; else ``s_desc`` and ``z_desc`` are stand-ins and each step loads them from
-    global memory a step ahead. With ``WTMA`` (Hopper) every chunk of every group's run comes by TMA, all issued at the
-    program's start: chunk ``i`` of every group's run in one box (``w_desc``: the words seen as ``[run, chunk of the
-    run, N, 32]``, boxes ``[KW, 1, BLOCK_N, 32]``, 128-byte swizzle) on a barrier of its own; the groups read it from
-    shared memory once it has arrived (no buffer is refilled, so no warp waits for another); else ``w_desc`` is a
-    stand-in and each group loads its next chunk's words a chunk ahead."""
+    global memory a step ahead."""
     ROW_WARPS: gl.constexpr = NUM_WARPS // KW
     layout: gl.constexpr = _kw_layout(KW, ROW_WARPS)
     rows_layout: gl.constexpr = gl.SliceLayout(3, layout)
@@ -655,21 +613,7 @@ def _gemv_kw_kernel(
     rows4, row_ok4 = rows[:, :, :, None], row_ok[:, :, :, None]
     w_rows = w_ptr + rows4 * stride_wn + cols
     start = gl.minimum(g_first, n_chunks - 1)
-    if WTMA:  # the program's words: chunk i of every group's run in one box [KW, 1, BLOCK_N, RUN] (every run is XS_CHUNKS
-        # chunks of the weight: words_tma_fits) and on one barrier, each an allocation of its own: Triton 3.6 puts a CTA
-        # barrier between two mbarrier operations or two TMA loads on the same allocation (views of it included)
-        w_smem = ()
-        w_ready = ()
-        for i in gl.static_range(XS_CHUNKS):
-            w_smem = w_smem + (gl.allocate_shared_memory(gl.int32, [KW, 1, BLOCK_N, RUN], w_desc.layout),)
-            w_ready = w_ready + (gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout()),)
-            mbarrier.init(w_ready[i], count=1)
-        for i in gl.static_range(XS_CHUNKS):
-            mbarrier.expect(w_ready[i], w_desc.block_type.nbytes)
-        for i in gl.static_range(XS_CHUNKS):
-            async_load(w_desc, [gl.program_id(2) * KW, i, pid_n * BLOCK_N, 0], w_ready[i], w_smem[i])
-    else:
-        next_words = gl.load(w_rows + start * RUN, mask=row_ok4, other=0)
+    next_words = gl.load(w_rows + start * RUN, mask=row_ok4, other=0)
     if VBOX:  # the split's group values: one box of each, [1, run's groups, warp group, rows] (the descriptors' order)
         RUN_GROUPS: gl.constexpr = XS_CHUNKS * (SLOTS // SPG)
         box_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -684,9 +628,8 @@ def _gemv_kw_kernel(
         s_rows = reinterpret(s_box, s_desc.dtype, [RUN_GROUPS, KW, BLOCK_N // 2, 2], box_view)
         z_rows = reinterpret(z_box, z_desc.dtype, [RUN_GROUPS, KW, BLOCK_N // 2, 2], box_view)
     else:
-        s_rows, z_rows = s_desc, z_desc  # (stand-ins)
-        values = _group_values(scale_ptr, zero_ptr, rows4, row_ok4, start, 0, n_groups, stride_sn, stride_sg, group_size,
-                               zero_const, HAS_ZERO, SLOTS, SPG, STEP)
+        next_values = _group_values(scale_ptr, zero_ptr, rows4, row_ok4, start, 0, n_groups, stride_sn, stride_sg, group_size,
+                                    zero_const, HAS_ZERO, SLOTS, SPG, STEP)
     if PDL:
         _grid_dependency(True)
         _grid_dependency(False)
@@ -702,31 +645,26 @@ def _gemv_kw_kernel(
     acc = gl.zeros((KW, BLOCK_N // 2, 2, RUN), gl.float32, layout)
     y_acc = gl.zeros((KW, BLOCK_N // 2, 2, 4), gl.float32, _kw_lanes(KW, ROW_WARPS))
     if VBOX:
-        mbarrier.wait(box_ready, 0)  # (each step reads its values from the box; these go unused)
-        values = _box_values(s_rows, z_rows, 0, 0, zero_const, SLOTS, SPG, HAS_ZERO, rows_layout)
-    correction = gl.zeros((KW, BLOCK_N // 2, 2, 1), gl.float32, layout)
-    if WTMA:  # a static loop (its waits on separate barriers need no CTA barrier), every run XS_CHUNKS chunks long
-        for i in gl.static_range(XS_CHUNKS):
-            mbarrier.wait(w_ready[i], 0)
-            words = w_smem[i].reshape([KW, BLOCK_N // 2, 2, RUN]).load(layout)  # (the box's unit axis dropped)
-            chunk = g_first + i
-            following = gl.maximum(gl.minimum(chunk + 1, g_last - 1), 0)
-            acc, y_acc, correction, values = _kw_chunk(
-                words, i, chunk, following, xs, offset_sums, x_sums, acc, y_acc, correction, values,
-                s_rows, z_rows, scale_ptr, zero_ptr, rows4, row_ok4, n_groups, stride_sn, stride_sg, group_size, zero_const, KW, ROW_WARPS,
-                BLOCK_N, BITS, SLOTS, SPG, HAS_ZERO, SCALE_AFTER, VBOX)
+        mbarrier.wait(box_ready, 0)  # (each step reads its values from the box)
     else:
-        for i in range(per_group):
-            chunk = g_first + i
-            following = gl.maximum(gl.minimum(chunk + 1, g_last - 1), 0)  # (the last chunk again at a group's end)
-            words = next_words
-            next_words = gl.load(w_rows + following * RUN, mask=row_ok4, other=0)
-            acc, y_acc, correction, values = _kw_chunk(
-                words, i, chunk, following, xs, offset_sums, x_sums, acc, y_acc, correction, values,
-                s_rows, z_rows, scale_ptr, zero_ptr, rows4, row_ok4, n_groups, stride_sn, stride_sg, group_size, zero_const, KW, ROW_WARPS,
-                BLOCK_N, BITS, SLOTS, SPG, HAS_ZERO, SCALE_AFTER, VBOX)
-    if SCALE_AFTER:  # (one group a row: its values, loaded before the loop, are the rows' scales)
-        y = (gl.sum(acc, axis=3) * 0.25 + gl.sum(correction, axis=3)) * gl.sum(values[0], axis=3)
+        s_lo, s_hi, z_lo, z_hi = next_values
+    correction = gl.zeros((KW, BLOCK_N // 2, 2, 1), gl.float32, layout)
+    for i in range(per_group):
+        chunk = g_first + i
+        following = gl.maximum(gl.minimum(chunk + 1, g_last - 1), 0)  # (the last chunk again at a group's end)
+        words = next_words
+        next_words = gl.load(w_rows + following * RUN, mask=row_ok4, other=0)
+        for step in gl.static_range(N_STEPS):
+            if VBOX:
+                s_lo, s_hi, z_lo, z_hi = _box_values(s_rows, z_rows, i, step, zero_const, SLOTS, SPG, HAS_ZERO, rows_layout)
+            elif not SCALE_AFTER:
+                s_lo, s_hi, z_lo, z_hi = next_values
+                next_values = _upcoming_values(scale_ptr, zero_ptr, rows4, row_ok4, chunk, following, step, n_groups, stride_sn, stride_sg,
+                                               group_size, zero_const, HAS_ZERO, SLOTS, SPG, STEP)
+            acc, y_acc, correction = _kw_step(words, xs.index(i), offset_sums.index(i), x_sums.index(i), acc, y_acc, correction,
+                                              s_lo, s_hi, z_lo, z_hi, step, KW, ROW_WARPS, BLOCK_N, BITS, STEP, SCALE_AFTER)
+    if SCALE_AFTER:
+        y = (gl.sum(acc, axis=3) * 0.25 + gl.sum(correction, axis=3)) * gl.sum(s_lo, axis=3)
     else:
         y = gl.convert_layout(gl.sum(y_acc, axis=3), rows_layout) * 0.25
     y = gl.sum(y, axis=0)  # the groups' sums: across warps, through shared memory
@@ -958,7 +896,6 @@ class GemvMmaConfig:
     pdl: bool = False  # from Hopper on: programmatic dependent launch (off: it slowed the decode, see the module notes)
     k_warps: int = 1  # plain loads, not uint3: the warps in this many groups along K, summed in shared memory (_gemv_kw_kernel)
     values_box: bool = False  # with k_warps on Hopper: the split's group values in one TMA box (values_box_fits; not yet run on a GPU)
-    words_tma: bool = False  # with k_warps on Hopper: every chunk of the program's runs by TMA at its start (words_tma_fits; not yet run)
 
 
 def default_config(pw: PackedWeight) -> GemvMmaConfig:
@@ -1107,8 +1044,7 @@ def _weight_args(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     if config.stages:
         return _descriptors(pw, words, scale, zero, config)
     if config.k_warps > 1:
-        boxes = _value_boxes(pw, scale, zero, config) if config.values_box else (scale, zero)
-        return words, high, scale, zero, *boxes, _run_words(pw, words, config) if config.words_tma else words
+        return (words, high, scale, zero, *(_value_boxes(pw, scale, zero, config) if config.values_box else (scale, zero)))
     return words, high, scale, zero
 
 
@@ -1122,81 +1058,21 @@ def values_box_fits(pw: PackedWeight, config: GemvMmaConfig) -> str | None:
     """Why ``values_box`` cannot run on ``pw`` with ``config``, or None: it needs warp groups along K on a Hopper GPU,
     groups inside a chunk half (not one a row), runs of a power of two chunks (the box's rows are laid out by run), at
     most 256 groups a split and 16-byte aligned group-major rows of scales and zero points."""
+    n_chunks = pw.words.shape[1] // pw.run
+    per_run = triton.cdiv(n_chunks, config.split_k * config.k_warps)
     _, _, scale, zero = lm.kernel_tensors(pw)
     aligned = lambda t: t.data_ptr() % 16 == 0 and _by_group(t)[1][1] == 1 and _by_group(t)[1][0] * t.element_size() % 16 == 0  # noqa: E731
-    checks = _run_checks(pw, config) | {
+    checks = {
+        f"k_warps={config.k_warps} (warp groups along K)": config.k_warps > 1,
+        "a Hopper GPU": lm.is_hopper(pw.words.device),
         f"groups inside a chunk half (group_size {pw.group_size}, half a chunk {pw.chunk // 2})": pw.n_groups > 1 and pw.chunk // 2 % pw.group_size == 0,
-        f"whole groups in the padded rows (group_size {pw.group_size}, {pw.k_pad} codes)": pw.n_groups * pw.group_size == pw.k_pad,
+        f"every run the same power of two chunks ({n_chunks} chunks in {config.split_k * config.k_warps} runs)":
+            per_run & (per_run - 1) == 0 and per_run * config.split_k * config.k_warps == n_chunks and pw.n_groups * pw.group_size == pw.k_pad,
         f"at most 256 groups a run ({value_box_groups(pw, config) // config.k_warps})": value_box_groups(pw, config) <= 256 * config.k_warps,
         f"16-byte aligned group-major scales and zero points (N={pw.n})": aligned(scale) and aligned(zero),
     }
-    return _missing("values_box", checks)
-
-
-def _run_checks(pw: PackedWeight, config: GemvMmaConfig) -> dict[str, bool]:
-    """What the warp-group GEMV's boxes need (``values_box``, ``words_tma``): warp groups along K (one plane of words) on
-    a Hopper GPU, and runs all of the same power of two chunks (the boxes are laid out by run and chunk)."""
-    n_chunks = pw.words.shape[1] // pw.run
-    runs = config.split_k * config.k_warps
-    per_run = triton.cdiv(n_chunks, runs)
-    return {
-        f"k_warps={config.k_warps} (warp groups along K)": config.k_warps > 1,
-        f"one plane of words (not {pw.layout})": pw.high is None,
-        "a Hopper GPU": lm.is_hopper(pw.words.device),
-        f"every run the same power of two chunks ({n_chunks} chunks in {runs} runs)": per_run & (per_run - 1) == 0 and per_run * runs == n_chunks,
-    }
-
-
-def _missing(option: str, checks: dict[str, bool]) -> str | None:
     missing = [need for need, ok in checks.items() if not ok]
-    return f"{option} needs " + ", ".join(missing) if missing else None
-
-
-KW_SHARED_BYTES = 227 * 1024  # the most shared memory a Hopper program takes (the compiler's own scratch comes on top)
-
-
-def kw_shared_bytes(pw: PackedWeight, config: GemvMmaConfig) -> int:
-    """Shared memory the warp-group GEMV allocates: the staged activations and their sums, and with ``values_box`` and
-    ``words_tma`` the boxes of group values and of words (every chunk of the program's runs)."""
-    chunks = triton.next_power_of_2(triton.cdiv(pw.words.shape[1] // pw.run, config.split_k * config.k_warps))  # XS_CHUNKS
-    half, spg = pw.slots // 2, pw.group_size // pw.run
-    steps = half // min(spg, half)
-    staged = chunks * config.k_warps * (half * 2 * RUN.value * 4 + 2 * steps * 2 * 4)
-    values = 2 * value_box_groups(pw, config) * config.block_n * pw.scale.element_size() if config.values_box else 0
-    words = chunks * config.k_warps * config.block_n * RUN.value * 4 if config.words_tma else 0
-    return staged + values + words
-
-
-def words_tma_fits(pw: PackedWeight, config: GemvMmaConfig) -> str | None:
-    """Why ``words_tma`` cannot run on ``pw`` with ``config``, or None: it needs warp groups along K on a Hopper GPU, runs
-    of the same power of two chunks (its chunk loop is unrolled, so a run cannot stop early), 16-byte aligned rows of
-    words and every chunk of a program's runs in shared memory (:func:`kw_shared_bytes`, at most
-    :data:`KW_SHARED_BYTES`)."""
-    words = lm.kernel_tensors(pw)[0]
-    need = kw_shared_bytes(pw, config)
-    checks = _run_checks(pw, config) | {
-        "16-byte aligned rows of words": words.data_ptr() % 16 == 0 and words.stride(1) == 1 and words.stride(0) * 4 % 16 == 0,
-        f"{need} bytes of shared memory a program (at most {KW_SHARED_BYTES}: more K splits or fewer rows a program)":
-            need <= KW_SHARED_BYTES,
-    }
-    return _missing("words_tma", checks)
-
-
-def _words_descriptor(words: torch.Tensor, block_n: int) -> TensorDescriptor:
-    """A plane of words in boxes of ``[block_n, 32]`` (a chunk of a tile's rows; 128-byte swizzle)."""
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
-    return TensorDescriptor(words, list(words.shape), list(words.stride()), [block_n, RUN.value], layout)
-
-
-def _run_words(pw: PackedWeight, words: torch.Tensor, config: GemvMmaConfig) -> TensorDescriptor:
-    """The words ``[N, n_chunks * 32]`` seen as ``[run, chunk of the run, N, 32]`` (runs of ``XS_CHUNKS`` chunks, one a
-    warp group and K split), in boxes ``[k_warps, 1, block_n, 32]``: chunk ``i`` of every warp group's run of a K split,
-    laid out group by group in shared memory (128-byte swizzle)."""
-    n_chunks = words.shape[1] // pw.run
-    per_run = n_chunks // (config.split_k * config.k_warps)
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=4)
-    return TensorDescriptor(words, [n_chunks // per_run, per_run, pw.n, RUN.value], [per_run * RUN.value, RUN.value, words.stride(0), 1],
-                            [config.k_warps, 1, config.block_n, RUN.value], layout)
+    return "values_box needs " + ", ".join(missing) if missing else None
 
 
 def _value_boxes(pw: PackedWeight, scale: torch.Tensor, zero: torch.Tensor, config: GemvMmaConfig) -> tuple:
@@ -1223,8 +1099,6 @@ def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
         raise ValueError(f"k_warps={config.k_warps} runs on the plain loads (stages=0) and one plane of words (not uint3); "
                          f"got stages={config.stages}, {pw.layout}")
     if config.values_box and (why := values_box_fits(pw, config)):
-        raise ValueError(why)
-    if config.words_tma and (why := words_tma_fits(pw, config)):
         raise ValueError(why)
     if config.stages and not tma_fits(pw, config):
         raise ValueError(f"stages={config.stages} (TMA) needs a Hopper GPU, 16-byte aligned words, scales and zero points "
@@ -1255,7 +1129,7 @@ def launch_constants(pw: PackedWeight, config: GemvMmaConfig, pdl: bool = False)
         return _gemv_tma_kernel, sizes, consts
     sizes = (pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const, words.stride(0), high.stride(0))
     if config.k_warps > 1:
-        return _gemv_kw_kernel, sizes, consts | dict(KW=config.k_warps, VBOX=config.values_box, WTMA=config.words_tma)
+        return _gemv_kw_kernel, sizes, consts | dict(KW=config.k_warps, VBOX=config.values_box)
     return _gemv_mma_kernel, sizes, consts
 
 
@@ -1297,8 +1171,10 @@ def _by_group(t: torch.Tensor) -> tuple[list[int], list[int]]:
 def _descriptors(pw: PackedWeight, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: GemvMmaConfig) -> tuple:
     """TMA descriptors: the words in boxes of ``[block_n, 32]`` (128-byte swizzle), the group-major scales and
     zero points ``[n_groups, N]`` in boxes of ``[group_box, block_n]``."""
-    w_desc = _words_descriptor(words, config.block_n)
-    h_desc = w_desc if pw.high is None else _words_descriptor(pw.high, config.block_n)
+    w_box = [config.block_n, RUN.value]
+    w_layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+    w_desc = TensorDescriptor(words, list(words.shape), list(words.stride()), w_box, w_layout)
+    h_desc = w_desc if pw.high is None else TensorDescriptor(pw.high, list(pw.high.shape), list(pw.high.stride()), w_box, w_layout)
     s_box = [group_box(pw, config), config.block_n]
     s_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * scale.element_size(), rank=2)
     s_desc = TensorDescriptor(scale, *_by_group(scale), s_box, s_layout)

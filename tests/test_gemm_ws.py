@@ -3,6 +3,8 @@ CPU (Gluon has no interpreter), the kernel against the fp32 reference on a Hoppe
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -74,14 +76,20 @@ def test_values_by_tma_take_ring_room_and_aligned_rows() -> None:
 
 
 def test_the_benchmark_times_it_beside_the_dispatchers_path_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not picked by the dispatcher (no faster than the wgmma GEMM yet: the module's docstring), but listed beside it
-    by ``bench.kernel_latency`` wherever it fits on a Hopper GPU, and reachable by name."""
+    """Picked by the dispatcher on Hopper for 17-64 rows of weights above 4096^2 codes with aligned group-major values
+    (33-64 with one scale a row), else listed beside the wgmma GEMM by ``bench.kernel_latency`` wherever it fits, and
+    reachable by name."""
     from bench import kernel_latency
 
     pw = packed("uint4", 256, 1024)
     monkeypatch.setattr(lm, "is_hopper", lambda device: device.type == "cuda")
-    assert lm.pick_path(64, pw, torch.device("cuda")) == "wgmma"
+    assert lm.pick_path(64, pw, torch.device("cuda")) == "wgmma"  # a small weight: the wgmma GEMM
     assert "wgmma_ws" in kernel_latency.paths_for(64, pw) and "wgmma_ws" not in kernel_latency.paths_for(65, pw)
+    large = replace(pw, n=8192, k=8192)  # (the rule reads the shape; nothing runs)
+    assert [lm.pick_path(m, large, torch.device("cuda")) for m in (16, 17, 64, 65)] == ["wgmma", "wgmma_ws", "wgmma_ws", "wgmma"]
+    assert not lm.wgmma_ws_preferred(24, replace(large, scale=large.scale[:, :1], zero=None))  # one scale a row: from 33
+    assert lm.wgmma_ws_preferred(40, replace(large, scale=large.scale[:, :1], zero=None))
+    assert not lm.wgmma_ws_preferred(64, replace(packed("uint4", 100, 1024), n=8200, k=8192))  # 200-byte rows of scales: no TMA
     assert lm.wgmma_ws_fits(pw, torch.float16, 64) == ws_fits(pw, torch.float16, 64)
     assert kernel_latency.path_config(64, pw, "wgmma_ws") == default_config(64, pw)
     assert "wgmma_ws" in lm.PATHS
@@ -90,12 +98,13 @@ def test_the_benchmark_times_it_beside_the_dispatchers_path_on_hopper(monkeypatc
 def test_default_splits_fill_one_wave() -> None:
     """The session-25 sweep's best configs at 64 rows (132 multiprocessors off the GPU): 2 splits at 8192^2, 4 at
     14336x4096 (in x out), 1 at 4096x14336; two programs a multiprocessor at 16 rows (a quarter of the ring) double
-    the splits."""
+    the splits. The group values come by TMA wherever their rows are aligned (session 27: 6.5-20% faster at 64 rows)."""
     big = packed("uint4", 8192, 8192)
-    assert default_config(64, big) == GemmWsConfig(128, 4, 2)
-    assert default_config(64, packed("uint4", 4096, 14336)) == GemmWsConfig(128, 4, 4)
-    assert default_config(64, packed("uint4", 14336, 4096)) == GemmWsConfig(128, 4, 1)
-    assert default_config(16, big) == GemmWsConfig(128, 4, 4)
+    assert default_config(64, big) == GemmWsConfig(128, 4, 2, values_tma=True)
+    assert default_config(64, packed("uint4", 4096, 14336)) == GemmWsConfig(128, 4, 4, values_tma=True)
+    assert default_config(64, packed("uint4", 14336, 4096)) == GemmWsConfig(128, 4, 1, values_tma=True)
+    assert default_config(16, big) == GemmWsConfig(128, 4, 4, values_tma=True)
+    assert not default_config(64, packed("uint4", 100, 1024)).values_tma  # 200-byte rows of scales
     assert default_config(64, packed("uint4", 256, 1024)).split_k == 2  # 4 chunks: 3 splits would leave the last one empty
 
 

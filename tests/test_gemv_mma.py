@@ -11,8 +11,9 @@ import torch
 
 from qkernels import lowbit_matmul as lm
 from qkernels.gemv_mma import (
-    WINDOW, GemvMmaConfig, _by_group, _descriptors, _run_words, _value_boxes, config_for, default_config, gemv_mma, group_box, k_warps_config,
-    kw_shared_bytes, mma_asm, routes, rule_config, slot3_constants, slot_constants, tma_config, values_box_fits, words_tma_fits,
+    WINDOW, GemvMmaConfig, _by_group, _descriptors, _value_boxes, config_for, default_config, gemv_mma, group_box, k_warps_config, mma_asm,
+    routes, rule_config, values_box_fits,
+    slot3_constants, slot_constants, tma_config,
 )
 from qkernels.pack import PackedWeight, pack_weight
 
@@ -123,35 +124,6 @@ def test_rejects_what_it_cannot_take() -> None:
         gemv_mma(x, uint3_32, GemvMmaConfig(block_n=32, num_warps=8, k_warps=4))
 
 
-def test_words_by_tma_take_even_runs_that_fit_in_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``words_tma`` (warp groups along K, every chunk of the program's runs by TMA at its start): every reason it cannot
-    run is named, and its descriptor reads chunk ``i`` of run ``r`` (split ``r // KW``, warp group ``r % KW``) at ``[r, i]``."""
-    def packed(layout: str, n: int, k: int) -> PackedWeight:
-        top = {"uint1": 1, "uint2": 3, "uint3": 7}[layout]
-        return pack_weight(torch.randint(0, top + 1, (n, k)), torch.rand(n, k // 128).half(), torch.randint(0, top + 1, (n, k // 128)).half(),
-                           layout, 128, run=32)
-
-    w2 = packed("uint2", 64, 4096)  # 8 chunks of 512 K
-    config = GemvMmaConfig(64, 16, 1, k_warps=4, words_tma=True)
-    assert words_tma_fits(w2, config) == "words_tma needs a Hopper GPU"
-    with pytest.raises(ValueError, match="words_tma needs a Hopper GPU"):
-        gemv_mma(torch.randn(1, 4096, dtype=torch.float16), w2, config)
-    monkeypatch.setattr(lm, "is_hopper", lambda device: True)
-    assert words_tma_fits(w2, config) is None and words_tma_fits(w2, GemvMmaConfig(32, 8, 2, k_warps=2, words_tma=True)) is None
-    assert "k_warps=1 (warp groups along K)" in words_tma_fits(w2, GemvMmaConfig(64, 4, 2, words_tma=True))
-    assert "every run the same power of two chunks (8 chunks in 6 runs)" in words_tma_fits(w2, GemvMmaConfig(64, 8, 3, k_warps=2, words_tma=True))
-    assert "one plane of words (not uint3)" in words_tma_fits(packed("uint3", 64, 4096), config)
-    long = packed("uint2", 64, 65536)  # 128 chunks: 32 a run, 1 MiB of words a program
-    assert kw_shared_bytes(long, config) == 32 * 4 * 64 * 128 + 32 * 4 * (8 * 2 * 32 * 4 + 2 * 2 * 2 * 4)
-    assert f"{kw_shared_bytes(long, config)} bytes of shared memory a program (at most 232448" in words_tma_fits(long, config)
-    assert words_tma_fits(long, GemvMmaConfig(64, 16, 16, k_warps=4, words_tma=True)) is None  # 2 chunks a run
-    desc = _run_words(w2, lm.kernel_tensors(w2)[0], config)
-    assert list(desc.shape) == [4, 2, 64, 32] and list(desc.strides) == [64, 32, 256, 1] and list(desc.block_shape) == [4, 1, 64, 32]
-    words = lm.kernel_tensors(w2)[0]
-    run, i = 3, 1  # warp group 3's second chunk: chunk 7 of the row
-    assert torch.equal(words.as_strided(desc.shape, desc.strides)[run, i], words[:, 7 * 32:8 * 32])
-
-
 def test_the_box_of_group_values_takes_even_runs_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
     """``values_box`` (warp groups along K, the split's group values in one TMA box): every reason it cannot run is
     named, and the box's descriptor reads group ``(split * KW + warp group) * run's groups + j`` at ``[split, j, warp
@@ -258,10 +230,6 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
                     GemvMmaConfig(128, 4, 2, stages=2, maxnreg=168)]  # (the 168-register cap of 128-row tiles)
         boxed = [GemvMmaConfig(64, 16, 1, k_warps=4, values_box=True), GemvMmaConfig(64, 8, 2, k_warps=2, values_box=True)]
         configs += [c for c in boxed if values_box_fits(pw, c) is None]  # the split's group values in one TMA box
-        # every chunk of the runs by TMA at the start: one and two K splits, rows past N (200), K past the weight's (1152)
-        resident = [GemvMmaConfig(64, 16, 1, k_warps=4, words_tma=True), GemvMmaConfig(32, 8, 2, k_warps=2, words_tma=True),
-                    GemvMmaConfig(64, 8, 1, k_warps=2, words_tma=True), GemvMmaConfig(64, 16, 1, k_warps=4, values_box=True, words_tma=True)]
-        configs += [c for c in resident if words_tma_fits(pw, c) is None and not (c.values_box and values_box_fits(pw, c))]
         if routes(pw):  # four groups a chunk half in their own MMA columns
             configs += [GemvMmaConfig(64, 4, 2, stages=2, route=True), GemvMmaConfig(128, 8, 1, stages=1, route=True),
                         GemvMmaConfig(128, 4, 2, stages=2, route=True)]
@@ -374,11 +342,8 @@ def test_tuned_configs_and_the_search_space(monkeypatch: pytest.MonkeyPatch) -> 
     plain = gemv_mma_search(w1, hopper=False)
     assert plain and all(c.stages == 0 and not c.route for c in plain)
     monkeypatch.setattr(gm, "tma_fits", lambda pw, config: True)  # (no Hopper GPU here)
-    monkeypatch.setattr(lm, "is_hopper", lambda device: True)
     for pw, routed in ((w1, True), (w2, False)):
         search = gemv_mma_search(pw, hopper=True)
-        resident = [c for c in search if c.words_tma]
-        assert resident and all(c.k_warps > 1 and gm.words_tma_fits(pw, c) is None for c in resident)
         assert len(set(search)) == len(search) and set(plain) < set(search)
         assert all(c.block_n % (16 * c.num_warps // c.k_warps) == 0 and (c.stages > 0 or not c.route) for c in search)
         assert {c.k_warps for c in search} == {1, 2, 4, 8} and all(c.stages == 0 for c in search if c.k_warps > 1)
