@@ -14,8 +14,9 @@ split reads the same activations and the weights are the A operand: a program ta
   ``(code - zero) * scale`` in fp16) and issue the step's two wgmmas, one step in flight (its A registers held
   until the wait that retires it). A unit's buffer goes back to the producer at the next unit's first step, once
   its last step has retired. The group values (scales, zero points) are loaded ``values_ahead`` units ahead, or
-  (``values_tma``, the default where the values' rows are 16-byte aligned) come with the unit's buffer: the producer adds a box of the unit's groups of
-  the group-major scales and zero points (``[groups, BLOCK_N]``) to each buffer, and the consumers read their rows
+  (``values_tma``, the default where the values' rows are 16-byte aligned) come with the unit's buffer: the producer
+  adds a box of the unit's groups of the group-major scales and zero points (``[groups, BLOCK_N]``) to each buffer,
+  and the consumers read their rows
   from shared memory (no global loads or address arithmetic in the loop: 349 instructions a unit in the sm_90 build
   of W4 at 128 rows and 4 stages, against 389; the prototype without values had 333), at 1 KiB more a buffer. The
   consumers are one partition (the default), or with ``apart`` one partition of four warps per 64 weight rows,
@@ -42,9 +43,9 @@ against the wgmma GEMM's 21.5) timed that serialized build; the two-split ones (
 Session 27, H200, side by side: the values by TMA took the kernel 6.5-20% faster at 64 rows (``bench.config_ab --path
 wgmma_ws``, W4 and W2 at 8192^2, 14336x4096 and 4096x14336: W4 8192^2 23.6 us against 25.5, W2 4096x14336 17.8
 against 21.5), ``apart`` 4-7% (with the values by TMA no faster than without it: off); so ``values_tma`` is the default
-(:func:`default_config`), and with it the kernel beat the wgmma GEMM at 24-64 rows in every grouped W4, W2 and W1 cell
-of six shapes from 4096x14336 to 16384^2, 54 cells (at 64 rows, 8192^2: W4 23.2 us against 25.3, 1.57x cuBLAS fp16; W2 21.9
-against 24.7; W1 21.2 against 25.7) and lost at 16 rows and at 4096^2; the dispatcher picks it where it won
+(:func:`default_config`), and with it the kernel beat the wgmma GEMM at 24-64 rows in every grouped W4, W2 and W1
+cell of six shapes from 4096x14336 to 16384^2, 54 cells (at 64 rows, 8192^2: W4 23.2 us against 25.3, 1.57x cuBLAS
+fp16; W2 21.9 against 24.7; W1 21.2 against 25.7) and lost at 16 rows and at 4096^2; the dispatcher picks it where it won
 (:func:`qkernels.lowbit_matmul.wgmma_ws_preferred`).
 
 Gluon has no interpreter: off the GPU the tests check the rules and the argument checks (:mod:`qkernels.compile_check`
@@ -296,8 +297,8 @@ class GemmWsConfig:
     stages: int = 4  # units in the ring
     split_k: int = 1
     values_ahead: int = 2  # units ahead that the group values are loaded (1 or 2)
-    apart: bool = False  # a consumer partition per 64 weight rows, block_n 64 or 128 (else one for all; session 27: no gain with values_tma)
-    values_tma: bool = False  # the group values by TMA with each unit's buffer (values_ahead unused; default_config's choice where it fits)
+    apart: bool = False  # a consumer partition per 64 weight rows, block_n 64 or 128 (else one; session 27: no gain with values_tma)
+    values_tma: bool = False  # the group values by TMA with each unit's buffer (values_ahead unused; default_config's where it fits)
 
 
 def ws_fits(pw: PackedWeight, dtype: torch.dtype, m: int) -> bool:

@@ -1125,10 +1125,10 @@ def wgmma_ws_preferred(m: int, pw: PackedWeight) -> bool:
     """Where the warp-specialized GEMM, with its group values by TMA (``values_tma``, which needs 16-byte aligned
     group-major rows of scales and zero points), beat the wgmma GEMM. H200, session 27, side by side in one process
     (``bench.kernel_latency``; bench/results/kernel_latency_h200.md): at 24-64 rows every grouped W4, W2 and W1 cell of
-    six shapes from 4096x14336 to 16384^2, 54 cells (64 rows, 8192^2: W4 23.2 us against 25.3, W2 21.9 against 24.7, W1 21.2
-    against 25.7; 8192x28672 W4 67.5 against 82.9); at 16 rows none (W4 8192^2 20.5 against 18.0); at 4096^2 none (W4
-    level at 24-32 rows; the wgmma GEMM's tuned configs 12.5 against 13.6 at 64 rows); ternary (one scale a row) level or behind at 24-32 rows
-    (8192x28672 48.5 against 45.3), ahead or level at 48-64."""
+    six shapes from 4096x14336 to 16384^2, 54 cells (64 rows, 8192^2: W4 23.2 us against 25.3, W2 21.9 against 24.7,
+    W1 21.2 against 25.7; 8192x28672 W4 67.5 against 82.9); at 16 rows none (W4 8192^2 20.5 against 18.0); at 4096^2
+    none (W4 level at 24-32 rows; the wgmma GEMM's tuned configs 12.5 against 13.6 at 64 rows); ternary (one scale a
+    row) level or behind at 24-32 rows (8192x28672 48.5 against 45.3), ahead or level at 48-64."""
     if pw.n * pw.k <= WS_MIN_WEIGHTS or m < WS_MIN_M[pw.n_groups == 1]:
         return False
     from qkernels.gemm_ws import values_tma_fits
@@ -1305,9 +1305,10 @@ def reference_matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 def pick_path(m: int, pw: PackedWeight, device: torch.device, dtype: torch.dtype = torch.float16) -> str:
     """``torch`` off CUDA; else by batch: ``gemv_mma`` at batch 1 where :func:`gemv_mma_preferred` and it
     fits (not :func:`before_ampere`); on a Hopper GPU ``wgmma_ws`` where it fits and :func:`wgmma_ws_preferred` (17-64
-    rows of large weights), else ``wgmma`` from :data:`WGMMA_MIN_M` rows where it fits and :func:`wgmma_preferred`; ``mma`` where it fits and was faster on the H100 (batch 1 only for :data:`MMA_AT_BATCH_1`
-    where the fp16-pair GEMV does not fit, above 16 rows only for :data:`MMA_AUTO_ROWS`), ``gemv`` for a few rows;
-    ``gemm`` for mid batches, ``dequant`` beyond."""
+    rows of large weights), else ``wgmma`` from :data:`WGMMA_MIN_M` rows where it fits and :func:`wgmma_preferred`;
+    ``mma`` where it fits and was faster on the H100 (batch 1 only for :data:`MMA_AT_BATCH_1` where the fp16-pair GEMV
+    does not fit, above 16 rows only for :data:`MMA_AUTO_ROWS`), ``gemv`` for a few rows; ``gemm`` for mid batches,
+    ``dequant`` beyond."""
     if device.type != "cuda":
         return "torch"
     if m == 1 and gemv_mma_preferred(pw, is_hopper(device)) and gemv_mma_fits(pw, dtype) and not before_ampere(device):
