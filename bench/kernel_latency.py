@@ -242,9 +242,14 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
             times = time_side_by_side(makers, modes)  # steady: every kernel's graph in turn, with cuBLAS's
             base = times[("fp16", "cublas")]
             floor = {name: fastest({layout: times[(name, "read floor", layout)] for layout in FLOOR_LAYOUTS}) for name in floors}
+
+            def floor_row(name: str) -> dict:  # the same bytes streamed by a kernel that does nothing else, its fastest layout
+                us, layout = floor[name]
+                return row(k, n, m, name, "read floor", floors[name], us, base, config={"layout": layout})
+
             rows.append(row(k, n, m, "fp16", "cublas", nbytes + io_bytes, base, base))
             if floors:
-                rows.append(row(k, n, m, "fp16", "read floor", nbytes, floor["fp16"][0], base, config={"layout": floor["fp16"][1]}))
+                rows.append(floor_row("fp16"))
             for name, pw in packed.items():
                 for path in paths_for(m, pw):
                     rows.append(row(k, n, m, name, path, pw.nbytes() + io_bytes, times[(name, path)], base, relative_error(x, pw, path),
@@ -252,13 +257,13 @@ def measure(shapes: list[tuple[int, int]], batches: list[int], kinds: list[str],
                 for c in (c for (kind, c) in rivals if kind == name):
                     held = rivals[name, c]
                     rows.append(row(k, n, m, name, c, held.nbytes + io_bytes, times[(name, c)], base, competitor_error(x, pw, c, held)))
-                if name in floors:  # the same bytes streamed by a kernel that does nothing else
-                    rows.append(row(k, n, m, name, "read floor", floors[name], floor[name][0], base, config={"layout": floor[name][1]}))
+                if name in floors:
+                    rows.append(floor_row(name))
             for name, (bw, dequantized) in blocks.items():
                 for path in block_paths(m, bw):
                     rows.append(row(k, n, m, name, path, bw.nbytes() + io_bytes, times[(name, path)], base, block_error(x, bw, dequantized, path)))
                 if name in floors:
-                    rows.append(row(k, n, m, name, "read floor", floors[name], floor[name][0], base, config={"layout": floor[name][1]}))
+                    rows.append(floor_row(name))
             for name, w in ints.items():
                 int_io = m * k + m * n * 2  # one byte an activation code
                 for path in int_paths(w.kind, m, k, n):
