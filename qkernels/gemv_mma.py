@@ -375,37 +375,13 @@ def _grid_dependency(WAIT: gl.constexpr):
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
-@gluon.constexpr_function
-def _prefetch_parts(block_n, num_warps):
-    """Bulk prefetches a row (``l2_prefetch``): every thread of the program one, at least one a row."""
-    return max(num_warps * 32 // block_n, 1)
-
-
-@gluon.jit
-def _prefetch_l2(w_ptr, row0, N, stride_wn, first, last, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """Ask L2 for chunks ``first .. last - 1`` of the words of rows ``row0 .. row0 + BLOCK_N - 1`` (``l2_prefetch``):
-    a row's chunks are contiguous, so each row takes ``PARTS`` bulk prefetches (``cp.async.bulk.prefetch.L2``: no
-    registers, no shared memory, nothing to wait for), one a thread. The words' later loads then find L2, not DRAM,
-    so a program no longer waits out a DRAM round trip per chunk (or per ring of chunks)."""
-    PARTS: gl.constexpr = _prefetch_parts(BLOCK_N, NUM_WARPS)
-    i = gl.arange(0, BLOCK_N * PARTS, layout=gl.BlockedLayout([1], [32], [NUM_WARPS], [0]))
-    row = row0 + i // PARTS
-    per_part = gl.cdiv(last - first, PARTS)
-    lo = first + i % PARTS * per_part
-    count = gl.minimum(lo + per_part, last) - lo
-    nbytes = gl.where((row < N) & (count > 0), count * (RUN * 4), 0)
-    gl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
-        "=r,l,r", [w_ptr + row * stride_wn + lo * RUN, nbytes], dtype=gl.int32, is_pure=False, pack=1)
-
-
 @gluon.jit
 def _gemv_mma_kernel(
     x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, y_ptr, partial_ptr, count_ptr,
     N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_hn, stride_xm, stride_ym,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
-    PDL: gl.constexpr, PREFETCH: gl.constexpr,
+    PDL: gl.constexpr,
 ):
     layout: gl.constexpr = _words_layout(NUM_WARPS)
     rows_layout: gl.constexpr = gl.SliceLayout(2, layout)
@@ -430,8 +406,6 @@ def _gemv_mma_kernel(
     next_high = next_words
     if BITS == 3:
         next_high = gl.load(h_rows + start // 2 * RUN, mask=row_ok3, other=0)
-    if PREFETCH:  # the split's other chunks into L2
-        _prefetch_l2(w_ptr, pid_n * BLOCK_N, N, stride_wn, start + 1, last, BLOCK_N, NUM_WARPS)
     next_values = _group_values(scale_ptr, zero_ptr, rows3, row_ok3, start, 0, n_groups, stride_sn, stride_sg, group_size,
                                 zero_const, HAS_ZERO, SLOTS, SPG, STEP)
     if PDL:  # the weights' loads are out: wait for the previous kernel, then let the next one's programs in
@@ -608,7 +582,7 @@ def _gemv_kw_kernel(
     N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_hn, stride_xm, stride_ym,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
-    PDL: gl.constexpr, KW: gl.constexpr, VBOX: gl.constexpr, PREFETCH: gl.constexpr,
+    PDL: gl.constexpr, KW: gl.constexpr, VBOX: gl.constexpr,
 ):
     """:func:`_gemv_mma_kernel` with the program's warps in ``KW`` groups along K (plain loads, not uint3): the
     program's chunks (its K split's) are cut in ``KW`` runs, one a group; each group sums its run for the program's
@@ -640,8 +614,6 @@ def _gemv_kw_kernel(
     w_rows = w_ptr + rows4 * stride_wn + cols
     start = gl.minimum(g_first, n_chunks - 1)
     next_words = gl.load(w_rows + start * RUN, mask=row_ok4, other=0)
-    if PREFETCH:  # the program's chunks into L2 (every group's run: one range a row, the first chunks' loads already out)
-        _prefetch_l2(w_ptr, pid_n * BLOCK_N, N, stride_wn, first, gl.minimum(first + KW * per_group, n_chunks), BLOCK_N, NUM_WARPS)
     if VBOX:  # the split's group values: one box of each, [1, run's groups, warp group, rows] (the descriptors' order)
         RUN_GROUPS: gl.constexpr = XS_CHUNKS * (SLOTS // SPG)
         box_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -785,11 +757,10 @@ def _route_chunks(w_desc, w_smem, ready, s_smem, z_smem, xs, offset_sums, x_sums
 
 @gluon.jit
 def _gemv_tma_kernel(
-    x_ptr, w_desc, h_desc, s_desc, z_desc, w_ptr, y_ptr, partial_ptr, count_ptr, N, K, n_chunks, group_size, zero_const, stride_wn,
-    stride_xm, stride_ym,
+    x_ptr, w_desc, h_desc, s_desc, z_desc, y_ptr, partial_ptr, count_ptr, N, K, n_chunks, group_size, zero_const, stride_xm, stride_ym,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
-    STAGES: gl.constexpr, ROUTE: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr,
+    STAGES: gl.constexpr, ROUTE: gl.constexpr, PDL: gl.constexpr,
 ):
     """The GEMV with its weights fed by TMA (Hopper): the split's words come a chunk per box into a ring
     of ``STAGES`` buffers (all of them at once where the split has at most ``STAGES`` chunks), its
@@ -825,8 +796,6 @@ def _gemv_tma_kernel(
         mbarrier.init(ready.index(i), count=1)
     for i in gl.static_range(STAGES):
         _fetch(w_desc, h_desc, w_smem, h_smem, ready, i, first + i, pid_n * BLOCK_N, i < n_here, BITS)
-    if PREFETCH:  # the chunks past the ring into L2 (words only, not uint3's high plane)
-        _prefetch_l2(w_ptr, pid_n * BLOCK_N, N, stride_wn, first + STAGES, last, BLOCK_N, NUM_WARPS)
     # the split's scales and zero points [GBOX, BLOCK_N], groups g0 .. g0 + GBOX - 1
     g0 = first * CHUNK // group_size
     values = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -927,7 +896,6 @@ class GemvMmaConfig:
     pdl: bool = False  # from Hopper on: programmatic dependent launch (off: it slowed the decode, see the module notes)
     k_warps: int = 1  # plain loads, not uint3: the warps in this many groups along K, summed in shared memory (_gemv_kw_kernel)
     values_box: bool = False  # with k_warps on Hopper: the split's group values in one TMA box (values_box_fits; not yet run on a GPU)
-    l2_prefetch: bool = False  # Hopper: a program's words asked of L2 at its start (bulk prefetches; prefetch_fits)
 
 
 def default_config(pw: PackedWeight) -> GemvMmaConfig:
@@ -1074,7 +1042,7 @@ def _weight_args(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     warp groups along K also the boxes of group values (stand-ins without ``values_box``)."""
     words, high, scale, zero = lm.kernel_tensors(pw)
     if config.stages:
-        return *_descriptors(pw, words, scale, zero, config), words  # (the words themselves for l2_prefetch)
+        return _descriptors(pw, words, scale, zero, config)
     if config.k_warps > 1:
         return (words, high, scale, zero, *(_value_boxes(pw, scale, zero, config) if config.values_box else (scale, zero)))
     return words, high, scale, zero
@@ -1135,8 +1103,6 @@ def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     if config.stages and not tma_fits(pw, config):
         raise ValueError(f"stages={config.stages} (TMA) needs a Hopper GPU, 16-byte aligned words, scales and zero points "
                          f"and at most {MAX_GROUP_BOX} groups a split; use stages=0 here")
-    if config.l2_prefetch and (why := prefetch_fits(pw)):
-        raise ValueError(why)
     if config.route and not config.stages:
         raise ValueError("route=True runs on the TMA feed only (stages > 0)")
     if config.route and not routes(pw):
@@ -1154,28 +1120,17 @@ def launch_constants(pw: PackedWeight, config: GemvMmaConfig, pdl: bool = False)
         BITS=lm.CODE_BITS[pw.layout], SLOTS=pw.slots, SPG=pw.group_size // pw.run, HAS_ZERO=pw.zero is not None, BLOCK_N=config.block_n,
         SPLIT_K=config.split_k, NUM_WARPS=config.num_warps,
         XS_CHUNKS=triton.next_power_of_2(triton.cdiv(n_chunks, config.split_k * config.k_warps)),
-        EVEN_K=pw.k == pw.k_pad, SCALE_AFTER=pw.n_groups == 1, PDL=pdl, PREFETCH=config.l2_prefetch, num_warps=config.num_warps, launch_pdl=pdl,
+        EVEN_K=pw.k == pw.k_pad, SCALE_AFTER=pw.n_groups == 1, PDL=pdl, num_warps=config.num_warps, launch_pdl=pdl,
         **({} if config.maxnreg is None else {'maxnreg': config.maxnreg}),
     )
     if config.stages:
-        sizes = (pw.n, pw.k, n_chunks, pw.group_size, pw.zero_const, words.stride(0))
+        sizes = (pw.n, pw.k, n_chunks, pw.group_size, pw.zero_const)
         consts.update(STAGES=config.stages, ROUTE=config.route)
         return _gemv_tma_kernel, sizes, consts
     sizes = (pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const, words.stride(0), high.stride(0))
     if config.k_warps > 1:
         return _gemv_kw_kernel, sizes, consts | dict(KW=config.k_warps, VBOX=config.values_box)
     return _gemv_mma_kernel, sizes, consts
-
-
-def prefetch_fits(pw: PackedWeight) -> str | None:
-    """Why ``l2_prefetch`` cannot run on ``pw``, or None: its bulk prefetches need compute capability 9.0 or above and
-    16-byte aligned rows of words."""
-    words = lm.kernel_tensors(pw)[0]
-    missing = [need for need, ok in {
-        "a GPU of compute capability 9.0 or above": lm.has_pdl(words.device),  # (the same capability)
-        f"16-byte aligned rows of words (row stride {words.stride(0)} words)": words.data_ptr() % 16 == 0 and words.stride(0) * 4 % 16 == 0,
-    }.items() if not ok]
-    return "l2_prefetch needs " + " and ".join(missing) if missing else None
 
 
 MAX_GROUP_BOX = 64  # groups a split of the TMA GEMV reads (its box of scales: 64 x BLOCK_N fp16 = 16 KiB at 128 rows)

@@ -12,7 +12,7 @@ import torch
 from qkernels import lowbit_matmul as lm
 from qkernels.gemv_mma import (
     WINDOW, GemvMmaConfig, _by_group, _descriptors, _value_boxes, config_for, default_config, gemv_mma, group_box, k_warps_config, mma_asm,
-    prefetch_fits, routes, rule_config, values_box_fits,
+    routes, rule_config, values_box_fits,
     slot3_constants, slot_constants, tma_config,
 )
 from qkernels.pack import PackedWeight, pack_weight
@@ -124,18 +124,6 @@ def test_rejects_what_it_cannot_take() -> None:
         gemv_mma(x, uint3_32, GemvMmaConfig(block_n=32, num_warps=8, k_warps=4))
 
 
-def test_l2_prefetch_needs_hopper_and_aligned_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``l2_prefetch`` (bulk prefetches of a program's words): a clear error off compute capability 9.0 and on rows of
-    words that are not 16-byte aligned, each reason named."""
-    ternary = pack_weight(torch.randint(0, 3, (8, 512)), torch.rand(8, 1).half(), None, "uint2", None, zero_const=1.0, run=32)
-    with pytest.raises(ValueError, match=r"l2_prefetch needs a GPU of compute capability 9.0 or above$"):
-        gemv_mma(torch.randn(1, 512, dtype=torch.float16), ternary, GemvMmaConfig(block_n=32, num_warps=2, l2_prefetch=True))
-    monkeypatch.setattr(lm, "has_pdl", lambda device: True)
-    assert prefetch_fits(ternary) is None
-    odd_rows = replace(ternary, words=torch.zeros(8, 33, dtype=torch.int32)[:, 1:])  # rows of 132 bytes, 4 bytes in
-    assert prefetch_fits(odd_rows) == "l2_prefetch needs 16-byte aligned rows of words (row stride 33 words)"
-
-
 def test_the_box_of_group_values_takes_even_runs_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
     """``values_box`` (warp groups along K, the split's group values in one TMA box): every reason it cannot run is
     named, and the box's descriptor reads group ``(split * KW + warp group) * run's groups + j`` at ``[split, j, warp
@@ -242,10 +230,6 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
                     GemvMmaConfig(128, 4, 2, stages=2, maxnreg=168)]  # (the 168-register cap of 128-row tiles)
         boxed = [GemvMmaConfig(64, 16, 1, k_warps=4, values_box=True), GemvMmaConfig(64, 8, 2, k_warps=2, values_box=True)]
         configs += [c for c in boxed if values_box_fits(pw, c) is None]  # the split's group values in one TMA box
-        configs += [GemvMmaConfig(64, 4, 2, l2_prefetch=True), GemvMmaConfig(128, 4, 2, stages=2, maxnreg=168, l2_prefetch=True),
-                    GemvMmaConfig(64, 4, 1, stages=1, l2_prefetch=True)]  # a split's words asked of L2 first
-        if pw.high is None:
-            configs.append(GemvMmaConfig(32, 8, 1, k_warps=4, l2_prefetch=True))
         if routes(pw):  # four groups a chunk half in their own MMA columns
             configs += [GemvMmaConfig(64, 4, 2, stages=2, route=True), GemvMmaConfig(128, 8, 1, stages=1, route=True),
                         GemvMmaConfig(128, 4, 2, stages=2, route=True)]
