@@ -582,7 +582,7 @@ def _gemv_kw_kernel(
     N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_hn, stride_xm, stride_ym,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
-    PDL: gl.constexpr, KW: gl.constexpr, VBOX: gl.constexpr,
+    PDL: gl.constexpr, KW: gl.constexpr, VBOX: gl.constexpr, AHEAD: gl.constexpr,
 ):
     """:func:`_gemv_mma_kernel` with the program's warps in ``KW`` groups along K (plain loads, not uint3): the
     program's chunks (its K split's) are cut in ``KW`` runs, one a group; each group sums its run for the program's
@@ -614,6 +614,9 @@ def _gemv_kw_kernel(
     w_rows = w_ptr + rows4 * stride_wn + cols
     start = gl.minimum(g_first, n_chunks - 1)
     next_words = gl.load(w_rows + start * RUN, mask=row_ok4, other=0)
+    after_words = next_words
+    if AHEAD == 2:  # each group's second chunk too (its first again where it has one chunk)
+        after_words = gl.load(w_rows + gl.maximum(gl.minimum(g_first + 1, g_last - 1), 0) * RUN, mask=row_ok4, other=0)
     if VBOX:  # the split's group values: one box of each, [1, run's groups, warp group, rows] (the descriptors' order)
         RUN_GROUPS: gl.constexpr = XS_CHUNKS * (SLOTS // SPG)
         box_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -653,7 +656,11 @@ def _gemv_kw_kernel(
         chunk = g_first + i
         following = gl.maximum(gl.minimum(chunk + 1, g_last - 1), 0)  # (the last chunk again at a group's end)
         words = next_words
-        next_words = gl.load(w_rows + following * RUN, mask=row_ok4, other=0)
+        if AHEAD == 2:
+            next_words = after_words
+            after_words = gl.load(w_rows + gl.maximum(gl.minimum(chunk + 2, g_last - 1), 0) * RUN, mask=row_ok4, other=0)
+        else:
+            next_words = gl.load(w_rows + following * RUN, mask=row_ok4, other=0)
         for step in gl.static_range(N_STEPS):
             if VBOX:
                 s_lo, s_hi, z_lo, z_hi = _box_values(s_rows, z_rows, i, step, zero_const, SLOTS, SPG, HAS_ZERO, rows_layout)
@@ -896,6 +903,7 @@ class GemvMmaConfig:
     pdl: bool = False  # from Hopper on: programmatic dependent launch (off: it slowed the decode, see the module notes)
     k_warps: int = 1  # plain loads, not uint3: the warps in this many groups along K, summed in shared memory (_gemv_kw_kernel)
     values_box: bool = False  # with k_warps on Hopper: the split's group values in one TMA box (values_box_fits; not yet run on a GPU)
+    words_ahead: int = 1  # with k_warps: chunks of words in registers ahead of the one summed (1 or 2)
 
 
 def default_config(pw: PackedWeight) -> GemvMmaConfig:
@@ -1098,6 +1106,9 @@ def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     if config.k_warps > 1 and (config.stages or pw.high is not None):
         raise ValueError(f"k_warps={config.k_warps} runs on the plain loads (stages=0) and one plane of words (not uint3); "
                          f"got stages={config.stages}, {pw.layout}")
+    if config.words_ahead not in (1, 2) or (config.words_ahead == 2 and config.k_warps == 1):
+        raise ValueError(f"words_ahead must be 1, or 2 with k_warps > 1 (the warp-group kernel); got words_ahead={config.words_ahead}, "
+                         f"k_warps={config.k_warps}")
     if config.values_box and (why := values_box_fits(pw, config)):
         raise ValueError(why)
     if config.stages and not tma_fits(pw, config):
@@ -1129,7 +1140,7 @@ def launch_constants(pw: PackedWeight, config: GemvMmaConfig, pdl: bool = False)
         return _gemv_tma_kernel, sizes, consts
     sizes = (pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const, words.stride(0), high.stride(0))
     if config.k_warps > 1:
-        return _gemv_kw_kernel, sizes, consts | dict(KW=config.k_warps, VBOX=config.values_box)
+        return _gemv_kw_kernel, sizes, consts | dict(KW=config.k_warps, VBOX=config.values_box, AHEAD=config.words_ahead)
     return _gemv_mma_kernel, sizes, consts
 
 

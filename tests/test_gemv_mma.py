@@ -122,6 +122,10 @@ def test_rejects_what_it_cannot_take() -> None:
     uint3_32 = pack_weight(codes, scale, None, "uint3", 128, zero_const=3.5, run=32)
     with pytest.raises(ValueError, match="got stages=0, uint3"):
         gemv_mma(x, uint3_32, GemvMmaConfig(block_n=32, num_warps=8, k_warps=4))
+    with pytest.raises(ValueError, match="words_ahead must be 1, or 2 with k_warps > 1 .*; got words_ahead=2, k_warps=1"):
+        gemv_mma(x, ternary, GemvMmaConfig(block_n=32, num_warps=2, words_ahead=2))
+    with pytest.raises(ValueError, match="got words_ahead=3, k_warps=4"):
+        gemv_mma(x, ternary, GemvMmaConfig(block_n=32, num_warps=8, k_warps=4, words_ahead=3))
 
 
 def test_the_box_of_group_values_takes_even_runs_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -224,7 +228,8 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     configs = [None, GemvMmaConfig(128, 8, 2), GemvMmaConfig(32, 2, 1), GemvMmaConfig(64, 4, 8, maxnreg=None), GemvMmaConfig(pdl=True)]
     if pw.high is None:  # the warps in groups along K: uneven runs, groups with no chunk, with and without global K splits
         configs += [GemvMmaConfig(32, 8, 1, k_warps=4), GemvMmaConfig(64, 8, 2, k_warps=2), GemvMmaConfig(16, 8, 3, k_warps=8),
-                    GemvMmaConfig(128, 16, 1, k_warps=2, maxnreg=None)]
+                    GemvMmaConfig(128, 16, 1, k_warps=2, maxnreg=None), GemvMmaConfig(32, 8, 1, k_warps=4, words_ahead=2),
+                    GemvMmaConfig(16, 8, 3, k_warps=8, words_ahead=2)]  # (two chunks ahead: runs of one chunk, of none)
     if lm.is_hopper(x.device):  # the TMA feed: every chunk in flight, and a ring that refills (1 and 2 stages)
         configs += [GemvMmaConfig(128, 8, 2, stages=4), GemvMmaConfig(64, 4, 1, stages=1), GemvMmaConfig(32, 2, 2, stages=2),
                     GemvMmaConfig(128, 4, 2, stages=2, maxnreg=168)]  # (the 168-register cap of 128-row tiles)
