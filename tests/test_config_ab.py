@@ -17,8 +17,8 @@ from qkernels.pack import pack_weight
 def test_variants_are_fields_of_the_paths_config() -> None:
     assert config_ab.parse_variant("words_ahead=2, split_k=3", GemmWgmmaConfig) == {"words_ahead": 2, "split_k": 3}
     assert config_ab.parse_variant("route=true,maxnreg=none", GemvMmaConfig) == {"route": True, "maxnreg": None}
-    with pytest.raises(ValueError, match=r"'words_ahead' is not a field of GemvMmaConfig; choose from \['block_n', 'num_warps'"):
-        config_ab.parse_variant("words_ahead=2", GemvMmaConfig)
+    with pytest.raises(ValueError, match=r"'group_ahead' is not a field of GemvMmaConfig; choose from \['block_n', 'num_warps'"):
+        config_ab.parse_variant("group_ahead=2", GemvMmaConfig)
     with pytest.raises(ValueError, match=r"split_k='three' is not an integer, true, false or none"):
         config_ab.parse_variant("split_k=three", GemmWgmmaConfig)
     with pytest.raises(ValueError, match=r"'split_k' is not field=value"):

@@ -96,9 +96,9 @@ def test_a_variant_is_timed_beside_the_package_and_cublas(tmp_path: Path) -> Non
 
 def test_config_overrides_name_a_field_the_path_lacks(capsys) -> None:
     with pytest.raises(SystemExit):
-        sa.main(["--variants", str(ROOT / "bench" / "ablations" / "gemv_session26.json"), "--config", "k_warps=4,words_ahead=2"])
+        sa.main(["--variants", str(ROOT / "bench" / "ablations" / "gemv_session26.json"), "--config", "k_warps=4,group_ahead=2"])
     err = capsys.readouterr().err
-    assert "'words_ahead' is not a field of GemvMmaConfig" in err and "'k_warps'" in err
+    assert "'group_ahead' is not a field of GemvMmaConfig" in err and "'k_warps'" in err
 
 
 @pytest.mark.skipif(not HOPPER, reason="run with the GPU tests (Hopper)")
