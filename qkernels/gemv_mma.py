@@ -74,9 +74,10 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
 * Two chunks of words ahead (``words_ahead=2``, with warp groups along K; off, not yet timed on a GPU): each group holds
   its next two chunks' words in registers, not one, so two DRAM round trips overlap the chunk being summed (ternary
   64/16/1/4 in the sm_90 build at 8192^2: 126 registers against 109, no spills; W4 g128 121 against 111; W2 g128 spills
-  one value in the loop under the 128 cap, but not with ``values_box``: 125 against 115). Two other ways of putting the words in flight earlier lost on the H200: all of them by TMA at the start
-  (``words_tma``, session 27) and a bulk L2 prefetch of each program's words (``l2_prefetch``, session 28: 4-18% slower
-  in all 12 cells, bench/results/kernel_latency_h200.md).
+  one value in the loop under the 128 cap, but not with ``values_box``: 125 against 115). Two other ways of putting the
+  words in flight earlier lost on the H200: all of them by TMA at the start (``words_tma``, session 27) and a bulk L2
+  prefetch of each program's words (``l2_prefetch``, session 28: 4-18% slower in all 12 cells,
+  bench/results/kernel_latency_h200.md).
 
 * Programmatic dependent launch (``pdl``, compute capability 9.0 and above; off by default): each
   program issues its first weight loads, waits for the previous kernel (``griddepcontrol.wait``), then
