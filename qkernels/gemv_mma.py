@@ -71,13 +71,14 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
   chunk in the sm_90 build against 417 (no ``LDG``/``IMAD.WIDE`` for the values; ternary, which loads none, 289), 115
   registers against 126. Session 23 had W2 at 11.15 us on that config against ternary's 10.0.
 
-* Two chunks of words ahead (``words_ahead=2``, with warp groups along K; off, not yet timed on a GPU): each group holds
-  its next two chunks' words in registers, not one, so two DRAM round trips overlap the chunk being summed (ternary
-  64/16/1/4 in the sm_90 build at 8192^2: 126 registers against 109, no spills; W4 g128 121 against 111; W2 g128 spills
-  one value in the loop under the 128 cap, but not with ``values_box``: 125 against 115). Two other ways of putting the
-  words in flight earlier lost on the H200: all of them by TMA at the start (``words_tma``, session 27) and a bulk L2
-  prefetch of each program's words (``l2_prefetch``, session 28: 4-18% slower in all 12 cells,
-  bench/results/kernel_latency_h200.md).
+* The words tile by tile (``tiled_words``, with warp groups along K; not yet timed on a GPU): a program's chunk of
+  ``BLOCK_N`` rows in one run of memory (:func:`tile_words`, a copy beside the packed rows) instead of ``BLOCK_N`` runs of
+  128 bytes a row apart, so a warp's load covers 1 KiB in a row. The question it asks: whether the GEMVs' 77-80% of the
+  read floor's bandwidth at batch 1 (H100, session 29: W4 8192^2 17.0 us against 13.3) is the DRAM pages that so many
+  short runs a row apart open, since three ways of putting more words in flight earlier lost: all of them by TMA at
+  the start (``words_tma``, session 27), a bulk L2 prefetch of each program's words (``l2_prefetch``, session 28: 4-18%
+  slower in all 12 cells on the H200) and two chunks of words in registers ahead (``words_ahead``, session 29: 0.78-0.98x
+  of one chunk ahead in all 9 cells on the H100, 64/16/1/4 at three shapes; bench/results/kernel_latency_h100.md).
 
 * Programmatic dependent launch (``pdl``, compute capability 9.0 and above; off by default): each
   program issues its first weight loads, waits for the previous kernel (``griddepcontrol.wait``), then
@@ -587,10 +588,10 @@ def _box_values(s_rows, z_rows, i, STEP_I: gl.constexpr, zero_const, SLOTS: gl.c
 @gluon.jit
 def _gemv_kw_kernel(
     x_ptr, w_ptr, hi_ptr, scale_ptr, zero_ptr, s_desc, z_desc, y_ptr, partial_ptr, count_ptr,
-    N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_hn, stride_xm, stride_ym,
-    BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
+    N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wb, stride_wn, stride_wc, stride_hn, stride_xm,
+    stride_ym, BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
-    PDL: gl.constexpr, KW: gl.constexpr, VBOX: gl.constexpr, AHEAD: gl.constexpr,
+    PDL: gl.constexpr, KW: gl.constexpr, VBOX: gl.constexpr,
 ):
     """:func:`_gemv_mma_kernel` with the program's warps in ``KW`` groups along K (plain loads, not uint3): the
     program's chunks (its K split's) are cut in ``KW`` runs, one a group; each group sums its run for the program's
@@ -598,7 +599,8 @@ def _gemv_kw_kernel(
     ``XS_CHUNKS`` chunks long) the split's group values come in one TMA box (``s_desc``, ``z_desc``: ``[KW * XS_CHUNKS *
     groups a chunk, BLOCK_N]`` of the group-major scales and zero points) while the activations are staged, and each
     step reads them from shared memory; else ``s_desc`` and ``z_desc`` are stand-ins and each step loads them from
-    global memory a step ahead."""
+    global memory a step ahead. Word ``w`` of row ``r`` of tile ``b`` (rows ``b * BLOCK_N ..``) and chunk ``c`` is at
+    ``b * stride_wb + r * stride_wn + c * stride_wc + w``: the packed rows, or the words tile by tile (``tiled_words``)."""
     ROW_WARPS: gl.constexpr = NUM_WARPS // KW
     layout: gl.constexpr = _kw_layout(KW, ROW_WARPS)
     rows_layout: gl.constexpr = gl.SliceLayout(3, layout)
@@ -619,12 +621,9 @@ def _gemv_kw_kernel(
     g_first = first + group * per_group  # [KW, 1, 1, 1]: each group's first chunk
     g_last = gl.minimum(g_first + per_group, n_chunks)
     rows4, row_ok4 = rows[:, :, :, None], row_ok[:, :, :, None]
-    w_rows = w_ptr + rows4 * stride_wn + cols
+    w_rows = w_ptr + pid_n * stride_wb + cell[:, :, :, None] * stride_wn + cols
     start = gl.minimum(g_first, n_chunks - 1)
-    next_words = gl.load(w_rows + start * RUN, mask=row_ok4, other=0)
-    after_words = next_words
-    if AHEAD == 2:  # each group's second chunk too (its first again where it has one chunk)
-        after_words = gl.load(w_rows + gl.maximum(gl.minimum(g_first + 1, g_last - 1), 0) * RUN, mask=row_ok4, other=0)
+    next_words = gl.load(w_rows + start * stride_wc, mask=row_ok4, other=0)
     if VBOX:  # the split's group values: one box of each, [1, run's groups, warp group, rows] (the descriptors' order)
         RUN_GROUPS: gl.constexpr = XS_CHUNKS * (SLOTS // SPG)
         box_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -664,11 +663,7 @@ def _gemv_kw_kernel(
         chunk = g_first + i
         following = gl.maximum(gl.minimum(chunk + 1, g_last - 1), 0)  # (the last chunk again at a group's end)
         words = next_words
-        if AHEAD == 2:
-            next_words = after_words
-            after_words = gl.load(w_rows + gl.maximum(gl.minimum(chunk + 2, g_last - 1), 0) * RUN, mask=row_ok4, other=0)
-        else:
-            next_words = gl.load(w_rows + following * RUN, mask=row_ok4, other=0)
+        next_words = gl.load(w_rows + following * stride_wc, mask=row_ok4, other=0)
         for step in gl.static_range(N_STEPS):
             if VBOX:
                 s_lo, s_hi, z_lo, z_hi = _box_values(s_rows, z_rows, i, step, zero_const, SLOTS, SPG, HAS_ZERO, rows_layout)
@@ -911,7 +906,7 @@ class GemvMmaConfig:
     pdl: bool = False  # from Hopper on: programmatic dependent launch (off: it slowed the decode, see the module notes)
     k_warps: int = 1  # plain loads, not uint3: the warps in this many groups along K, summed in shared memory (_gemv_kw_kernel)
     values_box: bool = False  # with k_warps on Hopper: the split's group values in one TMA box (values_box_fits; not yet run on a GPU)
-    words_ahead: int = 1  # with k_warps: chunks of words in registers ahead of the one summed (1 or 2)
+    tiled_words: bool = False  # with k_warps: the words tile by tile, each chunk of block_n rows one run of memory (tile_words)
 
 
 def default_config(pw: PackedWeight) -> GemvMmaConfig:
@@ -1060,8 +1055,20 @@ def _weight_args(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     if config.stages:
         return _descriptors(pw, words, scale, zero, config)
     if config.k_warps > 1:
+        words = tile_words(words, config.block_n) if config.tiled_words else words
         return (words, high, scale, zero, *(_value_boxes(pw, scale, zero, config) if config.values_box else (scale, zero)))
     return words, high, scale, zero
+
+
+def tile_words(words: torch.Tensor, block_n: int) -> torch.Tensor:
+    """The packed words ``[N, chunks * 32]`` tile by tile, ``[row tiles, chunks, block_n, 32]`` (the rows padded with
+    zeros to whole tiles): a warp-group GEMV program's chunk of words is one run of ``block_n * 128`` bytes instead of
+    ``block_n`` runs of 128 bytes a row apart. A copy beside the packed rows (``tiled_words``, the A/B of the layout)."""
+    n, width = words.shape
+    tiles = triton.cdiv(n, block_n)
+    padded = torch.zeros(tiles * block_n, width, dtype=words.dtype, device=words.device)
+    padded[:n] = words
+    return padded.view(tiles, block_n, width // RUN.value, RUN.value).transpose(1, 2).contiguous()
 
 
 def value_box_groups(pw: PackedWeight, config: GemvMmaConfig) -> int:
@@ -1073,13 +1080,15 @@ def value_box_groups(pw: PackedWeight, config: GemvMmaConfig) -> int:
 def values_box_fits(pw: PackedWeight, config: GemvMmaConfig) -> str | None:
     """Why ``values_box`` cannot run on ``pw`` with ``config``, or None: it needs warp groups along K on a Hopper GPU,
     groups inside a chunk half (not one a row), runs of a power of two chunks (the box's rows are laid out by run), at
-    most 256 groups a split and 16-byte aligned group-major rows of scales and zero points."""
+    most 256 groups a split and 16-byte aligned group-major rows of scales and zero points; one plane of words, as warp
+    groups along K need (not uint3)."""
     n_chunks = pw.words.shape[1] // pw.run
     per_run = triton.cdiv(n_chunks, config.split_k * config.k_warps)
     _, _, scale, zero = lm.kernel_tensors(pw)
     aligned = lambda t: t.data_ptr() % 16 == 0 and _by_group(t)[1][1] == 1 and _by_group(t)[1][0] * t.element_size() % 16 == 0  # noqa: E731
     checks = {
         f"k_warps={config.k_warps} (warp groups along K)": config.k_warps > 1,
+        f"one plane of words (not {pw.layout})": pw.high is None,
         "a Hopper GPU": lm.is_hopper(pw.words.device),
         f"groups inside a chunk half (group_size {pw.group_size}, half a chunk {pw.chunk // 2})": pw.n_groups > 1 and pw.chunk // 2 % pw.group_size == 0,
         f"every run the same power of two chunks ({n_chunks} chunks in {config.split_k * config.k_warps} runs)":
@@ -1114,9 +1123,8 @@ def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     if config.k_warps > 1 and (config.stages or pw.high is not None):
         raise ValueError(f"k_warps={config.k_warps} runs on the plain loads (stages=0) and one plane of words (not uint3); "
                          f"got stages={config.stages}, {pw.layout}")
-    if config.words_ahead not in (1, 2) or (config.words_ahead == 2 and config.k_warps == 1):
-        raise ValueError(f"words_ahead must be 1, or 2 with k_warps > 1 (the warp-group kernel); got words_ahead={config.words_ahead}, "
-                         f"k_warps={config.k_warps}")
+    if config.tiled_words and config.k_warps == 1:
+        raise ValueError(f"tiled_words=True runs on the warp-group kernel (k_warps > 1); got k_warps={config.k_warps}")
     if config.values_box and (why := values_box_fits(pw, config)):
         raise ValueError(why)
     if config.stages and not tma_fits(pw, config):
@@ -1148,7 +1156,10 @@ def launch_constants(pw: PackedWeight, config: GemvMmaConfig, pdl: bool = False)
         return _gemv_tma_kernel, sizes, consts
     sizes = (pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const, words.stride(0), high.stride(0))
     if config.k_warps > 1:
-        return _gemv_kw_kernel, sizes, consts | dict(KW=config.k_warps, VBOX=config.values_box, AHEAD=config.words_ahead)
+        rows, tile = words.stride(0), config.block_n * RUN.value  # the packed rows, or the words tile by tile (tile_words)
+        strides = (n_chunks * tile, RUN.value, tile) if config.tiled_words else (config.block_n * rows, rows, RUN.value)
+        sizes = (*sizes[:8], *strides, *sizes[9:])
+        return _gemv_kw_kernel, sizes, consts | dict(KW=config.k_warps, VBOX=config.values_box)
     return _gemv_mma_kernel, sizes, consts
 
 

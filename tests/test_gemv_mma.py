@@ -12,7 +12,7 @@ import torch
 from qkernels import lowbit_matmul as lm
 from qkernels.gemv_mma import (
     WINDOW, GemvMmaConfig, _by_group, _descriptors, _value_boxes, config_for, default_config, gemv_mma, group_box, k_warps_config, mma_asm,
-    routes, rule_config, values_box_fits,
+    launch_constants, routes, rule_config, tile_words, values_box_fits,
     slot3_constants, slot_constants, tma_config,
 )
 from qkernels.pack import PackedWeight, pack_weight
@@ -122,10 +122,28 @@ def test_rejects_what_it_cannot_take() -> None:
     uint3_32 = pack_weight(codes, scale, None, "uint3", 128, zero_const=3.5, run=32)
     with pytest.raises(ValueError, match="got stages=0, uint3"):
         gemv_mma(x, uint3_32, GemvMmaConfig(block_n=32, num_warps=8, k_warps=4))
-    with pytest.raises(ValueError, match="words_ahead must be 1, or 2 with k_warps > 1 .*; got words_ahead=2, k_warps=1"):
-        gemv_mma(x, ternary, GemvMmaConfig(block_n=32, num_warps=2, words_ahead=2))
-    with pytest.raises(ValueError, match="got words_ahead=3, k_warps=4"):
-        gemv_mma(x, ternary, GemvMmaConfig(block_n=32, num_warps=8, k_warps=4, words_ahead=3))
+    with pytest.raises(ValueError, match=r"tiled_words=True runs on the warp-group kernel \(k_warps > 1\); got k_warps=1"):
+        gemv_mma(x, ternary, GemvMmaConfig(block_n=32, num_warps=2, tiled_words=True))
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_the_warp_group_kernel_finds_every_word_in_either_layout(tiled: bool) -> None:
+    """The warp-group GEMV's word address ``tile * stride_wb + row * stride_wn + chunk * stride_wc + word`` (the sizes
+    its launch passes) reads word ``w`` of chunk ``c`` of row ``r`` from the packed rows, and from :func:`tile_words`'s
+    copy with ``tiled_words`` (rows padded with zeros to whole tiles)."""
+    n, k, block_n = 200, 1024, 64
+    pw = pack_weight(torch.randint(0, 4, (n, k)), torch.rand(n, k // 128).half(), None, "uint2", 128, zero_const=1.5, run=32)
+    config = GemvMmaConfig(block_n, 16, 1, k_warps=4, tiled_words=tiled)
+    _, sizes, _ = launch_constants(pw, config)
+    stride_wb, stride_wn, stride_wc = sizes[8:11]
+    words = pw.words
+    flat = (tile_words(words, block_n) if tiled else words).flatten()
+    assert flat.numel() == (4 * block_n if tiled else n) * words.shape[1]
+    r, c, w = torch.meshgrid(torch.arange(n), torch.arange(words.shape[1] // 32), torch.arange(32), indexing="ij")
+    address = r // block_n * stride_wb + r % block_n * stride_wn + c * stride_wc + w
+    assert torch.equal(flat[address], words[r, c * 32 + w])
+    if tiled:
+        assert not flat.view(4, -1, block_n, 32)[3, :, n % block_n:].any()  # the padding rows
 
 
 def test_the_box_of_group_values_takes_even_runs_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -228,8 +246,8 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     configs = [None, GemvMmaConfig(128, 8, 2), GemvMmaConfig(32, 2, 1), GemvMmaConfig(64, 4, 8, maxnreg=None), GemvMmaConfig(pdl=True)]
     if pw.high is None:  # the warps in groups along K: uneven runs, groups with no chunk, with and without global K splits
         configs += [GemvMmaConfig(32, 8, 1, k_warps=4), GemvMmaConfig(64, 8, 2, k_warps=2), GemvMmaConfig(16, 8, 3, k_warps=8),
-                    GemvMmaConfig(128, 16, 1, k_warps=2, maxnreg=None), GemvMmaConfig(32, 8, 1, k_warps=4, words_ahead=2),
-                    GemvMmaConfig(16, 8, 3, k_warps=8, words_ahead=2)]  # (two chunks ahead: runs of one chunk, of none)
+                    GemvMmaConfig(128, 16, 1, k_warps=2, maxnreg=None), GemvMmaConfig(32, 8, 1, k_warps=4, tiled_words=True),
+                    GemvMmaConfig(16, 8, 3, k_warps=8, tiled_words=True)]  # (the words tile by tile, a ragged last tile)
     if lm.is_hopper(x.device):  # the TMA feed: every chunk in flight, and a ring that refills (1 and 2 stages)
         configs += [GemvMmaConfig(128, 8, 2, stages=4), GemvMmaConfig(64, 4, 1, stages=1), GemvMmaConfig(32, 2, 2, stages=2),
                     GemvMmaConfig(128, 4, 2, stages=2, maxnreg=168)]  # (the 168-register cap of 128-row tiles)
