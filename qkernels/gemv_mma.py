@@ -73,12 +73,12 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
 
 * The words tile by tile (``tiled_words``, with warp groups along K; not yet timed on a GPU): a program's chunk of
   ``BLOCK_N`` rows in one run of memory (:func:`tile_words`, a copy beside the packed rows) instead of ``BLOCK_N`` runs of
-  128 bytes a row apart, so a warp's load covers 1 KiB in a row. The question it asks: whether the GEMVs' 77-80% of the
-  read floor's bandwidth at batch 1 (H100, session 29: W4 8192^2 17.0 us against 13.3) is the DRAM pages that so many
-  short runs a row apart open, since three ways of putting more words in flight earlier lost: all of them by TMA at
+  128 bytes a row apart, so a warp's load covers 1 KiB in a row. The question it asks: whether the GEMVs' time above their read
+  floor at batch 1 (H100, session 29, 8192^2: W4 17.0 us against 13.3, W2 12.1 against 8.0) is the DRAM pages that so
+  many short runs a row apart open, since three ways of putting more words in flight earlier lost: all of them by TMA at
   the start (``words_tma``, session 27), a bulk L2 prefetch of each program's words (``l2_prefetch``, session 28: 4-18%
-  slower in all 12 cells on the H200) and two chunks of words in registers ahead (``words_ahead``, session 29: 0.78-0.98x
-  of one chunk ahead in all 9 cells on the H100, 64/16/1/4 at three shapes; bench/results/kernel_latency_h100.md).
+  slower in all 12 cells on the H200) and two chunks of words in registers ahead (``words_ahead``, session 29 on the H100:
+  0.87-0.98x as fast as one in 12 of 13 cells, 64/16/1/4 at three shapes; bench/results/kernel_latency_h100.md).
 
 * Programmatic dependent launch (``pdl``, compute capability 9.0 and above; off by default): each
   program issues its first weight loads, waits for the previous kernel (``griddepcontrol.wait``), then
