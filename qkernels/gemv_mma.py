@@ -71,14 +71,18 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
   chunk in the sm_90 build against 417 (no ``LDG``/``IMAD.WIDE`` for the values; ternary, which loads none, 289), 115
   registers against 126. Session 23 had W2 at 11.15 us on that config against ternary's 10.0.
 
-* The words tile by tile (``tiled_words``, with warp groups along K; not yet timed on a GPU): a program's chunk of
-  ``BLOCK_N`` rows in one run of memory (:func:`tile_words`, a copy beside the packed rows) instead of ``BLOCK_N`` runs of
-  128 bytes a row apart, so a warp's load covers 1 KiB in a row. The question it asks: whether the GEMVs' time above their read
-  floor at batch 1 (H100, session 29, 8192^2: W4 17.0 us against 13.3, W2 12.1 against 8.0) is the DRAM pages that so
-  many short runs a row apart open, since three ways of putting more words in flight earlier lost: all of them by TMA at
-  the start (``words_tma``, session 27), a bulk L2 prefetch of each program's words (``l2_prefetch``, session 28: 4-18%
-  slower in all 12 cells on the H200) and two chunks of words in registers ahead (``words_ahead``, session 29 on the H100:
-  0.87-0.98x as fast as one in 12 of 13 cells, 64/16/1/4 at three shapes; bench/results/kernel_latency_h100.md).
+* Two other orders of the words (with warp groups along K; not yet timed on a GPU; :func:`reorder_words`, a copy beside
+  the packed rows): tile by tile (``tiled_words``), a program's chunk of ``BLOCK_N`` rows one run of memory instead of
+  ``BLOCK_N`` runs of 128 bytes a row apart (a warp's two loads of a pass cover 1 KiB in a row); in the lanes' order
+  (``lane_words``), so that each 16-byte load of a row's four lanes reads one run of 64 bytes, not four pieces of 16
+  bytes 32 apart (each load half of four 32-byte sectors, the other half left to the next load). Same registers, same
+  instructions (the W4 warp-group kernel's sm_90 build: 1016 instructions, 8 128-bit word loads, either order). The
+  question they ask: whether the GEMVs' time above their read floor at batch 1 (H100, session 29, 8192^2: W4 17.0 us
+  against 13.3, W2 12.1 against 8.0) is in how the words are read, since three ways of putting more of them in flight
+  earlier lost: all of them by TMA at the start (``words_tma``, session 27), a bulk L2 prefetch of each program's words
+  (``l2_prefetch``, session 28: 4-18% slower in all 12 cells on the H200) and two chunks of words in registers ahead
+  (``words_ahead``, session 29 on the H100: 0.87-0.98x as fast as one in 12 of 13 cells, 64/16/1/4 at three shapes;
+  bench/results/kernel_latency_h100.md).
 
 * Programmatic dependent launch (``pdl``, compute capability 9.0 and above; off by default): each
   program issues its first weight loads, waits for the previous kernel (``griddepcontrol.wait``), then
@@ -591,7 +595,7 @@ def _gemv_kw_kernel(
     N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wb, stride_wn, stride_wc, stride_hn, stride_xm,
     stride_ym, BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
-    PDL: gl.constexpr, KW: gl.constexpr, VBOX: gl.constexpr,
+    PDL: gl.constexpr, KW: gl.constexpr, VBOX: gl.constexpr, LANES: gl.constexpr,
 ):
     """:func:`_gemv_mma_kernel` with the program's warps in ``KW`` groups along K (plain loads, not uint3): the
     program's chunks (its K split's) are cut in ``KW`` runs, one a group; each group sums its run for the program's
@@ -600,7 +604,8 @@ def _gemv_kw_kernel(
     groups a chunk, BLOCK_N]`` of the group-major scales and zero points) while the activations are staged, and each
     step reads them from shared memory; else ``s_desc`` and ``z_desc`` are stand-ins and each step loads them from
     global memory a step ahead. Word ``w`` of row ``r`` of tile ``b`` (rows ``b * BLOCK_N ..``) and chunk ``c`` is at
-    ``b * stride_wb + r * stride_wn + c * stride_wc + w``: the packed rows, or the words tile by tile (``tiled_words``)."""
+    ``b * stride_wb + r * stride_wn + c * stride_wc + w``: the packed rows, or the words tile by tile (``tiled_words``);
+    with ``LANES`` word ``8t + 4h + j`` of a run (lane ``t``'s, load ``h``) is at ``16h + 4t + j`` (``lane_words``)."""
     ROW_WARPS: gl.constexpr = NUM_WARPS // KW
     layout: gl.constexpr = _kw_layout(KW, ROW_WARPS)
     rows_layout: gl.constexpr = gl.SliceLayout(3, layout)
@@ -614,7 +619,10 @@ def _gemv_kw_kernel(
             + gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, rows_layout)))[None, None, :])
     rows = pid_n * BLOCK_N + cell  # [1, BLOCK_N // 2, 2]
     row_ok = rows < N
-    cols = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, layout))))[None, None, None, :]
+    cols = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, layout))))
+    if LANES:  # a 16-byte load of a row's four lanes: one run of 64 bytes, not four pieces of 16 a sector apart
+        cols = gl.max_contiguous(gl.multiple_of(cols // 8 * 4 + cols // 4 % 2 * 16 + cols % 4, 4), 4)
+    cols = cols[None, None, None, :]
     group = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, rows_layout)))[:, None, None, None]
     per_group = gl.cdiv(n_chunks, SPLIT_K * KW)
     first = gl.program_id(2) * KW * per_group
@@ -906,7 +914,8 @@ class GemvMmaConfig:
     pdl: bool = False  # from Hopper on: programmatic dependent launch (off: it slowed the decode, see the module notes)
     k_warps: int = 1  # plain loads, not uint3: the warps in this many groups along K, summed in shared memory (_gemv_kw_kernel)
     values_box: bool = False  # with k_warps on Hopper: the split's group values in one TMA box (values_box_fits; not yet run on a GPU)
-    tiled_words: bool = False  # with k_warps: the words tile by tile, each chunk of block_n rows one run of memory (tile_words)
+    tiled_words: bool = False  # with k_warps: the words tile by tile, each chunk of block_n rows one run of memory (reorder_words)
+    lane_words: bool = False  # with k_warps: each run's words in the order the lanes load them (reorder_words)
 
 
 def default_config(pw: PackedWeight) -> GemvMmaConfig:
@@ -1055,20 +1064,27 @@ def _weight_args(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     if config.stages:
         return _descriptors(pw, words, scale, zero, config)
     if config.k_warps > 1:
-        words = tile_words(words, config.block_n) if config.tiled_words else words
+        if config.tiled_words or config.lane_words:
+            words = reorder_words(words, config.block_n, config.tiled_words, config.lane_words)
         return (words, high, scale, zero, *(_value_boxes(pw, scale, zero, config) if config.values_box else (scale, zero)))
     return words, high, scale, zero
 
 
-def tile_words(words: torch.Tensor, block_n: int) -> torch.Tensor:
-    """The packed words ``[N, chunks * 32]`` tile by tile, ``[row tiles, chunks, block_n, 32]`` (the rows padded with
-    zeros to whole tiles): a warp-group GEMV program's chunk of words is one run of ``block_n * 128`` bytes instead of
-    ``block_n`` runs of 128 bytes a row apart. A copy beside the packed rows (``tiled_words``, the A/B of the layout)."""
+def reorder_words(words: torch.Tensor, block_n: int, tiles: bool, lanes: bool) -> torch.Tensor:
+    """The packed words ``[N, chunks * 32]`` in the warp-group GEMV's other orders, a copy beside the packed rows (the A/B
+    of the layout). With ``tiles`` tile by tile, ``[row tiles, chunks, block_n, 32]`` (the rows padded with zeros to whole
+    tiles): a program's chunk is one run of ``block_n * 128`` bytes instead of ``block_n`` runs of 128 bytes a row apart.
+    With ``lanes`` each run's words in the order the lanes load them, word ``8t + 4h + j`` (lane ``t``'s load ``h``) at
+    ``16h + 4t + j``: a row's four lanes read one run of 64 bytes a load, not four pieces of 16 bytes 32 apart."""
     n, width = words.shape
-    tiles = triton.cdiv(n, block_n)
-    padded = torch.zeros(tiles * block_n, width, dtype=words.dtype, device=words.device)
+    if lanes:
+        words = words.view(n, width // RUN.value, 4, 2, 4).transpose(2, 3).reshape(n, width)
+    if not tiles:
+        return words.contiguous()
+    row_tiles = triton.cdiv(n, block_n)
+    padded = torch.zeros(row_tiles * block_n, width, dtype=words.dtype, device=words.device)
     padded[:n] = words
-    return padded.view(tiles, block_n, width // RUN.value, RUN.value).transpose(1, 2).contiguous()
+    return padded.view(row_tiles, block_n, width // RUN.value, RUN.value).transpose(1, 2).contiguous()
 
 
 def value_box_groups(pw: PackedWeight, config: GemvMmaConfig) -> int:
@@ -1123,8 +1139,9 @@ def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     if config.k_warps > 1 and (config.stages or pw.high is not None):
         raise ValueError(f"k_warps={config.k_warps} runs on the plain loads (stages=0) and one plane of words (not uint3); "
                          f"got stages={config.stages}, {pw.layout}")
-    if config.tiled_words and config.k_warps == 1:
-        raise ValueError(f"tiled_words=True runs on the warp-group kernel (k_warps > 1); got k_warps={config.k_warps}")
+    if (config.tiled_words or config.lane_words) and config.k_warps == 1:
+        raise ValueError(f"tiled_words and lane_words run on the warp-group kernel (k_warps > 1); got tiled_words={config.tiled_words}, "
+                         f"lane_words={config.lane_words}, k_warps={config.k_warps}")
     if config.values_box and (why := values_box_fits(pw, config)):
         raise ValueError(why)
     if config.stages and not tma_fits(pw, config):
@@ -1156,10 +1173,11 @@ def launch_constants(pw: PackedWeight, config: GemvMmaConfig, pdl: bool = False)
         return _gemv_tma_kernel, sizes, consts
     sizes = (pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const, words.stride(0), high.stride(0))
     if config.k_warps > 1:
-        rows, tile = words.stride(0), config.block_n * RUN.value  # the packed rows, or the words tile by tile (tile_words)
+        rows = n_chunks * RUN.value if config.lane_words else words.stride(0)  # (reorder_words's copy is contiguous)
+        tile = config.block_n * RUN.value
         strides = (n_chunks * tile, RUN.value, tile) if config.tiled_words else (config.block_n * rows, rows, RUN.value)
         sizes = (*sizes[:8], *strides, *sizes[9:])
-        return _gemv_kw_kernel, sizes, consts | dict(KW=config.k_warps, VBOX=config.values_box)
+        return _gemv_kw_kernel, sizes, consts | dict(KW=config.k_warps, VBOX=config.values_box, LANES=config.lane_words)
     return _gemv_mma_kernel, sizes, consts
 
 

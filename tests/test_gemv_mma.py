@@ -12,7 +12,7 @@ import torch
 from qkernels import lowbit_matmul as lm
 from qkernels.gemv_mma import (
     WINDOW, GemvMmaConfig, _by_group, _descriptors, _value_boxes, config_for, default_config, gemv_mma, group_box, k_warps_config, mma_asm,
-    launch_constants, routes, rule_config, tile_words, values_box_fits,
+    launch_constants, reorder_words, routes, rule_config, values_box_fits,
     slot3_constants, slot_constants, tma_config,
 )
 from qkernels.pack import PackedWeight, pack_weight
@@ -122,26 +122,32 @@ def test_rejects_what_it_cannot_take() -> None:
     uint3_32 = pack_weight(codes, scale, None, "uint3", 128, zero_const=3.5, run=32)
     with pytest.raises(ValueError, match="got stages=0, uint3"):
         gemv_mma(x, uint3_32, GemvMmaConfig(block_n=32, num_warps=8, k_warps=4))
-    with pytest.raises(ValueError, match=r"tiled_words=True runs on the warp-group kernel \(k_warps > 1\); got k_warps=1"):
-        gemv_mma(x, ternary, GemvMmaConfig(block_n=32, num_warps=2, tiled_words=True))
+    with pytest.raises(ValueError, match=r"tiled_words and lane_words run on the warp-group kernel \(k_warps > 1\); got tiled_words=False, "
+                                         r"lane_words=True, k_warps=1"):
+        gemv_mma(x, ternary, GemvMmaConfig(block_n=32, num_warps=2, lane_words=True))
 
 
-@pytest.mark.parametrize("tiled", [False, True])
-def test_the_warp_group_kernel_finds_every_word_in_either_layout(tiled: bool) -> None:
-    """The warp-group GEMV's word address ``tile * stride_wb + row * stride_wn + chunk * stride_wc + word`` (the sizes
-    its launch passes) reads word ``w`` of chunk ``c`` of row ``r`` from the packed rows, and from :func:`tile_words`'s
-    copy with ``tiled_words`` (rows padded with zeros to whole tiles)."""
+@pytest.mark.parametrize("tiled,lanes", [(False, False), (True, False), (False, True), (True, True)])
+def test_the_warp_group_kernel_finds_every_word_in_each_order(tiled: bool, lanes: bool) -> None:
+    """The warp-group GEMV's word address ``tile * stride_wb + row * stride_wn + chunk * stride_wc + place(word)`` (the
+    sizes its launch passes; ``place`` the kernel's ``LANES`` map) reads word ``w`` of chunk ``c`` of row ``r`` from the
+    packed rows, and from :func:`reorder_words`'s copy with ``tiled_words`` (rows padded with zeros to whole tiles) and
+    ``lane_words``."""
     n, k, block_n = 200, 1024, 64
     pw = pack_weight(torch.randint(0, 4, (n, k)), torch.rand(n, k // 128).half(), None, "uint2", 128, zero_const=1.5, run=32)
-    config = GemvMmaConfig(block_n, 16, 1, k_warps=4, tiled_words=tiled)
-    _, sizes, _ = launch_constants(pw, config)
+    config = GemvMmaConfig(block_n, 16, 1, k_warps=4, tiled_words=tiled, lane_words=lanes)
+    _, sizes, consts = launch_constants(pw, config)
+    assert consts["LANES"] == lanes
     stride_wb, stride_wn, stride_wc = sizes[8:11]
     words = pw.words
-    flat = (tile_words(words, block_n) if tiled else words).flatten()
+    flat = (reorder_words(words, block_n, tiled, lanes) if tiled or lanes else words).flatten()
     assert flat.numel() == (4 * block_n if tiled else n) * words.shape[1]
     r, c, w = torch.meshgrid(torch.arange(n), torch.arange(words.shape[1] // 32), torch.arange(32), indexing="ij")
-    address = r // block_n * stride_wb + r % block_n * stride_wn + c * stride_wc + w
+    place = w // 8 * 4 + w // 4 % 2 * 16 + w % 4 if lanes else w  # the kernel's map of a lane's word to its place in a run
+    address = r // block_n * stride_wb + r % block_n * stride_wn + c * stride_wc + place
     assert torch.equal(flat[address], words[r, c * 32 + w])
+    if lanes:  # lane t's load h (its words 8t + 4h .. 8t + 4h + 3) is one 16-byte piece of the 64 bytes the four lanes read
+        assert torch.equal(place.view(n, -1, 4, 2, 4)[0, 0].transpose(0, 1).flatten(), torch.arange(32))
     if tiled:
         assert not flat.view(4, -1, block_n, 32)[3, :, n % block_n:].any()  # the padding rows
 
@@ -247,7 +253,8 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     if pw.high is None:  # the warps in groups along K: uneven runs, groups with no chunk, with and without global K splits
         configs += [GemvMmaConfig(32, 8, 1, k_warps=4), GemvMmaConfig(64, 8, 2, k_warps=2), GemvMmaConfig(16, 8, 3, k_warps=8),
                     GemvMmaConfig(128, 16, 1, k_warps=2, maxnreg=None), GemvMmaConfig(32, 8, 1, k_warps=4, tiled_words=True),
-                    GemvMmaConfig(16, 8, 3, k_warps=8, tiled_words=True)]  # (the words tile by tile, a ragged last tile)
+                    GemvMmaConfig(16, 8, 3, k_warps=8, tiled_words=True, lane_words=True), GemvMmaConfig(64, 8, 2, k_warps=2, lane_words=True)]
+        # (the words' other orders: tile by tile with a ragged last tile, the lanes' order)
     if lm.is_hopper(x.device):  # the TMA feed: every chunk in flight, and a ring that refills (1 and 2 stages)
         configs += [GemvMmaConfig(128, 8, 2, stages=4), GemvMmaConfig(64, 4, 1, stages=1), GemvMmaConfig(32, 2, 2, stages=2),
                     GemvMmaConfig(128, 4, 2, stages=2, maxnreg=168)]  # (the 168-register cap of 128-row tiles)
