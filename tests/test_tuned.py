@@ -104,16 +104,22 @@ def test_parallel_savers_lose_nothing(store: Path) -> None:
     assert not list(store.glob("*.part"))
 
 
-def test_the_shipped_h200_table_loads_and_fits_its_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+H200_GEMV_KEYS = {("uint4", True, 128, 8192, 8192), ("uint4", True, 128, 16384, 16384), ("uint4", True, 128, 4096, 4096),
+                  ("uint2", False, 8192, 8192, 8192), ("uint2", False, 4096, 14336, 4096), ("uint2", True, 128, 14336, 4096),
+                  ("uint4", True, 128, 14336, 4096)}
+H100_GEMV_KEYS = {("uint4", True, 128, 8192, 8192), ("uint2", True, 128, 8192, 8192), ("uint2", False, 8192, 8192, 8192)}
+
+
+@pytest.mark.parametrize("gpu,keys", [("NVIDIA H200", H200_GEMV_KEYS), ("NVIDIA H100 80GB HBM3", H100_GEMV_KEYS)], ids=["h200", "h100"])
+def test_the_shipped_gemv_tables_load_and_fit_their_shapes(monkeypatch: pytest.MonkeyPatch, gpu: str, keys: set) -> None:
     """qkernels/tuned/nvidia_h200.json (measured winners: bench/results/kernel_latency_h200_session14_probes.json, and
-    kernel_latency_h200_session23_k_warps.json): every entry reads as a config that its shape takes, a W4 TMA config
-    whose scale box fits, or warp groups along K on plain loads (session 23)."""
+    kernel_latency_h200_session23_k_warps.json) and nvidia_h100_80gb_hbm3.json (session 29's tuner and A/B at 8192^2:
+    bench/results/kernel_latency_h100.md): every entry reads as a config that its shape takes, a W4 TMA config whose
+    scale box fits, or warp groups along K on plain loads (session 23)."""
     monkeypatch.delenv("QKERNELS_TUNED_DIR", raising=False)
-    monkeypatch.setattr(tuned, "gpu_of", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(tuned, "gpu_of", lambda device: gpu)
     table = tuned.saved("gemv_mma", gm.GemvMmaConfig, torch.device("cpu"))
-    assert set(table) == {("uint4", True, 128, 8192, 8192), ("uint4", True, 128, 16384, 16384), ("uint4", True, 128, 4096, 4096),
-                          ("uint2", False, 8192, 8192, 8192), ("uint2", False, 4096, 14336, 4096), ("uint2", True, 128, 14336, 4096),
-                          ("uint4", True, 128, 14336, 4096)}
+    assert set(table) == keys
     for (layout, zeros, group, n, k), config in table.items():
         slots = 8 if layout == "uint4" else 16
         groups = torch.ones(1, k // group, dtype=torch.float16).expand(n, -1)  # the shapes only (no n x k tensors)
