@@ -71,10 +71,11 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
   chunk in the sm_90 build against 417 (no ``LDG``/``IMAD.WIDE`` for the values; ternary, which loads none, 289), 115
   registers against 126. Session 23 had W2 at 11.15 us on that config against ternary's 10.0.
 
-* Two other orders of the words (with warp groups along K; not yet timed on a GPU; :func:`reorder_words`, a copy beside
-  the packed rows): tile by tile (``tiled_words``), a program's chunk of ``BLOCK_N`` rows one run of memory instead of
-  ``BLOCK_N`` runs of 128 bytes a row apart (a warp's two loads of a pass cover 1 KiB in a row); in the lanes' order
-  (``lane_words``), so that each 16-byte load of a row's four lanes reads one run of 64 bytes, not four pieces of 16
+* Two other orders of the words (not yet timed on a GPU; :func:`reorder_words`, a copy beside the packed rows): tile by
+  tile (``tiled_words``, with warp groups along K or on the TMA feed of one plane), a program's chunk of ``BLOCK_N`` rows
+  one run of memory instead of ``BLOCK_N`` runs of 128 bytes a row apart (a warp's two loads of a pass cover 1 KiB in a
+  row; a TMA box is one run of ``BLOCK_N * 128`` bytes); in the lanes' order (``lane_words``, with warp groups along K),
+  so that each 16-byte load of a row's four lanes reads one run of 64 bytes, not four pieces of 16
   bytes 32 apart (each load half of four 32-byte sectors, the other half left to the next load). Same registers, same
   instructions (the W4 warp-group kernel's sm_90 build: 1016 instructions, 8 128-bit word loads, either order). The
   question they ask: whether the GEMVs' time above their read floor at batch 1 (H100, session 29, 8192^2: W4 17.0 us
@@ -708,31 +709,35 @@ def _shared_values(s_groups, z_groups, lo, hi, zero_const, HAS_ZERO: gl.constexp
 
 
 @gluon.jit
-def _fetch(w_desc, h_desc, w_smem, h_smem, ready, buf, chunk, row0, pred, BITS: gl.constexpr):
+def _fetch(w_desc, h_desc, w_smem, h_smem, ready, buf, chunk, row0, n_chunks, pred, BITS: gl.constexpr, TILED: gl.constexpr):
     """Chunk ``chunk``'s words into buffer ``buf`` by TMA, and for uint3 (``BITS`` 3) its high plane's words
-    (a high chunk covers two chunks: ``chunk // 2``), both arriving on ``ready[buf]``."""
+    (a high chunk covers two chunks: ``chunk // 2``), both arriving on ``ready[buf]``. ``TILED``: the words tile by tile
+    (``tiled_words``) seen as rows of 32, chunk ``c`` of the tile at row ``row0`` at row ``row0 * n_chunks + c * BLOCK_N``."""
     nbytes: gl.constexpr = w_desc.block_type.nbytes + (h_desc.block_type.nbytes if BITS == 3 else 0)
     mbarrier.expect(ready.index(buf), nbytes, pred=pred)
-    async_load(w_desc, [row0, chunk * RUN], ready.index(buf), w_smem.index(buf), pred=pred)
+    if TILED:
+        async_load(w_desc, [row0 * n_chunks + chunk * w_desc.block_type.shape[0], 0], ready.index(buf), w_smem.index(buf), pred=pred)
+    else:
+        async_load(w_desc, [row0, chunk * RUN], ready.index(buf), w_smem.index(buf), pred=pred)
     if BITS == 3:
         async_load(h_desc, [row0, chunk // 2 * RUN], ready.index(buf), h_smem.index(buf), pred=pred)
 
 
 @gluon.jit
-def _refill(w_desc, h_desc, w_smem, h_smem, ready, i, first, n_here, row0, STAGES: gl.constexpr, XS_CHUNKS: gl.constexpr,
-            BITS: gl.constexpr):
+def _refill(w_desc, h_desc, w_smem, h_smem, ready, i, first, n_here, row0, n_chunks, STAGES: gl.constexpr, XS_CHUNKS: gl.constexpr,
+            BITS: gl.constexpr, TILED: gl.constexpr):
     """Once chunk ``i``'s words are in registers: where the split has more chunks than buffers, every warp
     is past its read, then chunk ``i + STAGES`` goes into the freed buffer."""
     if STAGES < XS_CHUNKS:
         barrier()
         refill = i + STAGES
-        _fetch(w_desc, h_desc, w_smem, h_smem, ready, i % STAGES, first + refill, row0, refill < n_here, BITS)
+        _fetch(w_desc, h_desc, w_smem, h_smem, ready, i % STAGES, first + refill, row0, n_chunks, refill < n_here, BITS, TILED)
 
 
 @gluon.jit
-def _route_chunks(w_desc, w_smem, ready, s_smem, z_smem, xs, offset_sums, x_sums, first, n_here, row0, zero_const, BITS: gl.constexpr,
-                  HALF: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr,
-                  STAGES: gl.constexpr):
+def _route_chunks(w_desc, w_smem, ready, s_smem, z_smem, xs, offset_sums, x_sums, first, n_here, row0, n_chunks, zero_const,
+                  BITS: gl.constexpr, HALF: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr,
+                  XS_CHUNKS: gl.constexpr, STAGES: gl.constexpr, TILED: gl.constexpr):
     """The split's chunks with four groups a chunk half, each group in its own MMA columns: the B operand
     of slot ``s`` holds its pairs only in the columns ``2q, 2q + 1`` of its group ``q = s // (HALF / 4)``
     (staged so, zeros elsewhere), so after a chunk's MMAs lane ``t`` holds the sums of group ``t`` of the
@@ -753,7 +758,7 @@ def _route_chunks(w_desc, w_smem, ready, s_smem, z_smem, xs, offset_sums, x_sums
         buf = i % STAGES
         mbarrier.wait(ready.index(buf), (i // STAGES) & 1)
         words = w_smem.index(buf).reshape([P, 4, 2, RUN]).load(words4)
-        _refill(w_desc, w_desc, w_smem, w_smem, ready, i, first, n_here, row0, STAGES, XS_CHUNKS, BITS)
+        _refill(w_desc, w_desc, w_smem, w_smem, ready, i, first, n_here, row0, n_chunks, STAGES, XS_CHUNKS, BITS, TILED)
         acc = gl.zeros([P, 4, 2, RUN], gl.float32, words4)
         for s in gl.static_range(HALF):
             b = xs.index(i).slice(s, 1).load(words4)
@@ -778,14 +783,15 @@ def _gemv_tma_kernel(
     x_ptr, w_desc, h_desc, s_desc, z_desc, y_ptr, partial_ptr, count_ptr, N, K, n_chunks, group_size, zero_const, stride_xm, stride_ym,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
-    STAGES: gl.constexpr, ROUTE: gl.constexpr, PDL: gl.constexpr,
+    STAGES: gl.constexpr, ROUTE: gl.constexpr, PDL: gl.constexpr, TILED: gl.constexpr,
 ):
     """The GEMV with its weights fed by TMA (Hopper): the split's words come a chunk per box into a ring
     of ``STAGES`` buffers (all of them at once where the split has at most ``STAGES`` chunks), its
     scales and zero points (stored group-major) in one box each, all issued before the activations are
     staged; a step reads its group values from shared memory. ``ROUTE`` (four groups a chunk half): every
     group of a chunk sums into its own MMA columns (lane ``t`` holds group ``t`` of each half), so the
-    group values are applied once a chunk, not once a step (:func:`_route_chunks`)."""
+    group values are applied once a chunk, not once a step (:func:`_route_chunks`). ``TILED``: the words tile by tile
+    (``tiled_words``, :func:`_fetch`)."""
     layout: gl.constexpr = _words_layout(NUM_WARPS)
     rows_layout: gl.constexpr = gl.SliceLayout(2, layout)
     HALF: gl.constexpr = SLOTS // 2
@@ -813,7 +819,7 @@ def _gemv_tma_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
     for i in gl.static_range(STAGES):
-        _fetch(w_desc, h_desc, w_smem, h_smem, ready, i, first + i, pid_n * BLOCK_N, i < n_here, BITS)
+        _fetch(w_desc, h_desc, w_smem, h_smem, ready, i, first + i, pid_n * BLOCK_N, n_chunks, i < n_here, BITS, TILED)
     # the split's scales and zero points [GBOX, BLOCK_N], groups g0 .. g0 + GBOX - 1
     g0 = first * CHUNK // group_size
     values = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -850,8 +856,8 @@ def _gemv_tma_kernel(
 
     mbarrier.wait(values, 0)
     if ROUTE:
-        y = _route_chunks(w_desc, w_smem, ready, s_smem, z_smem, xs, offset_sums, x_sums, first, n_here, pid_n * BLOCK_N, zero_const,
-                          BITS, HALF, HAS_ZERO, BLOCK_N, NUM_WARPS, XS_CHUNKS, STAGES)
+        y = _route_chunks(w_desc, w_smem, ready, s_smem, z_smem, xs, offset_sums, x_sums, first, n_here, pid_n * BLOCK_N, n_chunks,
+                          zero_const, BITS, HALF, HAS_ZERO, BLOCK_N, NUM_WARPS, XS_CHUNKS, STAGES, TILED)
         y = gl.convert_layout(gl.reshape(y, [BLOCK_N // 2, 2]), rows_layout)
     else:
         acc = gl.zeros((BLOCK_N // 2, 2, RUN), gl.float32, layout)
@@ -866,7 +872,7 @@ def _gemv_tma_kernel(
             high = words
             if BITS == 3:
                 high = _spread_high(h_smem.index(buf).reshape([BLOCK_N // 2, 2, RUN]).load(layout), first + i)
-            _refill(w_desc, h_desc, w_smem, h_smem, ready, i, first, n_here, pid_n * BLOCK_N, STAGES, XS_CHUNKS, BITS)
+            _refill(w_desc, h_desc, w_smem, h_smem, ready, i, first, n_here, pid_n * BLOCK_N, n_chunks, STAGES, XS_CHUNKS, BITS, TILED)
             for step in gl.static_range(N_STEPS):
                 if not SCALE_AFTER:
                     g_lo, g_hi = _group_index(first + i, step, group_size, SLOTS, SPG, STEP)
@@ -914,7 +920,7 @@ class GemvMmaConfig:
     pdl: bool = False  # from Hopper on: programmatic dependent launch (off: it slowed the decode, see the module notes)
     k_warps: int = 1  # plain loads, not uint3: the warps in this many groups along K, summed in shared memory (_gemv_kw_kernel)
     values_box: bool = False  # with k_warps on Hopper: the split's group values in one TMA box (values_box_fits; not yet run on a GPU)
-    tiled_words: bool = False  # with k_warps: the words tile by tile, each chunk of block_n rows one run of memory (reorder_words)
+    tiled_words: bool = False  # with k_warps, or TMA but for uint3: the words tile by tile, a chunk of block_n rows one run (reorder_words)
     lane_words: bool = False  # with k_warps: each run's words in the order the lanes load them (reorder_words)
 
 
@@ -1139,9 +1145,11 @@ def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     if config.k_warps > 1 and (config.stages or pw.high is not None):
         raise ValueError(f"k_warps={config.k_warps} runs on the plain loads (stages=0) and one plane of words (not uint3); "
                          f"got stages={config.stages}, {pw.layout}")
-    if (config.tiled_words or config.lane_words) and config.k_warps == 1:
-        raise ValueError(f"tiled_words and lane_words run on the warp-group kernel (k_warps > 1); got tiled_words={config.tiled_words}, "
-                         f"lane_words={config.lane_words}, k_warps={config.k_warps}")
+    if config.lane_words and config.k_warps == 1:
+        raise ValueError(f"lane_words=True runs on the warp-group kernel (k_warps > 1); got k_warps={config.k_warps}")
+    if config.tiled_words and not (config.k_warps > 1 or (config.stages and pw.high is None)):
+        raise ValueError(f"tiled_words=True runs on the warp-group kernel (k_warps > 1) or the TMA feed of one plane of words (stages > 0, "
+                         f"not uint3); got k_warps={config.k_warps}, stages={config.stages}, {pw.layout}")
     if config.values_box and (why := values_box_fits(pw, config)):
         raise ValueError(why)
     if config.stages and not tma_fits(pw, config):
@@ -1169,7 +1177,7 @@ def launch_constants(pw: PackedWeight, config: GemvMmaConfig, pdl: bool = False)
     )
     if config.stages:
         sizes = (pw.n, pw.k, n_chunks, pw.group_size, pw.zero_const)
-        consts.update(STAGES=config.stages, ROUTE=config.route)
+        consts.update(STAGES=config.stages, ROUTE=config.route, TILED=config.tiled_words)
         return _gemv_tma_kernel, sizes, consts
     sizes = (pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const, words.stride(0), high.stride(0))
     if config.k_warps > 1:
@@ -1217,10 +1225,12 @@ def _by_group(t: torch.Tensor) -> tuple[list[int], list[int]]:
 
 
 def _descriptors(pw: PackedWeight, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: GemvMmaConfig) -> tuple:
-    """TMA descriptors: the words in boxes of ``[block_n, 32]`` (128-byte swizzle), the group-major scales and
-    zero points ``[n_groups, N]`` in boxes of ``[group_box, block_n]``."""
+    """TMA descriptors: the words (or with ``tiled_words`` their copy tile by tile) in boxes of ``[block_n, 32]``
+    (128-byte swizzle), the group-major scales and zero points ``[n_groups, N]`` in boxes of ``[group_box, block_n]``."""
     w_box = [config.block_n, RUN.value]
     w_layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+    if config.tiled_words:  # tile by tile, seen as rows of 32 words (_fetch)
+        words = reorder_words(words, config.block_n, tiles=True, lanes=False).view(-1, RUN.value)
     w_desc = TensorDescriptor(words, list(words.shape), list(words.stride()), w_box, w_layout)
     h_desc = w_desc if pw.high is None else TensorDescriptor(pw.high, list(pw.high.shape), list(pw.high.stride()), w_box, w_layout)
     s_box = [group_box(pw, config), config.block_n]

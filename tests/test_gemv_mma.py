@@ -122,9 +122,12 @@ def test_rejects_what_it_cannot_take() -> None:
     uint3_32 = pack_weight(codes, scale, None, "uint3", 128, zero_const=3.5, run=32)
     with pytest.raises(ValueError, match="got stages=0, uint3"):
         gemv_mma(x, uint3_32, GemvMmaConfig(block_n=32, num_warps=8, k_warps=4))
-    with pytest.raises(ValueError, match=r"tiled_words and lane_words run on the warp-group kernel \(k_warps > 1\); got tiled_words=False, "
-                                         r"lane_words=True, k_warps=1"):
+    with pytest.raises(ValueError, match=r"lane_words=True runs on the warp-group kernel \(k_warps > 1\); got k_warps=1"):
         gemv_mma(x, ternary, GemvMmaConfig(block_n=32, num_warps=2, lane_words=True))
+    with pytest.raises(ValueError, match=r"tiled_words=True runs on .* \(stages > 0, not uint3\); got k_warps=1, stages=0, uint2"):
+        gemv_mma(x, ternary, GemvMmaConfig(block_n=32, num_warps=2, tiled_words=True))
+    with pytest.raises(ValueError, match="got k_warps=1, stages=2, uint3"):
+        gemv_mma(x, uint3_32, GemvMmaConfig(block_n=32, num_warps=2, stages=2, tiled_words=True))
 
 
 @pytest.mark.parametrize("tiled,lanes", [(False, False), (True, False), (False, True), (True, True)])
@@ -150,6 +153,21 @@ def test_the_warp_group_kernel_finds_every_word_in_each_order(tiled: bool, lanes
         assert torch.equal(place.view(n, -1, 4, 2, 4)[0, 0].transpose(0, 1).flatten(), torch.arange(32))
     if tiled:
         assert not flat.view(4, -1, block_n, 32)[3, :, n % block_n:].any()  # the padding rows
+
+
+def test_the_tma_feed_finds_each_box_of_the_tiled_words() -> None:
+    """With ``tiled_words`` on the TMA feed, the box ``[block_n, 32]`` at row ``row0 * n_chunks + chunk * block_n`` of the
+    tile-by-tile copy seen as rows of 32 words (``_fetch``'s coordinates) holds what the box at ``[row0, chunk * 32]`` of
+    the packed rows holds (rows past N: zeros, as TMA fills them there)."""
+    n, k, block_n = 200, 2048, 64
+    pw = pack_weight(torch.randint(0, 16, (n, k)), torch.rand(n, k // 128).half(), None, "uint4", 128, zero_const=7.5, run=32)
+    n_chunks = pw.words.shape[1] // 32
+    tiled = reorder_words(pw.words, block_n, tiles=True, lanes=False).view(-1, 32)
+    packed = torch.cat([pw.words, pw.words.new_zeros(4 * block_n - n, pw.words.shape[1])])
+    for row0 in range(0, n, block_n):
+        for chunk in range(n_chunks):
+            at = row0 * n_chunks + chunk * block_n
+            assert torch.equal(tiled[at:at + block_n], packed[row0:row0 + block_n, chunk * 32:(chunk + 1) * 32])
 
 
 def test_the_box_of_group_values_takes_even_runs_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -258,11 +276,13 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     if lm.is_hopper(x.device):  # the TMA feed: every chunk in flight, and a ring that refills (1 and 2 stages)
         configs += [GemvMmaConfig(128, 8, 2, stages=4), GemvMmaConfig(64, 4, 1, stages=1), GemvMmaConfig(32, 2, 2, stages=2),
                     GemvMmaConfig(128, 4, 2, stages=2, maxnreg=168)]  # (the 168-register cap of 128-row tiles)
+        if pw.high is None:  # the words tile by tile: a ring that refills, and every chunk in flight
+            configs += [GemvMmaConfig(64, 4, 2, stages=2, tiled_words=True), GemvMmaConfig(128, 8, 2, stages=4, tiled_words=True)]
         boxed = [GemvMmaConfig(64, 16, 1, k_warps=4, values_box=True), GemvMmaConfig(64, 8, 2, k_warps=2, values_box=True)]
         configs += [c for c in boxed if values_box_fits(pw, c) is None]  # the split's group values in one TMA box
         if routes(pw):  # four groups a chunk half in their own MMA columns
             configs += [GemvMmaConfig(64, 4, 2, stages=2, route=True), GemvMmaConfig(128, 8, 1, stages=1, route=True),
-                        GemvMmaConfig(128, 4, 2, stages=2, route=True)]
+                        GemvMmaConfig(128, 4, 2, stages=2, route=True), GemvMmaConfig(128, 4, 2, stages=2, route=True, tiled_words=True)]
     for config in configs:
         y = lm.gemv_mma(x, pw, config, out=torch.full((3, n), float("nan"), device="cuda", dtype=torch.float16)).float()
         assert not y.isnan().any()
