@@ -71,19 +71,20 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
   chunk in the sm_90 build against 417 (no ``LDG``/``IMAD.WIDE`` for the values; ternary, which loads none, 289), 115
   registers against 126. Session 23 had W2 at 11.15 us on that config against ternary's 10.0.
 
-* Two other orders of the words (not yet timed on a GPU; :func:`reorder_words`, a copy beside the packed rows): tile by
-  tile (``tiled_words``, with warp groups along K or on the TMA feed of one plane), a program's chunk of ``BLOCK_N`` rows
-  one run of memory instead of ``BLOCK_N`` runs of 128 bytes a row apart (a warp's two loads of a pass cover 1 KiB in a
-  row; a TMA box is one run of ``BLOCK_N * 128`` bytes); in the lanes' order (``lane_words``, with warp groups along K),
-  so that each 16-byte load of a row's four lanes reads one run of 64 bytes, not four pieces of 16
-  bytes 32 apart (each load half of four 32-byte sectors, the other half left to the next load). Same registers, same
-  instructions (the W4 warp-group kernel's sm_90 build: 1016 instructions, 8 128-bit word loads, either order). The
-  question they ask: whether the GEMVs' time above their read floor at batch 1 (H100, session 29, 8192^2: W4 17.0 us
-  against 13.3, W2 12.1 against 8.0) is in how the words are read, since three ways of putting more of them in flight
-  earlier lost: all of them by TMA at the start (``words_tma``, session 27), a bulk L2 prefetch of each program's words
-  (``l2_prefetch``, session 28: 4-18% slower in all 12 cells on the H200) and two chunks of words in registers ahead
-  (``words_ahead``, session 29 on the H100: 0.87-0.98x as fast as one in 12 of 13 cells, 64/16/1/4 at three shapes;
-  bench/results/kernel_latency_h100.md).
+* Two other ways of reading the words (not yet timed on a GPU). Tile by tile (``tiled_words``, with warp groups along
+  K or on the TMA feed of one plane; :func:`tile_words`, a copy beside the packed rows, so an A/B of the layout, not yet
+  a layout the weights keep): a program's chunk of ``BLOCK_N`` rows one run of memory instead of ``BLOCK_N`` runs of
+  128 bytes a row apart (a warp's two loads of a pass cover 1 KiB in a row; a TMA box is one run of ``BLOCK_N * 128``
+  bytes). In 64-byte runs (``lane_words``, with warp groups along K; no copy): each 16-byte load of a row's four lanes
+  reads one run of 64 bytes, not four pieces of 16 bytes 32 apart (each load half of four 32-byte sectors, the other
+  half left to the next load): the tile's column ``w`` reads word :func:`_lane_place` ``(w)`` of its run and the
+  activations are staged in the same order. Same registers, same instructions (the W4 warp-group kernel's sm_90
+  build: 1016 instructions, 8 128-bit word loads, either way). The question they ask: whether the GEMVs' time above
+  their read floor at batch 1 (H100, session 29, 8192^2: W4 17.0 us against 13.3, W2 12.1 against 8.0) is in how the
+  words are read, since three ways of putting more of them in flight earlier lost: all of them by TMA at the start
+  (``words_tma``, session 27), a bulk L2 prefetch of each program's words (``l2_prefetch``, session 28: 4-18% slower
+  in all 12 cells on the H200) and two chunks of words in registers ahead (``words_ahead``, session 29 on the H100:
+  0.87-0.98x as fast as one in 12 of 13 cells, 64/16/1/4 at three shapes; bench/results/kernel_latency_h100.md).
 
 * Programmatic dependent launch (``pdl``, compute capability 9.0 and above; off by default): each
   program issues its first weight loads, waits for the previous kernel (``griddepcontrol.wait``), then
@@ -500,6 +501,15 @@ def _axis(n: gl.constexpr, AXIS: gl.constexpr, layout: gl.constexpr):
 
 
 @gluon.jit
+def _lane_place(w):
+    """Where in a run of 32 words (or activations) column ``w`` of the words tile is read from with ``lane_words``: column
+    ``8t + 4h + j`` (lane ``t``'s 16-byte load ``h``) at ``16h + 4t + j``, so that a row's four lanes read 64 bytes in a row
+    a load (any order of a run's words serves the MMAs, the activations staged in the same one). The places come in
+    runs of 4 from multiples of 4: the callers tell the compiler so, to keep the loads 16 bytes wide."""
+    return w // 8 * 4 + w // 4 % 2 * 16 + w % 4
+
+
+@gluon.jit
 def _kw_k(first, per_group, n_chunks, K, c, g, slot, half, w, HALF: gl.constexpr, CHUNK: gl.constexpr, EVEN_K: gl.constexpr):
     """K of activation ``w`` of slot ``slot`` (``half``: the chunk's high half) of chunk ``c`` of group ``g``'s run
     (from ``first + g * per_group``), and whether it is there: in the run, in the weight's chunks and below ``K``."""
@@ -513,18 +523,23 @@ def _kw_k(first, per_group, n_chunks, K, c, g, slot, half, w, HALF: gl.constexpr
 
 @gluon.jit
 def _kw_stage(x_row, first, per_group, n_chunks, K, xs, offset_sums, x_sums, KW: gl.constexpr, ROW_WARPS: gl.constexpr,
-              BITS: gl.constexpr, SLOTS: gl.constexpr, STEP: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr):
+              BITS: gl.constexpr, SLOTS: gl.constexpr, STEP: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr,
+              LANES: gl.constexpr):
     """:func:`_stage` for every group of warps at once: group ``g``'s ``per_group`` chunks from ``first + g *
     per_group``; ``xs [XS_CHUNKS, KW, HALF, 2, RUN]``, ``offset_sums`` and ``x_sums [XS_CHUNKS, KW, N_STEPS, 2]``
-    (zeros past a group's chunks and past the weight's)."""
+    (zeros past a group's chunks and past the weight's). ``LANES``: column ``w`` of ``xs`` holds the activation of word
+    :func:`_lane_place` ``(w)``, as the words tile does."""
     HALF: gl.constexpr = SLOTS // 2
     CHUNK: gl.constexpr = SLOTS * RUN
     WIN: gl.constexpr = 8 if BITS == 4 else 4  # WINDOW[BITS]
     N_STEPS: gl.constexpr = HALF // STEP
     pairs: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [1, 1, 1, 4, 8], [1, KW, ROW_WARPS, 1, 1], [4, 3, 2, 1, 0])
     half = _axis(2, 3, pairs)
-    k, ok = _kw_k(first, per_group, n_chunks, K, _axis(XS_CHUNKS, 0, pairs), _axis(KW, 1, pairs), _axis(HALF, 2, pairs), half,
-                  _axis(RUN, 4, pairs), HALF, CHUNK, EVEN_K)
+    w = _axis(RUN, 4, pairs)
+    if LANES:
+        w = gl.max_contiguous(gl.multiple_of(_lane_place(w), [1, 1, 1, 1, 4]), [1, 1, 1, 1, 4])
+    k, ok = _kw_k(first, per_group, n_chunks, K, _axis(XS_CHUNKS, 0, pairs), _axis(KW, 1, pairs), _axis(HALF, 2, pairs), half, w, HALF,
+                  CHUNK, EVEN_K)
     xs.store(_bits16(gl.load(x_row + k, mask=ok, other=0.0)) << (16 * half))
     # the same activations again, a step's slots and words on one axis, for the sums
     steps: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [1, 1, 1, 2, 16], [1, KW, ROW_WARPS, 1, 1], [4, 3, 2, 1, 0])
@@ -606,7 +621,7 @@ def _gemv_kw_kernel(
     step reads them from shared memory; else ``s_desc`` and ``z_desc`` are stand-ins and each step loads them from
     global memory a step ahead. Word ``w`` of row ``r`` of tile ``b`` (rows ``b * BLOCK_N ..``) and chunk ``c`` is at
     ``b * stride_wb + r * stride_wn + c * stride_wc + w``: the packed rows, or the words tile by tile (``tiled_words``);
-    with ``LANES`` word ``8t + 4h + j`` of a run (lane ``t``'s, load ``h``) is at ``16h + 4t + j`` (``lane_words``)."""
+    with ``LANES`` column ``w`` of the words tile reads word :func:`_lane_place` ``(w)`` of its run (``lane_words``)."""
     ROW_WARPS: gl.constexpr = NUM_WARPS // KW
     layout: gl.constexpr = _kw_layout(KW, ROW_WARPS)
     rows_layout: gl.constexpr = gl.SliceLayout(3, layout)
@@ -622,7 +637,7 @@ def _gemv_kw_kernel(
     row_ok = rows < N
     cols = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, layout))))
     if LANES:  # a 16-byte load of a row's four lanes: one run of 64 bytes, not four pieces of 16 a sector apart
-        cols = gl.max_contiguous(gl.multiple_of(cols // 8 * 4 + cols // 4 % 2 * 16 + cols % 4, 4), 4)
+        cols = gl.max_contiguous(gl.multiple_of(_lane_place(cols), [4]), [4])
     cols = cols[None, None, None, :]
     group = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, rows_layout)))[:, None, None, None]
     per_group = gl.cdiv(n_chunks, SPLIT_K * KW)
@@ -656,7 +671,7 @@ def _gemv_kw_kernel(
     offset_sums = gl.allocate_shared_memory(gl.float32, [XS_CHUNKS, KW, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     x_sums = gl.allocate_shared_memory(gl.float32, [XS_CHUNKS, KW, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     _kw_stage(x_ptr + pid_m * stride_xm, first, per_group, n_chunks, K, xs, offset_sums, x_sums, KW, ROW_WARPS, BITS, SLOTS, STEP,
-              XS_CHUNKS, EVEN_K)
+              XS_CHUNKS, EVEN_K, LANES)
     xs = reinterpret(xs, gl.int32, [XS_CHUNKS, KW, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     offset_sums = reinterpret(offset_sums, gl.float32, [XS_CHUNKS, KW, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
     x_sums = reinterpret(x_sums, gl.float32, [XS_CHUNKS, KW, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
@@ -920,8 +935,8 @@ class GemvMmaConfig:
     pdl: bool = False  # from Hopper on: programmatic dependent launch (off: it slowed the decode, see the module notes)
     k_warps: int = 1  # plain loads, not uint3: the warps in this many groups along K, summed in shared memory (_gemv_kw_kernel)
     values_box: bool = False  # with k_warps on Hopper: the split's group values in one TMA box (values_box_fits; not yet run on a GPU)
-    tiled_words: bool = False  # with k_warps, or TMA but for uint3: the words tile by tile, a chunk of block_n rows one run (reorder_words)
-    lane_words: bool = False  # with k_warps: each run's words in the order the lanes load them (reorder_words)
+    tiled_words: bool = False  # with k_warps, or TMA but for uint3: the words tile by tile, a chunk of block_n rows one run (tile_words)
+    lane_words: bool = False  # with k_warps: each lane's words read in 64-byte runs, the activations staged to match (_lane_place)
 
 
 def default_config(pw: PackedWeight) -> GemvMmaConfig:
@@ -1070,23 +1085,17 @@ def _weight_args(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     if config.stages:
         return _descriptors(pw, words, scale, zero, config)
     if config.k_warps > 1:
-        if config.tiled_words or config.lane_words:
-            words = reorder_words(words, config.block_n, config.tiled_words, config.lane_words)
+        if config.tiled_words:
+            words = tile_words(words, config.block_n)
         return (words, high, scale, zero, *(_value_boxes(pw, scale, zero, config) if config.values_box else (scale, zero)))
     return words, high, scale, zero
 
 
-def reorder_words(words: torch.Tensor, block_n: int, tiles: bool, lanes: bool) -> torch.Tensor:
-    """The packed words ``[N, chunks * 32]`` in the warp-group GEMV's other orders, a copy beside the packed rows (the A/B
-    of the layout). With ``tiles`` tile by tile, ``[row tiles, chunks, block_n, 32]`` (the rows padded with zeros to whole
-    tiles): a program's chunk is one run of ``block_n * 128`` bytes instead of ``block_n`` runs of 128 bytes a row apart.
-    With ``lanes`` each run's words in the order the lanes load them, word ``8t + 4h + j`` (lane ``t``'s load ``h``) at
-    ``16h + 4t + j``: a row's four lanes read one run of 64 bytes a load, not four pieces of 16 bytes 32 apart."""
+def tile_words(words: torch.Tensor, block_n: int) -> torch.Tensor:
+    """The packed words ``[N, chunks * 32]`` tile by tile, ``[row tiles, chunks, block_n, 32]`` (the rows padded with zeros
+    to whole tiles): a program's chunk is one run of ``block_n * 128`` bytes instead of ``block_n`` runs of 128 bytes a
+    row apart. A copy beside the packed rows (``tiled_words``: the A/B of the layout, not a layout the weights keep)."""
     n, width = words.shape
-    if lanes:
-        words = words.view(n, width // RUN.value, 4, 2, 4).transpose(2, 3).reshape(n, width)
-    if not tiles:
-        return words.contiguous()
     row_tiles = triton.cdiv(n, block_n)
     padded = torch.zeros(row_tiles * block_n, width, dtype=words.dtype, device=words.device)
     padded[:n] = words
@@ -1181,8 +1190,7 @@ def launch_constants(pw: PackedWeight, config: GemvMmaConfig, pdl: bool = False)
         return _gemv_tma_kernel, sizes, consts
     sizes = (pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const, words.stride(0), high.stride(0))
     if config.k_warps > 1:
-        rows = n_chunks * RUN.value if config.lane_words else words.stride(0)  # (reorder_words's copy is contiguous)
-        tile = config.block_n * RUN.value
+        rows, tile = words.stride(0), config.block_n * RUN.value  # the packed rows, or the words tile by tile (tile_words)
         strides = (n_chunks * tile, RUN.value, tile) if config.tiled_words else (config.block_n * rows, rows, RUN.value)
         sizes = (*sizes[:8], *strides, *sizes[9:])
         return _gemv_kw_kernel, sizes, consts | dict(KW=config.k_warps, VBOX=config.values_box, LANES=config.lane_words)
@@ -1230,7 +1238,7 @@ def _descriptors(pw: PackedWeight, words: torch.Tensor, scale: torch.Tensor, zer
     w_box = [config.block_n, RUN.value]
     w_layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
     if config.tiled_words:  # tile by tile, seen as rows of 32 words (_fetch)
-        words = reorder_words(words, config.block_n, tiles=True, lanes=False).view(-1, RUN.value)
+        words = tile_words(words, config.block_n).view(-1, RUN.value)
     w_desc = TensorDescriptor(words, list(words.shape), list(words.stride()), w_box, w_layout)
     h_desc = w_desc if pw.high is None else TensorDescriptor(pw.high, list(pw.high.shape), list(pw.high.stride()), w_box, w_layout)
     s_box = [group_box(pw, config), config.block_n]

@@ -12,7 +12,7 @@ import torch
 from qkernels import lowbit_matmul as lm
 from qkernels.gemv_mma import (
     WINDOW, GemvMmaConfig, _by_group, _descriptors, _value_boxes, config_for, default_config, gemv_mma, group_box, k_warps_config, mma_asm,
-    launch_constants, reorder_words, routes, rule_config, values_box_fits,
+    launch_constants, routes, rule_config, tile_words, values_box_fits,
     slot3_constants, slot_constants, tma_config,
 )
 from qkernels.pack import PackedWeight, pack_weight
@@ -130,29 +130,39 @@ def test_rejects_what_it_cannot_take() -> None:
         gemv_mma(x, uint3_32, GemvMmaConfig(block_n=32, num_warps=2, stages=2, tiled_words=True))
 
 
-@pytest.mark.parametrize("tiled,lanes", [(False, False), (True, False), (False, True), (True, True)])
-def test_the_warp_group_kernel_finds_every_word_in_each_order(tiled: bool, lanes: bool) -> None:
-    """The warp-group GEMV's word address ``tile * stride_wb + row * stride_wn + chunk * stride_wc + place(word)`` (the
-    sizes its launch passes; ``place`` the kernel's ``LANES`` map) reads word ``w`` of chunk ``c`` of row ``r`` from the
-    packed rows, and from :func:`reorder_words`'s copy with ``tiled_words`` (rows padded with zeros to whole tiles) and
-    ``lane_words``."""
+@pytest.mark.parametrize("tiled", [False, True])
+def test_the_warp_group_kernel_finds_every_word_in_either_layout(tiled: bool) -> None:
+    """The warp-group GEMV's word address ``tile * stride_wb + row * stride_wn + chunk * stride_wc + word`` (the sizes
+    its launch passes) reads word ``w`` of chunk ``c`` of row ``r`` from the packed rows, and from :func:`tile_words`'s
+    copy with ``tiled_words`` (rows padded with zeros to whole tiles)."""
     n, k, block_n = 200, 1024, 64
     pw = pack_weight(torch.randint(0, 4, (n, k)), torch.rand(n, k // 128).half(), None, "uint2", 128, zero_const=1.5, run=32)
-    config = GemvMmaConfig(block_n, 16, 1, k_warps=4, tiled_words=tiled, lane_words=lanes)
+    config = GemvMmaConfig(block_n, 16, 1, k_warps=4, tiled_words=tiled)
     _, sizes, consts = launch_constants(pw, config)
-    assert consts["LANES"] == lanes
+    assert not consts["LANES"]
     stride_wb, stride_wn, stride_wc = sizes[8:11]
     words = pw.words
-    flat = (reorder_words(words, block_n, tiled, lanes) if tiled or lanes else words).flatten()
+    flat = (tile_words(words, block_n) if tiled else words).flatten()
     assert flat.numel() == (4 * block_n if tiled else n) * words.shape[1]
     r, c, w = torch.meshgrid(torch.arange(n), torch.arange(words.shape[1] // 32), torch.arange(32), indexing="ij")
-    place = w // 8 * 4 + w // 4 % 2 * 16 + w % 4 if lanes else w  # the kernel's map of a lane's word to its place in a run
-    address = r // block_n * stride_wb + r % block_n * stride_wn + c * stride_wc + place
+    address = r // block_n * stride_wb + r % block_n * stride_wn + c * stride_wc + w
     assert torch.equal(flat[address], words[r, c * 32 + w])
-    if lanes:  # lane t's load h (its words 8t + 4h .. 8t + 4h + 3) is one 16-byte piece of the 64 bytes the four lanes read
-        assert torch.equal(place.view(n, -1, 4, 2, 4)[0, 0].transpose(0, 1).flatten(), torch.arange(32))
     if tiled:
         assert not flat.view(4, -1, block_n, 32)[3, :, n % block_n:].any()  # the padding rows
+    assert launch_constants(pw, replace(config, lane_words=True))[2]["LANES"]
+
+
+def test_lane_words_reads_each_run_in_64_byte_pieces() -> None:
+    """``lane_words``'s map (the kernel's own ``_lane_place``, run as Python on a tensor): a permutation of a run's 32
+    columns (the activations are staged through the same map, so every word meets its own activations), under which
+    lane ``t``'s load ``h`` (columns ``8t + 4h .. 8t + 4h + 3``) reads places ``16h + 4t ..``: for each ``h`` the four
+    lanes of a row read 64 bytes in a row."""
+    from qkernels.gemv_mma import _lane_place
+
+    place = _lane_place.fn(torch.arange(32))
+    assert sorted(place.tolist()) == list(range(32))
+    by_load = place.view(4, 2, 4).transpose(0, 1)  # [load h, lane t, word j]
+    assert torch.equal(by_load.flatten(), torch.arange(32))
 
 
 def test_the_tma_feed_finds_each_box_of_the_tiled_words() -> None:
@@ -162,7 +172,7 @@ def test_the_tma_feed_finds_each_box_of_the_tiled_words() -> None:
     n, k, block_n = 200, 2048, 64
     pw = pack_weight(torch.randint(0, 16, (n, k)), torch.rand(n, k // 128).half(), None, "uint4", 128, zero_const=7.5, run=32)
     n_chunks = pw.words.shape[1] // 32
-    tiled = reorder_words(pw.words, block_n, tiles=True, lanes=False).view(-1, 32)
+    tiled = tile_words(pw.words, block_n).view(-1, 32)
     packed = torch.cat([pw.words, pw.words.new_zeros(4 * block_n - n, pw.words.shape[1])])
     for row0 in range(0, n, block_n):
         for chunk in range(n_chunks):
@@ -272,7 +282,7 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
         configs += [GemvMmaConfig(32, 8, 1, k_warps=4), GemvMmaConfig(64, 8, 2, k_warps=2), GemvMmaConfig(16, 8, 3, k_warps=8),
                     GemvMmaConfig(128, 16, 1, k_warps=2, maxnreg=None), GemvMmaConfig(32, 8, 1, k_warps=4, tiled_words=True),
                     GemvMmaConfig(16, 8, 3, k_warps=8, tiled_words=True, lane_words=True), GemvMmaConfig(64, 8, 2, k_warps=2, lane_words=True)]
-        # (the words' other orders: tile by tile with a ragged last tile, the lanes' order)
+        # (the words tile by tile with a ragged last tile; read in 64-byte runs, the activations staged to match)
     if lm.is_hopper(x.device):  # the TMA feed: every chunk in flight, and a ring that refills (1 and 2 stages)
         configs += [GemvMmaConfig(128, 8, 2, stages=4), GemvMmaConfig(64, 4, 1, stages=1), GemvMmaConfig(32, 2, 2, stages=2),
                     GemvMmaConfig(128, 4, 2, stages=2, maxnreg=168)]  # (the 168-register cap of 128-row tiles)
