@@ -263,7 +263,7 @@ def gluon_cases() -> list[Case]:
                            ("uint2", gm.GemvMmaConfig(64, 16, 1, k_warps=4, values_box=True)),
                            ("uint1", gm.GemvMmaConfig(64, 8, 2, k_warps=2, values_box=True)),
                            ("uint4", gm.GemvMmaConfig(32, 8, 1, k_warps=4, tiled_words=True)),
-                           ("uint2", gm.GemvMmaConfig(64, 16, 1, k_warps=4, lane_words=True)),
+                           ("uint2", gm.GemvMmaConfig(64, 16, 1, k_warps=4, lane_words=True)), ("uint3", gm.GemvMmaConfig(64, 4, 4, lane_words=True)),
                            ("uint4", gm.GemvMmaConfig(128, 4, 4, stages=2, tiled_words=True)),
                            ("uint1", gm.GemvMmaConfig(128, 4, 2, stages=2, route=True, maxnreg=gm.WIDE_TILE_REGISTERS, tiled_words=True))):
         out.append(gemv_mma_case(f"{layout} tensor-core GEMV{' TMA' if config.stages else ''}{' routed' if config.route else ''}"

@@ -75,16 +75,17 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
   K or on the TMA feed of one plane; :func:`tile_words`, a copy beside the packed rows, so an A/B of the layout, not yet
   a layout the weights keep): a program's chunk of ``BLOCK_N`` rows one run of memory instead of ``BLOCK_N`` runs of
   128 bytes a row apart (a warp's two loads of a pass cover 1 KiB in a row; a TMA box is one run of ``BLOCK_N * 128``
-  bytes). In 64-byte runs (``lane_words``, with warp groups along K; no copy): each 16-byte load of a row's four lanes
-  reads one run of 64 bytes, not four pieces of 16 bytes 32 apart (each load half of four 32-byte sectors, the other
-  half left to the next load): the tile's column ``w`` reads word :func:`_lane_place` ``(w)`` of its run and the
-  activations are staged in the same order. Same registers, same instructions (the W4 warp-group kernel's sm_90
-  build: 1016 instructions, 8 128-bit word loads, either way). The question they ask: whether the GEMVs' time above
-  their read floor at batch 1 (H100, session 29, 8192^2: W4 17.0 us against 13.3, W2 12.1 against 8.0) is in how the
-  words are read, since three ways of putting more of them in flight earlier lost: all of them by TMA at the start
-  (``words_tma``, session 27), a bulk L2 prefetch of each program's words (``l2_prefetch``, session 28: 4-18% slower
-  in all 12 cells on the H200) and two chunks of words in registers ahead (``words_ahead``, session 29 on the H100:
-  0.87-0.98x as fast as one in 12 of 13 cells, 64/16/1/4 at three shapes; bench/results/kernel_latency_h100.md).
+  bytes). In 64-byte runs (``lane_words``, the plain loads with or without warp groups along K; no copy): each 16-byte
+  load of a row's four lanes reads one run of 64 bytes, not four pieces of 16 bytes 32 apart (each load half of four
+  32-byte sectors, the other half left to the next load): the tile's column ``w`` reads word :func:`_lane_place`
+  ``(w)`` of its run and the activations are staged in the same order. Same registers, same instructions (the W4
+  warp-group kernel's sm_90 build: 1016 instructions, 8 128-bit word loads, either way). The question they ask:
+  whether the GEMVs' time above their read floor at batch 1 (H100, session 29, 8192^2: W4 17.0 us against 13.3, W2
+  12.1 against 8.0) is in how the words are read, since three ways of putting more of them in flight earlier lost: all
+  of them by TMA at the start (``words_tma``, session 27), a bulk L2 prefetch of each program's words
+  (``l2_prefetch``, session 28: 4-18% slower in all 12 cells on the H200) and two chunks of words in registers ahead
+  (``words_ahead``, session 29 on the H100: 0.87-0.98x as fast as one in 12 of 13 cells, 64/16/1/4 at three shapes;
+  bench/results/kernel_latency_h100.md).
 
 * Programmatic dependent launch (``pdl``, compute capability 9.0 and above; off by default): each
   program issues its first weight loads, waits for the previous kernel (``griddepcontrol.wait``), then
@@ -262,14 +263,15 @@ def _lane_sums(acc, BLOCK_N: gl.constexpr, lanes: gl.constexpr):
 
 @gluon.jit
 def _stage(x_row, k0, n_here, K, xs, offset_sums, x_sums, NUM_WARPS: gl.constexpr, BITS: gl.constexpr, SLOTS: gl.constexpr,
-           STEP: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, ROUTE: gl.constexpr = False):
+           STEP: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, ROUTE: gl.constexpr = False, LANES: gl.constexpr = False):
     """The split's ``n_here`` chunks of activations from ``k0`` into shared memory, every load issued
     at once. ``xs [XS_CHUNKS, HALF, 2, RUN]``: for slot ``s`` the B pair ``(x_lo, 0)`` (variant 0, the
     even columns) and ``(0, x_hi)`` (variant 1, the odd ones), ``x_lo`` at ``s * RUN + w`` of the
     chunk and ``x_hi`` ``HALF * RUN`` further. ``offset_sums`` and ``x_sums [XS_CHUNKS, N_STEPS, 2]``:
     per step and half the row-independent sums that the decode offsets and zero points need,
     ``sum 2**(10 - P) x`` and ``sum x``. ``ROUTE``: ``xs [XS_CHUNKS, HALF, 4, 2, RUN]``, the pairs of slot
-    ``s`` under index ``s // STEP`` of the third axis (its group in the chunk half), zeros under the others."""
+    ``s`` under index ``s // STEP`` of the third axis (its group in the chunk half), zeros under the others. ``LANES``:
+    column ``w`` holds the activations of word :func:`_lane_place` ``(w)``, as the words tile does (``lane_words``)."""
     HALF: gl.constexpr = SLOTS // 2
     CHUNK: gl.constexpr = SLOTS * RUN
     WIN: gl.constexpr = 8 if BITS == 4 else 4  # WINDOW[BITS]
@@ -279,8 +281,10 @@ def _stage(x_row, k0, n_here, K, xs, offset_sums, x_sums, NUM_WARPS: gl.constexp
     c = gl.arange(0, XS_CHUNKS, layout=gl.SliceLayout(1, gl.SliceLayout(2, p3)))[:, None, None, None]
     slot = gl.arange(0, HALF, layout=gl.SliceLayout(0, gl.SliceLayout(2, p3)))[None, :, None, None]
     half = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, p3)))[None, None, :, None]
-    w = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, pairs))))[None, None, None, :]
-    k = k0 + c * CHUNK + (slot + half * HALF) * RUN + w
+    w = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, pairs))))
+    if LANES:
+        w = gl.max_contiguous(gl.multiple_of(_lane_place(w), [4]), [4])
+    k = k0 + c * CHUNK + (slot + half * HALF) * RUN + w[None, None, None, :]
     ok = c < n_here if EVEN_K else (c < n_here) & (k < K)
     pair = _bits16(gl.load(x_row + k, mask=ok, other=0.0)) << (16 * half)
     if ROUTE:  # [XS_CHUNKS, HALF, 4, 2, RUN]: slot s's pairs in the columns of its group s // STEP, zeros in the others
@@ -396,7 +400,7 @@ def _gemv_mma_kernel(
     N, K, n_chunks, n_groups, stride_sn, stride_sg, group_size, zero_const, stride_wn, stride_hn, stride_xm, stride_ym,
     BITS: gl.constexpr, SLOTS: gl.constexpr, SPG: gl.constexpr, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
     SPLIT_K: gl.constexpr, NUM_WARPS: gl.constexpr, XS_CHUNKS: gl.constexpr, EVEN_K: gl.constexpr, SCALE_AFTER: gl.constexpr,
-    PDL: gl.constexpr,
+    PDL: gl.constexpr, LANES: gl.constexpr,
 ):
     layout: gl.constexpr = _words_layout(NUM_WARPS)
     rows_layout: gl.constexpr = gl.SliceLayout(2, layout)
@@ -409,7 +413,10 @@ def _gemv_mma_kernel(
     cell = gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(1, rows_layout))[:, None] * 2 + gl.arange(0, 2, layout=gl.SliceLayout(0, rows_layout))[None, :]
     rows = pid_n * BLOCK_N + cell
     row_ok = rows < N
-    cols = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))[None, None, :]
+    cols = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+    if LANES:  # a 16-byte load of a row's four lanes: one run of 64 bytes (lane_words)
+        cols = gl.max_contiguous(gl.multiple_of(_lane_place(cols), [4]), [4])
+    cols = cols[None, None, :]
     per_split = gl.cdiv(n_chunks, SPLIT_K)
     first = gl.program_id(2) * per_split
     last = gl.minimum(first + per_split, n_chunks)
@@ -431,7 +438,8 @@ def _gemv_mma_kernel(
     xs = gl.allocate_shared_memory(gl.int32, [XS_CHUNKS, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     offset_sums = gl.allocate_shared_memory(gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
     x_sums = gl.allocate_shared_memory(gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
-    _stage(x_ptr + pid_m * stride_xm, first * CHUNK, last - first, K, xs, offset_sums, x_sums, NUM_WARPS, BITS, SLOTS, STEP, XS_CHUNKS, EVEN_K)
+    _stage(x_ptr + pid_m * stride_xm, first * CHUNK, last - first, K, xs, offset_sums, x_sums, NUM_WARPS, BITS, SLOTS, STEP, XS_CHUNKS, EVEN_K,
+           False, LANES)
     xs = reinterpret(xs, gl.int32, [XS_CHUNKS, HALF, 2, RUN], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
     offset_sums = reinterpret(offset_sums, gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     x_sums = reinterpret(x_sums, gl.float32, [XS_CHUNKS, N_STEPS, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
@@ -936,7 +944,7 @@ class GemvMmaConfig:
     k_warps: int = 1  # plain loads, not uint3: the warps in this many groups along K, summed in shared memory (_gemv_kw_kernel)
     values_box: bool = False  # with k_warps on Hopper: the split's group values in one TMA box (values_box_fits; not yet run on a GPU)
     tiled_words: bool = False  # with k_warps, or TMA but for uint3: the words tile by tile, a chunk of block_n rows one run (tile_words)
-    lane_words: bool = False  # with k_warps: each lane's words read in 64-byte runs, the activations staged to match (_lane_place)
+    lane_words: bool = False  # plain loads: a row's words read in 64-byte runs, the activations staged to match (_lane_place)
 
 
 def default_config(pw: PackedWeight) -> GemvMmaConfig:
@@ -1154,8 +1162,8 @@ def _launch_spec(pw: PackedWeight, config: GemvMmaConfig) -> tuple:
     if config.k_warps > 1 and (config.stages or pw.high is not None):
         raise ValueError(f"k_warps={config.k_warps} runs on the plain loads (stages=0) and one plane of words (not uint3); "
                          f"got stages={config.stages}, {pw.layout}")
-    if config.lane_words and config.k_warps == 1:
-        raise ValueError(f"lane_words=True runs on the warp-group kernel (k_warps > 1); got k_warps={config.k_warps}")
+    if config.lane_words and config.stages:
+        raise ValueError(f"lane_words=True runs on the plain loads (stages=0; TMA reads whole rows of a chunk); got stages={config.stages}")
     if config.tiled_words and not (config.k_warps > 1 or (config.stages and pw.high is None)):
         raise ValueError(f"tiled_words=True runs on the warp-group kernel (k_warps > 1) or the TMA feed of one plane of words (stages > 0, "
                          f"not uint3); got k_warps={config.k_warps}, stages={config.stages}, {pw.layout}")
@@ -1194,7 +1202,7 @@ def launch_constants(pw: PackedWeight, config: GemvMmaConfig, pdl: bool = False)
         strides = (n_chunks * tile, RUN.value, tile) if config.tiled_words else (config.block_n * rows, rows, RUN.value)
         sizes = (*sizes[:8], *strides, *sizes[9:])
         return _gemv_kw_kernel, sizes, consts | dict(KW=config.k_warps, VBOX=config.values_box, LANES=config.lane_words)
-    return _gemv_mma_kernel, sizes, consts
+    return _gemv_mma_kernel, sizes, consts | dict(LANES=config.lane_words)
 
 
 MAX_GROUP_BOX = 64  # groups a split of the TMA GEMV reads (its box of scales: 64 x BLOCK_N fp16 = 16 KiB at 128 rows)

@@ -122,8 +122,8 @@ def test_rejects_what_it_cannot_take() -> None:
     uint3_32 = pack_weight(codes, scale, None, "uint3", 128, zero_const=3.5, run=32)
     with pytest.raises(ValueError, match="got stages=0, uint3"):
         gemv_mma(x, uint3_32, GemvMmaConfig(block_n=32, num_warps=8, k_warps=4))
-    with pytest.raises(ValueError, match=r"lane_words=True runs on the warp-group kernel \(k_warps > 1\); got k_warps=1"):
-        gemv_mma(x, ternary, GemvMmaConfig(block_n=32, num_warps=2, lane_words=True))
+    with pytest.raises(ValueError, match=r"lane_words=True runs on the plain loads \(stages=0; .*\); got stages=2"):
+        gemv_mma(x, ternary, GemvMmaConfig(block_n=32, num_warps=2, stages=2, lane_words=True))
     with pytest.raises(ValueError, match=r"tiled_words=True runs on .* \(stages > 0, not uint3\); got k_warps=1, stages=0, uint2"):
         gemv_mma(x, ternary, GemvMmaConfig(block_n=32, num_warps=2, tiled_words=True))
     with pytest.raises(ValueError, match="got k_warps=1, stages=2, uint3"):
@@ -277,7 +277,8 @@ def test_matches_the_reference_on_ragged_shapes(layout: str, top: int, group: in
     assert lm.gemv_mma_fits(pw, torch.float16)
     x = torch.randn(3, k, device="cuda", dtype=torch.float16)
     ref = lm.reference_matmul(x, pw).float()
-    configs = [None, GemvMmaConfig(128, 8, 2), GemvMmaConfig(32, 2, 1), GemvMmaConfig(64, 4, 8, maxnreg=None), GemvMmaConfig(pdl=True)]
+    configs = [None, GemvMmaConfig(128, 8, 2), GemvMmaConfig(32, 2, 1), GemvMmaConfig(64, 4, 8, maxnreg=None), GemvMmaConfig(pdl=True),
+               GemvMmaConfig(64, 4, 3, lane_words=True)]  # (the words read in 64-byte runs: uint3's high plane too)
     if pw.high is None:  # the warps in groups along K: uneven runs, groups with no chunk, with and without global K splits
         configs += [GemvMmaConfig(32, 8, 1, k_warps=4), GemvMmaConfig(64, 8, 2, k_warps=2), GemvMmaConfig(16, 8, 3, k_warps=8),
                     GemvMmaConfig(128, 16, 1, k_warps=2, maxnreg=None), GemvMmaConfig(32, 8, 1, k_warps=4, tiled_words=True),
