@@ -62,6 +62,7 @@ class LowBitKind:
 
 LOWBIT_KINDS = {
     "w4g128": LowBitKind("uint4", 128, True, 15),
+    "w4g128s": LowBitKind("uint4", 128, False, 15, zero_const=8.0),  # symmetric: scales only (Marlin's W4 format)
     "w3g128": LowBitKind("uint3", 128, True, 7),
     "w2g128": LowBitKind("uint2", 128, True, 3),
     "ternary2": LowBitKind("uint2", None, False, 2, zero_const=1.0),

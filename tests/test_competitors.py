@@ -34,7 +34,7 @@ def test_tinygemm_takes_symmetric_weights_by_their_code_offset():
 
 
 @pytest.mark.parametrize("kind, tinygemm, gemlite, nf4", [
-    ("w4g128", True, True, True), ("w2g128", False, True, False), ("w1g128", False, True, False),
+    ("w4g128", True, True, True), ("w4g128s", True, True, True), ("w2g128", False, True, False), ("w1g128", False, True, False),
     ("ternary2", False, True, False), ("w3g128", False, False, False),
 ])
 def test_what_each_competitor_takes(kind, tinygemm, gemlite, nf4):
