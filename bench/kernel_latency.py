@@ -447,10 +447,11 @@ def wgmma_search(m: int) -> list:
     ]
 
 
-def tune_wgmma(kinds: list[str], shapes: list[tuple[int, int]], batches: list[int], save: bool = False) -> dict:
+def tune_wgmma(kinds: list[str], shapes: list[tuple[int, int]], batches: list[int], save: bool = False, workers: int = 0) -> dict:
     """Time :func:`wgmma_search` and the default config (each once) for every kind the wgmma GEMM takes,
     shape and batch above the GEMV's rows; install each winner in ``qkernels.gemm_wgmma.TUNED`` for the rest of the
-    process (``save``: and in this GPU's file, :mod:`qkernels.tuned`), and return every timing by ``kind/KxN/M``."""
+    process (``save``: and in this GPU's file, :mod:`qkernels.tuned`), and return every timing by ``kind/KxN/M``
+    (``workers``: :func:`precompile` each cell's configs first)."""
     from qkernels import gemm_wgmma as gw
 
     result: dict[str, Any] = {}
@@ -467,7 +468,9 @@ def tune_wgmma(kinds: list[str], shapes: list[tuple[int, int]], batches: list[in
                 continue
             for m in (m for m in batches if m > lm.GEMV_MAX_M):
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                timings = tune_cell(gw.TUNED, gw.tuned_key(m, pw), gw.default_config(m, pw), wgmma_search(m),
+                search, rule = wgmma_search(m), gw.default_config(m, pw)
+                precompile("wgmma", name, n, k, m, [*search, rule], workers)
+                timings = tune_cell(gw.TUNED, gw.tuned_key(m, pw), rule, search,
                                     lambda c: checked_steady(x, pw, "wgmma", c), f"wgmma {name} {k}x{n} M={m}", winners)
                 if timings:
                     result[f"{name}/{k}x{n}/{m}"] = timings
@@ -484,6 +487,42 @@ def save_winners(kernel: str, winners: dict[tuple, tuple], tuned_keys: list[tupl
 
     path = tuned.save(gpu_name(), kernel, winners, drop=tuple(k for k in tuned_keys if k not in winners))
     print(f"--save-tuned: {len(winners)} {kernel} configs that beat the rules merged into {path}", flush=True)
+
+
+def shares(configs: list, workers: int) -> list[list]:
+    """``configs`` dealt round the ``workers`` (none empty): every config in exactly one share."""
+    return [share for share in (configs[i::workers] for i in range(workers)) if share]
+
+
+def precompile(path: str, name: str, n: int, k: int, m: int, configs: list, workers: int) -> None:
+    """Compile ``configs`` of ``path`` for kind ``name`` at ``n x k`` and ``m`` rows in ``workers`` processes (each runs
+    its share once on a random weight of that shape, so every launch is specialized as the tuner's will be), so that
+    the tuner finds them in Triton's disk cache instead of compiling them one at a time. Off for ``workers`` < 2; a
+    pool or worker that fails is said and the tuner compiles what is left itself."""
+    if workers < 2 or len(configs) < 2:
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    try:
+        with ProcessPoolExecutor(min(workers, len(configs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_compile_share, [(path, name, n, k, m, share) for share in shares(configs, workers)]))
+    except Exception as err:  # noqa: BLE001 - only a head start: the tuner compiles what is left and reports real failures
+        print(f"  --compile-workers: the workers failed ({failure(err)}); compiling as the configs are timed", flush=True)
+
+
+def _compile_share(job: tuple) -> None:
+    """A :func:`precompile` worker: each config run once; one that fails is left to the tuner, which runs it again and
+    says why."""
+    path, name, n, k, m, configs = job
+    pw = random_packed(LOWBIT_KINDS[name], n, k)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    for config in configs:
+        try:
+            lm.PATHS[path](x, pw, config)
+        except Exception:  # noqa: BLE001, S112 - the tuner reports it when it gets there
+            continue
+    torch.cuda.synchronize()
 
 
 K_WARP_TILES = ((32, 8, 1, 4), (32, 16, 1, 8), (64, 8, 1, 2), (64, 16, 1, 4), (128, 16, 1, 2), (64, 8, 2, 2), (64, 16, 2, 4))  # rows, warps, splits, groups
@@ -518,10 +557,11 @@ def gemv_mma_search(pw: PackedWeight, hopper: bool) -> list:
     return plain + [c for c in fed if gm.tma_fits(pw, c)]
 
 
-def tune_gemv_mma(kinds: list[str], shapes: list[tuple[int, int]], save: bool = False) -> dict:
+def tune_gemv_mma(kinds: list[str], shapes: list[tuple[int, int]], save: bool = False, workers: int = 0) -> dict:
     """Time :func:`gemv_mma_search` and the dispatcher's own config (each once) at batch 1 for every kind the
     tensor-core GEMV takes and shape; install each winner in ``qkernels.gemv_mma.TUNED`` for the rest of the
-    process (``save``: and in this GPU's file, :mod:`qkernels.tuned`), and return every timing by ``kind/KxN``."""
+    process (``save``: and in this GPU's file, :mod:`qkernels.tuned`), and return every timing by ``kind/KxN``
+    (``workers``: :func:`precompile` each cell's configs first)."""
     from qkernels import gemv_mma as gm
 
     result: dict[str, Any] = {}
@@ -534,7 +574,9 @@ def tune_gemv_mma(kinds: list[str], shapes: list[tuple[int, int]], save: bool = 
             if not lm.gemv_mma_fits(pw, torch.float16):
                 continue
             x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-            timings = tune_cell(gm.TUNED, gm.tuned_key(pw), gm.rule_config(pw), gemv_mma_search(pw, hopper),
+            search, rule = gemv_mma_search(pw, hopper), gm.rule_config(pw)
+            precompile("gemv_mma", name, n, k, 1, [*search, rule], workers)
+            timings = tune_cell(gm.TUNED, gm.tuned_key(pw), rule, search,
                                 lambda c: checked_steady(x, pw, "gemv_mma", c), f"gemv_mma {name} {k}x{n}", winners)
             if timings:
                 result[f"{name}/{k}x{n}"] = timings
@@ -566,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-tuned", action="store_true",
                         help="with --tune-gemv-mma/--tune-wgmma: merge the configs that beat the rules into this GPU's file "
                              "(qkernels/tuned/, or $QKERNELS_TUNED_DIR), used by every later run on this GPU model")
+    parser.add_argument("--compile-workers", type=int, default=0,
+                        help="with --tune-gemv-mma/--tune-wgmma: compile each cell's configs in this many processes first "
+                             "(into Triton's disk cache), then time them one by one (0: compile as they are timed)")
     parser.add_argument("--tune-paths", default=",".join(TUNE_PATHS), help=f"comma list of the kernels that --tune searches, of {','.join(TUNE_PATHS)}")
     parser.add_argument("--kernels", default=",".join(LOWBIT_KINDS),
                         help=f"comma list of low-bit kinds; block formats: {','.join(BLOCK_KINDS)}; activation-quantized: {','.join(INT_KINDS)}")
@@ -581,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     tune_paths = tuple(p for p in args.tune_paths.split(",") if p)
     if bad := [p for p in tune_paths if p not in TUNE_PATHS]:
         parser.error(f"unknown --tune-paths {bad}; choose from {list(TUNE_PATHS)}")
+    if args.compile_workers < 0:
+        parser.error(f"--compile-workers {args.compile_workers}: give 0 (off) or a number of processes")
     if args.save_tuned and not (args.tune_gemv_mma or args.tune_wgmma):
         parser.error("--save-tuned saves what --tune-gemv-mma or --tune-wgmma finds; give one of them")
     kinds = [k for k in args.kernels.split(",") if k]
@@ -612,11 +659,11 @@ def main(argv: list[str] | None = None) -> int:
         header += " | " + tuned_summary()
     if args.tune_gemv_mma:
         tuned = tuned or {"gpu": gpu_name(), "copy_gbs": copy_gbs}
-        tuned["gemv_mma"] = tune_gemv_mma(kinds, shapes, args.save_tuned)
+        tuned["gemv_mma"] = tune_gemv_mma(kinds, shapes, args.save_tuned, args.compile_workers)
         header += f" | tensor-core GEMV configs tuned for {len(tuned['gemv_mma'])} cells (kernel/shape)"
     if args.tune_wgmma:
         tuned = tuned or {"gpu": gpu_name(), "copy_gbs": copy_gbs}
-        tuned["wgmma"] = tune_wgmma(kinds, shapes, batches, args.save_tuned)
+        tuned["wgmma"] = tune_wgmma(kinds, shapes, batches, args.save_tuned, args.compile_workers)
         header += f" | wgmma configs tuned for {len(tuned['wgmma'])} cells (kernel/shape/batch)"
     rows: list[dict] = []
     for shape_rows in measure(shapes, batches, kinds, modes, competitors):  # written after each shape: a cut run keeps its rows

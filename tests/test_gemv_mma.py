@@ -412,3 +412,20 @@ def test_tuned_configs_and_the_search_space(monkeypatch: pytest.MonkeyPatch) -> 
         assert {c.split_k for c in search if c.stages} == {1, 2, 3, 4, 6, 8} and {c.maxnreg for c in search} == {128, gm.WIDE_TILE_REGISTERS}
         assert all(c.maxnreg == 128 for c in search if (c.block_n, c.num_warps) != (128, 4) or not c.stages)
         assert not any(c.pdl for c in search)  # the timing's chain of one GEMV flatters programmatic dependent launch
+
+
+def test_the_tuner_deals_configs_to_compile_workers_and_survives_their_failure(capsys: pytest.CaptureFixture) -> None:
+    """``--compile-workers``: every config in exactly one worker's share (none empty); off below two workers; workers that
+    fail (here: no CUDA GPU in them) are reported and the tuner goes on (it compiles what is left as it times)."""
+    from bench.kernel_latency import precompile, shares
+
+    configs = [GemvMmaConfig(64, 4, split) for split in range(1, 8)]
+    dealt = shares(configs, 3)
+    assert len(dealt) == 3 and sorted(c.split_k for share in dealt for c in share) == list(range(1, 8))
+    assert shares(configs[:2], 4) == [[configs[0]], [configs[1]]]
+    precompile("gemv_mma", "w4g128", 64, 256, 1, configs, workers=1)
+    assert capsys.readouterr().out == ""
+    if torch.cuda.is_available():
+        return
+    precompile("gemv_mma", "w4g128", 64, 256, 1, configs[:2], workers=2)
+    assert "--compile-workers: the workers failed" in capsys.readouterr().out
