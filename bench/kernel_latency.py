@@ -531,7 +531,8 @@ K_WARP_TILES = ((32, 8, 1, 4), (32, 16, 1, 8), (64, 8, 1, 2), (64, 16, 1, 4), (1
 def gemv_mma_search(pw: PackedWeight, hopper: bool) -> list:
     """Tensor-core GEMV candidates (batch 1): 64 or 128 weight rows on 4 or 8 warps, 2, 3, 4, 6 or 8 K splits
     (session 21: ternary 4096x14336 on plain loads 9.85 us with 3 against 10.25 on the rule), plain loads, and
-    (but for uint3) the :data:`K_WARP_TILES`, the warps in groups along K; on Hopper
+    (but for uint3) the :data:`K_WARP_TILES`, the warps in groups along K, each of these also with the words read in
+    64-byte runs (``lane_words``, not yet timed on a GPU); on Hopper
     also the warp-group tiles with the split's group values in one TMA box (``values_box``) where it fits, and the TMA
     feed with 1, 2, 3, 4, 6 or 8 K splits and 2, 3 or 4 chunks in flight, routed where
     four groups share a chunk half (:func:`qkernels.gemv_mma.routes`), 128-row tiles on 4 warps under both
@@ -545,9 +546,11 @@ def gemv_mma_search(pw: PackedWeight, hopper: bool) -> list:
     plain = [gm.GemvMmaConfig(block_n, warps, split) for block_n, warps in tiles for split in (2, 3, 4, 6, 8)]
     if pw.high is None:  # the warps in groups along K (session 23: 4096^2, 8192^2 ternary, 4096x14336)
         plain += [gm.GemvMmaConfig(block_n, warps, split, k_warps=groups) for block_n, warps, split, groups in K_WARP_TILES]
+    plain += [replace(c, lane_words=True) for c in plain]  # (session 29: each lane's words read in 64-byte runs)
     if not hopper:
         return plain
-    boxed = [replace(c, values_box=True) for c in plain if c.k_warps > 1]  # (session 26: the split's group values in a TMA box)
+    # (session 26: the split's group values in a TMA box)
+    boxed = [replace(c, values_box=True) for c in plain if c.k_warps > 1 and not c.lane_words]
     plain += [c for c in boxed if gm.values_box_fits(pw, c) is None]
     fed = [
         gm.GemvMmaConfig(block_n, warps, split, stages=stages, route=route, maxnreg=cap)

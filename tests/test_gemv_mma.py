@@ -402,6 +402,7 @@ def test_tuned_configs_and_the_search_space(monkeypatch: pytest.MonkeyPatch) -> 
     assert config_for(w1) == tuned and config_for(w1_other) == default_config(w1_other) and config_for(w2) == default_config(w2)
     plain = gemv_mma_search(w1, hopper=False)
     assert plain and all(c.stages == 0 and not c.route for c in plain)
+    assert {replace(c, lane_words=False) for c in plain if c.lane_words} == {c for c in plain if not c.lane_words}  # both ways of reading
     monkeypatch.setattr(gm, "tma_fits", lambda pw, config: True)  # (no Hopper GPU here)
     for pw, routed in ((w1, True), (w2, False)):
         search = gemv_mma_search(pw, hopper=True)
@@ -412,6 +413,7 @@ def test_tuned_configs_and_the_search_space(monkeypatch: pytest.MonkeyPatch) -> 
         assert {c.split_k for c in search if c.stages} == {1, 2, 3, 4, 6, 8} and {c.maxnreg for c in search} == {128, gm.WIDE_TILE_REGISTERS}
         assert all(c.maxnreg == 128 for c in search if (c.block_n, c.num_warps) != (128, 4) or not c.stages)
         assert not any(c.pdl for c in search)  # the timing's chain of one GEMV flatters programmatic dependent launch
+        assert not any(c.tiled_words for c in search) and all(c.stages == 0 for c in search if c.lane_words)  # (tiled: a copy)
 
 
 def test_the_tuner_deals_configs_to_compile_workers_and_survives_their_failure(capsys: pytest.CaptureFixture) -> None:
