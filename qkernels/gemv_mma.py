@@ -85,7 +85,10 @@ fp32: 6e-6 to 4e-5 relative error against the fp32 reference in those tables.
   of them by TMA at the start (``words_tma``, session 27), a bulk L2 prefetch of each program's words
   (``l2_prefetch``, session 28: 4-18% slower in all 12 cells on the H200) and two chunks of words in registers ahead
   (``words_ahead``, session 29 on the H100: 0.87-0.98x as fast as one in 12 of 13 cells, 64/16/1/4 at three shapes;
-  bench/results/kernel_latency_h100.md).
+  bench/results/kernel_latency_h100.md). In the packed order a warp's load asks for twice the sectors it reads
+  (each of them again by the next load): if what limits the words in flight is the sector requests a multiprocessor
+  can have outstanding, not the bytes, that would also explain why more chunks ahead lost, and ``lane_words`` with
+  two chunks ahead would be the next thing to time (a guess: nothing here measured it).
 
 * Programmatic dependent launch (``pdl``, compute capability 9.0 and above; off by default): each
   program issues its first weight loads, waits for the previous kernel (``griddepcontrol.wait``), then
