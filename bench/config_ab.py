@@ -117,9 +117,11 @@ def compare_cell(path: str, m: int, pw: PackedWeight, variants: list[dict[str, A
 
 def best_variant(rows: list[dict], min_gain: float) -> dict | None:
     """The fastest timed variant of one cell's rows if it beats ``rule`` by at least ``min_gain`` (a fraction of
-    rule's time), else None."""
+    rule's time), else None. Never one with ``tiled_words``: its copy of the words is an A/B of the layout, not a
+    layout the weights keep (a tuned file with it would hold every weight's words twice)."""
     rule = next((r for r in rows if r.get("variant") == "rule" and "us" in r), None)
-    timed = [r for r in rows if r["path"] != "cublas" and r.get("variant") != "rule" and "us" in r]
+    timed = [r for r in rows if r["path"] != "cublas" and r.get("variant") != "rule" and "us" in r
+             and not r.get("config", {}).get("tiled_words")]
     if rule is None or not timed:
         return None
     best = min(timed, key=lambda r: r["us"])

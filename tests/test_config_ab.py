@@ -95,7 +95,7 @@ def test_json_is_replaced_whole(tmp_path) -> None:
 
 def test_the_best_variant_is_kept_only_where_it_beats_the_rule() -> None:
     """--save-best's choice: the fastest timed variant, if it saves at least ``min_gain`` of the rule's time; failed
-    variants and cuBLAS never; the key is the one the kernel's tuned table uses."""
+    variants, cuBLAS and the tiled copy of the words never; the key is the one the kernel's tuned table uses."""
     from qkernels import gemm_wgmma, gemv_mma
 
     rows = [dict(path="cublas", variant="fp16", us=30.0), dict(path="gemv_mma", variant="rule", us=10.0),
@@ -105,6 +105,8 @@ def test_the_best_variant_is_kept_only_where_it_beats_the_rule() -> None:
     assert config_ab.best_variant(rows, 0.06) is None  # 5% faster: not enough
     assert config_ab.best_variant(rows[:2] + rows[4:], 0.0) is None  # nothing but the rule timed
     assert config_ab.best_variant([rows[0], rows[2]], 0.0) is None  # the rule did not run: nothing to beat
+    tiled = dict(path="gemv_mma", variant="tiled_words=True", us=9.0, config={"tiled_words": True})
+    assert config_ab.best_variant(rows + [tiled], 0.02)["variant"] == "k_warps=4"  # (a copy of the words: never saved)
     pw = pack_weight(torch.randint(0, 4, (256, 2048)), torch.rand(256, 16).half(), None, "uint2", 128, zero_const=1.0, run=32)
     assert config_ab.tuned_key("gemv_mma", 1, pw) == gemv_mma.tuned_key(pw)
     assert config_ab.tuned_key("wgmma", 64, pw) == gemm_wgmma.tuned_key(64, pw)
