@@ -19,8 +19,8 @@ drift over the run; this is how the rules' figures in ``bench/results/kernel_lat
 (sessions 14-22, from scratch scripts). A variant that does not compile, does not fit or is wrong (relative error
 above ``bench.kernel_latency.TUNE_TOLERANCE``: :func:`~bench.kernel_latency.checked_error`, the tuner's check) is
 reported and not timed. With ``--save-best`` (the two kernels whose tuned configs :mod:`qkernels.tuned` keeps,
-``gemv_mma`` and ``wgmma``) the fastest variant of a cell that beats ``rule`` by at least ``--min-gain`` is merged
-into this GPU's tuned-config file, as ``bench.kernel_latency --tune-gemv-mma --save-tuned`` merges its search's
+``gemv_mma`` and ``wgmma``) the fastest variant of a cell that beats ``rule`` by at least ``--min-gain`` (never a
+``tiled_words`` one: :func:`best_variant`) is merged into this GPU's tuned-config file, as ``bench.kernel_latency --tune-gemv-mma --save-tuned`` merges its search's
 winners; later processes on that GPU model run it. No hydra imports: this runs on the bare device machine.
 """
 
