@@ -20,8 +20,9 @@ drift over the run; this is how the rules' figures in ``bench/results/kernel_lat
 above ``bench.kernel_latency.TUNE_TOLERANCE``: :func:`~bench.kernel_latency.checked_error`, the tuner's check) is
 reported and not timed. With ``--save-best`` (the two kernels whose tuned configs :mod:`qkernels.tuned` keeps,
 ``gemv_mma`` and ``wgmma``) the fastest variant of a cell that beats ``rule`` by at least ``--min-gain`` (never a
-``tiled_words`` one: :func:`best_variant`) is merged into this GPU's tuned-config file, as ``bench.kernel_latency --tune-gemv-mma --save-tuned`` merges its search's
-winners; later processes on that GPU model run it. No hydra imports: this runs on the bare device machine.
+``tiled_words`` one: :func:`best_variant`) is merged into this GPU's tuned-config file, as ``bench.kernel_latency
+--tune-gemv-mma --save-tuned`` merges its search's winners; later processes on that GPU model run it. No hydra
+imports: this runs on the bare device machine.
 """
 
 from __future__ import annotations
