@@ -419,8 +419,11 @@ def test_tuned_configs_and_the_search_space(monkeypatch: pytest.MonkeyPatch) -> 
 def test_the_tuner_deals_configs_to_compile_workers_and_survives_their_failure(capsys: pytest.CaptureFixture) -> None:
     """``--compile-workers``: every config in exactly one worker's share (none empty); off below two workers; workers that
     fail (here: no CUDA GPU in them) are reported and the tuner goes on (it compiles what is left as it times)."""
-    from bench.kernel_latency import precompile, shares
+    from bench.kernel_latency import main, precompile, shares
 
+    with pytest.raises(SystemExit):
+        main(["--tune-gemv-mma", "--compile-workers", "-1"])
+    assert "--compile-workers -1: give 0 (off) or a number of processes" in capsys.readouterr().err
     configs = [GemvMmaConfig(64, 4, split) for split in range(1, 8)]
     dealt = shares(configs, 3)
     assert len(dealt) == 3 and sorted(c.split_k for share in dealt for c in share) == list(range(1, 8))
