@@ -16,12 +16,12 @@ split reads the same activations and the weights are the A operand: a program ta
   its last step has retired. The group values (scales, zero points) are loaded ``values_ahead`` units ahead, or
   (``values_tma``, the default where the values' rows are 16-byte aligned) come with the unit's buffer: the producer
   adds a box of the unit's groups of the group-major scales and zero points (``[groups, BLOCK_N]``) to each buffer,
-  and the consumers read their rows from shared memory (no global loads or address arithmetic in the loop: 349 instructions a unit in the sm_90 build
-  of W4 at 128 rows and 4 stages, against 389; the prototype without values had 333), at 1 KiB more a buffer. The
-  consumers are one partition (the default), or with ``apart`` one partition of four warps per 64 weight rows,
-  each with its own sub-tile of the output and its own barriers: Gluon puts partition-wide barriers around every
-  mbarrier wait and arrive, which in one partition hold the warpgroups in step (both decoding, then both issuing
-  wgmmas) where apart they could drift into each other's gaps.
+  and the consumers read their rows from shared memory (no global loads or address arithmetic in the loop: 349
+  instructions a unit in the sm_90 build of W4 at 128 rows and 4 stages, against 389; the prototype without values
+  had 333), at 1 KiB more a buffer. The consumers are one partition (the default), or with ``apart`` one partition
+  of four warps per 64 weight rows, each with its own sub-tile of the output and its own barriers: Gluon puts
+  partition-wide barriers around every mbarrier wait and arrive, which in one partition hold the warpgroups in step
+  (both decoding, then both issuing wgmmas) where apart they could drift into each other's gaps.
 * ptxas keeps the wgmmas asynchronous only in some builds (:func:`qkernels.compile_check.wgmma_serialized` reads its
   note; the compile-check test fails on a serialized build): with one K split (and with ``values_tma`` at two) the
   accumulators' zeros were set on a branch around an empty loop, so no launched split is empty (:func:`launch_splits`)

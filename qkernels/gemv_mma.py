@@ -286,7 +286,7 @@ def _stage(x_row, k0, n_here, K, xs, offset_sums, x_sums, NUM_WARPS: gl.constexp
     half = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, p3)))[None, None, :, None]
     w = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, pairs))))
     if LANES:
-        w = gl.max_contiguous(gl.multiple_of(_lane_place(w), [4]), [4])
+        w = _lane_cols(w)
     k = k0 + c * CHUNK + (slot + half * HALF) * RUN + w[None, None, None, :]
     ok = c < n_here if EVEN_K else (c < n_here) & (k < K)
     pair = _bits16(gl.load(x_row + k, mask=ok, other=0.0)) << (16 * half)
@@ -418,7 +418,7 @@ def _gemv_mma_kernel(
     row_ok = rows < N
     cols = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
     if LANES:  # a 16-byte load of a row's four lanes: one run of 64 bytes (lane_words)
-        cols = gl.max_contiguous(gl.multiple_of(_lane_place(cols), [4]), [4])
+        cols = _lane_cols(cols)
     cols = cols[None, None, :]
     per_split = gl.cdiv(n_chunks, SPLIT_K)
     first = gl.program_id(2) * per_split
@@ -515,9 +515,16 @@ def _axis(n: gl.constexpr, AXIS: gl.constexpr, layout: gl.constexpr):
 def _lane_place(w):
     """Where in a run of 32 words (or activations) column ``w`` of the words tile is read from with ``lane_words``: column
     ``8t + 4h + j`` (lane ``t``'s 16-byte load ``h``) at ``16h + 4t + j``, so that a row's four lanes read 64 bytes in a row
-    a load (any order of a run's words serves the MMAs, the activations staged in the same one). The places come in
-    runs of 4 from multiples of 4: the callers tell the compiler so, to keep the loads 16 bytes wide."""
+    a load (any order of a run's words serves the MMAs, the activations staged in the same one); :func:`_lane_cols`
+    for the kernels."""
     return w // 8 * 4 + w // 4 % 2 * 16 + w % 4
+
+
+@gluon.jit
+def _lane_cols(cols):
+    """:func:`_lane_place` of a run's columns (``arange(RUN)``), the compiler told that they come in runs of 4 from
+    multiples of 4 (so the loads stay 16 bytes wide)."""
+    return gl.max_contiguous(gl.multiple_of(_lane_place(cols), [4]), [4])
 
 
 @gluon.jit
@@ -546,9 +553,10 @@ def _kw_stage(x_row, first, per_group, n_chunks, K, xs, offset_sums, x_sums, KW:
     N_STEPS: gl.constexpr = HALF // STEP
     pairs: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [1, 1, 1, 4, 8], [1, KW, ROW_WARPS, 1, 1], [4, 3, 2, 1, 0])
     half = _axis(2, 3, pairs)
-    w = _axis(RUN, 4, pairs)
+    w = gl.arange(0, RUN, layout=_axis_layout(pairs, 4, 5))
     if LANES:
-        w = gl.max_contiguous(gl.multiple_of(_lane_place(w), [1, 1, 1, 1, 4]), [1, 1, 1, 1, 4])
+        w = _lane_cols(w)
+    w = w[None, None, None, None, :]
     k, ok = _kw_k(first, per_group, n_chunks, K, _axis(XS_CHUNKS, 0, pairs), _axis(KW, 1, pairs), _axis(HALF, 2, pairs), half, w, HALF,
                   CHUNK, EVEN_K)
     xs.store(_bits16(gl.load(x_row + k, mask=ok, other=0.0)) << (16 * half))
@@ -648,7 +656,7 @@ def _gemv_kw_kernel(
     row_ok = rows < N
     cols = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, layout))))
     if LANES:  # a 16-byte load of a row's four lanes: one run of 64 bytes, not four pieces of 16 a sector apart
-        cols = gl.max_contiguous(gl.multiple_of(_lane_place(cols), [4]), [4])
+        cols = _lane_cols(cols)
     cols = cols[None, None, None, :]
     group = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, rows_layout)))[:, None, None, None]
     per_group = gl.cdiv(n_chunks, SPLIT_K * KW)
