@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -48,8 +49,6 @@ from methods.common.formats import (
 
 MX_NAMES = {"int8": "mxint8", "e4m3": "mxfp8_e4m3", "e5m2": "mxfp8_e5m2", "e2m3": "mxfp6_e2m3", "e3m2": "mxfp6_e3m2", "e2m1": "mxfp4"}
 NV_NAMES = {"e2m1": "nvfp4", "int4": "nvint4"}
-MX_ELEMENTS = tuple(MX_NAMES)
-NV_ELEMENTS = tuple(NV_NAMES)
 E4M3 = ELEMENTS["e4m3"]
 
 
@@ -64,18 +63,18 @@ def _rows(shape: torch.Size | tuple[int, ...]) -> int:
 
 
 @dataclass
-class MxFormat(Format):
-    """OCP MX format: ``element`` in ``MX_ELEMENTS``, blocks of 32, E8M0 shared scale (see module doc)."""
+class _FixedBlockFormat(Format):
+    """What MX and NV share: an ``element`` named in ``NAMES`` (its format's name by default), a fixed block."""
 
     element: str = "e2m1"
     name: str = ""
 
-    BLOCK = 32
-    SCALE_BITS = 8
+    NAMES: ClassVar[dict[str, str]] = {}  # element -> format name: each subclass its own
+    BLOCK: ClassVar[int] = 0
 
     def __post_init__(self) -> None:
-        self.elem: Element = ELEMENTS[check_choice("element", self.element, MX_ELEMENTS)]
-        self.name = self.name or MX_NAMES[self.element]
+        self.elem: Element = ELEMENTS[check_choice("element", self.element, tuple(self.NAMES))]
+        self.name = self.name or self.NAMES[self.element]
 
     @property
     def element_bits(self) -> int:
@@ -84,6 +83,18 @@ class MxFormat(Format):
     @property
     def granularity(self) -> int:
         return self.BLOCK
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass
+class MxFormat(_FixedBlockFormat):
+    """OCP MX format: ``element`` in ``MX_NAMES``, blocks of 32, E8M0 shared scale (see module doc)."""
+
+    NAMES = MX_NAMES
+    BLOCK = 32
+    SCALE_BITS = 8
 
     def shared_exponent(self, blocks: torch.Tensor) -> torch.Tensor:
         """E8M0 exponent per block of finite ``[rows, n_blocks, 32]`` values (all-zero blocks: -127)."""
@@ -116,33 +127,16 @@ class MxFormat(Format):
         blocks = _rows(shape) * n_blocks(shape[-1], self.BLOCK)
         return blocks * (self.BLOCK * self.elem.bits + self.SCALE_BITS) / math.prod(shape)
 
-    def describe(self) -> str:
-        return self.name
-
 
 @dataclass
-class NvFormat(Format):
+class NvFormat(_FixedBlockFormat):
     """NVFP4 (``element: e2m1``) or NVINT4 (``element: int4``): blocks of 16, E4M3 block scales, FP32
     tensor scale (see module doc)."""
 
-    element: str = "e2m1"
-    name: str = ""
-
+    NAMES = NV_NAMES
     BLOCK = 16
     SCALE_BITS = 8
     TENSOR_SCALE_BITS = 32
-
-    def __post_init__(self) -> None:
-        self.elem: Element = ELEMENTS[check_choice("element", self.element, NV_ELEMENTS)]
-        self.name = self.name or NV_NAMES[self.element]
-
-    @property
-    def element_bits(self) -> int:
-        return self.elem.bits
-
-    @property
-    def granularity(self) -> int:
-        return self.BLOCK
 
     def tensor_scales(self, amax: torch.Tensor) -> torch.Tensor:
         """float32 ``[enc, t, enc / max_elem]`` for a tensor whose finite ``|x|`` peaks at ``amax``.
@@ -183,6 +177,3 @@ class NvFormat(Format):
         blocks = _rows(shape) * n_blocks(shape[-1], self.BLOCK)
         stored = blocks * (self.BLOCK * self.elem.bits + self.SCALE_BITS) + self.TENSOR_SCALE_BITS
         return stored / math.prod(shape)
-
-    def describe(self) -> str:
-        return self.name
