@@ -1207,13 +1207,13 @@ def launch_constants(pw: PackedWeight, config: GemvMmaConfig, pdl: bool = False)
         sizes = (pw.n, pw.k, n_chunks, pw.group_size, pw.zero_const)
         consts.update(STAGES=config.stages, ROUTE=config.route, TILED=config.tiled_words)
         return _gemv_tma_kernel, sizes, consts
-    sizes = (pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const, words.stride(0), high.stride(0))
-    if config.k_warps > 1:
-        rows, tile = words.stride(0), config.block_n * RUN.value  # the packed rows, or the words tile by tile (tile_words)
+    head = (pw.n, pw.k, n_chunks, pw.n_groups, *scale.stride(), pw.group_size, pw.zero_const)
+    if config.k_warps > 1:  # words by (row tile, row, chunk): the packed rows, or the words tile by tile (tile_words)
+        rows, tile = words.stride(0), config.block_n * RUN.value
         strides = (n_chunks * tile, RUN.value, tile) if config.tiled_words else (config.block_n * rows, rows, RUN.value)
-        sizes = (*sizes[:8], *strides, *sizes[9:])
+        sizes = (*head, *strides, high.stride(0))
         return _gemv_kw_kernel, sizes, consts | dict(KW=config.k_warps, VBOX=config.values_box, LANES=config.lane_words)
-    return _gemv_mma_kernel, sizes, consts | dict(LANES=config.lane_words)
+    return _gemv_mma_kernel, (*head, words.stride(0), high.stride(0)), consts | dict(LANES=config.lane_words)
 
 
 MAX_GROUP_BOX = 64  # groups a split of the TMA GEMV reads (its box of scales: 64 x BLOCK_N fp16 = 16 KiB at 128 rows)
